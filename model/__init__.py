@@ -1,0 +1,1 @@
+"""AttentionLSTM, data loading, metrics and checkpoints (the training issue fills this in)."""

@@ -1,0 +1,1 @@
+"""Schema migrations (Alembic, in migrations/) and the SQL queries users run (queries/)."""

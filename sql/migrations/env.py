@@ -1,0 +1,14 @@
+"""Alembic environment: runs against the engine storage.db hands over (SQLite or PostgreSQL)."""
+
+from alembic import context
+
+from storage.schema import metadata
+
+engine = context.config.attributes["engine"]
+with engine.begin() as connection:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copying them
+    )
+    context.run_migrations()

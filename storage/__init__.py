@@ -1,0 +1,1 @@
+"""Object store, TFRecord, Parquet and database access."""

@@ -1,0 +1,73 @@
+"""Database access: engines for SQLite (embedded default) and PostgreSQL, and Alembic migrations."""
+
+from functools import cache
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "sql" / "migrations"
+
+
+class DatabaseURLError(ValueError):
+    pass
+
+
+def normalize_url(url: str) -> str:
+    """Accept the URL spellings Airflow connections and libpq users write, and pick our drivers."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
+@cache
+def engine_for(url: str) -> Engine:
+    try:
+        parsed = make_url(normalize_url(url))
+    except ArgumentError:
+        raise DatabaseURLError(f"not a database URL: {url!r} (expected sqlite:///path or postgresql://...)") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        # Mapped ingest tasks write the manifest at once: wait for the lock rather than fail.
+        engine = create_engine(parsed, connect_args={"timeout": 60})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(parsed, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_connection, _record):
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _alembic_config(engine: Engine):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = engine
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(_alembic_config(engine_for(url)), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(_alembic_config(engine_for(url)), revision)
+
+
+def current_revision(url: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine_for(url).connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()

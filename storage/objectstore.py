@@ -1,0 +1,281 @@
+"""One small object-store interface addressed by URI: a plain path or file:// on local disk, s3://bucket/key.
+
+Writes are published atomically: the writer fills a local temporary file, and only a complete file
+becomes visible (os.replace on local disk; a single PutObject / CompleteMultipartUpload on S3, which
+S3 makes visible all at once). Reads stream, so a 400 MB shard is never held in memory.
+"""
+
+import fnmatch
+import io
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlparse
+
+READ_BUFFER = 8 * 1024 * 1024
+
+
+class StoreError(Exception):
+    """A URI that cannot be used: bad scheme, missing location, missing credentials. One clear line."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    uri: str
+    size: int
+    fingerprint: str  # changes whenever the object's content may have changed (mtime on disk, ETag on S3)
+
+    @property
+    def name(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """How to reach S3. Empty fields fall back to boto3's own chain (AWS_* environment, profiles, roles)."""
+
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    region_name: str | None = None
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+class ObjectStore(ABC):
+    @abstractmethod
+    def list(self, uri: str, pattern: str = "*") -> list[ObjectInfo]:
+        """Objects directly under the folder `uri` whose name matches the glob `pattern`, sorted by URI."""
+
+    @abstractmethod
+    def open_read(self, uri: str) -> BinaryIO:
+        """A buffered binary stream over the object."""
+
+    @abstractmethod
+    def info(self, uri: str) -> ObjectInfo | None:
+        """The object's size and fingerprint, or None if it does not exist."""
+
+    @abstractmethod
+    def publish(self, uri: str) -> "contextmanager[Path]":
+        """Context manager yielding a local path to write; the object appears at `uri` only on clean exit."""
+
+    @abstractmethod
+    def delete(self, uri: str) -> None: ...
+
+    def exists(self, uri: str) -> bool:
+        return self.info(uri) is not None
+
+
+class LocalStore(ObjectStore):
+    @staticmethod
+    def path(uri: str) -> Path:
+        return Path(urlparse(uri).path if uri.startswith("file://") else uri)
+
+    def _info(self, path: Path, uri: str) -> ObjectInfo:
+        st = path.stat()
+        return ObjectInfo(uri, st.st_size, f"mtime_ns={st.st_mtime_ns}")
+
+    def list(self, uri: str, pattern: str = "*") -> list[ObjectInfo]:
+        folder = self.path(uri)
+        try:
+            names = sorted(os.listdir(folder))
+        except FileNotFoundError:
+            raise StoreError(f"no such folder: {uri}") from None
+        except NotADirectoryError:
+            raise StoreError(f"not a folder: {uri}") from None
+        except PermissionError:
+            raise StoreError(f"cannot read folder (permission denied): {uri}") from None
+        return [
+            self._info(folder / name, join(uri, name))
+            for name in names
+            if fnmatch.fnmatchcase(name, pattern) and not name.startswith(".") and (folder / name).is_file()
+        ]
+
+    def open_read(self, uri: str) -> BinaryIO:
+        try:
+            return open(self.path(uri), "rb", buffering=READ_BUFFER)
+        except FileNotFoundError:
+            raise StoreError(f"no such file: {uri}") from None
+        except PermissionError:
+            raise StoreError(f"cannot read file (permission denied): {uri}") from None
+
+    def info(self, uri: str) -> ObjectInfo | None:
+        path = self.path(uri)
+        return self._info(path, uri) if path.is_file() else None
+
+    @contextmanager
+    def publish(self, uri: str) -> Iterator[Path]:
+        final = self.path(uri)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # Hidden and in the same folder, so the rename is atomic and listings never show it.
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp_path, 0o644)  # mkstemp's 0600 would hide the object from other users
+            os.replace(tmp_path, final)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+
+    def delete(self, uri: str) -> None:
+        self.path(uri).unlink(missing_ok=True)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StoreError(f"not an s3://bucket/key URI: {uri}")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+class _S3RangeReader(io.RawIOBase):
+    """Raw stream over an S3 object that re-opens at the current offset when a read breaks off."""
+
+    def __init__(self, client, bucket: str, key: str, size: int, attempts: int = 5):
+        self._client, self._bucket, self._key, self._size = client, bucket, key, size
+        self._pos, self._body, self._attempts = 0, None, attempts
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self):
+        response = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={self._pos}-")
+        self._body = response["Body"]
+
+    def readinto(self, buffer) -> int:
+        if self._pos >= self._size:
+            return 0
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        for attempt in range(self._attempts):
+            try:
+                if self._body is None:
+                    self._open()
+                chunk = self._body.read(len(buffer))
+                if not chunk and self._pos < self._size:
+                    raise ConnectionError("stream ended early")
+                buffer[: len(chunk)] = chunk
+                self._pos += len(chunk)
+                return len(chunk)
+            except (BotoCoreError, ConnectionError, OSError, ClientError):
+                self._body = None
+                if attempt == self._attempts - 1:
+                    raise
+        return 0
+
+    def close(self):
+        if self._body is not None:
+            self._body.close()
+        super().close()
+
+
+class S3Store(ObjectStore):
+    def __init__(self, config: S3Config | None = None):
+        self.config = config or S3Config()
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            c = self.config
+            self._client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=c.endpoint_url or None,
+                aws_access_key_id=c.access_key_id or None,
+                aws_secret_access_key=c.secret_access_key or None,
+                region_name=c.region_name or None,
+                # Retries with backoff on throttling, 5xx and dropped connections.
+                config=Config(retries={"max_attempts": 10, "mode": "standard"}, connect_timeout=10, read_timeout=60),
+            )
+        return self._client
+
+    @contextmanager
+    def _errors(self, uri: str):
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        try:
+            yield
+        except NoCredentialsError:
+            raise StoreError(
+                f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or the Airflow connection yt8m_s3)"
+            ) from None
+        except EndpointConnectionError as exc:
+            raise StoreError(f"cannot reach the S3 endpoint for {uri}: {exc}") from None
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                raise StoreError(f"S3 refused {uri}: {code}") from None
+            raise
+
+    def list(self, uri: str, pattern: str = "*") -> list[ObjectInfo]:
+        bucket, prefix = split_s3_uri(uri)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        found = []
+        with self._errors(uri):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                for obj in page.get("Contents", []):
+                    name = obj["Key"][len(prefix):]
+                    if fnmatch.fnmatchcase(name, pattern) and not name.startswith("."):
+                        found.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", obj["Size"], f"etag={obj['ETag'].strip(chr(34))}"))
+        return sorted(found, key=lambda o: o.uri)
+
+    def info(self, uri: str) -> ObjectInfo | None:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        with self._errors(uri):
+            try:
+                head = self.client.head_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+        return ObjectInfo(uri, head["ContentLength"], f"etag={head['ETag'].strip(chr(34))}")
+
+    def open_read(self, uri: str) -> BinaryIO:
+        info = self.info(uri)
+        if info is None:
+            raise StoreError(f"no such object: {uri}")
+        bucket, key = split_s3_uri(uri)
+        return io.BufferedReader(_S3RangeReader(self.client, bucket, key, info.size), buffer_size=READ_BUFFER)
+
+    @contextmanager
+    def publish(self, uri: str) -> Iterator[Path]:
+        bucket, key = split_s3_uri(uri)
+        with tempfile.TemporaryDirectory(prefix="vtag-publish-") as tmp:
+            path = Path(tmp) / Path(key).name
+            yield path
+            with self._errors(uri):
+                self.client.upload_file(str(path), bucket, key)
+
+    def delete(self, uri: str) -> None:
+        bucket, key = split_s3_uri(uri)
+        with self._errors(uri):
+            self.client.delete_object(Bucket=bucket, Key=key)
+
+
+def store_for(uri: str, s3: S3Config | None = None) -> ObjectStore:
+    """The store that serves `uri`: local disk for a path or file://, S3 for s3://."""
+    if not uri:
+        raise StoreError("empty URI")
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file"):
+        return LocalStore()
+    if scheme == "s3":
+        split_s3_uri(uri)
+        return S3Store(s3)
+    raise StoreError(f"unsupported URI scheme {scheme!r} in {uri!r} (use a path, file:// or s3://)")

@@ -1,0 +1,131 @@
+"""The `vtag` command line: the same work the DAG tasks do, without Airflow."""
+
+import argparse
+import logging
+import sys
+
+from tasks import settings
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+
+def _db_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", default=None, metavar="URL",
+                        help="SQLAlchemy database URL (default: $VTAG_DB_URL or SQLite under $VTAG_HOME)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtag", description="YouTube-8M video tagging pipeline")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write synthetic YouTube-8M shards in Google's TFRecord format")
+    p.add_argument("--out", required=True, metavar="URI")
+    p.add_argument("--level", choices=["frame", "video"], default="frame")
+    p.add_argument("--split", choices=["train", "validate", "test"], default="train")
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--videos-per-shard", type=int, default=100)
+    p.add_argument("--num-labels", type=int, default=50, help="size of the label pool (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("ingest", help="convert TFRecord shards to the Parquet layout")
+    p.add_argument("--src", default=None, metavar="URI", help="folder of shards (default: $VTAG_RAW_URI)")
+    p.add_argument("--dest", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)")
+    p.add_argument("--pattern", default="*.tfrecord", help="glob on shard names (default *.tfrecord)")
+    p.add_argument("--force", action="store_true", help="convert again even unchanged shards")
+    _db_arg(p)
+
+    p = sub.add_parser("manifest", help="show the ingest manifest")
+    p.add_argument("--dest", default=None, metavar="URI", help="only shards ingested to this destination")
+    _db_arg(p)
+
+    p = sub.add_parser("db", help="database schema migrations")
+    dbsub = p.add_subparsers(dest="db_command", required=True)
+    for name, help_text in (("upgrade", "migrate to the newest schema"), ("downgrade", "migrate down to REVISION"),
+                            ("current", "print the schema revision")):
+        q = dbsub.add_parser(name, help=help_text)
+        if name == "downgrade":
+            q.add_argument("revision", help="target revision, e.g. base or -1")
+        _db_arg(q)
+    return parser
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    cells = [[("" if r[c] is None else str(r[c])) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _synth(args) -> int:
+    from tasks.synth import SynthConfig, synth
+
+    config = SynthConfig(args.level, args.split, args.shards, args.videos_per_shard, args.num_labels, args.seed)
+    for uri in synth(args.out, config):
+        print(uri)
+    return 0
+
+
+def _ingest(args) -> int:
+    from tasks.ingest import ingest
+
+    src = args.src or settings.default_raw_uri()
+    dest = args.dest or settings.default_parquet_uri()
+    report = ingest(src, dest, args.db, args.pattern, args.force)
+    for result in report.converted:
+        print(f"converted {result['source_uri']} -> {result['output_uri']} ({result['rows']} videos)")
+    print(f"{len(report.converted)} converted, {report.skipped} already converted, {len(report.failed)} failed")
+    for uri, error in report.failed.items():
+        print(f"FAILED {uri}: {error}", file=sys.stderr)
+    return EXIT_FAILED if report.failed else 0
+
+
+def _manifest(args) -> int:
+    from storage import db, manifest
+
+    db.upgrade(args.db)
+    columns = ["source_uri", "status", "level", "split", "rows", "output_uri", "error"]
+    _print_table(manifest.rows(args.db, args.dest), columns)
+    return 0
+
+
+def _db(args) -> int:
+    from storage import db
+
+    if args.db_command == "upgrade":
+        db.upgrade(args.db)
+    elif args.db_command == "downgrade":
+        db.downgrade(args.db, args.revision)
+    print(db.current_revision(args.db) or "base")
+    return 0
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that get one clear line instead of a traceback."""
+    from sqlalchemy.exc import OperationalError
+
+    from storage.db import DatabaseURLError
+    from storage.objectstore import StoreError
+
+    return StoreError, DatabaseURLError, OperationalError, ValueError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if hasattr(args, "db"):
+        args.db = args.db or settings.default_db_url()
+    handler = {"synth": _synth, "ingest": _ingest, "manifest": _manifest, "db": _db}[args.command]
+    try:
+        return handler(args)
+    except _user_errors() as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"vtag {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Embedded defaults, overridable from the environment, so a new user runs everything at once.
+
+Under Airflow the DAGs resolve connections and variables first (tasks/airflow_config.py) and fall
+back to these.
+"""
+
+import os
+from pathlib import Path
+
+
+def vtag_home() -> Path:
+    return Path(os.environ.get("VTAG_HOME") or Path.home() / ".vtag").resolve()
+
+
+def default_db_url() -> str:
+    return os.environ.get("VTAG_DB_URL") or f"sqlite:///{vtag_home() / 'vtag.db'}"
+
+
+def default_raw_uri() -> str:
+    """Where TFRecord shards arrive."""
+    return os.environ.get("VTAG_RAW_URI") or str(vtag_home() / "store" / "raw")
+
+
+def default_parquet_uri() -> str:
+    """Where ingest writes the Parquet layout."""
+    return os.environ.get("VTAG_PARQUET_URI") or str(vtag_home() / "store" / "parquet")

@@ -1,0 +1,127 @@
+"""Synthetic YouTube-8M shards in exactly Google's format, with labels learnable from the features.
+
+Each label of a small pool drawn from the real vocabulary's range owns an rgb and an audio pattern.
+A video draws 1-7 labels (3 on average) and 1-300 frames; about half its frames carry the pattern of
+one of its labels on top of noise, the rest are noise alone. Features are quantized as Google's
+extractor does: q = round((clip(x, -2, 2) + 2) * 255 / 4).
+"""
+
+import string
+from dataclasses import dataclass
+
+import numpy as np
+
+from storage.objectstore import S3Config, join, store_for
+from storage.tf_example import Example, SequenceExample
+from storage.tfrecord import write_records
+from storage.yt8m_records import AUDIO_DIM, NUM_CLASSES, RGB_DIM
+
+MAX_FRAMES = 300
+_ID_ALPHABET = string.digits + string.ascii_letters
+_SPLIT_ID_BASE = {"train": 0, "validate": 4_000_000, "test": 8_000_000}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    level: str = "frame"
+    split: str = "train"
+    shards: int = 1
+    videos_per_shard: int = 100
+    num_labels: int = 50  # size of the label pool; small pools make the demo learn fast
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.level not in ("frame", "video"):
+            raise ValueError(f"--level must be frame or video, not {self.level!r}")
+        if self.split not in _SPLIT_ID_BASE:
+            raise ValueError(f"--split must be train, validate or test, not {self.split!r}")
+        for name in ("shards", "videos_per_shard", "num_labels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.num_labels > NUM_CLASSES:
+            raise ValueError(f"--num-labels must be at most {NUM_CLASSES}")
+        if self.shards * self.videos_per_shard > 4_000_000:
+            raise ValueError("at most 4,000,000 videos a split (4-character ids)")
+
+
+def quantize(x: np.ndarray) -> np.ndarray:
+    return np.round((np.clip(x, -2.0, 2.0) + 2.0) * 255.0 / 4.0).astype(np.uint8)
+
+
+def dequantize(q: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * (4.0 / 255.0) + (4.0 / 512.0) - 2.0
+
+
+class _Vocabulary:
+    """The label pool and its patterns: shared by every split of the same seed, so they agree."""
+
+    def __init__(self, num_labels: int, seed: int):
+        rng = np.random.default_rng([seed, 7])
+        self.labels = np.sort(rng.choice(NUM_CLASSES, size=num_labels, replace=False))
+        self.rgb = rng.normal(0.0, 0.8, size=(num_labels, RGB_DIM)).astype(np.float32)
+        self.audio = rng.normal(0.0, 0.8, size=(num_labels, AUDIO_DIM)).astype(np.float32)
+
+
+def _video_id(n: int) -> str:
+    chars = []
+    for _ in range(4):
+        n, r = divmod(n, len(_ID_ALPHABET))
+        chars.append(_ID_ALPHABET[r])
+    return "".join(reversed(chars))
+
+
+def _synth_video(rng: np.random.Generator, vocab: _Vocabulary):
+    """(label ids, quantized rgb frames, quantized audio frames) of one video."""
+    num_frames = int(rng.integers(120, MAX_FRAMES + 1) if rng.random() < 0.7 else rng.integers(1, MAX_FRAMES + 1))
+    k = min(1 + int(rng.binomial(6, 1 / 3)), num_frames)
+    picks = rng.choice(len(vocab.labels), size=k, replace=False)
+    rgb = rng.normal(0.0, 0.6, size=(num_frames, RGB_DIM)).astype(np.float32)
+    audio = rng.normal(0.0, 0.6, size=(num_frames, AUDIO_DIM)).astype(np.float32)
+    signal = rng.permutation(num_frames)[: max(k, num_frames // 2)]
+    carried = picks[np.arange(len(signal)) % k]  # every label shows up in at least one frame
+    rgb[signal] += vocab.rgb[carried]
+    audio[signal] += vocab.audio[carried]
+    return sorted(int(label) for label in vocab.labels[picks]), quantize(rgb), quantize(audio)
+
+
+def _frame_record(video_id: str, labels: list[int], rgb: np.ndarray, audio: np.ndarray) -> bytes:
+    record = SequenceExample()
+    record.context.feature["id"].bytes_list.value.append(video_id.encode())
+    record.context.feature["labels"].int64_list.value.extend(labels)
+    for name, frames in (("rgb", rgb), ("audio", audio)):
+        feature_list = record.feature_lists.feature_list[name].feature
+        for frame in frames:
+            feature_list.add().bytes_list.value.append(frame.tobytes())
+    return record.SerializeToString()
+
+
+def _video_record(video_id: str, labels: list[int], rgb: np.ndarray, audio: np.ndarray) -> bytes:
+    record = Example()
+    features = record.features.feature
+    features["id"].bytes_list.value.append(video_id.encode())
+    features["labels"].int64_list.value.extend(labels)
+    features["mean_rgb"].float_list.value.extend(dequantize(rgb).mean(axis=0).tolist())
+    features["mean_audio"].float_list.value.extend(dequantize(audio).mean(axis=0).tolist())
+    return record.SerializeToString()
+
+
+def synth(out: str, config: SynthConfig, s3: S3Config | None = None) -> list[str]:
+    """Write `config.shards` shards named like Google's (`train0000.tfrecord`) under `out`; return their URIs."""
+    config.validate()
+    vocab = _Vocabulary(config.num_labels, config.seed)
+    encode = _frame_record if config.level == "frame" else _video_record
+    uris = []
+    for shard in range(config.shards):
+        rng = np.random.default_rng([config.seed, _SPLIT_ID_BASE[config.split], shard])
+        uri = join(out, f"{config.split}{shard:04d}.tfrecord")
+        first_id = _SPLIT_ID_BASE[config.split] + shard * config.videos_per_shard
+
+        def records():
+            for j in range(config.videos_per_shard):
+                labels, rgb, audio = _synth_video(rng, vocab)
+                yield encode(_video_id(first_id + j), labels, rgb, audio)
+
+        with store_for(uri, s3).publish(uri) as path, open(path, "wb") as f:
+            write_records(f, records())
+        uris.append(uri)
+    return uris
