@@ -1,0 +1,57 @@
+"""Helpers that build and damage small shards for the tests."""
+
+import struct
+from pathlib import Path
+
+from storage.tf_example import Example, SequenceExample
+from storage.tfrecord import write_records
+
+
+def frame_record(video_id="ab12", labels=(1, 2), frames=3, fill=7, drop=()) -> bytes:
+    record = SequenceExample()
+    if "id" not in drop:
+        record.context.feature["id"].bytes_list.value.append(video_id.encode())
+    if "labels" not in drop:
+        record.context.feature["labels"].int64_list.value.extend(labels)
+    for name, dim in (("rgb", 1024), ("audio", 128)):
+        if name in drop:
+            continue
+        feature_list = record.feature_lists.feature_list[name].feature
+        for i in range(frames):
+            feature_list.add().bytes_list.value.append(bytes([(fill + i) % 256]) * dim)
+    return record.SerializeToString()
+
+
+def video_record(video_id="cd34", labels=(5,), drop=()) -> bytes:
+    record = Example()
+    features = record.features.feature
+    if "id" not in drop:
+        features["id"].bytes_list.value.append(video_id.encode())
+    if "labels" not in drop:
+        features["labels"].int64_list.value.extend(labels)
+    if "mean_rgb" not in drop:
+        features["mean_rgb"].float_list.value.extend([0.25] * 1024)
+    if "mean_audio" not in drop:
+        features["mean_audio"].float_list.value.extend([-0.5] * 128)
+    return record.SerializeToString()
+
+
+def write_shard(path: Path, records: list[bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        write_records(f, records)
+    return path
+
+
+def record_offsets(path: Path) -> list[int]:
+    data, offsets, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        offsets.append(offset)
+        offset += 16 + struct.unpack("<Q", data[offset:offset + 8])[0]
+    return offsets
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -1,0 +1,180 @@
+"""Ingest on local disk: Parquet layout and content, reruns, quarantine, atomic publish, real shards."""
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from tfrecord.reader import tfrecord_loader
+
+from storage import manifest
+from storage.parquet_layout import FRAME_SCHEMA, VIDEO_SCHEMA
+from tasks import ingest as ingest_module
+from tasks.ingest import ingest
+from tasks.synth import SynthConfig, synth
+from tests.shards import flip_byte, frame_record, record_offsets, video_record, write_shard
+
+
+@pytest.fixture
+def frame_shards(tmp_path):
+    raw = tmp_path / "raw"
+    synth(str(raw), SynthConfig("frame", "train", shards=2, videos_per_shard=12, seed=5))
+    synth(str(raw), SynthConfig("frame", "validate", shards=1, videos_per_shard=6, seed=5))
+    return raw
+
+
+def test_frame_level_layout_schema_and_bytes_identical(frame_shards, tmp_path, sqlite_url):
+    dest = tmp_path / "parquet"
+    report = ingest(str(frame_shards), str(dest), sqlite_url)
+    assert not report.failed and len(report.converted) == 3
+    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert files == ["frame/train/train0000.parquet", "frame/train/train0001.parquet", "frame/validate/validate0000.parquet"]
+
+    table = pq.read_table(dest / "frame/train/train0001.parquet")
+    assert table.schema.equals(FRAME_SCHEMA)
+    rows = table.to_pylist()
+    source = tfrecord_loader(str(frame_shards / "train0001.tfrecord"), None, description={"id": "byte", "labels": "int"},
+                             sequence_description={"rgb": "byte", "audio": "byte"})
+    count = 0
+    for row, (context, sequence) in zip(rows, source, strict=True):
+        assert row["id"] == bytes(context["id"]).decode()
+        assert row["labels"] == context["labels"].tolist()
+        assert row["num_frames"] == len(sequence["rgb"])
+        assert row["rgb"] == b"".join(bytes(f) for f in sequence["rgb"])
+        assert row["audio"] == b"".join(bytes(f) for f in sequence["audio"])
+        count += 1
+    assert count == 12
+
+
+def test_video_level_real_shard_round_trip(yt8m_dir, tmp_path, sqlite_url):
+    src = yt8m_dir / "video_level"
+    report = ingest(str(src), str(tmp_path / "pq"), sqlite_url, pattern="validate0000.tfrecord")
+    assert report.converted[0]["rows"] == 284
+    table = pq.read_table(tmp_path / "pq/video/validate/validate0000.parquet")
+    assert table.schema.equals(VIDEO_SCHEMA)
+    source = tfrecord_loader(str(src / "validate0000.tfrecord"), None,
+                             description={"id": "byte", "labels": "int", "mean_rgb": "float", "mean_audio": "float"})
+    for row, ref in zip(table.to_pylist(), source, strict=True):
+        assert row["id"] == bytes(ref["id"]).decode()
+        assert row["labels"] == ref["labels"].tolist()
+        assert np.array_equal(np.asarray(row["mean_rgb"], np.float32), ref["mean_rgb"])
+        assert np.array_equal(np.asarray(row["mean_audio"], np.float32), ref["mean_audio"])
+
+
+def test_all_real_video_level_shards_ingest_cleanly(yt8m_dir, tmp_path, sqlite_url):
+    report = ingest(str(yt8m_dir / "video_level"), str(tmp_path / "pq"), sqlite_url)
+    assert not report.failed and len(report.converted) == 40
+    table = pq.read_table(tmp_path / "pq/video/validate")
+    assert table.num_rows == sum(r["rows"] for r in report.converted) > 10_000
+    labels = table.column("labels").combine_chunks().flatten().to_numpy()
+    assert labels.min() >= 0 and labels.max() <= 3861
+    assert len(set(table.column("id").to_pylist())) == table.num_rows
+
+
+def test_rerun_skips_unchanged_and_redoes_changed(frame_shards, tmp_path, db_url):
+    dest = str(tmp_path / "parquet")
+    first = ingest(str(frame_shards), dest, db_url)
+    assert len(first.converted) == 3
+    again = ingest(str(frame_shards), dest, db_url)
+    assert (again.converted, again.skipped) == ([], 3)
+    assert len(manifest.rows(db_url, dest)) == 3  # never duplicated
+
+    synth(str(frame_shards), SynthConfig("frame", "train", shards=1, videos_per_shard=4, seed=99))  # rewrites train0000
+    changed = ingest(str(frame_shards), dest, db_url)
+    assert [c["source_uri"] for c in changed.converted] == [str(frame_shards / "train0000.tfrecord")]
+    assert pq.read_metadata(tmp_path / "parquet/frame/train/train0000.parquet").num_rows == 4
+
+    os.remove(tmp_path / "parquet/frame/train/train0001.parquet")  # an output deleted behind our back
+    assert [c["output_uri"] for c in ingest(str(frame_shards), dest, db_url).converted] == [
+        f"{dest}/frame/train/train0001.parquet"]
+    assert len(ingest(str(frame_shards), dest, db_url, force=True).converted) == 3
+    rows = manifest.rows(db_url, dest)
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"succeeded"}
+    assert all(r["checksum"].startswith("crc32c:") and r["finished_at"] >= r["started_at"] for r in rows)
+
+
+def _bad_shards(raw):
+    """Four shards, each broken in one of the ways the manifest must name; record 1 is the bad one."""
+    good = [frame_record("aa01"), frame_record("aa02"), frame_record("aa03")]
+    crc = write_shard(raw / "train0001.tfrecord", good)
+    flip_byte(crc, record_offsets(crc)[1] + 200)
+    truncated = write_shard(raw / "train0002.tfrecord", good[:2])
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    write_shard(raw / "train0003.tfrecord", [good[0], b"\x08\x96\x01 not youtube-8m at all"])
+    write_shard(raw / "train0004.tfrecord", [good[0], frame_record("aa09", drop=("audio",))])
+    return {"train0001": "data CRC mismatch", "train0002": "truncated", "train0003": "not a tf.train|neither",
+            "train0004": "missing feature list 'audio'"}
+
+
+def test_bad_shards_are_quarantined_and_good_ones_convert(tmp_path, db_url):
+    raw, dest = tmp_path / "raw", tmp_path / "parquet"
+    write_shard(raw / "train0000.tfrecord", [frame_record("ok01"), frame_record("ok02")])
+    write_shard(raw / "validate0000.tfrecord", [video_record("ok03")])
+    expected = _bad_shards(raw)
+    report = ingest(str(raw), str(dest), db_url)
+
+    assert sorted(c["source_uri"].rsplit("/", 1)[-1] for c in report.converted) == ["train0000.tfrecord", "validate0000.tfrecord"]
+    assert sorted(report.failed) == sorted(str(raw / f"{stem}.tfrecord") for stem in expected)
+    outputs = sorted(p.name for p in dest.rglob("*") if p.is_file())
+    assert outputs == ["train0000.parquet", "validate0000.parquet"]  # nothing for the bad shards, no temp files
+
+    rows = {r["source_uri"].rsplit("/", 1)[-1][:-9]: r for r in manifest.rows(db_url, str(dest))}
+    offsets = record_offsets(raw / "train0001.tfrecord")
+    for stem, reason in expected.items():
+        row = rows[stem]
+        assert row["status"] == "failed" and row["output_uri"] is None
+        assert row["error_record"] == 1 and row["error_offset"] == offsets[1]
+        assert str(raw / f"{stem}.tfrecord") in row["error"] and "record 1 at byte offset" in row["error"]
+        assert __import__("re").search(reason, row["error"]), row["error"]
+    assert rows["train0000"]["status"] == "succeeded" and rows["train0000"]["rows"] == 2
+
+    # Bad shards stay pending: a rerun tries them again, and converts them once repaired.
+    write_shard(raw / "train0001.tfrecord", [frame_record("fx01")])
+    rerun = ingest(str(raw), str(dest), db_url)
+    assert [c["source_uri"] for c in rerun.converted] == [str(raw / "train0001.tfrecord")]
+    assert len(rerun.failed) == 3 and rerun.skipped == 2
+
+
+def test_shard_name_without_split_is_quarantined(tmp_path, sqlite_url):
+    write_shard(tmp_path / "raw" / "holdout0000.tfrecord", [frame_record()])
+    report = ingest(str(tmp_path / "raw"), str(tmp_path / "pq"), sqlite_url)
+    assert "must start with train, validate or test" in report.failed[str(tmp_path / "raw" / "holdout0000.tfrecord")]
+
+
+def test_failure_mid_write_leaves_nothing_visible(tmp_path, sqlite_url, monkeypatch):
+    raw, dest = tmp_path / "raw", tmp_path / "parquet"
+    synth(str(raw), SynthConfig("frame", "train", shards=1, videos_per_shard=30))
+    seen_partial = []
+
+    class CrashingWriter(ingest_module.ShardParquetWriter):
+        """Flushes a row group per video, then dies on the 25th with 24 row groups already on disk."""
+
+        def __init__(self, path, level):
+            super().__init__(path, level, row_group_bytes=1)
+            self.path = path
+
+        def add(self, video):
+            if self.rows_written == 24:
+                seen_partial.append(self.path.stat().st_size)
+                raise OSError("disk went away")
+            super().add(video)
+
+    monkeypatch.setattr(ingest_module, "ShardParquetWriter", CrashingWriter)
+    with pytest.raises(OSError, match="disk went away"):
+        ingest(str(raw), str(dest), sqlite_url)
+    assert seen_partial and seen_partial[0] > 1_000_000  # the crash really came mid-write
+    assert [p for p in dest.rglob("*") if p.is_file()] == []  # neither the output nor a temporary file
+    (row,) = manifest.rows(sqlite_url, str(dest))
+    assert row["status"] == "failed" and "disk went away" in row["error"]
+
+    monkeypatch.undo()
+    assert ingest(str(raw), str(dest), sqlite_url).converted[0]["rows"] == 30
+
+
+def test_empty_source_folder_and_missing_folder(tmp_path, sqlite_url):
+    (tmp_path / "empty").mkdir()
+    assert ingest(str(tmp_path / "empty"), str(tmp_path / "pq"), sqlite_url).converted == []
+    from storage.objectstore import StoreError
+
+    with pytest.raises(StoreError, match="no such folder"):
+        ingest(str(tmp_path / "missing"), str(tmp_path / "pq"), sqlite_url)
