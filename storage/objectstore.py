@@ -139,7 +139,10 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 
 class _S3RangeReader(io.RawIOBase):
-    """Raw stream over an S3 object that re-opens at the current offset when a read breaks off."""
+    """Raw stream over an S3 object that re-opens at the current offset when a read breaks off.
+
+    Seekable through ranged GETs, so Parquet readers can jump to the footer and to row groups.
+    """
 
     def __init__(self, client, bucket: str, key: str, size: int, attempts: int = 5):
         self._client, self._bucket, self._key, self._size = client, bucket, key, size
@@ -147,6 +150,21 @@ class _S3RangeReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence] + offset
+        if target != self._pos:
+            self._pos = max(0, target)
+            if self._body is not None:
+                self._body.close()
+                self._body = None
+        return self._pos
 
     def _open(self):
         response = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={self._pos}-")

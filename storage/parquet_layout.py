@@ -7,11 +7,14 @@ One file per input shard, same stem, under `<dest>/<level>/<split>/`. Features s
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.objectstore import join
-from storage.yt8m_records import FrameVideo, VideoFeatures
+from storage.yt8m_records import AUDIO_DIM, RGB_DIM, FrameVideo, VideoFeatures
+
+MAX_FRAMES = 300  # readers cap a video here; a longer one only makes a packed buffer grow
 
 FRAME_SCHEMA = pa.schema(
     [
@@ -33,12 +36,14 @@ VIDEO_SCHEMA = pa.schema(
 SCHEMAS = {"frame": FRAME_SCHEMA, "video": VIDEO_SCHEMA}
 SPLITS = ("train", "validate", "test")
 
-# Chosen with benchmarks/parquet_layout.py (README, "Parquet layout"): row groups of about 32 MiB keep
+# Chosen with `python -m benchmarks.parquet_layout` (README, "Parquet layout"): row groups of about 32 MiB keep
 # a streaming reader's memory small while each column chunk is large enough for sequential reads;
-# zstd level 1 costs little CPU next to the decode.
+# quantized features do not compress with snappy (0%) and barely with zstd-1 (~5%, at 4x the read
+# time), so they are stored plain; the small columns and video-level floats use snappy.
 ROW_GROUP_BYTES = 32 * 1024 * 1024
-COMPRESSION = "zstd"
-COMPRESSION_LEVEL = 1
+COMPRESSION = {"id": "snappy", "labels": "snappy", "num_frames": "snappy", "rgb": "none", "audio": "none",
+               "mean_rgb": "snappy", "mean_audio": "snappy"}
+COMPRESSION_LEVEL = None
 
 
 class LayoutError(ValueError):
@@ -60,38 +65,86 @@ def output_uri(dest: str, level: str, shard_name: str) -> str:
     return join(dest, level, split_of(shard_name), stem_of(shard_name) + ".parquet")
 
 
+_spare_buffers: list[np.ndarray] = []
+
+
+class _PackedBinaryColumn:
+    """One row group's values of a binary column, packed into a buffer reused across row groups.
+
+    Arrow wraps the buffer without copying. Buffers are also handed from one shard's writer to the
+    next (release), since the page faults of fresh allocations cost more than the copy itself.
+    """
+
+    def __init__(self, capacity: int):
+        spare = next((i for i, b in enumerate(_spare_buffers) if len(b) >= capacity), None)
+        self._data = _spare_buffers.pop(spare) if spare is not None else np.empty(capacity, np.uint8)
+        self._offsets = [0]
+
+    def release(self) -> None:
+        if len(_spare_buffers) < 4:
+            _spare_buffers.append(self._data)
+
+    def append(self, values: np.ndarray) -> None:
+        start = self._offsets[-1]
+        end = start + values.size
+        if end > len(self._data):
+            self._data = np.concatenate([self._data[:start], np.empty(max(end, 2 * len(self._data)) - start, np.uint8)])
+        self._data[start:end].reshape(values.shape)[...] = values
+        self._offsets.append(end)
+
+    def to_arrow(self) -> pa.Array:
+        offsets = np.asarray(self._offsets, np.int32)
+        buffers = [None, pa.py_buffer(offsets), pa.py_buffer(self._data[: offsets[-1]])]
+        return pa.Array.from_buffers(pa.binary(), len(offsets) - 1, buffers)
+
+    def clear(self) -> None:
+        self._offsets = [0]
+
+
 class ShardParquetWriter:
     """Writes decoded videos of one shard into row groups of about ROW_GROUP_BYTES, streaming."""
 
     def __init__(self, path: Path, level: str, row_group_bytes: int = ROW_GROUP_BYTES,
-                 compression: str = COMPRESSION, compression_level: int | None = COMPRESSION_LEVEL):
+                 compression: str | dict = COMPRESSION, compression_level: int | dict | None = COMPRESSION_LEVEL):
         self.level = level
         self.schema = SCHEMAS[level]
         self.row_group_bytes = row_group_bytes
+        if isinstance(compression, dict):
+            compression = {name: compression[name] for name in self.schema.names}
+        if isinstance(compression_level, dict):
+            compression_level = {name: v for name, v in compression_level.items() if name in self.schema.names}
         self._writer = pq.ParquetWriter(
             str(path), self.schema, compression=compression, compression_level=compression_level,
             use_dictionary=["id"], write_statistics=["id", "num_frames"],
         )
         self._rows: list = []
         self._buffered = 0
+        if level == "frame":
+            self._rgb = _PackedBinaryColumn(min(row_group_bytes, 1 << 30) + MAX_FRAMES * RGB_DIM)
+            self._audio = _PackedBinaryColumn(min(row_group_bytes, 1 << 30) // 8 + MAX_FRAMES * AUDIO_DIM)
         self.rows_written = 0
 
     def add(self, video: FrameVideo | VideoFeatures) -> None:
-        self._rows.append(video)
-        self._buffered += len(video.rgb) + len(video.audio) if self.level == "frame" else (1024 + 128) * 4
+        self._rows.append((video.id, video.labels, getattr(video, "num_frames", None)))
+        if self.level == "frame":
+            self._rgb.append(video.rgb)
+            self._audio.append(video.audio)
+            self._buffered += video.rgb.size + video.audio.size
+        else:
+            self._rows[-1] += (video.mean_rgb, video.mean_audio)
+            self._buffered += (RGB_DIM + AUDIO_DIM) * 4
         if self._buffered >= self.row_group_bytes:
             self.flush()
 
     def _table(self) -> pa.Table:
         rows = self._rows
-        ids = pa.array([v.id for v in rows], pa.string())
-        labels = pa.array([v.labels for v in rows], pa.list_(pa.int32()))
+        ids = pa.array([r[0] for r in rows], pa.string())
+        labels = pa.array([r[1] for r in rows], pa.list_(pa.int32()))
         if self.level == "frame":
-            columns = [ids, labels, pa.array([v.num_frames for v in rows], pa.int32()),
-                       pa.array([v.rgb for v in rows], pa.binary()), pa.array([v.audio for v in rows], pa.binary())]
+            columns = [ids, labels, pa.array([r[2] for r in rows], pa.int32()), self._rgb.to_arrow(), self._audio.to_arrow()]
         else:
-            columns = [ids, labels, pa.array([v.mean_rgb for v in rows], pa.list_(pa.float32())),
-                       pa.array([v.mean_audio for v in rows], pa.list_(pa.float32()))]
+            columns = [ids, labels, pa.array([r[3] for r in rows], pa.list_(pa.float32())),
+                       pa.array([r[4] for r in rows], pa.list_(pa.float32()))]
         return pa.Table.from_arrays(columns, schema=self.schema)
 
     def flush(self) -> None:
@@ -99,7 +152,15 @@ class ShardParquetWriter:
             self._writer.write_table(self._table(), row_group_size=len(self._rows))
             self.rows_written += len(self._rows)
             self._rows, self._buffered = [], 0
+            if self.level == "frame":
+                self._rgb.clear()
+                self._audio.clear()
 
     def close(self) -> None:
-        self.flush()
-        self._writer.close()
+        try:
+            self.flush()
+        finally:
+            self._writer.close()
+            if self.level == "frame":
+                self._rgb.release()
+                self._audio.release()

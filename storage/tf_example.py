@@ -61,3 +61,4 @@ def _message(name):
 Example = _message("Example")
 SequenceExample = _message("SequenceExample")
 Feature = _message("Feature")
+Features = _message("Features")

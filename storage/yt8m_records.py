@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from storage.tf_example import SequenceExample
+from storage.tf_example import Features, SequenceExample
 
 RGB_DIM = 1024
 AUDIO_DIM = 128
@@ -27,8 +27,8 @@ class FrameVideo:
     id: str
     labels: list[int]
     num_frames: int
-    rgb: bytes  # num_frames x 1024 uint8, frame after frame
-    audio: bytes  # num_frames x 128 uint8
+    rgb: np.ndarray  # uint8, num_frames x 1024, still quantized (may be a view into the record)
+    audio: np.ndarray  # uint8, num_frames x 128
 
 
 @dataclass
@@ -58,8 +58,8 @@ def detect_level(data: bytes) -> str:
     raise RecordDecodeError("neither a frame-level record (feature list 'rgb') nor a video-level one ('mean_rgb')")
 
 
-def _context(message, require_labels: bool):
-    features = message.context.feature
+def _context(context, require_labels: bool):
+    features = context.feature
     if "id" not in features or len(features["id"].bytes_list.value) != 1:
         raise RecordDecodeError("missing field 'id' (one bytes value)")
     try:
@@ -78,7 +78,97 @@ def _context(message, require_labels: bool):
     return video_id, labels
 
 
-def _frames(feature_lists, name: str, dim: int, video_id: str) -> tuple[int, bytes]:
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _frame_header(dim: int) -> bytes:
+    """The bytes before each frame in a canonically encoded FeatureList: Feature{bytes_list{value: dim bytes}}."""
+    value = b"\x0a" + _encode_varint(dim)
+    bytes_list = b"\x0a" + _encode_varint(len(value) + dim)
+    return b"\x0a" + _encode_varint(len(bytes_list) + len(value) + dim) + bytes_list + value
+
+
+_FRAME_HEADERS = {dim: np.frombuffer(_frame_header(dim), np.uint8) for dim in (RGB_DIM, AUDIO_DIM)}
+
+
+def _outer_spans(data: bytes) -> tuple[tuple[int, int] | None, dict[bytes, tuple[int, int]]]:
+    """Byte spans of the context and of each FeatureList's content, walking only the outer protobuf
+    levels. Raises IndexError or ValueError on anything malformed or unusual: the caller then falls
+    back to a full parse, which names the problem."""
+    context, spans, pos, end = None, {}, 0, len(data)
+    while pos < end:
+        tag, pos = _varint(data, pos)
+        if tag & 7 != 2:
+            raise ValueError("unexpected wire type")
+        length, pos = _varint(data, pos)
+        if pos + length > end:
+            raise ValueError("field runs past the record")
+        if tag >> 3 == 1:  # SequenceExample.context
+            if context is not None:
+                raise ValueError("context given twice: protobuf would merge the two")
+            context = (pos, pos + length)
+        elif tag >> 3 == 2:  # SequenceExample.feature_lists
+            if spans:
+                raise ValueError("feature_lists given twice: protobuf would merge the two")
+            entry_pos, entries_end = pos, pos + length
+            while entry_pos < entries_end:
+                _, entry_pos = _varint(data, entry_pos)
+                entry_len, entry_pos = _varint(data, entry_pos)
+                key, value, field_pos = b"", None, entry_pos
+                while field_pos < entry_pos + entry_len:
+                    field_tag, field_pos = _varint(data, field_pos)
+                    field_len, field_pos = _varint(data, field_pos)
+                    if field_tag == 0x0A:
+                        key = data[field_pos:field_pos + field_len]
+                    elif field_tag == 0x12:
+                        value = (field_pos, field_pos + field_len)
+                    field_pos += field_len
+                if value is not None:
+                    spans[key] = value
+                entry_pos += entry_len
+        pos += length
+    return context, spans
+
+
+def _frames_fast(data: bytes, span: tuple[int, int] | None, dim: int) -> np.ndarray | None:
+    """Frames as a zero-copy (n, dim) view when every frame has the canonical header, else None.
+
+    This is how TensorFlow serializes YouTube-8M frames; it replaces a Python loop over frames with
+    one vectorized check, which is most of the decode time at frame level.
+    """
+    if span is None:
+        return None
+    header = _FRAME_HEADERS[dim]
+    stride = len(header) + dim
+    start, end = span
+    if (end - start) % stride:
+        return None
+    frames = np.frombuffer(data, np.uint8, count=end - start, offset=start).reshape(-1, stride)
+    if not (frames[:, : len(header)] == header).all():
+        return None
+    return frames[:, len(header):]
+
+
+def _frames_joined(message, name: str, dim: int, video_id: str) -> np.ndarray:
+    """Frames from a parsed message, for records that are not in TensorFlow's canonical layout."""
+    feature_lists = message.feature_lists.feature_list
     if name not in feature_lists:
         raise RecordDecodeError(f"video {video_id!r}: missing feature list {name!r}")
     frames = feature_lists[name].feature
@@ -88,18 +178,43 @@ def _frames(feature_lists, name: str, dim: int, video_id: str) -> tuple[int, byt
         raise RecordDecodeError(f"video {video_id!r}: a frame of {name!r} has no bytes value") from None
     if len(joined) != len(frames) * dim:
         raise RecordDecodeError(f"video {video_id!r}: {name!r} frames are not {dim} bytes each")
-    return len(frames), joined
+    return np.frombuffer(joined, np.uint8).reshape(len(frames), dim)
+
+
+def _decode_canonical(data: bytes, require_labels: bool) -> FrameVideo | None:
+    """The fast path: only the small context goes through protobuf; frames are viewed in place."""
+    try:
+        context_span, spans = _outer_spans(data)
+    except (IndexError, ValueError):
+        return None
+    if context_span is None:
+        return None
+    rgb = _frames_fast(data, spans.get(b"rgb"), RGB_DIM)
+    audio = _frames_fast(data, spans.get(b"audio"), AUDIO_DIM)
+    if rgb is None or audio is None:
+        return None
+    context = Features()
+    try:
+        context.ParseFromString(data[context_span[0]:context_span[1]])
+    except DecodeError:
+        return None
+    video_id, labels = _context(context, require_labels)
+    if len(audio) != len(rgb):
+        raise RecordDecodeError(f"video {video_id!r}: {len(rgb)} rgb frames but {len(audio)} audio frames")
+    return FrameVideo(video_id, labels, len(rgb), rgb, audio)
 
 
 def decode_frame_level(data: bytes, require_labels: bool = True) -> FrameVideo:
+    fast = _decode_canonical(data, require_labels)
+    if fast is not None:
+        return fast
     message = _parse(data)
-    video_id, labels = _context(message, require_labels)
-    feature_lists = message.feature_lists.feature_list
-    num_frames, rgb = _frames(feature_lists, "rgb", RGB_DIM, video_id)
-    audio_frames, audio = _frames(feature_lists, "audio", AUDIO_DIM, video_id)
-    if audio_frames != num_frames:
-        raise RecordDecodeError(f"video {video_id!r}: {num_frames} rgb frames but {audio_frames} audio frames")
-    return FrameVideo(video_id, labels, num_frames, rgb, audio)
+    video_id, labels = _context(message.context, require_labels)
+    rgb = _frames_joined(message, "rgb", RGB_DIM, video_id)
+    audio = _frames_joined(message, "audio", AUDIO_DIM, video_id)
+    if len(audio) != len(rgb):
+        raise RecordDecodeError(f"video {video_id!r}: {len(rgb)} rgb frames but {len(audio)} audio frames")
+    return FrameVideo(video_id, labels, len(rgb), rgb, audio)
 
 
 def _floats(features, name: str, dim: int, video_id: str) -> np.ndarray:
@@ -113,7 +228,7 @@ def _floats(features, name: str, dim: int, video_id: str) -> np.ndarray:
 
 def decode_video_level(data: bytes, require_labels: bool = True) -> VideoFeatures:
     message = _parse(data)
-    video_id, labels = _context(message, require_labels)
+    video_id, labels = _context(message.context, require_labels)
     features = message.context.feature
     return VideoFeatures(
         video_id, labels, _floats(features, "mean_rgb", RGB_DIM, video_id), _floats(features, "mean_audio", AUDIO_DIM, video_id)

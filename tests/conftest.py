@@ -25,6 +25,7 @@ os.environ.update({
     "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
 })
 os.environ.pop("VTAG_DB_URL", None)
+sys.path.insert(0, str(REPO / "dags"))  # Airflow puts the DAGs folder on sys.path; DAG files import yt8m_assets
 
 PG_ADMIN_URL = os.environ.get("VTAG_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 

@@ -17,8 +17,9 @@ def test_detects_both_levels():
 def test_frame_level_decoding_keeps_bytes():
     video = decode_frame_level(frame_record("zz99", (3, 3861), frames=4, fill=250))
     assert (video.id, video.labels, video.num_frames) == ("zz99", [3, 3861], 4)
-    assert video.rgb == b"".join(bytes([(250 + i) % 256]) * 1024 for i in range(4))
-    assert video.audio == b"".join(bytes([(250 + i) % 256]) * 128 for i in range(4))
+    assert video.rgb.tobytes() == b"".join(bytes([(250 + i) % 256]) * 1024 for i in range(4))
+    assert video.audio.tobytes() == b"".join(bytes([(250 + i) % 256]) * 128 for i in range(4))
+    assert video.rgb.shape == (4, 1024) and video.audio.shape == (4, 128)
 
 
 def test_video_level_decoding():
@@ -109,3 +110,20 @@ def test_synth_is_deterministic(tmp_path):
 def test_synth_rejects_bad_parameters(tmp_path, field, value):
     with pytest.raises(ValueError, match=field.replace("_", "-")):
         synth(str(tmp_path), SynthConfig(**{field: value}))
+
+
+def test_non_canonical_encoding_decodes_through_the_generic_path():
+    """A valid record that TensorFlow would not write (an unknown field inside each frame's Feature)
+    skips the fast path and still decodes to the same video."""
+    from storage.tf_example import SequenceExample
+
+    canonical = SequenceExample()
+    canonical.ParseFromString(frame_record("nc01", (4,), frames=3, fill=9))
+    for name in ("rgb", "audio"):
+        for frame in canonical.feature_lists.feature_list[name].feature:
+            frame.ParseFromString(frame.SerializeToString() + b"\x28\x01")  # field 5, varint 1: unknown, kept
+    unusual = canonical.SerializeToString()
+    assert unusual != frame_record("nc01", (4,), frames=3, fill=9)
+    expected, got = decode_frame_level(frame_record("nc01", (4,), frames=3, fill=9)), decode_frame_level(unusual)
+    assert (got.id, got.labels, got.num_frames) == (expected.id, expected.labels, 3)
+    assert np.array_equal(got.rgb, expected.rgb) and np.array_equal(got.audio, expected.audio)

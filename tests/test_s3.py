@@ -1,0 +1,107 @@
+"""The object store and ingest over a real S3 endpoint (moto's server on loopback)."""
+
+import io
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+
+from storage import manifest
+from storage.objectstore import S3Config, S3Store, StoreError, _S3RangeReader, store_for
+from tasks.ingest import ingest
+from tasks.synth import SynthConfig, synth
+from tests.shards import flip_byte, record_offsets
+
+
+def _client(config: S3Config):
+    return boto3.client("s3", endpoint_url=config.endpoint_url, region_name="us-east-1")
+
+
+def test_publish_is_atomic_on_s3(s3):
+    config, bucket = s3
+    store = S3Store(config)
+    uri = f"s3://{bucket}/x/obj.bin"
+    with pytest.raises(RuntimeError):
+        with store.publish(uri) as path:
+            path.write_bytes(b"half")
+            raise RuntimeError("crash before the upload")
+    assert store.info(uri) is None and store.list(f"s3://{bucket}/x") == []
+    with store.publish(uri) as path:
+        path.write_bytes(b"whole object")
+    assert store.open_read(uri).read() == b"whole object"
+    (info,) = store.list(f"s3://{bucket}/x", "*.bin")
+    assert (info.uri, info.size) == (uri, 12) and info.fingerprint.startswith("etag=")
+
+
+def test_streaming_read_resumes_after_a_dropped_connection(s3):
+    config, bucket = s3
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    _client(config).put_object(Bucket=bucket, Key="big", Body=payload)
+    store = S3Store(config)
+
+    class DroppingBody:
+        """The first body breaks off after 100 KiB, as a reset connection does."""
+
+        def __init__(self, body):
+            self.body, self.sent = body, 0
+
+        def read(self, n):
+            if self.sent >= 100 * 1024:
+                raise ConnectionError("connection reset by peer")
+            chunk = self.body.read(min(n, 100 * 1024 - self.sent))
+            self.sent += len(chunk)
+            return chunk
+
+        def close(self):
+            self.body.close()
+
+    reader = _S3RangeReader(store.client, bucket, "big", len(payload))
+    reader._open()
+    reader._body = DroppingBody(reader._body)
+    assert io.BufferedReader(reader, buffer_size=64 * 1024).read() == payload
+
+
+def test_ingest_s3_to_s3(s3, tmp_path, db_url):
+    config, bucket = s3
+    raw, dest = f"s3://{bucket}/raw", f"s3://{bucket}/parquet"
+    synth(raw, SynthConfig("frame", "train", shards=2, videos_per_shard=8, seed=2), config)
+    local = tmp_path / "train0001.tfrecord"
+    synth(str(tmp_path), SynthConfig("frame", "train", shards=2, videos_per_shard=8, seed=2))
+    flip_byte(local, record_offsets(local)[3] + 100)
+    _client(config).upload_file(str(local), bucket, "raw/train0001.tfrecord")  # a corrupt shard on S3
+
+    report = ingest(raw, dest, db_url, s3=config)
+    assert [c["output_uri"] for c in report.converted] == [f"{dest}/frame/train/train0000.parquet"]
+    assert "record 3" in report.failed[f"{raw}/train0001.tfrecord"]
+    keys = sorted(o["Key"] for o in _client(config).list_objects_v2(Bucket=bucket, Prefix="parquet/")["Contents"])
+    assert keys == ["parquet/frame/train/train0000.parquet"]
+
+    with store_for(f"{dest}/frame/train/train0000.parquet", config).open_read(f"{dest}/frame/train/train0000.parquet") as f:
+        table = pq.read_table(f)
+    assert table.num_rows == 8 and set(table.column_names) == {"id", "labels", "num_frames", "rgb", "audio"}
+    assert ingest(raw, dest, db_url, s3=config).skipped == 1
+    rows = {r["source_uri"]: r for r in manifest.rows(db_url, dest)}
+    assert rows[f"{raw}/train0000.tfrecord"]["fingerprint"].startswith("etag=")
+    assert rows[f"{raw}/train0001.tfrecord"]["status"] == "failed"
+
+
+def test_credentials_from_the_environment(s3, tmp_path, sqlite_url):
+    """Outside Airflow, boto3's own chain (AWS_* variables, AWS_ENDPOINT_URL) configures S3."""
+    _, bucket = s3
+    synth(f"s3://{bucket}/raw", SynthConfig("video", "validate", shards=1, videos_per_shard=3))
+    assert ingest(f"s3://{bucket}/raw", str(tmp_path / "pq"), sqlite_url).converted[0]["rows"] == 3
+
+
+def test_missing_credentials_and_bad_bucket_are_one_clear_line(s3, monkeypatch, tmp_path):
+    config, bucket = s3
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StoreError, match="no S3 credentials for s3://"):
+        S3Store(S3Config(endpoint_url=config.endpoint_url)).list(f"s3://{bucket}/raw")
+    with pytest.raises(StoreError, match="NoSuchBucket"):
+        S3Store(config).list("s3://no-such-bucket-here/raw")
+    with pytest.raises(StoreError, match="not an s3://bucket/key URI"):
+        store_for("s3:///nobucket")
