@@ -11,7 +11,7 @@ import os
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -63,7 +63,7 @@ class ObjectStore(ABC):
         """The object's size and fingerprint, or None if it does not exist."""
 
     @abstractmethod
-    def publish(self, uri: str) -> "contextmanager[Path]":
+    def publish(self, uri: str) -> AbstractContextManager[Path]:
         """Context manager yielding a local path to write; the object appears at `uri` only on clean exit."""
 
     @abstractmethod

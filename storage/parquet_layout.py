@@ -115,46 +115,57 @@ class ShardParquetWriter:
             compression_level = {name: v for name, v in compression_level.items() if name in self.schema.names}
         self._writer = pq.ParquetWriter(
             str(path), self.schema, compression=compression, compression_level=compression_level,
-            use_dictionary=["id"], write_statistics=["id", "num_frames"],
+            use_dictionary=False,  # ids are unique and labels few: dictionaries would only cost
+            write_statistics=["id", "num_frames"],
         )
-        self._rows: list = []
+        self._ids: list[str] = []
+        self._labels: list[list[int]] = []
         self._buffered = 0
         if level == "frame":
-            self._rgb = _PackedBinaryColumn(min(row_group_bytes, 1 << 30) + MAX_FRAMES * RGB_DIM)
-            self._audio = _PackedBinaryColumn(min(row_group_bytes, 1 << 30) // 8 + MAX_FRAMES * AUDIO_DIM)
+            # Frames are copied out of their records at once, so a row group never pins its records.
+            self._num_frames: list[int] = []
+            self._rgb = _PackedBinaryColumn(row_group_bytes + MAX_FRAMES * RGB_DIM)
+            self._audio = _PackedBinaryColumn(row_group_bytes // 8 + MAX_FRAMES * AUDIO_DIM)
+        else:
+            self._mean_rgb: list[np.ndarray] = []
+            self._mean_audio: list[np.ndarray] = []
         self.rows_written = 0
 
     def add(self, video: FrameVideo | VideoFeatures) -> None:
-        self._rows.append((video.id, video.labels, getattr(video, "num_frames", None)))
+        self._ids.append(video.id)
+        self._labels.append(video.labels)
         if self.level == "frame":
+            self._num_frames.append(video.num_frames)
             self._rgb.append(video.rgb)
             self._audio.append(video.audio)
             self._buffered += video.rgb.size + video.audio.size
         else:
-            self._rows[-1] += (video.mean_rgb, video.mean_audio)
+            self._mean_rgb.append(video.mean_rgb)
+            self._mean_audio.append(video.mean_audio)
             self._buffered += (RGB_DIM + AUDIO_DIM) * 4
         if self._buffered >= self.row_group_bytes:
             self.flush()
 
-    def _table(self) -> pa.Table:
-        rows = self._rows
-        ids = pa.array([r[0] for r in rows], pa.string())
-        labels = pa.array([r[1] for r in rows], pa.list_(pa.int32()))
+    def _columns(self) -> list[pa.Array]:
+        common = [pa.array(self._ids, pa.string()), pa.array(self._labels, pa.list_(pa.int32()))]
         if self.level == "frame":
-            columns = [ids, labels, pa.array([r[2] for r in rows], pa.int32()), self._rgb.to_arrow(), self._audio.to_arrow()]
-        else:
-            columns = [ids, labels, pa.array([r[3] for r in rows], pa.list_(pa.float32())),
-                       pa.array([r[4] for r in rows], pa.list_(pa.float32()))]
-        return pa.Table.from_arrays(columns, schema=self.schema)
+            return common + [pa.array(self._num_frames, pa.int32()), self._rgb.to_arrow(), self._audio.to_arrow()]
+        return common + [pa.array(self._mean_rgb, pa.list_(pa.float32())), pa.array(self._mean_audio, pa.list_(pa.float32()))]
 
     def flush(self) -> None:
-        if self._rows:
-            self._writer.write_table(self._table(), row_group_size=len(self._rows))
-            self.rows_written += len(self._rows)
-            self._rows, self._buffered = [], 0
-            if self.level == "frame":
-                self._rgb.clear()
-                self._audio.clear()
+        if not self._ids:
+            return
+        rows = len(self._ids)
+        self._writer.write_table(pa.Table.from_arrays(self._columns(), schema=self.schema), row_group_size=rows)
+        self.rows_written += rows
+        self._buffered = 0
+        self._ids, self._labels = [], []
+        if self.level == "frame":
+            self._num_frames = []
+            self._rgb.clear()
+            self._audio.clear()
+        else:
+            self._mean_rgb, self._mean_audio = [], []
 
     def close(self) -> None:
         try:

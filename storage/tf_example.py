@@ -21,8 +21,8 @@ def _field(msg, name, number, ftype, label=_F.LABEL_OPTIONAL, type_name=None, pa
     return field
 
 
-def _map_field(msg, name, value_type):
-    entry = msg.nested_type.add(name=name[0].upper() + name[1:].replace("_l", "L") + "Entry")
+def _map_field(msg, name, entry_name, value_type):
+    entry = msg.nested_type.add(name=entry_name)
     entry.options.map_entry = True
     _field(entry, "key", 1, _F.TYPE_STRING)
     _field(entry, "value", 2, _F.TYPE_MESSAGE, type_name=value_type)
@@ -40,9 +40,9 @@ def _build_file() -> descriptor_pb2.FileDescriptorProto:
     for number, kind in enumerate(("bytes_list", "float_list", "int64_list"), start=1):
         type_name = ".tensorflow." + {"bytes_list": "BytesList", "float_list": "FloatList", "int64_list": "Int64List"}[kind]
         _field(feature, kind, number, _F.TYPE_MESSAGE, type_name=type_name, oneof=0)
-    _map_field(f.message_type.add(name="Features"), "feature", ".tensorflow.Feature")
+    _map_field(f.message_type.add(name="Features"), "feature", "FeatureEntry", ".tensorflow.Feature")
     _field(f.message_type.add(name="FeatureList"), "feature", 1, _F.TYPE_MESSAGE, rep, ".tensorflow.Feature")
-    _map_field(f.message_type.add(name="FeatureLists"), "feature_list", ".tensorflow.FeatureList")
+    _map_field(f.message_type.add(name="FeatureLists"), "feature_list", "FeatureListEntry", ".tensorflow.FeatureList")
     _field(f.message_type.add(name="Example"), "features", 1, _F.TYPE_MESSAGE, type_name=".tensorflow.Features")
     seq = f.message_type.add(name="SequenceExample")
     _field(seq, "context", 1, _F.TYPE_MESSAGE, type_name=".tensorflow.Features")
@@ -60,5 +60,4 @@ def _message(name):
 
 Example = _message("Example")
 SequenceExample = _message("SequenceExample")
-Feature = _message("Feature")
 Features = _message("Features")

@@ -79,10 +79,10 @@ def convert_shard(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None
         _remove_stale_outputs(shard, dest, s3)
         manifest.mark_failed(db_url, shard, dest, ShardFailure(str(exc), exc.index, exc.offset))
         raise ShardFailedError(str(exc)) from None
-    except (LayoutError, StoreError) as exc:
+    except LayoutError as exc:
         manifest.mark_failed(db_url, shard, dest, ShardFailure(f"{shard.uri}: {exc}"))
         raise ShardFailedError(f"{shard.uri}: {exc}") from None
-    except BaseException as exc:
+    except BaseException as exc:  # the store or the disk failed: worth a retry, but recorded meanwhile
         manifest.mark_failed(db_url, shard, dest, ShardFailure(f"{shard.uri}: {type(exc).__name__}: {exc}"))
         raise
     manifest.mark_succeeded(db_url, shard, dest, **{k: v for k, v in result.items() if k != "source_uri"})
@@ -139,4 +139,10 @@ def ingest(src: str, dest: str, db_url: str, pattern: str = DEFAULT_PATTERN, for
         except ShardFailedError as exc:
             log.error("quarantined %s", exc)
             report.failed[shard.uri] = str(exc)
+        except StoreError as exc:
+            log.error("could not convert %s: %s", shard.uri, exc)
+            report.failed[shard.uri] = f"{shard.uri}: {exc}"
+        except Exception as exc:
+            log.exception("could not convert %s", shard.uri)
+            report.failed[shard.uri] = f"{shard.uri}: {type(exc).__name__}: {exc}"
     return report
