@@ -44,7 +44,8 @@ bench: install
 	$(BIN)/python -m benchmarks.ingest_throughput
 
 constraints:
-	$(BIN)/pip freeze --exclude-editable | grep -v -iE '^(torch|vtag)[=@ ]' > constraints.txt
+	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -iE '^(torch|vtag)[=@ ]'; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 clean:
 	rm -rf $(VTAG_HOME)

@@ -1,6 +1,8 @@
 """The project's tables as SQLAlchemy Core metadata. Migrations in sql/migrations create them."""
 
-from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON, BigInteger, Column, DateTime, Float, ForeignKey, Integer, MetaData, String, Table, Text, UniqueConstraint,
+)
 
 metadata = MetaData()
 
@@ -24,4 +26,39 @@ ingested_shards = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
     UniqueConstraint("source_uri", "dest_uri", name="uq_ingested_shards_source_dest"),
+)
+
+model_versions = Table(
+    "model_versions",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=True),
+    Column("level", String(8), nullable=False),
+    Column("preset", String(64), nullable=False),
+    Column("checkpoint_uri", String(1024), nullable=False, unique=True),
+    Column("config", JSON, nullable=False),
+    Column("data_uri", String(1024), nullable=False),
+    Column("train_split", String(16), nullable=False),
+    Column("epochs", Integer, nullable=False),
+    Column("steps", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("run_id", String(256)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("promoted_at", DateTime(timezone=True)),
+)
+
+evaluations = Table(
+    "evaluations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model_version", Integer, ForeignKey("model_versions.version", ondelete="CASCADE"), nullable=False),
+    Column("split", String(16), nullable=False),
+    Column("data_uri", String(1024), nullable=False),
+    Column("hit_at_one", Float, nullable=False),
+    Column("perr", Float, nullable=False),
+    Column("gap", Float, nullable=False),
+    Column("map", Float, nullable=False),
+    Column("videos", Integer, nullable=False),
+    Column("plot_uri", String(1024)),
+    Column("seconds", Float, nullable=False),
+    Column("evaluated_at", DateTime(timezone=True), nullable=False),
 )

@@ -56,3 +56,7 @@ def raw_uri(param: str | None) -> str:
 
 def parquet_uri(param: str | None) -> str:
     return param or variable("yt8m_parquet_uri", settings.default_parquet_uri())
+
+
+def models_uri() -> str:
+    return variable("yt8m_models_uri", settings.default_models_uri())

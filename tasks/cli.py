@@ -37,6 +37,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="convert again even unchanged shards")
     _db_arg(p)
 
+    p = sub.add_parser("train", help="train a model on the Parquet layout and register it")
+    p.add_argument("--data", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)")
+    p.add_argument("--level", choices=["frame", "video"], required=True)
+    p.add_argument("--preset", default=None, help="model/presets.toml section (default: seed on a GPU, small on a CPU; video for video level)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--max-frames", type=int)
+    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--split", default="train", help="split to train on (default train)")
+    p.add_argument("--pattern", default="*.parquet", help="glob on the split's file names")
+    p.add_argument("--resume", metavar="CHECKPOINT_URI", help="start from this checkpoint's weights (fine-tuning)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS", help="also checkpoint every N steps")
+    p.add_argument("--out", required=True, metavar="URI", help="folder for this run's checkpoints; a checkpoint there is continued")
+    _db_arg(p)
+
+    p = sub.add_parser("evaluate", help="score a checkpoint with YouTube-8M's metrics and record it")
+    p.add_argument("--checkpoint", required=True, metavar="URI")
+    p.add_argument("--data", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)")
+    p.add_argument("--split", default="validate")
+    p.add_argument("--pattern", default="*.parquet")
+    p.add_argument("--promote", action="store_true", help="promote to production if its GAP is at least production's")
+    p.add_argument("--json", action="store_true", help="end with one JSON line: hit_at_one, perr, gap, map")
+    _db_arg(p)
+
     p = sub.add_parser("manifest", help="show the ingest manifest")
     p.add_argument("--dest", default=None, metavar="URI", help="only shards ingested to this destination")
     _db_arg(p)
@@ -83,6 +109,37 @@ def _ingest(args) -> int:
     return EXIT_FAILED if report.failed else 0
 
 
+def _train(args) -> int:
+    from tasks.training import train_model
+
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                 "max_frames": args.max_frames, "num_workers": args.workers, "seed": args.seed}
+    result = train_model(args.data or settings.default_parquet_uri(), args.out, args.level, args.db, preset=args.preset,
+                         overrides=overrides, split=args.split, pattern=args.pattern, resume=args.resume,
+                         checkpoint_every=args.checkpoint_every, progress=sys.stderr.isatty())
+    print(f"model version {result['version']}: {result['checkpoint_uri']} ({result['epochs']} epochs, "
+          f"{result['steps']} steps, {result['videos_per_second']:.1f} videos/s)")
+    return 0
+
+
+def _evaluate(args) -> int:
+    import json
+
+    from tasks.training import evaluate_model, promote
+
+    result = evaluate_model(args.checkpoint, args.data or settings.default_parquet_uri(), args.db,
+                            split=args.split, pattern=args.pattern)
+    metrics = {k: result[k] for k in ("hit_at_one", "perr", "gap", "map")}
+    print(f"model version {result['version']} on {args.split} ({result['videos']} videos): "
+          + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(f"plot: {result['plot_uri']}")
+    if args.promote:
+        print(promote(args.db, result["version"], args.split)["reason"])
+    if args.json:
+        print(json.dumps(metrics))
+    return 0
+
+
 def _manifest(args) -> int:
     from storage import db, manifest
 
@@ -110,6 +167,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from storage.db import DatabaseURLError
     from storage.objectstore import StoreError
 
+    # ConfigError, DataError, CheckpointError and RegistryError are ValueErrors.
     return StoreError, DatabaseURLError, OperationalError, ValueError
 
 
@@ -118,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if hasattr(args, "db"):
         args.db = args.db or settings.default_db_url()
-    handler = {"synth": _synth, "ingest": _ingest, "manifest": _manifest, "db": _db}[args.command]
+    handler = {"synth": _synth, "ingest": _ingest, "train": _train, "evaluate": _evaluate, "manifest": _manifest,
+               "db": _db}[args.command]
     try:
         return handler(args)
     except _user_errors() as exc:

@@ -24,3 +24,8 @@ def default_raw_uri() -> str:
 def default_parquet_uri() -> str:
     """Where ingest writes the Parquet layout."""
     return os.environ.get("VTAG_PARQUET_URI") or str(vtag_home() / "store" / "parquet")
+
+
+def default_models_uri() -> str:
+    """Where training writes checkpoints, one folder per run."""
+    return os.environ.get("VTAG_MODELS_URI") or str(vtag_home() / "store" / "models")

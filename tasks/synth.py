@@ -77,10 +77,10 @@ def _synth_video(rng: np.random.Generator, vocab: _Vocabulary):
     picks = rng.choice(len(vocab.labels), size=k, replace=False)
     rgb = rng.normal(0.0, 0.6, size=(num_frames, RGB_DIM)).astype(np.float32)
     audio = rng.normal(0.0, 0.6, size=(num_frames, AUDIO_DIM)).astype(np.float32)
-    signal = rng.permutation(num_frames)[: max(k, num_frames // 2)]
-    carried = picks[np.arange(len(signal)) % k]  # every label shows up in at least one frame
-    rgb[signal] += vocab.rgb[carried]
-    audio[signal] += vocab.audio[carried]
+    # Like a real video's frames, each "on-topic" frame shows all of the video's labels at once.
+    signal = rng.permutation(num_frames)[: max(1, num_frames // 2)]
+    rgb[signal] += vocab.rgb[picks].sum(axis=0) / np.sqrt(k)
+    audio[signal] += vocab.audio[picks].sum(axis=0) / np.sqrt(k)
     return sorted(int(label) for label in vocab.labels[picks]), quantize(rgb), quantize(audio)
 
 

@@ -4,19 +4,14 @@ import pytest
 
 from storage import manifest
 from tasks.synth import SynthConfig, synth
-from tests.conftest import REPO
 from tests.shards import flip_byte, record_offsets
 
 pytestmark = pytest.mark.airflow
 
 
 @pytest.fixture
-def ingest_dag(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags"))
-    assert not bag.import_errors, bag.import_errors
-    return bag.get_dag("yt8m_ingest")
+def ingest_dag(dagbag):
+    return dagbag.get_dag("yt8m_ingest")
 
 
 def _states(dag_run) -> dict:

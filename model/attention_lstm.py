@@ -1,0 +1,100 @@
+"""The models: AttentionLSTM over frames (the seed model) and an MLP over video-level means.
+
+AttentionLSTM, per modality (rgb 1024-d, audio 128-d, separate weights): Linear -> tanh (embedding),
+bidirectional LSTM, dropout, attention pooling with a softmax over the video's real frames only.
+Head: concat -> Linear 8192 + ReLU -> Linear 4096 + tanh -> Linear num_classes (logits).
+See ../shared/reference/yt8m_reference.md section 3.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from model.config import Config
+
+RGB_DIM, AUDIO_DIM = 1024, 128
+
+
+def dequantize(q: torch.Tensor) -> torch.Tensor:
+    """uint8 features as Google's readers dequantize them (utils.py Dequantize, range -2..2)."""
+    return q.float() * (4.0 / 255.0) + (4.0 / 512.0 - 2.0)
+
+
+class AttentionPooledBiLSTM(nn.Module):
+    def __init__(self, in_dim: int, config: Config):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, config.embedding_size)
+        self.lstm = nn.LSTM(config.embedding_size, config.lstm_size, batch_first=True, bidirectional=True)
+        self.dropout = nn.Dropout(config.drop_rate)
+        self.attention = nn.Linear(2 * config.lstm_size, 1)
+        # Not in the seed. Pooled LSTM outputs start out tiny (~0.05), and the head then needs hundreds
+        # of steps to scale them up; normalising them lets a small model learn in a CPU demo's budget.
+        self.norm = nn.LayerNorm(2 * config.lstm_size, elementwise_affine=False) if config.pool_norm else nn.Identity()
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """frames (B, T, in_dim) float, mask (B, T) bool -> (B, 2 * lstm_size)."""
+        lengths = mask.sum(dim=1).clamp(min=1)
+        embedded = torch.tanh(self.embed(frames))
+        # Packing keeps padded frames out of both directions (cuDNN runs packed sequences natively).
+        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        outputs, _ = self.lstm(packed)
+        outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=frames.shape[1])
+        outputs = self.dropout(outputs)
+        scores = self.attention(outputs).squeeze(-1).float().masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=1).to(outputs.dtype)
+        return self.norm(torch.bmm(weights.unsqueeze(1), outputs).squeeze(1))
+
+
+class AttentionLSTM(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.rgb = AttentionPooledBiLSTM(RGB_DIM, config)
+        self.audio = AttentionPooledBiLSTM(AUDIO_DIM, config)
+        layers, width = [], 4 * config.lstm_size
+        for i, size in enumerate(config.head_sizes):
+            layers += [nn.Linear(width, size), nn.ReLU() if i == 0 else nn.Tanh()]
+            width = size
+        layers.append(nn.Linear(width, config.num_classes))
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, rgb: torch.Tensor, audio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """rgb (B, T, 1024) and audio (B, T, 128), dequantized; mask (B, T) bool -> logits (B, classes)."""
+        pooled = torch.cat([self.rgb(rgb, mask), self.audio(audio, mask)], dim=1)
+        return self.head(pooled)
+
+
+class VideoMLP(nn.Module):
+    """Video level: L2-normalised mean_rgb and mean_audio (as Google's starter feeds its models),
+    one hidden layer with batch norm and dropout, logits for every class."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(RGB_DIM + AUDIO_DIM, config.hidden_size),
+            nn.BatchNorm1d(config.hidden_size),
+            nn.ReLU(),
+            nn.Dropout(config.drop_rate),
+            nn.Linear(config.hidden_size, config.num_classes),
+        )
+
+    def forward(self, mean_rgb: torch.Tensor, mean_audio: torch.Tensor) -> torch.Tensor:
+        features = torch.cat([F.normalize(mean_rgb, dim=1), F.normalize(mean_audio, dim=1)], dim=1)
+        return self.net(features)
+
+
+# A video has about 3 of 3862 labels: starting every logit at that prior (log(3/3862) ~ -7) spares
+# the first steps of training from doing nothing but pushing thousands of logits down.
+PRIOR_LOGIT = -7.0
+
+
+def build_model(config: Config) -> nn.Module:
+    model = AttentionLSTM(config) if config.level == "frame" else VideoMLP(config)
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    nn.init.constant_(last.bias, PRIOR_LOGIT)
+    return model
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sigmoid cross-entropy summed over classes and batch, as the seed trains."""
+    return F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum")

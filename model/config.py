@@ -1,0 +1,103 @@
+"""Model and training configuration: one dataclass, presets from presets.toml, checked before any work."""
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+PRESETS_FILE = Path(__file__).with_name("presets.toml")
+LEVELS = ("frame", "video")
+OPTIMIZERS = ("rmsprop_centered", "adam")
+ARCHITECTURE_FIELDS = ("level", "embedding_size", "lstm_size", "head_sizes", "pool_norm", "hidden_size", "num_classes")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "small"
+    level: str = "frame"
+    # AttentionLSTM (frame level)
+    embedding_size: int = 512
+    lstm_size: int = 1024
+    head_sizes: tuple[int, ...] = (8192, 4096)
+    max_frames: int = 300
+    pool_norm: bool = False  # LayerNorm on each modality's pooled vector (not in the seed)
+    # MLP (video level)
+    hidden_size: int = 2048
+    drop_rate: float = 0.5
+    num_classes: int = 3862
+    # training
+    batch_size: int = 1024
+    epochs: int = 10
+    learning_rate: float = 1e-3
+    lr_decay_epochs: tuple[int, ...] = (5,)
+    lr_decay: float = 0.1
+    weight_decay: float = 8e-4
+    optimizer: str = "rmsprop_centered"
+    rmsprop_rho: float = 0.95
+    rmsprop_eps: float = 1e-6
+    seed: int = 0
+    num_workers: int = 2
+
+    def validate(self) -> "Config":
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ConfigError(f"preset {self.preset!r}: {message}")
+
+        need(self.level in LEVELS, f"level must be frame or video, not {self.level!r}")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        for name in ("embedding_size", "lstm_size", "hidden_size", "num_classes", "batch_size", "epochs", "max_frames"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be a positive integer, not {getattr(self, name)!r}")
+        need(self.max_frames <= 300, f"max_frames must be at most 300 (YouTube-8M's cap), not {self.max_frames}")
+        need(all(isinstance(s, int) and s >= 1 for s in self.head_sizes), f"head_sizes must be positive integers, not {self.head_sizes!r}")
+        need(0.0 <= self.drop_rate < 1.0, f"drop_rate must be in [0, 1), not {self.drop_rate}")
+        need(self.learning_rate > 0, f"learning_rate must be > 0, not {self.learning_rate}")
+        need(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1], not {self.lr_decay}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, not {self.weight_decay}")
+        need(self.num_workers >= 0, f"num_workers must be >= 0, not {self.num_workers}")
+        return self
+
+    def architecture(self) -> dict:
+        """What a checkpoint's weights depend on: a checkpoint only loads into an equal architecture."""
+        arch = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+        if self.level == "frame":
+            arch.pop("hidden_size")
+        else:
+            for name in ("embedding_size", "lstm_size", "head_sizes", "pool_norm"):
+                arch.pop(name)
+        return arch
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values)
+
+
+def presets() -> dict[str, dict]:
+    with open(PRESETS_FILE, "rb") as f:
+        return tomllib.load(f)
+
+
+def load_config(preset: str | None = None, level: str = "frame", overrides: dict | None = None, cuda: bool = False) -> Config:
+    """A preset with overrides (None values ignored). Without a preset: the seed config for frame level
+    on a GPU, `small` for frame level on a CPU, `video` for video level."""
+    available = presets()
+    if preset is None:
+        preset = "video" if level == "video" else ("seed" if cuda else "small")
+    if preset not in available:
+        raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(sorted(available))})")
+    values = {**available[preset], "preset": preset}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if values.get("level", level) != level:
+        raise ConfigError(f"preset {preset!r} is for level {values['level']!r}, not {level!r}")
+    return Config.from_dict(values).validate()

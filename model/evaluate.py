@@ -1,0 +1,100 @@
+"""Scoring a checkpoint on a split with YouTube-8M's metrics, streamed batch by batch."""
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model import checkpoint
+from model.attention_lstm import build_model
+from model.config import Config
+from model.data import ParquetBatches, find_row_groups, loader, to_device
+from model.metrics import MetricsAccumulator
+from model.train import forward, pick_device
+from storage.objectstore import S3Config, store_for
+
+TOP_K = 20
+
+
+@dataclass
+class Evaluation:
+    metrics: dict
+    videos: int
+    seconds: float
+    precision_at_k: list[float]  # k = 1..20, over all videos
+    recall_at_k: list[float]
+
+
+def load_model(checkpoint_uri: str, device: torch.device, s3: S3Config | None = None) -> tuple[torch.nn.Module, Config]:
+    state = checkpoint.load(checkpoint_uri, s3)
+    config = checkpoint.config_of(state, checkpoint_uri)
+    checkpoint.check_architecture(state, config, checkpoint_uri)
+    model = build_model(config)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config
+
+
+def predict(model: torch.nn.Module, config: Config, batches, device: torch.device) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    """(ids, sigmoid scores float32 B x C, multi-hot labels uint8) for each batch, without gradients."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    with torch.inference_mode():
+        for batch in batches:
+            labels = batch["labels"].numpy()
+            moved = to_device(batch, device)
+            with autocast:
+                logits = forward(model, moved, config.level)
+            yield batch["ids"], torch.sigmoid(logits.float()).cpu().numpy(), labels
+
+
+def evaluate(checkpoint_uri: str, data_uri: str, split: str = "validate", pattern: str = "*.parquet",
+             s3: S3Config | None = None, device: str | None = None, batch_size: int | None = None) -> Evaluation:
+    dev = pick_device(device)
+    model, config = load_model(checkpoint_uri, dev, s3)
+    groups = find_row_groups(data_uri, config.level, split, pattern, s3)
+    dataset = ParquetBatches(groups, config.level, batch_size or min(config.batch_size, 256), config.num_classes,
+                             config.max_frames, shuffle=False, drop_last=False, workers=config.num_workers, s3=s3)
+    accumulator = MetricsAccumulator(config.num_classes, top_k=TOP_K)
+    hits_at = np.zeros(TOP_K)
+    positives = 0
+    started = time.perf_counter()
+    for _ids, scores, labels in predict(model, config, loader(dataset, config.num_workers, dev.type == "cuda"), dev):
+        accumulator.add(scores, labels)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :TOP_K]
+        hits_at += np.take_along_axis(labels, top, axis=1).sum(axis=0)
+        positives += int(labels.sum())
+    seconds = time.perf_counter() - started
+    videos = accumulator.num_videos
+    cumulative = np.cumsum(hits_at)
+    return Evaluation(
+        metrics=accumulator.result(), videos=videos, seconds=seconds,
+        precision_at_k=(cumulative / (videos * np.arange(1, TOP_K + 1))).tolist(),
+        recall_at_k=(cumulative / max(1, positives)).tolist(),
+    )
+
+
+def plot(evaluation: Evaluation, title: str, uri: str, s3: S3Config | None = None) -> str:
+    """Precision and recall of each video's top-k labels, k = 1..20, with the four metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = np.arange(1, TOP_K + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(k, evaluation.precision_at_k, "o-", label="precision@k")
+    ax.plot(k, evaluation.recall_at_k, "s-", label="recall@k")
+    m = evaluation.metrics
+    ax.set_title(f"{title}\nGAP {m['gap']:.4f}  Hit@1 {m['hit_at_one']:.4f}  PERR {m['perr']:.4f}  "
+                 f"mAP {m['map']:.4f}  ({evaluation.videos} videos)", fontsize=9)
+    ax.set_xlabel("k (labels kept per video)")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(k)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with store_for(uri, s3).publish(uri) as path:
+        fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+    return uri

@@ -1,0 +1,208 @@
+"""Training: one loop for CPU, one CUDA GPU (bf16 autocast, cuDNN LSTM) and several GPUs (torchrun/DDP).
+
+Checkpoints (model, optimizer, scheduler, epoch, position in the epoch, config, RNG) go to the object
+store after every epoch, every `checkpoint_every` steps and at the end. A run whose output already
+holds a checkpoint continues from it, so a crashed or retried run loses only the work since then.
+"""
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from model import checkpoint
+from model.attention_lstm import build_model, loss_fn
+from model.config import Config
+from model.data import ParquetBatches, find_row_groups, loader, to_device
+from storage.objectstore import S3Config, join, store_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    checkpoint_uri: str
+    epochs: int
+    steps: int
+    videos_per_second: float
+    history: dict = field(default_factory=dict)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    """L2 decay on every weight but the fully connected layers' biases, as the seed config has it."""
+    fc_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in fc_biases], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if id(p) in fc_biases], "weight_decay": 0.0}]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.learning_rate)
+    return torch.optim.RMSprop(groups, lr=config.learning_rate, alpha=config.rmsprop_rho, eps=config.rmsprop_eps,
+                               centered=True)
+
+
+def forward(model: nn.Module, batch: dict, level: str) -> torch.Tensor:
+    if level == "frame":
+        return model(batch["rgb"], batch["audio"], batch["mask"])
+    return model(batch["mean_rgb"], batch["mean_audio"])
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _plot_losses(history: dict, out_uri: str, s3: S3Config | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["step_loss"], lw=0.8, label="loss per video, each step")
+    if history["epoch_loss"]:
+        steps = history["epoch_end_step"]
+        ax.plot(steps, history["epoch_loss"], "o-", label="epoch mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("sigmoid cross-entropy per video")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    uri = join(out_uri, "loss.png")
+    with store_for(uri, s3).publish(uri) as path:
+        fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", pattern: str = "*.parquet",
+          resume: str | None = None, s3: S3Config | None = None, device: str | None = None,
+          checkpoint_every: int = 0, progress: bool = True, max_steps: int | None = None) -> TrainResult:
+    """Train `config` on `<data>/<level>/<split>/` and write checkpoints under `out_uri`.
+
+    `resume` starts from another checkpoint's weights (fine-tuning); a checkpoint already under
+    `out_uri` continues that run where it stopped. Everything is checked before the first step.
+    """
+    config.validate()
+    groups = find_row_groups(data_uri, config.level, split, pattern, s3)
+    state = None
+    if (last := checkpoint.latest(out_uri, s3)) is not None:
+        state = checkpoint.load(last, s3)
+        checkpoint.check_architecture(state, config, last)
+        log.info("continuing from %s (epoch %d, %d batches in)", last, state["epoch"], state["batches_done"])
+    elif resume:
+        state = checkpoint.load(resume, s3)
+        checkpoint.check_architecture(state, config, resume)
+        state = {"model": state["model"]}  # fine-tuning: the weights only
+        log.info("fine-tuning from %s", resume)
+
+    rank, world = _distributed()
+    dev = pick_device(device)
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(dev)
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_decay_epochs), config.lr_decay)
+    history = {"step_loss": [], "epoch_loss": [], "epoch_end_step": []}
+    epoch = batches_done = step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            epoch, batches_done, step, history = state["epoch"], state["batches_done"], state["step"], state["history"]
+            torch.set_rng_state(state["rng"])
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) if world > 1 else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    per_rank_batch = max(1, config.batch_size // world)
+    workers = config.num_workers
+
+    def save(uri_epoch: int | None) -> str:
+        snapshot = {
+            "config": config.to_dict(), "architecture": config.architecture(), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+            "batches_done": batches_done, "step": step, "history": history, "rng": torch.get_rng_state(),
+            "data": {"uri": data_uri, "split": split, "pattern": pattern, "world": world, "workers": workers},
+        }
+        if rank != 0:
+            return ""
+        if uri_epoch is not None:
+            checkpoint.save(checkpoint.epoch_uri(out_uri, uri_epoch), snapshot, s3)
+        _plot_losses(history, out_uri, s3)
+        return checkpoint.save(join(out_uri, checkpoint.LAST), snapshot, s3)
+
+    seen = 0
+    started = time.perf_counter()
+    last_uri = None
+    while epoch < config.epochs and (max_steps is None or step < max_steps):
+        dataset = ParquetBatches(groups, config.level, per_rank_batch, config.num_classes, config.max_frames,
+                                 seed=config.seed, epoch=epoch, shuffle=True, drop_last=True,
+                                 skip_batches=batches_done, workers=workers, rank=rank, world=world, s3=s3)
+        if len(dataset) == 0 and batches_done == 0:
+            from model.data import DataError
+
+            raise DataError(f"{data_uri}: fewer videos in split {split!r} than one batch of {per_rank_batch}")
+        bar = _progress(len(dataset), f"epoch {epoch + 1}/{config.epochs}", progress and rank == 0)
+        net.train()
+        epoch_losses = []
+        for batch in loader(dataset, workers, pin_memory=dev.type == "cuda"):
+            batch = to_device(batch, dev)
+            with autocast:
+                logits = forward(net, batch, config.level)
+            loss = loss_fn(logits, batch["labels"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            batches_done += 1
+            size = batch["labels"].shape[0]
+            seen += size
+            per_video = loss.item() / size
+            if not math.isfinite(per_video):
+                raise FloatingPointError(f"loss became {per_video} at step {step}: lower the learning rate")
+            history["step_loss"].append(per_video)
+            epoch_losses.append(per_video)
+            if bar is not None:
+                bar.set_postfix(loss=f"{per_video:.3f}", videos_s=f"{seen / (time.perf_counter() - started):.0f}")
+                bar.update(1)
+            if checkpoint_every and step % checkpoint_every == 0:
+                last_uri = save(None)
+            if max_steps is not None and step >= max_steps:
+                break
+        if bar is not None:
+            bar.close()
+        if max_steps is not None and step >= max_steps and batches_done < len(dataset) + dataset.skip_total:
+            last_uri = save(None)
+            break
+        epoch += 1
+        batches_done = 0
+        scheduler.step()
+        history["epoch_loss"].append(sum(epoch_losses) / max(1, len(epoch_losses)))
+        history["epoch_end_step"].append(step)
+        last_uri = save(epoch)
+        log.info("epoch %d: mean loss per video %.4f", epoch, history["epoch_loss"][-1])
+    if last_uri is None:  # nothing left to train: the run was already complete
+        last_uri = join(out_uri, checkpoint.LAST)
+    elapsed = time.perf_counter() - started
+    return TrainResult(last_uri, epoch, step, seen * world / elapsed if elapsed > 0 else 0.0, history)
+
+
+def _progress(total: int, description: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="batch", dynamic_ncols=True)

@@ -1,0 +1,89 @@
+"""The model registry: model versions, their evaluations, and which one is in production."""
+
+from datetime import datetime, timezone
+
+from sqlalchemy import insert, select, update
+
+from storage.db import engine_for
+from storage.schema import evaluations, model_versions
+
+
+class RegistryError(ValueError):
+    pass
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def register(db_url: str, *, level: str, preset: str, checkpoint_uri: str, config: dict, data_uri: str,
+             train_split: str, epochs: int, steps: int, run_id: str | None = None) -> int:
+    """Record a trained model; registering the same checkpoint again returns its existing version."""
+    with engine_for(db_url).begin() as conn:
+        existing = conn.execute(select(model_versions.c.version).where(model_versions.c.checkpoint_uri == checkpoint_uri)).scalar()
+        if existing is not None:
+            return existing
+        return conn.execute(insert(model_versions).values(
+            level=level, preset=preset, checkpoint_uri=checkpoint_uri, config=config, data_uri=data_uri,
+            train_split=train_split, epochs=epochs, steps=steps, status="trained", run_id=run_id, created_at=_now(),
+        ).returning(model_versions.c.version)).scalar_one()
+
+
+def record_evaluation(db_url: str, version: int, *, split: str, data_uri: str, metrics: dict, videos: int,
+                      seconds: float, plot_uri: str | None) -> int:
+    with engine_for(db_url).begin() as conn:
+        return conn.execute(insert(evaluations).values(
+            model_version=version, split=split, data_uri=data_uri, hit_at_one=metrics["hit_at_one"],
+            perr=metrics["perr"], gap=metrics["gap"], map=metrics["map"], videos=videos, seconds=seconds,
+            plot_uri=plot_uri, evaluated_at=_now(),
+        ).returning(evaluations.c.id)).scalar_one()
+
+
+def version_by_checkpoint(db_url: str, checkpoint_uri: str) -> int | None:
+    with engine_for(db_url).connect() as conn:
+        return conn.execute(select(model_versions.c.version).where(model_versions.c.checkpoint_uri == checkpoint_uri)).scalar()
+
+
+def get_version(db_url: str, version: int) -> dict:
+    with engine_for(db_url).connect() as conn:
+        row = conn.execute(select(model_versions).where(model_versions.c.version == version)).first()
+    if row is None:
+        raise RegistryError(f"model version {version} does not exist")
+    return row._asdict()
+
+
+def production(db_url: str, level: str) -> dict | None:
+    with engine_for(db_url).connect() as conn:
+        row = conn.execute(select(model_versions).where(model_versions.c.level == level,
+                                                        model_versions.c.status == "production")).first()
+    return row._asdict() if row else None
+
+
+def _latest_gap(conn, version: int, split: str) -> float | None:
+    return conn.execute(select(evaluations.c.gap).where(evaluations.c.model_version == version, evaluations.c.split == split)
+                        .order_by(evaluations.c.id.desc()).limit(1)).scalar()
+
+
+def promote_if_better(db_url: str, version: int, split: str = "validate") -> tuple[bool, str]:
+    """Promote `version` to production if its GAP on `split` is at least the production model's."""
+    with engine_for(db_url).begin() as conn:
+        candidate = conn.execute(select(model_versions).where(model_versions.c.version == version).with_for_update()).first()
+        if candidate is None:
+            raise RegistryError(f"model version {version} does not exist")
+        gap = _latest_gap(conn, version, split)
+        if gap is None:
+            raise RegistryError(f"model version {version} has no evaluation on split {split!r}")
+        current = conn.execute(select(model_versions).where(model_versions.c.level == candidate.level,
+                                                            model_versions.c.status == "production").with_for_update()).first()
+        if current is not None and current.version == version:
+            return True, f"version {version} is already in production"
+        current_gap = _latest_gap(conn, current.version, split) if current is not None else None
+        if current is not None and current_gap is not None and gap < current_gap:
+            conn.execute(update(model_versions).where(model_versions.c.version == version).values(status="rejected"))
+            return False, f"version {version} GAP {gap:.4f} < production version {current.version} GAP {current_gap:.4f}"
+        if current is not None:
+            conn.execute(update(model_versions).where(model_versions.c.version == current.version).values(status="archived"))
+        conn.execute(update(model_versions).where(model_versions.c.version == version)
+                     .values(status="production", promoted_at=_now()))
+        before = f"production version {current.version} GAP {current_gap:.4f}" if current is not None and current_gap is not None else "no production model"
+        return True, f"version {version} GAP {gap:.4f} promoted ({before})"

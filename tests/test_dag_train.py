@@ -1,0 +1,41 @@
+"""The yt8m_train DAG end to end with dag.test(): train -> evaluate -> register/promote."""
+
+import pytest
+
+from storage import registry
+from storage.db import engine_for
+from tasks.ingest import ingest
+from tasks.synth import SynthConfig, synth
+
+pytestmark = pytest.mark.airflow
+
+
+def test_train_dag_writes_model_versions_and_evaluations(dagbag, tmp_path, monkeypatch, db_url):
+    if db_url.startswith("postgresql"):
+        monkeypatch.setenv("AIRFLOW_CONN_YT8M_DB", db_url.replace("postgresql+psycopg2://", "postgresql://"))
+    else:
+        monkeypatch.setenv("VTAG_DB_URL", db_url)
+    monkeypatch.setenv("VTAG_MODELS_URI", str(tmp_path / "models"))
+    synth(str(tmp_path / "raw"), SynthConfig("frame", "train", shards=2, videos_per_shard=16, num_labels=10))
+    synth(str(tmp_path / "raw"), SynthConfig("frame", "validate", shards=1, videos_per_shard=12, num_labels=10))
+    parquet = str(tmp_path / "parquet")
+    assert not ingest(str(tmp_path / "raw"), parquet, db_url).failed
+
+    dag = dagbag.get_dag("yt8m_train")
+    conf = {"data": parquet, "preset": "small", "epochs": 2, "batch_size": 8, "max_frames": 30}
+    run = dag.test(run_conf=conf)
+    assert run.state == "success", {ti.task_id: ti.state for ti in run.get_task_instances()}
+
+    from sqlalchemy import text
+
+    with engine_for(db_url).connect() as conn:
+        versions = conn.execute(text("SELECT version, status, checkpoint_uri, epochs, run_id FROM model_versions")).all()
+        evaluations = conn.execute(text("SELECT model_version, split, gap, videos FROM evaluations")).all()
+    assert len(versions) == 1 and versions[0].status == "production" and versions[0].epochs == 2
+    assert versions[0].checkpoint_uri.startswith(str(tmp_path / "models")) and versions[0].run_id == run.run_id
+    assert [(e.model_version, e.split, e.videos) for e in evaluations] == [(versions[0].version, "validate", 12)]
+
+    # A worse model from a later run is registered but does not replace production.
+    second = dag.test(run_conf={**conf, "learning_rate": 1e-7, "epochs": 1})
+    assert second.state == "success"
+    assert registry.production(db_url, "frame")["version"] == versions[0].version  # not better: not promoted

@@ -1,0 +1,84 @@
+"""AttentionLSTM and the video-level MLP: shapes, masking, configs."""
+
+import pytest
+import torch
+
+from model.attention_lstm import AttentionLSTM, build_model, dequantize
+from model.config import Config, ConfigError, load_config
+
+
+def _tiny(**overrides) -> Config:
+    values = {"embedding_size": 8, "lstm_size": 6, "head_sizes": (16, 12), "num_classes": 20, "drop_rate": 0.5}
+    return load_config("small", overrides={**values, **overrides})
+
+
+def test_seed_preset_carries_the_model_card_values():
+    config = load_config("seed")
+    assert (config.embedding_size, config.lstm_size, config.drop_rate, config.num_classes) == (512, 1024, 0.5, 3862)
+    assert (config.max_frames, config.batch_size, config.head_sizes) == (300, 1024, (8192, 4096))
+    assert (config.optimizer, config.learning_rate, config.lr_decay_epochs, config.weight_decay) == ("rmsprop_centered", 1e-3, (5,), 8e-4)
+
+
+def test_seed_architecture_shapes():
+    model = AttentionLSTM(load_config("seed"))
+    assert model.rgb.embed.in_features == 1024 and model.audio.embed.in_features == 128
+    assert model.rgb.lstm.hidden_size == 1024 and model.rgb.lstm.bidirectional
+    assert model.rgb.attention.in_features == 2048
+    linears = [m for m in model.head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(4096, 8192), (8192, 4096), (4096, 3862)]
+
+
+def test_output_shape_and_padding_changes_nothing():
+    torch.manual_seed(0)
+    model = build_model(_tiny()).eval()
+    rgb, audio = torch.randn(3, 12, 1024), torch.randn(3, 12, 128)
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    for i, n in enumerate((12, 5, 1)):
+        mask[i, :n] = True
+    logits = model(rgb, audio, mask)
+    assert logits.shape == (3, 20)
+
+    garbage_rgb, garbage_audio = rgb.clone(), audio.clone()
+    garbage_rgb[~mask] = 123.0
+    garbage_audio[~mask] = -7.0
+    assert torch.allclose(model(garbage_rgb, garbage_audio, mask), logits, atol=1e-6)
+    # The same video alone, without any padding, scores the same.
+    alone = model(rgb[1:2, :5], audio[1:2, :5], mask[1:2, :5])
+    assert torch.allclose(alone, logits[1:2], atol=1e-5)
+    longer = model(torch.cat([rgb, torch.zeros(3, 8, 1024)], 1), torch.cat([audio, torch.zeros(3, 8, 128)], 1),
+                   torch.cat([mask, torch.zeros(3, 8, dtype=torch.bool)], 1))
+    assert torch.allclose(longer, logits, atol=1e-5)
+
+
+def test_video_level_mlp_shapes():
+    model = build_model(load_config("video", "video", overrides={"hidden_size": 32, "num_classes": 20})).eval()
+    assert model(torch.randn(4, 1024), torch.randn(4, 128)).shape == (4, 20)
+
+
+def test_dequantize_matches_reference():
+    q = torch.tensor([0, 128, 255], dtype=torch.uint8)
+    assert torch.allclose(dequantize(q), q.double().mul(4 / 255).add(4 / 512 - 2).float())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"epochs": -1}, "epochs must be a positive integer"),
+    ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+    ({"max_frames": 301}, "max_frames must be at most 300"),
+    ({"drop_rate": 1.0}, "drop_rate must be in"),
+])
+def test_bad_config_values_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("small", overrides=overrides)
+
+
+def test_unknown_preset_and_level_mismatch():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        load_config("huge")
+    with pytest.raises(ConfigError, match="is for level 'frame', not 'video'"):
+        load_config("small", "video")
+
+
+def test_default_preset_depends_on_level_and_device():
+    assert load_config(None, "frame", cuda=True).preset == "seed"
+    assert load_config(None, "frame", cuda=False).preset == "small"
+    assert load_config(None, "video").preset == "video"

@@ -1,0 +1,140 @@
+"""Training, checkpoints, evaluation and the registry on real Parquet written by ingest."""
+
+import json
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from model import checkpoint
+from model.checkpoint import CheckpointError
+from model.config import load_config
+from model.data import DataError, ParquetBatches, find_row_groups
+from model.train import train
+from storage import registry
+from tasks.ingest import ingest
+from tasks.synth import SynthConfig, synth
+from tasks.training import evaluate_model, promote, train_model
+from tests.conftest import BIN
+
+TINY = {"embedding_size": 8, "lstm_size": 8, "head_sizes": [16, 16], "batch_size": 8, "max_frames": 20,
+        "num_workers": 0, "epochs": 2, "learning_rate": 1e-2, "lr_decay_epochs": []}
+
+
+@pytest.fixture(scope="session")
+def parquet(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("training-data")
+    synth(str(root / "raw"), SynthConfig("frame", "train", shards=2, videos_per_shard=24, num_labels=10, seed=1))
+    synth(str(root / "raw"), SynthConfig("frame", "validate", shards=1, videos_per_shard=16, num_labels=10, seed=1))
+    synth(str(root / "raw-video"), SynthConfig("video", "train", shards=1, videos_per_shard=64, num_labels=10, seed=1))
+    synth(str(root / "raw-video"), SynthConfig("video", "validate", shards=1, videos_per_shard=32, num_labels=10, seed=1))
+    for raw in ("raw", "raw-video"):
+        assert not ingest(str(root / raw), str(root / "parquet"), f"sqlite:///{root / 'ingest.db'}").failed
+    return str(root / "parquet")
+
+
+def _tiny(**overrides):
+    return load_config("small", overrides={**TINY, **overrides})
+
+
+def test_batches_are_padded_masked_and_deterministic(parquet):
+    groups = find_row_groups(parquet, "frame", "train")
+    batches = list(ParquetBatches(groups, "frame", 8, 3862, max_frames=20, seed=3, epoch=1, workers=2))
+    again = list(ParquetBatches(groups, "frame", 8, 3862, max_frames=20, seed=3, epoch=1, workers=2))
+    assert [b["ids"] for b in batches] == [b["ids"] for b in again]
+    assert len({i for b in batches for i in b["ids"]}) == 48  # every video once an epoch
+    other_epoch = list(ParquetBatches(groups, "frame", 8, 3862, max_frames=20, seed=3, epoch=2, workers=2))
+    assert [b["ids"] for b in other_epoch] != [b["ids"] for b in batches]
+    batch = batches[0]
+    assert batch["rgb"].dtype == torch.uint8 and batch["rgb"].shape[2] == 1024 and batch["rgb"].shape[1] <= 20
+    assert batch["audio"].shape[:2] == batch["mask"].shape and batch["labels"].shape == (8, 3862)
+    assert (batch["rgb"][~batch["mask"]] == 0).all() and batch["labels"].sum(1).min() >= 1
+    skipped = list(ParquetBatches(groups, "frame", 8, 3862, max_frames=20, seed=3, epoch=1, workers=2, skip_batches=3))
+    assert [b["ids"] for b in skipped] == [b["ids"] for b in batches[3:]]
+
+
+def test_a_few_steps_reduce_the_loss(parquet, tmp_path):
+    result = train(_tiny(epochs=6), parquet, str(tmp_path / "run"), progress=False)
+    losses = result.history["epoch_loss"]
+    assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == [f"epoch-{e:03d}.pt" for e in range(1, 7)] + ["last.pt"]
+
+
+def test_resumed_run_takes_the_same_next_step(parquet, tmp_path):
+    config = _tiny(epochs=3)
+    train(config, parquet, str(tmp_path / "interrupted"), progress=False, max_steps=4)  # stops mid-epoch 1
+    state = checkpoint.load(str(tmp_path / "interrupted" / "last.pt"))
+    assert (state["epoch"], state["batches_done"], state["step"]) == (0, 4, 4)
+    train(config, parquet, str(tmp_path / "interrupted"), progress=False, max_steps=9)  # continues from step 4
+    train(config, parquet, str(tmp_path / "straight"), progress=False, max_steps=9)
+    resumed = checkpoint.load(str(tmp_path / "interrupted" / "last.pt"))["model"]
+    straight = checkpoint.load(str(tmp_path / "straight" / "last.pt"))["model"]
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert checkpoint.load(str(tmp_path / "interrupted" / "last.pt"))["step"] == 9
+
+
+def test_fine_tuning_starts_from_the_weights(parquet, tmp_path):
+    first = train(_tiny(epochs=1), parquet, str(tmp_path / "a"), progress=False)
+    tuned = train(_tiny(epochs=1), parquet, str(tmp_path / "b"), progress=False, resume=first.checkpoint_uri)
+    assert tuned.history["step_loss"][0] < first.history["step_loss"][0]
+
+
+def test_bad_inputs_fail_before_training(parquet, tmp_path):
+    run = train(_tiny(epochs=1), parquet, str(tmp_path / "a"), progress=False)
+    with pytest.raises(CheckpointError, match="another architecture"):
+        train(_tiny(lstm_size=12), parquet, str(tmp_path / "b"), resume=run.checkpoint_uri, progress=False)
+    with pytest.raises(DataError, match="cannot read split 'test': no such folder"):
+        train(_tiny(), parquet, str(tmp_path / "c"), split="test", progress=False)
+    with pytest.raises(DataError, match="the split is empty"):
+        train(_tiny(), parquet, str(tmp_path / "c"), pattern="nothing-matches*", progress=False)
+    bad = tmp_path / "bad" / "frame" / "train"
+    bad.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["x"], "rgb": [b"\x00"]}), bad / "train0000.parquet")
+    with pytest.raises(DataError, match="not the frame-level layout"):
+        train(_tiny(), str(tmp_path / "bad"), str(tmp_path / "d"), progress=False)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a vtag checkpoint"):
+        checkpoint.load(str(tmp_path / "junk.pt"))
+
+
+def test_train_evaluate_register_promote(parquet, tmp_path, db_url):
+    trained = train_model(parquet, str(tmp_path / "v1"), "frame", db_url, preset="small", overrides=TINY, progress=False)
+    evaluation = evaluate_model(trained["checkpoint_uri"], parquet, db_url)
+    assert evaluation["videos"] == 16 and set(evaluation) >= {"hit_at_one", "perr", "gap", "map", "plot_uri"}
+    assert 0.0 <= evaluation["gap"] <= 1.0 and (tmp_path / "v1" / "eval-validate.png").is_file()
+    assert promote(db_url, trained["version"])["promoted"]
+    assert registry.production(db_url, "frame")["version"] == trained["version"]
+
+    worse = train_model(parquet, str(tmp_path / "v2"), "frame", db_url, preset="small",
+                        overrides={**TINY, "epochs": 1, "learning_rate": 1e-6}, progress=False)
+    worse_eval = evaluate_model(worse["checkpoint_uri"], parquet, db_url)
+    assert worse_eval["gap"] < evaluation["gap"]
+    outcome = promote(db_url, worse["version"])
+    assert not outcome["promoted"] and "<" in outcome["reason"]
+    assert registry.production(db_url, "frame")["version"] == trained["version"]
+    assert registry.get_version(db_url, worse["version"])["status"] == "rejected"
+
+
+def test_video_level_model_learns(parquet, tmp_path, sqlite_url):
+    trained = train_model(parquet, str(tmp_path / "video"), "video", sqlite_url,
+                          overrides={"hidden_size": 64, "epochs": 15, "batch_size": 16, "num_workers": 0}, progress=False)
+    assert evaluate_model(trained["checkpoint_uri"], parquet, sqlite_url)["gap"] > 0.5
+
+
+def test_cli_train_and_evaluate_json(parquet, tmp_path, sqlite_url):
+    vtag = str(BIN / "vtag")
+    train_cmd = [vtag, "train", "--data", parquet, "--level", "frame", "--preset", "small", "--epochs", "1",
+                 "--batch-size", "8", "--max-frames", "20", "--workers", "0", "--out", str(tmp_path / "m"), "--db", sqlite_url]
+    result = subprocess.run(train_cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "model version 1" in result.stdout
+    result = subprocess.run([vtag, "evaluate", "--checkpoint", str(tmp_path / "m" / "last.pt"), "--data", parquet,
+                             "--db", sqlite_url, "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout.strip().splitlines()[-1])) == {"hit_at_one", "perr", "gap", "map"}
+    bad = subprocess.run(train_cmd[:-4] + ["--epochs", "-2", "--out", str(tmp_path / "n"), "--db", sqlite_url],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "epochs must be a positive integer" in bad.stderr and "Traceback" not in bad.stderr
