@@ -12,8 +12,10 @@ export PATH := $(BIN):$(PATH)
 
 RAW := $(VTAG_HOME)/store/raw
 PARQUET := $(VTAG_HOME)/store/parquet
+INGEST_CONF := {"src": "$(RAW)", "dest": "$(PARQUET)"}
+TRAIN_CONF := {"data": "$(PARQUET)", "level": "frame", "preset": "small", "max_frames": 100}
 
-.PHONY: install demo test airflow-db bench constraints clean
+.PHONY: install demo test airflow-db bench real-video constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,22 +28,41 @@ install: $(VENV)/.installed
 airflow-db: install
 	airflow db migrate > $(VTAG_HOME)/airflow-migrate.log 2>&1 || (cat $(VTAG_HOME)/airflow-migrate.log; exit 1)
 
-# Main job on the embedded defaults: synthetic shards -> the yt8m_ingest DAG -> Parquet + manifest.
+# Main job on the embedded defaults: synthetic shards -> yt8m_ingest -> yt8m_train (train, evaluate,
+# promote) through Airflow, then the registry. The small preset runs on a CPU in a few minutes.
 demo: install
 	mkdir -p $(VTAG_HOME)
-	vtag synth --out $(RAW) --level frame --split train --shards 4 --videos-per-shard 64
-	vtag synth --out $(RAW) --level frame --split validate --shards 1 --videos-per-shard 64
+	vtag synth --out $(RAW) --level frame --split train --shards 8 --videos-per-shard 128 > /dev/null
+	vtag synth --out $(RAW) --level frame --split validate --shards 1 --videos-per-shard 256 > /dev/null
 	$(MAKE) --no-print-directory airflow-db
-	airflow dags test yt8m_ingest -c '{"src": "$(RAW)", "dest": "$(PARQUET)"}' > $(VTAG_HOME)/ingest-run.log 2>&1 \
-		|| (tail -50 $(VTAG_HOME)/ingest-run.log; exit 1)
-	@grep -E "shards to convert|DagRun Finished" $(VTAG_HOME)/ingest-run.log || true
+	$(call airflow_run,yt8m_ingest,$(INGEST_CONF))
 	vtag manifest --dest $(PARQUET)
+	$(call airflow_run,yt8m_train,$(TRAIN_CONF))
+	vtag models
+
+# $(call airflow_run,DAG_ID,CONF): one DAG run in-process, its log kept under $(VTAG_HOME).
+define airflow_run
+	@echo "airflow dags test $(1) (log: $(VTAG_HOME)/$(1).log)"
+	@airflow dags test $(1) -c '$(2)' > $(VTAG_HOME)/$(1).log 2>&1 || (tail -40 $(VTAG_HOME)/$(1).log; exit 1)
+	@grep -E "DagRun Finished" $(VTAG_HOME)/$(1).log | sed -E 's/.*(dag_id=[^,]+).*(state=[a-z]+).*/\1 \2/'
+endef
 
 test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python -m benchmarks.ingest_throughput
+	$(BIN)/python -m benchmarks.parquet_layout
+	$(BIN)/python -m benchmarks.train_throughput
+
+# The video-level model on the real shards in ../shared: train on validate0000-0029, evaluate on 0030-0039.
+REAL := $(VTAG_HOME)/real
+real-video: install
+	vtag ingest --src $(CURDIR)/../shared/yt8m/video_level --dest $(REAL)/parquet --db sqlite:///$(REAL)/vtag.db
+	vtag train --data $(REAL)/parquet --level video --split validate --pattern 'validate00[0-2]?.parquet' \
+		--out $(REAL)/models/video-mlp --db sqlite:///$(REAL)/vtag.db
+	vtag evaluate --checkpoint $(REAL)/models/video-mlp/last.pt --data $(REAL)/parquet --split validate \
+		--pattern 'validate003?.parquet' --db sqlite:///$(REAL)/vtag.db
 
 constraints:
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -iE '^(torch|vtag)[=@ ]'; } > constraints.tmp

@@ -9,6 +9,7 @@ from storage.objectstore import S3Config, join, store_for
 
 FORMAT = "vtag-checkpoint-1"
 LAST = "last.pt"
+KEEP_EPOCHS = 3  # epoch checkpoints kept besides last.pt (a seed-size one is ~1 GB with its optimizer)
 
 
 class CheckpointError(ValueError):
@@ -56,3 +57,10 @@ def check_architecture(state: dict, config: Config, uri: str) -> None:
 def latest(out_uri: str, s3: S3Config | None = None) -> str | None:
     uri = join(out_uri, LAST)
     return uri if store_for(uri, s3).exists(uri) else None
+
+
+def prune(out_uri: str, newest_epoch: int, s3: S3Config | None = None) -> None:
+    """Delete the epoch checkpoint that fell out of the KEEP_EPOCHS most recent."""
+    if newest_epoch > KEEP_EPOCHS:
+        old = epoch_uri(out_uri, newest_epoch - KEEP_EPOCHS)
+        store_for(old, s3).delete(old)

@@ -141,6 +141,7 @@ def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", 
             return ""
         if uri_epoch is not None:
             checkpoint.save(checkpoint.epoch_uri(out_uri, uri_epoch), snapshot, s3)
+            checkpoint.prune(out_uri, uri_epoch, s3)
         _plot_losses(history, out_uri, s3)
         return checkpoint.save(join(out_uri, checkpoint.LAST), snapshot, s3)
 

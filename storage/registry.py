@@ -2,7 +2,7 @@
 
 from datetime import datetime, timezone
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 
 from storage.db import engine_for
 from storage.schema import evaluations, model_versions
@@ -87,3 +87,17 @@ def promote_if_better(db_url: str, version: int, split: str = "validate") -> tup
                      .values(status="production", promoted_at=_now()))
         before = f"production version {current.version} GAP {current_gap:.4f}" if current is not None and current_gap is not None else "no production model"
         return True, f"version {version} GAP {gap:.4f} promoted ({before})"
+
+
+def versions_with_latest_evaluation(db_url: str) -> list[dict]:
+    """Every model version with its most recent evaluation (if any), newest version first."""
+    latest = (select(evaluations.c.model_version, func.max(evaluations.c.id).label("id"))
+              .group_by(evaluations.c.model_version).subquery())
+    query = (select(model_versions.c.version, model_versions.c.level, model_versions.c.preset, model_versions.c.status,
+                    model_versions.c.epochs, evaluations.c.split, evaluations.c.videos, evaluations.c.gap,
+                    evaluations.c.hit_at_one, evaluations.c.perr, evaluations.c.map, model_versions.c.checkpoint_uri)
+             .select_from(model_versions.outerjoin(latest, latest.c.model_version == model_versions.c.version)
+                          .outerjoin(evaluations, evaluations.c.id == latest.c.id))
+             .order_by(model_versions.c.version.desc()))
+    with engine_for(db_url).connect() as conn:
+        return [row._asdict() for row in conn.execute(query)]

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="end with one JSON line: hit_at_one, perr, gap, map")
     _db_arg(p)
 
+    p = sub.add_parser("models", help="list model versions with their latest evaluation")
+    _db_arg(p)
+
     p = sub.add_parser("manifest", help="show the ingest manifest")
     p.add_argument("--dest", default=None, metavar="URI", help="only shards ingested to this destination")
     _db_arg(p)
@@ -117,6 +120,8 @@ def _train(args) -> int:
     result = train_model(args.data or settings.default_parquet_uri(), args.out, args.level, args.db, preset=args.preset,
                          overrides=overrides, split=args.split, pattern=args.pattern, resume=args.resume,
                          checkpoint_every=args.checkpoint_every, progress=sys.stderr.isatty())
+    if result["version"] is None:  # another rank than 0 under torchrun: rank 0 reports
+        return 0
     print(f"model version {result['version']}: {result['checkpoint_uri']} ({result['epochs']} epochs, "
           f"{result['steps']} steps, {result['videos_per_second']:.1f} videos/s)")
     return 0
@@ -137,6 +142,19 @@ def _evaluate(args) -> int:
         print(promote(args.db, result["version"], args.split)["reason"])
     if args.json:
         print(json.dumps(metrics))
+    return 0
+
+
+def _models(args) -> int:
+    from storage import db, registry
+
+    db.upgrade(args.db)
+    rows = registry.versions_with_latest_evaluation(args.db)
+    for row in rows:
+        for key in ("gap", "hit_at_one", "perr", "map"):
+            row[key] = None if row[key] is None else f"{row[key]:.4f}"
+    _print_table(rows, ["version", "level", "preset", "status", "epochs", "split", "videos", "gap", "hit_at_one",
+                        "perr", "map", "checkpoint_uri"])
     return 0
 
 
@@ -176,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if hasattr(args, "db"):
         args.db = args.db or settings.default_db_url()
-    handler = {"synth": _synth, "ingest": _ingest, "train": _train, "evaluate": _evaluate, "manifest": _manifest,
+    handler = {"synth": _synth, "ingest": _ingest, "train": _train, "evaluate": _evaluate, "models": _models, "manifest": _manifest,
                "db": _db}[args.command]
     try:
         return handler(args)

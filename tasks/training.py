@@ -22,6 +22,8 @@ def train_model(data_uri: str, out_uri: str, level: str, db_url: str, *, preset:
     db.upgrade(db_url)
     result = train(config, data_uri, out_uri, split=split, pattern=pattern, resume=resume, s3=s3,
                    checkpoint_every=checkpoint_every, progress=progress)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return {"version": None, "checkpoint_uri": result.checkpoint_uri, "rank": torch.distributed.get_rank()}
     version = registry.register(db_url, level=config.level, preset=config.preset, checkpoint_uri=result.checkpoint_uri,
                                 config=config.to_dict(), data_uri=data_uri, train_split=split, epochs=result.epochs,
                                 steps=result.steps, run_id=run_id)
