@@ -1,6 +1,7 @@
 """Train, evaluate and promote: the work of the yt8m_train DAG's tasks and of `vtag train|evaluate`."""
 
 import logging
+import os
 
 from storage import db, registry
 from storage.objectstore import S3Config, join
@@ -19,7 +20,8 @@ def train_model(data_uri: str, out_uri: str, level: str, db_url: str, *, preset:
     from model.train import train
 
     config = load_config(preset, level, overrides, cuda=torch.cuda.is_available())
-    db.upgrade(db_url)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone talks to the database
+        db.upgrade(db_url)
     result = train(config, data_uri, out_uri, split=split, pattern=pattern, resume=resume, s3=s3,
                    checkpoint_every=checkpoint_every, progress=progress)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
