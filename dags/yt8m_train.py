@@ -35,6 +35,8 @@ def _optional(kind: str, title: str, **limits) -> Param:
         "max_frames": _optional("integer", "Max frames", minimum=1, maximum=300),
         "resume_checkpoint": Param("", type="string", title="Resume from checkpoint",
                                    description="Start from this checkpoint's weights (fine-tuning)."),
+        "checkpoint_every": Param(1000, type="integer", minimum=0, title="Checkpoint every N steps",
+                                  description="Besides every epoch; 0: epochs only. A crash loses at most this much."),
         "train_split": Param("train", enum=["train", "validate", "test"], title="Train on split"),
         "train_pattern": Param("*.parquet", type="string", minLength=1, title="Train file pattern"),
         "eval_split": Param("validate", enum=["train", "validate", "test"], title="Evaluate on split"),
@@ -57,7 +59,7 @@ def yt8m_train():
         result = train_model(data, out, params["level"], cfg.db_url(), preset=params["preset"] or None,
                              overrides=overrides, split=params["train_split"], pattern=params["train_pattern"],
                              resume=params["resume_checkpoint"] or None, s3=cfg.s3_config(), run_id=run_id,
-                             progress=False)
+                             checkpoint_every=params["checkpoint_every"], progress=False)
         return {**result, "data": data}
 
     @task

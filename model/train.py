@@ -176,9 +176,13 @@ def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", 
                 raise FloatingPointError(f"loss became {per_video} at step {step}: lower the learning rate")
             history["step_loss"].append(per_video)
             epoch_losses.append(per_video)
+            rate = seen / (time.perf_counter() - started)
             if bar is not None:
-                bar.set_postfix(loss=f"{per_video:.3f}", videos_s=f"{seen / (time.perf_counter() - started):.0f}")
+                bar.set_postfix(loss=f"{per_video:.3f}", videos_s=f"{rate:.0f}")
                 bar.update(1)
+            elif rank == 0 and len(epoch_losses) % max(1, len(dataset) // 10) == 0:  # logs (Airflow): ~10 lines an epoch
+                log.info("epoch %d/%d: %d/%d batches, loss %.3f per video, %.0f videos/s", epoch + 1, config.epochs,
+                         len(epoch_losses), len(dataset), per_video, rate * world)
             if checkpoint_every and step % checkpoint_every == 0:
                 last_uri = save(None)
             if max_steps is not None and step >= max_steps:
