@@ -14,6 +14,8 @@ RAW := $(VTAG_HOME)/store/raw
 PARQUET := $(VTAG_HOME)/store/parquet
 INGEST_CONF := {"src": "$(RAW)", "dest": "$(PARQUET)"}
 TRAIN_CONF := {"data": "$(PARQUET)", "level": "frame", "preset": "small", "max_frames": 100}
+INFER_CONF := {"top_k": 20}
+VOCABULARY ?= $(CURDIR)/../shared/yt8m/vocabulary.csv
 
 .PHONY: install demo test airflow-db bench real-video constraints clean
 
@@ -29,7 +31,8 @@ airflow-db: install
 	airflow db migrate > $(VTAG_HOME)/airflow-migrate.log 2>&1 || (cat $(VTAG_HOME)/airflow-migrate.log; exit 1)
 
 # Main job on the embedded defaults: synthetic shards -> yt8m_ingest -> yt8m_train (train, evaluate,
-# promote) through Airflow, then the registry. The small preset runs on a CPU in a few minutes.
+# promote) -> yt8m_nightly_inference through Airflow, then a few tagged videos from the database.
+# The small preset runs on a CPU in a few minutes.
 demo: install
 	mkdir -p $(VTAG_HOME)
 	vtag synth --out $(RAW) --level frame --split train --shards 8 --videos-per-shard 128 > /dev/null
@@ -39,6 +42,10 @@ demo: install
 	vtag manifest --dest $(PARQUET)
 	$(call airflow_run,yt8m_train,$(TRAIN_CONF))
 	vtag models
+	@if [ -f "$(VOCABULARY)" ]; then vtag vocabulary $(VOCABULARY); else echo "no $(VOCABULARY): labels stay unnamed"; fi
+	$(call airflow_run,yt8m_nightly_inference,$(INFER_CONF))
+	vtag query runs limit=3
+	vtag query tagged_videos limit=12
 
 # $(call airflow_run,DAG_ID,CONF): one DAG run in-process, its log kept under $(VTAG_HOME).
 define airflow_run

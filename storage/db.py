@@ -1,5 +1,6 @@
 """Database access: engines for SQLite (embedded default) and PostgreSQL, and Alembic migrations."""
 
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -54,16 +55,27 @@ def _alembic_config(engine: Engine):
     return config
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    from alembic import command
+_migrating = threading.Lock()  # Alembic's context is process-global: one migration at a time
 
-    command.upgrade(_alembic_config(engine_for(url)), revision)
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate to `revision`; a database already there costs one query. Concurrent callers are safe:
+    one thread at a time here, and on PostgreSQL an advisory lock in env.py across processes."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    config = _alembic_config(engine_for(url))
+    if revision == "head" and current_revision(url) == ScriptDirectory.from_config(config).get_current_head():
+        return
+    with _migrating:
+        command.upgrade(config, revision)
 
 
 def downgrade(url: str, revision: str) -> None:
     from alembic import command
 
-    command.downgrade(_alembic_config(engine_for(url)), revision)
+    with _migrating:
+        command.downgrade(_alembic_config(engine_for(url)), revision)
 
 
 def current_revision(url: str) -> str | None:

@@ -1,7 +1,8 @@
 """The project's tables as SQLAlchemy Core metadata. Migrations in sql/migrations create them."""
 
 from sqlalchemy import (
-    JSON, BigInteger, Column, DateTime, Float, ForeignKey, Integer, MetaData, String, Table, Text, UniqueConstraint,
+    JSON, BigInteger, Column, DateTime, Float, ForeignKey, Integer, MetaData, SmallInteger, String, Table, Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -61,4 +62,64 @@ evaluations = Table(
     Column("plot_uri", String(1024)),
     Column("seconds", Float, nullable=False),
     Column("evaluated_at", DateTime(timezone=True), nullable=False),
+)
+
+labels = Table(
+    "labels",
+    metadata,
+    Column("label_id", Integer, primary_key=True, autoincrement=False),
+    Column("name", Text, nullable=False),
+    Column("knowledge_graph_id", String(64)),
+    Column("train_video_count", Integer),
+    Column("vertical1", Text),
+    Column("vertical2", Text),
+    Column("vertical3", Text),
+    Column("wiki_url", Text),
+)
+
+videos = Table(
+    "videos",
+    metadata,
+    Column("video_id", String(32), primary_key=True),
+    Column("split", String(16), nullable=False),
+    Column("level", String(8), nullable=False),
+    Column("source_uri", String(1024), nullable=False),
+    Column("parquet_uri", String(1024), nullable=False),
+    Column("ingested_at", DateTime(timezone=True), nullable=False),
+)
+
+video_labels = Table(
+    "video_labels",
+    metadata,
+    Column("video_id", String(32), ForeignKey("videos.video_id", ondelete="CASCADE"), primary_key=True),
+    Column("label_id", Integer, primary_key=True),
+)
+
+inference_runs = Table(
+    "inference_runs",
+    metadata,
+    Column("run_id", Integer, primary_key=True, autoincrement=True),
+    Column("logical_date", DateTime(timezone=True), nullable=False),
+    Column("model_version", Integer, ForeignKey("model_versions.version"), nullable=False),
+    Column("top_k", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("videos_total", Integer, nullable=False),
+    Column("videos_done", Integer, nullable=False),
+    Column("rows_written", BigInteger, nullable=False),
+    Column("error", Text),
+    Column("airflow_run_id", String(256)),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    UniqueConstraint("logical_date", "model_version", name="uq_inference_runs_date_model"),
+)
+
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("video_id", String(32), primary_key=True),  # no foreign keys: see migration 0003
+    Column("model_version", Integer, primary_key=True),
+    Column("rank", SmallInteger, primary_key=True),
+    Column("label_id", Integer, nullable=False),
+    Column("score", Float, nullable=False),
+    Column("run_id", Integer, nullable=False),
 )

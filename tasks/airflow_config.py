@@ -60,3 +60,7 @@ def parquet_uri(param: str | None) -> str:
 
 def models_uri() -> str:
     return variable("yt8m_models_uri", settings.default_models_uri())
+
+
+def exports_uri() -> str:
+    return variable("yt8m_exports_uri", settings.default_exports_uri())

@@ -63,6 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="end with one JSON line: hit_at_one, perr, gap, map")
     _db_arg(p)
 
+    p = sub.add_parser("infer", help="score videos and write each one's top-k labels to the database")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", metavar="URI", help="score with this checkpoint")
+    which.add_argument("--production", action="store_true", help="score with the production model")
+    which.add_argument("--model-version", type=int, metavar="N", help="score with this registered version")
+    p.add_argument("--data", default=None, metavar="URI",
+                   help="accepted for symmetry with train/evaluate; videos are found through the catalogue ingest fills")
+    p.add_argument("--level", choices=["frame", "video"], default="frame", help="with --production (default frame)")
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--logical-date", default=None, metavar="ISO", help="score what was ingested up to then (default: now)")
+    p.add_argument("--video", action="append", metavar="ID", help="(re)score this video (repeatable)")
+    p.add_argument("--shard-pattern", metavar="GLOB", help="only videos from Parquet files matching this glob")
+    p.add_argument("--dry-run", action="store_true", help="count what would be scored, write nothing")
+    p.add_argument("--exports", metavar="URI", help="folder for the CSV and pickle exports")
+    _db_arg(p)
+
+    p = sub.add_parser("query", help="run a query from sql/queries and print a table")
+    p.add_argument("name", nargs="?", help="query name; without it, list the queries")
+    p.add_argument("params", nargs="*", metavar="NAME=VALUE")
+    _db_arg(p)
+
+    p = sub.add_parser("vocabulary", help="load the YouTube-8M label vocabulary (vocabulary.csv) into the database")
+    p.add_argument("csv", metavar="URI", help="path or URI of vocabulary.csv")
+    _db_arg(p)
+
     p = sub.add_parser("models", help="list model versions with their latest evaluation")
     _db_arg(p)
 
@@ -145,6 +170,57 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _infer(args) -> int:
+    from datetime import datetime, timezone
+
+    from tasks.inference import run_inference
+
+    when = datetime.fromisoformat(args.logical_date) if args.logical_date else datetime.now(timezone.utc)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    report = run_inference(args.db, when, top_k=args.top_k, level=args.level, model_version=args.model_version,
+                           checkpoint_uri=args.checkpoint, video_ids=args.video, shard_pattern=args.shard_pattern,
+                           dry_run=args.dry_run, exports_uri=args.exports, progress=sys.stderr.isatty())
+    if args.dry_run:
+        print(f"dry run: model version {report.model_version} would score {report.videos} videos")
+        return 0
+    print(f"run {report.run_id}: model version {report.model_version} scored {report.videos} videos, "
+          f"{report.rows_written} rows written")
+    for uri in report.exports:
+        print(f"export: {uri}")
+    return 0
+
+
+def _query(args) -> int:
+    from tasks import queries
+
+    if not args.name:
+        for name in queries.available():
+            header, params = queries.describe(name)
+            print(f"{name}: {header}")
+        return 0
+    params = {}
+    for item in args.params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise queries.QueryError(f"parameters are NAME=VALUE, not {item!r}")
+        params[key] = value
+    from storage import db
+
+    db.upgrade(args.db)
+    columns, rows = queries.run(args.db, args.name, params)
+    _print_table([dict(zip(columns, row)) for row in rows], columns)
+    return 0
+
+
+def _vocabulary(args) -> int:
+    from storage import catalog, db
+
+    db.upgrade(args.db)
+    print(f"{catalog.load_vocabulary(args.db, args.csv)} labels loaded from {args.csv}")
+    return 0
+
+
 def _models(args) -> int:
     from storage import db, registry
 
@@ -194,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if hasattr(args, "db"):
         args.db = args.db or settings.default_db_url()
-    handler = {"synth": _synth, "ingest": _ingest, "train": _train, "evaluate": _evaluate, "models": _models, "manifest": _manifest,
+    handler = {"synth": _synth, "ingest": _ingest, "train": _train, "evaluate": _evaluate, "infer": _infer, "query": _query, "vocabulary": _vocabulary,
+               "models": _models, "manifest": _manifest,
                "db": _db}[args.command]
     try:
         return handler(args)

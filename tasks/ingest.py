@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import google_crc32c
 
-from storage import db, manifest
+from storage import catalog, db, manifest
 from storage.manifest import ShardFailure
 from storage.objectstore import ObjectInfo, S3Config, StoreError, store_for
 from storage.parquet_layout import LayoutError, ShardParquetWriter, output_uri, split_of
@@ -74,7 +74,9 @@ def convert_shard(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None
     """Convert one shard; record the outcome in the manifest. Raises ShardFailedError for bad content."""
     manifest.mark_running(db_url, shard, dest)
     try:
-        result = _convert(shard, dest, s3)
+        result, ids, labels = _convert(shard, dest, s3)
+        catalog.record_videos(db_url, ids, labels, split=result["split"], level=result["level"], source_uri=shard.uri,
+                              parquet_uri=result["output_uri"])
     except BadRecordError as exc:
         _remove_stale_outputs(shard, dest, s3)
         manifest.mark_failed(db_url, shard, dest, ShardFailure(str(exc), exc.index, exc.offset))
@@ -97,8 +99,10 @@ def _remove_stale_outputs(shard: ObjectInfo, dest: str, s3: S3Config | None) -> 
         store_for(out, s3).delete(out)
 
 
-def _convert(shard: ObjectInfo, dest: str, s3: S3Config | None) -> dict:
+def _convert(shard: ObjectInfo, dest: str, s3: S3Config | None) -> tuple[dict, list[str], list[list[int]]]:
+    """Convert one shard; return the manifest fields and the ids and labels of its videos."""
     split = split_of(shard.name)
+    ids, labels = [], []
     require_labels = split != "test"  # Google's test split carries no labels
     with store_for(shard.uri, s3).open_read(shard.uri) as raw:
         stream = _Crc32cReader(raw)
@@ -117,15 +121,19 @@ def _convert(shard: ObjectInfo, dest: str, s3: S3Config | None) -> dict:
             try:
                 for record in itertools.chain([first], records):
                     try:
-                        writer.add(decode(record.data, require_labels))
+                        video = decode(record.data, require_labels)
                     except RecordDecodeError as exc:
                         raise BadRecordError(shard.uri, record.index, record.offset, str(exc)) from None
+                    writer.add(video)
+                    ids.append(video.id)
+                    labels.append(video.labels)
             finally:
                 writer.close()
-    return {
+    result = {
         "source_uri": shard.uri, "output_uri": out, "level": level, "split": split,
         "rows": writer.rows_written, "checksum": f"crc32c:{stream.crc:08x}",
     }
+    return result, ids, labels
 
 
 def ingest(src: str, dest: str, db_url: str, pattern: str = DEFAULT_PATTERN, force: bool = False,

@@ -29,3 +29,8 @@ def default_parquet_uri() -> str:
 def default_models_uri() -> str:
     """Where training writes checkpoints, one folder per run."""
     return os.environ.get("VTAG_MODELS_URI") or str(vtag_home() / "store" / "models")
+
+
+def default_exports_uri() -> str:
+    """Where nightly inference writes Google's CSV and the seed's pickle, a folder per logical date."""
+    return os.environ.get("VTAG_EXPORTS_URI") or str(vtag_home() / "store" / "exports")

@@ -38,25 +38,32 @@ def train_model(data_uri: str, out_uri: str, level: str, db_url: str, *, preset:
 def evaluate_model(checkpoint_uri: str, data_uri: str, db_url: str, *, split: str = "validate",
                    pattern: str = "*.parquet", s3: S3Config | None = None) -> dict:
     """Score a checkpoint, write an `evaluations` row and a plot beside the checkpoint."""
-    from model import checkpoint
     from model.evaluate import evaluate, plot
 
     db.upgrade(db_url)
     evaluation = evaluate(checkpoint_uri, data_uri, split, pattern, s3)
-    version = registry.version_by_checkpoint(db_url, checkpoint_uri)
-    if version is None:  # a checkpoint trained elsewhere: register it so its evaluation has a version
-        state = checkpoint.load(checkpoint_uri, s3)
-        config = checkpoint.config_of(state, checkpoint_uri)
-        data = state.get("data", {})
-        version = registry.register(db_url, level=config.level, preset=config.preset, checkpoint_uri=checkpoint_uri,
-                                    config=config.to_dict(), data_uri=data.get("uri", ""), train_split=data.get("split", ""),
-                                    epochs=state.get("epoch", 0), steps=state.get("step", 0))
+    version = ensure_registered(db_url, checkpoint_uri, s3)
     plot_uri = plot(evaluation, f"model version {version} on {split}",
                     join(checkpoint_uri.rsplit("/", 1)[0], f"eval-{split}.png"), s3)
     registry.record_evaluation(db_url, version, split=split, data_uri=data_uri, metrics=evaluation.metrics,
                                videos=evaluation.videos, seconds=evaluation.seconds, plot_uri=plot_uri)
     return {**evaluation.metrics, "videos": evaluation.videos, "version": version, "plot_uri": plot_uri,
             "split": split}
+
+
+def ensure_registered(db_url: str, checkpoint_uri: str, s3: S3Config | None = None) -> int:
+    """The checkpoint's model version; a checkpoint trained elsewhere is registered on first use."""
+    from model import checkpoint
+
+    version = registry.version_by_checkpoint(db_url, checkpoint_uri)
+    if version is not None:
+        return version
+    state = checkpoint.load(checkpoint_uri, s3)
+    config = checkpoint.config_of(state, checkpoint_uri)
+    data = state.get("data", {})
+    return registry.register(db_url, level=config.level, preset=config.preset, checkpoint_uri=checkpoint_uri,
+                             config=config.to_dict(), data_uri=data.get("uri", ""), train_split=data.get("split", ""),
+                             epochs=state.get("epoch", 0), steps=state.get("step", 0))
 
 
 def promote(db_url: str, version: int, split: str = "validate") -> dict:

@@ -56,11 +56,14 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
 
 
 def test_db_migrations_up_and_down(db_url):
-    assert vtag("db", "upgrade", "--db", db_url).stdout.strip() == "0002"
-    assert current_revision(db_url) == "0002"
-    assert {"ingested_shards", "model_versions", "evaluations"} <= set(inspect(engine_for(db_url)).get_table_names())
+    assert vtag("db", "upgrade", "--db", db_url).stdout.strip() == "0003"
+    assert current_revision(db_url) == "0003"
+    tables = {"ingested_shards", "model_versions", "evaluations", "labels", "videos", "video_labels", "inference_runs",
+              "predictions"}
+    assert tables <= set(inspect(engine_for(db_url)).get_table_names())
+    assert "production_labels" in inspect(engine_for(db_url)).get_view_names()
     assert vtag("db", "downgrade", "base", "--db", db_url).stdout.strip() == "base"
     engine_for(db_url).dispose()
-    assert "ingested_shards" not in inspect(engine_for(db_url)).get_table_names()
+    assert not tables & set(inspect(engine_for(db_url)).get_table_names())
     assert vtag("db", "upgrade", "--db", db_url).returncode == 0
-    assert vtag("db", "current", "--db", db_url).stdout.strip() == "0002"
+    assert vtag("db", "current", "--db", db_url).stdout.strip() == "0003"

@@ -6,6 +6,8 @@ from storage.schema import metadata
 
 engine = context.config.attributes["engine"]
 with engine.begin() as connection:
+    if connection.dialect.name == "postgresql":  # two processes migrating at once: the second waits
+        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(4242001)")
     context.configure(
         connection=connection,
         target_metadata=metadata,

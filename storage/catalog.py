@@ -1,0 +1,76 @@
+"""The catalogue of what ingest brought in: the label vocabulary, the videos and their ground truth."""
+
+import csv
+from datetime import datetime, timezone
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from storage.db import engine_for
+from storage.objectstore import S3Config, store_for
+from storage.schema import labels, video_labels, videos
+
+VOCABULARY_COLUMNS = ("Index", "TrainVideoCount", "KnowledgeGraphId", "Name", "WikiUrl", "Vertical1", "Vertical2", "Vertical3")
+
+
+class VocabularyError(ValueError):
+    pass
+
+
+def _insert(conn):
+    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert
+
+
+def load_vocabulary(db_url: str, uri: str, s3: S3Config | None = None) -> int:
+    """Load (or refresh) `labels` from a YouTube-8M vocabulary.csv; empty names are kept as ''."""
+    import io
+
+    with store_for(uri, s3).open_read(uri) as raw:
+        reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
+        missing = [c for c in VOCABULARY_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise VocabularyError(f"{uri}: not a YouTube-8M vocabulary (missing columns {', '.join(missing)})")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                rows.append({
+                    "label_id": int(row["Index"]), "name": row["Name"] or "", "knowledge_graph_id": row["KnowledgeGraphId"] or None,
+                    "train_video_count": int(row["TrainVideoCount"]) if row["TrainVideoCount"] else None,
+                    "vertical1": row["Vertical1"] or None, "vertical2": row["Vertical2"] or None,
+                    "vertical3": row["Vertical3"] or None, "wiki_url": row["WikiUrl"] or None,
+                })
+            except ValueError as exc:
+                raise VocabularyError(f"{uri}, line {line}: {exc}") from None
+    with engine_for(db_url).begin() as conn:
+        statement = _insert(conn)(labels)
+        statement = statement.on_conflict_do_update(
+            index_elements=["label_id"], set_={c: statement.excluded[c] for c in rows[0] if c != "label_id"})
+        conn.execute(statement, rows)
+    return len(rows)
+
+
+def record_videos(db_url: str, ids: list[str], labels_of: list[list[int]], *, split: str, level: str,
+                  source_uri: str, parquet_uri: str) -> None:
+    """Upsert a converted shard's videos and replace their ground-truth labels, in one transaction."""
+    if not ids:
+        return
+    now = datetime.now(timezone.utc)
+    rows = [{"video_id": i, "split": split, "level": level, "source_uri": source_uri, "parquet_uri": parquet_uri,
+             "ingested_at": now} for i in ids]
+    with engine_for(db_url).begin() as conn:
+        statement = _insert(conn)(videos)
+        # A re-converted shard keeps its videos' first arrival time: nightly inference is incremental on it.
+        statement = statement.on_conflict_do_update(
+            index_elements=["video_id"], set_={c: statement.excluded[c] for c in ("split", "level", "source_uri", "parquet_uri")})
+        for start in range(0, len(rows), 5000):
+            conn.execute(statement, rows[start:start + 5000])
+            chunk = ids[start:start + 5000]
+            conn.execute(delete(video_labels).where(video_labels.c.video_id.in_(chunk)))
+        truth = [{"video_id": i, "label_id": label} for i, ls in zip(ids, labels_of) for label in set(ls)]
+        for start in range(0, len(truth), 20000):
+            conn.execute(video_labels.insert(), truth[start:start + 20000])
+
+
+def count_labels(db_url: str) -> int:
+    with engine_for(db_url).connect() as conn:
+        return conn.execute(select(func.count()).select_from(labels)).scalar_one()

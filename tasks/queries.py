@@ -1,0 +1,58 @@
+"""The SQL queries users run (sql/queries/*.sql): listed, described and run with bound parameters."""
+
+import re
+from pathlib import Path
+
+from sqlalchemy import text
+
+from storage.db import engine_for
+
+QUERIES = Path(__file__).resolve().parent.parent / "sql" / "queries"
+
+
+class QueryError(ValueError):
+    pass
+
+
+def available() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(QUERIES.glob("*.sql"))}
+
+
+def describe(name: str) -> tuple[str, dict[str, str]]:
+    """(the header comment, {parameter: type}) of a query; types come from its `Parameters:` line."""
+    sql = _path(name).read_text()
+    header = " ".join(line[2:].strip() for line in sql.splitlines() if line.startswith("--"))
+    declared = dict(re.findall(r"(\w+) \((text|integer|number)", header))
+    used = set(re.findall(r"(?<!:):([a-z_]+)", sql))
+    return header, {p: declared.get(p, "text") for p in sorted(used)}
+
+
+def _path(name: str) -> Path:
+    queries = available()
+    if name not in queries:
+        raise QueryError(f"no query {name!r} (known: {', '.join(queries)})")
+    return queries[name]
+
+
+def _value(name: str, kind: str, raw):
+    if not isinstance(raw, str) or kind == "text":
+        return raw
+    try:
+        return int(raw) if kind == "integer" else float(raw)
+    except ValueError:
+        raise QueryError(f"parameter {name} must be {'an integer' if kind == 'integer' else 'a number'}, not {raw!r}") from None
+
+
+def run(db_url: str, name: str, params: dict) -> tuple[list[str], list[tuple]]:
+    """Run a query with its parameters bound (never formatted into the SQL); return (columns, rows)."""
+    _, needed = describe(name)
+    missing = [p for p in needed if p not in params]
+    if missing:
+        raise QueryError(f"query {name!r} needs {', '.join(f'{p}=...' for p in missing)}")
+    unknown = sorted(set(params) - set(needed))
+    if unknown:
+        raise QueryError(f"query {name!r} takes no parameter {', '.join(unknown)} (it takes {', '.join(needed)})")
+    values = {k: _value(k, needed[k], v) for k, v in params.items()}
+    with engine_for(db_url).connect() as conn:
+        result = conn.execute(text(_path(name).read_text()), values)
+        return list(result.keys()), [tuple(row) for row in result]

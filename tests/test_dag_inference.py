@@ -1,0 +1,46 @@
+"""yt8m_nightly_inference end to end with dag.test(), after a model was trained and promoted."""
+
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import text
+
+from storage import catalog
+from storage.db import engine_for
+from tasks.ingest import ingest
+from tasks.synth import SynthConfig, synth
+from tasks.training import evaluate_model, promote, train_model
+from tests.conftest import SHARED
+from tests.test_inference import TINY
+
+pytestmark = pytest.mark.airflow
+
+
+def test_nightly_dag_tags_the_videos_that_arrived(dagbag, tmp_path, monkeypatch, db_url):
+    if db_url.startswith("postgresql"):
+        monkeypatch.setenv("AIRFLOW_CONN_YT8M_DB", db_url.replace("postgresql+psycopg2://", "postgresql://"))
+    else:
+        monkeypatch.setenv("VTAG_DB_URL", db_url)
+    monkeypatch.setenv("VTAG_EXPORTS_URI", str(tmp_path / "exports"))
+    dag = dagbag.get_dag("yt8m_nightly_inference")
+    night = datetime(2030, 3, 1, 2, 0, tzinfo=timezone.utc)
+
+    synth(str(tmp_path / "raw"), SynthConfig("frame", "train", shards=1, videos_per_shard=24, num_labels=10))
+    synth(str(tmp_path / "raw"), SynthConfig("frame", "validate", shards=1, videos_per_shard=8, num_labels=10))
+    parquet = str(tmp_path / "parquet")
+    assert not ingest(str(tmp_path / "raw"), parquet, db_url).failed
+    assert dag.test(logical_date=night).state == "success"  # no production model yet: the night is skipped
+
+    catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv"))
+    trained = train_model(parquet, str(tmp_path / "model"), "frame", db_url, preset="small", overrides=TINY, progress=False)
+    evaluate_model(trained["checkpoint_uri"], parquet, db_url)
+    promote(db_url, trained["version"])
+
+    run = dag.test(logical_date=night, run_conf={"top_k": 7})
+    assert run.state == "success"
+    with engine_for(db_url).connect() as conn:
+        per_video = conn.execute(text("SELECT video_id, COUNT(*), COUNT(label_name) FROM production_labels GROUP BY video_id")).all()
+        status = conn.execute(text("SELECT status, videos_done, rows_written, airflow_run_id FROM inference_runs")).one()
+    assert len(per_video) == 32 and {(n, named) for _, n, named in per_video} == {(7, 7)}
+    assert status[:3] == ("succeeded", 32, 224) and status[3] == run.run_id
+    assert (tmp_path / "exports" / "2030-03-01T020000" / "predictions.csv").is_file()
