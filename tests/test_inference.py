@@ -177,6 +177,9 @@ def test_every_query_runs_as_written(world):
     _, rows = queries.run(db_url, "run_label_counts", {"run_id": str(first.run_id), "k": "1", "limit": "1000"})
     assert sum(r[2] for r in rows) == 50
 
+    _, rows = queries.run(db_url, "tagged_videos", {"limit": "6"})
+    assert [r[1] for r in rows] == [1, 2, 3, 1, 2, 3] and all(r[3] for r in rows)  # label names resolved
+
     _, rows = queries.run(db_url, "runs", {"limit": "5"})
     assert rows[0][0] == first.run_id and rows[0][4] == "succeeded"
 
