@@ -40,11 +40,12 @@ def yt8m_nightly_inference():
         from tasks import airflow_config as cfg
         from tasks.inference import NoProductionModel, run_inference
 
+        when = logical_date or pendulum.now("UTC")  # a manual run may have no logical date in Airflow 3
         try:
-            report = run_inference(cfg.db_url(), logical_date, top_k=params["top_k"], level=params["level"],
+            report = run_inference(cfg.db_url(), when, top_k=params["top_k"], level=params["level"],
                                    model_version=params["model_version"], video_ids=params["video_ids"] or None,
                                    shard_pattern=params["shard_pattern"] or None, dry_run=params["dry_run"],
-                                   exports_uri=f"{cfg.exports_uri().rstrip('/')}/{logical_date:%Y-%m-%dT%H%M%S}",
+                                   exports_uri=f"{cfg.exports_uri().rstrip('/')}/{when:%Y-%m-%dT%H%M%S}",
                                    s3=cfg.s3_config(), airflow_run_id=run_id)
         except NoProductionModel as exc:
             raise AirflowSkipException(str(exc)) from None  # nothing to tag with yet: not a failure

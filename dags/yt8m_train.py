@@ -75,7 +75,7 @@ def yt8m_train():
         from tasks import airflow_config as cfg
         from tasks.training import promote
 
-        return promote(cfg.db_url(), evaluation["version"], evaluation["split"])
+        return promote(cfg.db_url(), evaluation["version"], evaluation["split"], cfg.s3_config())
 
     register_and_promote(evaluate(train()))
 

@@ -20,6 +20,11 @@ def epoch_uri(out_uri: str, epoch: int) -> str:
     return join(out_uri, f"epoch-{epoch:03d}.pt")
 
 
+def final_uri(out_uri: str, step: int) -> str:
+    """The immutable checkpoint of a run's end: model versions point at it, never at last.pt."""
+    return join(out_uri, f"final-step{step:07d}.pt")
+
+
 def save(uri: str, state: dict, s3: S3Config | None = None) -> str:
     with store_for(uri, s3).publish(uri) as path:
         torch.save({"format": FORMAT, **state}, path)

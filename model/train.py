@@ -123,6 +123,8 @@ def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", 
             scheduler.load_state_dict(state["scheduler"])
             epoch, batches_done, step, history = state["epoch"], state["batches_done"], state["step"], state["history"]
             torch.set_rng_state(state["rng"])
+            if dev.type == "cuda" and state.get("cuda_rng"):
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) if world > 1 else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     if dev.type == "cuda":
@@ -130,24 +132,27 @@ def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", 
     per_rank_batch = max(1, config.batch_size // world)
     workers = config.num_workers
 
-    def save(uri_epoch: int | None) -> str:
-        snapshot = {
+    def snapshot() -> dict:
+        return {
             "config": config.to_dict(), "architecture": config.architecture(), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
             "batches_done": batches_done, "step": step, "history": history, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if dev.type == "cuda" else [],
             "data": {"uri": data_uri, "split": split, "pattern": pattern, "world": world, "workers": workers},
         }
+
+    def save(uri_epoch: int | None) -> str:
         if rank != 0:
             return ""
+        state_now = snapshot()
         if uri_epoch is not None:
-            checkpoint.save(checkpoint.epoch_uri(out_uri, uri_epoch), snapshot, s3)
+            checkpoint.save(checkpoint.epoch_uri(out_uri, uri_epoch), state_now, s3)
             checkpoint.prune(out_uri, uri_epoch, s3)
         _plot_losses(history, out_uri, s3)
-        return checkpoint.save(join(out_uri, checkpoint.LAST), snapshot, s3)
+        return checkpoint.save(join(out_uri, checkpoint.LAST), state_now, s3)
 
     seen = 0
     started = time.perf_counter()
-    last_uri = None
     while epoch < config.epochs and (max_steps is None or step < max_steps):
         dataset = ParquetBatches(groups, config.level, per_rank_batch, config.num_classes, config.max_frames,
                                  seed=config.seed, epoch=epoch, shuffle=True, drop_last=True,
@@ -184,25 +189,27 @@ def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", 
                 log.info("epoch %d/%d: %d/%d batches, loss %.3f per video, %.0f videos/s", epoch + 1, config.epochs,
                          len(epoch_losses), len(dataset), per_video, rate * world)
             if checkpoint_every and step % checkpoint_every == 0:
-                last_uri = save(None)
+                save(None)
             if max_steps is not None and step >= max_steps:
                 break
         if bar is not None:
             bar.close()
         if max_steps is not None and step >= max_steps and batches_done < len(dataset) + dataset.skip_total:
-            last_uri = save(None)
+            save(None)
             break
         epoch += 1
         batches_done = 0
         scheduler.step()
         history["epoch_loss"].append(sum(epoch_losses) / max(1, len(epoch_losses)))
         history["epoch_end_step"].append(step)
-        last_uri = save(epoch)
+        save(epoch)
         log.info("epoch %d: mean loss per video %.4f", epoch, history["epoch_loss"][-1])
-    if last_uri is None:  # nothing left to train: the run was already complete
-        last_uri = join(out_uri, checkpoint.LAST)
+    # last.pt moves on if the run is continued; what gets registered must not: a file per final step.
+    final_uri = checkpoint.final_uri(out_uri, step)
+    if rank == 0 and not store_for(final_uri, s3).exists(final_uri):
+        checkpoint.save(final_uri, snapshot(), s3)
     elapsed = time.perf_counter() - started
-    return TrainResult(last_uri, epoch, step, seen * world / elapsed if elapsed > 0 else 0.0, history)
+    return TrainResult(final_uri, epoch, step, seen * world / elapsed if elapsed > 0 else 0.0, history)
 
 
 def _progress(total: int, description: str, enabled: bool):

@@ -41,6 +41,8 @@ def load_vocabulary(db_url: str, uri: str, s3: S3Config | None = None) -> int:
                 })
             except ValueError as exc:
                 raise VocabularyError(f"{uri}, line {line}: {exc}") from None
+    if not rows:
+        raise VocabularyError(f"{uri}: no labels in it")
     with engine_for(db_url).begin() as conn:
         statement = _insert(conn)(labels)
         statement = statement.on_conflict_do_update(
@@ -51,24 +53,29 @@ def load_vocabulary(db_url: str, uri: str, s3: S3Config | None = None) -> int:
 
 def record_videos(db_url: str, ids: list[str], labels_of: list[list[int]], *, split: str, level: str,
                   source_uri: str, parquet_uri: str) -> None:
-    """Upsert a converted shard's videos and replace their ground-truth labels, in one transaction."""
-    if not ids:
-        return
+    """Make the catalogue hold exactly a converted shard's videos and their ground truth, in one transaction."""
     now = datetime.now(timezone.utc)
     rows = [{"video_id": i, "split": split, "level": level, "source_uri": source_uri, "parquet_uri": parquet_uri,
              "ingested_at": now} for i in ids]
     with engine_for(db_url).begin() as conn:
+        conn.execute(delete(videos).where(videos.c.source_uri == source_uri, videos.c.level == level))
         statement = _insert(conn)(videos)
-        # A re-converted shard keeps its videos' first arrival time: nightly inference is incremental on it.
+        # An id that came before from another shard moves here (Google's shards never share ids).
         statement = statement.on_conflict_do_update(
-            index_elements=["video_id"], set_={c: statement.excluded[c] for c in ("split", "level", "source_uri", "parquet_uri")})
+            index_elements=["video_id", "level"],
+            set_={c: statement.excluded[c] for c in ("split", "source_uri", "parquet_uri", "ingested_at")})
         for start in range(0, len(rows), 5000):
             conn.execute(statement, rows[start:start + 5000])
-            chunk = ids[start:start + 5000]
-            conn.execute(delete(video_labels).where(video_labels.c.video_id.in_(chunk)))
+            conn.execute(delete(video_labels).where(video_labels.c.video_id.in_(ids[start:start + 5000])))
         truth = [{"video_id": i, "label_id": label} for i, ls in zip(ids, labels_of) for label in set(ls)]
         for start in range(0, len(truth), 20000):
             conn.execute(video_labels.insert(), truth[start:start + 20000])
+
+
+def forget_shard(db_url: str, source_uri: str) -> None:
+    """A quarantined shard's videos leave the catalogue: there is no Parquet left to score them from."""
+    with engine_for(db_url).begin() as conn:
+        conn.execute(delete(videos).where(videos.c.source_uri == source_uri))
 
 
 def count_labels(db_url: str) -> int:

@@ -21,8 +21,10 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def start_run(db_url: str, logical_date: datetime, model_version: int, top_k: int, airflow_run_id: str | None) -> int:
-    """The run of (logical date, model version), emptied of earlier rows: a rerun replaces, never duplicates."""
+def start_run(db_url: str, logical_date: datetime, model_version: int, top_k: int, airflow_run_id: str | None,
+              clear: bool = True) -> int:
+    """The run of (logical date, model version), emptied of its earlier rows unless `clear` is False:
+    a rerun replaces, never duplicates."""
     with engine_for(db_url).begin() as conn:
         run_id = conn.execute(select(inference_runs.c.run_id).where(
             inference_runs.c.logical_date == logical_date, inference_runs.c.model_version == model_version)
@@ -32,29 +34,31 @@ def start_run(db_url: str, logical_date: datetime, model_version: int, top_k: in
         if run_id is None:
             return conn.execute(insert(inference_runs).values(logical_date=logical_date, model_version=model_version, **values)
                                 .returning(inference_runs.c.run_id)).scalar_one()
-        conn.execute(delete(predictions).where(predictions.c.run_id == run_id))
+        if clear:
+            conn.execute(delete(predictions).where(predictions.c.run_id == run_id))
         conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(**values))
         return run_id
 
 
-def pending_videos(db_url: str, model_version: int, until: datetime) -> list[tuple[str, str]]:
+def pending_videos(db_url: str, model_version: int, until: datetime, level: str) -> list[tuple[str, str]]:
     """(video id, Parquet URI) of videos ingested up to `until` that this model has not scored, counting
     the rows of the run of (`until`, model) as not scored: a rerun of that date scores them again."""
     this_run = select(inference_runs.c.run_id).where(inference_runs.c.logical_date == until,
                                                      inference_runs.c.model_version == model_version)
     scored = exists().where(and_(predictions.c.video_id == videos.c.video_id, predictions.c.model_version == model_version,
                                  predictions.c.run_id.not_in(this_run)))
-    query = (select(videos.c.video_id, videos.c.parquet_uri).where(videos.c.ingested_at <= until, ~scored)
+    query = (select(videos.c.video_id, videos.c.parquet_uri).where(videos.c.level == level, videos.c.ingested_at <= until, ~scored)
              .order_by(videos.c.parquet_uri, videos.c.video_id))
     with engine_for(db_url).connect() as conn:
         return [tuple(row) for row in conn.execute(query)]
 
 
-def known_videos(db_url: str, ids: list[str]) -> dict[str, str]:
+def known_videos(db_url: str, ids: list[str], level: str) -> dict[str, str]:
     with engine_for(db_url).connect() as conn:
         found = {}
         for start in range(0, len(ids), 5000):
-            query = select(videos.c.video_id, videos.c.parquet_uri).where(videos.c.video_id.in_(ids[start:start + 5000]))
+            query = select(videos.c.video_id, videos.c.parquet_uri).where(videos.c.level == level,
+                                                                          videos.c.video_id.in_(ids[start:start + 5000]))
             found.update(dict(conn.execute(query).all()))
         return found
 

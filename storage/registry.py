@@ -29,11 +29,11 @@ def register(db_url: str, *, level: str, preset: str, checkpoint_uri: str, confi
         ).returning(model_versions.c.version)).scalar_one()
 
 
-def record_evaluation(db_url: str, version: int, *, split: str, data_uri: str, metrics: dict, videos: int,
-                      seconds: float, plot_uri: str | None) -> int:
+def record_evaluation(db_url: str, version: int, *, split: str, data_uri: str, pattern: str, metrics: dict,
+                      videos: int, seconds: float, plot_uri: str | None) -> int:
     with engine_for(db_url).begin() as conn:
         return conn.execute(insert(evaluations).values(
-            model_version=version, split=split, data_uri=data_uri, hit_at_one=metrics["hit_at_one"],
+            model_version=version, split=split, data_uri=data_uri, pattern=pattern, hit_at_one=metrics["hit_at_one"],
             perr=metrics["perr"], gap=metrics["gap"], map=metrics["map"], videos=videos, seconds=seconds,
             plot_uri=plot_uri, evaluated_at=_now(),
         ).returning(evaluations.c.id)).scalar_one()
@@ -59,34 +59,48 @@ def production(db_url: str, level: str) -> dict | None:
     return row._asdict() if row else None
 
 
-def _latest_gap(conn, version: int, split: str) -> float | None:
-    return conn.execute(select(evaluations.c.gap).where(evaluations.c.model_version == version, evaluations.c.split == split)
-                        .order_by(evaluations.c.id.desc()).limit(1)).scalar()
+class NeedsEvaluation(RegistryError):
+    """The production model has no evaluation on the candidate's evaluation set: GAPs would not compare."""
+
+    def __init__(self, version: int, checkpoint_uri: str, data_uri: str, split: str, pattern: str):
+        super().__init__(f"production version {version} has no evaluation on {data_uri} {split} {pattern}")
+        self.version, self.checkpoint_uri, self.data_uri, self.split, self.pattern = version, checkpoint_uri, data_uri, split, pattern
+
+
+def _latest_evaluation(conn, version: int, split: str, data_uri: str | None = None, pattern: str | None = None):
+    query = select(evaluations).where(evaluations.c.model_version == version, evaluations.c.split == split)
+    if data_uri is not None:
+        query = query.where(evaluations.c.data_uri == data_uri, evaluations.c.pattern == pattern)
+    return conn.execute(query.order_by(evaluations.c.id.desc()).limit(1)).first()
 
 
 def promote_if_better(db_url: str, version: int, split: str = "validate") -> tuple[bool, str]:
-    """Promote `version` to production if its GAP on `split` is at least the production model's."""
+    """Promote `version` to production if its GAP on `split` is at least the production model's GAP on
+    the very same evaluation set (data, split, file pattern). Raises NeedsEvaluation when production
+    was never scored on that set."""
     with engine_for(db_url).begin() as conn:
         candidate = conn.execute(select(model_versions).where(model_versions.c.version == version).with_for_update()).first()
         if candidate is None:
             raise RegistryError(f"model version {version} does not exist")
-        gap = _latest_gap(conn, version, split)
-        if gap is None:
+        mine = _latest_evaluation(conn, version, split)
+        if mine is None:
             raise RegistryError(f"model version {version} has no evaluation on split {split!r}")
         current = conn.execute(select(model_versions).where(model_versions.c.level == candidate.level,
                                                             model_versions.c.status == "production").with_for_update()).first()
         if current is not None and current.version == version:
             return True, f"version {version} is already in production"
-        current_gap = _latest_gap(conn, current.version, split) if current is not None else None
-        if current is not None and current_gap is not None and gap < current_gap:
+        theirs = _latest_evaluation(conn, current.version, split, mine.data_uri, mine.pattern) if current is not None else None
+        if current is not None and theirs is None:
+            raise NeedsEvaluation(current.version, current.checkpoint_uri, mine.data_uri, split, mine.pattern)
+        if theirs is not None and mine.gap < theirs.gap:
             conn.execute(update(model_versions).where(model_versions.c.version == version).values(status="rejected"))
-            return False, f"version {version} GAP {gap:.4f} < production version {current.version} GAP {current_gap:.4f}"
+            return False, f"version {version} GAP {mine.gap:.4f} < production version {current.version} GAP {theirs.gap:.4f}"
         if current is not None:
             conn.execute(update(model_versions).where(model_versions.c.version == current.version).values(status="archived"))
         conn.execute(update(model_versions).where(model_versions.c.version == version)
                      .values(status="production", promoted_at=_now()))
-        before = f"production version {current.version} GAP {current_gap:.4f}" if current is not None and current_gap is not None else "no production model"
-        return True, f"version {version} GAP {gap:.4f} promoted ({before})"
+        before = f"production version {current.version} GAP {theirs.gap:.4f}" if theirs is not None else "no production model"
+        return True, f"version {version} GAP {mine.gap:.4f} promoted ({before})"
 
 
 def versions_with_latest_evaluation(db_url: str) -> list[dict]:

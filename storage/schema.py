@@ -54,6 +54,7 @@ evaluations = Table(
     Column("model_version", Integer, ForeignKey("model_versions.version", ondelete="CASCADE"), nullable=False),
     Column("split", String(16), nullable=False),
     Column("data_uri", String(1024), nullable=False),
+    Column("pattern", String(256), nullable=False),
     Column("hit_at_one", Float, nullable=False),
     Column("perr", Float, nullable=False),
     Column("gap", Float, nullable=False),
@@ -81,8 +82,8 @@ videos = Table(
     "videos",
     metadata,
     Column("video_id", String(32), primary_key=True),
+    Column("level", String(8), primary_key=True),
     Column("split", String(16), nullable=False),
-    Column("level", String(8), nullable=False),
     Column("source_uri", String(1024), nullable=False),
     Column("parquet_uri", String(1024), nullable=False),
     Column("ingested_at", DateTime(timezone=True), nullable=False),
@@ -91,7 +92,7 @@ videos = Table(
 video_labels = Table(
     "video_labels",
     metadata,
-    Column("video_id", String(32), ForeignKey("videos.video_id", ondelete="CASCADE"), primary_key=True),
+    Column("video_id", String(32), primary_key=True),
     Column("label_id", Integer, primary_key=True),
 )
 

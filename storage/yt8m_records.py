@@ -181,6 +181,14 @@ def _frames_joined(message, name: str, dim: int, video_id: str) -> np.ndarray:
     return np.frombuffer(joined, np.uint8).reshape(len(frames), dim)
 
 
+def _frame_video(video_id: str, labels: list[int], rgb: np.ndarray, audio: np.ndarray) -> FrameVideo:
+    if len(audio) != len(rgb):
+        raise RecordDecodeError(f"video {video_id!r}: {len(rgb)} rgb frames but {len(audio)} audio frames")
+    if len(rgb) == 0:  # nothing to attend over: the model's masked softmax would turn it into NaN
+        raise RecordDecodeError(f"video {video_id!r}: no frames")
+    return FrameVideo(video_id, labels, len(rgb), rgb, audio)
+
+
 def _decode_canonical(data: bytes, require_labels: bool) -> FrameVideo | None:
     """The fast path: only the small context goes through protobuf; frames are viewed in place."""
     try:
@@ -199,9 +207,7 @@ def _decode_canonical(data: bytes, require_labels: bool) -> FrameVideo | None:
     except DecodeError:
         return None
     video_id, labels = _context(context, require_labels)
-    if len(audio) != len(rgb):
-        raise RecordDecodeError(f"video {video_id!r}: {len(rgb)} rgb frames but {len(audio)} audio frames")
-    return FrameVideo(video_id, labels, len(rgb), rgb, audio)
+    return _frame_video(video_id, labels, rgb, audio)
 
 
 def decode_frame_level(data: bytes, require_labels: bool = True) -> FrameVideo:
@@ -212,9 +218,7 @@ def decode_frame_level(data: bytes, require_labels: bool = True) -> FrameVideo:
     video_id, labels = _context(message.context, require_labels)
     rgb = _frames_joined(message, "rgb", RGB_DIM, video_id)
     audio = _frames_joined(message, "audio", AUDIO_DIM, video_id)
-    if len(audio) != len(rgb):
-        raise RecordDecodeError(f"video {video_id!r}: {len(rgb)} rgb frames but {len(audio)} audio frames")
-    return FrameVideo(video_id, labels, len(rgb), rgb, audio)
+    return _frame_video(video_id, labels, rgb, audio)
 
 
 def _floats(features, name: str, dim: int, video_id: str) -> np.ndarray:

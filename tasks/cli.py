@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except _user_errors() as exc:
+        if args.verbose:  # the whole story for a bug report; otherwise one line
+            logging.getLogger("vtag").exception("vtag %s failed", args.command)
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"vtag {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -8,7 +8,7 @@ import pickle
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -50,15 +50,15 @@ def _model_version(db_url: str, level: str, version: int | None) -> dict:
     return current
 
 
-def _select(db_url: str, model_version: int, until: datetime, video_ids: list[str] | None,
+def _select(db_url: str, model_version: int, until: datetime, level: str, video_ids: list[str] | None,
             shard_pattern: str | None) -> list[tuple[str, str]]:
     if video_ids:
-        known = predictions.known_videos(db_url, video_ids)
+        known = predictions.known_videos(db_url, video_ids, level)
         missing = [v for v in video_ids if v not in known]
         if missing:
-            raise InferenceError(f"never ingested: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+            raise InferenceError(f"never ingested at {level} level: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
         return sorted((v, known[v]) for v in set(video_ids))
-    pending = predictions.pending_videos(db_url, model_version, until)
+    pending = predictions.pending_videos(db_url, model_version, until, level)
     if shard_pattern:
         pending = [(v, uri) for v, uri in pending if fnmatch.fnmatchcase(uri.rsplit("/", 1)[-1], shard_pattern)]
     return pending
@@ -98,13 +98,16 @@ def run_inference(db_url: str, logical_date: datetime, *, top_k: int = 20, level
     """Score what the model has not scored up to `logical_date` (or the given videos) and store the top k."""
     if not 1 <= top_k <= MAX_K:
         raise InferenceError(f"top_k must be in 1..{MAX_K}, not {top_k}")
+    if logical_date.tzinfo is None:
+        raise InferenceError(f"logical date {logical_date} has no time zone")
+    logical_date = logical_date.astimezone(timezone.utc)  # SQLite keeps no offset: compare in UTC everywhere
     db.upgrade(db_url)
     if checkpoint_uri is not None:
         from tasks.training import ensure_registered
 
         model_version = ensure_registered(db_url, checkpoint_uri, s3)
     version = _model_version(db_url, level, model_version)
-    number = version["version"]
+    number, level = version["version"], version["level"]
     from model.evaluate import load_model
     from model.train import pick_device
 
@@ -112,14 +115,16 @@ def run_inference(db_url: str, logical_date: datetime, *, top_k: int = 20, level
     model, config = load_model(version["checkpoint_uri"], device, s3)
     if video_ids and not dry_run:
         predictions.forget(db_url, number, video_ids)
-    selected = _select(db_url, number, logical_date, video_ids, shard_pattern)
+    selected = _select(db_url, number, logical_date, level, video_ids, shard_pattern)
     by_file: dict[str, set[str]] = defaultdict(set)
     for video, uri in selected:
         by_file[uri].add(video)
     if dry_run:
         return InferenceReport(None, number, len(selected), 0)
 
-    run_id = predictions.start_run(db_url, logical_date, number, top_k, airflow_run_id)
+    # A targeted (re)scoring adds to the night's run; only a whole night replaces it.
+    run_id = predictions.start_run(db_url, logical_date, number, top_k, airflow_run_id,
+                                   clear=not (video_ids or shard_pattern))
     predictions.set_total(db_url, run_id, len(selected))
     report = InferenceReport(run_id, number, 0, 0)
     csv_top = max(top_k, CSV_TOP)

@@ -79,6 +79,7 @@ def convert_shard(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None
                               parquet_uri=result["output_uri"])
     except BadRecordError as exc:
         _remove_stale_outputs(shard, dest, s3)
+        catalog.forget_shard(db_url, shard.uri)
         manifest.mark_failed(db_url, shard, dest, ShardFailure(str(exc), exc.index, exc.offset))
         raise ShardFailedError(str(exc)) from None
     except LayoutError as exc:

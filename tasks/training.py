@@ -45,7 +45,7 @@ def evaluate_model(checkpoint_uri: str, data_uri: str, db_url: str, *, split: st
     version = ensure_registered(db_url, checkpoint_uri, s3)
     plot_uri = plot(evaluation, f"model version {version} on {split}",
                     join(checkpoint_uri.rsplit("/", 1)[0], f"eval-{split}.png"), s3)
-    registry.record_evaluation(db_url, version, split=split, data_uri=data_uri, metrics=evaluation.metrics,
+    registry.record_evaluation(db_url, version, split=split, data_uri=data_uri, pattern=pattern, metrics=evaluation.metrics,
                                videos=evaluation.videos, seconds=evaluation.seconds, plot_uri=plot_uri)
     return {**evaluation.metrics, "videos": evaluation.videos, "version": version, "plot_uri": plot_uri,
             "split": split}
@@ -66,7 +66,13 @@ def ensure_registered(db_url: str, checkpoint_uri: str, s3: S3Config | None = No
                              epochs=state.get("epoch", 0), steps=state.get("step", 0))
 
 
-def promote(db_url: str, version: int, split: str = "validate") -> dict:
-    promoted, reason = registry.promote_if_better(db_url, version, split)
+def promote(db_url: str, version: int, split: str = "validate", s3: S3Config | None = None) -> dict:
+    """Promote if at least as good as production on the same evaluation set, scoring production on
+    it first when it never was."""
+    try:
+        promoted, reason = registry.promote_if_better(db_url, version, split)
+    except registry.NeedsEvaluation as need:
+        evaluate_model(need.checkpoint_uri, need.data_uri, db_url, split=need.split, pattern=need.pattern, s3=s3)
+        promoted, reason = registry.promote_if_better(db_url, version, split)
     log.info(reason)
     return {"version": version, "promoted": promoted, "reason": reason}

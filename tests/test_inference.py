@@ -144,7 +144,7 @@ def test_rescoring_given_videos_and_bad_requests(world):
     rescored = run_inference(db_url, NIGHT + timedelta(hours=1), top_k=2, video_ids=some, exports_uri=world["exports"])
     assert rescored.videos == 3 and _count(db_url, "SELECT COUNT(*) FROM predictions") == 100
     assert run_inference(db_url, NIGHT, dry_run=True, video_ids=some).videos == 3
-    with pytest.raises(InferenceError, match="never ingested: nope"):
+    with pytest.raises(InferenceError, match="never ingested at frame level: nope"):
         run_inference(db_url, NIGHT, video_ids=["nope"])
     with pytest.raises(InferenceError, match="top_k must be in 1..3862"):
         run_inference(db_url, NIGHT, top_k=0)

@@ -127,6 +127,13 @@ def test_bad_shards_are_quarantined_and_good_ones_convert(tmp_path, db_url):
         assert str(raw / f"{stem}.tfrecord") in row["error"] and "record 1 at byte offset" in row["error"]
         assert __import__("re").search(reason, row["error"]), row["error"]
     assert rows["train0000"]["status"] == "succeeded" and rows["train0000"]["rows"] == 2
+    from sqlalchemy import text
+
+    from storage.db import engine_for
+
+    with engine_for(db_url).connect() as conn:  # the catalogue holds the good shards' videos only
+        catalogued = conn.execute(text("SELECT video_id, level FROM videos ORDER BY video_id")).all()
+    assert [tuple(r) for r in catalogued] == [("ok01", "frame"), ("ok02", "frame"), ("ok03", "video")]
 
     # Bad shards stay pending: a rerun tries them again, and converts them once repaired.
     write_shard(raw / "train0001.tfrecord", [frame_record("fx01")])

@@ -36,6 +36,7 @@ def test_video_level_decoding():
         (frame_record(drop=("labels",)), decode_frame_level, "missing field 'labels'"),
         (frame_record(drop=("audio",)), decode_frame_level, "missing feature list 'audio'"),
         (frame_record(labels=(3862,)), decode_frame_level, "label 3862 outside 0..3861"),
+        (frame_record(frames=0), decode_frame_level, "no frames"),
         (video_record(drop=("mean_audio",)), decode_video_level, "missing field 'mean_audio'"),
         (b"\xff\xff\xff\xff not a protobuf", decode_frame_level, "not a tf.train.Example"),
     ],

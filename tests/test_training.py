@@ -60,7 +60,8 @@ def test_a_few_steps_reduce_the_loss(parquet, tmp_path):
     losses = result.history["epoch_loss"]
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
-    assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == [f"epoch-{e:03d}.pt" for e in range(4, 7)] + ["last.pt"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == (
+        [f"epoch-{e:03d}.pt" for e in range(4, 7)] + [f"final-step{result.steps:07d}.pt", "last.pt"])
 
 
 def test_resumed_run_takes_the_same_next_step(parquet, tmp_path):
@@ -116,6 +117,20 @@ def test_train_evaluate_register_promote(parquet, tmp_path, db_url):
     assert not outcome["promoted"] and "<" in outcome["reason"]
     assert registry.production(db_url, "frame")["version"] == trained["version"]
     assert registry.get_version(db_url, worse["version"])["status"] == "rejected"
+
+    # Scored on another evaluation set, a candidate is compared with production scored on that set too.
+    third = train_model(parquet, str(tmp_path / "v3"), "frame", db_url, preset="small", overrides=TINY, progress=False)
+    evaluate_model(third["checkpoint_uri"], parquet, db_url, pattern="validate0000.parquet")
+    promote(db_url, third["version"])
+    from sqlalchemy import text
+
+    from storage.db import engine_for
+
+    with engine_for(db_url).connect() as conn:
+        patterns = conn.execute(text("SELECT pattern FROM evaluations WHERE model_version = :v ORDER BY id"),
+                                {"v": trained["version"]}).scalars().all()
+    assert patterns == ["*.parquet", "validate0000.parquet"]
+    assert trained["checkpoint_uri"].endswith(f"final-step{trained['steps']:07d}.pt")
 
 
 def test_video_level_model_learns(parquet, tmp_path, sqlite_url):

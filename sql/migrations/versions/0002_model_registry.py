@@ -41,6 +41,7 @@ def upgrade() -> None:
         sa.Column("model_version", sa.Integer, sa.ForeignKey("model_versions.version", ondelete="CASCADE"), nullable=False),
         sa.Column("split", sa.String(16), nullable=False),
         sa.Column("data_uri", sa.String(1024), nullable=False),
+        sa.Column("pattern", sa.String(256), nullable=False),
         sa.Column("hit_at_one", sa.Float, nullable=False),
         sa.Column("perr", sa.Float, nullable=False),
         sa.Column("gap", sa.Float, nullable=False),

@@ -30,18 +30,19 @@ def upgrade() -> None:
         sa.Column("wiki_url", sa.Text),
     )
     op.create_table(
-        "videos",
+        "videos",  # Google publishes the same videos at both levels: one row per (video, level)
         sa.Column("video_id", sa.String(32), primary_key=True),
+        sa.Column("level", sa.String(8), primary_key=True),
         sa.Column("split", sa.String(16), nullable=False),
-        sa.Column("level", sa.String(8), nullable=False),
         sa.Column("source_uri", sa.String(1024), nullable=False),
         sa.Column("parquet_uri", sa.String(1024), nullable=False),
         sa.Column("ingested_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_index("ix_videos_ingested_at", "videos", ["ingested_at"])
+    op.create_index("ix_videos_source_uri", "videos", ["source_uri"])
     op.create_table(
-        "video_labels",  # ground truth, where a video has it (not the test split)
-        sa.Column("video_id", sa.String(32), sa.ForeignKey("videos.video_id", ondelete="CASCADE"), primary_key=True),
+        "video_labels",  # ground truth, where a video has it (not the test split), whatever the level
+        sa.Column("video_id", sa.String(32), primary_key=True),
         sa.Column("label_id", sa.Integer, primary_key=True),
     )
     op.create_table(
@@ -105,6 +106,7 @@ def downgrade() -> None:
     op.drop_table("predictions")
     op.drop_table("inference_runs")
     op.drop_table("video_labels")
+    op.drop_index("ix_videos_source_uri", table_name="videos")
     op.drop_index("ix_videos_ingested_at", table_name="videos")
     op.drop_table("videos")
     op.drop_table("labels")
