@@ -9,6 +9,7 @@ import fnmatch
 import io
 import os
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -186,9 +187,15 @@ class _S3RangeReader(io.RawIOBase):
                 self._pos += len(chunk)
                 return len(chunk)
             except (BotoCoreError, ConnectionError, OSError, ClientError):
+                if self._body is not None:
+                    try:
+                        self._body.close()
+                    except Exception:  # already broken: closing is best effort
+                        pass
                 self._body = None
                 if attempt == self._attempts - 1:
                     raise
+                time.sleep(min(8.0, 0.5 * 2**attempt))  # let a flapping endpoint come back
         return 0
 
     def close(self):

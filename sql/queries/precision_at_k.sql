@@ -1,5 +1,6 @@
 -- precision@k of a model version's predictions against the ground truth: the share of each video's
 -- top k labels that are true, averaged over the videos that have ground-truth labels.
+-- k should not exceed the run's top_k (stored labels per video), or precision is understated.
 -- Parameters: model_version (integer), k (integer)
 SELECT COUNT(*) AS videos, AVG(CAST(hits AS DOUBLE PRECISION) / :k) AS precision_at_k
 FROM (
