@@ -1,11 +1,15 @@
 """What the benchmarks share: a timer that reports wall and CPU time, and cached synthetic shards."""
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.synth import SynthConfig, synth
+import numpy as np
+import torch
+
+from tasks.synth import MAX_FRAMES, SynthConfig, quantize, synth
 
 
 @dataclass
@@ -36,3 +40,25 @@ def warm(paths: list[Path]) -> int:
     for path in paths:
         total += len(path.read_bytes())
     return total
+
+
+def random_videos(batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rgb, audio, mask) of `batch_size` full 300-frame videos, uint8 on the device as the loader sends them."""
+    rng = np.random.default_rng(0)
+    rgb = torch.from_numpy(quantize(rng.normal(0, 0.7, (batch_size, MAX_FRAMES, 1024)).astype(np.float32))).to(device)
+    audio = torch.from_numpy(quantize(rng.normal(0, 0.7, (batch_size, MAX_FRAMES, 128)).astype(np.float32))).to(device)
+    return rgb, audio, torch.ones(batch_size, MAX_FRAMES, dtype=torch.bool, device=device)
+
+
+def seconds_per_steps(device: torch.device, step: Callable[[], object], warmup: int, steps: int) -> float:
+    """Wall time of `steps` calls after `warmup` ones, waiting for the GPU to finish its queue."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started

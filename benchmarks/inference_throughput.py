@@ -21,37 +21,27 @@ import torch
 from sqlalchemy import create_engine, insert, text
 from sqlalchemy.orm import Session, registry as orm_registry
 
+from benchmarks.common import random_videos, seconds_per_steps
 from model.attention_lstm import build_model, dequantize
 from model.config import load_config
+from model.train import autocast_for
 from storage import db, predictions
 from storage.db import engine_for
 from storage.schema import inference_runs, model_versions, predictions as predictions_table, videos
-from tasks.synth import MAX_FRAMES, quantize
+from tasks.synth import MAX_FRAMES
 
 
 def inference_rate(preset: str, device: torch.device, batch_size: int, steps: int) -> float:
-    config = load_config(preset)
-    model = build_model(config).to(device).eval()
-    rng = np.random.default_rng(0)
-    rgb = torch.from_numpy(quantize(rng.normal(0, 0.7, (batch_size, MAX_FRAMES, 1024)).astype(np.float32))).to(device)
-    audio = torch.from_numpy(quantize(rng.normal(0, 0.7, (batch_size, MAX_FRAMES, 128)).astype(np.float32))).to(device)
-    mask = torch.ones(batch_size, MAX_FRAMES, dtype=torch.bool, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    model = build_model(load_config(preset)).to(device).eval()
+    rgb, audio, mask = random_videos(batch_size, device)
+    autocast = autocast_for(device)
 
     def forward():
         with torch.inference_mode(), autocast:
             scores = torch.sigmoid(model(dequantize(rgb), dequantize(audio), mask).float())
             return torch.topk(scores, 20, dim=1)
 
-    forward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        forward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return batch_size * steps / (time.perf_counter() - started)
+    return batch_size * steps / seconds_per_steps(device, forward, 1, steps)
 
 
 class _Prediction:

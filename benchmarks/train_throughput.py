@@ -14,16 +14,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from benchmarks.common import random_videos, seconds_per_steps
 
 from model.attention_lstm import build_model, dequantize, loss_fn
 from model.config import load_config
 from model.data import ParquetBatches, find_row_groups
-from model.train import make_optimizer
+from model.train import autocast_for, make_optimizer
 from storage.objectstore import LocalStore
 from tasks.ingest import convert_shard
-from tasks.synth import MAX_FRAMES, SynthConfig, quantize, synth
+from tasks.synth import MAX_FRAMES, SynthConfig, synth
 
 
 def loader_rate(parquet: str, batch_size: int, batches: int) -> tuple[float, float]:
@@ -43,13 +44,10 @@ def training_rate(device: torch.device, batch_size: int, steps: int, warmup: int
     torch.manual_seed(0)
     model = build_model(config).to(device).train()
     optimizer = make_optimizer(model, config)
-    rng = np.random.default_rng(0)
-    rgb = torch.from_numpy(quantize(rng.normal(0, 0.7, (batch_size, MAX_FRAMES, 1024)).astype(np.float32))).to(device)
-    audio = torch.from_numpy(quantize(rng.normal(0, 0.7, (batch_size, MAX_FRAMES, 128)).astype(np.float32))).to(device)
-    mask = torch.ones(batch_size, MAX_FRAMES, dtype=torch.bool, device=device)
+    rgb, audio, mask = random_videos(batch_size, device)
     labels = torch.zeros(batch_size, config.num_classes, device=device)
     labels[torch.arange(batch_size), torch.randint(0, config.num_classes, (batch_size,))] = 1
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = autocast_for(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
@@ -62,16 +60,7 @@ def training_rate(device: torch.device, batch_size: int, steps: int, warmup: int
         loss.backward()
         optimizer.step()
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - started
+    elapsed = seconds_per_steps(device, step, warmup, steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return batch_size * steps / elapsed, peak
 

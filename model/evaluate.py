@@ -12,7 +12,7 @@ from model.attention_lstm import build_model
 from model.config import Config
 from model.data import ParquetBatches, find_row_groups, loader, to_device
 from model.metrics import MetricsAccumulator
-from model.train import forward, pick_device
+from model.train import autocast_for, forward, pick_device
 from storage.objectstore import S3Config, store_for
 
 TOP_K = 20
@@ -38,7 +38,7 @@ def load_model(checkpoint_uri: str, device: torch.device, s3: S3Config | None = 
 
 def predict(model: torch.nn.Module, config: Config, batches, device: torch.device) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
     """(ids, sigmoid scores float32 B x C, multi-hot labels uint8) for each batch, without gradients."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = autocast_for(device)
     with torch.inference_mode():
         for batch in batches:
             labels = batch["labels"].numpy()

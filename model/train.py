@@ -5,6 +5,7 @@ store after every epoch, every `checkpoint_every` steps and at the end. A run wh
 holds a checkpoint continues from it, so a crashed or retried run loses only the work since then.
 """
 
+import contextlib
 import logging
 import math
 import os
@@ -38,6 +39,11 @@ def pick_device(device: str | None = None) -> torch.device:
     if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on a GPU (cuDNN LSTM included); full precision elsewhere. Reusable across `with`s."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -126,7 +132,7 @@ def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", 
             if dev.type == "cuda" and state.get("cuda_rng"):
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) if world > 1 else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = autocast_for(dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     per_rank_batch = max(1, config.batch_size // world)

@@ -143,3 +143,14 @@ def dagbag(airflow_db):
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert not bag.import_errors, bag.import_errors
     return bag
+
+
+@pytest.fixture
+def dag_db_url(db_url, monkeypatch) -> str:
+    """`db_url`, made the database of DAG tasks the Airflow way: PostgreSQL as the `yt8m_db` connection
+    (from the environment, as a deployment may define it), SQLite through VTAG_DB_URL."""
+    if db_url.startswith("postgresql"):
+        monkeypatch.setenv("AIRFLOW_CONN_YT8M_DB", db_url.replace("postgresql+psycopg2://", "postgresql://"))
+    else:
+        monkeypatch.setenv("VTAG_DB_URL", db_url)
+    return db_url

@@ -16,11 +16,8 @@ from tests.test_inference import TINY
 pytestmark = pytest.mark.airflow
 
 
-def test_nightly_dag_tags_the_videos_that_arrived(dagbag, tmp_path, monkeypatch, db_url):
-    if db_url.startswith("postgresql"):
-        monkeypatch.setenv("AIRFLOW_CONN_YT8M_DB", db_url.replace("postgresql+psycopg2://", "postgresql://"))
-    else:
-        monkeypatch.setenv("VTAG_DB_URL", db_url)
+def test_nightly_dag_tags_the_videos_that_arrived(dagbag, tmp_path, monkeypatch, dag_db_url):
+    db_url = dag_db_url
     monkeypatch.setenv("VTAG_EXPORTS_URI", str(tmp_path / "exports"))
     dag = dagbag.get_dag("yt8m_nightly_inference")
     night = datetime(2030, 3, 1, 2, 0, tzinfo=timezone.utc)

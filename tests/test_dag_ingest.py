@@ -28,11 +28,8 @@ def _asset_events():
         return [event.extra for event in session.scalars(query)]
 
 
-def test_ingest_dag_end_to_end(ingest_dag, tmp_path, monkeypatch, request, db_url):
-    if db_url.startswith("postgresql"):  # the Airflow way: a connection, here from the environment
-        monkeypatch.setenv("AIRFLOW_CONN_YT8M_DB", db_url.replace("postgresql+psycopg2://", "postgresql://"))
-    else:
-        monkeypatch.setenv("VTAG_DB_URL", db_url)
+def test_ingest_dag_end_to_end(ingest_dag, tmp_path, dag_db_url):
+    db_url = dag_db_url
     raw, dest = tmp_path / "raw", tmp_path / "parquet"
     synth(str(raw), SynthConfig("frame", "train", shards=3, videos_per_shard=6, seed=4))
     flip_byte(raw / "train0001.tfrecord", record_offsets(raw / "train0001.tfrecord")[2] + 500)

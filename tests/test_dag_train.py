@@ -10,11 +10,8 @@ from tasks.synth import SynthConfig, synth
 pytestmark = pytest.mark.airflow
 
 
-def test_train_dag_writes_model_versions_and_evaluations(dagbag, tmp_path, monkeypatch, db_url):
-    if db_url.startswith("postgresql"):
-        monkeypatch.setenv("AIRFLOW_CONN_YT8M_DB", db_url.replace("postgresql+psycopg2://", "postgresql://"))
-    else:
-        monkeypatch.setenv("VTAG_DB_URL", db_url)
+def test_train_dag_writes_model_versions_and_evaluations(dagbag, tmp_path, monkeypatch, dag_db_url):
+    db_url = dag_db_url
     monkeypatch.setenv("VTAG_MODELS_URI", str(tmp_path / "models"))
     synth(str(tmp_path / "raw"), SynthConfig("frame", "train", shards=2, videos_per_shard=16, num_labels=10))
     synth(str(tmp_path / "raw"), SynthConfig("frame", "validate", shards=1, videos_per_shard=12, num_labels=10))
