@@ -28,6 +28,7 @@ from model.train import autocast_for
 from storage import db, predictions
 from storage.db import engine_for
 from storage.schema import inference_runs, model_versions, predictions as predictions_table, videos
+from tasks.inference import CHUNK_VIDEOS
 from tasks.synth import MAX_FRAMES
 
 
@@ -85,7 +86,8 @@ def bulk_rate(url: str, ids: list[str], version: int, run: int, k: int, chunk: i
 def orm_rate(url: str, ids: list[str], version: int, run: int, k: int) -> float:
     mapper = orm_registry()
     mapper.map_imperatively(_Prediction, predictions_table)
-    rows = predictions.rows_of(run, version, ids, np.tile(np.arange(k), (len(ids), 1)), np.ones((len(ids), k)))
+    rows = predictions.tuples(predictions.prediction_table(run, version, ids, np.tile(np.arange(k), (len(ids), 1)),
+                                                           np.ones((len(ids), k))))
     started = time.perf_counter()
     with Session(engine_for(url)) as session:
         for video, model_version, rank, label, score, run_id in rows:
@@ -118,14 +120,14 @@ def main() -> None:
     try:
         db.upgrade(url)
         ids, version, run = _seed_rows(url, args.videos)
-        bulk = bulk_rate(url, ids, version, run, 20, 2000)
+        bulk = bulk_rate(url, ids, version, run, 20, CHUNK_VIDEOS)
         _, version2, run2 = _seed_rows_for_orm(url, ids[: args.orm_videos])
         orm = orm_rate(url, ids[: args.orm_videos], version2, run2, 20)
     finally:
         engine_for(url).dispose()
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    print(f"PostgreSQL writes, bulk path (COPY, chunks of 2000 videos x 20, one transaction each): {bulk:,.0f} rows/s")
+    print(f"PostgreSQL writes, bulk path (COPY, chunks of {CHUNK_VIDEOS} videos x 20, one transaction each): {bulk:,.0f} rows/s")
     print(f"PostgreSQL writes, ORM row by row (add + flush per row):                      {orm:,.0f} rows/s")
     print(f"bulk / ORM: {bulk / orm:.1f}x (target >= 10x); bulk {bulk:,.0f} rows/s (target >= 200,000)")
 

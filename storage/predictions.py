@@ -9,6 +9,8 @@ import io
 from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 from sqlalchemy import and_, delete, exists, insert, select, update
 
 from storage.db import engine_for
@@ -71,30 +73,43 @@ def forget(db_url: str, model_version: int, ids: list[str]) -> None:
                                                    predictions.c.video_id.in_(ids[start:start + 5000])))
 
 
-def _csv(rows) -> io.StringIO:
-    buffer = io.StringIO()
-    buffer.writelines(f"{v},{m},{r},{label},{score!r},{run}\n" for v, m, r, label, score, run in rows)
+def prediction_table(run_id: int, model_version: int, ids: list[str], top_labels: np.ndarray,
+                     top_scores: np.ndarray) -> pa.Table:
+    """A chunk's rows, columnar: one row per (video, rank), built without a Python loop over rows."""
+    count, k = top_labels.shape
+    return pa.table({
+        "video_id": pa.array(np.repeat(np.asarray(ids, dtype=object), k), pa.string()),
+        "model_version": pa.array(np.full(count * k, model_version, np.int32)),
+        "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int16), count)),
+        "label_id": pa.array(top_labels.reshape(-1).astype(np.int32)),
+        "score": pa.array(top_scores.reshape(-1).astype(np.float64)),
+        "run_id": pa.array(np.full(count * k, run_id, np.int32)),
+    })
+
+
+def _csv(table: pa.Table) -> io.BytesIO:
+    # Arrow's CSV writer: building the text row by row in Python took a third of the bulk path's time.
+    buffer = io.BytesIO()
+    pa_csv.write_csv(table, buffer, pa_csv.WriteOptions(include_header=False))
     buffer.seek(0)
     return buffer
 
 
-def rows_of(run_id: int, model_version: int, ids: list[str], top_labels: np.ndarray, top_scores: np.ndarray):
-    k = top_labels.shape[1]
-    labels, scores = top_labels.tolist(), top_scores.tolist()
-    return [(video, model_version, rank + 1, labels[i][rank], scores[i][rank], run_id)
-            for i, video in enumerate(ids) for rank in range(k)]
+def tuples(table: pa.Table) -> list[tuple]:
+    return list(zip(*(column.to_pylist() for column in table.columns)))
 
 
-def insert_bulk(conn, rows: list[tuple]) -> int:
+def insert_bulk(conn, table: pa.Table) -> int:
     """Insert prediction rows in the connection's transaction by the fastest path of its database."""
     if conn.dialect.name == "postgresql":
-        return _copy_postgresql(conn.connection.driver_connection.cursor(), rows)
+        return _copy_postgresql(conn.connection.driver_connection.cursor(), table)
     before = conn.connection.driver_connection.total_changes
-    conn.exec_driver_sql(f"INSERT OR IGNORE INTO predictions ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)", rows)
+    conn.exec_driver_sql(f"INSERT OR IGNORE INTO predictions ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)",
+                         tuples(table))
     return conn.connection.driver_connection.total_changes - before
 
 
-def _copy_postgresql(cursor, rows: list[tuple]) -> int:
+def _copy_postgresql(cursor, table: pa.Table) -> int:
     """COPY straight into the table; only if a row is already there (another run scored the same video
     at the same time) go again through a staging table with ON CONFLICT DO NOTHING, 40% slower."""
     import psycopg2.errors
@@ -102,13 +117,13 @@ def _copy_postgresql(cursor, rows: list[tuple]) -> int:
     columns = ", ".join(COLUMNS)
     cursor.execute("SAVEPOINT vtag_copy")
     try:
-        cursor.copy_expert(f"COPY predictions ({columns}) FROM STDIN WITH (FORMAT csv)", _csv(rows))
+        cursor.copy_expert(f"COPY predictions ({columns}) FROM STDIN WITH (FORMAT csv)", _csv(table))
         cursor.execute("RELEASE SAVEPOINT vtag_copy")
-        return len(rows)
+        return table.num_rows
     except psycopg2.errors.UniqueViolation:
         cursor.execute("ROLLBACK TO SAVEPOINT vtag_copy")
     cursor.execute("CREATE TEMP TABLE IF NOT EXISTS predictions_stage (LIKE predictions) ON COMMIT DELETE ROWS")
-    cursor.copy_expert(f"COPY predictions_stage ({columns}) FROM STDIN WITH (FORMAT csv)", _csv(rows))
+    cursor.copy_expert(f"COPY predictions_stage ({columns}) FROM STDIN WITH (FORMAT csv)", _csv(table))
     cursor.execute(f"INSERT INTO predictions ({columns}) SELECT {columns} FROM predictions_stage ON CONFLICT DO NOTHING")
     written = cursor.rowcount
     cursor.execute("TRUNCATE predictions_stage")
@@ -118,9 +133,9 @@ def _copy_postgresql(cursor, rows: list[tuple]) -> int:
 def write_chunk(db_url: str, run_id: int, model_version: int, ids: list[str], top_labels: np.ndarray,
                 top_scores: np.ndarray) -> int:
     """One chunk of a run's predictions and the run's progress, all or nothing."""
-    rows = rows_of(run_id, model_version, ids, top_labels, top_scores)
+    table = prediction_table(run_id, model_version, ids, top_labels, top_scores)
     with engine_for(db_url).begin() as conn:
-        written = insert_bulk(conn, rows)
+        written = insert_bulk(conn, table)
         conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(
             videos_done=inference_runs.c.videos_done + len(ids), rows_written=inference_runs.c.rows_written + written))
     return written
