@@ -141,6 +141,48 @@ def write_chunk(db_url: str, run_id: int, model_version: int, ids: list[str], to
     return written
 
 
+class ChunkWriter:
+    """Writes chunks in the background while the caller scores the next ones: two connections on
+    PostgreSQL (a single COPY stream leaves the server's second core idle: 131-167k rows/s against
+    232-261k with two, measured here), one on SQLite (its writers take turns anyway). At most
+    `writers * 2` chunks wait, so memory stays bounded; the first failure is raised."""
+
+    def __init__(self, db_url: str, run_id: int, model_version: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        writers = 2 if engine_for(db_url).dialect.name == "postgresql" else 1
+        self._args, self._limit = (db_url, run_id, model_version), 2 * writers
+        self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="vtag-writer")
+        self._pending: list = []
+        self.rows_written = 0
+
+    def submit(self, ids: list[str], top_labels: np.ndarray, top_scores: np.ndarray) -> None:
+        if len(self._pending) >= self._limit:
+            self.rows_written += self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(write_chunk, *self._args, ids, top_labels, top_scores))
+
+    def abandon(self) -> None:
+        """The caller failed: let the chunks in flight finish (their failures no longer matter)."""
+        try:
+            self.close()
+        except BaseException:
+            pass
+
+    def close(self) -> int:
+        """Wait for every chunk; raise the first failure after all have finished."""
+        error = None
+        for future in self._pending:
+            try:
+                self.rows_written += future.result()
+            except BaseException as exc:  # keep waiting: no write may outlive the run's bookkeeping
+                error = error or exc
+        self._pending = []
+        self._pool.shutdown()
+        if error is not None:
+            raise error
+        return self.rows_written
+
+
 def set_total(db_url: str, run_id: int, total: int) -> None:
     with engine_for(db_url).begin() as conn:
         conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(videos_total=total))

@@ -135,30 +135,35 @@ def run_inference(db_url: str, logical_date: datetime, *, top_k: int = 20, level
                 writer = csv.writer(csv_file)
                 writer.writerow(["VideoId", "LabelConfidencePairs"])
                 pending_ids, pending_labels, pending_scores = [], [], []
+                chunks = predictions.ChunkWriter(db_url, run_id, number)
 
                 def flush():
                     if pending_ids:
                         labels, scores = np.concatenate(pending_labels), np.concatenate(pending_scores)
-                        report.rows_written += predictions.write_chunk(db_url, run_id, number, list(pending_ids),
-                                                                       labels[:, :top_k], scores[:, :top_k])
+                        chunks.submit(list(pending_ids), labels[:, :top_k], scores[:, :top_k])
                         pending_ids.clear(), pending_labels.clear(), pending_scores.clear()
 
                 bar = _progress(len(selected), progress)
-                for ids, scores in _score_files(model, config, by_file, device, s3, batch_size):
-                    labels, top_scores = _top(scores, csv_top)
-                    for i, video in enumerate(ids):
-                        pairs = [(int(l), float(s)) for l, s in zip(labels[i], top_scores[i])]
-                        writer.writerow([video, " ".join(f"{l} {s:g}" for l, s in pairs[:CSV_TOP])])
-                        pickle_rows.append((video, pairs[:top_k]))
-                        if len(report.preview) < 5:
-                            report.preview.append((video, pairs[:3]))
-                    pending_ids.extend(ids), pending_labels.append(labels), pending_scores.append(top_scores)
-                    report.videos += len(ids)
-                    if bar is not None:
-                        bar.update(len(ids))
-                    if len(pending_ids) >= CHUNK_VIDEOS:
-                        flush()
-                flush()
+                try:
+                    for ids, scores in _score_files(model, config, by_file, device, s3, batch_size):
+                        labels, top_scores = _top(scores, csv_top)
+                        for i, video in enumerate(ids):
+                            pairs = [(int(l), float(s)) for l, s in zip(labels[i], top_scores[i])]
+                            writer.writerow([video, " ".join(f"{l} {s:g}" for l, s in pairs[:CSV_TOP])])
+                            pickle_rows.append((video, pairs[:top_k]))
+                            if len(report.preview) < 5:
+                                report.preview.append((video, pairs[:3]))
+                        pending_ids.extend(ids), pending_labels.append(labels), pending_scores.append(top_scores)
+                        report.videos += len(ids)
+                        if bar is not None:
+                            bar.update(len(ids))
+                        if len(pending_ids) >= CHUNK_VIDEOS:
+                            flush()
+                    flush()
+                except BaseException:
+                    chunks.abandon()
+                    raise
+                report.rows_written = chunks.close()
                 if bar is not None:
                     bar.close()
             with open(Path(tmp) / "AttentionLSTM_infer_result", "wb") as f:
