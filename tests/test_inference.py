@@ -33,6 +33,10 @@ def raw_shards(tmp_path_factory):
 @pytest.fixture
 def world(raw_shards, tmp_path, db_url):
     """A database with the vocabulary, 50 ingested videos and a production model."""
+    return _world(raw_shards, tmp_path, db_url)
+
+
+def _world(raw_shards, tmp_path, db_url) -> dict:
     parquet = str(tmp_path / "parquet")
     assert not ingest(str(raw_shards), parquet, db_url).failed
     catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv"))
@@ -208,9 +212,8 @@ def test_every_query_runs_as_written(world):
 
 
 @pytest.mark.postgres
-def test_analyst_role_reads_predictions_and_cannot_write(world):
-    if not world["db"].startswith("postgresql"):
-        pytest.skip("the analysts' role is PostgreSQL's")
+def test_analyst_role_reads_predictions_and_cannot_write(raw_shards, tmp_path, pg_url):
+    world = _world(raw_shards, tmp_path, pg_url)  # the analysts' role is PostgreSQL's
     run_inference(world["db"], NIGHT, top_k=1, exports_uri=world["exports"])
     with engine_for(world["db"]).connect() as conn:
         conn.execute(text("SET ROLE vtag_analyst"))
