@@ -27,8 +27,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# Airflow's metadata database, and the pool the GPU tasks run in (a scheduler never runs them without it).
 airflow-db: install
 	airflow db migrate > $(VTAG_HOME)/airflow-migrate.log 2>&1 || (cat $(VTAG_HOME)/airflow-migrate.log; exit 1)
+	airflow pools set gpu 1 "GPU tasks: training and nightly inference" > /dev/null
 
 # Main job on the embedded defaults: synthetic shards -> yt8m_ingest -> yt8m_train (train, evaluate,
 # promote) -> yt8m_nightly_inference through Airflow, then a few tagged videos from the database.
