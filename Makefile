@@ -17,7 +17,7 @@ TRAIN_CONF := {"data": "$(PARQUET)", "level": "frame", "preset": "small", "max_f
 INFER_CONF := {"top_k": 20}
 VOCABULARY ?= $(CURDIR)/../shared/yt8m/vocabulary.csv
 
-.PHONY: install demo test airflow-db bench real-video constraints clean
+.PHONY: install demo test airflow-db airflow bench real-video constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ define airflow_run
 	@airflow dags test $(1) -c '$(2)' > $(VTAG_HOME)/$(1).log 2>&1 || (tail -40 $(VTAG_HOME)/$(1).log; exit 1)
 	@grep -E "DagRun Finished" $(VTAG_HOME)/$(1).log | sed -E 's/.*(dag_id=[^,]+).*(state=[a-z]+).*/\1 \2/'
 endef
+
+# The Airflow UI on the embedded defaults, our DAGs unpaused; Ctrl-C stops every process it started.
+# The nightly DAG starts today here, so that a first start does not catch up on every night since November.
+airflow: install
+	mkdir -p $(VTAG_HOME)
+	VTAG_NIGHTLY_START=$$(date -u +%Y-%m-%d) $(BIN)/python -m tasks.local_airflow
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,94 @@
+"""A local Airflow on the embedded defaults, for the UI: `make airflow` (python -m tasks.local_airflow).
+
+Runs `airflow standalone` (API server, scheduler, DAG processor, triggerer) in its own process group
+with our DAGs, migrates its metadata, creates the `gpu` pool, unpauses the yt8m DAGs once parsed,
+prints the URL and the login, and on Ctrl-C or SIGTERM stops the whole group: a plain SIGTERM to
+`airflow standalone` would leave its children running.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+DAG_IDS = ("yt8m_ingest", "yt8m_train", "yt8m_nightly_inference")
+
+
+def _airflow(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["airflow", *args], capture_output=True, text=True, check=check)
+
+
+def _wait_healthy(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"Airflow did not answer at {url} within {seconds:.0f} s")
+
+
+def _unpause(seconds: float) -> None:
+    """DAGs exist for the CLI only once the DAG processor has parsed them: retry until then."""
+    pending, deadline = set(DAG_IDS), time.monotonic() + seconds
+    while pending and time.monotonic() < deadline:
+        for dag_id in sorted(pending):
+            if _airflow("dags", "unpause", dag_id, check=False).returncode == 0:
+                pending.discard(dag_id)
+        time.sleep(2)
+    if pending:
+        raise TimeoutError(f"DAGs not parsed after {seconds:.0f} s: {', '.join(sorted(pending))}")
+
+
+def _stop(group: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(group.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            group.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    home = Path(os.environ.setdefault("AIRFLOW_HOME", str(Path.cwd() / ".demo" / "airflow")))
+    port = os.environ.get("AIRFLOW__API__PORT", "8080")
+    url = f"http://localhost:{port}"
+    home.mkdir(parents=True, exist_ok=True)
+    _airflow("db", "migrate")
+    _airflow("pools", "set", "gpu", "1", "GPU tasks: training and nightly inference")
+    log = open(home / "standalone.log", "ab")
+    group = subprocess.Popen(["airflow", "standalone"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the group as Ctrl-C does
+    try:
+        _wait_healthy(url, 180)
+        _unpause(180)
+        passwords = json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())
+        user, password = next(iter(passwords.items()))
+        print(f"Airflow is up at {url}  (login: {user} / {password})", flush=True)
+        print(f"DAGs unpaused: {', '.join(DAG_IDS)}; log: {home / 'standalone.log'}. Ctrl-C stops it all.", flush=True)
+        return group.wait()
+    except KeyboardInterrupt:
+        print("\nstopping Airflow...", flush=True)
+        return 0
+    finally:
+        _stop(group)
+        log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
