@@ -4,9 +4,8 @@ import csv
 from datetime import datetime, timezone
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 
-from storage.db import engine_for
+from storage.db import engine_for, upsert_insert
 from storage.objectstore import S3Config, store_for
 from storage.schema import labels, video_labels, videos
 
@@ -15,10 +14,6 @@ VOCABULARY_COLUMNS = ("Index", "TrainVideoCount", "KnowledgeGraphId", "Name", "W
 
 class VocabularyError(ValueError):
     pass
-
-
-def _insert(conn):
-    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert
 
 
 def load_vocabulary(db_url: str, uri: str, s3: S3Config | None = None) -> int:
@@ -44,7 +39,7 @@ def load_vocabulary(db_url: str, uri: str, s3: S3Config | None = None) -> int:
     if not rows:
         raise VocabularyError(f"{uri}: no labels in it")
     with engine_for(db_url).begin() as conn:
-        statement = _insert(conn)(labels)
+        statement = upsert_insert(conn)(labels)
         statement = statement.on_conflict_do_update(
             index_elements=["label_id"], set_={c: statement.excluded[c] for c in rows[0] if c != "label_id"})
         conn.execute(statement, rows)
@@ -59,7 +54,7 @@ def record_videos(db_url: str, ids: list[str], labels_of: list[list[int]], *, sp
              "ingested_at": now} for i in ids]
     with engine_for(db_url).begin() as conn:
         conn.execute(delete(videos).where(videos.c.source_uri == source_uri, videos.c.level == level))
-        statement = _insert(conn)(videos)
+        statement = upsert_insert(conn)(videos)
         # An id that came before from another shard moves here (Google's shards never share ids).
         statement = statement.on_conflict_do_update(
             index_elements=["video_id", "level"],

@@ -39,6 +39,13 @@ def engine_for(url: str) -> Engine:
     return create_engine(parsed, pool_pre_ping=True)
 
 
+def upsert_insert(bind):
+    """The dialect's INSERT, which has ON CONFLICT DO UPDATE / DO NOTHING, for an engine or connection."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return (postgresql if bind.dialect.name == "postgresql" else sqlite).insert
+
+
 def _sqlite_pragmas(dbapi_connection, _record):
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")

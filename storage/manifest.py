@@ -4,9 +4,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
-from storage.db import engine_for
+from storage.db import engine_for, upsert_insert
 from storage.objectstore import ObjectInfo
 from storage.schema import ingested_shards as t
 
@@ -24,7 +23,7 @@ class ShardFailure:
 
 def _upsert(db_url: str, source: ObjectInfo, dest: str, values: dict) -> None:
     engine = engine_for(db_url)
-    insert = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert
+    insert = upsert_insert(engine)
     row = {"source_uri": source.uri, "dest_uri": dest, "size_bytes": source.size, "fingerprint": source.fingerprint, **values}
     statement = insert(t).values(**row)
     statement = statement.on_conflict_do_update(
