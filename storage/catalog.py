@@ -1,11 +1,10 @@
 """The catalogue of what ingest brought in: the label vocabulary, the videos and their ground truth."""
 
 import csv
-from datetime import datetime, timezone
 
 from sqlalchemy import delete, func, select
 
-from storage.db import engine_for, upsert_insert
+from storage.db import engine_for, upsert_insert, utcnow
 from storage.objectstore import S3Config, store_for
 from storage.schema import labels, video_labels, videos
 
@@ -49,7 +48,7 @@ def load_vocabulary(db_url: str, uri: str, s3: S3Config | None = None) -> int:
 def record_videos(db_url: str, ids: list[str], labels_of: list[list[int]], *, split: str, level: str,
                   source_uri: str, parquet_uri: str) -> None:
     """Make the catalogue hold exactly a converted shard's videos and their ground truth, in one transaction."""
-    now = datetime.now(timezone.utc)
+    now = utcnow()
     rows = [{"video_id": i, "split": split, "level": level, "source_uri": source_uri, "parquet_uri": parquet_uri,
              "ingested_at": now} for i in ids]
     with engine_for(db_url).begin() as conn:

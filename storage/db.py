@@ -1,6 +1,7 @@
 """Database access: engines for SQLite (embedded default) and PostgreSQL, and Alembic migrations."""
 
 import threading
+from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
 
@@ -37,6 +38,11 @@ def engine_for(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(parsed, pool_pre_ping=True)
+
+
+def utcnow() -> datetime:
+    """Timestamps for the tables: timezone-aware UTC, so SQLite and PostgreSQL rows compare alike."""
+    return datetime.now(timezone.utc)
 
 
 def upsert_insert(bind):

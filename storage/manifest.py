@@ -1,17 +1,13 @@
 """The ingest manifest: which shards were converted, from what content, to where, and which failed."""
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from sqlalchemy import select, update
 
-from storage.db import engine_for, upsert_insert
+from storage.db import engine_for, upsert_insert, utcnow
 from storage.objectstore import ObjectInfo
 from storage.schema import ingested_shards as t
 
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -42,7 +38,7 @@ def _update(db_url: str, source: ObjectInfo, dest: str, values: dict) -> None:
 def mark_running(db_url: str, source: ObjectInfo, dest: str) -> None:
     """Start (or restart) the shard's row; the outcome is written over it by mark_succeeded/mark_failed."""
     _upsert(db_url, source, dest, {
-        "status": "running", "started_at": _now(), "finished_at": None, "error": None,
+        "status": "running", "started_at": utcnow(), "finished_at": None, "error": None,
         "error_record": None, "error_offset": None, "rows": None, "checksum": None, "output_uri": None,
     })
 
@@ -51,14 +47,14 @@ def mark_succeeded(db_url: str, source: ObjectInfo, dest: str, *, output_uri: st
                    rows: int, checksum: str) -> None:
     _update(db_url, source, dest, {
         "status": "succeeded", "output_uri": output_uri, "level": level, "split": split, "rows": rows,
-        "checksum": checksum, "finished_at": _now(),
+        "checksum": checksum, "finished_at": utcnow(),
     })
 
 
 def mark_failed(db_url: str, source: ObjectInfo, dest: str, failure: ShardFailure) -> None:
     _update(db_url, source, dest, {
         "status": "failed", "error": failure.error, "error_record": failure.record,
-        "error_offset": failure.offset, "finished_at": _now(),
+        "error_offset": failure.offset, "finished_at": utcnow(),
     })
 
 

@@ -6,21 +6,18 @@ two runs scored the same video at once, so they never collide); SQLite with exec
 """
 
 import io
-from datetime import datetime, timezone
+from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 from sqlalchemy import and_, delete, exists, insert, select, update
 
-from storage.db import engine_for
+from storage.db import engine_for, utcnow
 from storage.schema import inference_runs, predictions, videos
 
 COLUMNS = ("video_id", "model_version", "rank", "label_id", "score", "run_id")
 
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def start_run(db_url: str, logical_date: datetime, model_version: int, top_k: int, airflow_run_id: str | None,
@@ -32,7 +29,7 @@ def start_run(db_url: str, logical_date: datetime, model_version: int, top_k: in
             inference_runs.c.logical_date == logical_date, inference_runs.c.model_version == model_version)
             .with_for_update()).scalar()
         values = {"top_k": top_k, "status": "running", "videos_total": 0, "videos_done": 0, "rows_written": 0,
-                  "error": None, "airflow_run_id": airflow_run_id, "started_at": _now(), "finished_at": None}
+                  "error": None, "airflow_run_id": airflow_run_id, "started_at": utcnow(), "finished_at": None}
         if run_id is None:
             return conn.execute(insert(inference_runs).values(logical_date=logical_date, model_version=model_version, **values)
                                 .returning(inference_runs.c.run_id)).scalar_one()
@@ -191,5 +188,5 @@ def set_total(db_url: str, run_id: int, total: int) -> None:
 def finish_run(db_url: str, run_id: int, error: str | None = None) -> dict:
     with engine_for(db_url).begin() as conn:
         conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(
-            status="failed" if error else "succeeded", error=error, finished_at=_now()))
+            status="failed" if error else "succeeded", error=error, finished_at=utcnow()))
         return conn.execute(select(inference_runs).where(inference_runs.c.run_id == run_id)).first()._asdict()

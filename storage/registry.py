@@ -1,19 +1,15 @@
 """The model registry: model versions, their evaluations, and which one is in production."""
 
-from datetime import datetime, timezone
 
 from sqlalchemy import func, insert, select, update
 
-from storage.db import engine_for
+from storage.db import engine_for, utcnow
 from storage.schema import evaluations, model_versions
 
 
 class RegistryError(ValueError):
     pass
 
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def register(db_url: str, *, level: str, preset: str, checkpoint_uri: str, config: dict, data_uri: str,
@@ -25,7 +21,7 @@ def register(db_url: str, *, level: str, preset: str, checkpoint_uri: str, confi
             return existing
         return conn.execute(insert(model_versions).values(
             level=level, preset=preset, checkpoint_uri=checkpoint_uri, config=config, data_uri=data_uri,
-            train_split=train_split, epochs=epochs, steps=steps, status="trained", run_id=run_id, created_at=_now(),
+            train_split=train_split, epochs=epochs, steps=steps, status="trained", run_id=run_id, created_at=utcnow(),
         ).returning(model_versions.c.version)).scalar_one()
 
 
@@ -35,7 +31,7 @@ def record_evaluation(db_url: str, version: int, *, split: str, data_uri: str, p
         return conn.execute(insert(evaluations).values(
             model_version=version, split=split, data_uri=data_uri, pattern=pattern, hit_at_one=metrics["hit_at_one"],
             perr=metrics["perr"], gap=metrics["gap"], map=metrics["map"], videos=videos, seconds=seconds,
-            plot_uri=plot_uri, evaluated_at=_now(),
+            plot_uri=plot_uri, evaluated_at=utcnow(),
         ).returning(evaluations.c.id)).scalar_one()
 
 
@@ -98,7 +94,7 @@ def promote_if_better(db_url: str, version: int, split: str = "validate") -> tup
         if current is not None:
             conn.execute(update(model_versions).where(model_versions.c.version == current.version).values(status="archived"))
         conn.execute(update(model_versions).where(model_versions.c.version == version)
-                     .values(status="production", promoted_at=_now()))
+                     .values(status="production", promoted_at=utcnow()))
         before = f"production version {current.version} GAP {theirs.gap:.4f}" if theirs is not None else "no production model"
         return True, f"version {version} GAP {mine.gap:.4f} promoted ({before})"
 
