@@ -17,7 +17,7 @@ TRAIN_CONF := {"data": "$(PARQUET)", "level": "frame", "preset": "small", "max_f
 INFER_CONF := {"top_k": 20}
 VOCABULARY ?= $(CURDIR)/../shared/yt8m/vocabulary.csv
 
-.PHONY: install demo test airflow-db airflow bench real-video constraints clean
+.PHONY: install tools demo test airflow-db airflow bench real-video constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+# Debian tools the tests drive: docker-compose (validates docker/compose.yaml; no engine needed) and
+# headless Chromium (the browser test of the Airflow UI). Installed once, as root, from Debian's packages.
+DEBIAN_TOOLS := docker-compose chromium
+tools:
+	@missing=""; for tool in $(DEBIAN_TOOLS); do command -v $$tool > /dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends $$missing > /dev/null \
+			|| { apt-get update -q > /dev/null && apt-get install -y -q --no-install-recommends $$missing > /dev/null; } \
+			|| { echo "could not install$$missing (run as root, or install them yourself)"; exit 1; }; \
+	fi
 
 # Airflow's metadata database, and the pool the GPU tasks run in (a scheduler never runs them without it).
 airflow-db: install
@@ -62,7 +75,7 @@ airflow: install
 	mkdir -p $(VTAG_HOME)
 	VTAG_NIGHTLY_START=$$(date -u +%Y-%m-%d) $(BIN)/python -m tasks.local_airflow
 
-test: install
+test: install tools
 	$(BIN)/python -m pytest -q
 
 bench: install
