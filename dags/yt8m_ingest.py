@@ -8,6 +8,7 @@ yt8m_parquet asset is updated with the shards that did.
 import pendulum
 from airflow.sdk import Param, dag, task
 from yt8m_assets import YT8M_PARQUET
+from yt8m_params import URI_PATTERN
 
 
 @dag(
@@ -18,9 +19,9 @@ from yt8m_assets import YT8M_PARQUET
     max_active_runs=1,
     tags=["yt8m"],
     params={
-        "src": Param("", type="string", title="Source URI",
+        "src": Param(None, type=["null", "string"], pattern=URI_PATTERN, title="Source URI",
                      description="Folder of TFRecord shards (path, file:// or s3://). Empty: the yt8m_raw_uri variable."),
-        "dest": Param("", type="string", title="Destination URI",
+        "dest": Param(None, type=["null", "string"], pattern=URI_PATTERN, title="Destination URI",
                       description="Root of the Parquet layout. Empty: the yt8m_parquet_uri variable."),
         "pattern": Param("*.tfrecord", type="string", minLength=1, title="File pattern", description="Glob on shard names."),
         "force": Param(False, type="boolean", title="Force", description="Convert again even unchanged shards."),

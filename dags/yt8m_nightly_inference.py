@@ -27,7 +27,7 @@ from airflow.sdk import Param, dag, task
                                description="Empty: the production model."),
         "video_ids": Param([], type="array", items={"type": "string", "pattern": "^[A-Za-z0-9_-]{1,32}$"},
                            title="Videos to (re)score", description="Empty: everything not scored yet."),
-        "shard_pattern": Param("", type="string", title="Parquet file pattern",
+        "shard_pattern": Param(None, type=["null", "string"], title="Parquet file pattern",
                                description="Only videos from matching files, e.g. train00*.parquet. Empty: all."),
         "dry_run": Param(False, type="boolean", title="Dry run", description="Count what would be scored; write nothing."),
     },

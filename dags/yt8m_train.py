@@ -10,6 +10,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 from yt8m_assets import YT8M_PARQUET
+from yt8m_params import URI_PATTERN
 
 
 def _optional(kind: str, title: str, **limits) -> Param:
@@ -24,7 +25,7 @@ def _optional(kind: str, title: str, **limits) -> Param:
     max_active_runs=1,
     tags=["yt8m"],
     params={
-        "data": Param("", type="string", title="Parquet root URI",
+        "data": Param(None, type=["null", "string"], pattern=URI_PATTERN, title="Parquet root URI",
                       description="Empty: where the triggering ingest wrote, else the yt8m_parquet_uri variable."),
         "level": Param("frame", enum=["frame", "video"], title="Level"),
         "preset": Param("", enum=["", "seed", "small", "video"], title="Model preset",
@@ -33,7 +34,7 @@ def _optional(kind: str, title: str, **limits) -> Param:
         "batch_size": _optional("integer", "Batch size", minimum=1),
         "learning_rate": _optional("number", "Learning rate", exclusiveMinimum=0),
         "max_frames": _optional("integer", "Max frames", minimum=1, maximum=300),
-        "resume_checkpoint": Param("", type="string", title="Resume from checkpoint",
+        "resume_checkpoint": Param(None, type=["null", "string"], pattern=URI_PATTERN, title="Resume from checkpoint",
                                    description="Start from this checkpoint's weights (fine-tuning)."),
         "checkpoint_every": Param(1000, type="integer", minimum=0, title="Checkpoint every N steps",
                                   description="Besides every epoch; 0: epochs only. A crash loses at most this much."),

@@ -8,6 +8,7 @@ S3 makes visible all at once). Reads stream, so a 400 MB shard is never held in 
 import fnmatch
 import io
 import os
+import re
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -70,6 +71,11 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete(self, uri: str) -> None: ...
 
+    def remove_stale_temporaries(self, uri: str) -> "list[str]":
+        """Remove what killed writers of `uri` left behind; returns what was removed. Call it only while
+        no other writer of `uri` is alive (a retry of the same task, which runs after its try died)."""
+        return []
+
     def exists(self, uri: str) -> bool:
         return self.info(uri) is not None
 
@@ -127,6 +133,21 @@ class LocalStore(ObjectStore):
             os.replace(tmp_path, final)
         finally:
             tmp_path.unlink(missing_ok=True)
+
+    def remove_stale_temporaries(self, uri: str) -> "list[str]":
+        # A writer SIGKILLed inside publish() never reaches its `finally`: its hidden temporary stays.
+        final = self.path(uri)
+        temporary = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkstemp's names, exactly
+        try:
+            names = os.listdir(final.parent)
+        except FileNotFoundError:
+            return []
+        removed = []
+        for name in names:
+            if temporary.fullmatch(name):
+                (final.parent / name).unlink(missing_ok=True)
+                removed.append(str(final.parent / name))
+        return removed
 
     def delete(self, uri: str) -> None:
         self.path(uri).unlink(missing_ok=True)

@@ -5,8 +5,12 @@ per chunk. PostgreSQL takes them with COPY (through a staging table and ON CONFL
 two runs scored the same video at once, so they never collide); SQLite with executemany.
 """
 
+import hashlib
 import io
+import logging
+from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +21,60 @@ from storage.db import engine_for, utcnow
 from storage.schema import inference_runs, predictions, videos
 
 COLUMNS = ("video_id", "model_version", "rank", "label_id", "score", "run_id")
+
+log = logging.getLogger(__name__)
+
+
+def _lock_key(logical_date: datetime, model_version: int) -> int:
+    """A signed 64-bit advisory-lock key for (model version, logical date). Alembic's lock (env.py) is a
+    small constant: a clash costs at most a wait, never a wrong result."""
+    digest = hashlib.blake2b(f"vtag-inference-run:{model_version}:{logical_date.isoformat()}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+@contextmanager
+def run_lock(db_url: str, logical_date: datetime, model_version: int):
+    """Held while a run of (logical date, model version) scores and writes: a second run of the same
+    pair waits for the first and then replaces its rows (a rerun), instead of both writing one run.
+
+    PostgreSQL: a session advisory lock on a connection of its own, released when the run ends or its
+    process dies (the server drops the lock with the connection). SQLite: a file lock beside the
+    database, which runs of every date share (SQLite takes one writer at a time anyway)."""
+    engine = engine_for(db_url)
+    if engine.dialect.name == "postgresql":
+        key = _lock_key(logical_date, model_version)
+        conn = engine.connect()
+        try:
+            if not conn.exec_driver_sql("SELECT pg_try_advisory_lock(%s)", (key,)).scalar():
+                log.warning("another run of model version %d for %s is in progress: waiting for it to finish",
+                            model_version, logical_date.isoformat())
+                conn.exec_driver_sql("SELECT pg_advisory_lock(%s)", (key,))
+            conn.commit()  # the session lock outlives the transaction; no transaction stays open
+            yield
+        finally:
+            try:
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (key,))
+                conn.commit()
+            except Exception:  # the connection broke (server restarted): the lock went with it
+                conn.invalidate()
+            conn.close()
+        return
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    import fcntl
+
+    with open(Path(database).with_name(Path(database).name + "-inference.lock"), "a") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another inference run on %s is in progress: waiting for it to finish", database)
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 

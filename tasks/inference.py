@@ -113,14 +113,26 @@ def run_inference(db_url: str, logical_date: datetime, *, top_k: int = 20, level
 
     device = pick_device()
     model, config = load_model(version["checkpoint_uri"], device, s3)
-    if video_ids and not dry_run:
+    if dry_run:
+        return InferenceReport(None, number, len(_select(db_url, number, logical_date, level, video_ids, shard_pattern)), 0)
+    # Two tries of the same night at once (a task's retry while a lost try still runs, `vtag infer`
+    # beside the DAG) would share one run: the later start would empty the earlier one's rows under it
+    # and both would count their videos into it. They take turns instead, the later replacing the run.
+    with predictions.run_lock(db_url, logical_date, number):
+        return _write_run(db_url, logical_date, model, config, device, number, top_k=top_k, level=level,
+                          video_ids=video_ids, shard_pattern=shard_pattern, exports_uri=exports_uri, s3=s3,
+                          airflow_run_id=airflow_run_id, batch_size=batch_size, progress=progress)
+
+
+def _write_run(db_url: str, logical_date: datetime, model, config, device, number: int, *, top_k: int, level: str,
+               video_ids: list[str] | None, shard_pattern: str | None, exports_uri: str | None, s3: S3Config | None,
+               airflow_run_id: str | None, batch_size: int, progress: bool) -> InferenceReport:
+    if video_ids:
         predictions.forget(db_url, number, video_ids)
     selected = _select(db_url, number, logical_date, level, video_ids, shard_pattern)
     by_file: dict[str, set[str]] = defaultdict(set)
     for video, uri in selected:
         by_file[uri].add(video)
-    if dry_run:
-        return InferenceReport(None, number, len(selected), 0)
 
     # A targeted (re)scoring adds to the night's run; only a whole night replaces it.
     run_id = predictions.start_run(db_url, logical_date, number, top_k, airflow_run_id,

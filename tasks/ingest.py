@@ -117,7 +117,12 @@ def _convert(shard: ObjectInfo, dest: str, s3: S3Config | None) -> tuple[dict, l
             raise BadRecordError(shard.uri, first.index, first.offset, str(exc)) from None
         decode = _DECODERS[level]
         out = output_uri(dest, level, shard.name)
-        with store_for(out, s3).publish(out) as tmp_path:
+        out_store = store_for(out, s3)
+        # An earlier try of this shard killed mid-write (SIGKILL, OOM, a lost node) left its hidden
+        # temporary behind; this try runs only once that one is dead, so nothing else is writing it.
+        for stale in out_store.remove_stale_temporaries(out):
+            log.warning("removed %s, left by a killed earlier try of %s", stale, shard.uri)
+        with out_store.publish(out) as tmp_path:
             writer = ShardParquetWriter(tmp_path, level)
             try:
                 for record in itertools.chain([first], records):

@@ -154,3 +154,70 @@ def dag_db_url(db_url, monkeypatch) -> str:
     else:
         monkeypatch.setenv("VTAG_DB_URL", db_url)
     return db_url
+
+
+class _Report:
+    """What a fault or security test injected and what it checked, printed even under `pytest -q`."""
+
+    def __init__(self, request):
+        self._request = request
+        self._capture = request.config.pluginmanager.getplugin("capturemanager")
+        self._terminal = request.config.pluginmanager.getplugin("terminalreporter")
+        self._first = True
+
+    def _say(self, kind: str, message: str) -> None:
+        self._request.node.user_properties.append((kind, message))
+        if self._terminal is None:  # -p no:terminal
+            return
+        lines = [f"  {kind}: {message}"]
+        if self._first:
+            lines.insert(0, f"{self._request.node.nodeid}")
+            self._first = False
+        if self._capture is not None:
+            with self._capture.global_and_fixture_disabled():
+                self._write(lines)
+        else:
+            self._write(lines)
+
+    def _write(self, lines):
+        self._terminal.ensure_newline()
+        for line in lines:
+            self._terminal.write_line(line)
+
+    def injected(self, message: str) -> None:
+        self._say("injected", message)
+
+    def checked(self, message: str) -> None:
+        self._say("checked", message)
+
+    def observed(self, message: str) -> None:
+        self._say("observed", message)
+
+
+@pytest.fixture
+def report(request) -> _Report:
+    """report.injected(...), report.observed(...), report.checked(...): one line each on the terminal."""
+    return _Report(request)
+
+
+@pytest.fixture(scope="session")
+def raw_shards(tmp_path_factory):
+    """Synthetic frame-level shards for an inference world (tests/worlds.py): 40 train and 10 validate videos."""
+    from tests.worlds import inference_shards
+
+    return inference_shards(tmp_path_factory.mktemp("inference-raw"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(raw_shards, tmp_path_factory) -> str:
+    """A TINY model trained once on `raw_shards`, for tests that need a production model but do not test
+    training: tests.worlds.build_world(..., checkpoint=tiny_checkpoint) registers and promotes it."""
+    from tasks.ingest import ingest
+    from tasks.training import train_model
+    from tests.worlds import TINY
+
+    home = tmp_path_factory.mktemp("tiny-model")
+    db_url, parquet = f"sqlite:///{home / 'train.db'}", str(home / "parquet")
+    assert not ingest(str(raw_shards), parquet, db_url).failed
+    trained = train_model(parquet, str(home / "model"), "frame", db_url, preset="small", overrides=TINY, progress=False)
+    return trained["checkpoint_uri"]

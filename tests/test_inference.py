@@ -3,7 +3,7 @@
 import csv
 import pickle
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import text
@@ -12,44 +12,14 @@ from storage import catalog, predictions
 from storage.db import engine_for
 from tasks import queries
 from tasks.inference import InferenceError, NoProductionModel, run_inference
-from tasks.ingest import ingest
-from tasks.synth import SynthConfig, synth
-from tasks.training import evaluate_model, promote, train_model
 from tests.conftest import SHARED
-
-TINY = {"embedding_size": 8, "lstm_size": 8, "head_sizes": [16, 16], "batch_size": 8, "max_frames": 20,
-        "num_workers": 0, "epochs": 3, "learning_rate": 1e-2, "lr_decay_epochs": []}
-NIGHT = datetime(2030, 1, 2, 2, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture(scope="session")
-def raw_shards(tmp_path_factory):
-    raw = tmp_path_factory.mktemp("inference-raw")
-    synth(str(raw), SynthConfig("frame", "train", shards=2, videos_per_shard=20, num_labels=10, seed=2))
-    synth(str(raw), SynthConfig("frame", "validate", shards=1, videos_per_shard=10, num_labels=10, seed=2))
-    return raw
+from tests.worlds import NIGHT, TINY, build_world as _world, count as _count, row as _row, rows as _rows  # noqa: F401 (TINY, for test_dag_*)
 
 
 @pytest.fixture
 def world(raw_shards, tmp_path, db_url):
-    """A database with the vocabulary, 50 ingested videos and a production model."""
+    """A database with the vocabulary, 50 ingested videos and a production model (raw_shards: conftest)."""
     return _world(raw_shards, tmp_path, db_url)
-
-
-def _world(raw_shards, tmp_path, db_url) -> dict:
-    parquet = str(tmp_path / "parquet")
-    assert not ingest(str(raw_shards), parquet, db_url).failed
-    catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv"))
-    trained = train_model(parquet, str(tmp_path / "model"), "frame", db_url, preset="small", overrides=TINY, progress=False)
-    evaluate_model(trained["checkpoint_uri"], parquet, db_url)
-    promote(db_url, trained["version"])
-    return {"db": db_url, "parquet": parquet, "version": trained["version"], "checkpoint": trained["checkpoint_uri"],
-            "exports": str(tmp_path / "exports")}
-
-
-def _count(db_url, sql, **params):
-    with engine_for(db_url).connect() as conn:
-        return conn.execute(text(sql), params).scalar()
 
 
 def test_vocabulary_loads_all_real_labels(db_url):
@@ -119,11 +89,6 @@ def test_a_run_killed_mid_write_is_not_complete_and_its_retry_finishes(world, mo
     assert _row(world["db"], "SELECT status, videos_done, rows_written FROM inference_runs") == ("succeeded", 50, 200)
 
 
-def _row(db_url, sql):
-    with engine_for(db_url).connect() as conn:
-        return tuple(conn.execute(text(sql)).one())
-
-
 def test_two_dates_at_once_do_not_interfere(world):
     errors = []
 
@@ -158,11 +123,6 @@ def test_rescoring_given_videos_and_bad_requests(world):
         run_inference(db_url, NIGHT, model_version=99)
     with pytest.raises(NoProductionModel, match="no production model for level 'video'"):
         run_inference(db_url, NIGHT, level="video")
-
-
-def _rows(db_url, sql, **params):
-    with engine_for(db_url).connect() as conn:
-        return conn.execute(text(sql), params).all()
 
 
 def test_every_query_runs_as_written(world):
@@ -210,14 +170,3 @@ def test_every_query_runs_as_written(world):
     # Parameters are bound, never pasted into SQL: a hostile id is just an id that matches nothing.
     assert queries.run(db_url, "video_top_labels", {"video_id": "x' OR '1'='1", "k": "3"})[1] == []
 
-
-@pytest.mark.postgres
-def test_analyst_role_reads_predictions_and_cannot_write(raw_shards, tmp_path, pg_url):
-    world = _world(raw_shards, tmp_path, pg_url)  # the analysts' role is PostgreSQL's
-    run_inference(world["db"], NIGHT, top_k=1, exports_uri=world["exports"])
-    with engine_for(world["db"]).connect() as conn:
-        conn.execute(text("SET ROLE vtag_analyst"))
-        assert conn.execute(text("SELECT COUNT(*) FROM production_labels")).scalar() == 50
-        with pytest.raises(Exception, match="permission denied"):
-            conn.execute(text("DELETE FROM predictions"))
-        conn.rollback()

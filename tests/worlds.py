@@ -1,0 +1,57 @@
+"""A database ready for nightly inference: the vocabulary, ingested videos and a production model.
+
+Shared by the inference, fault and security tests (the shards come from the `raw_shards` fixture).
+"""
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import text
+
+from storage import catalog
+from storage.db import engine_for
+from tasks.ingest import ingest
+from tasks.synth import SynthConfig, synth
+from tasks.training import evaluate_model, promote, train_model
+from tests.conftest import SHARED
+
+TINY = {"embedding_size": 8, "lstm_size": 8, "head_sizes": [16, 16], "batch_size": 8, "max_frames": 20,
+        "num_workers": 0, "epochs": 3, "learning_rate": 1e-2, "lr_decay_epochs": []}
+NIGHT = datetime(2030, 1, 2, 2, 0, tzinfo=timezone.utc)
+VIDEOS = 50  # in inference_shards
+
+
+def inference_shards(raw: Path) -> Path:
+    synth(str(raw), SynthConfig("frame", "train", shards=2, videos_per_shard=20, num_labels=10, seed=2))
+    synth(str(raw), SynthConfig("frame", "validate", shards=1, videos_per_shard=10, num_labels=10, seed=2))
+    return raw
+
+
+def build_world(raw_shards, tmp_path, db_url, checkpoint: str | None = None) -> dict:
+    """Ingest the shards, load the vocabulary, and make a model production: trained here, or the given
+    checkpoint (registered, evaluated and promoted, which is much faster)."""
+    parquet = str(tmp_path / "parquet")
+    assert not ingest(str(raw_shards), parquet, db_url).failed
+    catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv"))
+    if checkpoint is None:
+        checkpoint = train_model(parquet, str(tmp_path / "model"), "frame", db_url, preset="small", overrides=TINY,
+                                 progress=False)["checkpoint_uri"]
+    version = evaluate_model(checkpoint, parquet, db_url)["version"]
+    promote(db_url, version)
+    return {"db": db_url, "parquet": parquet, "version": version, "checkpoint": checkpoint,
+            "exports": str(tmp_path / "exports")}
+
+
+def count(db_url, sql, **params):
+    with engine_for(db_url).connect() as conn:
+        return conn.execute(text(sql), params).scalar()
+
+
+def row(db_url, sql):
+    with engine_for(db_url).connect() as conn:
+        return tuple(conn.execute(text(sql)).one())
+
+
+def rows(db_url, sql, **params):
+    with engine_for(db_url).connect() as conn:
+        return conn.execute(text(sql), params).all()
