@@ -6,6 +6,7 @@ is deterministic for (seed, epoch), so a resumed run skips exactly the batches i
 without reading them. Features travel as uint8 and are dequantized on the device.
 """
 
+import multiprocessing
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,11 +201,23 @@ class ParquetBatches(IterableDataset):
 
 
 def loader(dataset: ParquetBatches, workers: int, pin_memory: bool) -> DataLoader:
+    if workers:
+        _allow_worker_processes()
     # Its own generator: a DataLoader draws a seed from the global RNG when it starts, which would
     # shift the dropout masks of a resumed run away from those of an uninterrupted one.
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       persistent_workers=False, prefetch_factor=4 if workers else None,
                       generator=torch.Generator().manual_seed(0))
+
+
+def _allow_worker_processes() -> None:
+    """A Celery prefork worker (Airflow's CeleryExecutor) runs tasks in daemonic processes, and
+    multiprocessing forbids those children, so the DataLoader could not start its workers. The task's
+    process is Airflow's own fork for this one task, supervised and reaped by Airflow, so clearing the
+    inherited flag is safe there."""
+    process = multiprocessing.current_process()
+    if process.daemon:
+        process._config["daemon"] = False
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
