@@ -47,17 +47,24 @@ def _unpause(seconds: float) -> None:
         raise TimeoutError(f"DAGs not parsed after {seconds:.0f} s: {', '.join(sorted(pending))}")
 
 
-def _stop(group: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 5)):
+def stop_group(group: subprocess.Popen, first: int = signal.SIGTERM, wait: float = 30) -> None:
+    """Stop a process started with start_new_session=True and every process of its group: `first`,
+    then SIGKILL for what is still there after `wait` seconds (the group's orphans included)."""
+    for sig, seconds in ((first, wait), (signal.SIGKILL, 5)):
         try:
             os.killpg(group.pid, sig)
         except ProcessLookupError:
             return
         try:
-            group.wait(timeout=wait)
-            return
+            group.wait(timeout=seconds)
+            if sig == signal.SIGKILL:
+                return
         except subprocess.TimeoutExpired:
             continue
+    try:
+        os.killpg(group.pid, signal.SIGKILL)  # the leader exited; children it left in the group go too
+    except ProcessLookupError:
+        pass
 
 
 def _interrupt(*_) -> None:
@@ -86,7 +93,7 @@ def main() -> int:
         print("\nstopping Airflow...", flush=True)
         return 0
     finally:
-        _stop(group)
+        stop_group(group)
         log.close()
 
 

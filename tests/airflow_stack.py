@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 
+from tasks.local_airflow import stop_group
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -88,21 +90,10 @@ class AirflowStack:
 
     def stop(self, name: str, sig: int = signal.SIGTERM, wait: float = 60) -> None:
         """Stop a component's whole process group: `sig` first, SIGKILL if it is still there after `wait`."""
-        proc = self.procs.pop(name)
-        for s, seconds in ((sig, wait), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, s)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=seconds)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        _kill_group_leftovers(proc.pid)
+        stop_group(self.procs.pop(name), sig, wait)
 
-    def stop_all(self) -> list[int]:
-        """Stop everything; return the pids of any process of this AIRFLOW_HOME still alive afterwards."""
+    def stop_all(self) -> dict[int, str]:
+        """Stop everything; return the processes of this AIRFLOW_HOME still alive afterwards."""
         for name in list(self.procs):
             self.stop(name, wait=30)
         deadline = time.monotonic() + 15
@@ -177,25 +168,19 @@ def _get_status(url: str) -> int | None:
         return None
 
 
-def processes_with_env(name: str, value: str) -> list[int]:
-    """Pids of live processes whose environment has name=value (a leak check that needs no pid bookkeeping)."""
+def processes_with_env(name: str, value: str) -> dict[int, str]:
+    """Live processes whose environment has name=value, pid -> command line (a leak check that needs no
+    pid bookkeeping: every process an Airflow component starts inherits its AIRFLOW_HOME)."""
     needle = f"{name}={value}".encode()
-    pids = []
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             if needle in (entry / "environ").read_bytes().split(b"\0"):
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    pids.append(int(entry.name))
-        except OSError:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                if cmdline:  # zombies have none
+                    found[int(entry.name)] = cmdline[:200]
+        except OSError:  # gone meanwhile, or not ours
             continue
-    return pids
-
-
-def _kill_group_leftovers(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    return found

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+
+from tests.airflow_stack import processes_with_env
+from tests.conftest import _free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DAGS = REPO / "dags"
@@ -39,27 +41,9 @@ UI_TIMEOUT_MS = 60_000
 pytestmark = pytest.mark.stack
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _airflow_processes(airflow_home: Path) -> list[str]:
     """Live processes whose environment carries this AIRFLOW_HOME (the API server, scheduler, task runners...)."""
-    marker = f"AIRFLOW_HOME={airflow_home}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if marker in (proc / "environ").read_bytes().split(b"\0"):
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-                if cmdline:  # zombies have none
-                    found.append(f"{proc.name}: {cmdline[:200]}")
-        except OSError:  # gone meanwhile, or not ours
-            continue
-    return found
+    return [f"{pid}: {cmdline}" for pid, cmdline in processes_with_env("AIRFLOW_HOME", str(airflow_home)).items()]
 
 
 def _wait_for(condition, seconds: float, what: str, poll: float = 0.5):
