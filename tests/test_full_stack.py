@@ -175,12 +175,31 @@ def test_pipeline_on_airflow_with_the_local_executor(stack_factory, s3_server, r
     report.observed(f"all processes stopped; took {time.monotonic() - started:.0f} s")
 
 
-def test_pipeline_on_airflow_with_celery_and_a_scheduler_restart(stack_factory, s3_server, report):
+@pytest.fixture
+def redis_broker():
+    """An empty database of the local Redis for Celery's queues; emptied again afterwards."""
+    import redis
+
+    for db in range(1, 16):
+        client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+        try:
+            if client.dbsize() == 0:
+                break
+        except redis.ConnectionError as exc:
+            pytest.fail(f"Redis is not reachable on 127.0.0.1:6379 (the Celery broker; .ci/run starts it): {exc}")
+    else:
+        pytest.fail("no empty database in the local Redis for the Celery broker")
+    yield f"redis://127.0.0.1:6379/{db}"
+    client.flushdb()
+    client.close()
+
+
+def test_pipeline_on_airflow_with_celery_and_a_scheduler_restart(redis_broker, stack_factory, s3_server, report):
+    # redis_broker first: its teardown (emptying the queues) runs after the stack has stopped.
     """Celery: the GPU tasks go to the worker on the `gpu` queue; the scheduler is restarted mid-training."""
     started = time.monotonic()
-    broker_db = 1 + uuid.uuid4().int % 15
     stack, vtag_url, bucket = stack_factory("CeleryExecutor", {
-        "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{broker_db}",
+        "AIRFLOW__CELERY__BROKER_URL": redis_broker,
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
     })
     # Celery keeps task results in Airflow's metadata database.
@@ -211,7 +230,7 @@ def test_pipeline_on_airflow_with_celery_and_a_scheduler_restart(stack_factory, 
     assert not left, f"processes still alive after stop: {left}"
     report.injected(f"scheduler SIGTERMed while {restarts[0]} trained, a new scheduler started 3 s later "
                     f"(the training task finished in try {checked['train_tries']})")
-    report.checked(f"CeleryExecutor (Redis db {broker_db}): train and tag_videos ran on the gpu-queue worker, ingest on "
+    report.checked(f"CeleryExecutor (broker {redis_broker}): train and tag_videos ran on the gpu-queue worker, ingest on "
                    f"the default one; the run finished with exactly one model version and {TOP_K} labels for each of "
                    f"{TRAIN_VIDEOS + VALIDATE_VIDEOS} videos, no duplicates")
     report.observed(f"all processes stopped; took {time.monotonic() - started:.0f} s")
