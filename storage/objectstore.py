@@ -7,8 +7,10 @@ S3 makes visible all at once). Reads stream, so a 400 MB shard is never held in 
 
 import fnmatch
 import io
+import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -20,6 +22,8 @@ from typing import BinaryIO
 from urllib.parse import urlparse
 
 READ_BUFFER = 8 * 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -302,16 +306,50 @@ class S3Store(ObjectStore):
     @contextmanager
     def publish(self, uri: str) -> Iterator[Path]:
         bucket, key = split_s3_uri(uri)
-        with tempfile.TemporaryDirectory(prefix="vtag-publish-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"{_PUBLISH_PREFIX}{os.getpid()}-") as tmp:
             path = Path(tmp) / Path(key).name
             yield path
             with self._errors(uri):
                 self.client.upload_file(str(path), bucket, key)
 
+    def remove_stale_temporaries(self, uri: str) -> "list[str]":
+        """A writer SIGKILLed inside publish() leaves its local temporary folder (named after its pid) and,
+        killed mid-upload, an incomplete multipart upload of `uri`, which S3 keeps (and bills) forever."""
+        removed = []
+        for folder in Path(tempfile.gettempdir()).glob(f"{_PUBLISH_PREFIX}*-*"):
+            pid = folder.name[len(_PUBLISH_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(str(folder))
+        bucket, key = split_s3_uri(uri)
+        try:
+            with self._errors(uri):
+                uploads = self.client.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])
+                for upload in uploads:
+                    if upload["Key"] == key:
+                        self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+                        removed.append(f"{uri} (incomplete multipart upload {upload['UploadId']})")
+        except StoreError as exc:  # e.g. no s3:ListBucketMultipartUploads permission: a leftover costs storage, not correctness
+            log.warning("could not clean up incomplete uploads of %s: %s", uri, exc)
+        return removed
+
     def delete(self, uri: str) -> None:
         bucket, key = split_s3_uri(uri)
         with self._errors(uri):
             self.client.delete_object(Bucket=bucket, Key=key)
+
+
+_PUBLISH_PREFIX = "vtag-publish-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def store_for(uri: str, s3: S3Config | None = None) -> ObjectStore:

@@ -118,8 +118,8 @@ def _convert(shard: ObjectInfo, dest: str, s3: S3Config | None) -> tuple[dict, l
         decode = _DECODERS[level]
         out = output_uri(dest, level, shard.name)
         out_store = store_for(out, s3)
-        # An earlier try of this shard killed mid-write (SIGKILL, OOM, a lost node) left its hidden
-        # temporary behind; this try runs only once that one is dead, so nothing else is writing it.
+        # An earlier try of this shard killed mid-write (SIGKILL, OOM) left its temporary behind (and on
+        # S3 maybe an incomplete upload); this try runs only once that one is dead, so nothing else writes it.
         for stale in out_store.remove_stale_temporaries(out):
             log.warning("removed %s, left by a killed earlier try of %s", stale, shard.uri)
         with out_store.publish(out) as tmp_path:

@@ -105,3 +105,33 @@ def test_missing_credentials_and_bad_bucket_are_one_clear_line(s3, monkeypatch, 
         S3Store(config).list("s3://no-such-bucket-here/raw")
     with pytest.raises(StoreError, match="not an s3://bucket/key URI"):
         store_for("s3:///nobucket")
+
+
+def test_a_killed_writers_leftovers_are_removed_by_the_retry(s3, tmp_path):
+    """What a SIGKILL inside publish() leaves: the local temporary folder (named after the dead pid) and
+    an incomplete multipart upload of the key. The retry's sweep removes both, and nothing of the living."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    config, bucket = s3
+    store, uri = S3Store(config), f"s3://{bucket}/parquet/frame/train/train0000.parquet"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = Path(tempfile.mkdtemp(prefix=f"vtag-publish-{int(dead.stdout)}-"))
+    (stale / "train0000.parquet").write_bytes(b"half")
+    alive = Path(tempfile.mkdtemp(prefix=f"vtag-publish-{os.getpid()}-"))
+    client = _client(config)
+    upload = client.create_multipart_upload(Bucket=bucket, Key="parquet/frame/train/train0000.parquet")["UploadId"]
+    other = client.create_multipart_upload(Bucket=bucket, Key="parquet/frame/train/train0001.parquet")["UploadId"]
+    try:
+        removed = store.remove_stale_temporaries(uri)
+        assert str(stale) in removed and not stale.exists() and alive.is_dir()
+        assert f"{uri} (incomplete multipart upload {upload})" in removed
+        left = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        assert [u["UploadId"] for u in left] == [other]
+        assert store.remove_stale_temporaries(uri) == []
+    finally:
+        alive.rmdir()
+        client.abort_multipart_upload(Bucket=bucket, Key="parquet/frame/train/train0001.parquet", UploadId=other)
