@@ -5,6 +5,8 @@ mapped task (without retries) and is quarantined in the manifest; the others sti
 yt8m_parquet asset is updated with the shards that did.
 """
 
+import os
+
 import pendulum
 from airflow.sdk import Param, dag, task
 from yt8m_assets import YT8M_PARQUET
@@ -13,7 +15,7 @@ from yt8m_params import URI_PATTERN
 
 @dag(
     dag_id="yt8m_ingest",
-    schedule="0 1 * * *",  # before the nightly inference at 02:00
+    schedule=os.environ.get("VTAG_INGEST_CRON", "0 1 * * *") or None,  # before the nightly inference at 02:00
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

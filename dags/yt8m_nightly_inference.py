@@ -15,7 +15,7 @@ from airflow.sdk import Param, dag, task
 
 @dag(
     dag_id="yt8m_nightly_inference",
-    schedule=os.environ.get("VTAG_NIGHTLY_CRON", "0 2 * * *"),
+    schedule=os.environ.get("VTAG_NIGHTLY_CRON", "0 2 * * *") or None,  # empty: manual and backfill runs only
     start_date=pendulum.parse(os.environ.get("VTAG_NIGHTLY_START", "2026-11-01T00:00:00Z")),
     catchup=True,
     max_active_runs=2,

@@ -7,6 +7,11 @@ FROM apache/airflow:3.3.2-python3.11
 # pyproject.toml's torch pin, stated here so that the build fails if the two ever disagree.
 ARG TORCH_VERSION=2.13.0
 
+# The airflow user must own the source folder: pip builds the project in it (build/, *.egg-info), and
+# WORKDIR alone makes a root-owned folder under the legacy builder. 50000: the image's airflow user.
+USER 0
+RUN install -d -o airflow -g root /opt/vtag
+USER 50000
 WORKDIR /opt/vtag
 COPY --chown=airflow:root pyproject.toml constraints.txt README.md ./
 COPY --chown=airflow:root tasks ./tasks

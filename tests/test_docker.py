@@ -327,7 +327,7 @@ def test_databases_are_created_by_the_postgres_init_script(stack):
     scripts = [Path(s) for t, s in mounts.items() if t.startswith("/docker-entrypoint-initdb.d/")]
     assert scripts and all(s.is_file() for s in scripts), mounts
     sql = "\n".join(s.read_text() for s in scripts)
-    airflow_env = env_of(stack, "airflow-scheduler")
+    airflow_env = env_of(stack, "airflow-init")
     for url in (airflow_env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"], airflow_env["VTAG_DB_URL"]):
         parsed = make_url(url)
         assert parsed.host == "postgres" and parsed.port == 5432, url
@@ -491,3 +491,15 @@ def test_dockerfiles_install_what_the_project_pins():
             if instruction == "RUN" and "pip install" in args:
                 assert "constraints.txt" in copied and "pyproject.toml" in copied, path.name
     assert "COPY --chown=airflow:root docker/airflow_init.py /opt/vtag/airflow_init.py" in DOCKERFILES["cpu"].read_text()
+
+
+def test_only_the_containers_that_run_our_code_hold_its_credentials(stack):
+    """Least privilege: the database password and the object store's keys reach airflow-init and the
+    workers (where tasks and `vtag` run), not the API server, scheduler, triggerer or DAG processor;
+    MinIO's ports answer on the host's loopback only."""
+    holders = {name for name in stack["services"]
+               if {"VTAG_DB_URL", "AWS_SECRET_ACCESS_KEY"} & set(env_of(stack, name))}
+    assert holders == {"airflow-init", "airflow-worker", "airflow-worker-gpu"}, holders
+    for port in stack["services"]["minio"]["ports"]:
+        published = port if isinstance(port, str) else f"{port.get('host_ip', '')}:{port['published']}"
+        assert published.startswith("127.0.0.1:"), f"MinIO published beyond loopback: {port}"

@@ -30,7 +30,9 @@ from tests.conftest import BIN, _free_port
 from tests.shards import record_offsets
 from tests.worlds import NIGHT, VIDEOS, build_world, count, row
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# The server binaries of whichever PostgreSQL major Debian installed (the newest if several).
+_INITDBS = Path("/usr/lib/postgresql").glob("*/bin/initdb")
+PG_BIN = max(_INITDBS, key=lambda p: int(p.parent.parent.name), default=Path("/usr/lib/postgresql/15/bin/initdb")).parent
 
 
 def _source_videos(raw: Path) -> dict[str, int]:

@@ -56,7 +56,11 @@ def stack_factory(_pg_server, s3_server, tmp_path, monkeypatch):
             "AIRFLOW_VAR_YT8M_PARQUET_URI": f"s3://{bucket}/parquet",
             "AIRFLOW_VAR_YT8M_MODELS_URI": f"s3://{bucket}/models",
             "AIRFLOW_VAR_YT8M_EXPORTS_URI": f"s3://{bucket}/exports",
-            # The nightly DAG starts now: no catch-up runs; the test triggers the night it checks.
+            # No schedules: every run here is one the test triggers (a scheduled ingest would race the
+            # REST-triggered one for the shards). The nightly DAG starts now: a run's logical date
+            # before its DAG's start date would "succeed" without running any task.
+            "VTAG_INGEST_CRON": "",
+            "VTAG_NIGHTLY_CRON": "",
             "VTAG_NIGHTLY_START": now,
             **(extra_env or {}),
         }
@@ -132,6 +136,8 @@ def _run_pipeline(stack: AirflowStack, vtag_url: str, bucket: str, during_traini
     ingest_run = _trigger(stack, "yt8m_ingest", {})
     stack.wait_for_run("yt8m_ingest", ingest_run, 300)
     train = stack.wait_for(lambda: _asset_triggered_train_run(stack), 120, "the yt8m_parquet Asset to start yt8m_train")
+    events = stack.ok("GET", f"/dags/yt8m_train/dagRuns/{train['dag_run_id']}/upstreamAssetEvents")["asset_events"]
+    assert [(e["source_dag_id"], e["source_run_id"]) for e in events] == [("yt8m_ingest", ingest_run)], events
     if during_training:
         during_training(train["dag_run_id"])
     stack.wait_for_run("yt8m_train", train["dag_run_id"], 600)
@@ -208,7 +214,11 @@ def test_pipeline_on_airflow_with_celery_and_a_scheduler_restart(redis_broker, s
     for name, args in (("dag-processor", ["dag-processor"]), ("scheduler", ["scheduler"]), ("api-server", ["api-server"]),
                        ("worker-cpu", ["celery", "worker", "--queues", "default", "--concurrency", "2"]),
                        ("worker-gpu", ["celery", "worker", "--queues", "gpu", "--concurrency", "1"])):
-        stack.start(name, *args)
+        if name.startswith("worker"):  # two workers on one host: each its own name and log server port
+            args = [*args, "--celery-hostname", f"{name}@%h"]
+            stack.start(name, *args, env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port())})
+        else:
+            stack.start(name, *args)
     restarts = []
 
     def restart_scheduler(train_run_id: str) -> None:

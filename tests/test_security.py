@@ -122,7 +122,7 @@ def test_the_secret_scan_finds_planted_secrets(backwards):
         assert _secret_findings(REPO / "tests" / "x.py", harmless) == [], harmless
 
 
-DAG_ENVIRONMENT = {"VTAG_NIGHTLY_CRON", "VTAG_NIGHTLY_START"}  # schedule settings, read when the file is parsed
+DAG_ENVIRONMENT = {"VTAG_INGEST_CRON", "VTAG_NIGHTLY_CRON", "VTAG_NIGHTLY_START"}  # schedule settings, read when the file is parsed
 ASSET_URIS = {"x-vtag://yt8m/parquet"}  # Airflow asset identifiers, not services
 CONNECTION_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://(?:[^\s/@'\"]*@)?[A-Za-z0-9][A-Za-z0-9.-]*(?::\d+)?(?:/[^\s'\")]*)?")
 HOST_OR_PORT = re.compile(r"\blocalhost\b|\b(?:\d{1,3}\.){3}\d{1,3}\b|\b[A-Za-z][A-Za-z0-9.-]*:\d{2,5}\b"

@@ -25,11 +25,9 @@ from pathlib import Path
 import pytest
 
 from tests.airflow_stack import processes_with_env
-from tests.conftest import _free_port
+from tests.conftest import BIN, REPO, _free_port
 
-REPO = Path(__file__).resolve().parent.parent
 DAGS = REPO / "dags"
-BIN = Path(sys.executable).parent
 DAG_ID = "yt8m_nightly_inference"
 TOP_K = 7  # not the param's default (20)
 UP_LINE = re.compile(r"Airflow is up at (?P<url>http://\S+)\s+\(login: (?P<user>\S+) / (?P<password>\S+)\)")
