@@ -9,6 +9,7 @@ import hashlib
 import io
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -32,6 +33,26 @@ def _lock_key(logical_date: datetime, model_version: int) -> int:
     return int.from_bytes(digest.digest(), "big", signed=True)
 
 
+class LostRunLock(RuntimeError):
+    """The connection holding a run's lock went away while the run wrote: another run may have taken over."""
+
+
+@dataclass(frozen=True)
+class RunLockHolder:
+    """Which PostgreSQL session holds which advisory lock: each chunk checks it still does."""
+    pid: int
+    key: int
+
+    def check(self, conn) -> None:
+        held = conn.exec_driver_sql(
+            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = %s AND objsubid = 1"
+            " AND ((classid::bigint << 32) | objid::bigint) = (%s::bigint & x'ffffffffffffffff'::bigint)",
+            (self.pid, self.key)).first()
+        if held is None:
+            raise LostRunLock(f"the connection holding this run's lock (backend {self.pid}) is gone: stopping, "
+                              "so that a run which may have taken over is not written under")
+
+
 @contextmanager
 def run_lock(db_url: str, logical_date: datetime, model_version: int):
     """Held while a run of (logical date, model version) scores and writes: a second run of the same
@@ -49,8 +70,9 @@ def run_lock(db_url: str, logical_date: datetime, model_version: int):
                 log.warning("another run of model version %d for %s is in progress: waiting for it to finish",
                             model_version, logical_date.isoformat())
                 conn.exec_driver_sql("SELECT pg_advisory_lock(%s)", (key,))
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
             conn.commit()  # the session lock outlives the transaction; no transaction stays open
-            yield
+            yield RunLockHolder(pid, key)
         finally:
             try:
                 conn.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (key,))
@@ -61,7 +83,7 @@ def run_lock(db_url: str, logical_date: datetime, model_version: int):
         return
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
-        yield
+        yield None
         return
     import fcntl
 
@@ -72,7 +94,7 @@ def run_lock(db_url: str, logical_date: datetime, model_version: int):
             log.warning("another inference run on %s is in progress: waiting for it to finish", database)
             fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
-            yield
+            yield None  # a file lock cannot be lost while this process lives
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
@@ -186,10 +208,13 @@ def _copy_postgresql(cursor, table: pa.Table) -> int:
 
 
 def write_chunk(db_url: str, run_id: int, model_version: int, ids: list[str], top_labels: np.ndarray,
-                top_scores: np.ndarray) -> int:
-    """One chunk of a run's predictions and the run's progress, all or nothing."""
+                top_scores: np.ndarray, lock: RunLockHolder | None = None) -> int:
+    """One chunk of a run's predictions and the run's progress, all or nothing; with `lock`, only while
+    the run's lock is still held (checked inside the chunk's transaction)."""
     table = prediction_table(run_id, model_version, ids, top_labels, top_scores)
     with engine_for(db_url).begin() as conn:
+        if lock is not None:
+            lock.check(conn)
         written = insert_bulk(conn, table)
         conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(
             videos_done=inference_runs.c.videos_done + len(ids), rows_written=inference_runs.c.rows_written + written))
@@ -202,11 +227,11 @@ class ChunkWriter:
     232-261k with two, measured here), one on SQLite (its writers take turns anyway). At most
     `writers * 2` chunks wait, so memory stays bounded; the first failure is raised."""
 
-    def __init__(self, db_url: str, run_id: int, model_version: int):
+    def __init__(self, db_url: str, run_id: int, model_version: int, lock: RunLockHolder | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         writers = 2 if engine_for(db_url).dialect.name == "postgresql" else 1
-        self._args, self._limit = (db_url, run_id, model_version), 2 * writers
+        self._args, self._lock, self._limit = (db_url, run_id, model_version), lock, 2 * writers
         self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="vtag-writer")
         self._pending: list = []
         self.rows_written = 0
@@ -214,7 +239,7 @@ class ChunkWriter:
     def submit(self, ids: list[str], top_labels: np.ndarray, top_scores: np.ndarray) -> None:
         if len(self._pending) >= self._limit:
             self.rows_written += self._pending.pop(0).result()
-        self._pending.append(self._pool.submit(write_chunk, *self._args, ids, top_labels, top_scores))
+        self._pending.append(self._pool.submit(write_chunk, *self._args, ids, top_labels, top_scores, self._lock))
 
     def abandon(self) -> None:
         """The caller failed: let the chunks in flight finish (their failures no longer matter)."""

@@ -118,15 +118,16 @@ def run_inference(db_url: str, logical_date: datetime, *, top_k: int = 20, level
     # Two tries of the same night at once (a task's retry while a lost try still runs, `vtag infer`
     # beside the DAG) would share one run: the later start would empty the earlier one's rows under it
     # and both would count their videos into it. They take turns instead, the later replacing the run.
-    with predictions.run_lock(db_url, logical_date, number):
+    with predictions.run_lock(db_url, logical_date, number) as lock:
         return _write_run(db_url, logical_date, model, config, device, number, top_k=top_k, level=level,
                           video_ids=video_ids, shard_pattern=shard_pattern, exports_uri=exports_uri, s3=s3,
-                          airflow_run_id=airflow_run_id, batch_size=batch_size, progress=progress)
+                          airflow_run_id=airflow_run_id, batch_size=batch_size, progress=progress, lock=lock)
 
 
 def _write_run(db_url: str, logical_date: datetime, model, config, device, number: int, *, top_k: int, level: str,
                video_ids: list[str] | None, shard_pattern: str | None, exports_uri: str | None, s3: S3Config | None,
-               airflow_run_id: str | None, batch_size: int, progress: bool) -> InferenceReport:
+               airflow_run_id: str | None, batch_size: int, progress: bool,
+               lock: predictions.RunLockHolder | None) -> InferenceReport:
     if video_ids:
         predictions.forget(db_url, number, video_ids)
     selected = _select(db_url, number, logical_date, level, video_ids, shard_pattern)
@@ -147,7 +148,7 @@ def _write_run(db_url: str, logical_date: datetime, model, config, device, numbe
                 writer = csv.writer(csv_file)
                 writer.writerow(["VideoId", "LabelConfidencePairs"])
                 pending_ids, pending_labels, pending_scores = [], [], []
-                chunks = predictions.ChunkWriter(db_url, run_id, number)
+                chunks = predictions.ChunkWriter(db_url, run_id, number, lock)
 
                 def flush():
                     if pending_ids:

@@ -474,3 +474,38 @@ def test_two_runs_of_the_same_night_at_once(pg_url, raw_shards, tiny_checkpoint,
     finally:
         for u in urls:
             engine_for(u).dispose()
+
+
+def test_a_run_that_lost_its_lock_stops_writing(pg_url, raw_shards, tiny_checkpoint, tmp_path, monkeypatch, report):
+    """The session holding the run lock is killed mid-run (pg_terminate_backend: a dropped idle connection,
+    a pooler's timeout): the server frees the lock, so another run could take over. The next chunk sees it
+    and stops the run instead of writing under that other run; the retry completes the night."""
+    import tasks.inference as inference
+    from storage import predictions
+
+    world = build_world(raw_shards, tmp_path, pg_url, checkpoint=tiny_checkpoint)
+    k = 3
+    monkeypatch.setattr(inference, "CHUNK_VIDEOS", 8)
+    real_write, calls = predictions.write_chunk, {"n": 0}
+
+    def terminate_the_lock_before_the_third_chunk(*args, **kwargs):
+        calls["n"] += 1
+        lock = args[-1]
+        if calls["n"] == 3:
+            with engine_for(pg_url).connect() as conn:
+                conn.exec_driver_sql("SELECT pg_terminate_backend(%s, 10000)", (lock.pid,))  # waits for the exit
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(predictions, "write_chunk", terminate_the_lock_before_the_third_chunk)
+    with pytest.raises(predictions.LostRunLock, match="holding this run's lock"):
+        inference.run_inference(pg_url, NIGHT, top_k=k, exports_uri=world["exports"])
+    report.injected("pg_terminate_backend of the session holding the run's advisory lock, before the 3rd chunk")
+    status, done, written = row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs")
+    assert status == "failed" and written == count(pg_url, "SELECT COUNT(*) FROM predictions") == done * k < VIDEOS * k
+    report.observed(f"the run stopped with LostRunLock after {done} videos; marked failed, {written} rows = rows stored")
+
+    monkeypatch.setattr(predictions, "write_chunk", real_write)
+    inference.run_inference(pg_url, NIGHT, top_k=k, exports_uri=world["exports"])
+    assert row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs") == ("succeeded", VIDEOS, VIDEOS * k)
+    assert count(pg_url, "SELECT COUNT(*) FROM (SELECT DISTINCT video_id, rank FROM predictions) x") == VIDEOS * k
+    report.checked(f"the retry: {VIDEOS} videos x exactly {k} rows, one run row, succeeded")
