@@ -46,7 +46,7 @@ class RunLockHolder:
     def check(self, conn) -> None:
         held = conn.exec_driver_sql(
             "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = %s AND objsubid = 1"
-            " AND ((classid::bigint << 32) | objid::bigint) = (%s::bigint & x'ffffffffffffffff'::bigint)",
+            " AND ((classid::bigint << 32) | objid::bigint) = %s",  # the 64-bit key, split in two oids
             (self.pid, self.key)).first()
         if held is None:
             raise LostRunLock(f"the connection holding this run's lock (backend {self.pid}) is gone: stopping, "

@@ -49,21 +49,23 @@ def _unpause(seconds: float) -> None:
 
 def stop_group(group: subprocess.Popen, first: int = signal.SIGTERM, wait: float = 30) -> None:
     """Stop a process started with start_new_session=True and every process of its group: `first`,
-    then SIGKILL for what is still there after `wait` seconds (the group's orphans included)."""
-    for sig, seconds in ((first, wait), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(group.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            group.wait(timeout=seconds)
-            if sig == signal.SIGKILL:
-                return
-        except subprocess.TimeoutExpired:
-            continue
+    then, after the leader exited or `wait` seconds passed, SIGKILL for whatever of the group is left
+    (a leader that ignored `first`, children it left behind)."""
     try:
-        os.killpg(group.pid, signal.SIGKILL)  # the leader exited; children it left in the group go too
+        os.killpg(group.pid, first)
     except ProcessLookupError:
+        return
+    try:
+        group.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(group.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    try:
+        group.wait(timeout=5)
+    except subprocess.TimeoutExpired:
         pass
 
 

@@ -31,12 +31,13 @@ class AirflowStack:
     user: str = "admin"
     password: str = field(default_factory=lambda: uuid.uuid4().hex)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-    _token: str | None = None
+    rest: "AirflowRest | None" = None
 
     @classmethod
     def configure(cls, home: Path, port: int, metadata_url: str, executor: str, extra_env: dict[str, str]) -> "AirflowStack":
         home.mkdir(parents=True, exist_ok=True)
         stack = cls(home=home, env={}, port=port)
+        stack.rest = AirflowRest(stack.url, stack.user, stack.password)
         (home / "passwords.json").write_text(json.dumps({stack.user: stack.password}))
         stack.env = {
             **os.environ,
@@ -109,41 +110,25 @@ class AirflowStack:
     def log_tails(self, chars: int = 3000) -> str:
         return "\n".join(f"--- {log.name} ---\n{log.read_text(errors='replace')[-chars:]}" for log in sorted(self.home.glob("*.log")))
 
-    # REST API --------------------------------------------------------------------------------------
+    # Waiting on the API ----------------------------------------------------------------------------
 
     def wait_healthy(self, seconds: float = 240) -> None:
         self.wait_for(lambda: _get_status(f"{self.url}/api/v2/monitor/health") == 200, seconds, "the API server to answer")
 
-    def token(self) -> str:
-        if self._token is None:
-            response = httpx.post(f"{self.url}/auth/token", json={"username": self.user, "password": self.password}, timeout=30)
-            response.raise_for_status()
-            self._token = response.json()["access_token"]
-        return self._token
-
-    def api(self, method: str, path: str, body: dict | None = None, token: str | None = "") -> httpx.Response:
-        """A REST call; token "" means this stack's own token, None means none at all."""
-        token = self.token() if token == "" else token
-        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-        return httpx.request(method, f"{self.url}/api/v2{path}", json=body, headers=headers, timeout=60)
-
-    def ok(self, method: str, path: str, body: dict | None = None) -> dict:
-        response = self.api(method, path, body)
-        assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text}"
-        return response.json()
-
     def wait_for(self, predicate, seconds: float, what: str, every: float = 2.0):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        """`wait_for`, failing at once if a component died, with the components' logs on a timeout."""
+        def ready():
             self.assert_running()
-            if result := predicate():
-                return result
-            time.sleep(every)
-        raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}\n{self.log_tails()}")
+            return predicate()
+
+        try:
+            return wait_for(ready, seconds, what, every)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{self.log_tails()}") from None
 
     def wait_for_run(self, dag_id: str, run_id: str, seconds: float) -> dict:
         def finished():
-            run = self.ok("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
+            run = self.rest.ok("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
             return run if run["state"] in ("success", "failed") else None
 
         run = self.wait_for(finished, seconds, f"{dag_id} run {run_id} to finish")
@@ -153,12 +138,49 @@ class AirflowStack:
         return run
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
-        tis = self.ok("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+        tis = self.rest.ok("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
         return {f"{ti['task_id']}[{ti['map_index']}]": ti["state"] for ti in tis}
 
     def task_logs(self, dag_id: str, run_id: str, chars: int = 4000) -> str:
         folder = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
         return "\n".join(f"--- {p} ---\n{p.read_text(errors='replace')[-chars:]}" for p in sorted(folder.rglob("*.log")))
+
+
+@dataclass
+class AirflowRest:
+    """Airflow's REST API (/api/v2) as one user: a JWT from /auth/token, then Bearer requests."""
+    url: str
+    user: str
+    password: str
+    _token: str | None = None
+
+    def token(self) -> str:
+        if self._token is None:
+            response = httpx.post(f"{self.url}/auth/token", json={"username": self.user, "password": self.password}, timeout=30)
+            assert response.status_code == 201, f"POST /auth/token: {response.status_code} {response.text}"
+            self._token = response.json()["access_token"]
+        return self._token
+
+    def api(self, method: str, path: str, body: dict | None = None, token: str | None = "") -> httpx.Response:
+        """A REST call; token "" means this user's own token, None means none at all."""
+        token = self.token() if token == "" else token
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        return httpx.request(method, f"{self.url}/api/v2{path}", json=body, headers=headers, timeout=60)
+
+    def ok(self, method: str, path: str, body: dict | None = None) -> dict:
+        response = self.api(method, path, body)
+        assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text}"
+        return response.json()
+
+
+def wait_for(condition, seconds: float, what: str, every: float = 0.5):
+    """Poll `condition` until it returns something true (returned), or raise TimeoutError."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {seconds:.0f} s waiting for {what}")
 
 
 def _get_status(url: str) -> int | None:

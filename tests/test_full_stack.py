@@ -102,22 +102,22 @@ def _check_auth(stack: AirflowStack) -> None:
     """No token: 401. A malformed token, or one signed with another key for the same user: refused."""
     import jwt
 
-    claims = jwt.decode(stack.token(), options={"verify_signature": False})
+    claims = jwt.decode(stack.rest.token(), options={"verify_signature": False})
     forged = jwt.encode(claims, uuid.uuid4().hex * 2, algorithm="HS512")  # right claims, wrong key
-    assert stack.api("GET", "/dags", token=None).status_code == 401, "the API answered without a token"
+    assert stack.rest.api("GET", "/dags", token=None).status_code == 401, "the API answered without a token"
     for token in ("not-a-token", forged):
-        status = stack.api("GET", "/dags", token=token).status_code
+        status = stack.rest.api("GET", "/dags", token=token).status_code
         assert status in (401, 403), f"the API answered {status} to a forged token"
-    assert stack.api("GET", "/dags").status_code == 200
+    assert stack.rest.api("GET", "/dags").status_code == 200
 
 
 def _trigger(stack: AirflowStack, dag_id: str, conf: dict, logical_date: datetime | None = None) -> str:
     body = {"conf": conf, "logical_date": logical_date.isoformat() if logical_date else None}
-    return stack.ok("POST", f"/dags/{dag_id}/dagRuns", body)["dag_run_id"]
+    return stack.rest.ok("POST", f"/dags/{dag_id}/dagRuns", body)["dag_run_id"]
 
 
 def _asset_triggered_train_run(stack: AirflowStack) -> dict:
-    runs = stack.ok("GET", "/dags/yt8m_train/dagRuns")["dag_runs"]
+    runs = stack.rest.ok("GET", "/dags/yt8m_train/dagRuns")["dag_runs"]
     return next((r for r in runs if r["run_type"] == "asset_triggered"), None)
 
 
@@ -126,17 +126,17 @@ def _run_pipeline(stack: AirflowStack, vtag_url: str, bucket: str, during_traini
     stack.wait_healthy()
     _check_auth(stack)
     dags = ("yt8m_ingest", "yt8m_train", "yt8m_nightly_inference")
-    stack.wait_for(lambda: all(stack.api("GET", f"/dags/{d}").status_code == 200 for d in dags), 240, "the DAGs to be parsed")
+    stack.wait_for(lambda: all(stack.rest.api("GET", f"/dags/{d}").status_code == 200 for d in dags), 240, "the DAGs to be parsed")
     for dag_id in dags:
-        stack.ok("PATCH", f"/dags/{dag_id}", {"is_paused": False})
+        stack.rest.ok("PATCH", f"/dags/{dag_id}", {"is_paused": False})
 
-    bad = stack.api("POST", "/dags/yt8m_nightly_inference/dagRuns", {"logical_date": None, "conf": {"top_k": 0}})
+    bad = stack.rest.api("POST", "/dags/yt8m_nightly_inference/dagRuns", {"logical_date": None, "conf": {"top_k": 0}})
     assert bad.status_code == 400 and "top_k" in bad.text, f"an invalid k was accepted: {bad.status_code} {bad.text}"
 
     ingest_run = _trigger(stack, "yt8m_ingest", {})
     stack.wait_for_run("yt8m_ingest", ingest_run, 300)
     train = stack.wait_for(lambda: _asset_triggered_train_run(stack), 120, "the yt8m_parquet Asset to start yt8m_train")
-    events = stack.ok("GET", f"/dags/yt8m_train/dagRuns/{train['dag_run_id']}/upstreamAssetEvents")["asset_events"]
+    events = stack.rest.ok("GET", f"/dags/yt8m_train/dagRuns/{train['dag_run_id']}/upstreamAssetEvents")["asset_events"]
     assert [(e["source_dag_id"], e["source_run_id"]) for e in events] == [("yt8m_ingest", ingest_run)], events
     if during_training:
         during_training(train["dag_run_id"])
@@ -145,7 +145,7 @@ def _run_pipeline(stack: AirflowStack, vtag_url: str, bucket: str, during_traini
     night = datetime.now(timezone.utc).replace(microsecond=0)
     night_run = _trigger(stack, "yt8m_nightly_inference", {"top_k": TOP_K}, logical_date=night)
     stack.wait_for_run("yt8m_nightly_inference", night_run, 300)
-    tis = stack.ok("GET", f"/dags/yt8m_nightly_inference/dagRuns/{night_run}/taskInstances")["task_instances"]
+    tis = stack.rest.ok("GET", f"/dags/yt8m_nightly_inference/dagRuns/{night_run}/taskInstances")["task_instances"]
 
     with engine_for(vtag_url).connect() as conn:
         per_video = conn.execute(text("SELECT video_id, COUNT(*), COUNT(DISTINCT label_id) FROM predictions GROUP BY video_id")).all()
@@ -161,7 +161,7 @@ def _run_pipeline(stack: AirflowStack, vtag_url: str, bucket: str, during_traini
                       region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
     exported = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="exports/").get("Contents", [])]
     assert any(k.endswith("predictions.csv") for k in exported), exported
-    train_ti = stack.ok("GET", f"/dags/yt8m_train/dagRuns/{train['dag_run_id']}/taskInstances/train")
+    train_ti = stack.rest.ok("GET", f"/dags/yt8m_train/dagRuns/{train['dag_run_id']}/taskInstances/train")
     return {"train_run": train["dag_run_id"], "night_run": night_run, "tag_videos_queue": tis[0]["queue"],
             "train_tries": train_ti["try_number"]}
 

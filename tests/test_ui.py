@@ -10,7 +10,6 @@ The screenshot goes to $VTAG_TEST_OUTPUT (default: the test's tmp_path); its pat
 Chromium: $VTAG_CHROMIUM, else `chromium` on PATH (Debian's), driven by the `playwright` package.
 """
 
-import json
 import os
 import re
 import shutil
@@ -18,13 +17,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from tests.airflow_stack import processes_with_env
+from tests.airflow_stack import AirflowRest, processes_with_env, wait_for
 from tests.conftest import BIN, REPO, _free_port
 
 DAGS = REPO / "dags"
@@ -42,16 +40,6 @@ pytestmark = pytest.mark.stack
 def _airflow_processes(airflow_home: Path) -> list[str]:
     """Live processes whose environment carries this AIRFLOW_HOME (the API server, scheduler, task runners...)."""
     return [f"{pid}: {cmdline}" for pid, cmdline in processes_with_env("AIRFLOW_HOME", str(airflow_home)).items()]
-
-
-def _wait_for(condition, seconds: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(poll)
-    raise TimeoutError(f"{what}: not within {seconds:.0f} s")
 
 
 @pytest.fixture
@@ -86,7 +74,7 @@ def local_airflow(tmp_path):
 
     try:
         try:
-            match = _wait_for(up, STARTUP_S, "local Airflow up")
+            match = wait_for(up, STARTUP_S, "local Airflow up")
         except TimeoutError as exc:
             pytest.fail(f"{exc}\n{log_tail()}")
         print(f"\nlocal Airflow up at {match['url']} after {time.monotonic() - started:.0f} s (AIRFLOW_HOME={airflow_home})")
@@ -101,7 +89,7 @@ def local_airflow(tmp_path):
             proc.wait(timeout=10)
             pytest.fail(f"tasks.local_airflow did not exit within 90 s of SIGTERM:\n{log_tail()}")
         try:
-            _wait_for(lambda: not _airflow_processes(airflow_home), 60, "Airflow processes gone", poll=1)
+            wait_for(lambda: not _airflow_processes(airflow_home), 60, "Airflow processes gone", every=1)
         except TimeoutError:
             left = _airflow_processes(airflow_home)
             for line in left:
@@ -114,18 +102,10 @@ def local_airflow(tmp_path):
               f"test took {time.monotonic() - started:.0f} s")
 
 
-def _api(url: str, path: str, token: str | None = None, body: dict | None = None) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
-    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode() if body is not None else None,
-                                     headers=headers, method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return response.status, json.loads(response.read())
-
-
-def _required_but_empty(url: str, token: str) -> list[str]:
+def _required_but_empty(rest: AirflowRest) -> list[str]:
     """The UI's rule for blocking the trigger form: a param whose schema has a type without "null" and
     whose value is None or ""."""
-    _, details = _api(url, f"/api/v2/dags/{DAG_ID}/details", token=token)
+    details = rest.ok("GET", f"/dags/{DAG_ID}/details")
     blocked = []
     for name, param in (details.get("params") or {}).items():
         kind = (param.get("schema") or {}).get("type")
@@ -144,9 +124,8 @@ def test_trigger_form_sets_top_k(local_airflow, tmp_path):
     out_dir = Path(os.environ.get("VTAG_TEST_OUTPUT") or tmp_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     screenshot = out_dir / "trigger_form_top_k.png"
-    status, auth = _api(url, "/auth/token", body={"username": user, "password": password})  # the REST API's JWT
-    assert status == 201, auth
-    token = auth["access_token"]
+    rest = AirflowRest(url, user, password)
+    rest.token()  # the REST API's JWT, for the same login
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -180,7 +159,7 @@ def test_trigger_form_sets_top_k(local_airflow, tmp_path):
                 expect(submit).to_be_enabled(timeout=10_000)
                 blocked = None
             except AssertionError:
-                blocked = _required_but_empty(url, token)
+                blocked = _required_but_empty(rest)
             if blocked is not None:
                 pytest.fail(f"the Trigger button stays disabled after setting k (see {screenshot}); params the form "
                             f"takes as required (a type without 'null') and finds empty: {blocked}")
@@ -194,8 +173,9 @@ def test_trigger_form_sets_top_k(local_airflow, tmp_path):
             browser.close()
 
     # The run, as the REST API sees it, with the same login.
-    status, runs = _api(url, f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100", token=token)
-    assert status == 200
+    response = rest.api("GET", f"/dags/{DAG_ID}/dagRuns?limit=100")
+    assert response.status_code == 200, response.text
+    runs = response.json()
     ours = [run for run in runs["dag_runs"] if (run.get("conf") or {}).get("top_k") == TOP_K]
     assert [run["dag_run_id"] for run in ours] == [run_id], runs
     assert ours[0]["run_type"] == "manual" and ours[0]["triggered_by"] == "ui", ours[0]
