@@ -1,9 +1,12 @@
 """Nightly: tag the videos that arrived with the production model's top-k labels, in the database.
 
-The work lives in tasks/inference.py. Each run scores what was ingested up to its logical date and
-the production model has not scored yet, so a night costs what arrived; rerunning a date replaces
-that run's rows. The schedule is $VTAG_NIGHTLY_CRON (default 02:00 UTC), with catchup: missed
-nights run in order, and `airflow backfill create --dag-id yt8m_nightly_inference ...` works.
+The work lives in tasks/inference.py. `plan_night` cuts what the night must score into parts (ranges
+of Parquet files, about `part_videos` videos each); `tag_part` scores each part as a mapped task in
+the `gpu` pool, on whichever GPU worker is free, and a retried part redoes only itself; `finish_night`
+joins the parts' exports and closes the night's run. Each run scores what was ingested up to its
+logical date and the model has not scored yet, so a night costs what arrived; rerunning a date
+replaces that run's rows. The schedule is $VTAG_NIGHTLY_CRON (default 02:00 UTC), with catchup:
+missed nights run in order, and `airflow backfill create --dag-id yt8m_nightly_inference ...` works.
 """
 
 import os
@@ -29,31 +32,79 @@ from airflow.sdk import Param, dag, task
                            title="Videos to (re)score", description="Empty: everything not scored yet."),
         "shard_pattern": Param(None, type=["null", "string"], title="Parquet file pattern",
                                description="Only videos from matching files, e.g. train00*.parquet. Empty: all."),
+        "part_videos": Param(250_000, type="integer", minimum=1, title="Videos per part",
+                             description="A night is scored in parts of about this many videos, one GPU task each."),
+        "keep_prediction_versions": Param(None, type=["null", "integer"], minimum=1, title="Keep predictions of N versions",
+                                          description="After a good night, drop the predictions of all but the newest N "
+                                                      "model versions (production always stays). Empty: keep all."),
         "dry_run": Param(False, type="boolean", title="Dry run", description="Count what would be scored; write nothing."),
     },
 )
 def yt8m_nightly_inference():
-    @task(pool="gpu", queue="gpu", retries=3, retry_delay=timedelta(minutes=2), retry_exponential_backoff=True)
-    def tag_videos(params: dict, logical_date=None, run_id=None) -> dict:
+    @task
+    def plan_night(params: dict, logical_date=None, run_id=None) -> list[dict]:
+        """One item per part to score, each with what every part needs to know of the night."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from tasks import airflow_config as cfg
-        from tasks.inference import NoProductionModel, run_inference
+        from tasks.inference import NoProductionModel, count_pending, finish_night, plan_night
 
         when = logical_date or pendulum.now("UTC")  # a manual run may have no logical date in Airflow 3
+        request = {"top_k": params["top_k"], "level": params["level"], "model_version": params["model_version"],
+                   "video_ids": params["video_ids"] or None, "shard_pattern": params["shard_pattern"] or None,
+                   "s3": cfg.s3_config()}
         try:
-            report = run_inference(cfg.db_url(), when, top_k=params["top_k"], level=params["level"],
-                                   model_version=params["model_version"], video_ids=params["video_ids"] or None,
-                                   shard_pattern=params["shard_pattern"] or None, dry_run=params["dry_run"],
-                                   exports_uri=f"{cfg.exports_uri().rstrip('/')}/{when:%Y-%m-%dT%H%M%S}",
-                                   s3=cfg.s3_config(), airflow_run_id=run_id)
+            if params["dry_run"]:
+                version, videos = count_pending(cfg.db_url(), when, **request)
+                raise AirflowSkipException(f"dry run: model version {version} would score {videos} videos")
+            plan = plan_night(cfg.db_url(), when, **request, airflow_run_id=run_id, part_videos=params["part_videos"],
+                              exports_uri=f"{cfg.exports_uri().rstrip('/')}/{when:%Y-%m-%dT%H%M%S}")
         except NoProductionModel as exc:
             raise AirflowSkipException(str(exc)) from None  # nothing to tag with yet: not a failure
+        print(f"run {plan.run_id}, model version {plan.model_version}: {sum(p['videos'] for p in plan.parts)} videos "
+              f"in {len(plan.parts)} parts")
+        if not plan.parts:  # nothing new tonight: close the run (empty exports) here, no part to wait for
+            finish_night(cfg.db_url(), plan, cfg.s3_config())
+        night = {**plan.as_dict(), "parts": []}
+        return [{"night": night, "part": part} for part in plan.parts]
+
+    @task(pool="gpu", queue="gpu", retries=3, retry_delay=timedelta(minutes=2), retry_exponential_backoff=True,
+          map_index_template="part {{ task.op_kwargs['work']['part']['part'] }}: "
+                             "{{ task.op_kwargs['work']['part']['videos'] }} videos")
+    def tag_part(work: dict) -> dict:
+        from tasks import airflow_config as cfg
+        from tasks.inference import NightPlan, tag_part
+
+        part = work["part"]
+        report = tag_part(cfg.db_url(), NightPlan.from_dict(work["night"]), part, s3=cfg.s3_config())
+        print(f"part {part['part']} ({part['first_uri']} .. {part['last_uri']}): {report.videos} videos, "
+              f"{report.rows_written} rows")
+        return {"part": report.part, "videos": report.videos, "rows_written": report.rows_written}
+
+    @task(trigger_rule="none_skipped")  # after every part, failed ones included: the run row must say so
+    def finish_night(work: list[dict]) -> dict:
+        from tasks import airflow_config as cfg
+        from tasks.inference import NightPlan, finish_night
+
+        plan = NightPlan.from_dict({**work[0]["night"], "parts": [w["part"] for w in work]})
+        report = finish_night(cfg.db_url(), plan, cfg.s3_config())
         print(f"model version {report.model_version}: {report.videos} videos, {report.rows_written} rows")
         return {"run_id": report.run_id, "model_version": report.model_version, "videos": report.videos,
                 "rows_written": report.rows_written, "exports": report.exports}
 
-    tag_videos()
+    @task
+    def retire_old_predictions(params: dict) -> list[int]:
+        from tasks import airflow_config as cfg
+        from tasks.inference import retire_old_versions
+
+        if params["keep_prediction_versions"] is None:
+            return []
+        retired = retire_old_versions(cfg.db_url(), params["keep_prediction_versions"])
+        print(f"retired the predictions of model versions {retired or 'none'}")
+        return retired
+
+    work = plan_night()
+    tag_part.expand(work=work) >> finish_night(work) >> retire_old_predictions()
 
 
 yt8m_nightly_inference()

@@ -16,20 +16,24 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-from sqlalchemy import and_, delete, exists, insert, select, update
+from sqlalchemy import and_, delete, exists, func, insert, select, update
 
 from storage.db import engine_for, utcnow
-from storage.schema import inference_runs, predictions, videos
+from storage.schema import inference_label_counts, inference_parts, inference_runs, model_versions, predictions, videos
 
 COLUMNS = ("video_id", "model_version", "rank", "label_id", "score", "run_id")
 
 log = logging.getLogger(__name__)
 
 
-def _lock_key(logical_date: datetime, model_version: int) -> int:
-    """A signed 64-bit advisory-lock key for (model version, logical date). Alembic's lock (env.py) is a
-    small constant: a clash costs at most a wait, never a wrong result."""
-    digest = hashlib.blake2b(f"vtag-inference-run:{model_version}:{logical_date.isoformat()}".encode(), digest_size=8)
+PARTITION_LOCK = 0x76746167  # "vtag": serializes the creation of partitions (transaction-level)
+
+
+def _lock_key(logical_date: datetime, model_version: int, part: int | None = None) -> int:
+    """A signed 64-bit advisory-lock key for (model version, logical date[, part]). Alembic's lock
+    (env.py) and PARTITION_LOCK are small constants: a clash costs at most a wait, never a wrong result."""
+    suffix = "" if part is None else f":part{part}"
+    digest = hashlib.blake2b(f"vtag-inference-run:{model_version}:{logical_date.isoformat()}{suffix}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big", signed=True)
 
 
@@ -54,30 +58,37 @@ class RunLockHolder:
 
 
 @contextmanager
-def run_lock(db_url: str, logical_date: datetime, model_version: int):
-    """Held while a run of (logical date, model version) scores and writes: a second run of the same
-    pair waits for the first and then replaces its rows (a rerun), instead of both writing one run.
+def run_lock(db_url: str, logical_date: datetime, model_version: int, part: int | None = None):
+    """Held while a run of (logical date, model version), or one part of it, scores and writes.
 
-    PostgreSQL: a session advisory lock on a connection of its own, released when the run ends or its
-    process dies (the server drops the lock with the connection). SQLite: a file lock beside the
-    database, which runs of every date share (SQLite takes one writer at a time anyway)."""
+    The whole night (`part` None: planning, or a `vtag infer` run) takes the night's lock exclusively;
+    a part running as its own task takes it shared, beside its own part's lock exclusively. So parts
+    of one night run side by side on several workers, two tries of one part take turns, and a rerun
+    of the night waits for every part still running before it replaces their rows.
+
+    PostgreSQL: session advisory locks on a connection of their own, released when the run ends or its
+    process dies (the server drops them with the connection). SQLite: a file lock beside the database,
+    which every run and part shares (SQLite takes one writer at a time anyway)."""
     engine = engine_for(db_url)
     if engine.dialect.name == "postgresql":
-        key = _lock_key(logical_date, model_version)
+        night = _lock_key(logical_date, model_version)
+        keys = [("", night)] if part is None else [("_shared", night), ("", _lock_key(logical_date, model_version, part))]
+        what = f"model version {model_version} for {logical_date.isoformat()}" + ("" if part is None else f", part {part}")
         conn = engine.connect()
         try:
-            if not conn.exec_driver_sql("SELECT pg_try_advisory_lock(%s)", (key,)).scalar():
-                log.warning("another run of model version %d for %s is in progress: waiting for it to finish",
-                            model_version, logical_date.isoformat())
-                conn.exec_driver_sql("SELECT pg_advisory_lock(%s)", (key,))
+            for mode, key in keys:
+                if not conn.exec_driver_sql(f"SELECT pg_try_advisory_lock{mode}(%s)", (key,)).scalar():
+                    log.warning("another run of %s is in progress: waiting for it to finish", what)
+                    conn.exec_driver_sql(f"SELECT pg_advisory_lock{mode}(%s)", (key,))
             pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-            conn.commit()  # the session lock outlives the transaction; no transaction stays open
-            yield RunLockHolder(pid, key)
+            conn.commit()  # the session locks outlive the transaction; no transaction stays open
+            yield RunLockHolder(pid, keys[-1][1])
         finally:
             try:
-                conn.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (key,))
+                for mode, key in reversed(keys):
+                    conn.exec_driver_sql(f"SELECT pg_advisory_unlock{mode}(%s)", (key,))
                 conn.commit()
-            except Exception:  # the connection broke (server restarted): the lock went with it
+            except Exception:  # the connection broke (server restarted): the locks went with it
                 conn.invalidate()
             conn.close()
         return
@@ -99,37 +110,164 @@ def run_lock(db_url: str, logical_date: datetime, model_version: int):
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
+def partition_name(model_version: int) -> str:
+    """The PostgreSQL partition of a model version's rows; an int, so it is safe to format into DDL."""
+    return f"predictions_v{int(model_version)}"
+
+
+def ensure_partition(conn, model_version: int) -> None:
+    """Give the version its own partition (PostgreSQL), moving any rows of it out of the default one.
+    Serialized by a transaction lock so that two runs starting at once do not both create it."""
+    if conn.dialect.name != "postgresql":
+        return
+    table = partition_name(model_version)
+    if conn.exec_driver_sql("SELECT to_regclass(%s)", (table,)).scalar() is not None:
+        return
+    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+    if conn.exec_driver_sql("SELECT to_regclass(%s)", (table,)).scalar() is not None:
+        return
+    version = int(model_version)
+    # Created apart and attached: ATTACH checks the default partition holds no rows of this version,
+    # so they move first (there are none unless rows were written without a run, e.g. by hand).
+    conn.exec_driver_sql(f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+    conn.exec_driver_sql(f"INSERT INTO {table} SELECT * FROM predictions_default WHERE model_version = %s", (version,))
+    conn.exec_driver_sql("DELETE FROM predictions_default WHERE model_version = %s", (version,))
+    conn.exec_driver_sql(f"ALTER TABLE predictions ATTACH PARTITION {table} FOR VALUES IN ({version})")
+
 
 def start_run(db_url: str, logical_date: datetime, model_version: int, top_k: int, airflow_run_id: str | None,
               clear: bool = True) -> int:
-    """The run of (logical date, model version), emptied of its earlier rows unless `clear` is False:
-    a rerun replaces, never duplicates."""
+    """The run of (logical date, model version), emptied of its earlier rows and parts unless `clear` is
+    False: a rerun replaces, never duplicates. Call it holding the night's run_lock."""
     with engine_for(db_url).begin() as conn:
+        ensure_partition(conn, model_version)
         run_id = conn.execute(select(inference_runs.c.run_id).where(
             inference_runs.c.logical_date == logical_date, inference_runs.c.model_version == model_version)
             .with_for_update()).scalar()
         values = {"top_k": top_k, "status": "running", "videos_total": 0, "videos_done": 0, "rows_written": 0,
                   "error": None, "airflow_run_id": airflow_run_id, "started_at": utcnow(), "finished_at": None}
+        conn.execute(update(model_versions).where(model_versions.c.version == model_version,
+                                                  model_versions.c.predictions_retired_at.is_not(None))
+                     .values(predictions_retired_at=None))  # scoring again after a retirement
         if run_id is None:
             return conn.execute(insert(inference_runs).values(logical_date=logical_date, model_version=model_version, **values)
                                 .returning(inference_runs.c.run_id)).scalar_one()
         if clear:
-            conn.execute(delete(predictions).where(predictions.c.run_id == run_id))
-        conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(**values))
+            conn.execute(delete(predictions).where(predictions.c.model_version == model_version,
+                                                   predictions.c.run_id == run_id))
+            conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id == run_id))
+            conn.execute(delete(inference_parts).where(inference_parts.c.run_id == run_id))
+        conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(
+            **{k: v for k, v in values.items() if clear or k not in ("videos_total", "videos_done", "rows_written")}))
         return run_id
 
 
-def pending_videos(db_url: str, model_version: int, until: datetime, level: str) -> list[tuple[str, str]]:
-    """(video id, Parquet URI) of videos ingested up to `until` that this model has not scored, counting
-    the rows of the run of (`until`, model) as not scored: a rerun of that date scores them again."""
-    this_run = select(inference_runs.c.run_id).where(inference_runs.c.logical_date == until,
-                                                     inference_runs.c.model_version == model_version)
+def _pending(model_version: int, until: datetime, level: str, exclude_run: int | None):
+    """Videos ingested up to `until` that this model has not scored, counting the rows of `exclude_run`
+    (the night being rerun) as not scored. One rank-1 probe per video of the version's partition."""
     scored = exists().where(and_(predictions.c.video_id == videos.c.video_id, predictions.c.model_version == model_version,
-                                 predictions.c.run_id.not_in(this_run)))
-    query = (select(videos.c.video_id, videos.c.parquet_uri).where(videos.c.level == level, videos.c.ingested_at <= until, ~scored)
-             .order_by(videos.c.parquet_uri, videos.c.video_id))
+                                 predictions.c.rank == 1, predictions.c.run_id != (exclude_run or -1)))
+    return and_(videos.c.level == level, videos.c.ingested_at <= until, ~scored)
+
+
+def pending_files(db_url: str, model_version: int, until: datetime, level: str,
+                  exclude_run: int | None = None) -> list[tuple[str, int]]:
+    """(Parquet URI, videos pending there) in URI order: what a night's plan cuts into parts."""
+    query = (select(videos.c.parquet_uri, func.count()).where(_pending(model_version, until, level, exclude_run))
+             .group_by(videos.c.parquet_uri).order_by(videos.c.parquet_uri))
+    with engine_for(db_url).connect() as conn:
+        return [(uri, count) for uri, count in conn.execute(query)]
+
+
+def pending_videos(db_url: str, model_version: int, until: datetime, level: str, exclude_run: int | None = None,
+                   uri_range: tuple[str, str] | None = None) -> list[tuple[str, str]]:
+    """(video id, Parquet URI) of the pending videos, optionally of the files in [first, last] only."""
+    condition = _pending(model_version, until, level, exclude_run)
+    if uri_range is not None:
+        condition = and_(condition, videos.c.parquet_uri.between(*uri_range))
+    query = select(videos.c.video_id, videos.c.parquet_uri).where(condition).order_by(videos.c.parquet_uri, videos.c.video_id)
     with engine_for(db_url).connect() as conn:
         return [tuple(row) for row in conn.execute(query)]
+
+
+def record_parts(db_url: str, run_id: int, parts: list[dict]) -> list[dict]:
+    """The night's plan: one row per part (a range of Parquet files). A targeted rescoring adds its
+    parts after those of the night's earlier plan; returns the parts with their numbers."""
+    with engine_for(db_url).begin() as conn:
+        first = conn.execute(select(func.coalesce(func.max(inference_parts.c.part) + 1, 0))
+                             .where(inference_parts.c.run_id == run_id)).scalar()
+        numbered = [{**p, "part": first + i} for i, p in enumerate(parts)]
+        rows = [{"run_id": run_id, "part": p["part"], "first_uri": p["first_uri"], "last_uri": p["last_uri"],
+                 "files": p["files"], "status": "planned", "videos_total": p["videos"], "videos_done": 0,
+                 "rows_written": 0, "attempts": 0} for p in numbered]
+        for start in range(0, len(rows), 5000):
+            conn.execute(insert(inference_parts), rows[start:start + 5000])
+        _refresh_run_totals(conn, run_id)
+        return numbered
+
+
+def start_part(db_url: str, run_id: int, part: int) -> dict:
+    """Mark a part running, its counters and label counts reset: a retry counts its videos afresh.
+    Returns the part's row as it was (its `attempts` says whether an earlier try may have written)."""
+    with engine_for(db_url).begin() as conn:
+        row = conn.execute(select(inference_parts).where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+                           .with_for_update()).first()
+        if row is None:
+            raise LookupError(f"run {run_id} has no part {part}: was the night planned again since?")
+        conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id == run_id,
+                                                          inference_label_counts.c.part == part))
+        conn.execute(update(inference_parts).where(inference_parts.c.run_id == run_id, inference_parts.c.part == part).values(
+            status="running", videos_done=0, rows_written=0, error=None, attempts=inference_parts.c.attempts + 1,
+            started_at=utcnow(), finished_at=None))
+        return row._asdict()
+
+
+def drop_run_rows(db_url: str, run_id: int, model_version: int, level: str, *, uri_range: tuple[str, str] | None = None,
+                  ids: list[str] | None = None) -> None:
+    """Drop what an earlier try of a part wrote for this run: the rows of the videos in its file range,
+    or of the given videos (a targeted part, which shares its files with the night's other rows)."""
+    with engine_for(db_url).begin() as conn:
+        of_run = and_(predictions.c.model_version == model_version, predictions.c.run_id == run_id)
+        if uri_range is not None:
+            in_range = select(videos.c.video_id).where(videos.c.level == level, videos.c.parquet_uri.between(*uri_range))
+            conn.execute(delete(predictions).where(of_run, predictions.c.video_id.in_(in_range)))
+        for start in range(0, len(ids or []), 5000):
+            conn.execute(delete(predictions).where(of_run, predictions.c.video_id.in_(ids[start:start + 5000])))
+
+
+def set_part_total(db_url: str, run_id: int, part: int, total: int) -> None:
+    with engine_for(db_url).begin() as conn:
+        conn.execute(update(inference_parts).where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+                     .values(videos_total=total))
+
+
+def finish_part(db_url: str, run_id: int, part: int, label_counts: np.ndarray | None = None,
+                error: str | None = None) -> None:
+    """A part's outcome; a succeeded part stores how many videos got each label at each rank (a
+    top_k x classes array), in the transaction that marks it done. The run's totals follow its parts."""
+    with engine_for(db_url).begin() as conn:
+        if error is None and label_counts is not None:
+            ranks, label_ids = np.nonzero(label_counts)
+            rows = [{"run_id": run_id, "part": part, "rank": int(r) + 1, "label_id": int(label), "videos": int(n)}
+                    for r, label, n in zip(ranks, label_ids, label_counts[ranks, label_ids])]
+            for start in range(0, len(rows), 20000):
+                conn.execute(insert(inference_label_counts), rows[start:start + 20000])
+        conn.execute(update(inference_parts).where(inference_parts.c.run_id == run_id, inference_parts.c.part == part).values(
+            status="failed" if error else "succeeded", error=error, finished_at=utcnow()))
+        _refresh_run_totals(conn, run_id)
+
+
+def _refresh_run_totals(conn, run_id: int) -> None:
+    of_run = inference_parts.c.run_id == run_id
+    conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(**{
+        column: select(func.coalesce(func.sum(inference_parts.c[column]), 0)).where(of_run).scalar_subquery()
+        for column in ("videos_total", "videos_done", "rows_written")}))
+
+
+def parts_of(db_url: str, run_id: int) -> list[dict]:
+    with engine_for(db_url).connect() as conn:
+        query = select(inference_parts).where(inference_parts.c.run_id == run_id).order_by(inference_parts.c.part)
+        return [row._asdict() for row in conn.execute(query)]
 
 
 def known_videos(db_url: str, ids: list[str], level: str) -> dict[str, str]:
@@ -207,17 +345,17 @@ def _copy_postgresql(cursor, table: pa.Table) -> int:
     return written
 
 
-def write_chunk(db_url: str, run_id: int, model_version: int, ids: list[str], top_labels: np.ndarray,
+def write_chunk(db_url: str, run_id: int, model_version: int, part: int, ids: list[str], top_labels: np.ndarray,
                 top_scores: np.ndarray, lock: RunLockHolder | None = None) -> int:
-    """One chunk of a run's predictions and the run's progress, all or nothing; with `lock`, only while
+    """One chunk of a part's predictions and the part's progress, all or nothing; with `lock`, only while
     the run's lock is still held (checked inside the chunk's transaction)."""
     table = prediction_table(run_id, model_version, ids, top_labels, top_scores)
     with engine_for(db_url).begin() as conn:
         if lock is not None:
             lock.check(conn)
         written = insert_bulk(conn, table)
-        conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(
-            videos_done=inference_runs.c.videos_done + len(ids), rows_written=inference_runs.c.rows_written + written))
+        conn.execute(update(inference_parts).where(inference_parts.c.run_id == run_id, inference_parts.c.part == part).values(
+            videos_done=inference_parts.c.videos_done + len(ids), rows_written=inference_parts.c.rows_written + written))
     return written
 
 
@@ -227,11 +365,11 @@ class ChunkWriter:
     232-261k with two, measured here), one on SQLite (its writers take turns anyway). At most
     `writers * 2` chunks wait, so memory stays bounded; the first failure is raised."""
 
-    def __init__(self, db_url: str, run_id: int, model_version: int, lock: RunLockHolder | None = None):
+    def __init__(self, db_url: str, run_id: int, model_version: int, part: int, lock: RunLockHolder | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         writers = 2 if engine_for(db_url).dialect.name == "postgresql" else 1
-        self._args, self._lock, self._limit = (db_url, run_id, model_version), lock, 2 * writers
+        self._args, self._lock, self._limit = (db_url, run_id, model_version, part), lock, 2 * writers
         self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="vtag-writer")
         self._pending: list = []
         self.rows_written = 0
@@ -263,13 +401,48 @@ class ChunkWriter:
         return self.rows_written
 
 
-def set_total(db_url: str, run_id: int, total: int) -> None:
-    with engine_for(db_url).begin() as conn:
-        conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(videos_total=total))
-
-
 def finish_run(db_url: str, run_id: int, error: str | None = None) -> dict:
+    """The night's outcome; its videos and rows are the sums of its parts'."""
     with engine_for(db_url).begin() as conn:
+        _refresh_run_totals(conn, run_id)
         conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(
             status="failed" if error else "succeeded", error=error, finished_at=utcnow()))
         return conn.execute(select(inference_runs).where(inference_runs.c.run_id == run_id)).first()._asdict()
+
+
+class RetireError(ValueError):
+    pass
+
+
+def retire(db_url: str, model_version: int) -> int:
+    """Drop every prediction of a model version that is not in production (on PostgreSQL its partition,
+    at once however many rows); its runs stay as history. Returns the rows dropped."""
+    with engine_for(db_url).begin() as conn:
+        version = conn.execute(select(model_versions).where(model_versions.c.version == model_version)
+                               .with_for_update()).first()
+        if version is None:
+            raise RetireError(f"model version {model_version} does not exist")
+        if version.status == "production":
+            raise RetireError(f"model version {model_version} is in production: promote another before retiring its predictions")
+        rows = conn.execute(select(func.count()).select_from(predictions).where(predictions.c.model_version == model_version)).scalar()
+        if conn.dialect.name == "postgresql" and conn.exec_driver_sql(
+                "SELECT to_regclass(%s)", (partition_name(model_version),)).scalar() is not None:
+            table = partition_name(model_version)
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+        conn.execute(delete(predictions).where(predictions.c.model_version == model_version))  # SQLite, default partition
+        runs = select(inference_runs.c.run_id).where(inference_runs.c.model_version == model_version)
+        conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id.in_(runs)))
+        conn.execute(update(model_versions).where(model_versions.c.version == model_version)
+                     .values(predictions_retired_at=utcnow()))
+    log.info("retired model version %d: %d prediction rows dropped", model_version, rows)
+    return rows
+
+
+def versions_with_predictions(db_url: str) -> list[dict]:
+    """Model versions that have run and whose predictions were not retired, newest first."""
+    query = (select(model_versions.c.version, model_versions.c.status)
+             .where(model_versions.c.predictions_retired_at.is_(None),
+                    exists().where(inference_runs.c.model_version == model_versions.c.version))
+             .order_by(model_versions.c.version.desc()))
+    with engine_for(db_url).connect() as conn:
+        return [row._asdict() for row in conn.execute(query)]

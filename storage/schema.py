@@ -45,6 +45,7 @@ model_versions = Table(
     Column("run_id", String(256)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("promoted_at", DateTime(timezone=True)),
+    Column("predictions_retired_at", DateTime(timezone=True)),
 )
 
 evaluations = Table(
@@ -114,8 +115,36 @@ inference_runs = Table(
     UniqueConstraint("logical_date", "model_version", name="uq_inference_runs_date_model"),
 )
 
+inference_parts = Table(
+    "inference_parts",
+    metadata,
+    Column("run_id", Integer, ForeignKey("inference_runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("part", Integer, primary_key=True),
+    Column("first_uri", String(1024), nullable=False),
+    Column("last_uri", String(1024), nullable=False),
+    Column("files", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("videos_total", Integer, nullable=False),
+    Column("videos_done", Integer, nullable=False),
+    Column("rows_written", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("error", Text),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+)
+
+inference_label_counts = Table(
+    "inference_label_counts",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("part", Integer, primary_key=True),
+    Column("rank", SmallInteger, primary_key=True),
+    Column("label_id", Integer, primary_key=True),
+    Column("videos", Integer, nullable=False),
+)
+
 predictions = Table(
-    "predictions",
+    "predictions",  # LIST-partitioned by model_version on PostgreSQL: see migration 0005
     metadata,
     Column("video_id", String(32), primary_key=True),  # no foreign keys: see migration 0003
     Column("model_version", Integer, primary_key=True),

@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-pattern", metavar="GLOB", help="only videos from Parquet files matching this glob")
     p.add_argument("--dry-run", action="store_true", help="count what would be scored, write nothing")
     p.add_argument("--exports", metavar="URI", help="folder for the CSV and pickle exports")
+    p.add_argument("--part-videos", type=int, default=None, metavar="N",
+                   help="score the night in parts of about N videos (default 250000), as the DAG's mapped tasks do")
+    _db_arg(p)
+
+    p = sub.add_parser("retire", help="drop the predictions of old model versions (their runs stay as history)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model-version", type=int, metavar="N", action="append", help="retire this version (repeatable)")
+    which.add_argument("--keep", type=int, metavar="N", help="retire all but the newest N versions with predictions")
     _db_arg(p)
 
     p = sub.add_parser("query", help="run a query from sql/queries and print a table")
@@ -178,9 +186,10 @@ def _infer(args) -> int:
     when = datetime.fromisoformat(args.logical_date) if args.logical_date else datetime.now(timezone.utc)
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
+    parts = {} if args.part_videos is None else {"part_videos": args.part_videos}
     report = run_inference(args.db, when, top_k=args.top_k, level=args.level, model_version=args.model_version,
                            checkpoint_uri=args.checkpoint, video_ids=args.video, shard_pattern=args.shard_pattern,
-                           dry_run=args.dry_run, exports_uri=args.exports, progress=sys.stderr.isatty())
+                           dry_run=args.dry_run, exports_uri=args.exports, progress=sys.stderr.isatty(), **parts)
     if args.dry_run:
         print(f"dry run: model version {report.model_version} would score {report.videos} videos")
         return 0
@@ -188,6 +197,20 @@ def _infer(args) -> int:
           f"{report.rows_written} rows written")
     for uri in report.exports:
         print(f"export: {uri}")
+    return 0
+
+
+def _retire(args) -> int:
+    from storage import db, predictions
+    from tasks.inference import retire_old_versions
+
+    db.upgrade(args.db)
+    if args.keep is not None:
+        retired = retire_old_versions(args.db, args.keep)
+        print(f"retired the predictions of model versions {', '.join(map(str, retired)) or '(none)'}")
+        return 0
+    for version in args.model_version:
+        print(f"model version {version}: {predictions.retire(args.db, version)} prediction rows dropped")
     return 0
 
 
@@ -270,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if hasattr(args, "db"):
         args.db = args.db or settings.default_db_url()
-    handler = {"synth": _synth, "ingest": _ingest, "train": _train, "evaluate": _evaluate, "infer": _infer, "query": _query, "vocabulary": _vocabulary,
+    handler = {"synth": _synth, "ingest": _ingest, "train": _train, "evaluate": _evaluate, "infer": _infer, "retire": _retire, "query": _query, "vocabulary": _vocabulary,
                "models": _models, "manifest": _manifest,
                "db": _db}[args.command]
     try:

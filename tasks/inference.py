@@ -1,26 +1,38 @@
 """Batch inference: score the videos the production model has not scored yet, keep each video's top k
-labels in the database, and write the exports people know (Google's CSV, the seed's pickle)."""
+labels in the database, and write the exports people know (Google's CSV, the seed's pickle).
 
-import csv
+A night is planned, then scored in parts, then finished:
+
+- `plan_night` starts (or restarts) the night's run and cuts its pending videos into parts: contiguous
+  ranges of Parquet files of about `part_videos` videos each (a small night is one part, a full
+  rescore of 6.1 M videos about 25, never more than MAX_PARTS).
+- `tag_part` scores one part, on whichever GPU worker runs it, with one data loader over all of the
+  part's files, writing rows in chunks and its export fragments as it goes; a retry redoes only its part.
+- `finish_night` joins the fragments into the night's exports and closes the run.
+
+The DAG runs the parts as mapped tasks; `run_inference` (the command line, and the tests) runs all
+three in one process.
+"""
+
 import fnmatch
 import logging
-import pickle
-import tempfile
-from collections import defaultdict
-from dataclasses import dataclass, field
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
-from storage import db, predictions, registry
+from storage import db, exports, predictions, registry
 from storage.objectstore import S3Config, join, store_for
 
 log = logging.getLogger(__name__)
 
 MAX_K = 3862
-CSV_TOP = 20  # Google's inference.py writes the top 20
+CSV_TOP = exports.CSV_TOP
 CHUNK_VIDEOS = 2000
+PART_VIDEOS = 250_000  # about 25 s of a GPU at the 10,000 videos/s target: worth a task's start-up
+MAX_PARTS = 512  # well under Airflow's [core] max_map_length (1,024)
 
 
 class InferenceError(ValueError):
@@ -38,7 +50,28 @@ class InferenceReport:
     videos: int
     rows_written: int
     exports: list[str] = field(default_factory=list)
-    preview: list[tuple[str, list[tuple[int, float]]]] = field(default_factory=list)
+
+
+@dataclass
+class NightPlan:
+    """What every part of a night needs to know; JSON-serialisable for XCom (`as_dict`/`from_dict`)."""
+    run_id: int
+    model_version: int
+    checkpoint_uri: str
+    level: str
+    top_k: int
+    logical_date: datetime
+    exports_uri: str
+    parts: list[dict]
+    video_ids: list[str] | None = None
+    shard_pattern: str | None = None
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "logical_date": self.logical_date.isoformat()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "NightPlan":
+        return cls(**{**values, "logical_date": datetime.fromisoformat(values["logical_date"])})
 
 
 def _model_version(db_url: str, level: str, version: int | None) -> dict:
@@ -50,37 +83,151 @@ def _model_version(db_url: str, level: str, version: int | None) -> dict:
     return current
 
 
-def _select(db_url: str, model_version: int, until: datetime, level: str, video_ids: list[str] | None,
-            shard_pattern: str | None) -> list[tuple[str, str]]:
+def _check_request(top_k: int, logical_date: datetime) -> datetime:
+    if not 1 <= top_k <= MAX_K:
+        raise InferenceError(f"top_k must be in 1..{MAX_K}, not {top_k}")
+    if logical_date.tzinfo is None:
+        raise InferenceError(f"logical date {logical_date} has no time zone")
+    return logical_date.astimezone(timezone.utc)  # SQLite keeps no offset: compare in UTC everywhere
+
+
+def _resolve_version(db_url: str, level: str, model_version: int | None, checkpoint_uri: str | None,
+                     s3: S3Config | None) -> dict:
+    if checkpoint_uri is not None:
+        from tasks.training import ensure_registered
+
+        model_version = ensure_registered(db_url, checkpoint_uri, s3)
+    return _model_version(db_url, level, model_version)
+
+
+def _known(db_url: str, video_ids: list[str], level: str) -> dict[str, str]:
+    known = predictions.known_videos(db_url, video_ids, level)
+    missing = [v for v in video_ids if v not in known]
+    if missing:
+        raise InferenceError(f"never ingested at {level} level: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    return known
+
+
+def _matches(uri: str, shard_pattern: str | None) -> bool:
+    return shard_pattern is None or fnmatch.fnmatchcase(uri.rsplit("/", 1)[-1], shard_pattern)
+
+
+def cut_parts(files: list[tuple[str, int]], part_videos: int = PART_VIDEOS, max_parts: int = MAX_PARTS) -> list[dict]:
+    """Cut (Parquet URI, videos) in URI order into contiguous parts of at least `part_videos` videos
+    (the last may hold fewer), so that no more than `max_parts` come out however large the night."""
+    if part_videos < 1:
+        raise InferenceError(f"part_videos must be at least 1, not {part_videos}")
+    target = max(part_videos, math.ceil(sum(n for _, n in files) / max_parts))
+    parts, start, videos = [], 0, 0
+    for i, (_, count) in enumerate(files):
+        videos += count
+        if videos >= target or i == len(files) - 1:
+            parts.append({"part": len(parts), "first_uri": files[start][0], "last_uri": files[i][0],
+                          "files": i - start + 1, "videos": videos})
+            start, videos = i + 1, 0
+    return parts
+
+
+def _pending_files(db_url: str, version: int, logical_date: datetime, level: str, run_id: int | None,
+                   video_ids: list[str] | None, shard_pattern: str | None) -> list[tuple[str, int]]:
     if video_ids:
-        known = predictions.known_videos(db_url, video_ids, level)
-        missing = [v for v in video_ids if v not in known]
-        if missing:
-            raise InferenceError(f"never ingested at {level} level: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-        return sorted((v, known[v]) for v in set(video_ids))
-    pending = predictions.pending_videos(db_url, model_version, until, level)
-    if shard_pattern:
-        pending = [(v, uri) for v, uri in pending if fnmatch.fnmatchcase(uri.rsplit("/", 1)[-1], shard_pattern)]
-    return pending
+        counts: dict[str, int] = {}
+        for uri in _known(db_url, video_ids, level).values():
+            counts[uri] = counts.get(uri, 0) + 1
+        return sorted(counts.items())
+    files = predictions.pending_files(db_url, version, logical_date, level, exclude_run=run_id)
+    return [(uri, n) for uri, n in files if _matches(uri, shard_pattern)]
 
 
-def _score_files(model, config, by_file: dict[str, set[str]], device, s3, batch_size: int):
-    """(ids, top-k labels, top-k scores) per batch, for the wanted videos of each Parquet file."""
+def plan_night(db_url: str, logical_date: datetime, *, top_k: int = 20, level: str = "frame",
+               model_version: int | None = None, checkpoint_uri: str | None = None, video_ids: list[str] | None = None,
+               shard_pattern: str | None = None, exports_uri: str | None = None, s3: S3Config | None = None,
+               airflow_run_id: str | None = None, part_videos: int = PART_VIDEOS, locked: bool = False) -> NightPlan:
+    """Start the night's run and cut what it must score into parts. A whole night replaces the run's
+    earlier rows; a targeted one (video ids, file pattern) adds to them. `locked`: the caller holds
+    the night's run_lock."""
+    logical_date = _check_request(top_k, logical_date)
+    db.upgrade(db_url)
+    version = _resolve_version(db_url, level, model_version, checkpoint_uri, s3)
+    number, level = version["version"], version["level"]
+    video_ids = sorted(set(video_ids)) if video_ids else None
+    if video_ids:
+        _known(db_url, video_ids, level)  # before anything is forgotten
+    with (nullcontext() if locked else predictions.run_lock(db_url, logical_date, number)):
+        if video_ids:
+            predictions.forget(db_url, number, video_ids)
+        run_id = predictions.start_run(db_url, logical_date, number, top_k, airflow_run_id,
+                                       clear=not (video_ids or shard_pattern))
+        files = _pending_files(db_url, number, logical_date, level, run_id, video_ids, shard_pattern)
+        parts = predictions.record_parts(db_url, run_id, cut_parts(files, part_videos))
+    exports_uri = exports_uri or join(_default_exports(), f"{logical_date:%Y-%m-%dT%H%M%S}_v{number}")
+    log.info("run %d: %d videos in %d files, %d parts", run_id, sum(p["videos"] for p in parts), len(files), len(parts))
+    return NightPlan(run_id, number, version["checkpoint_uri"], level, top_k, logical_date, exports_uri, parts,
+                     video_ids, shard_pattern)
+
+
+def count_pending(db_url: str, logical_date: datetime, *, top_k: int = 20, level: str = "frame",
+                  model_version: int | None = None, checkpoint_uri: str | None = None, video_ids: list[str] | None = None,
+                  shard_pattern: str | None = None, s3: S3Config | None = None) -> tuple[int, int]:
+    """A dry run: (model version, how many videos a run would score), writing nothing."""
+    logical_date = _check_request(top_k, logical_date)
+    db.upgrade(db_url)
+    version = _resolve_version(db_url, level, model_version, checkpoint_uri, s3)
+    if video_ids:
+        return version["version"], len(_known(db_url, sorted(set(video_ids)), version["level"]))
+    files = _pending_files(db_url, version["version"], logical_date, version["level"], None, None, shard_pattern)
+    return version["version"], sum(n for _, n in files)
+
+
+@dataclass
+class PartReport:
+    part: int
+    videos: int = 0
+    rows_written: int = 0
+
+
+def _part_videos(db_url: str, plan: NightPlan, part: dict, first_try: bool) -> dict[str, set[str]]:
+    """The videos this part scores, by Parquet file, after dropping what an earlier try of it wrote."""
+    uri_range = (part["first_uri"], part["last_uri"])
+    if plan.video_ids:
+        wanted = [(v, uri) for v, uri in _known(db_url, plan.video_ids, plan.level).items()
+                  if uri_range[0] <= uri <= uri_range[1]]
+        predictions.drop_run_rows(db_url, plan.run_id, plan.model_version, plan.level, ids=[v for v, _ in wanted])
+    else:
+        if not first_try:
+            predictions.drop_run_rows(db_url, plan.run_id, plan.model_version, plan.level, uri_range=uri_range)
+        wanted = predictions.pending_videos(db_url, plan.model_version, plan.logical_date, plan.level,
+                                            exclude_run=plan.run_id, uri_range=uri_range)
+        wanted = [(v, uri) for v, uri in wanted if _matches(uri, plan.shard_pattern)]
+        if plan.shard_pattern and first_try:  # a pattern's night shares files with the run's other rows
+            predictions.drop_run_rows(db_url, plan.run_id, plan.model_version, plan.level, ids=[v for v, _ in wanted])
+    by_file: dict[str, set[str]] = {}
+    for video, uri in wanted:
+        by_file.setdefault(uri, set()).add(video)
+    return by_file
+
+
+def _score(model, config, by_file: dict[str, set[str]], device, s3, batch_size: int):
+    """(ids, scores) per batch for the wanted videos, from one data loader over all the part's files."""
     import pyarrow.parquet as pq
 
     from model.data import ParquetBatches, RowGroup, loader
     from model.evaluate import predict
 
-    for uri, wanted in by_file.items():
+    groups = []
+    for uri in sorted(by_file):
         with store_for(uri, s3).open_read(uri) as f:
             metadata = pq.ParquetFile(f).metadata
-        groups = [RowGroup(uri, i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups)]
-        dataset = ParquetBatches(groups, config.level, batch_size, config.num_classes, config.max_frames,
-                                 shuffle=False, drop_last=False, workers=config.num_workers, s3=s3)
-        for ids, scores, _labels in predict(model, config, loader(dataset, config.num_workers, device.type == "cuda"), device):
-            keep = [i for i, v in enumerate(ids) if v in wanted]
-            if keep:
-                yield [ids[i] for i in keep], scores[keep]
+        groups += [RowGroup(uri, i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups)]
+    if not groups:
+        return
+    wanted = set().union(*by_file.values())
+    dataset = ParquetBatches(groups, config.level, batch_size, config.num_classes, config.max_frames,
+                             shuffle=False, drop_last=False, workers=config.num_workers, s3=s3)
+    for ids, scores, _labels in predict(model, config, loader(dataset, config.num_workers, device.type == "cuda"), device):
+        keep = [i for i, v in enumerate(ids) if v in wanted]
+        if keep:
+            yield [ids[i] for i in keep], scores[keep]
 
 
 def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,109 +237,149 @@ def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.take_along_axis(scores, labels, axis=1)
 
 
-def run_inference(db_url: str, logical_date: datetime, *, top_k: int = 20, level: str = "frame",
-                  model_version: int | None = None, checkpoint_uri: str | None = None, video_ids: list[str] | None = None,
-                  shard_pattern: str | None = None, dry_run: bool = False, exports_uri: str | None = None,
-                  s3: S3Config | None = None, airflow_run_id: str | None = None, batch_size: int = 256,
-                  progress: bool = False) -> InferenceReport:
-    """Score what the model has not scored up to `logical_date` (or the given videos) and store the top k."""
-    if not 1 <= top_k <= MAX_K:
-        raise InferenceError(f"top_k must be in 1..{MAX_K}, not {top_k}")
-    if logical_date.tzinfo is None:
-        raise InferenceError(f"logical date {logical_date} has no time zone")
-    logical_date = logical_date.astimezone(timezone.utc)  # SQLite keeps no offset: compare in UTC everywhere
-    db.upgrade(db_url)
-    if checkpoint_uri is not None:
-        from tasks.training import ensure_registered
-
-        model_version = ensure_registered(db_url, checkpoint_uri, s3)
-    version = _model_version(db_url, level, model_version)
-    number, level = version["version"], version["level"]
+def load_scorer(checkpoint_uri: str, s3: S3Config | None = None):
+    """(model, config, device) on the best device here."""
     from model.evaluate import load_model
     from model.train import pick_device
 
     device = pick_device()
-    model, config = load_model(version["checkpoint_uri"], device, s3)
-    if dry_run:
-        return InferenceReport(None, number, len(_select(db_url, number, logical_date, level, video_ids, shard_pattern)), 0)
-    # Two tries of the same night at once (a task's retry while a lost try still runs, `vtag infer`
-    # beside the DAG) would share one run: the later start would empty the earlier one's rows under it
-    # and both would count their videos into it. They take turns instead, the later replacing the run.
-    with predictions.run_lock(db_url, logical_date, number) as lock:
-        return _write_run(db_url, logical_date, model, config, device, number, top_k=top_k, level=level,
-                          video_ids=video_ids, shard_pattern=shard_pattern, exports_uri=exports_uri, s3=s3,
-                          airflow_run_id=airflow_run_id, batch_size=batch_size, progress=progress, lock=lock)
+    model, config = load_model(checkpoint_uri, device, s3)
+    return model, config, device
 
 
-def _write_run(db_url: str, logical_date: datetime, model, config, device, number: int, *, top_k: int, level: str,
-               video_ids: list[str] | None, shard_pattern: str | None, exports_uri: str | None, s3: S3Config | None,
-               airflow_run_id: str | None, batch_size: int, progress: bool,
-               lock: predictions.RunLockHolder | None) -> InferenceReport:
-    if video_ids:
-        predictions.forget(db_url, number, video_ids)
-    selected = _select(db_url, number, logical_date, level, video_ids, shard_pattern)
-    by_file: dict[str, set[str]] = defaultdict(set)
-    for video, uri in selected:
-        by_file[uri].add(video)
-
-    # A targeted (re)scoring adds to the night's run; only a whole night replaces it.
-    run_id = predictions.start_run(db_url, logical_date, number, top_k, airflow_run_id,
-                                   clear=not (video_ids or shard_pattern))
-    predictions.set_total(db_url, run_id, len(selected))
-    report = InferenceReport(run_id, number, 0, 0)
-    csv_top = max(top_k, CSV_TOP)
-    try:
-        with tempfile.TemporaryDirectory(prefix="vtag-infer-") as tmp:
-            csv_path, pickle_rows = Path(tmp) / "predictions.csv", []
-            with open(csv_path, "w", newline="") as csv_file:
-                writer = csv.writer(csv_file)
-                writer.writerow(["VideoId", "LabelConfidencePairs"])
-                pending_ids, pending_labels, pending_scores = [], [], []
-                chunks = predictions.ChunkWriter(db_url, run_id, number, lock)
-
-                def flush():
-                    if pending_ids:
-                        labels, scores = np.concatenate(pending_labels), np.concatenate(pending_scores)
-                        chunks.submit(list(pending_ids), labels[:, :top_k], scores[:, :top_k])
-                        pending_ids.clear(), pending_labels.clear(), pending_scores.clear()
-
-                bar = _progress(len(selected), progress)
-                try:
-                    for ids, scores in _score_files(model, config, by_file, device, s3, batch_size):
-                        labels, top_scores = _top(scores, csv_top)
-                        for i, video in enumerate(ids):
-                            pairs = [(int(l), float(s)) for l, s in zip(labels[i], top_scores[i])]
-                            writer.writerow([video, " ".join(f"{l} {s:g}" for l, s in pairs[:CSV_TOP])])
-                            pickle_rows.append((video, pairs[:top_k]))
-                            if len(report.preview) < 5:
-                                report.preview.append((video, pairs[:3]))
-                        pending_ids.extend(ids), pending_labels.append(labels), pending_scores.append(top_scores)
-                        report.videos += len(ids)
-                        if bar is not None:
-                            bar.update(len(ids))
-                        if len(pending_ids) >= CHUNK_VIDEOS:
-                            flush()
-                    flush()
-                except BaseException:
-                    chunks.abandon()
-                    raise
-                report.rows_written = chunks.close()
-                if bar is not None:
-                    bar.close()
-            with open(Path(tmp) / "AttentionLSTM_infer_result", "wb") as f:
-                pickle.dump(pickle_rows, f, protocol=pickle.HIGHEST_PROTOCOL)
-            exports = exports_uri or join(_default_exports(), f"{logical_date:%Y-%m-%dT%H%M%S}_v{number}")
-            for name in ("predictions.csv", "AttentionLSTM_infer_result"):
-                uri = join(exports, name)
-                with store_for(uri, s3).publish(uri) as path:
-                    path.write_bytes((Path(tmp) / name).read_bytes())
-                report.exports.append(uri)
-    except BaseException as exc:
-        predictions.finish_run(db_url, run_id, error=f"{type(exc).__name__}: {exc}")
-        raise
-    predictions.finish_run(db_url, run_id)
-    log.info("run %d: %d videos, %d rows, model version %d", run_id, report.videos, report.rows_written, number)
+def tag_part(db_url: str, plan: NightPlan, part: dict, *, s3: S3Config | None = None, batch_size: int = 256,
+             scorer=None, lock: predictions.RunLockHolder | None = None, locked: bool = False,
+             progress: bool = False) -> PartReport:
+    """Score one part of a planned night. `scorer`: (model, config, device), loaded here if not given;
+    `locked`: the caller holds the night's run_lock (`lock`), else this takes the part's own."""
+    number = part["part"]
+    with (nullcontext() if locked else predictions.run_lock(db_url, plan.logical_date, plan.model_version, number)) as own:
+        lock = lock if locked else own
+        before = predictions.start_part(db_url, plan.run_id, number)
+        try:
+            model, config, device = scorer or load_scorer(plan.checkpoint_uri, s3)
+            by_file = _part_videos(db_url, plan, part, first_try=before["attempts"] == 0 and before["status"] == "planned")
+            predictions.set_part_total(db_url, plan.run_id, number, sum(len(v) for v in by_file.values()))
+            report = _write_part(db_url, plan, number, model, config, device, by_file, s3, batch_size, lock, progress)
+        except BaseException as exc:
+            predictions.finish_part(db_url, plan.run_id, number, error=f"{type(exc).__name__}: {exc}")
+            raise
+    log.info("run %d part %d: %d videos, %d rows", plan.run_id, number, report.videos, report.rows_written)
     return report
+
+
+def _write_part(db_url: str, plan: NightPlan, number: int, model, config, device, by_file, s3, batch_size: int,
+                lock, progress: bool) -> PartReport:
+    top_k, csv_top = plan.top_k, max(plan.top_k, CSV_TOP)
+    report = PartReport(number)
+    label_counts = np.zeros((top_k, config.num_classes), np.int64)
+    chunks = predictions.ChunkWriter(db_url, plan.run_id, plan.model_version, number, lock)
+    pending_ids, pending_labels, pending_scores = [], [], []
+
+    def flush(everything: bool = False):
+        """Send whole chunks of CHUNK_VIDEOS (and, at the end, the rest) to the writer."""
+        if not pending_ids:
+            return
+        labels, scores = np.concatenate(pending_labels), np.concatenate(pending_scores)
+        end = len(pending_ids) if everything else len(pending_ids) - len(pending_ids) % CHUNK_VIDEOS
+        for start in range(0, end, CHUNK_VIDEOS):
+            stop = min(start + CHUNK_VIDEOS, end)
+            chunks.submit(pending_ids[start:stop], labels[start:stop], scores[start:stop])
+        del pending_ids[:end]
+        pending_labels[:], pending_scores[:] = [labels[end:]], [scores[end:]]
+
+    bar = _progress(sum(len(v) for v in by_file.values()), progress)
+    try:
+        with exports.PartExports(plan.exports_uri, number, top_k, s3) as fragments:
+            for ids, scores in _score(model, config, by_file, device, s3, batch_size):
+                labels, top_scores = _top(scores, csv_top)
+                fragments.add(ids, labels, top_scores)
+                for rank in range(top_k):
+                    label_counts[rank] += np.bincount(labels[:, rank], minlength=config.num_classes)
+                pending_ids.extend(ids), pending_labels.append(labels[:, :top_k]), pending_scores.append(top_scores[:, :top_k])
+                report.videos += len(ids)
+                if bar is not None:
+                    bar.update(len(ids))
+                if len(pending_ids) >= CHUNK_VIDEOS:
+                    flush()
+            flush(everything=True)
+            report.rows_written = chunks.close()  # before the fragments are published: a failed write publishes none
+    except BaseException:
+        chunks.abandon()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    predictions.finish_part(db_url, plan.run_id, number, label_counts)
+    return report
+
+
+def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> InferenceReport:
+    """Close the night: if every part succeeded, join their export fragments and mark the run
+    succeeded; otherwise mark it failed, naming the parts, and raise."""
+    parts = predictions.parts_of(db_url, plan.run_id)
+    unfinished = [p for p in parts if p["status"] != "succeeded"]
+    if unfinished:
+        error = "parts not succeeded: " + ", ".join(f"{p['part']} ({p['status']}{': ' + p['error'] if p['error'] else ''})"
+                                                     for p in unfinished[:10])
+        predictions.finish_run(db_url, plan.run_id, error=error)
+        raise InferenceError(f"run {plan.run_id}: {error}")
+    ours = sorted(p["part"] for p in plan.parts)
+    try:
+        uris = exports.join_night(plan.exports_uri, ours, s3)
+    except BaseException as exc:
+        predictions.finish_run(db_url, plan.run_id, error=f"exports: {type(exc).__name__}: {exc}")
+        raise
+    run = predictions.finish_run(db_url, plan.run_id)
+    log.info("run %d: %d videos, %d rows, model version %d", plan.run_id, run["videos_done"], run["rows_written"],
+             plan.model_version)
+    mine = {p["part"]: p for p in parts if p["part"] in ours}
+    return InferenceReport(plan.run_id, plan.model_version, sum(p["videos_done"] for p in mine.values()),
+                           sum(p["rows_written"] for p in mine.values()), uris)
+
+
+def run_inference(db_url: str, logical_date: datetime, *, top_k: int = 20, level: str = "frame",
+                  model_version: int | None = None, checkpoint_uri: str | None = None, video_ids: list[str] | None = None,
+                  shard_pattern: str | None = None, dry_run: bool = False, exports_uri: str | None = None,
+                  s3: S3Config | None = None, airflow_run_id: str | None = None, batch_size: int = 256,
+                  part_videos: int = PART_VIDEOS, progress: bool = False) -> InferenceReport:
+    """Score what the model has not scored up to `logical_date` (or the given videos) and store the
+    top k: the whole night in this process, its parts one after another."""
+    request = {"top_k": top_k, "level": level, "model_version": model_version, "checkpoint_uri": checkpoint_uri,
+               "video_ids": video_ids, "shard_pattern": shard_pattern, "s3": s3}
+    if dry_run:
+        return InferenceReport(None, *count_pending(db_url, logical_date, **request), 0)
+    logical_date = _check_request(top_k, logical_date)
+    db.upgrade(db_url)
+    version = _resolve_version(db_url, level, model_version, checkpoint_uri, s3)
+    scorer = load_scorer(version["checkpoint_uri"], s3)
+    # Two runs of the same night at once (a task's retry while a lost try still runs, `vtag infer`
+    # beside the DAG) would share one run: the later start would empty the earlier one's rows under it.
+    # They take turns instead, the later replacing the run.
+    with predictions.run_lock(db_url, logical_date, version["version"]) as lock:
+        plan = plan_night(db_url, logical_date, **{**request, "model_version": version["version"], "checkpoint_uri": None},
+                          exports_uri=exports_uri, airflow_run_id=airflow_run_id, part_videos=part_videos, locked=True)
+        for part in plan.parts:
+            try:
+                tag_part(db_url, plan, part, s3=s3, batch_size=batch_size, scorer=scorer, lock=lock, locked=True,
+                         progress=progress)
+            except BaseException as exc:
+                predictions.finish_run(db_url, plan.run_id, error=f"part {part['part']}: {type(exc).__name__}: {exc}")
+                raise
+        return finish_night(db_url, plan, s3)
+
+
+def retire_old_versions(db_url: str, keep: int) -> list[int]:
+    """Retire the predictions of every model version but the newest `keep` that have predictions;
+    a production version always keeps them. Returns the versions retired."""
+    if keep < 1:
+        raise InferenceError(f"keep must be at least 1, not {keep}")
+    db.upgrade(db_url)
+    older = predictions.versions_with_predictions(db_url)[keep:]
+    retired = [v["version"] for v in older if v["status"] != "production"]
+    for version in retired:
+        predictions.retire(db_url, version)
+    return retired
 
 
 def _default_exports() -> str:

@@ -33,11 +33,15 @@ def test_nightly_dag_tags_the_videos_that_arrived(dagbag, tmp_path, monkeypatch,
     evaluate_model(trained["checkpoint_uri"], parquet, db_url)
     promote(db_url, trained["version"])
 
-    run = dag.test(logical_date=night, run_conf={"top_k": 7})
+    run = dag.test(logical_date=night, run_conf={"top_k": 7, "part_videos": 10})
     assert run.state == "success"
+    states = sorted((ti.task_id, ti.map_index, ti.state) for ti in run.get_task_instances())
+    assert states == [("finish_night", -1, "success"), ("plan_night", -1, "success"), ("retire_old_predictions", -1, "success"),
+                      ("tag_part", 0, "success"), ("tag_part", 1, "success")]  # 24 + 8 videos: two parts
     with engine_for(db_url).connect() as conn:
         per_video = conn.execute(text("SELECT video_id, COUNT(*), COUNT(label_name) FROM production_labels GROUP BY video_id")).all()
         status = conn.execute(text("SELECT status, videos_done, rows_written, airflow_run_id FROM inference_runs")).one()
     assert len(per_video) == 32 and {(n, named) for _, n, named in per_video} == {(7, 7)}
     assert status[:3] == ("succeeded", 32, 224) and status[3] == run.run_id
-    assert (tmp_path / "exports" / "2030-03-01T020000" / "predictions.csv").is_file()
+    export = tmp_path / "exports" / "2030-03-01T020000"
+    assert len((export / "predictions.csv").read_text().splitlines()) == 33 and not list((export / "parts").iterdir())
