@@ -79,7 +79,7 @@ def bulk_rate(url: str, ids: list[str], version: int, run: int, k: int, chunk: i
     labels = np.argsort(rng.random((len(ids), 64)), axis=1)[:, :k].astype(np.int64)
     scores = np.sort(rng.random((len(ids), k)), axis=1)[:, ::-1]
     started = time.perf_counter()
-    writer = predictions.ChunkWriter(url, run, version)
+    writer = predictions.ChunkWriter(url, run, version, 0)  # part 0: its progress row is not needed here
     for start in range(0, len(ids), chunk):
         writer.submit(ids[start:start + chunk], labels[start:start + chunk], scores[start:start + chunk])
     writer.close()

@@ -1,8 +1,15 @@
-"""Ingest YouTube-8M TFRecord shards into the Parquet layout, one mapped task per pending shard.
+"""Ingest YouTube-8M TFRecord shards into the Parquet layout, one mapped task per batch of shards.
 
-The work lives in tasks/ingest.py; this file only wires it. A shard with bad content fails its own
-mapped task (without retries) and is quarantined in the manifest; the others still convert, and the
-yt8m_parquet asset is updated with the shards that did.
+The work lives in tasks/ingest.py; this file only wires it. `list_pending_shards` cuts the pending
+shards, in name order, into at most tasks.ingest.MAX_BATCHES contiguous batches (one shard each while
+there are fewer), since Airflow maps at most 1,024 tasks and a YouTube-8M split has 3,844 shards.
+`convert_batch` converts its shards one by one and logs a line for each. A shard with bad content is
+quarantined in the manifest and its batch's other shards still convert; the batch then fails without
+retries, naming each bad shard. A transient failure (store, disk, database) fails the batch with
+retries, and a retry converts only the shards not converted yet. `publish_asset` reads from the
+manifest which planned shards converted, failed batches included, and updates the yt8m_parquet asset
+with extra {"dest", "shards" (count), "rows", "outputs" (the first 100 Parquet URIs)};
+`all_shards_converted` then fails the run when any batch failed, so that the quarantine is seen.
 """
 
 import os
@@ -11,6 +18,20 @@ import pendulum
 from airflow.sdk import Param, dag, task
 from yt8m_assets import YT8M_PARQUET
 from yt8m_params import URI_PATTERN
+
+# Names a batch in the UI by its first and last shard, e.g. "train0000.tfrecord .. train0011.tfrecord (12 shards)".
+_BATCH_NAME = (
+    "{% set batch = task.op_kwargs['batch'] %}"
+    "{% set first = batch[0]['uri'].rsplit('/', 1)[-1] %}{% set last = batch[-1]['uri'].rsplit('/', 1)[-1] %}"
+    "{% if batch | length == 1 %}{{ first }}{% else %}{{ first }} .. {{ last }} ({{ batch | length }} shards){% endif %}"
+)
+
+
+def _shards(batch: list[dict]) -> list:
+    """The ObjectInfo of each shard of a batch as list_pending_shards passed it on."""
+    from storage.objectstore import ObjectInfo
+
+    return [ObjectInfo(shard["uri"], shard["size"], shard["fingerprint"]) for shard in batch]
 
 
 @dag(
@@ -31,49 +52,54 @@ from yt8m_params import URI_PATTERN
 )
 def yt8m_ingest():
     @task
-    def list_pending_shards(params: dict) -> list[dict]:
+    def list_pending_shards(params: dict) -> list[list[dict]]:
         from tasks import airflow_config as cfg
-        from tasks.ingest import list_pending
+        from tasks.ingest import list_pending, plan_batches
 
         src, dest = cfg.raw_uri(params["src"]), cfg.parquet_uri(params["dest"])
         pending, skipped = list_pending(src, dest, cfg.db_url(), params["pattern"], params["force"], cfg.s3_config())
-        print(f"{len(pending)} shards to convert from {src} to {dest}, {skipped} already converted")
-        return [{"uri": s.uri, "size": s.size, "fingerprint": s.fingerprint, "dest": dest} for s in pending]
+        batches = plan_batches(pending)
+        print(f"{len(pending)} shards to convert from {src} to {dest} in {len(batches)} batches, {skipped} already converted")
+        return [[{"uri": s.uri, "size": s.size, "fingerprint": s.fingerprint, "dest": dest} for s in batch] for batch in batches]
 
-    @task(max_active_tis_per_dagrun=4, retries=2, map_index_template="{{ task.op_kwargs['shard']['uri'] }}")
-    def convert_shard(shard: dict) -> dict:
+    @task(max_active_tis_per_dagrun=4, retries=2, map_index_template=_BATCH_NAME)
+    def convert_batch(batch: list[dict], params: dict) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from storage.objectstore import ObjectInfo
         from tasks import airflow_config as cfg
-        from tasks.ingest import ShardFailedError, convert_shard
+        from tasks import ingest
 
-        try:
-            source = ObjectInfo(shard["uri"], shard["size"], shard["fingerprint"])
-            return {**convert_shard(source, shard["dest"], cfg.db_url(), cfg.s3_config()), "dest": shard["dest"]}
-        except ShardFailedError as exc:
-            raise AirflowFailException(f"quarantined: {exc}") from None  # bad content: retrying cannot help
+        report = ingest.convert_batch(_shards(batch), batch[0]["dest"], cfg.db_url(), cfg.s3_config(), force=params["force"])
+        print(f"{len(report.converted)} converted, {report.skipped} already converted, {len(report.failed)} failed")
+        failures = "\n".join(report.failed.values())
+        if report.retryable:  # Airflow retries the batch; the retry skips the shards converted by now
+            raise ingest.TransientBatchError(f"{len(report.failed)} of {len(batch)} shards did not convert:\n{failures}")
+        if report.failed:  # bad content: retrying cannot help
+            raise AirflowFailException(f"quarantined {len(report.failed)} of {len(batch)} shards:\n{failures}")
+        return {"converted": len(report.converted), "rows": sum(r["rows"] for r in report.converted)}
 
     @task(outlets=[YT8M_PARQUET], trigger_rule="all_done")
-    def publish_asset(results: list[dict], outlet_events=None) -> int:
+    def publish_asset(batches: list[list[dict]], outlet_events=None) -> int:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        converted = [r for r in results if r]
-        if not converted:
+        from tasks import airflow_config as cfg
+        from tasks.ingest import summary
+
+        planned = [shard for batch in batches for shard in _shards(batch)]
+        done = summary(planned, batches[0][0]["dest"], cfg.db_url(), cfg.s3_config()) if planned else None
+        if not done or not done["shards"]:
             raise AirflowSkipException("no shard was converted: nothing new for training")
-        outlet_events[YT8M_PARQUET].extra = {
-            "dest": converted[0]["dest"],
-            "outputs": [r["output_uri"] for r in converted],
-            "rows": sum(r["rows"] for r in converted),
-        }
-        return len(converted)
+        outlet_events[YT8M_PARQUET].extra = done
+        print(f"published {done['shards']} of {len(planned)} planned shards ({done['rows']} videos) in {done['dest']}")
+        return done["shards"]
 
     @task
     def all_shards_converted(results: list[dict]) -> None:
-        """Leaf that fails the run when a shard failed, since publish_asset succeeds on partial success."""
+        """Leaf that fails the run when a batch failed, since publish_asset succeeds on partial success."""
 
-    results = convert_shard.expand(shard=list_pending_shards())
-    publish_asset(results)
+    batches = list_pending_shards()
+    results = convert_batch.expand(batch=batches)
+    results >> publish_asset(batches)
     all_shards_converted(results)
 
 

@@ -17,6 +17,7 @@ import io
 import pickle
 import shutil
 from contextlib import ExitStack
+from itertools import chain
 
 import numpy as np
 
@@ -63,9 +64,14 @@ class PartExports:
 
     def add(self, ids: list[str], labels: np.ndarray, scores: np.ndarray) -> None:
         """A batch's videos, with their labels and scores in rank order (at least max(top_k, 20) each)."""
-        pairs = [[(int(l), float(s)) for l, s in zip(row_labels, row_scores)] for row_labels, row_scores in zip(labels, scores)]
-        self._csv.writerows([video, " ".join(f"{l} {s:g}" for l, s in p[:CSV_TOP])] for video, p in zip(ids, pairs))
-        self._pickle.write(_pickle_items([(video, p[:self._top_k]) for video, p in zip(ids, pairs)]))
+        # One % per video over Python lists: a third faster than formatting pair by pair (benchmarks.scale).
+        top = min(CSV_TOP, labels.shape[1])
+        label_rows, score_rows = labels.tolist(), scores.astype(np.float64).tolist()
+        line = " ".join(["%d %g"] * top)
+        self._csv.writerows([video, line % tuple(chain.from_iterable(zip(l[:top], s[:top])))]
+                            for video, l, s in zip(ids, label_rows, score_rows))
+        k = self._top_k
+        self._pickle.write(_pickle_items([(video, list(zip(l[:k], s[:k]))) for video, l, s in zip(ids, label_rows, score_rows)]))
 
     @property
     def uris(self) -> tuple[str, str]:

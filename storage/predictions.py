@@ -115,16 +115,23 @@ def partition_name(model_version: int) -> str:
     return f"predictions_v{int(model_version)}"
 
 
+def _table_exists(conn, table: str) -> bool:
+    # pg_class read with this statement's snapshot: to_regclass's catalog cache can miss a table that
+    # another transaction committed while this one waited for the lock.
+    return conn.exec_driver_sql("SELECT 1 FROM pg_class WHERE relname = %s AND relnamespace = current_schema()::regnamespace",
+                                (table,)).first() is not None
+
+
 def ensure_partition(conn, model_version: int) -> None:
     """Give the version its own partition (PostgreSQL), moving any rows of it out of the default one.
     Serialized by a transaction lock so that two runs starting at once do not both create it."""
     if conn.dialect.name != "postgresql":
         return
     table = partition_name(model_version)
-    if conn.exec_driver_sql("SELECT to_regclass(%s)", (table,)).scalar() is not None:
+    if _table_exists(conn, table):
         return
     conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
-    if conn.exec_driver_sql("SELECT to_regclass(%s)", (table,)).scalar() is not None:
+    if _table_exists(conn, table):  # created by the run that held the lock before us
         return
     version = int(model_version)
     # Created apart and attached: ATTACH checks the default partition holds no rows of this version,
@@ -425,9 +432,8 @@ def retire(db_url: str, model_version: int) -> int:
         if version.status == "production":
             raise RetireError(f"model version {model_version} is in production: promote another before retiring its predictions")
         rows = conn.execute(select(func.count()).select_from(predictions).where(predictions.c.model_version == model_version)).scalar()
-        if conn.dialect.name == "postgresql" and conn.exec_driver_sql(
-                "SELECT to_regclass(%s)", (partition_name(model_version),)).scalar() is not None:
-            table = partition_name(model_version)
+        table = partition_name(model_version)
+        if conn.dialect.name == "postgresql" and _table_exists(conn, table):
             conn.exec_driver_sql(f"DROP TABLE {table}")
         conn.execute(delete(predictions).where(predictions.c.model_version == model_version))  # SQLite, default partition
         runs = select(inference_runs.c.run_id).where(inference_runs.c.model_version == model_version)

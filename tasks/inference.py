@@ -231,10 +231,12 @@ def _score(model, config, by_file: dict[str, set[str]], device, s3, batch_size: 
 
 
 def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-    labels = np.take_along_axis(top, order, axis=1)
-    return labels, np.take_along_axis(scores, labels, axis=1)
+    """Each row's k best labels and their scores, best first. torch.topk: 21 ms for 1,024 x 3,862 here,
+    against 38 ms for numpy's argpartition and argsort."""
+    import torch
+
+    values, labels = torch.topk(torch.from_numpy(scores), k, dim=1, sorted=True)
+    return labels.numpy(), values.numpy()
 
 
 def load_scorer(checkpoint_uri: str, s3: S3Config | None = None):
@@ -249,18 +251,26 @@ def load_scorer(checkpoint_uri: str, s3: S3Config | None = None):
 
 def tag_part(db_url: str, plan: NightPlan, part: dict, *, s3: S3Config | None = None, batch_size: int = 256,
              scorer=None, lock: predictions.RunLockHolder | None = None, locked: bool = False,
-             progress: bool = False) -> PartReport:
+             progress: bool = False, score_batches=None) -> PartReport:
     """Score one part of a planned night. `scorer`: (model, config, device), loaded here if not given;
-    `locked`: the caller holds the night's run_lock (`lock`), else this takes the part's own."""
+    `locked`: the caller holds the night's run_lock (`lock`), else this takes the part's own.
+    `score_batches(by_file, num_classes)`, given, replaces the model: benchmarks.scale measures everything
+    around the model with it."""
     number = part["part"]
     with (nullcontext() if locked else predictions.run_lock(db_url, plan.logical_date, plan.model_version, number)) as own:
         lock = lock if locked else own
         before = predictions.start_part(db_url, plan.run_id, number)
         try:
-            model, config, device = scorer or load_scorer(plan.checkpoint_uri, s3)
             by_file = _part_videos(db_url, plan, part, first_try=before["attempts"] == 0 and before["status"] == "planned")
             predictions.set_part_total(db_url, plan.run_id, number, sum(len(v) for v in by_file.values()))
-            report = _write_part(db_url, plan, number, model, config, device, by_file, s3, batch_size, lock, progress)
+            if score_batches is None:
+                model, config, device = scorer or load_scorer(plan.checkpoint_uri, s3)
+                batches, num_classes = _score(model, config, by_file, device, s3, batch_size), config.num_classes
+            else:
+                num_classes = MAX_K
+                batches = score_batches(by_file, num_classes)
+            report = _write_part(db_url, plan, number, batches, num_classes, s3, lock, progress,
+                                 sum(len(v) for v in by_file.values()))
         except BaseException as exc:
             predictions.finish_part(db_url, plan.run_id, number, error=f"{type(exc).__name__}: {exc}")
             raise
@@ -268,11 +278,12 @@ def tag_part(db_url: str, plan: NightPlan, part: dict, *, s3: S3Config | None = 
     return report
 
 
-def _write_part(db_url: str, plan: NightPlan, number: int, model, config, device, by_file, s3, batch_size: int,
-                lock, progress: bool) -> PartReport:
+def _write_part(db_url: str, plan: NightPlan, number: int, batches, num_classes: int, s3, lock, progress: bool,
+                total: int) -> PartReport:
+    """Rows in chunks, export fragments and label counts from (ids, scores) batches."""
     top_k, csv_top = plan.top_k, max(plan.top_k, CSV_TOP)
     report = PartReport(number)
-    label_counts = np.zeros((top_k, config.num_classes), np.int64)
+    label_counts = np.zeros((top_k, num_classes), np.int64)
     chunks = predictions.ChunkWriter(db_url, plan.run_id, plan.model_version, number, lock)
     pending_ids, pending_labels, pending_scores = [], [], []
 
@@ -288,14 +299,14 @@ def _write_part(db_url: str, plan: NightPlan, number: int, model, config, device
         del pending_ids[:end]
         pending_labels[:], pending_scores[:] = [labels[end:]], [scores[end:]]
 
-    bar = _progress(sum(len(v) for v in by_file.values()), progress)
+    bar = _progress(total, progress)
     try:
         with exports.PartExports(plan.exports_uri, number, top_k, s3) as fragments:
-            for ids, scores in _score(model, config, by_file, device, s3, batch_size):
+            for ids, scores in batches:
                 labels, top_scores = _top(scores, csv_top)
                 fragments.add(ids, labels, top_scores)
                 for rank in range(top_k):
-                    label_counts[rank] += np.bincount(labels[:, rank], minlength=config.num_classes)
+                    label_counts[rank] += np.bincount(labels[:, rank], minlength=num_classes)
                 pending_ids.extend(ids), pending_labels.append(labels[:, :top_k]), pending_scores.append(top_scores[:, :top_k])
                 report.videos += len(ids)
                 if bar is not None:

@@ -55,3 +55,10 @@ def flip_byte(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def write_tiny_shards(folder: Path, indexes, split: str = "train") -> list[Path]:
+    """One one-frame video per shard, named like Google's (`train0007.tfrecord` holds video `t0007`):
+    thousands of shards in a second, for tests about counts rather than content."""
+    return [write_shard(folder / f"{split}{i:04d}.tfrecord", [frame_record(f"t{i:04d}", frames=1, fill=i % 256)])
+            for i in indexes]

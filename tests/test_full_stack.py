@@ -162,7 +162,7 @@ def _run_pipeline(stack: AirflowStack, vtag_url: str, bucket: str, during_traini
     exported = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="exports/").get("Contents", [])]
     assert any(k.endswith("predictions.csv") for k in exported), exported
     train_ti = stack.rest.ok("GET", f"/dags/yt8m_train/dagRuns/{train['dag_run_id']}/taskInstances/train")
-    return {"train_run": train["dag_run_id"], "night_run": night_run, "tag_videos_queue": tis[0]["queue"],
+    return {"train_run": train["dag_run_id"], "night_run": night_run, "tag_part_queue": next(t["queue"] for t in tis if t["task_id"] == "tag_part"),
             "train_tries": train_ti["try_number"]}
 
 
@@ -232,15 +232,15 @@ def test_pipeline_on_airflow_with_celery_and_a_scheduler_restart(redis_broker, s
     checked = _run_pipeline(stack, vtag_url, bucket, during_training=restart_scheduler)
     gpu_log = (stack.home / "worker-gpu.log").read_text(errors="replace")
     cpu_log = (stack.home / "worker-cpu.log").read_text(errors="replace")
-    assert checked["tag_videos_queue"] == "gpu"
-    for task_id in ("train", "tag_videos"):
+    assert checked["tag_part_queue"] == "gpu"
+    for task_id in ("train", "tag_part"):
         assert f"task_id='{task_id}'" in gpu_log and f"task_id='{task_id}'" not in cpu_log, gpu_log[-3000:]
-    assert "task_id='convert_shard'" in cpu_log, cpu_log[-3000:]
+    assert "task_id='convert_batch'" in cpu_log, cpu_log[-3000:]
     left = stack.stop_all()
     assert not left, f"processes still alive after stop: {left}"
     report.injected(f"scheduler SIGTERMed while {restarts[0]} trained, a new scheduler started 3 s later "
                     f"(the training task finished in try {checked['train_tries']})")
-    report.checked(f"CeleryExecutor (broker {redis_broker}): train and tag_videos ran on the gpu-queue worker, ingest on "
+    report.checked(f"CeleryExecutor (broker {redis_broker}): train and tag_part ran on the gpu-queue worker, ingest on "
                    f"the default one; the run finished with exactly one model version and {TOP_K} labels for each of "
                    f"{TRAIN_VIDEOS + VALIDATE_VIDEOS} videos, no duplicates")
     report.observed(f"all processes stopped; took {time.monotonic() - started:.0f} s")

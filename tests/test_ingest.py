@@ -1,6 +1,7 @@
 """Ingest on local disk: Parquet layout and content, reruns, quarantine, atomic publish, real shards."""
 
 import os
+import random
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -8,11 +9,12 @@ import pytest
 from tfrecord.reader import tfrecord_loader
 
 from storage import manifest
+from storage.objectstore import LocalStore, ObjectInfo
 from storage.parquet_layout import FRAME_SCHEMA, VIDEO_SCHEMA
 from tasks import ingest as ingest_module
-from tasks.ingest import ingest
+from tasks.ingest import MAX_BATCHES, convert_batch, ingest, list_pending, plan_batches
 from tasks.synth import SynthConfig, synth
-from tests.shards import flip_byte, frame_record, record_offsets, video_record, write_shard
+from tests.shards import flip_byte, frame_record, record_offsets, video_record, write_shard, write_tiny_shards
 
 
 @pytest.fixture
@@ -62,10 +64,11 @@ def test_video_level_real_shard_round_trip(yt8m_dir, tmp_path, sqlite_url):
 
 
 def test_all_real_video_level_shards_ingest_cleanly(yt8m_dir, tmp_path, sqlite_url):
+    shards = sorted((yt8m_dir / "video_level").glob("*.tfrecord"))  # however many ../shared holds
     report = ingest(str(yt8m_dir / "video_level"), str(tmp_path / "pq"), sqlite_url)
-    assert not report.failed and len(report.converted) == 40
+    assert not report.failed and len(report.converted) == len(shards) > 0
     table = pq.read_table(tmp_path / "pq/video/validate")
-    assert table.num_rows == sum(r["rows"] for r in report.converted) > 10_000
+    assert table.num_rows == sum(r["rows"] for r in report.converted) == sum(len(record_offsets(s)) for s in shards)
     labels = table.column("labels").combine_chunks().flatten().to_numpy()
     assert labels.min() >= 0 and labels.max() <= 3861
     assert len(set(table.column("id").to_pylist())) == table.num_rows
@@ -185,3 +188,86 @@ def test_empty_source_folder_and_missing_folder(tmp_path, sqlite_url):
 
     with pytest.raises(StoreError, match="no such folder"):
         ingest(str(tmp_path / "missing"), str(tmp_path / "pq"), sqlite_url)
+
+
+def _infos(names: list[str]) -> list[ObjectInfo]:
+    return [ObjectInfo(f"/raw/{name}", 1, "mtime_ns=1") for name in names]
+
+
+def test_plan_batches_one_shard_each_while_few():
+    shards = _infos(["train0002.tfrecord", "train0000.tfrecord", "validate0000.tfrecord", "train0001.tfrecord"])
+    assert [[s.name for s in batch] for batch in plan_batches(shards, max_batches=4)] == [
+        ["train0000.tfrecord"], ["train0001.tfrecord"], ["train0002.tfrecord"], ["validate0000.tfrecord"]]
+    assert plan_batches([]) == []
+
+
+@pytest.mark.parametrize("count", [1, MAX_BATCHES - 1, MAX_BATCHES, MAX_BATCHES + 1, 1100, 3844, 11532])
+def test_plan_batches_contiguous_near_equal_and_bounded(count):
+    names = [f"{split}{i:04d}.tfrecord" for split in ("train", "validate", "test") for i in range(3844)][:count]
+    shards = _infos(names)
+    random.Random(count).shuffle(shards)
+    batches = plan_batches(shards)
+    assert len(batches) == min(count, MAX_BATCHES)
+    sizes = [len(batch) for batch in batches]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert [s for batch in batches for s in batch] == sorted(shards, key=lambda s: s.uri)  # each once, in name order
+
+
+def test_plan_batches_bound():
+    assert MAX_BATCHES < 1024  # Airflow's [core] max_map_length
+    assert [len(b) for b in plan_batches(_infos([f"train{i:04d}.tfrecord" for i in range(10)]), max_batches=3)] == [4, 3, 3]
+    with pytest.raises(ValueError, match="at least 1"):
+        plan_batches(_infos(["train0000.tfrecord"]), max_batches=0)
+
+
+def test_list_pending_lists_the_destination_instead_of_asking_per_shard(tmp_path, sqlite_url, monkeypatch):
+    raw, dest = tmp_path / "raw", tmp_path / "parquet"
+    write_tiny_shards(raw, range(30))
+    assert len(ingest(str(raw), str(dest), sqlite_url).converted) == 30
+    os.remove(dest / "frame/train/train0007.parquet")  # an output deleted behind our back
+    listed = []
+    real_list = LocalStore.list
+
+    def list_once(self, uri, pattern="*"):
+        listed.append(uri)
+        return real_list(self, uri, pattern)
+
+    def no_head(self, uri):  # on S3 one HEAD request per shard: minutes at 11,532 shards
+        raise AssertionError(f"asked for {uri} alone")
+
+    monkeypatch.setattr(LocalStore, "list", list_once)
+    monkeypatch.setattr(LocalStore, "info", no_head)
+    pending, skipped = list_pending(str(raw), str(dest), sqlite_url)
+    assert ([s.name for s in pending], skipped) == (["train0007.tfrecord"], 29)
+    assert listed == [str(raw), f"{dest}/frame/train"]
+
+
+def test_convert_batch_goes_on_past_failures_and_a_retry_redoes_only_the_rest(tmp_path, sqlite_url, monkeypatch):
+    raw, dest = tmp_path / "raw", str(tmp_path / "parquet")
+    write_tiny_shards(raw, range(5))
+    flip_byte(raw / "train0003.tfrecord", 30)  # bad content
+    shards, _ = list_pending(str(raw), dest, sqlite_url)
+    real_convert, tried, dropped = ingest_module._convert, [], []
+
+    def flaky(shard, dest, s3):  # the store drops train0001's first read
+        tried.append(shard.name)
+        if shard.name == "train0001.tfrecord" and not dropped:
+            dropped.append(shard.name)
+            raise ConnectionError("connection reset by peer")
+        return real_convert(shard, dest, s3)
+
+    monkeypatch.setattr(ingest_module, "_convert", flaky)
+    first = convert_batch(shards, dest, sqlite_url)
+    uri = {s.name[:-9]: s.uri for s in shards}
+    assert [r["source_uri"] for r in first.converted] == [uri["train0000"], uri["train0002"], uri["train0004"]]
+    assert first.failed == {uri["train0001"]: f"{uri['train0001']}: ConnectionError: connection reset by peer",
+                            uri["train0003"]: first.quarantined[uri["train0003"]]}
+    assert first.retryable == {uri["train0001"]} and "CRC" in first.quarantined[uri["train0003"]]
+    assert {r["source_uri"]: r["status"] for r in manifest.rows(sqlite_url, dest)}[uri["train0001"]] == "failed"
+
+    tried.clear()
+    retry = convert_batch(shards, dest, sqlite_url)  # as Airflow's retry of the batch does
+    assert tried == ["train0001.tfrecord", "train0003.tfrecord"]  # the converted ones are not read again
+    assert [r["source_uri"] for r in retry.converted] == [uri["train0001"]]
+    assert (retry.skipped, list(retry.failed), retry.retryable) == (3, [uri["train0003"]], set())
+    assert len(convert_batch(shards, dest, sqlite_url, force=True).converted) == 4

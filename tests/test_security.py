@@ -161,7 +161,8 @@ def test_dag_files_hold_no_credentials_urls_or_hosts(report):
 ANALYST = "vtag_analyst"
 # What the SQL users run (sql/queries) needs, as the README documents it: predictions, their labels and
 # run bookkeeping, the catalogue of videos and their ground truth, the production labels view.
-ANALYST_READS = {"labels", "videos", "video_labels", "inference_runs", "predictions", "production_labels"}
+ANALYST_READS = {"labels", "videos", "video_labels", "inference_runs", "inference_parts", "inference_label_counts",
+                 "predictions", "production_labels", "production_versions"}
 
 
 @pytest.mark.postgres
@@ -313,9 +314,13 @@ def test_queries_bind_parameters_against_injection(raw_shards, tiny_checkpoint, 
 
 # Identifiers that may be formatted into SQL, each from a constant of its module (file: expressions).
 SQL_IDENTIFIERS = {
-    "storage/predictions.py": {"', '.join(COLUMNS)", "columns"},  # COLUMNS: the predictions table's column names
+    # COLUMNS: the predictions table's column names; table: partition_name(), a constant prefix and an int;
+    # version: int(model_version); mode: '' or '_shared' (run_lock's advisory lock functions)
+    "storage/predictions.py": {"', '.join(COLUMNS)", "columns", "table", "version", "mode"},
     "sql/migrations/versions/0003_predictions.py": {"ANALYST_ROLE", "', '.join(READABLE)"},
     "sql/migrations/versions/0004_analyst_reads_predictions_only.py": {"ANALYST_ROLE", "', '.join(INTERNAL)"},
+    "sql/migrations/versions/0005_predictions_at_scale.py": {"ANALYST_ROLE", "', '.join(NEW_READABLE)", "COLUMNS",
+                                                             "int(version)"},
 }
 SQL_TEXT = re.compile(r"\b(?:SELECT|INSERT\s+(?:OR\s+\w+\s+)?INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|CREATE\s+(?:TABLE|VIEW|INDEX|ROLE|"
                       r"SCHEMA|TEMP|DATABASE)|DROP\s+(?:TABLE|VIEW|INDEX|ROLE|DATABASE)|COPY\s+\w+|TRUNCATE|ALTER\s+TABLE|GRANT|"
@@ -355,8 +360,12 @@ def test_sql_is_never_built_from_values(report):
     import storage.predictions as predictions_module
 
     assert isinstance(predictions_module.COLUMNS, tuple) and all(c.isidentifier() for c in predictions_module.COLUMNS)
+    assert predictions_module.partition_name("3") == "predictions_v3"
+    with pytest.raises(ValueError):
+        predictions_module.partition_name("1; DROP TABLE predictions")
     for migration, names in (("0003_predictions.py", ("ANALYST_ROLE", "READABLE")),
-                             ("0004_analyst_reads_predictions_only.py", ("ANALYST_ROLE", "INTERNAL"))):
+                             ("0004_analyst_reads_predictions_only.py", ("ANALYST_ROLE", "INTERNAL")),
+                             ("0005_predictions_at_scale.py", ("ANALYST_ROLE", "NEW_READABLE", "COLUMNS"))):
         module = ast.parse((REPO / "sql/migrations/versions" / migration).read_text())
         constants = {t.id: n.value for n in module.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
         for name in names:

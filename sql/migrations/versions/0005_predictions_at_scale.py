@@ -12,6 +12,8 @@
   scoring; run_label_counts sums it instead of aggregating a night's 122 M rows.
 - `videos (level, parquet_uri)`: a part selects its videos by file range.
 - `model_versions.predictions_retired_at`: when a version's predictions were dropped (`vtag retire`).
+- `production_versions`: the version number of each level's production model, for the analysts'
+  queries that must name it to reach one partition (the analysts' role does not read model_versions).
 
 Revision ID: 0005
 Revises: 0004
@@ -26,7 +28,7 @@ branch_labels = None
 depends_on = None
 
 ANALYST_ROLE = "vtag_analyst"
-NEW_READABLE = ("inference_parts", "inference_label_counts")
+NEW_READABLE = ("inference_parts", "inference_label_counts", "production_versions")
 COLUMNS = "video_id, model_version, rank, label_id, score, run_id"
 VIEW = """
     CREATE VIEW production_labels AS
@@ -102,6 +104,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_videos_level_parquet_uri", "videos", ["level", "parquet_uri"])
     op.add_column("model_versions", sa.Column("predictions_retired_at", sa.DateTime(timezone=True)))
+    op.execute("CREATE VIEW production_versions AS SELECT version, level FROM model_versions WHERE status = 'production'")
     if postgresql:
         op.execute(f"GRANT SELECT ON predictions, production_labels, {', '.join(NEW_READABLE)} TO {ANALYST_ROLE}")
 
@@ -110,6 +113,7 @@ def downgrade() -> None:
     postgresql = op.get_bind().dialect.name == "postgresql"
     if postgresql:
         op.execute(f"REVOKE ALL ON {', '.join(NEW_READABLE)} FROM {ANALYST_ROLE}")
+    op.execute("DROP VIEW production_versions")
     op.drop_column("model_versions", "predictions_retired_at")
     op.drop_index("ix_videos_level_parquet_uri", table_name="videos")
     op.drop_table("inference_label_counts")

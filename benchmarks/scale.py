@@ -1,0 +1,531 @@
+"""Every stage of the pipeline at fractions of YouTube-8M's real size, up to the whole 2nd edition.
+
+    python -m benchmarks.scale [--sizes 1,10,100] [--stages shards,catalogue,pending,rescore,queries,plan]
+                               [--pg postgresql://postgres@127.0.0.1:5432/postgres] [--work DIR] [--json FILE]
+
+The shape is the real one, scaled: 3,844 shards in each of train, validate and test; 3,888,919 /
+1,112,356 / 1,133,323 videos (6,134,598); 20 prediction rows a video (122.7 M); ~3 ground-truth labels a
+video, popular labels far more frequent than rare ones. What is built cheaply, and how:
+
+- shards: thousands of tiny real TFRecord shards (one video each) on local disk; the manifest (and the
+  destination's Parquet files, empty) filled as a finished earlier ingest leaves them.
+- catalogue, ground truth, manifest and the production model's 20 rows a video are filled directly in
+  PostgreSQL with generate_series (labelled "fill" below; not a pipeline path); every figure after the
+  fill runs the pipeline's own code: catalog.record_videos and the manifest per shard, pending
+  selection, plan_night, tag_part and finish_night, the SQL in sql/queries.
+- rescore: a new model version scores every video. Its scores come from a STAND-IN (a fixed random
+  score matrix, 1,024 videos a batch) instead of the AttentionLSTM, so the figure measures everything
+  around the model: the top k, label counts, export fragments, COPY on two connections into a table
+  already holding the production model's rows, the night's join of the exports.
+
+Each stage runs in a fresh process, so its peak RSS is its own. Per stage and size: seconds, items/s,
+peak RSS, and the growth exponent e between consecutive sizes (time ~ n^e). A scratch database is
+created on the server and dropped at the end; the disk work goes under --work (deleted at the end).
+"""
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+SPLITS = {"train": 3_888_919, "validate": 1_112_356, "test": 1_133_323}
+SHARDS_PER_SPLIT = 3_844
+K = 20
+NUM_CLASSES = 3862
+BEFORE = datetime(2030, 1, 1, tzinfo=timezone.utc)  # when everything but tonight's videos arrived
+NIGHT = datetime(2030, 1, 2, 2, 0, tzinfo=timezone.utc)  # the night being measured
+NEW_TONIGHT = 100  # one video in 100 arrived today: the production model has not scored it yet
+PARQUET = "s3://yt8m/parquet/frame"
+
+
+@dataclass(frozen=True)
+class Size:
+    percent: float
+
+    def shards(self, split: str) -> int:
+        return max(1, round(SHARDS_PER_SPLIT * self.percent / 100))
+
+    def videos(self, split: str) -> int:
+        return max(1, round(SPLITS[split] * self.percent / 100))
+
+    @property
+    def total_shards(self) -> int:
+        return sum(self.shards(s) for s in SPLITS)
+
+    @property
+    def total_videos(self) -> int:
+        return sum(self.videos(s) for s in SPLITS)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _in_child(function, *args):
+    """Run a stage in a fresh interpreter; return its figures and peak RSS."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measured, (function, *args))
+
+
+def _measured(function, *args):
+    result = function(*args)
+    return {**result, "rss_mb": _peak_rss_mb()}
+
+
+def _timed(function, *args, **kwargs):
+    started = time.perf_counter()
+    value = function(*args, **kwargs)
+    return value, time.perf_counter() - started
+
+
+# --- shards: listing and planning, the ingest DAG's expansion ----------------------------------------------
+
+def _write_shards(folder: Path, size: Size) -> None:
+    """Tiny real shards (one video each), named as Google's, written once per size."""
+    from tasks.synth import SynthConfig, synth
+
+    if (folder / ".complete").is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    template = Path(synth(str(folder / "template"), SynthConfig("video", "train", shards=1, videos_per_shard=1))[0]).read_bytes()
+    for split in SPLITS:
+        for i in range(size.shards(split)):
+            (folder / f"{split}{i:04d}.tfrecord").write_bytes(template)
+    shutil.rmtree(folder / "template")
+    (folder / ".complete").touch()
+
+
+def stage_shards(db_url: str, work: str, size: Size) -> dict:
+    from sqlalchemy import insert
+
+    from storage import db
+    from storage.db import engine_for, utcnow
+    from storage.objectstore import store_for
+    from storage.schema import ingested_shards
+    from tasks.ingest import list_pending, plan_batches
+
+    src, dest = Path(work) / f"shards-{size.percent:g}", Path(work) / f"dest-{size.percent:g}"
+    _write_shards(src, size)
+    db.upgrade(db_url)
+    (pending, skipped), first = _timed(list_pending, str(src), str(dest), db_url)
+    assert len(pending) == size.total_shards and skipped == 0
+    batches, expand = _timed(plan_batches, pending)
+    payload = [[{"uri": s.uri, "size": s.size, "fingerprint": s.fingerprint, "dest": str(dest)} for s in b] for b in batches]
+    xcom_bytes = len(json.dumps(payload))
+    # As a finished ingest leaves them: a succeeded manifest row and a Parquet file for every shard.
+    rows = []
+    for shard in store_for(str(src)).list(str(src), "*.tfrecord"):
+        split = shard.name[:-len("0000.tfrecord")]
+        out = dest / "video" / split / (shard.name[:-len(".tfrecord")] + ".parquet")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.touch()
+        rows.append({"source_uri": shard.uri, "dest_uri": str(dest), "output_uri": str(out), "level": "video",
+                     "split": split, "size_bytes": shard.size, "fingerprint": shard.fingerprint, "rows": 1,
+                     "status": "succeeded", "started_at": utcnow(), "finished_at": utcnow()})
+    with engine_for(db_url).begin() as conn:
+        conn.execute(insert(ingested_shards), rows)
+    (again, skipped), rerun = _timed(list_pending, str(src), str(dest), db_url)
+    assert not again and skipped == size.total_shards
+    return {"items": size.total_shards, "figures": {
+        "list_pending, nothing converted yet (s)": first, "list_pending, all converted (s)": rerun,
+        "plan_batches (s)": expand, "mapped tasks": len(batches), "largest batch": max(len(b) for b in batches),
+        "XCom of the expansion (KB)": xcom_bytes / 1024}, "seconds": first + rerun + expand}
+
+
+# --- the catalogue, filled at size, then the real per-shard path ---------------------------------------------
+
+def _fill_sql(size: Size) -> list[tuple[str, dict]]:
+    """Statements that fill videos, ground truth and the manifest at `size`, indexes built afterwards."""
+    statements = []
+    for split in SPLITS:
+        shards, videos = size.shards(split), size.videos(split)
+        params = {"split": split, "letter": split[0], "n": videos, "shards": shards, "before": BEFORE,
+                  "tonight": NIGHT - timedelta(hours=3), "every": NEW_TONIGHT, "root": PARQUET}
+        # Videos lie in shards contiguously, as ingest writes them; ids look random, as YouTube's do.
+        shard = "lpad((i * :shards / :n)::text, 4, '0')"
+        statements.append((f"""
+            INSERT INTO videos (video_id, level, split, source_uri, parquet_uri, ingested_at)
+            SELECT substr(md5(:split || i), 1, 6) || to_hex(i) || :letter, 'frame', :split,
+                   's3://yt8m/raw/' || :split || {shard} || '.tfrecord',
+                   :root || '/' || :split || '/' || :split || {shard} || '.parquet',
+                   CASE WHEN i % :every = 0 THEN CAST(:tonight AS timestamptz) ELSE CAST(:before AS timestamptz) END
+            FROM generate_series(0, :n - 1) i""", params))
+        statements.append(("""
+            INSERT INTO ingested_shards (source_uri, dest_uri, output_uri, level, split, size_bytes, fingerprint,
+                                         checksum, rows, status, started_at, finished_at)
+            SELECT 's3://yt8m/raw/' || :split || lpad(s::text, 4, '0') || '.tfrecord', 's3://yt8m/parquet',
+                   :root || '/' || :split || '/' || :split || lpad(s::text, 4, '0') || '.parquet', 'frame', :split,
+                   400000000, 'etag=' || md5(s::text), 'crc32c:00000000', :n / :shards, 'succeeded', now(), now()
+            FROM generate_series(0, :shards - 1) s""", params))
+    statements.append(("""
+        INSERT INTO video_labels (video_id, label_id)
+        SELECT DISTINCT v.video_id, floor(:classes * power(random(), 3))::int
+        FROM videos v, generate_series(1, 3) WHERE v.split <> 'test'""", {"classes": NUM_CLASSES}))
+    return statements
+
+
+_CATALOGUE_INDEXES = [
+    ("ALTER TABLE videos DROP CONSTRAINT videos_pkey", "ALTER TABLE videos ADD PRIMARY KEY (video_id, level)"),
+    ("DROP INDEX ix_videos_ingested_at", "CREATE INDEX ix_videos_ingested_at ON videos (ingested_at)"),
+    ("DROP INDEX ix_videos_source_uri", "CREATE INDEX ix_videos_source_uri ON videos (source_uri)"),
+    ("DROP INDEX ix_videos_level_parquet_uri", "CREATE INDEX ix_videos_level_parquet_uri ON videos (level, parquet_uri)"),
+    ("ALTER TABLE video_labels DROP CONSTRAINT video_labels_pkey", "ALTER TABLE video_labels ADD PRIMARY KEY (video_id, label_id)"),
+]
+
+
+def _fill_production(conn, size: Size) -> None:
+    """Version 1 in production, with 20 rows for every video but tonight's, in its partition: filled
+    apart, indexed, then attached (so the partition constraint is proven by a CHECK, not a scan)."""
+    from storage.predictions import partition_name
+
+    conn.exec_driver_sql(
+        "INSERT INTO model_versions (version, level, preset, checkpoint_uri, config, data_uri, train_split, epochs, "
+        "steps, status, created_at, promoted_at) VALUES "
+        "(1, 'frame', 'seed', 's3://yt8m/models/v1/final.pt', '{}', 's3://yt8m/parquet', 'train', 5, 19000, 'production', now(), now()),"
+        "(2, 'frame', 'seed', 's3://yt8m/models/v2/final.pt', '{}', 's3://yt8m/parquet', 'train', 5, 19000, 'trained', now(), NULL)")
+    conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('model_versions', 'version'), 2)")
+    conn.exec_driver_sql(
+        "INSERT INTO inference_runs (run_id, logical_date, model_version, top_k, status, videos_total, videos_done, "
+        "rows_written, started_at, finished_at) VALUES (1, %s, 1, 20, 'succeeded', 0, 0, 0, now(), now())", (BEFORE,))
+    conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('inference_runs', 'run_id'), 1)")
+    table = partition_name(1)
+    conn.exec_driver_sql(f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS)")
+    conn.exec_driver_sql(f"""
+        INSERT INTO {table} (video_id, model_version, rank, label_id, score, run_id)
+        SELECT v.video_id, 1, r, floor({NUM_CLASSES} * power(random(), 3))::int, (21 - r) / 21.0 * (0.5 + random() / 2), 1
+        FROM videos v, generate_series(1, {K}) r WHERE v.ingested_at <= %s""", (BEFORE,))
+    conn.exec_driver_sql(f"ALTER TABLE {table} ADD CHECK (model_version = 1)")
+    conn.exec_driver_sql(f"ALTER TABLE {table} ADD PRIMARY KEY (video_id, model_version, rank)")
+    conn.exec_driver_sql(f"CREATE INDEX ON {table} (model_version, label_id, score DESC, video_id)")
+    conn.exec_driver_sql(f"CREATE INDEX ON {table} USING brin (run_id)")
+    conn.exec_driver_sql(f"ALTER TABLE predictions ATTACH PARTITION {table} FOR VALUES IN (1)")
+    conn.exec_driver_sql("UPDATE inference_runs SET videos_total = n, videos_done = n, rows_written = n * 20 "
+                         "FROM (SELECT COUNT(*) AS n FROM videos WHERE ingested_at <= %s) c WHERE run_id = 1", (BEFORE,))
+
+
+def stage_fill(db_url: str, size: Size) -> dict:
+    from sqlalchemy import text
+
+    from storage import db
+    from storage.db import engine_for
+
+    db.upgrade(db_url)
+    engine = engine_for(db_url)
+    started = time.perf_counter()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SET maintenance_work_mem = '1GB'")
+        for drop, _ in _CATALOGUE_INDEXES:
+            conn.exec_driver_sql(drop)
+        for statement, params in _fill_sql(size):
+            conn.execute(text(statement), params)
+        for _, create in _CATALOGUE_INDEXES:
+            conn.exec_driver_sql(create)
+    catalogue = time.perf_counter() - started
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SET maintenance_work_mem = '1GB'")
+        _fill_production(conn, size)
+    production = time.perf_counter() - started - catalogue
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE")
+        rows = conn.exec_driver_sql("SELECT COUNT(*) FROM predictions").scalar()
+        labels = conn.exec_driver_sql("SELECT COUNT(*) FROM video_labels").scalar()
+        disk = conn.exec_driver_sql("SELECT pg_database_size(current_database())").scalar()
+    return {"items": size.total_videos, "seconds": catalogue + production, "figures": {
+        "fill: catalogue, ground truth, manifest (s)": catalogue, "fill: production rows (s)": production,
+        "videos": size.total_videos, "ground-truth rows": labels, "production rows": rows, "database (GB)": disk / 1e9}}
+
+
+def stage_catalogue(db_url: str, size: Size) -> dict:
+    """The pipeline's own per-shard writes (manifest running, catalogue, manifest succeeded) for a few
+    train shards, into the catalogue at full size."""
+    from storage import catalog, manifest
+    from storage.objectstore import ObjectInfo
+
+    per_shard = round(SPLITS["train"] / SHARDS_PER_SPLIT)
+    shards = 20
+    started = time.perf_counter()
+    for s in range(shards):
+        name = f"train9{s:03d}"  # new shards, beside those filled
+        source = ObjectInfo(f"s3://yt8m/raw/{name}.tfrecord", 400_000_000, f"etag=new{s}")
+        ids = [f"new{s:03d}x{i:04d}" for i in range(per_shard)]
+        labels = [[(i * 7 + j) % NUM_CLASSES for j in range(3)] for i in range(per_shard)]
+        manifest.mark_running(db_url, source, "s3://yt8m/parquet")
+        catalog.record_videos(db_url, ids, labels, split="train", level="frame", source_uri=source.uri,
+                              parquet_uri=f"{PARQUET}/train/{name}.parquet")
+        manifest.mark_succeeded(db_url, source, "s3://yt8m/parquet", output_uri=f"{PARQUET}/train/{name}.parquet",
+                                level="frame", split="train", rows=per_shard, checksum="crc32c:00000000")
+    seconds = time.perf_counter() - started
+    _forget_new_shards(db_url)
+    return {"items": shards * per_shard, "seconds": seconds, "figures": {
+        "catalogue size (videos)": size.total_videos, "per shard (s)": seconds / shards,
+        "videos/s": shards * per_shard / seconds}}
+
+
+def _forget_new_shards(db_url: str) -> None:
+    from storage.db import engine_for
+
+    with engine_for(db_url).begin() as conn:
+        conn.exec_driver_sql("DELETE FROM video_labels WHERE video_id LIKE 'new%%'")
+        conn.exec_driver_sql("DELETE FROM videos WHERE video_id LIKE 'new%%'")
+        conn.exec_driver_sql("DELETE FROM ingested_shards WHERE source_uri LIKE 's3://yt8m/raw/train9%%'")
+
+
+# --- pending selection, the full rescore -------------------------------------------------------------------
+
+def stage_pending(db_url: str, size: Size) -> dict:
+    from storage import predictions
+    from tasks.inference import cut_parts
+
+    tonight, night = _timed(predictions.pending_files, db_url, 1, NIGHT, "frame")
+    everything, rescore = _timed(predictions.pending_files, db_url, 2, NIGHT, "frame")
+    parts, cut = _timed(cut_parts, everything)
+    new = sum(n for _, n in tonight)
+    assert sum(n for _, n in everything) == size.total_videos
+    return {"items": size.total_videos, "seconds": night + rescore, "figures": {
+        "a night's pending, production model (s)": night, "videos new tonight": new,
+        "a full rescore's pending, new model (s)": rescore, "cut into parts (s)": cut, "parts": len(parts)}}
+
+
+def _stand_in_scores(seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    matrix = rng.random((1024, NUM_CLASSES), dtype=np.float32)
+
+    def score_batches(by_file: dict, num_classes: int):
+        for uri in sorted(by_file):
+            ids = sorted(by_file[uri])
+            for start in range(0, len(ids), 1024):
+                batch = ids[start:start + 1024]
+                yield batch, matrix[:len(batch)]
+
+    return score_batches
+
+
+def stage_rescore(db_url: str, work: str, size: Size) -> dict:
+    """Model version 2 scores every video: plan_night, each part in turn (as run_inference does, in one
+    process, so the peak RSS is the largest part's), finish_night. Scores from the stand-in."""
+    from storage.db import engine_for
+    from tasks.inference import finish_night, plan_night, tag_part
+
+    exports = str(Path(work) / f"exports-{size.percent:g}")
+    with engine_for(db_url).connect() as conn:
+        before = conn.exec_driver_sql("SELECT COUNT(*) FROM predictions").scalar()
+    plan, planning = _timed(plan_night, db_url, NIGHT, top_k=K, model_version=2, exports_uri=exports)
+    started, score_batches, rss = time.perf_counter(), _stand_in_scores(), []
+    rows = 0
+    for part in plan.parts:
+        rows += tag_part(db_url, plan, part, score_batches=score_batches).rows_written
+        rss.append(_peak_rss_mb())
+    parts = time.perf_counter() - started
+    report, finishing = _timed(finish_night, db_url, plan)
+    assert report.videos == size.total_videos and report.rows_written == rows == size.total_videos * K
+    export_bytes = sum(Path(u).stat().st_size for u in report.exports)
+    shutil.rmtree(exports)
+    return {"items": rows, "seconds": planning + parts + finishing, "figures": {
+        "rows already in the table": before, "plan_night (s)": planning, "parts": len(plan.parts),
+        "parts: score stand-in, top k, COPY, fragments (s)": parts, "rows/s": rows / parts,
+        "finish_night: join exports (s)": finishing, "exports (GB)": export_bytes / 1e9,
+        "peak RSS after the first part (MB)": rss[0], "run_id": report.run_id}}
+
+
+# --- the queries users run ---------------------------------------------------------------------------------
+
+def _query_params(conn, run_id: int) -> dict[str, list[dict]]:
+    import random
+
+    rng = random.Random(0)
+    sample = [r[0] for r in conn.exec_driver_sql(
+        "SELECT video_id FROM videos TABLESAMPLE SYSTEM (1) REPEATABLE (7) LIMIT 2000").all()]
+    videos = rng.sample(sample, min(40, len(sample)))
+    labels = [0, 1, 5, 50, 500, 3000]
+    return {
+        "video_top_labels": [{"video_id": v, "k": 20} for v in videos],
+        "label_top_videos": [{"label_id": l, "limit": 100} for l in labels for _ in range(5)],
+        "run_label_counts": [{"run_id": run_id, "k": k, "limit": 100} for k in (1, 5, 20) for _ in range(3)],
+        "tagged_videos": [{"limit": 12}] * 10,
+        "runs": [{"limit": 10}] * 10,
+        "precision_at_k": [{"model_version": 2, "k": 5}] * 2,
+        "top_label_changes": [{"old_version": 1, "new_version": 2}] * 2,
+    }
+
+
+def stage_queries(db_url: str, size: Size, run_id: int) -> dict:
+    from sqlalchemy import text
+
+    from storage.db import engine_for
+    from tasks import queries
+
+    figures = {}
+    with engine_for(db_url).connect() as conn:
+        conn.exec_driver_sql("ANALYZE")
+        for name, runs in _query_params(conn, run_id).items():
+            sql = text(queries.available()[name].read_text())
+            conn.execute(sql, runs[0]).fetchall()  # warm
+            times, result_rows = [], 0
+            for params in runs:
+                started = time.perf_counter()
+                result_rows = len(conn.execute(sql, params).fetchall())
+                times.append(time.perf_counter() - started)
+            plan = [r[0] for r in conn.execute(text("EXPLAIN " + queries.available()[name].read_text()), runs[0])]
+            times.sort()
+            figures[name] = {"runs": len(times), "median_ms": statistics.median(times) * 1000,
+                             "p95_ms": times[min(len(times) - 1, math.ceil(0.95 * len(times)) - 1)] * 1000,
+                             "rows": result_rows, "plan": _plan_summary(plan)}
+    return {"items": size.total_videos * K * 2, "seconds": sum(f["median_ms"] for f in figures.values()) / 1000,
+            "figures": figures}
+
+
+def _plan_summary(lines: list[str]) -> str:
+    """The plan's nodes, one word each, top down: enough to see index or sequential scans."""
+    nodes = []
+    for line in lines:
+        node = line.strip().removeprefix("->").strip()
+        if node and not node.startswith(("Filter", "Index Cond", "Sort Key", "Group Key", "Hash Cond", "Join Filter",
+                                          "Recheck", "Merge Cond", "Heap Blocks", "Workers", "Output", "Rows Removed",
+                                          "InitPlan", "SubPlan", "Subplans Removed", "Presorted Key")):
+            nodes.append(node.split("  (")[0].split(" (cost")[0])
+    return " > ".join(nodes[:8]) + (" ..." if len(nodes) > 8 else "")
+
+
+# --- a training epoch's plan --------------------------------------------------------------------------------
+
+def stage_training_plan(size: Size) -> dict:
+    import pickle
+    import tracemalloc
+
+    from model.data import ParquetBatches, RowGroup, plan_nbytes
+
+    files, videos = size.shards("train"), size.videos("train")
+    groups = [RowGroup(f"{PARQUET}/train/train{i:04d}.parquet", g, videos // files // 2 + (g < (videos // files) % 2))
+              for i in range(files) for g in range(2)]
+    tracemalloc.start()
+    dataset, seconds = _timed(ParquetBatches, groups, "frame", 1024, NUM_CLASSES, workers=4)
+    _, traced = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    shipped = len(pickle.dumps(dataset))  # what each DataLoader worker receives (spawn) or shares (fork)
+    return {"items": sum(g.rows for g in groups), "seconds": seconds, "figures": {
+        "videos": sum(g.rows for g in groups), "batches": len(dataset), "plan arrays (MB)": plan_nbytes(dataset) / 1e6,
+        "traced peak while planning (MB)": traced / 1e6, "dataset pickled for a worker (MB)": shipped / 1e6}}
+
+
+# --- driver ------------------------------------------------------------------------------------------------
+
+def _scratch(admin_url: str, name: str) -> str:
+    from sqlalchemy import create_engine
+
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    admin.dispose()
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _drop(admin_url: str, name: str) -> None:
+    from sqlalchemy import create_engine
+
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+def _exponent(results: list[dict]) -> list[float | None]:
+    out = [None]
+    for a, b in zip(results, results[1:]):
+        if a and b and a["seconds"] > 0 and b["seconds"] > 0 and b["items"] > a["items"]:
+            out.append(math.log(b["seconds"] / a["seconds"]) / math.log(b["items"] / a["items"]))
+        else:
+            out.append(None)
+    return out
+
+
+def _print_stage(stage: str, sizes: list[Size], results: list[dict]) -> None:
+    print(f"\n## {stage}")
+    exponents = _exponent(results)
+    for size, result, e in zip(sizes, results, exponents):
+        if result is None:
+            print(f"  {size.percent:g}%: not run")
+            continue
+        rate = result["items"] / result["seconds"] if result["seconds"] else float("inf")
+        print(f"  {size.percent:g}%: {result['seconds']:.2f} s, {result['items']:,} items, {rate:,.0f} items/s, "
+              f"peak RSS {result['rss_mb']:.0f} MB" + ("" if e is None else f", growth n^{e:.2f}"))
+        for key, value in result["figures"].items():
+            if isinstance(value, dict):
+                print(f"    {key}: median {value['median_ms']:.1f} ms, p95 {value['p95_ms']:.1f} ms over {value['runs']} "
+                      f"runs, {value['rows']} rows; plan: {value['plan']}")
+            else:
+                print(f"    {key}: {value:,.3f}" if isinstance(value, float) else f"    {key}: {value:,}")
+
+
+STAGES = ("shards", "catalogue", "pending", "rescore", "queries", "plan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1,10", help="percentages of YouTube-8M, comma-separated (default 1,10)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    parser.add_argument("--pg", default="postgresql+psycopg2://postgres@127.0.0.1:5432/postgres", help="an admin URL")
+    parser.add_argument("--work", default=None, help="folder for shards and exports (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="also write every figure to this file")
+    args = parser.parse_args(argv)
+    sizes = [Size(float(p)) for p in args.sizes.split(",")]
+    stages = args.stages.split(",")
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages: {', '.join(sorted(unknown))}")
+    work = Path(args.work or tempfile.mkdtemp(prefix="vtag-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"benchmarks.scale: sizes {', '.join(f'{s.percent:g}%' for s in sizes)} of YouTube-8M "
+          f"({', '.join(f'{s.total_shards:,} shards / {s.total_videos:,} videos' for s in sizes)}); "
+          f"{os.cpu_count()} CPUs; work in {work}")
+    results: dict[str, list] = {s: [] for s in stages}
+    try:
+        for size in sizes:
+            name = f"vtag_scale_{uuid.uuid4().hex[:8]}"
+            db_url = _scratch(args.pg, name)
+            try:
+                if "shards" in stages:
+                    results["shards"].append(_in_child(stage_shards, db_url, str(work), size))
+                if set(stages) & {"catalogue", "pending", "rescore", "queries"}:
+                    results.setdefault("fill", []).append(_in_child(stage_fill, db_url, size))
+                if "catalogue" in stages:
+                    results["catalogue"].append(_in_child(stage_catalogue, db_url, size))
+                if "pending" in stages:
+                    results["pending"].append(_in_child(stage_pending, db_url, size))
+                run_id = None
+                if "rescore" in stages or "queries" in stages:
+                    rescore = _in_child(stage_rescore, db_url, str(work), size)
+                    run_id = rescore["figures"].pop("run_id")
+                    results.setdefault("rescore", []).append(rescore)
+                if "queries" in stages:
+                    results["queries"].append(_in_child(stage_queries, db_url, size, run_id))
+                if "plan" in stages:
+                    results["plan"].append(_in_child(stage_training_plan, size))
+            finally:
+                _drop(args.pg, name)
+            print(f"  {size.percent:g}% done", flush=True)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    for stage, stage_results in results.items():
+        if stage_results:
+            _print_stage(stage, sizes, stage_results)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sizes": [s.percent for s in sizes], "results": results}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
