@@ -21,7 +21,7 @@ from airflow.sdk import Param, dag, task
     schedule=os.environ.get("VTAG_NIGHTLY_CRON", "0 2 * * *") or None,  # empty: manual and backfill runs only
     start_date=pendulum.parse(os.environ.get("VTAG_NIGHTLY_START", "2026-11-01T00:00:00Z")),
     catchup=True,
-    max_active_runs=2,
+    max_active_runs=1,  # nights in order: a night started beside another would score that one's videos again
     tags=["yt8m"],
     params={
         "top_k": Param(20, type="integer", minimum=1, maximum=3862, title="Labels kept per video (k)"),
@@ -82,9 +82,14 @@ def yt8m_nightly_inference():
         return {"part": report.part, "videos": report.videos, "rows_written": report.rows_written}
 
     @task(trigger_rule="none_skipped")  # after every part, failed ones included: the run row must say so
-    def finish_night(work: list[dict]) -> dict:
+    def finish_night(work: list[dict] | None) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
         from tasks import airflow_config as cfg
         from tasks.inference import NightPlan, finish_night
+
+        if not work:
+            raise AirflowFailException("plan_night failed: there is no plan to finish")
 
         plan = NightPlan.from_dict({**work[0]["night"], "parts": [w["part"] for w in work]})
         report = finish_night(cfg.db_url(), plan, cfg.s3_config())
@@ -92,12 +97,12 @@ def yt8m_nightly_inference():
         return {"run_id": report.run_id, "model_version": report.model_version, "videos": report.videos,
                 "rows_written": report.rows_written, "exports": report.exports}
 
-    @task
+    @task(trigger_rule="none_failed")  # also after a quiet night (no part, finish skipped)
     def retire_old_predictions(params: dict) -> list[int]:
         from tasks import airflow_config as cfg
         from tasks.inference import retire_old_versions
 
-        if params["keep_prediction_versions"] is None:
+        if params["keep_prediction_versions"] is None or params["dry_run"]:
             return []
         retired = retire_old_versions(cfg.db_url(), params["keep_prediction_versions"])
         print(f"retired the predictions of model versions {retired or 'none'}")

@@ -1,15 +1,16 @@
 """A night's exports, written as they are scored: Google's CSV and the seed's pickle, in memory that
 does not grow with the night.
 
-Each part of a night writes two fragments while it scores (CSV rows without the header; the body of
-a pickled list); the night's end joins them, in part order, into the two files people know:
+Each part of a night writes two fragments while it scores (`parts/part-NNNNN.csv`, CSV rows without the
+header; `parts/part-NNNNN.pickle-items`, the body of a pickled list); the night's end joins them, in part
+order, into the two files people know:
 
 - `predictions.csv`: `VideoId,LabelConfidencePairs`, the top 20 as "label score ..." (Google's
   inference.py format).
 - `AttentionLSTM_infer_result`: one pickled list of `(video_id, [(label, score), ...])` with the top
   k, as the seed wrote it; `pickle.load` reads it as before. It is written incrementally: protocol 2,
-  an empty list, then each chunk's items appended (MARK ... APPENDS), then STOP, which is byte for
-  byte what pickle writes for the whole list without a memo.
+  an empty list, then each chunk's items appended (MARK ... APPENDS), then STOP, which is what pickle writes
+  for a list, less its memo entries (so the same list comes back).
 """
 
 import csv
@@ -79,7 +80,8 @@ class PartExports:
 
 
 def join_night(exports_uri: str, parts: list[int], s3: S3Config | None = None) -> list[str]:
-    """Join the parts' fragments into the night's two files, streamed, then remove the fragments."""
+    """Join the parts' fragments into the night's two files, streamed. The fragments stay (`parts/`,
+    each part's own exports): a part run again later, then the join, gives the night's files anew."""
     fragments = [fragment_uris(exports_uri, part) for part in parts]
     out = []
     for name, index, head, tail, mode in ((CSV_NAME, 0, CSV_HEADER.encode(), b"", "csv"),
@@ -93,7 +95,4 @@ def join_night(exports_uri: str, parts: list[int], s3: S3Config | None = None) -
                     shutil.copyfileobj(f, target, _COPY_BUFFER)
             target.write(tail)
         out.append(uri)
-    for pair in fragments:
-        for uri in pair:
-            store_for(uri, s3).delete(uri)
     return out

@@ -112,6 +112,7 @@ inference_runs = Table(
     Column("airflow_run_id", String(256)),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
+    Column("load_table", String(64)),  # a first whole night loading apart (PostgreSQL): see predictions.start_run
     UniqueConstraint("logical_date", "model_version", name="uq_inference_runs_date_model"),
 )
 

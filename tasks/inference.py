@@ -65,6 +65,7 @@ class NightPlan:
     parts: list[dict]
     video_ids: list[str] | None = None
     shard_pattern: str | None = None
+    table: str = "predictions"  # or the night's load table (a version's first whole night, PostgreSQL)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "logical_date": self.logical_date.isoformat()}
@@ -156,14 +157,22 @@ def plan_night(db_url: str, logical_date: datetime, *, top_k: int = 20, level: s
     with (nullcontext() if locked else predictions.run_lock(db_url, logical_date, number)):
         if video_ids:
             predictions.forget(db_url, number, video_ids)
-        run_id = predictions.start_run(db_url, logical_date, number, top_k, airflow_run_id,
-                                       clear=not (video_ids or shard_pattern))
-        files = _pending_files(db_url, number, logical_date, level, run_id, video_ids, shard_pattern)
-        parts = predictions.record_parts(db_url, run_id, cut_parts(files, part_videos))
+        whole = not (video_ids or shard_pattern)
+        run_id = predictions.start_run(db_url, logical_date, number, top_k, airflow_run_id, clear=whole)
+        try:
+            files = _pending_files(db_url, number, logical_date, level, run_id, video_ids, shard_pattern)
+            parts = predictions.record_parts(db_url, run_id, cut_parts(files, part_videos))
+            table = predictions.write_target(db_url, run_id, clear=whole)
+        except BaseException as exc:  # never leave the night looking as if it were running
+            predictions.finish_run(db_url, run_id, error=f"planning: {type(exc).__name__}: {exc}")
+            raise
     exports_uri = exports_uri or join(_default_exports(), f"{logical_date:%Y-%m-%dT%H%M%S}_v{number}")
-    log.info("run %d: %d videos in %d files, %d parts", run_id, sum(p["videos"] for p in parts), len(files), len(parts))
+    if not whole and parts:  # a targeted rescoring's exports, beside the night's, not over them
+        exports_uri = join(exports_uri, f"rescored-part{parts[0]['part']:05d}")
+    log.info("run %d: %d videos in %d files, %d parts, into %s", run_id, sum(p["videos"] for p in parts), len(files),
+             len(parts), table)
     return NightPlan(run_id, number, version["checkpoint_uri"], level, top_k, logical_date, exports_uri, parts,
-                     video_ids, shard_pattern)
+                     video_ids, shard_pattern, table)
 
 
 def count_pending(db_url: str, logical_date: datetime, *, top_k: int = 20, level: str = "frame",
@@ -189,18 +198,18 @@ class PartReport:
 def _part_videos(db_url: str, plan: NightPlan, part: dict, first_try: bool) -> dict[str, set[str]]:
     """The videos this part scores, by Parquet file, after dropping what an earlier try of it wrote."""
     uri_range = (part["first_uri"], part["last_uri"])
+    drop = {"table": plan.table}
     if plan.video_ids:
         wanted = [(v, uri) for v, uri in _known(db_url, plan.video_ids, plan.level).items()
                   if uri_range[0] <= uri <= uri_range[1]]
-        predictions.drop_run_rows(db_url, plan.run_id, plan.model_version, plan.level, ids=[v for v, _ in wanted])
     else:
-        if not first_try:
-            predictions.drop_run_rows(db_url, plan.run_id, plan.model_version, plan.level, uri_range=uri_range)
+        if not first_try and not plan.shard_pattern:  # a whole night's part owns its file range in this run
+            predictions.drop_run_rows(db_url, plan.run_id, plan.model_version, plan.level, uri_range=uri_range, **drop)
         wanted = predictions.pending_videos(db_url, plan.model_version, plan.logical_date, plan.level,
                                             exclude_run=plan.run_id, uri_range=uri_range)
         wanted = [(v, uri) for v, uri in wanted if _matches(uri, plan.shard_pattern)]
-        if plan.shard_pattern and first_try:  # a pattern's night shares files with the run's other rows
-            predictions.drop_run_rows(db_url, plan.run_id, plan.model_version, plan.level, ids=[v for v, _ in wanted])
+    if plan.video_ids or plan.shard_pattern:  # a targeted part shares its files with the run's other rows
+        predictions.drop_run_rows(db_url, plan.run_id, plan.model_version, plan.level, ids=[v for v, _ in wanted], **drop)
     by_file: dict[str, set[str]] = {}
     for video, uri in wanted:
         by_file.setdefault(uri, set()).add(video)
@@ -260,6 +269,7 @@ def tag_part(db_url: str, plan: NightPlan, part: dict, *, s3: S3Config | None = 
     with (nullcontext() if locked else predictions.run_lock(db_url, plan.logical_date, plan.model_version, number)) as own:
         lock = lock if locked else own
         before = predictions.start_part(db_url, plan.run_id, number)
+        attempt = before["attempt"]
         try:
             by_file = _part_videos(db_url, plan, part, first_try=before["attempts"] == 0 and before["status"] == "planned")
             predictions.set_part_total(db_url, plan.run_id, number, sum(len(v) for v in by_file.values()))
@@ -269,22 +279,22 @@ def tag_part(db_url: str, plan: NightPlan, part: dict, *, s3: S3Config | None = 
             else:
                 num_classes = MAX_K
                 batches = score_batches(by_file, num_classes)
-            report = _write_part(db_url, plan, number, batches, num_classes, s3, lock, progress,
+            report = _write_part(db_url, plan, number, attempt, batches, num_classes, s3, lock, progress,
                                  sum(len(v) for v in by_file.values()))
         except BaseException as exc:
-            predictions.finish_part(db_url, plan.run_id, number, error=f"{type(exc).__name__}: {exc}")
+            predictions.finish_part(db_url, plan.run_id, number, error=f"{type(exc).__name__}: {exc}", attempt=attempt)
             raise
     log.info("run %d part %d: %d videos, %d rows", plan.run_id, number, report.videos, report.rows_written)
     return report
 
 
-def _write_part(db_url: str, plan: NightPlan, number: int, batches, num_classes: int, s3, lock, progress: bool,
-                total: int) -> PartReport:
+def _write_part(db_url: str, plan: NightPlan, number: int, attempt: int, batches, num_classes: int, s3, lock,
+                progress: bool, total: int) -> PartReport:
     """Rows in chunks, export fragments and label counts from (ids, scores) batches."""
     top_k, csv_top = plan.top_k, max(plan.top_k, CSV_TOP)
     report = PartReport(number)
     label_counts = np.zeros((top_k, num_classes), np.int64)
-    chunks = predictions.ChunkWriter(db_url, plan.run_id, plan.model_version, number, lock)
+    chunks = predictions.ChunkWriter(db_url, plan.run_id, plan.model_version, number, lock, plan.table, attempt)
     pending_ids, pending_labels, pending_scores = [], [], []
 
     def flush(everything: bool = False):
@@ -321,32 +331,32 @@ def _write_part(db_url: str, plan: NightPlan, number: int, batches, num_classes:
     finally:
         if bar is not None:
             bar.close()
-    predictions.finish_part(db_url, plan.run_id, number, label_counts)
+    predictions.finish_part(db_url, plan.run_id, number, label_counts, attempt=attempt)
     return report
 
 
 def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> InferenceReport:
     """Close the night: if every part succeeded, join their export fragments and mark the run
     succeeded; otherwise mark it failed, naming the parts, and raise."""
-    parts = predictions.parts_of(db_url, plan.run_id)
+    ours = sorted(p["part"] for p in plan.parts)
+    parts = [p for p in predictions.parts_of(db_url, plan.run_id) if p["part"] in ours]
     unfinished = [p for p in parts if p["status"] != "succeeded"]
     if unfinished:
         error = "parts not succeeded: " + ", ".join(f"{p['part']} ({p['status']}{': ' + p['error'] if p['error'] else ''})"
                                                      for p in unfinished[:10])
         predictions.finish_run(db_url, plan.run_id, error=error)
         raise InferenceError(f"run {plan.run_id}: {error}")
-    ours = sorted(p["part"] for p in plan.parts)
     try:
         uris = exports.join_night(plan.exports_uri, ours, s3)
+        predictions.finalize_load(db_url, plan.run_id)
     except BaseException as exc:
-        predictions.finish_run(db_url, plan.run_id, error=f"exports: {type(exc).__name__}: {exc}")
+        predictions.finish_run(db_url, plan.run_id, error=f"finishing: {type(exc).__name__}: {exc}")
         raise
     run = predictions.finish_run(db_url, plan.run_id)
     log.info("run %d: %d videos, %d rows, model version %d", plan.run_id, run["videos_done"], run["rows_written"],
              plan.model_version)
-    mine = {p["part"]: p for p in parts if p["part"] in ours}
-    return InferenceReport(plan.run_id, plan.model_version, sum(p["videos_done"] for p in mine.values()),
-                           sum(p["rows_written"] for p in mine.values()), uris)
+    return InferenceReport(plan.run_id, plan.model_version, sum(p["videos_done"] for p in parts),
+                           sum(p["rows_written"] for p in parts), uris)
 
 
 def run_inference(db_url: str, logical_date: datetime, *, top_k: int = 20, level: str = "frame",

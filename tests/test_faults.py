@@ -28,7 +28,7 @@ from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tests.conftest import BIN, _free_port
 from tests.shards import record_offsets
-from tests.worlds import NIGHT, VIDEOS, build_world, count, row
+from tests.worlds import NIGHT, VIDEOS, build_world, count, row, rows, stored_rows
 
 # The server binaries of whichever PostgreSQL major Debian installed (the newest if several).
 _INITDBS = Path("/usr/lib/postgresql").glob("*/bin/initdb")
@@ -368,8 +368,8 @@ def test_postgresql_restarted_during_the_nightly_write(private_pg, raw_shards, t
 
     real_insert, calls = predictions.insert_bulk, {"n": 0}
 
-    def restart_inside_third_chunk(conn, table):
-        written = real_insert(conn, table)  # the chunk's rows are in, its transaction still open
+    def restart_inside_third_chunk(conn, table, *target):
+        written = real_insert(conn, table, *target)  # the chunk's rows are in, its transaction still open
         calls["n"] += 1
         if calls["n"] == 3:
             began = time.monotonic()
@@ -394,7 +394,7 @@ def test_postgresql_restarted_during_the_nightly_write(private_pg, raw_shards, t
 
     # Whatever the first try did, each chunk is all or nothing, and the bookkeeping says so.
     status, done, written = row(db_url, "SELECT status, videos_done, rows_written FROM inference_runs")
-    stored = count(db_url, "SELECT COUNT(*) FROM predictions")
+    stored = stored_rows(db_url)
     assert written == stored == done * k
     assert count(db_url, "SELECT COUNT(*) FROM (SELECT video_id FROM predictions GROUP BY video_id HAVING COUNT(*) <> :k) x", k=k) == 0
     assert status == ("succeeded" if outcome.startswith("the run finished") else "failed")
@@ -501,7 +501,7 @@ def test_a_run_that_lost_its_lock_stops_writing(pg_url, raw_shards, tiny_checkpo
         inference.run_inference(pg_url, NIGHT, top_k=k, exports_uri=world["exports"])
     report.injected("pg_terminate_backend of the session holding the run's advisory lock, before the 3rd chunk")
     status, done, written = row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs")
-    assert status == "failed" and written == count(pg_url, "SELECT COUNT(*) FROM predictions") == done * k < VIDEOS * k
+    assert status == "failed" and written == stored_rows(pg_url) == done * k < VIDEOS * k
     report.observed(f"the run stopped with LostRunLock after {done} videos; marked failed, {written} rows = rows stored")
 
     monkeypatch.setattr(predictions, "write_chunk", real_write)
@@ -509,3 +509,80 @@ def test_a_run_that_lost_its_lock_stops_writing(pg_url, raw_shards, tiny_checkpo
     assert row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs") == ("succeeded", VIDEOS, VIDEOS * k)
     assert count(pg_url, "SELECT COUNT(*) FROM (SELECT DISTINCT video_id, rank FROM predictions) x") == VIDEOS * k
     report.checked(f"the retry: {VIDEOS} videos x exactly {k} rows, one run row, succeeded")
+
+
+# --- 6. one part of a night SIGKILLed on its worker, then retried alone ------------------------------
+
+_PART_WORKER = """
+import json, sys, time
+import tasks.inference as inference
+from storage import predictions
+from tasks.inference import NightPlan, tag_part
+
+inference.CHUNK_VIDEOS = 4
+real_write = predictions.write_chunk
+
+def slow_write(*args, **kwargs):  # a slow database: the parent has time to kill us between chunks
+    written = real_write(*args, **kwargs)
+    time.sleep(0.3)
+    return written
+
+predictions.write_chunk = slow_write
+work = json.loads(sys.argv[2])
+tag_part(sys.argv[1], NightPlan.from_dict(work["night"]), work["part"])
+"""
+
+
+def test_a_part_sigkilled_mid_write_is_retried_alone(pg_url, raw_shards, tiny_checkpoint, tmp_path, report):
+    """The night in 3 parts as the DAG runs them; part 1's worker process gets SIGKILL once some of its
+    chunks are committed (its export fragments half written). Airflow's retry of that one mapped task
+    drops what the dead try wrote and scores the part again; the night ends exact."""
+    import csv
+    import json
+
+    from tasks.inference import finish_night, plan_night, tag_part
+
+    world = build_world(raw_shards, tmp_path, pg_url, checkpoint=tiny_checkpoint)
+    k = 3
+    plan = plan_night(pg_url, NIGHT, top_k=k, exports_uri=world["exports"], part_videos=12)
+    assert len(plan.parts) == 3
+    tag_part(pg_url, plan, plan.parts[0])
+    work = json.dumps({"night": plan.as_dict(), "part": plan.parts[1]})
+    worker = subprocess.Popen([str(BIN / "python"), "-c", _PART_WORKER, pg_url, work], cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.monotonic() + 120
+        while count(pg_url, "SELECT rows_written FROM inference_parts WHERE part = 1") < 2 * 4 * k:
+            assert worker.poll() is None and time.monotonic() < deadline, "the part finished or died before it was killed"
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert plan.table == predictions.load_table_name(world["version"], plan.run_id)  # the version's first night loads apart
+    killed_rows = count(pg_url, f"SELECT COUNT(*) FROM {plan.table} p JOIN videos v ON v.video_id = p.video_id "
+                                "WHERE v.parquet_uri BETWEEN :a AND :b", a=plan.parts[1]["first_uri"], b=plan.parts[1]["last_uri"])
+    report.injected(f"SIGKILL to part 1's worker (pid {worker.pid}) after {killed_rows} of its rows were committed")
+    assert worker.returncode == -signal.SIGKILL and 0 < killed_rows < 20 * k
+    assert count(pg_url, "SELECT status FROM inference_parts WHERE part = 1") == "running"  # as the dead try left it
+
+    tag_part(pg_url, plan, plan.parts[2])
+    tag_part(pg_url, plan, plan.parts[1])  # the retry of that mapped task, alone
+    finished = finish_night(pg_url, plan)
+    per_video = dict(rows(pg_url, "SELECT video_id, COUNT(*) FROM predictions GROUP BY video_id"))
+    assert len(per_video) == VIDEOS and set(per_video.values()) == {k}
+    assert row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs") == ("succeeded", VIDEOS, VIDEOS * k)
+    assert [tuple(r) for r in rows(pg_url, "SELECT part, status, attempts FROM inference_parts ORDER BY part")] == [
+        (0, "succeeded", 1), (1, "succeeded", 2), (2, "succeeded", 1)]
+    with open(finished.exports[0], newline="") as f:
+        exported = [r[0] for r in csv.reader(f)][1:]
+    assert sorted(exported) == sorted(per_video)  # each video once: the dead try's fragment was replaced
+    partition = predictions.partition_name(world["version"])  # the load table became the version's partition
+    assert count(pg_url, "SELECT to_regclass(:t)::text", t=plan.table) is None
+    assert count(pg_url, "SELECT COUNT(*) FROM pg_indexes WHERE tablename = :t", t=partition) == 3
+    assert count(pg_url, "SELECT COUNT(*) FROM pg_inherits WHERE inhrelid = to_regclass(:t)", t=partition) == 1
+    fragments = sorted(p.name for p in (Path(world["exports"]) / "parts").iterdir())
+    assert fragments == [f"part-0000{i}.{kind}" for i in range(3) for kind in ("csv", "pickle-items")], fragments
+    report.checked(f"{VIDEOS} videos x exactly {k} rows, one succeeded run row; part 1 tried twice, the others once; "
+                   f"the CSV lists each video once; the dead try's temporaries swept")
+

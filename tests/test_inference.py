@@ -13,7 +13,7 @@ from storage.db import engine_for
 from tasks import queries
 from tasks.inference import InferenceError, NoProductionModel, run_inference
 from tests.conftest import SHARED
-from tests.worlds import NIGHT, TINY, build_world as _world, count as _count, row as _row, rows as _rows  # noqa: F401 (TINY, for test_dag_*)
+from tests.worlds import NIGHT, TINY, build_world as _world, count as _count, row as _row, rows as _rows, stored_rows  # noqa: F401 (TINY, for test_dag_*)
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_a_run_killed_mid_write_is_not_complete_and_its_retry_finishes(world, mo
     with pytest.raises(ConnectionError):
         run_inference(world["db"], NIGHT, top_k=4, exports_uri=world["exports"])
     run = dict(zip(("status", "videos_done", "rows_written"), _row(world["db"], "SELECT status, videos_done, rows_written FROM inference_runs")))
-    assert run["status"] == "failed" and run["rows_written"] == _count(world["db"], "SELECT COUNT(*) FROM predictions") > 0
+    assert run["status"] == "failed" and run["rows_written"] == stored_rows(world["db"]) > 0
 
     monkeypatch.setattr(predictions, "write_chunk", real_write)
     retry = run_inference(world["db"], NIGHT, top_k=4, exports_uri=world["exports"])

@@ -59,7 +59,8 @@ def test_a_night_in_several_parts_is_one_run_with_k_rows_per_video(world):
     assert len(predictions.parts_of(world["db"], report.run_id)) == 3  # three files of 20, 20 and 10 videos
     assert report.videos == VIDEOS and report.rows_written == VIDEOS * 4
     _check_night(world, 4, report.run_id, report.exports)
-    assert not list((Path(world["exports"]) / "parts").glob("*"))  # the fragments are gone once joined
+    assert sorted(p.name for p in (Path(world["exports"]) / "parts").iterdir()) == [  # each part's own, no temporary
+        f"part-0000{i}.{kind}" for i in range(3) for kind in ("csv", "pickle-items")]
     again = run_inference(world["db"], NIGHT, top_k=4, exports_uri=world["exports"], part_videos=30)  # a rerun, cut anew
     assert again.run_id == report.run_id and len(predictions.parts_of(world["db"], report.run_id)) == 2
     _check_night(world, 4, report.run_id, again.exports)

@@ -314,9 +314,11 @@ def test_queries_bind_parameters_against_injection(raw_shards, tiny_checkpoint, 
 
 # Identifiers that may be formatted into SQL, each from a constant of its module (file: expressions).
 SQL_IDENTIFIERS = {
-    # COLUMNS: the predictions table's column names; table: partition_name(), a constant prefix and an int;
-    # version: int(model_version); mode: '' or '_shared' (run_lock's advisory lock functions)
-    "storage/predictions.py": {"', '.join(COLUMNS)", "columns", "table", "version", "mode"},
+    # COLUMNS: the predictions table's column names; table, partition, loading: partition_name() or
+    # load_table_name(), a constant prefix and ints; target: one of those or 'predictions'; version and
+    # int(run.model_version): ints; mode: '' or '_shared' (run_lock's advisory lock functions)
+    "storage/predictions.py": {"', '.join(COLUMNS)", "columns", "table", "version", "mode", "partition", "loading",
+                               "target", "int(run.model_version)"},
     "sql/migrations/versions/0003_predictions.py": {"ANALYST_ROLE", "', '.join(READABLE)"},
     "sql/migrations/versions/0004_analyst_reads_predictions_only.py": {"ANALYST_ROLE", "', '.join(INTERNAL)"},
     "sql/migrations/versions/0005_predictions_at_scale.py": {"ANALYST_ROLE", "', '.join(NEW_READABLE)", "COLUMNS",
@@ -361,6 +363,7 @@ def test_sql_is_never_built_from_values(report):
 
     assert isinstance(predictions_module.COLUMNS, tuple) and all(c.isidentifier() for c in predictions_module.COLUMNS)
     assert predictions_module.partition_name("3") == "predictions_v3"
+    assert predictions_module.load_table_name(3, "12") == "predictions_v3_run12"
     with pytest.raises(ValueError):
         predictions_module.partition_name("1; DROP TABLE predictions")
     for migration, names in (("0003_predictions.py", ("ANALYST_ROLE", "READABLE")),

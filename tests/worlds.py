@@ -55,3 +55,12 @@ def row(db_url, sql):
 def rows(db_url, sql, **params):
     with engine_for(db_url).connect() as conn:
         return conn.execute(text(sql), params).all()
+
+
+def stored_rows(db_url) -> int:
+    """Prediction rows committed so far: in `predictions`, and in a night's load table (a version's first
+    whole night on PostgreSQL loads apart and is attached as its partition when the night finishes)."""
+    total = count(db_url, "SELECT COUNT(*) FROM predictions")
+    for (table,) in rows(db_url, "SELECT load_table FROM inference_runs WHERE load_table IS NOT NULL"):
+        total += count(db_url, f"SELECT COUNT(*) FROM {table}")
+    return total

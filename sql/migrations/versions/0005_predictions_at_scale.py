@@ -12,6 +12,8 @@
   scoring; run_label_counts sums it instead of aggregating a night's 122 M rows.
 - `videos (level, parquet_uri)`: a part selects its videos by file range.
 - `model_versions.predictions_retired_at`: when a version's predictions were dropped (`vtag retire`).
+- `inference_runs.load_table`: a version's first whole night loads into a table of its own, indexed
+  and attached as the version's partition when the night ends (storage/predictions.py, start_run).
 - `production_versions`: the version number of each level's production model, for the analysts'
   queries that must name it to reach one partition (the analysts' role does not read model_versions).
 
@@ -104,6 +106,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_videos_level_parquet_uri", "videos", ["level", "parquet_uri"])
     op.add_column("model_versions", sa.Column("predictions_retired_at", sa.DateTime(timezone=True)))
+    op.add_column("inference_runs", sa.Column("load_table", sa.String(64)))
     op.execute("CREATE VIEW production_versions AS SELECT version, level FROM model_versions WHERE status = 'production'")
     if postgresql:
         op.execute(f"GRANT SELECT ON predictions, production_labels, {', '.join(NEW_READABLE)} TO {ANALYST_ROLE}")
@@ -114,6 +117,7 @@ def downgrade() -> None:
     if postgresql:
         op.execute(f"REVOKE ALL ON {', '.join(NEW_READABLE)} FROM {ANALYST_ROLE}")
     op.execute("DROP VIEW production_versions")
+    op.drop_column("inference_runs", "load_table")
     op.drop_column("model_versions", "predictions_retired_at")
     op.drop_index("ix_videos_level_parquet_uri", table_name="videos")
     op.drop_table("inference_label_counts")
