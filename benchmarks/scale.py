@@ -153,7 +153,7 @@ def _fill_sql(size: Size) -> list[tuple[str, dict]]:
         params = {"split": split, "letter": split[0], "n": videos, "shards": shards, "before": BEFORE,
                   "tonight": NIGHT - timedelta(hours=3), "every": NEW_TONIGHT, "root": PARQUET}
         # Videos lie in shards contiguously, as ingest writes them; ids look random, as YouTube's do.
-        shard = "lpad((i * :shards / :n)::text, 4, '0')"
+        shard = "lpad((i::bigint * :shards / :n)::text, 4, '0')"
         statements.append((f"""
             INSERT INTO videos (video_id, level, split, source_uri, parquet_uri, ingested_at)
             SELECT substr(md5(:split || i), 1, 6) || to_hex(i) || :letter, 'frame', :split,
@@ -346,8 +346,9 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
         target = predictions.write_target(db_url, run, clear=True)
         assert (target == "predictions") == (mode == "indexed")
         predictions.record_parts(db_url, run, [{"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}])
+        attempt = predictions.start_part(db_url, run, 0)["attempt"]
         started = time.perf_counter()
-        writer = predictions.ChunkWriter(db_url, run, version, 0, target=target)
+        writer = predictions.ChunkWriter(db_url, run, version, 0, target=target, attempt=attempt)
         for start in range(0, len(ids), 2000):
             chunk = ids[start:start + 2000]
             writer.submit(chunk, labels[:len(chunk)], scores[:len(chunk)])
@@ -554,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({', '.join(f'{s.total_shards:,} shards / {s.total_videos:,} videos' for s in sizes)}); "
           f"{os.cpu_count()} CPUs; work in {work}")
     results: dict[str, list] = {s: [] for s in stages}
+    earlier = _earlier(args.json, sizes)
     try:
         for size in sizes:
             name = f"vtag_scale_{uuid.uuid4().hex[:8]}"
@@ -582,15 +584,33 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 _drop(args.pg, name)
             print(f"  {size.percent:g}% done", flush=True)
+            if args.json:  # after each size, so that a later failure loses nothing measured
+                _save(args.json, earlier, {size.percent: {stage: r[-1] for stage, r in results.items() if r}})
+                earlier = _earlier(args.json, [])
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    if args.json:  # every size measured so far, this run's and earlier runs'
+        merged = _earlier(args.json, [])
+        sizes = [Size(p) for p in sorted(merged)]
+        results = {stage: [merged[s.percent].get(stage) for s in sizes]
+                   for stage in dict.fromkeys(k for by_stage in merged.values() for k in by_stage)}
     for stage, stage_results in results.items():
-        if stage_results:
+        if any(stage_results):
             _print_stage(stage, sizes, stage_results)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"sizes": [s.percent for s in sizes], "results": results}, indent=1, default=str))
     return 0
+
+
+def _earlier(path: str | None, replaced: list[Size]) -> dict[float, dict]:
+    """Figures by size from an earlier run's --json file, less the sizes this run measures again."""
+    if not path or not Path(path).is_file():
+        return {}
+    saved = {float(p): by_stage for p, by_stage in json.loads(Path(path).read_text()).items()}
+    return {p: r for p, r in saved.items() if p not in {s.percent for s in replaced}}
+
+
+def _save(path: str, earlier: dict[float, dict], new: dict[float, dict]) -> None:
+    Path(path).write_text(json.dumps({str(p): r for p, r in sorted({**earlier, **new}.items())}, indent=1, default=str))
 
 
 if __name__ == "__main__":
