@@ -78,8 +78,12 @@ def bulk_rate(url: str, ids: list[str], version: int, run: int, k: int, chunk: i
     rng = np.random.default_rng(0)
     labels = np.argsort(rng.random((len(ids), 64)), axis=1)[:, :k].astype(np.int64)
     scores = np.sort(rng.random((len(ids), k)), axis=1)[:, ::-1]
+    with engine_for(url).begin() as conn:
+        predictions.ensure_partition(conn, version)  # an indexed partition, as every night after a version's first
+    predictions.record_parts(url, run, [{"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}])
+    attempt = predictions.start_part(url, run, 0)["attempt"]
     started = time.perf_counter()
-    writer = predictions.ChunkWriter(url, run, version, 0)  # part 0: its progress row is not needed here
+    writer = predictions.ChunkWriter(url, run, version, 0, attempt=attempt)
     for start in range(0, len(ids), chunk):
         writer.submit(ids[start:start + chunk], labels[start:start + chunk], scores[start:start + chunk])
     writer.close()
