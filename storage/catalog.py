@@ -1,5 +1,6 @@
 """The catalogue of what ingest brought in: the label vocabulary, the videos and their ground truth."""
 
+import codecs
 import csv
 
 from sqlalchemy import delete, func, select
@@ -7,6 +8,7 @@ from sqlalchemy import delete, func, select
 from storage.db import engine_for, upsert_insert, utcnow
 from storage.objectstore import S3Config, store_for
 from storage.schema import labels, video_labels, videos
+from storage.yt8m_records import NUM_CLASSES
 
 VOCABULARY_COLUMNS = ("Index", "TrainVideoCount", "KnowledgeGraphId", "Name", "WikiUrl", "Vertical1", "Vertical2", "Vertical3")
 
@@ -16,25 +18,43 @@ class VocabularyError(ValueError):
 
 
 def load_vocabulary(db_url: str, uri: str, s3: S3Config | None = None) -> int:
-    """Load (or refresh) `labels` from a YouTube-8M vocabulary.csv; empty names are kept as ''."""
+    """Load (or refresh) `labels` from a YouTube-8M vocabulary.csv; empty names are kept as ''.
+
+    Accepts the UTF-8 byte-order mark spreadsheets write; refuses, naming file and line, a line that is
+    not UTF-8, an Index outside 0..3861 and an Index given twice.
+    """
     import io
 
     with store_for(uri, s3).open_read(uri) as raw:
-        reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
-        missing = [c for c in VOCABULARY_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise VocabularyError(f"{uri}: not a YouTube-8M vocabulary (missing columns {', '.join(missing)})")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                rows.append({
-                    "label_id": int(row["Index"]), "name": row["Name"] or "", "knowledge_graph_id": row["KnowledgeGraphId"] or None,
-                    "train_video_count": int(row["TrainVideoCount"]) if row["TrainVideoCount"] else None,
-                    "vertical1": row["Vertical1"] or None, "vertical2": row["Vertical2"] or None,
-                    "vertical3": row["Vertical3"] or None, "wiki_url": row["WikiUrl"] or None,
-                })
-            except ValueError as exc:
-                raise VocabularyError(f"{uri}, line {line}: {exc}") from None
+        data = raw.read()  # 3,862 short lines: reading it whole lets a bad byte be placed on its line
+    data = data.removeprefix(codecs.BOM_UTF8)  # as spreadsheets save "CSV UTF-8"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise VocabularyError(f"{uri}, line {line}: not UTF-8 ({exc.reason}: byte {data[exc.start]:#04x})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in VOCABULARY_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise VocabularyError(f"{uri}: not a YouTube-8M vocabulary (missing columns {', '.join(missing)})")
+    rows, first_line_of = [], {}
+    for row in reader:
+        line = reader.line_num
+        try:
+            label_id = int(row["Index"])
+            rows.append({
+                "label_id": label_id, "name": row["Name"] or "", "knowledge_graph_id": row["KnowledgeGraphId"] or None,
+                "train_video_count": int(row["TrainVideoCount"]) if row["TrainVideoCount"] else None,
+                "vertical1": row["Vertical1"] or None, "vertical2": row["Vertical2"] or None,
+                "vertical3": row["Vertical3"] or None, "wiki_url": row["WikiUrl"] or None,
+            })
+        except (ValueError, TypeError) as exc:  # TypeError: a short line leaves columns None
+            raise VocabularyError(f"{uri}, line {line}: {exc}") from None
+        if not 0 <= label_id < NUM_CLASSES:
+            raise VocabularyError(f"{uri}, line {line}: Index {label_id} outside 0..{NUM_CLASSES - 1}")
+        if label_id in first_line_of:
+            raise VocabularyError(f"{uri}, line {line}: Index {label_id} already given on line {first_line_of[label_id]}")
+        first_line_of[label_id] = line
     if not rows:
         raise VocabularyError(f"{uri}: no labels in it")
     with engine_for(db_url).begin() as conn:

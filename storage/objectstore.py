@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 READ_BUFFER = 8 * 1024 * 1024
 
@@ -28,6 +28,15 @@ log = logging.getLogger(__name__)
 
 class StoreError(Exception):
     """A URI that cannot be used: bad scheme, missing location, missing credentials. One clear line."""
+
+
+class ObjectChangedError(StoreError):
+    """An object whose content changed since its fingerprint was taken (replaced while being read)."""
+
+    def __init__(self, uri: str, expected: str, found: str | None):
+        super().__init__(f"{uri} changed while in use (fingerprint {expected} when planned, "
+                         f"{found or 'gone'} now): rerun to use its new content")
+        self.uri, self.expected, self.found = uri, expected, found
 
 
 @dataclass(frozen=True)
@@ -55,14 +64,40 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def canonical_uri(uri: str) -> str:
+    """The one spelling of a location, so that the manifest, catalogue and registry hold one key per object:
+    a local path absolute and normalised (`file://`, relative, `..`, doubled and trailing slashes all
+    removed), an S3 URI as s3://bucket/key without doubled or trailing slashes. Call it where a URI enters
+    (command line, DAG params, task arguments); URIs built from a canonical one by `join` stay canonical.
+    Symbolic links are kept as spelled: a link is a location the user chose."""
+    if not uri or not uri.strip():
+        raise StoreError("empty URI")
+    uri = uri.strip()
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise StoreError(f"file:// URI on another host: {uri!r} (use a local path)")
+        return os.path.abspath(unquote(parsed.path) or "/")
+    if parsed.scheme == "":
+        return os.path.abspath(os.path.expanduser(uri))
+    if parsed.scheme == "s3":
+        bucket, key = split_s3_uri(uri)
+        key = "/".join(part for part in key.split("/") if part)
+        return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    store_for(uri)  # raises the one line naming the unsupported scheme
+    return uri
+
+
 class ObjectStore(ABC):
     @abstractmethod
     def list(self, uri: str, pattern: str = "*") -> list[ObjectInfo]:
         """Objects directly under the folder `uri` whose name matches the glob `pattern`, sorted by URI."""
 
     @abstractmethod
-    def open_read(self, uri: str) -> BinaryIO:
-        """A buffered binary stream over the object."""
+    def open_read(self, uri: str, fingerprint: str | None = None) -> BinaryIO:
+        """A buffered binary stream over the object. With `fingerprint` (from an earlier `info` or `list`),
+        raises ObjectChangedError if the object is no longer that content, at the open and (on S3, where
+        every ranged GET carries If-Match) at any later read."""
 
     @abstractmethod
     def info(self, uri: str) -> ObjectInfo | None:
@@ -74,6 +109,11 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def delete(self, uri: str) -> None: ...
+
+    @abstractmethod
+    def check_writable(self, uri: str) -> None:
+        """Raise StoreError, naming `uri`, unless objects can be written under the folder `uri` (credentials,
+        permissions): checked before any work whose results would have nowhere to go."""
 
     def remove_stale_temporaries(self, uri: str) -> "list[str]":
         """Remove what killed writers of `uri` left behind; returns what was removed. Call it only while
@@ -109,13 +149,22 @@ class LocalStore(ObjectStore):
             if fnmatch.fnmatchcase(name, pattern) and not name.startswith(".") and (folder / name).is_file()
         ]
 
-    def open_read(self, uri: str) -> BinaryIO:
+    def open_read(self, uri: str, fingerprint: str | None = None) -> BinaryIO:
         try:
-            return open(self.path(uri), "rb", buffering=READ_BUFFER)
+            stream = open(self.path(uri), "rb", buffering=READ_BUFFER)
         except FileNotFoundError:
+            if fingerprint is not None:
+                raise ObjectChangedError(uri, fingerprint, None) from None
             raise StoreError(f"no such file: {uri}") from None
         except PermissionError:
             raise StoreError(f"cannot read file (permission denied): {uri}") from None
+        if fingerprint is not None:
+            # Writers publish by rename, so the open file keeps the content it had at this check.
+            found = f"mtime_ns={os.fstat(stream.fileno()).st_mtime_ns}"
+            if found != fingerprint:
+                stream.close()
+                raise ObjectChangedError(uri, fingerprint, found)
+        return stream
 
     def info(self, uri: str) -> ObjectInfo | None:
         path = self.path(uri)
@@ -156,6 +205,21 @@ class LocalStore(ObjectStore):
     def delete(self, uri: str) -> None:
         self.path(uri).unlink(missing_ok=True)
 
+    def check_writable(self, uri: str) -> None:
+        folder = self.path(uri)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(prefix=".vtag-write-probe-", dir=folder):
+                pass
+        except PermissionError:
+            raise StoreError(f"cannot write to {uri} (permission denied)") from None
+        except FileExistsError:
+            raise StoreError(f"cannot write to {uri}: a file, not a folder, is in the way") from None
+        except NotADirectoryError:
+            raise StoreError(f"cannot write to {uri}: part of the path is a file, not a folder") from None
+        except OSError as exc:
+            raise StoreError(f"cannot write to {uri}: {exc.strerror or exc}") from None
+
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
@@ -170,9 +234,9 @@ class _S3RangeReader(io.RawIOBase):
     Seekable through ranged GETs, so Parquet readers can jump to the footer and to row groups.
     """
 
-    def __init__(self, client, bucket: str, key: str, size: int, attempts: int = 5):
+    def __init__(self, client, bucket: str, key: str, size: int, attempts: int = 5, etag: str | None = None):
         self._client, self._bucket, self._key, self._size = client, bucket, key, size
-        self._pos, self._body, self._attempts = 0, None, attempts
+        self._pos, self._body, self._attempts, self._etag = 0, None, attempts, etag
 
     def readable(self) -> bool:
         return True
@@ -193,7 +257,17 @@ class _S3RangeReader(io.RawIOBase):
         return self._pos
 
     def _open(self):
-        response = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={self._pos}-")
+        from botocore.exceptions import ClientError
+
+        # If-Match: a re-opened range must come from the same object version as the bytes before it.
+        extra = {"IfMatch": f'"{self._etag}"'} if self._etag else {}
+        try:
+            response = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={self._pos}-", **extra)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                uri = f"s3://{self._bucket}/{self._key}"
+                raise ObjectChangedError(uri, f"etag={self._etag}", None) from None
+            raise
         self._body = response["Body"]
 
     def readinto(self, buffer) -> int:
@@ -296,12 +370,15 @@ class S3Store(ObjectStore):
                 raise
         return ObjectInfo(uri, head["ContentLength"], f"etag={head['ETag'].strip(chr(34))}")
 
-    def open_read(self, uri: str) -> BinaryIO:
+    def open_read(self, uri: str, fingerprint: str | None = None) -> BinaryIO:
         info = self.info(uri)
+        if fingerprint is not None and (info is None or info.fingerprint != fingerprint):
+            raise ObjectChangedError(uri, fingerprint, info.fingerprint if info else None)
         if info is None:
             raise StoreError(f"no such object: {uri}")
         bucket, key = split_s3_uri(uri)
-        return io.BufferedReader(_S3RangeReader(self.client, bucket, key, info.size), buffer_size=READ_BUFFER)
+        etag = info.fingerprint.removeprefix("etag=")
+        return io.BufferedReader(_S3RangeReader(self.client, bucket, key, info.size, etag=etag), buffer_size=READ_BUFFER)
 
     @contextmanager
     def publish(self, uri: str) -> Iterator[Path]:
@@ -336,6 +413,14 @@ class S3Store(ObjectStore):
     def delete(self, uri: str) -> None:
         bucket, key = split_s3_uri(uri)
         with self._errors(uri):
+            self.client.delete_object(Bucket=bucket, Key=key)
+
+    def check_writable(self, uri: str) -> None:
+        # A probe object (hidden from listings by its leading dot) is the only check that proves PutObject.
+        probe = join(uri, f".vtag-write-probe-{os.getpid()}")
+        bucket, key = split_s3_uri(probe)
+        with self._errors(uri):
+            self.client.put_object(Bucket=bucket, Key=key, Body=b"")
             self.client.delete_object(Bucket=bucket, Key=key)
 
 
