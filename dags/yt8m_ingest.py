@@ -4,7 +4,8 @@ The work lives in tasks/ingest.py; this file only wires it. `list_pending_shards
 shards, in name order, into at most tasks.ingest.MAX_BATCHES contiguous batches (one shard each while
 there are fewer), since Airflow maps at most 1,024 tasks and a YouTube-8M split has 3,844 shards.
 `convert_batch` converts its shards one by one and logs a line for each. A shard with bad content is
-quarantined in the manifest and its batch's other shards still convert; the batch then fails without
+quarantined in the manifest and its batch's other shards still convert (so is a shard whose output file
+holds another source's shard of the same name, unless the `replace` param is set); the batch then fails without
 retries, naming each bad shard. A transient failure (store, disk, database) fails the batch with
 retries, and a retry converts only the shards not converted yet. `publish_asset` reads from the
 manifest which planned shards converted, failed batches included, and updates the yt8m_parquet asset
@@ -48,15 +49,20 @@ def _shards(batch: list[dict]) -> list:
                       description="Root of the Parquet layout. Empty: the yt8m_parquet_uri variable."),
         "pattern": Param("*.tfrecord", type="string", minLength=1, title="File pattern", description="Glob on shard names."),
         "force": Param(False, type="boolean", title="Force", description="Convert again even unchanged shards."),
+        "replace": Param(False, type="boolean", title="Replace",
+                         description="Let a shard replace the Parquet file that a shard of the same name from another "
+                                     "source was converted to (otherwise it is quarantined)."),
     },
 )
 def yt8m_ingest():
     @task
     def list_pending_shards(params: dict) -> list[list[dict]]:
+        from storage.objectstore import canonical_uri
         from tasks import airflow_config as cfg
         from tasks.ingest import list_pending, plan_batches
 
-        src, dest = cfg.raw_uri(params["src"]), cfg.parquet_uri(params["dest"])
+        # Canonical here, so that the batches, the manifest and the asset event all spell dest one way.
+        src, dest = canonical_uri(cfg.raw_uri(params["src"])), canonical_uri(cfg.parquet_uri(params["dest"]))
         pending, skipped = list_pending(src, dest, cfg.db_url(), params["pattern"], params["force"], cfg.s3_config())
         batches = plan_batches(pending)
         print(f"{len(pending)} shards to convert from {src} to {dest} in {len(batches)} batches, {skipped} already converted")
@@ -69,7 +75,8 @@ def yt8m_ingest():
         from tasks import airflow_config as cfg
         from tasks import ingest
 
-        report = ingest.convert_batch(_shards(batch), batch[0]["dest"], cfg.db_url(), cfg.s3_config(), force=params["force"])
+        report = ingest.convert_batch(_shards(batch), batch[0]["dest"], cfg.db_url(), cfg.s3_config(),
+                                     force=params["force"], replace=params["replace"])
         print(f"{len(report.converted)} converted, {report.skipped} already converted, {len(report.failed)} failed")
         failures = "\n".join(report.failed.values())
         if report.retryable:  # Airflow retries the batch; the retry skips the shards converted by now

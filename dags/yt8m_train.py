@@ -68,8 +68,9 @@ def yt8m_train():
         from tasks import airflow_config as cfg
         from tasks.training import evaluate_model
 
+        # The version trained, by number: its checkpoint is scored with its sha256 verified.
         return evaluate_model(trained["checkpoint_uri"], trained["data"], cfg.db_url(), split=params["eval_split"],
-                              pattern=params["eval_pattern"], s3=cfg.s3_config())
+                              pattern=params["eval_pattern"], s3=cfg.s3_config(), version=trained["version"])
 
     @task
     def register_and_promote(evaluation: dict) -> dict:

@@ -1,19 +1,50 @@
-"""Checkpoints in the object store: written atomically, loaded as weights-only pickles (no code runs)."""
+"""Checkpoints in the object store: written atomically, loaded as weights-only pickles (no code runs).
 
+A model version points at content that cannot change: the run's final checkpoint (written once, never
+overwritten with other weights) or, for a checkpoint registered under a name training rewrites (last.pt,
+epoch-NNN.pt, any other), a content-addressed copy beside it (`registered/sha256-<16 hex>.pt`). The
+registry keeps the sha256 of that content and every load of a version's checkpoint checks it.
+"""
+
+import hashlib
 import io
+import logging
+import os
+import re
+import shutil
 
 import torch
 
 from model.config import Config, ConfigError
-from storage.objectstore import S3Config, join, store_for
+from storage.objectstore import LocalStore, S3Config, join, store_for
 
 FORMAT = "vtag-checkpoint-1"
 LAST = "last.pt"
+LOSS_PLOT = "loss.png"
+REGISTERED = "registered"
 KEEP_EPOCHS = 3  # epoch checkpoints kept besides last.pt (a seed-size one is ~1 GB with its optimizer)
+HASH_CHUNK = 8 * 1024 * 1024
+FINAL_NAME = re.compile(r"final-step\d{7,}\.pt")
+REGISTERED_NAME = re.compile(r"sha256-(?P<prefix>[0-9a-f]{16})\.pt")
+# What a training run publishes into its folder (evaluation plots are not swept: an evaluation may be
+# writing one), and LocalStore.publish's hidden temporary of each.
+RUN_FILE = re.compile(r"last\.pt|epoch-\d{3,}\.pt|final-step\d{7,}\.pt|loss\.png")
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     pass
+
+
+class CheckpointChangedError(CheckpointError):
+    """A registered checkpoint whose bytes are no longer those recorded when it was registered."""
+
+    def __init__(self, uri: str, expected: str, found: str):
+        super().__init__(f"checkpoint {uri} changed since it was registered (sha256 {expected}, now {found}): "
+                         "refusing to use weights that are not the version's")
+        self.uri, self.expected, self.found = uri, expected, found
 
 
 def epoch_uri(out_uri: str, epoch: int) -> str:
@@ -26,17 +57,114 @@ def final_uri(out_uri: str, step: int) -> str:
 
 
 def save(uri: str, state: dict, s3: S3Config | None = None) -> str:
-    with store_for(uri, s3).publish(uri) as path:
-        torch.save({"format": FORMAT, **state}, path)
+    save_hashed(uri, state, s3)
     return uri
 
 
-def load(uri: str, s3: S3Config | None = None) -> dict:
+def save_hashed(uri: str, state: dict, s3: S3Config | None = None) -> str:
+    """Publish the checkpoint; returns the sha256 of the bytes published (hashed from the local file
+    before it becomes visible, so no second read of a 1 GB object)."""
+    with store_for(uri, s3).publish(uri) as path:
+        # Into a file object, not a path: given a path, torch names the archive inside after the file
+        # (here publish's random temporary), and equal states would hash differently.
+        with open(path, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+        with open(path, "rb") as f:
+            return _sha256_stream(f)
+
+
+def _sha256_stream(stream) -> str:
+    digest = hashlib.sha256()
+    while chunk := stream.read(HASH_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_of(uri: str, s3: S3Config | None = None, fingerprint: str | None = None) -> str:
+    """The checkpoint's sha256, streamed (a seed-size checkpoint is ~1 GB)."""
+    store = store_for(uri, s3)
+    if fingerprint is None and not store.exists(uri):
+        raise CheckpointError(f"no checkpoint at {uri}")
+    with store.open_read(uri, fingerprint=fingerprint) as f:
+        return _sha256_stream(f)
+
+
+def is_immutable(uri: str) -> bool:
+    """Whether nothing of ours ever rewrites the file at `uri`: a run's final checkpoint or a registered copy."""
+    folder, _, name = uri.rstrip("/").rpartition("/")
+    return bool(FINAL_NAME.fullmatch(name) or (REGISTERED_NAME.fullmatch(name) and folder.endswith(f"/{REGISTERED}")))
+
+
+def registered_uri(uri: str, sha256: str) -> str:
+    return join(uri.rsplit("/", 1)[0], REGISTERED, f"sha256-{sha256[:16]}.pt")
+
+
+def content(uri: str, s3: S3Config | None = None) -> tuple[str, str]:
+    """(sha256, fingerprint) of the checkpoint at `uri` now; the fingerprint pins that version of it."""
+    info = store_for(uri, s3).info(uri)
+    if info is None:
+        raise CheckpointError(f"no checkpoint at {uri}")
+    sha256 = sha256_of(uri, s3, fingerprint=info.fingerprint)
+    _check_registered_name(uri, sha256)
+    return sha256, info.fingerprint
+
+
+def freeze(uri: str, sha256: str, fingerprint: str, s3: S3Config | None = None) -> str:
+    """A URI whose content cannot change holding the bytes hashed by `content`: `uri` itself if it is
+    immutable, else a content-addressed copy beside it, made unless it is already there."""
+    if is_immutable(uri):
+        return uri
+    store = store_for(uri, s3)
+    frozen = registered_uri(uri, sha256)
+    if store.exists(frozen):
+        found = sha256_of(frozen, s3)
+        if found != sha256:
+            raise CheckpointError(f"{frozen} exists with other content (sha256 {found}, expected {sha256}): "
+                                  f"it was altered; move it away to register {uri}")
+        return frozen
+    with store.publish(frozen) as path:
+        # The pinned fingerprint: a training run that rewrote `uri` since it was hashed fails the copy
+        # (ObjectChangedError) instead of copying other bytes under this hash.
+        with store.open_read(uri, fingerprint=fingerprint) as source, open(path, "wb") as target:
+            shutil.copyfileobj(source, target, HASH_CHUNK)
+        with open(path, "rb") as copied:
+            if (found := _sha256_stream(copied)) != sha256:
+                raise CheckpointError(f"{uri} changed while being copied to {frozen} (sha256 {sha256}, then {found})")
+    log.info("registered checkpoint %s as its immutable copy %s", uri, frozen)
+    return frozen
+
+
+def _check_registered_name(uri: str, sha256: str) -> None:
+    match = REGISTERED_NAME.fullmatch(uri.rsplit("/", 1)[-1])
+    if match and not sha256.startswith(match["prefix"]):
+        raise CheckpointError(f"{uri} does not hold the content its name says (sha256 {sha256}): it was altered")
+
+
+def load(uri: str, s3: S3Config | None = None, sha256: str | None = None) -> dict:
+    """The checkpoint's state. With `sha256` (a model version's, from the registry), the very bytes
+    loaded are checked against it before they are unpickled: CheckpointChangedError if they are not
+    the registered ones."""
+    data = _read(uri, s3)
+    if sha256 is not None and (found := hashlib.sha256(data).hexdigest()) != sha256:
+        raise CheckpointChangedError(uri, sha256, found)
+    return _parse(data, uri)
+
+
+def load_hashed(uri: str, s3: S3Config | None = None) -> tuple[dict, str]:
+    """The checkpoint's state and the sha256 of the bytes it was read from."""
+    data = _read(uri, s3)
+    return _parse(data, uri), hashlib.sha256(data).hexdigest()
+
+
+def _read(uri: str, s3: S3Config | None) -> bytes:
     store = store_for(uri, s3)
     if not store.exists(uri):
         raise CheckpointError(f"no checkpoint at {uri}")
     with store.open_read(uri) as f:
-        data = f.read()
+        return f.read()
+
+
+def _parse(data: bytes, uri: str) -> dict:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -69,3 +197,28 @@ def prune(out_uri: str, newest_epoch: int, s3: S3Config | None = None) -> None:
     if newest_epoch > KEEP_EPOCHS:
         old = epoch_uri(out_uri, newest_epoch - KEEP_EPOCHS)
         store_for(old, s3).delete(old)
+
+
+def sweep_temporaries(out_uri: str, epochs: int, s3: S3Config | None = None) -> list[str]:
+    """Remove what saves killed mid-write left in a run's folder (LocalStore.publish's hidden temporaries;
+    on S3 the dead writers' local folders and incomplete uploads). Only while no other writer of the
+    folder is alive: at the start of a run, by rank 0."""
+    store = store_for(out_uri, s3)
+    names = {LAST, LOSS_PLOT, *(epoch_uri(out_uri, e).rsplit("/", 1)[-1] for e in range(1, epochs + 1))}
+    if isinstance(store, LocalStore):
+        names = _killed_save_names(out_uri)
+    removed = [path for name in sorted(names) for path in store.remove_stale_temporaries(join(out_uri, name))]
+    if removed:
+        log.warning("removed %d leftover(s) of killed checkpoint saves in %s: %s", len(removed), out_uri, ", ".join(removed))
+    return removed
+
+
+def _killed_save_names(out_uri: str) -> set[str]:
+    """The run's file names that have a hidden temporary beside them in the local folder: every one,
+    whatever epoch or step it was saving (store.list hides dot files, hence the listing here)."""
+    try:
+        entries = os.listdir(LocalStore.path(out_uri))
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+    return {match["name"] for entry in entries
+            if (match := TEMPORARY.fullmatch(entry)) and RUN_FILE.fullmatch(match["name"])}

@@ -1,6 +1,7 @@
 """Model and training configuration: one dataclass, presets from presets.toml, checked before any work."""
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,14 +51,25 @@ class Config:
         need(self.level in LEVELS, f"level must be frame or video, not {self.level!r}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         for name in ("embedding_size", "lstm_size", "hidden_size", "num_classes", "batch_size", "epochs", "max_frames"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be a positive integer, not {getattr(self, name)!r}")
+            need(_integer(getattr(self, name)) and getattr(self, name) >= 1, f"{name} must be a positive integer, not {getattr(self, name)!r}")
         need(self.max_frames <= 300, f"max_frames must be at most 300 (YouTube-8M's cap), not {self.max_frames}")
-        need(all(isinstance(s, int) and s >= 1 for s in self.head_sizes), f"head_sizes must be positive integers, not {self.head_sizes!r}")
-        need(0.0 <= self.drop_rate < 1.0, f"drop_rate must be in [0, 1), not {self.drop_rate}")
-        need(self.learning_rate > 0, f"learning_rate must be > 0, not {self.learning_rate}")
-        need(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1], not {self.lr_decay}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, not {self.weight_decay}")
-        need(self.num_workers >= 0, f"num_workers must be >= 0, not {self.num_workers}")
+        need(all(_integer(s) and s >= 1 for s in self.head_sizes), f"head_sizes must be positive integers, not {self.head_sizes!r}")
+        # Every float is checked for a number first: inf or nan pass a plain `x > 0` (or fail it with a
+        # misleading message) and surface steps later as a diverged loss or a traceback in the optimizer.
+        for name, ok, expected in (
+            ("drop_rate", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+            ("learning_rate", lambda v: v > 0, "> 0 and finite"),
+            ("lr_decay", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+            ("weight_decay", lambda v: v >= 0, ">= 0 and finite"),
+            ("rmsprop_rho", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+            ("rmsprop_eps", lambda v: v > 0, "> 0 and finite"),
+        ):
+            value = getattr(self, name)
+            need(_finite_number(value) and ok(value), f"{name} must be {expected}, not {value!r}")
+        need(_integer(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, not {self.seed!r}")
+        need(_integer(self.num_workers) and self.num_workers >= 0, f"num_workers must be an integer >= 0, not {self.num_workers!r}")
+        need(all(_integer(e) and e >= 1 for e in self.lr_decay_epochs),
+             f"lr_decay_epochs must be positive integers, not {self.lr_decay_epochs!r}")
         return self
 
     def architecture(self) -> dict:
@@ -81,6 +93,14 @@ class Config:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**values)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def presets() -> dict[str, dict]:

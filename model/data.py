@@ -30,6 +30,10 @@ class RowGroup:
     uri: str
     index: int
     rows: int
+    # The file's fingerprint when the epoch was planned (ObjectInfo.fingerprint): reading it checks the
+    # file is still that content, so a file replaced mid-run fails the run instead of feeding it rows
+    # the plan never counted. None: not pinned.
+    fingerprint: str | None = None
 
 
 def find_row_groups(data_uri: str, level: str, split: str, pattern: str = "*.parquet",
@@ -43,14 +47,15 @@ def find_row_groups(data_uri: str, level: str, split: str, pattern: str = "*.par
         raise DataError(f"cannot read split {split!r}: {exc}") from None
     groups = []
     for info in files:
-        with store.open_read(info.uri) as f:
+        with store.open_read(info.uri, fingerprint=info.fingerprint) as f:
             metadata = pq.ParquetFile(f).metadata
             schema = metadata.schema.to_arrow_schema()
         expected = SCHEMAS[level]
         if not schema.remove_metadata().equals(expected):
             raise DataError(f"{info.uri}: not the {level}-level layout: columns {schema.names} "
                             f"({', '.join(str(t) for t in schema.types)}), expected {expected.names}")
-        groups += [RowGroup(info.uri, i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups)]
+        groups += [RowGroup(info.uri, i, metadata.row_group(i).num_rows, info.fingerprint)
+                   for i in range(metadata.num_row_groups)]
     if sum(g.rows for g in groups) == 0:
         raise DataError(f"no videos in {folder} (pattern {pattern!r}): the split is empty")
     return groups
@@ -202,6 +207,11 @@ class ParquetBatches(IterableDataset):
                 return
             for i in range(skips[0], len(plans[0])):
                 yield self._load(*plans[0].batch(i))
+        except (StoreError, DataError) as exc:
+            if info is None:
+                raise
+            # In a worker process: hand the error itself to the main process (see WorkerFailure).
+            yield WorkerFailure(exc)
         finally:  # end of the epoch (or the iterator dropped): nothing stays open or held
             self._close()
             self._cached = None
@@ -216,7 +226,7 @@ class ParquetBatches(IterableDataset):
                 if next_batch[w] >= len(plans[w]):
                     active.remove(w)
 
-    def _parquet(self, uri: str) -> pq.ParquetFile:
+    def _parquet(self, uri: str, fingerprint: str | None = None) -> pq.ParquetFile:
         """The file's reader; opening it closes the one open before. One open file is enough: a worker's
         plan reads a row group whole before the next (its rows are contiguous in the plan), and the next
         is in the same file only when it follows in file order (shuffle=False, e.g. inference over a
@@ -226,7 +236,7 @@ class ParquetBatches(IterableDataset):
         if self._file is not None and self._file[0] == uri:
             return self._file[2]
         self._close()
-        stream = store_for(uri, self.s3).open_read(uri)
+        stream = store_for(uri, self.s3).open_read(uri, fingerprint=fingerprint)
         try:
             reader = pq.ParquetFile(stream)
         except BaseException:
@@ -248,7 +258,7 @@ class ParquetBatches(IterableDataset):
             return self._cached[1]
         group = self.groups[group_index]
         self._cached = None  # the previous group's columns can go before this one is read
-        table = self._parquet(group.uri).read_row_group(group.index)
+        table = self._parquet(group.uri, group.fingerprint).read_row_group(group.index)
         columns = {"id": table.column("id").to_pylist(), "labels": table.column("labels").to_pylist()}
         for name in ("rgb", "audio") if self.level == "frame" else ("mean_rgb", "mean_audio"):
             array = table.column(name).combine_chunks()
@@ -302,14 +312,45 @@ class ParquetBatches(IterableDataset):
         return {**features, "labels": torch.from_numpy(labels), "ids": ids}
 
 
+class WorkerFailure:
+    """A StoreError or DataError raised in a DataLoader worker, sent to the main process as a batch.
+    Raised in the worker, DataLoader would re-raise it as "Caught ObjectChangedError in DataLoader worker
+    process 0." with the traceback as text (or as a RuntimeError, for an exception whose constructor
+    takes other arguments than one message), losing the one line that names the file."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __reduce__(self):
+        # Exceptions pickle as cls(*args), which fails for ObjectChangedError(uri, expected, found).
+        return _rebuild_failure, (type(self.error), self.error.args, self.error.__dict__)
+
+
+def _rebuild_failure(cls: type, args: tuple, attributes: dict) -> WorkerFailure:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(attributes)
+    return WorkerFailure(error)
+
+
+class _Loader(DataLoader):
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, WorkerFailure):
+                raise batch.error
+            yield batch
+
+
 def loader(dataset: ParquetBatches, workers: int, pin_memory: bool) -> DataLoader:
+    """The dataset's batches, read by `workers` processes; an error of a worker's data (a file replaced
+    since the epoch was planned, an unreadable one) is raised here as itself."""
     if workers:
         _allow_worker_processes()
     # Its own generator: a DataLoader draws a seed from the global RNG when it starts, which would
     # shift the dropout masks of a resumed run away from those of an uninterrupted one.
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if workers else None,
-                      generator=torch.Generator().manual_seed(0))
+    return _Loader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                   persistent_workers=False, prefetch_factor=4 if workers else None,
+                   generator=torch.Generator().manual_seed(0))
 
 
 def _allow_worker_processes() -> None:

@@ -27,8 +27,11 @@ class Evaluation:
     recall_at_k: list[float]
 
 
-def load_model(checkpoint_uri: str, device: torch.device, s3: S3Config | None = None) -> tuple[torch.nn.Module, Config]:
-    state = checkpoint.load(checkpoint_uri, s3)
+def load_model(checkpoint_uri: str, device: torch.device, s3: S3Config | None = None,
+               sha256: str | None = None) -> tuple[torch.nn.Module, Config]:
+    """The checkpoint's model in eval mode. Pass a model version's `sha256` (registry column
+    checkpoint_sha256) to refuse weights that changed since it was registered (CheckpointChangedError)."""
+    state = checkpoint.load(checkpoint_uri, s3, sha256=sha256)
     config = checkpoint.config_of(state, checkpoint_uri)
     checkpoint.check_architecture(state, config, checkpoint_uri)
     model = build_model(config)
@@ -49,9 +52,10 @@ def predict(model: torch.nn.Module, config: Config, batches, device: torch.devic
 
 
 def evaluate(checkpoint_uri: str, data_uri: str, split: str = "validate", pattern: str = "*.parquet",
-             s3: S3Config | None = None, device: str | None = None, batch_size: int | None = None) -> Evaluation:
+             s3: S3Config | None = None, device: str | None = None, batch_size: int | None = None,
+             sha256: str | None = None) -> Evaluation:
     dev = pick_device(device)
-    model, config = load_model(checkpoint_uri, dev, s3)
+    model, config = load_model(checkpoint_uri, dev, s3, sha256=sha256)
     groups = find_row_groups(data_uri, config.level, split, pattern, s3)
     dataset = ParquetBatches(groups, config.level, batch_size or min(config.batch_size, 256), config.num_classes,
                              config.max_frames, shuffle=False, drop_last=False, workers=config.num_workers, s3=s3)

@@ -24,6 +24,10 @@ from storage.objectstore import S3Config, join, store_for
 log = logging.getLogger(__name__)
 
 
+class TrainingDiverged(FloatingPointError, ValueError):
+    """The loss became inf or nan: a user error (too high a learning rate), told in one line by `vtag`."""
+
+
 @dataclass
 class TrainResult:
     checkpoint_uri: str
@@ -31,6 +35,7 @@ class TrainResult:
     steps: int
     videos_per_second: float
     history: dict = field(default_factory=dict)
+    checkpoint_sha256: str = ""  # of the final checkpoint, for the registry; empty on ranks other than 0
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -115,6 +120,8 @@ def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", 
         log.info("fine-tuning from %s", resume)
 
     rank, world = _distributed()
+    if rank == 0:
+        checkpoint.sweep_temporaries(out_uri, config.epochs, s3)
     dev = pick_device(device)
     torch.manual_seed(config.seed)
     model = build_model(config).to(dev)
@@ -184,7 +191,7 @@ def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", 
             seen += size
             per_video = loss.item() / size
             if not math.isfinite(per_video):
-                raise FloatingPointError(f"loss became {per_video} at step {step}: lower the learning rate")
+                raise TrainingDiverged(f"loss became {per_video} at step {step}: lower the learning rate")
             history["step_loss"].append(per_video)
             epoch_losses.append(per_video)
             rate = seen / (time.perf_counter() - started)
@@ -212,10 +219,27 @@ def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", 
         log.info("epoch %d: mean loss per video %.4f", epoch, history["epoch_loss"][-1])
     # last.pt moves on if the run is continued; what gets registered must not: a file per final step.
     final_uri = checkpoint.final_uri(out_uri, step)
-    if rank == 0 and not store_for(final_uri, s3).exists(final_uri):
-        checkpoint.save(final_uri, snapshot(), s3)
+    sha256 = _publish_final(final_uri, snapshot(), s3) if rank == 0 else ""
     elapsed = time.perf_counter() - started
-    return TrainResult(final_uri, epoch, step, seen * world / elapsed if elapsed > 0 else 0.0, history)
+    return TrainResult(final_uri, epoch, step, seen * world / elapsed if elapsed > 0 else 0.0, history, sha256)
+
+
+def _publish_final(uri: str, state: dict, s3: S3Config | None) -> str:
+    """Write the run's final checkpoint once and return its sha256. One already there (a retried or
+    repeated run that ended at the same step) is kept if it holds these weights; other weights are a
+    model version's, which are never overwritten."""
+    if not store_for(uri, s3).exists(uri):
+        return checkpoint.save_hashed(uri, state, s3)
+    existing, sha256 = checkpoint.load_hashed(uri, s3)
+    if not _same_weights(existing.get("model", {}), state["model"]):
+        raise checkpoint.CheckpointError(
+            f"{uri} already holds other weights than this run's at step {state['step']}: a final checkpoint "
+            "is never overwritten; train into a new folder")
+    return sha256
+
+
+def _same_weights(theirs: dict, mine: dict) -> bool:
+    return theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k].cpu()) for k in mine)
 
 
 def _progress(total: int, description: str, enabled: bool):

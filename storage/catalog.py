@@ -3,12 +3,12 @@
 import codecs
 import csv
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Connection, delete, exists, func, select
 
-from storage.db import engine_for, upsert_insert, utcnow
+from storage.db import engine_for, transaction, upsert_insert, utcnow
 from storage.objectstore import S3Config, store_for
 from storage.schema import labels, video_labels, videos
-from storage.yt8m_records import NUM_CLASSES
+from storage.yt8m_records import LEVELS, NUM_CLASSES
 
 VOCABULARY_COLUMNS = ("Index", "TrainVideoCount", "KnowledgeGraphId", "Name", "WikiUrl", "Vertical1", "Vertical2", "Vertical3")
 
@@ -65,31 +65,52 @@ def load_vocabulary(db_url: str, uri: str, s3: S3Config | None = None) -> int:
     return len(rows)
 
 
-def record_videos(db_url: str, ids: list[str], labels_of: list[list[int]], *, split: str, level: str,
+def record_videos(db: str | Connection, ids: list[str], labels_of: list[list[int]], *, split: str, level: str,
                   source_uri: str, parquet_uri: str) -> None:
-    """Make the catalogue hold exactly a converted shard's videos and their ground truth, in one transaction."""
+    """Make the catalogue hold exactly a converted shard's videos and their ground truth, in one transaction
+    (the caller's when `db` is a Connection). An id another shard of the level holds is refused by the
+    primary key: check with `ingested_elsewhere` first to name that shard."""
     now = utcnow()
     rows = [{"video_id": i, "split": split, "level": level, "source_uri": source_uri, "parquet_uri": parquet_uri,
              "ingested_at": now} for i in ids]
-    with engine_for(db_url).begin() as conn:
-        conn.execute(delete(videos).where(videos.c.source_uri == source_uri, videos.c.level == level))
-        statement = upsert_insert(conn)(videos)
-        # An id that came before from another shard moves here (Google's shards never share ids).
-        statement = statement.on_conflict_do_update(
-            index_elements=["video_id", "level"],
-            set_={c: statement.excluded[c] for c in ("split", "source_uri", "parquet_uri", "ingested_at")})
+    with transaction(db) as conn:
+        _forget(conn, source_uri, level)
         for start in range(0, len(rows), 5000):
-            conn.execute(statement, rows[start:start + 5000])
+            conn.execute(videos.insert(), rows[start:start + 5000])
+            # The other level's row of a video shares its ground truth: the newest shard's labels win.
             conn.execute(delete(video_labels).where(video_labels.c.video_id.in_(ids[start:start + 5000])))
         truth = [{"video_id": i, "label_id": label} for i, ls in zip(ids, labels_of) for label in set(ls)]
         for start in range(0, len(truth), 20000):
             conn.execute(video_labels.insert(), truth[start:start + 20000])
 
 
-def forget_shard(db_url: str, source_uri: str) -> None:
-    """A quarantined shard's videos leave the catalogue: there is no Parquet left to score them from."""
-    with engine_for(db_url).begin() as conn:
-        conn.execute(delete(videos).where(videos.c.source_uri == source_uri))
+def ingested_elsewhere(db: str | Connection, ids: list[str], *, level: str, source_uri: str) -> dict[str, str]:
+    """Those of `ids` the catalogue holds at `level` from another shard than `source_uri`: id -> that shard."""
+    found = {}
+    with transaction(db) as conn:
+        for start in range(0, len(ids), 5000):
+            query = select(videos.c.video_id, videos.c.source_uri).where(
+                videos.c.level == level, videos.c.video_id.in_(ids[start:start + 5000]), videos.c.source_uri != source_uri)
+            found.update(conn.execute(query).all())
+    return found
+
+
+def forget_shard(db: str | Connection, source_uri: str, level: str | None = None) -> None:
+    """A shard's videos (of `level`, or both) leave the catalogue with the ground truth no other row shares:
+    a quarantined or replaced shard has no Parquet left to score them from."""
+    with transaction(db) as conn:
+        for one in LEVELS if level is None else (level,):
+            _forget(conn, source_uri, one)
+
+
+def _forget(conn: Connection, source_uri: str, level: str) -> None:
+    leaving = (videos.c.source_uri == source_uri) & (videos.c.level == level)
+    other = videos.alias("other")
+    still_held = select(other.c.video_id).where(
+        other.c.video_id == video_labels.c.video_id, ~((other.c.source_uri == source_uri) & (other.c.level == level)))
+    conn.execute(delete(video_labels).where(video_labels.c.video_id.in_(select(videos.c.video_id).where(leaving)),
+                                            ~exists(still_held)))
+    conn.execute(delete(videos).where(leaving))
 
 
 def count_labels(db_url: str) -> int:

@@ -1,11 +1,13 @@
 """Database access: engines for SQLite (embedded default) and PostgreSQL, and Alembic migrations."""
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -38,6 +40,17 @@ def engine_for(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(parsed, pool_pre_ping=True)
+
+
+@contextmanager
+def transaction(db: "str | Connection") -> Iterator[Connection]:
+    """A connection in a transaction: the caller's own when given a Connection (the caller commits or rolls
+    back the whole unit of work), else a new one on the URL's engine, committed on clean exit."""
+    if isinstance(db, Connection):
+        yield db
+        return
+    with engine_for(db).begin() as conn:
+        yield conn
 
 
 def utcnow() -> datetime:

@@ -1,10 +1,14 @@
-"""The ingest manifest: which shards were converted, from what content, to where, and which failed."""
+"""The ingest manifest: which shards were converted, from what content, to where, and which failed.
+
+Each function takes a database URL (and writes in a transaction of its own) or a Connection whose caller
+owns the transaction: ingest writes a shard's succeeded row in the same transaction as its catalogue rows.
+"""
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 
-from storage.db import engine_for, upsert_insert, utcnow
+from storage.db import transaction, upsert_insert, utcnow
 from storage.objectstore import ObjectInfo
 from storage.schema import ingested_shards as t
 
@@ -17,57 +21,73 @@ class ShardFailure:
     offset: int | None = None
 
 
-def _upsert(db_url: str, source: ObjectInfo, dest: str, values: dict) -> None:
-    engine = engine_for(db_url)
-    insert = upsert_insert(engine)
-    row = {"source_uri": source.uri, "dest_uri": dest, "size_bytes": source.size, "fingerprint": source.fingerprint, **values}
-    statement = insert(t).values(**row)
-    statement = statement.on_conflict_do_update(
-        index_elements=["source_uri", "dest_uri"], set_={k: statement.excluded[k] for k in row if k not in ("source_uri", "dest_uri")}
-    )
-    with engine.begin() as conn:
+def _upsert(db: str | Connection, source: ObjectInfo, dest: str, values: dict) -> None:
+    with transaction(db) as conn:
+        insert = upsert_insert(conn)
+        row = {"source_uri": source.uri, "dest_uri": dest, "size_bytes": source.size, "fingerprint": source.fingerprint,
+               **values}
+        statement = insert(t).values(**row)
+        statement = statement.on_conflict_do_update(
+            index_elements=["source_uri", "dest_uri"],
+            set_={k: statement.excluded[k] for k in row if k not in ("source_uri", "dest_uri")})
         conn.execute(statement)
 
 
-def _update(db_url: str, source: ObjectInfo, dest: str, values: dict) -> None:
-    statement = update(t).where(t.c.source_uri == source.uri, t.c.dest_uri == dest).values(**values)
-    with engine_for(db_url).begin() as conn:
+def _update(db: str | Connection, source_uri: str, dest: str, values: dict) -> None:
+    statement = update(t).where(t.c.source_uri == source_uri, t.c.dest_uri == dest).values(**values)
+    with transaction(db) as conn:
         conn.execute(statement)
 
 
-def mark_running(db_url: str, source: ObjectInfo, dest: str) -> None:
+def mark_running(db: str | Connection, source: ObjectInfo, dest: str) -> None:
     """Start (or restart) the shard's row; the outcome is written over it by mark_succeeded/mark_failed."""
-    _upsert(db_url, source, dest, {
+    _upsert(db, source, dest, {
         "status": "running", "started_at": utcnow(), "finished_at": None, "error": None,
         "error_record": None, "error_offset": None, "rows": None, "checksum": None, "output_uri": None,
     })
 
 
-def mark_succeeded(db_url: str, source: ObjectInfo, dest: str, *, output_uri: str, level: str, split: str,
+def mark_succeeded(db: str | Connection, source: ObjectInfo, dest: str, *, output_uri: str, level: str, split: str,
                    rows: int, checksum: str) -> None:
-    _update(db_url, source, dest, {
+    _update(db, source.uri, dest, {
         "status": "succeeded", "output_uri": output_uri, "level": level, "split": split, "rows": rows,
         "checksum": checksum, "finished_at": utcnow(),
     })
 
 
-def mark_failed(db_url: str, source: ObjectInfo, dest: str, failure: ShardFailure) -> None:
-    _update(db_url, source, dest, {
+def mark_failed(db: str | Connection, source: ObjectInfo, dest: str, failure: ShardFailure) -> None:
+    _update(db, source.uri, dest, {
         "status": "failed", "error": failure.error, "error_record": failure.record,
         "error_offset": failure.offset, "finished_at": utcnow(),
     })
 
 
-def succeeded(db_url: str, dest: str) -> dict[str, dict]:
+def mark_replaced(db: str | Connection, source_uri: str, dest: str, output_uri: str, by: str) -> None:
+    """`source_uri`'s output now holds `by`'s videos: its row stops counting as converted (a rerun of it
+    tries again, and is quarantined unless it replaces `by` in turn)."""
+    _update(db, source_uri, dest, {
+        "status": "replaced", "error": f"{output_uri} now holds the videos of {by} (converted with replace)",
+        "error_record": None, "error_offset": None, "finished_at": utcnow(),
+    })
+
+
+def output_owner(db: str | Connection, dest: str, output_uri: str) -> str | None:
+    """The source whose succeeded conversion `output_uri` holds, if any."""
+    query = select(t.c.source_uri).where(t.c.dest_uri == dest, t.c.output_uri == output_uri, t.c.status == "succeeded")
+    with transaction(db) as conn:
+        return conn.execute(query.limit(1)).scalar()
+
+
+def succeeded(db: str | Connection, dest: str) -> dict[str, dict]:
     """Succeeded rows for `dest`, by source URI."""
     query = select(t).where(t.c.dest_uri == dest, t.c.status == "succeeded")
-    with engine_for(db_url).connect() as conn:
+    with transaction(db) as conn:
         return {row.source_uri: row._asdict() for row in conn.execute(query)}
 
 
-def rows(db_url: str, dest: str | None = None) -> list[dict]:
+def rows(db: str | Connection, dest: str | None = None) -> list[dict]:
     query = select(t).order_by(t.c.dest_uri, t.c.source_uri)
     if dest is not None:
         query = query.where(t.c.dest_uri == dest)
-    with engine_for(db_url).connect() as conn:
+    with transaction(db) as conn:
         return [row._asdict() for row in conn.execute(query)]

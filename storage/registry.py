@@ -13,15 +13,23 @@ class RegistryError(ValueError):
 
 
 def register(db_url: str, *, level: str, preset: str, checkpoint_uri: str, config: dict, data_uri: str,
-             train_split: str, epochs: int, steps: int, run_id: str | None = None) -> int:
-    """Record a trained model; registering the same checkpoint again returns its existing version."""
+             train_split: str, epochs: int, steps: int, run_id: str | None = None,
+             checkpoint_sha256: str | None = None) -> int:
+    """Record a trained model; registering the same checkpoint again returns its existing version.
+    `checkpoint_sha256` is the content the version stands for: loads of its checkpoint verify it."""
     with engine_for(db_url).begin() as conn:
-        existing = conn.execute(select(model_versions.c.version).where(model_versions.c.checkpoint_uri == checkpoint_uri)).scalar()
+        existing = conn.execute(select(model_versions.c.version, model_versions.c.checkpoint_sha256)
+                                .where(model_versions.c.checkpoint_uri == checkpoint_uri)).first()
         if existing is not None:
-            return existing
+            if existing.checkpoint_sha256 and checkpoint_sha256 and existing.checkpoint_sha256 != checkpoint_sha256:
+                raise RegistryError(f"{checkpoint_uri} is model version {existing.version} with sha256 "
+                                    f"{existing.checkpoint_sha256}, but now holds sha256 {checkpoint_sha256}: "
+                                    "it changed since it was registered")
+            return existing.version
         return conn.execute(insert(model_versions).values(
             level=level, preset=preset, checkpoint_uri=checkpoint_uri, config=config, data_uri=data_uri,
             train_split=train_split, epochs=epochs, steps=steps, status="trained", run_id=run_id, created_at=utcnow(),
+            checkpoint_sha256=checkpoint_sha256,
         ).returning(model_versions.c.version)).scalar_one()
 
 
@@ -40,7 +48,16 @@ def version_by_checkpoint(db_url: str, checkpoint_uri: str) -> int | None:
         return conn.execute(select(model_versions.c.version).where(model_versions.c.checkpoint_uri == checkpoint_uri)).scalar()
 
 
+def version_by_sha256(db_url: str, checkpoint_sha256: str) -> int | None:
+    """The first version registered with exactly these checkpoint bytes."""
+    with engine_for(db_url).connect() as conn:
+        return conn.execute(select(func.min(model_versions.c.version))
+                            .where(model_versions.c.checkpoint_sha256 == checkpoint_sha256)).scalar()
+
+
 def get_version(db_url: str, version: int) -> dict:
+    """The version's row as a dict of its columns; `checkpoint_sha256` is None for a version registered
+    before its content was recorded (unverified)."""
     with engine_for(db_url).connect() as conn:
         row = conn.execute(select(model_versions).where(model_versions.c.version == version)).first()
     if row is None:

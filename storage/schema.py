@@ -46,6 +46,7 @@ model_versions = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("promoted_at", DateTime(timezone=True)),
     Column("predictions_retired_at", DateTime(timezone=True)),
+    Column("checkpoint_sha256", String(64)),  # NULL: registered before migration 0006, never verified
 )
 
 evaluations = Table(

@@ -10,12 +10,16 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from storage.schema import videos
 from storage.tf_example import Features, SequenceExample
 
 RGB_DIM = 1024
 AUDIO_DIM = 128
 NUM_CLASSES = 3862
 LEVELS = ("frame", "video")
+# The catalogue's column: SQLite would store a longer id as it is and PostgreSQL refuse it mid-transaction,
+# so the decoder refuses it first, on both, naming the record.
+MAX_ID_LENGTH = videos.c.video_id.type.length
 
 
 class RecordDecodeError(ValueError):
@@ -66,6 +70,11 @@ def _context(context, require_labels: bool):
         video_id = features["id"].bytes_list.value[0].decode("ascii")
     except UnicodeDecodeError:
         raise RecordDecodeError("field 'id' is not ASCII") from None
+    if not video_id:
+        raise RecordDecodeError("field 'id' is empty")
+    if len(video_id) > MAX_ID_LENGTH:
+        raise RecordDecodeError(f"video id {video_id[:MAX_ID_LENGTH]!r}... is {len(video_id)} characters, "
+                                f"longer than the catalogue's {MAX_ID_LENGTH}")
     if "labels" in features:
         labels = list(features["labels"].int64_list.value)
     elif require_labels:
@@ -182,6 +191,7 @@ def _frames_joined(message, name: str, dim: int, video_id: str) -> np.ndarray:
 
 
 def _frame_video(video_id: str, labels: list[int], rgb: np.ndarray, audio: np.ndarray) -> FrameVideo:
+    # Frames are quantized bytes: every value dequantizes to a finite float, so there is nothing to refuse.
     if len(audio) != len(rgb):
         raise RecordDecodeError(f"video {video_id!r}: {len(rgb)} rgb frames but {len(audio)} audio frames")
     if len(rgb) == 0:  # nothing to attend over: the model's masked softmax would turn it into NaN
@@ -227,6 +237,11 @@ def _floats(features, name: str, dim: int, video_id: str) -> np.ndarray:
     values = np.array(features[name].float_list.value, dtype=np.float32)
     if values.shape != (dim,):
         raise RecordDecodeError(f"video {video_id!r}: {name!r} has {values.size} floats, expected {dim}")
+    # A NaN or infinity would turn every loss, score and metric it reaches into NaN, far from here.
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise RecordDecodeError(f"video {video_id!r}: {name!r} holds {values[bad[0]]} at index {bad[0]} "
+                                f"({bad.size} non-finite values)")
     return values
 
 

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)")
     p.add_argument("--pattern", default="*.tfrecord", help="glob on shard names (default *.tfrecord)")
     p.add_argument("--force", action="store_true", help="convert again even unchanged shards")
+    p.add_argument("--replace", action="store_true",
+                   help="let a shard replace the Parquet file another source converted to the same name")
     _db_arg(p)
 
     p = sub.add_parser("train", help="train a model on the Parquet layout and register it")
@@ -136,7 +138,7 @@ def _ingest(args) -> int:
 
     src = args.src or settings.default_raw_uri()
     dest = args.dest or settings.default_parquet_uri()
-    report = ingest(src, dest, args.db, args.pattern, args.force)
+    report = ingest(src, dest, args.db, args.pattern, args.force, replace=args.replace)
     for result in report.converted:
         print(f"converted {result['source_uri']} -> {result['output_uri']} ({result['rows']} videos)")
     print(f"{len(report.converted)} converted, {report.skipped} already converted, {len(report.failed)} failed")
@@ -259,10 +261,11 @@ def _models(args) -> int:
 
 def _manifest(args) -> int:
     from storage import db, manifest
+    from storage.objectstore import canonical_uri
 
     db.upgrade(args.db)
     columns = ["source_uri", "status", "level", "split", "rows", "output_uri", "error"]
-    _print_table(manifest.rows(args.db, args.dest), columns)
+    _print_table(manifest.rows(args.db, canonical_uri(args.dest) if args.dest else None), columns)
     return 0
 
 

@@ -6,6 +6,13 @@ for the command line. `converted` tells which of some shards are done and `summa
 converted, both from the manifest, so that the DAG publishes even the shards of a batch that failed.
 A bad shard is quarantined: no Parquet file, a failed manifest row naming the record and byte offset,
 and the other shards go on.
+
+Integrity rules: every entry point takes src and dest through `canonical_uri` once, so one location is one
+manifest key however it is spelled. A shard's Parquet file becomes visible only together with its catalogue
+rows and succeeded manifest row (one transaction, the file published just before the commit and deleted
+again if the commit fails). One output file holds one source: a second source of the same name is
+quarantined unless the caller asks to replace the first. A video id appears once per level: repeated
+within a shard or already ingested from another shard, the shard is quarantined naming both.
 """
 
 import itertools
@@ -14,10 +21,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import google_crc32c
+from sqlalchemy.exc import SQLAlchemyError
 
 from storage import catalog, db, manifest
 from storage.manifest import ShardFailure
-from storage.objectstore import ObjectInfo, S3Config, StoreError, store_for
+from storage.objectstore import ObjectInfo, ObjectStore, S3Config, StoreError, canonical_uri, store_for
 from storage.parquet_layout import LayoutError, ShardParquetWriter, output_uri, split_of
 from storage.tfrecord import BadRecordError, read_records
 from storage.yt8m_records import RecordDecodeError, decode_frame_level, decode_video_level, detect_level, LEVELS
@@ -36,10 +44,17 @@ _DECODERS = {"frame": decode_frame_level, "video": decode_video_level}
 MAX_BATCHES = 128
 # An asset event's extra lives in a metadata-database row and is shown in the UI: keep it small.
 MAX_EVENT_OUTPUTS = 100
+# Failures of the environment (store, disk, network, database) that a retry may cure: one log line each. A
+# traceback is kept for anything else, which is a bug.
+_ENVIRONMENT_ERRORS = (StoreError, OSError, SQLAlchemyError)
 
 
 class ShardFailedError(Exception):
     """A shard that cannot be converted because of its content; retrying will not help."""
+
+
+class OutputTakenError(Exception):
+    """The shard's output file holds another source's conversion: converting would silently replace it."""
 
 
 class TransientBatchError(Exception):
@@ -80,24 +95,40 @@ def list_pending(src: str, dest: str, db_url: str, pattern: str = DEFAULT_PATTER
     """Shards under `src` matching `pattern` that are not converted to `dest` in their current content.
 
     Returns (pending, number skipped), pending sorted by URI. Brings the database schema up to date
-    first, so the embedded SQLite needs no set-up. Costs one listing of `src`, one manifest query and
-    one listing per destination folder, whatever the number of shards.
+    first, so the embedded SQLite needs no set-up, and raises StoreError (one line) when `dest` cannot be
+    written, before any shard is converted. Costs one listing of `src`, one manifest query and one
+    listing per destination folder, whatever the number of shards.
     """
+    return _list_pending(canonical_uri(src), canonical_uri(dest), db_url, pattern, force, s3)
+
+
+def _list_pending(src: str, dest: str, db_url: str, pattern: str, force: bool,
+                  s3: S3Config | None) -> tuple[list[ObjectInfo], int]:
     db.upgrade(db_url)
+    store_for(dest, s3).check_writable(dest)
     shards = store_for(src, s3).list(src, pattern)
     if force:
         return shards, 0
-    done = converted(shards, dest, db_url, s3)
+    done = _converted(shards, dest, db_url, s3)
     pending = [shard for shard in shards if shard.uri not in done]
     return pending, len(shards) - len(pending)
 
 
+def _canonical_shards(shards: list[ObjectInfo]) -> list[ObjectInfo]:
+    return [shard if shard.uri == (uri := canonical_uri(shard.uri)) else ObjectInfo(uri, shard.size, shard.fingerprint)
+            for shard in shards]
+
+
 def converted(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None = None) -> dict[str, dict]:
-    """Manifest rows, by source URI, of those `shards` converted to `dest` in their current content.
+    """Manifest rows, by (canonical) source URI, of those `shards` converted to `dest` in their current content.
 
     A shard counts as converted while its manifest row succeeded with the same size and fingerprint and
     its Parquet file is still there.
     """
+    return _converted(_canonical_shards(shards), canonical_uri(dest), db_url, s3)
+
+
+def _converted(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None) -> dict[str, dict]:
     rows = manifest.succeeded(db_url, dest)
     unchanged = {}
     for shard in shards:
@@ -141,15 +172,22 @@ def plan_batches(pending: list[ObjectInfo], max_batches: int = MAX_BATCHES) -> l
 
 
 def convert_batch(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None = None,
-                  force: bool = False) -> BatchReport:
+                  force: bool = False, replace: bool = False) -> BatchReport:
     """Convert `shards` one by one, logging a line per shard; one that fails never stops the others.
 
     Shards already converted in their current content are skipped, so a retried batch redoes only the
     rest; `force` converts them all again (a retried forced batch too: the manifest cannot tell this
-    run's conversions from earlier ones of the same content).
+    run's conversions from earlier ones of the same content). `replace` lets a shard take over the
+    output file another source of the same name converted to (see convert_shard).
     """
+    shards, dest = _canonical_shards(shards), canonical_uri(dest)
+    done = {} if force else _converted(shards, dest, db_url, s3)
+    return _convert_each(shards, dest, db_url, s3, done, replace)
+
+
+def _convert_each(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None, done: dict[str, dict],
+                  replace: bool) -> BatchReport:
     report = BatchReport()
-    done = {} if force else converted(shards, dest, db_url, s3)
     for n, shard in enumerate(shards, start=1):
         step = f"[{n}/{len(shards)}]"
         if shard.uri in done:
@@ -157,13 +195,13 @@ def convert_batch(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config
             log.info("%s %s: already converted to %s", step, shard.uri, done[shard.uri]["output_uri"])
             continue
         try:
-            result = convert_shard(shard, dest, db_url, s3)
+            result = _convert_shard(shard, dest, db_url, s3, replace)
         except ShardFailedError as exc:
             log.error("%s quarantined %s", step, exc)
             report.failed[shard.uri] = str(exc)
         except Exception as exc:  # the store, the disk or the database: worth a retry
-            error = f"{shard.uri}: {exc}" if isinstance(exc, StoreError) else f"{shard.uri}: {type(exc).__name__}: {exc}"
-            log.error("%s could not convert %s", step, error, exc_info=not isinstance(exc, StoreError))
+            error = f"{shard.uri}: {_describe(exc)}"
+            log.error("%s could not convert %s", step, error, exc_info=not isinstance(exc, _ENVIRONMENT_ERRORS))
             report.failed[shard.uri] = error
             report.retryable.add(shard.uri)
         else:
@@ -172,53 +210,73 @@ def convert_batch(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config
     return report
 
 
+def _describe(exc: BaseException) -> str:
+    """The error in one line, naming its type: a database error's text goes on over more lines (the SQL,
+    a link to SQLAlchemy's documentation) that a per-shard log line and the manifest do without."""
+    if isinstance(exc, StoreError):
+        return str(exc)
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def summary(planned: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None = None,
             max_outputs: int = MAX_EVENT_OUTPUTS) -> dict:
     """What a run made of the shards it planned, read from the manifest (so that a batch that failed still
     counts the shards it converted): {"dest", "shards" (how many converted), "rows" (their videos),
     "outputs" (the first `max_outputs` of their Parquet URIs, in order, so the dict stays small at any size)}.
     """
-    done = converted(planned, dest, db_url, s3)
+    dest = canonical_uri(dest)
+    done = _converted(_canonical_shards(planned), dest, db_url, s3)
     outputs = sorted(row["output_uri"] for row in done.values())
     return {"dest": dest, "shards": len(done), "rows": sum(row["rows"] for row in done.values()),
             "outputs": outputs[:max_outputs]}
 
 
-def convert_shard(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None = None) -> dict:
-    """Convert one shard; record the outcome in the manifest. Raises ShardFailedError for bad content."""
+def convert_shard(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None = None,
+                  replace: bool = False) -> dict:
+    """Convert one shard; record the outcome in the manifest. Raises ShardFailedError for bad content, and
+    when the output file holds another source's conversion, unless `replace`: then that source's videos
+    leave the catalogue and its manifest row is no longer succeeded."""
+    (shard,) = _canonical_shards([shard])
+    return _convert_shard(shard, canonical_uri(dest), db_url, s3, replace)
+
+
+def _convert_shard(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, replace: bool) -> dict:
     manifest.mark_running(db_url, shard, dest)
     try:
-        result, ids, labels = _convert(shard, dest, s3)
-        catalog.record_videos(db_url, ids, labels, split=result["split"], level=result["level"], source_uri=shard.uri,
-                              parquet_uri=result["output_uri"])
+        return _convert(shard, dest, db_url, s3, replace)
     except BadRecordError as exc:
-        _remove_stale_outputs(shard, dest, s3)
-        catalog.forget_shard(db_url, shard.uri)
-        manifest.mark_failed(db_url, shard, dest, ShardFailure(str(exc), exc.index, exc.offset))
+        _quarantine(shard, dest, db_url, s3, ShardFailure(str(exc), exc.index, exc.offset))
         raise ShardFailedError(str(exc)) from None
-    except LayoutError as exc:
-        manifest.mark_failed(db_url, shard, dest, ShardFailure(f"{shard.uri}: {exc}"))
-        raise ShardFailedError(f"{shard.uri}: {exc}") from None
-    except BaseException as exc:  # the store or the disk failed: worth a retry, but recorded meanwhile
-        manifest.mark_failed(db_url, shard, dest, ShardFailure(f"{shard.uri}: {type(exc).__name__}: {exc}"))
+    except (LayoutError, OutputTakenError) as exc:
+        failure = ShardFailure(f"{shard.uri}: {exc}")
+        _quarantine(shard, dest, db_url, s3, failure)
+        raise ShardFailedError(failure.error) from None
+    except BaseException as exc:  # the store, the disk or the database failed: worth a retry, but recorded meanwhile
+        manifest.mark_failed(db_url, shard, dest, ShardFailure(f"{shard.uri}: {_describe(exc)}"))
         raise
-    manifest.mark_succeeded(db_url, shard, dest, **{k: v for k, v in result.items() if k != "source_uri"})
-    return result
 
 
-def _remove_stale_outputs(shard: ObjectInfo, dest: str, s3: S3Config | None) -> None:
-    """A shard that turned bad must not leave the Parquet of its earlier content behind."""
-    for level in LEVELS:
-        out = output_uri(dest, level, shard.name)
-        store_for(out, s3).delete(out)
+def _quarantine(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, failure: ShardFailure) -> None:
+    """A shard that turned bad must not leave the Parquet or the videos of its earlier content behind; an
+    output another source converted to is that source's and stays."""
+    try:
+        outputs = [output_uri(dest, level, shard.name) for level in LEVELS]
+    except LayoutError:  # a name without a split never had an output
+        outputs = []
+    for out in outputs:
+        if manifest.output_owner(db_url, dest, out) in (None, shard.uri):
+            store_for(out, s3).delete(out)
+    catalog.forget_shard(db_url, shard.uri)
+    manifest.mark_failed(db_url, shard, dest, failure)
 
 
-def _convert(shard: ObjectInfo, dest: str, s3: S3Config | None) -> tuple[dict, list[str], list[list[int]]]:
-    """Convert one shard; return the manifest fields and the ids and labels of its videos."""
+def _convert(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, replace: bool) -> dict:
+    """Convert one shard and publish it with its catalogue rows and manifest row; return the manifest fields."""
     split = split_of(shard.name)
-    ids, labels = [], []
-    require_labels = split != "test"  # Google's test split carries no labels
-    with store_for(shard.uri, s3).open_read(shard.uri) as raw:
+    # The fingerprint is the content the manifest will vouch for: a shard rewritten since it was listed
+    # fails here (retryable) rather than being recorded with its old size and fingerprint.
+    with store_for(shard.uri, s3).open_read(shard.uri, fingerprint=shard.fingerprint) as raw:
         stream = _Crc32cReader(raw)
         records = read_records(stream, shard.uri, shard.size)
         first = next(records, None)
@@ -228,38 +286,117 @@ def _convert(shard: ObjectInfo, dest: str, s3: S3Config | None) -> tuple[dict, l
             level = detect_level(first.data)
         except RecordDecodeError as exc:
             raise BadRecordError(shard.uri, first.index, first.offset, str(exc)) from None
-        decode = _DECODERS[level]
         out = output_uri(dest, level, shard.name)
+        # Asked before the whole shard is read; asked again in the transaction that publishes.
+        _taken_over(manifest.output_owner(db_url, dest, out), shard, out, replace)
         out_store = store_for(out, s3)
         # An earlier try of this shard killed mid-write (SIGKILL, OOM) left its temporary behind (and on
         # S3 maybe an incomplete upload); this try runs only once that one is dead, so nothing else writes it.
         for stale in out_store.remove_stale_temporaries(out):
             log.warning("removed %s, left by a killed earlier try of %s", stale, shard.uri)
-        with out_store.publish(out) as tmp_path:
-            writer = ShardParquetWriter(tmp_path, level)
+        published = False
+        try:
+            # The file goes out after every row is written and before the commit; the transaction ends (and
+            # its connection, with any lock, is released) before a failed commit takes the file back.
+            with db.engine_for(db_url).connect() as conn, conn.begin():
+                with out_store.publish(out) as tmp_path:
+                    videos = _write_parquet(tmp_path, level, split, itertools.chain([first], records), shard)
+                    result = {
+                        "source_uri": shard.uri, "output_uri": out, "level": level, "split": split,
+                        "rows": len(videos.ids), "checksum": f"crc32c:{stream.crc:08x}",
+                    }
+                    _record(conn, shard, dest, result, videos, replace)
+                published = True
+        except BaseException:
+            if published:
+                _unpublish(out_store, out, shard, db_url, level)
+            raise
+    return result
+
+
+@dataclass
+class _ShardVideos:
+    ids: list[str] = field(default_factory=list)
+    labels: list[list[int]] = field(default_factory=list)
+    records: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (record index, byte offset)
+
+
+def _write_parquet(path, level: str, split: str, records, shard: ObjectInfo) -> _ShardVideos:
+    """Decode every record into the Parquet file at `path`; refuses a record that is not a valid video, or
+    whose id an earlier record of the shard has."""
+    decode = _DECODERS[level]
+    require_labels = split != "test"  # Google's test split carries no labels
+    videos = _ShardVideos()
+    writer = ShardParquetWriter(path, level)
+    try:
+        for record in records:
             try:
-                for record in itertools.chain([first], records):
-                    try:
-                        video = decode(record.data, require_labels)
-                    except RecordDecodeError as exc:
-                        raise BadRecordError(shard.uri, record.index, record.offset, str(exc)) from None
-                    writer.add(video)
-                    ids.append(video.id)
-                    labels.append(video.labels)
-            finally:
-                writer.close()
-    result = {
-        "source_uri": shard.uri, "output_uri": out, "level": level, "split": split,
-        "rows": writer.rows_written, "checksum": f"crc32c:{stream.crc:08x}",
-    }
-    return result, ids, labels
+                video = decode(record.data, require_labels)
+            except RecordDecodeError as exc:
+                raise BadRecordError(shard.uri, record.index, record.offset, str(exc)) from None
+            earlier = videos.records.setdefault(video.id, (record.index, record.offset))
+            if earlier[0] != record.index:
+                raise BadRecordError(shard.uri, record.index, record.offset,
+                                     f"video id {video.id!r} repeats the id of record {earlier[0]} of this shard")
+            writer.add(video)
+            videos.ids.append(video.id)
+            videos.labels.append(video.labels)
+    finally:
+        writer.close()
+    return videos
+
+
+def _taken_over(owner: str | None, shard: ObjectInfo, out: str, replace: bool) -> str | None:
+    """The other source whose output `shard` takes over (with `replace`), None if the output is free or
+    already `shard`'s; raises OutputTakenError otherwise."""
+    if owner is None or owner == shard.uri:
+        return None
+    if not replace:
+        raise OutputTakenError(f"{out} already holds the videos of {owner}, a shard of the same name from another "
+                               "source: not converted (replace=True, `vtag ingest --replace`, replaces it)")
+    return owner
+
+
+def _record(conn, shard: ObjectInfo, dest: str, result: dict, videos: _ShardVideos, replace: bool) -> None:
+    """In the caller's transaction: take the output over from its earlier source if replacing, refuse ids
+    another shard of the level holds, then write the catalogue rows and the succeeded manifest row."""
+    out, level = result["output_uri"], result["level"]
+    replaced = _taken_over(manifest.output_owner(conn, dest, out), shard, out, replace)
+    if replaced is not None:
+        catalog.forget_shard(conn, replaced, level)
+        manifest.mark_replaced(conn, replaced, dest, out, by=shard.uri)
+    elsewhere = catalog.ingested_elsewhere(conn, videos.ids, level=level, source_uri=shard.uri)
+    if elsewhere:
+        video_id = min(elsewhere, key=lambda i: videos.records[i][0])
+        index, offset = videos.records[video_id]
+        more = f" (and {len(elsewhere) - 1} more ids of this shard)" if len(elsewhere) > 1 else ""
+        raise BadRecordError(shard.uri, index, offset,
+                             f"video id {video_id!r} is already ingested at {level} level from {elsewhere[video_id]}{more}")
+    catalog.record_videos(conn, videos.ids, videos.labels, split=result["split"], level=level,
+                          source_uri=shard.uri, parquet_uri=out)
+    manifest.mark_succeeded(conn, shard, dest, **{k: v for k, v in result.items() if k != "source_uri"})
+
+
+def _unpublish(out_store: ObjectStore, out: str, shard: ObjectInfo, db_url: str, level: str) -> None:
+    """The commit failed after the file went out: take it back, so that no file is visible without its rows.
+    Its earlier content was overwritten, so its earlier catalogue rows go too, if the database lets us."""
+    try:
+        out_store.delete(out)
+    except StoreError as exc:
+        log.warning("could not take back %s after its database commit failed: %s", out, exc)
+    try:
+        catalog.forget_shard(db_url, shard.uri, level)
+    except SQLAlchemyError as exc:
+        log.warning("the catalogue may still list the videos of %s, whose Parquet is gone: %s", shard.uri, _describe(exc))
 
 
 def ingest(src: str, dest: str, db_url: str, pattern: str = DEFAULT_PATTERN, force: bool = False,
-           s3: S3Config | None = None) -> BatchReport:
-    """Convert every pending shard under `src` as one batch; one bad shard never stops the others."""
-    pending, skipped = list_pending(src, dest, db_url, pattern, force, s3)
-    # list_pending just skipped the converted ones: force spares convert_batch asking again.
-    report = convert_batch(pending, dest, db_url, s3, force=True)
+           s3: S3Config | None = None, replace: bool = False) -> BatchReport:
+    """Convert every pending shard under `src` as one batch; one bad shard never stops the others. Raises
+    StoreError before converting anything when `dest` cannot be written."""
+    src, dest = canonical_uri(src), canonical_uri(dest)
+    pending, skipped = _list_pending(src, dest, db_url, pattern, force, s3)
+    # _list_pending just skipped the converted ones: no need to ask the manifest again.
+    report = _convert_each(pending, dest, db_url, s3, done={}, replace=replace)
     report.skipped += skipped
     return report

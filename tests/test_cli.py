@@ -56,8 +56,8 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
 
 
 def test_db_migrations_up_and_down(db_url):
-    assert vtag("db", "upgrade", "--db", db_url).stdout.strip() == "0005"
-    assert current_revision(db_url) == "0005"
+    assert vtag("db", "upgrade", "--db", db_url).stdout.strip() == "0006"
+    assert current_revision(db_url) == "0006"
     tables = {"ingested_shards", "model_versions", "evaluations", "labels", "videos", "video_labels", "inference_runs",
               "predictions"}
     assert tables <= set(inspect(engine_for(db_url)).get_table_names())
@@ -66,4 +66,4 @@ def test_db_migrations_up_and_down(db_url):
     engine_for(db_url).dispose()
     assert not tables & set(inspect(engine_for(db_url)).get_table_names())
     assert vtag("db", "upgrade", "--db", db_url).returncode == 0
-    assert vtag("db", "current", "--db", db_url).stdout.strip() == "0005"
+    assert vtag("db", "current", "--db", db_url).stdout.strip() == "0006"

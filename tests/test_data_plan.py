@@ -215,8 +215,8 @@ class _CountingStore:
         store, counter = self.store_for(uri, s3), self
 
         class Counted:
-            def open_read(self, uri):
-                stream = store.open_read(uri)
+            def open_read(self, uri, fingerprint=None):
+                stream = store.open_read(uri, fingerprint=fingerprint)
                 counter.open += 1
                 counter.opened += 1
                 counter.most = max(counter.most, counter.open)
