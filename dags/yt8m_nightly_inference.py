@@ -38,6 +38,10 @@ from airflow.sdk import Param, dag, task
                                           description="After a good night, drop the predictions of all but the newest N "
                                                       "model versions (production always stays). Empty: keep all."),
         "dry_run": Param(False, type="boolean", title="Dry run", description="Count what would be scored; write nothing."),
+        "lock_timeout_s": Param(None, type=["null", "integer"], minimum=0, title="Wait for another run (s)",
+                                description="How long planning and each part wait for an earlier try of the same night "
+                                            "that still holds its lock, then fail naming it. Empty: $VTAG_LOCK_TIMEOUT_S "
+                                            "or 600."),
     },
 )
 def yt8m_nightly_inference():
@@ -58,7 +62,8 @@ def yt8m_nightly_inference():
                 version, videos = count_pending(cfg.db_url(), when, **request)
                 raise AirflowSkipException(f"dry run: model version {version} would score {videos} videos")
             plan = plan_night(cfg.db_url(), when, **request, airflow_run_id=run_id, part_videos=params["part_videos"],
-                              exports_uri=f"{cfg.exports_uri().rstrip('/')}/{when:%Y-%m-%dT%H%M%S}")
+                              exports_uri=f"{cfg.exports_uri().rstrip('/')}/{when:%Y-%m-%dT%H%M%S}",
+                              lock_timeout_s=params.get("lock_timeout_s"))
         except NoProductionModel as exc:
             raise AirflowSkipException(str(exc)) from None  # nothing to tag with yet: not a failure
         print(f"run {plan.run_id}, model version {plan.model_version}: {sum(p['videos'] for p in plan.parts)} videos "
@@ -71,12 +76,13 @@ def yt8m_nightly_inference():
     @task(pool="gpu", queue="gpu", retries=3, retry_delay=timedelta(minutes=2), retry_exponential_backoff=True,
           map_index_template="part {{ task.op_kwargs['work']['part']['part'] }}: "
                              "{{ task.op_kwargs['work']['part']['videos'] }} videos")
-    def tag_part(work: dict) -> dict:
+    def tag_part(work: dict, params: dict | None = None) -> dict:
         from tasks import airflow_config as cfg
         from tasks.inference import NightPlan, tag_part
 
         part = work["part"]
-        report = tag_part(cfg.db_url(), NightPlan.from_dict(work["night"]), part, s3=cfg.s3_config())
+        report = tag_part(cfg.db_url(), NightPlan.from_dict(work["night"]), part, s3=cfg.s3_config(),
+                          lock_timeout_s=(params or {}).get("lock_timeout_s"))
         print(f"part {part['part']} ({part['first_uri']} .. {part['last_uri']}): {report.videos} videos, "
               f"{report.rows_written} rows")
         return {"part": report.part, "videos": report.videos, "rows_written": report.rows_written}

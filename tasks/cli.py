@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exports", metavar="URI", help="folder for the CSV and pickle exports")
     p.add_argument("--part-videos", type=int, default=None, metavar="N",
                    help="score the night in parts of about N videos (default 250000), as the DAG's mapped tasks do")
+    p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                   help="wait at most this long for another run of the same night (default $VTAG_LOCK_TIMEOUT_S or 600)")
     _db_arg(p)
 
     p = sub.add_parser("retire", help="drop the predictions of old model versions (their runs stay as history)")
@@ -191,7 +193,8 @@ def _infer(args) -> int:
     parts = {} if args.part_videos is None else {"part_videos": args.part_videos}
     report = run_inference(args.db, when, top_k=args.top_k, level=args.level, model_version=args.model_version,
                            checkpoint_uri=args.checkpoint, video_ids=args.video, shard_pattern=args.shard_pattern,
-                           dry_run=args.dry_run, exports_uri=args.exports, progress=sys.stderr.isatty(), **parts)
+                           dry_run=args.dry_run, exports_uri=args.exports, progress=sys.stderr.isatty(),
+                           lock_timeout_s=args.lock_timeout, **parts)
     if args.dry_run:
         print(f"dry run: model version {report.model_version} would score {report.videos} videos")
         return 0

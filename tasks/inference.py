@@ -24,7 +24,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 from storage import db, exports, predictions, registry
-from storage.objectstore import S3Config, join, store_for
+from storage.objectstore import S3Config, StoreError, join, store_for
+from tasks import settings
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,14 @@ class InferenceError(ValueError):
 
 class NoProductionModel(InferenceError):
     pass
+
+
+class NonFiniteScores(InferenceError):
+    """The model scored some videos NaN or infinite: nothing of theirs may be stored or exported."""
+
+
+class IncompleteNight(InferenceError):
+    """Some video of a night was not written with its k rows: the night must not look succeeded."""
 
 
 @dataclass
@@ -66,6 +75,12 @@ class NightPlan:
     video_ids: list[str] | None = None
     shard_pattern: str | None = None
     table: str = "predictions"  # or the night's load table (a version's first whole night, PostgreSQL)
+    rows_per_video: int | None = None  # top_k, or fewer when the model has fewer classes; None: top_k
+    checkpoint_sha256: str | None = None  # the version's registered content, checked when a part loads it
+
+    @property
+    def k(self) -> int:
+        return self.rows_per_video or self.top_k
 
     def as_dict(self) -> dict:
         return {**asdict(self), "logical_date": self.logical_date.isoformat()}
@@ -73,6 +88,11 @@ class NightPlan:
     @classmethod
     def from_dict(cls, values: dict) -> "NightPlan":
         return cls(**{**values, "logical_date": datetime.fromisoformat(values["logical_date"])})
+
+
+def _lock_timeout(seconds: float | None) -> float:
+    """The caller's limit on waiting for another run's lock, else the deployment's ($VTAG_LOCK_TIMEOUT_S)."""
+    return settings.lock_timeout_s() if seconds is None else seconds
 
 
 def _model_version(db_url: str, level: str, version: int | None) -> dict:
@@ -90,6 +110,16 @@ def _check_request(top_k: int, logical_date: datetime) -> datetime:
     if logical_date.tzinfo is None:
         raise InferenceError(f"logical date {logical_date} has no time zone")
     return logical_date.astimezone(timezone.utc)  # SQLite keeps no offset: compare in UTC everywhere
+
+
+def _rows_per_video(version: dict, top_k: int) -> int:
+    """Rows each video gets: the top k, or every class of a model that has fewer."""
+    config = version.get("config") or {}
+    if isinstance(config, str):
+        import json
+
+        config = json.loads(config)
+    return min(top_k, int(config.get("num_classes") or MAX_K))
 
 
 def _resolve_version(db_url: str, level: str, model_version: int | None, checkpoint_uri: str | None,
@@ -143,10 +173,11 @@ def _pending_files(db_url: str, version: int, logical_date: datetime, level: str
 def plan_night(db_url: str, logical_date: datetime, *, top_k: int = 20, level: str = "frame",
                model_version: int | None = None, checkpoint_uri: str | None = None, video_ids: list[str] | None = None,
                shard_pattern: str | None = None, exports_uri: str | None = None, s3: S3Config | None = None,
-               airflow_run_id: str | None = None, part_videos: int = PART_VIDEOS, locked: bool = False) -> NightPlan:
+               airflow_run_id: str | None = None, part_videos: int = PART_VIDEOS, locked: bool = False,
+               lock_timeout_s: float | None = None) -> NightPlan:
     """Start the night's run and cut what it must score into parts. A whole night replaces the run's
     earlier rows; a targeted one (video ids, file pattern) adds to them. `locked`: the caller holds
-    the night's run_lock."""
+    the night's run_lock; otherwise this waits for it at most `lock_timeout_s` (default: settings)."""
     logical_date = _check_request(top_k, logical_date)
     db.upgrade(db_url)
     version = _resolve_version(db_url, level, model_version, checkpoint_uri, s3)
@@ -154,7 +185,7 @@ def plan_night(db_url: str, logical_date: datetime, *, top_k: int = 20, level: s
     video_ids = sorted(set(video_ids)) if video_ids else None
     if video_ids:
         _known(db_url, video_ids, level)  # before anything is forgotten
-    with (nullcontext() if locked else predictions.run_lock(db_url, logical_date, number)):
+    with (nullcontext() if locked else predictions.run_lock(db_url, logical_date, number, timeout_s=_lock_timeout(lock_timeout_s))):
         if video_ids:
             predictions.forget(db_url, number, video_ids)
         whole = not (video_ids or shard_pattern)
@@ -172,7 +203,7 @@ def plan_night(db_url: str, logical_date: datetime, *, top_k: int = 20, level: s
     log.info("run %d: %d videos in %d files, %d parts, into %s", run_id, sum(p["videos"] for p in parts), len(files),
              len(parts), table)
     return NightPlan(run_id, number, version["checkpoint_uri"], level, top_k, logical_date, exports_uri, parts,
-                     video_ids, shard_pattern, table)
+                     video_ids, shard_pattern, table, _rows_per_video(version, top_k), version["checkpoint_sha256"])
 
 
 def count_pending(db_url: str, logical_date: datetime, *, top_k: int = 20, level: str = "frame",
@@ -225,9 +256,16 @@ def _score(model, config, by_file: dict[str, set[str]], device, s3, batch_size: 
 
     groups = []
     for uri in sorted(by_file):
-        with store_for(uri, s3).open_read(uri) as f:
+        store = store_for(uri, s3)
+        info = store.info(uri)
+        if info is None:
+            raise StoreError(f"no such file: {uri}, which the catalogue lists for {len(by_file[uri])} videos of this part")
+        # Pinned: a file replaced while the part reads it fails the part (its retry reads the new content)
+        # instead of mixing two contents under one catalogue.
+        with store.open_read(uri, fingerprint=info.fingerprint) as f:
             metadata = pq.ParquetFile(f).metadata
-        groups += [RowGroup(uri, i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups)]
+        groups += [RowGroup(uri, i, metadata.row_group(i).num_rows, info.fingerprint)
+                   for i in range(metadata.num_row_groups)]
     if not groups:
         return
     wanted = set().union(*by_file.values())
@@ -240,33 +278,36 @@ def _score(model, config, by_file: dict[str, set[str]], device, s3, batch_size: 
 
 
 def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k best labels and their scores, best first. torch.topk: 21 ms for 1,024 x 3,862 here,
-    against 38 ms for numpy's argpartition and argsort."""
+    """Each row's k best labels (every label, when there are fewer) and their scores, best first.
+    torch.topk: 21 ms for 1,024 x 3,862 here, against 38 ms for numpy's argpartition and argsort."""
     import torch
 
-    values, labels = torch.topk(torch.from_numpy(scores), k, dim=1, sorted=True)
+    values, labels = torch.topk(torch.from_numpy(scores), min(k, scores.shape[1]), dim=1, sorted=True)
     return labels.numpy(), values.numpy()
 
 
-def load_scorer(checkpoint_uri: str, s3: S3Config | None = None):
-    """(model, config, device) on the best device here."""
+def load_scorer(checkpoint_uri: str, s3: S3Config | None = None, sha256: str | None = None):
+    """(model, config, device) on the best device here; with `sha256`, refuses a checkpoint whose content is
+    no longer the one registered."""
     from model.evaluate import load_model
     from model.train import pick_device
 
     device = pick_device()
-    model, config = load_model(checkpoint_uri, device, s3)
+    model, config = load_model(checkpoint_uri, device, s3, sha256=sha256)
     return model, config, device
 
 
 def tag_part(db_url: str, plan: NightPlan, part: dict, *, s3: S3Config | None = None, batch_size: int = 256,
              scorer=None, lock: predictions.RunLockHolder | None = None, locked: bool = False,
-             progress: bool = False, score_batches=None) -> PartReport:
+             progress: bool = False, score_batches=None, lock_timeout_s: float | None = None) -> PartReport:
     """Score one part of a planned night. `scorer`: (model, config, device), loaded here if not given;
-    `locked`: the caller holds the night's run_lock (`lock`), else this takes the part's own.
+    `locked`: the caller holds the night's run_lock (`lock`), else this takes the part's own, waiting
+    for it at most `lock_timeout_s` (default: settings).
     `score_batches(by_file, num_classes)`, given, replaces the model: benchmarks.scale measures everything
     around the model with it."""
     number = part["part"]
-    with (nullcontext() if locked else predictions.run_lock(db_url, plan.logical_date, plan.model_version, number)) as own:
+    with (nullcontext() if locked else predictions.run_lock(db_url, plan.logical_date, plan.model_version, number,
+                                                            timeout_s=_lock_timeout(lock_timeout_s))) as own:
         lock = lock if locked else own
         before = predictions.start_part(db_url, plan.run_id, number)
         attempt = before["attempt"]
@@ -274,13 +315,12 @@ def tag_part(db_url: str, plan: NightPlan, part: dict, *, s3: S3Config | None = 
             by_file = _part_videos(db_url, plan, part, first_try=before["attempts"] == 0 and before["status"] == "planned")
             predictions.set_part_total(db_url, plan.run_id, number, sum(len(v) for v in by_file.values()))
             if score_batches is None:
-                model, config, device = scorer or load_scorer(plan.checkpoint_uri, s3)
+                model, config, device = scorer or load_scorer(plan.checkpoint_uri, s3, plan.checkpoint_sha256)
                 batches, num_classes = _score(model, config, by_file, device, s3, batch_size), config.num_classes
             else:
                 num_classes = MAX_K
                 batches = score_batches(by_file, num_classes)
-            report = _write_part(db_url, plan, number, attempt, batches, num_classes, s3, lock, progress,
-                                 sum(len(v) for v in by_file.values()))
+            report = _write_part(db_url, plan, number, attempt, batches, num_classes, s3, lock, progress, by_file)
         except BaseException as exc:
             predictions.finish_part(db_url, plan.run_id, number, error=f"{type(exc).__name__}: {exc}", attempt=attempt)
             raise
@@ -288,14 +328,55 @@ def tag_part(db_url: str, plan: NightPlan, part: dict, *, s3: S3Config | None = 
     return report
 
 
+def _file_of(by_file: dict[str, set[str]], video: str) -> str:
+    return next((uri for uri, wanted in by_file.items() if video in wanted), "?")
+
+
+def _check_finite(plan: NightPlan, ids: list[str], scores: np.ndarray, by_file: dict[str, set[str]]) -> None:
+    """Refuse a batch with NaN or infinite scores before any of it is exported or written: SQLite
+    stores NaN as NULL, the CSV as `nan`, and a top k of NaNs means nothing."""
+    bad = ~np.isfinite(scores).all(axis=1)
+    if bad.any():
+        videos = [v for v, b in zip(ids, bad) if b]
+        raise NonFiniteScores(
+            f"model version {plan.model_version} ({plan.checkpoint_uri}) gave NaN or infinite scores to {len(videos)} of "
+            f"the {len(ids)} videos of a batch: {', '.join(f'{v} ({_file_of(by_file, v)})' for v in videos[:3])}"
+            f"{' ...' if len(videos) > 3 else ''}; nothing of this part counts: check those videos' features and the model")
+
+
+def _check_all_scored(plan: NightPlan, number: int, by_file: dict[str, set[str]], scored: set[str]) -> None:
+    missing = sorted(set().union(*by_file.values()) - scored) if by_file else []
+    if missing:
+        raise IncompleteNight(
+            f"run {plan.run_id} part {number}: {len(missing)} videos the catalogue places in the part's files were not in "
+            f"them: {', '.join(f'{v} ({_file_of(by_file, v)})' for v in missing[:3])}{' ...' if len(missing) > 3 else ''}")
+
+
+def _check_once(plan: NightPlan, number: int, ids: list[str], scored: set[str], by_file: dict[str, set[str]]) -> None:
+    """Add a batch's videos to those scored, refusing one that comes out twice (its k rows would not be k)."""
+    repeated = [v for v in ids if v in scored]
+    if not repeated and len(set(ids)) == len(ids):
+        scored.update(ids)
+        return
+    from collections import Counter
+
+    video = repeated[0] if repeated else next(v for v, n in Counter(ids).items() if n > 1)
+    raise IncompleteNight(f"run {plan.run_id} part {number}: video {video} ({_file_of(by_file, video)}) came out of "
+                          "the part's files twice")
+
+
 def _write_part(db_url: str, plan: NightPlan, number: int, attempt: int, batches, num_classes: int, s3, lock,
-                progress: bool, total: int) -> PartReport:
-    """Rows in chunks, export fragments and label counts from (ids, scores) batches."""
-    top_k, csv_top = plan.top_k, max(plan.top_k, CSV_TOP)
+                progress: bool, by_file: dict[str, set[str]]) -> PartReport:
+    """Rows in chunks, export fragments and label counts from (ids, scores) batches; the part succeeds
+    only if every video it had to score was written with its k rows (or left whole to a run that
+    scored it at the same time)."""
+    top_k, csv_top = min(plan.top_k, num_classes), max(plan.top_k, CSV_TOP)
     report = PartReport(number)
     label_counts = np.zeros((top_k, num_classes), np.int64)
-    chunks = predictions.ChunkWriter(db_url, plan.run_id, plan.model_version, number, lock, plan.table, attempt)
+    chunks = predictions.ChunkWriter(db_url, plan.run_id, plan.model_version, number, lock, plan.table, attempt,
+                                     label_counts=label_counts)
     pending_ids, pending_labels, pending_scores = [], [], []
+    scored: set[str] = set()
 
     def flush(everything: bool = False):
         """Send whole chunks of CHUNK_VIDEOS (and, at the end, the rest) to the writer."""
@@ -309,14 +390,14 @@ def _write_part(db_url: str, plan: NightPlan, number: int, attempt: int, batches
         del pending_ids[:end]
         pending_labels[:], pending_scores[:] = [labels[end:]], [scores[end:]]
 
-    bar = _progress(total, progress)
+    bar = _progress(sum(len(v) for v in by_file.values()), progress)
     try:
         with exports.PartExports(plan.exports_uri, number, top_k, s3) as fragments:
             for ids, scores in batches:
+                _check_finite(plan, ids, scores, by_file)
+                _check_once(plan, number, ids, scored, by_file)
                 labels, top_scores = _top(scores, csv_top)
                 fragments.add(ids, labels, top_scores)
-                for rank in range(top_k):
-                    label_counts[rank] += np.bincount(labels[:, rank], minlength=num_classes)
                 pending_ids.extend(ids), pending_labels.append(labels[:, :top_k]), pending_scores.append(top_scores[:, :top_k])
                 report.videos += len(ids)
                 if bar is not None:
@@ -325,13 +406,19 @@ def _write_part(db_url: str, plan: NightPlan, number: int, attempt: int, batches
                     flush()
             flush(everything=True)
             report.rows_written = chunks.close()  # before the fragments are published: a failed write publishes none
+            _check_all_scored(plan, number, by_file, scored)
     except BaseException:
         chunks.abandon()
+        # A scorer left suspended keeps torch's inference mode on in this thread (until it is collected,
+        # which the exception's traceback prevents): a later training here would get no gradients.
+        if hasattr(batches, "close"):
+            batches.close()
         raise
     finally:
         if bar is not None:
             bar.close()
-    predictions.finish_part(db_url, plan.run_id, number, label_counts, attempt=attempt)
+    report.videos = chunks.videos_written
+    predictions.finish_part(db_url, plan.run_id, number, label_counts, attempt=attempt, rows_per_video=top_k)
     return report
 
 
@@ -346,6 +433,13 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
                                                      for p in unfinished[:10])
         predictions.finish_run(db_url, plan.run_id, error=error)
         raise InferenceError(f"run {plan.run_id}: {error}")
+    # The parts' committed counters, whatever wrote them (a try of an older release, a part's row edited):
+    short = [(p["part"], gap) for p in parts if (gap := predictions.shortfall(p, plan.k))]
+    if len(parts) != len(ours) or short:
+        error = "incomplete: " + ("; ".join(f"part {n}: {gap}" for n, gap in short[:10]) or
+                                  f"{len(ours) - len(parts)} planned parts missing from inference_parts")
+        predictions.finish_run(db_url, plan.run_id, error=error)
+        raise IncompleteNight(f"run {plan.run_id}: {error}")
     try:
         uris = exports.join_night(plan.exports_uri, ours, s3)
         predictions.finalize_load(db_url, plan.run_id)
@@ -355,6 +449,7 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
     run = predictions.finish_run(db_url, plan.run_id)
     log.info("run %d: %d videos, %d rows, model version %d", plan.run_id, run["videos_done"], run["rows_written"],
              plan.model_version)
+    parts = [p for p in predictions.parts_of(db_url, plan.run_id) if p["part"] in ours]  # less what another night kept
     return InferenceReport(plan.run_id, plan.model_version, sum(p["videos_done"] for p in parts),
                            sum(p["rows_written"] for p in parts), uris)
 
@@ -363,9 +458,10 @@ def run_inference(db_url: str, logical_date: datetime, *, top_k: int = 20, level
                   model_version: int | None = None, checkpoint_uri: str | None = None, video_ids: list[str] | None = None,
                   shard_pattern: str | None = None, dry_run: bool = False, exports_uri: str | None = None,
                   s3: S3Config | None = None, airflow_run_id: str | None = None, batch_size: int = 256,
-                  part_videos: int = PART_VIDEOS, progress: bool = False) -> InferenceReport:
+                  part_videos: int = PART_VIDEOS, progress: bool = False, lock_timeout_s: float | None = None) -> InferenceReport:
     """Score what the model has not scored up to `logical_date` (or the given videos) and store the
-    top k: the whole night in this process, its parts one after another."""
+    top k: the whole night in this process, its parts one after another. Waits at most `lock_timeout_s`
+    (default: tasks.settings.lock_timeout_s()) for another run of the same night to let go."""
     request = {"top_k": top_k, "level": level, "model_version": model_version, "checkpoint_uri": checkpoint_uri,
                "video_ids": video_ids, "shard_pattern": shard_pattern, "s3": s3}
     if dry_run:
@@ -373,11 +469,11 @@ def run_inference(db_url: str, logical_date: datetime, *, top_k: int = 20, level
     logical_date = _check_request(top_k, logical_date)
     db.upgrade(db_url)
     version = _resolve_version(db_url, level, model_version, checkpoint_uri, s3)
-    scorer = load_scorer(version["checkpoint_uri"], s3)
+    scorer = load_scorer(version["checkpoint_uri"], s3, version["checkpoint_sha256"])
     # Two runs of the same night at once (a task's retry while a lost try still runs, `vtag infer`
     # beside the DAG) would share one run: the later start would empty the earlier one's rows under it.
     # They take turns instead, the later replacing the run.
-    with predictions.run_lock(db_url, logical_date, version["version"]) as lock:
+    with predictions.run_lock(db_url, logical_date, version["version"], timeout_s=_lock_timeout(lock_timeout_s)) as lock:
         plan = plan_night(db_url, logical_date, **{**request, "model_version": version["version"], "checkpoint_uri": None},
                           exports_uri=exports_uri, airflow_run_id=airflow_run_id, part_videos=part_videos, locked=True)
         for part in plan.parts:

@@ -1,5 +1,6 @@
 """The SQL queries users run (sql/queries/*.sql): listed, described and run with bound parameters."""
 
+import math
 import re
 from pathlib import Path
 
@@ -34,13 +35,26 @@ def _path(name: str) -> Path:
     return queries[name]
 
 
+MAX_ROWS = 100_000  # a `limit` beyond this is an export's job, not a terminal table's
+MAX_LABELS = 3862
+INTEGER_COLUMN = 2**31 - 1  # ids, versions and ranks are 32-bit integer columns
+RANGES = {"limit": (1, MAX_ROWS), "k": (1, MAX_LABELS), "label_id": (0, MAX_LABELS - 1)}
+
+
 def _value(name: str, kind: str, raw):
-    if not isinstance(raw, str) or kind == "text":
+    """A parameter as its declared type, within its range, or a QueryError naming it: a value the
+    database would refuse (LIMIT -1, a number beyond bigint) must not reach it as a traceback."""
+    if kind == "text":
         return raw
+    low, high = RANGES.get(name, (0, INTEGER_COLUMN))
+    wanted = f"an integer from {low} to {high}" if kind == "integer" else "a finite number"
     try:
-        return int(raw) if kind == "integer" else float(raw)
-    except ValueError:
-        raise QueryError(f"parameter {name} must be {'an integer' if kind == 'integer' else 'a number'}, not {raw!r}") from None
+        value = int(raw) if kind == "integer" else float(raw)
+    except (TypeError, ValueError):
+        raise QueryError(f"parameter {name} must be {wanted}, not {raw!r}") from None
+    if (kind == "integer" and not low <= value <= high) or not math.isfinite(value) or isinstance(raw, bool):
+        raise QueryError(f"parameter {name} must be {wanted}, not {raw!r}")
+    return value
 
 
 def run(db_url: str, name: str, params: dict) -> tuple[list[str], list[tuple]]:

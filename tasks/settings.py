@@ -4,6 +4,7 @@ Under Airflow the DAGs resolve connections and variables first (tasks/airflow_co
 back to these.
 """
 
+import math
 import os
 from pathlib import Path
 
@@ -34,3 +35,20 @@ def default_models_uri() -> str:
 def default_exports_uri() -> str:
     """Where nightly inference writes Google's CSV and the seed's pickle, a folder per logical date."""
     return os.environ.get("VTAG_EXPORTS_URI") or str(vtag_home() / "store" / "exports")
+
+
+LOCK_TIMEOUT_S = 600.0  # a night's parts take minutes; a try still holding the lock after 10 is likely hung
+
+
+def lock_timeout_s() -> float:
+    """How long a run waits for the lock of a night another run holds ($VTAG_LOCK_TIMEOUT_S, seconds)."""
+    raw = os.environ.get("VTAG_LOCK_TIMEOUT_S")
+    if not raw:
+        return LOCK_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"VTAG_LOCK_TIMEOUT_S must be a number of seconds (0 or more), not {raw!r}")
+    return seconds

@@ -5,12 +5,8 @@ write, two runs of one night at once. Every test says (`report`) what it injecte
 """
 
 import os
-import shutil
 import signal
-import socket
-import struct
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,13 +22,10 @@ from storage.db import engine_for
 from storage.objectstore import S3Config
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
-from tests.conftest import BIN, _free_port
+from tests.conftest import BIN
 from tests.shards import record_offsets
+from tests.support.faults import FlakyProxy, PrivateCluster, kill_part_worker_after, start_part_worker
 from tests.worlds import NIGHT, VIDEOS, build_world, count, row, rows, stored_rows
-
-# The server binaries of whichever PostgreSQL major Debian installed (the newest if several).
-_INITDBS = Path("/usr/lib/postgresql").glob("*/bin/initdb")
-PG_BIN = max(_INITDBS, key=lambda p: int(p.parent.parent.name), default=Path("/usr/lib/postgresql/15/bin/initdb")).parent
 
 
 def _source_videos(raw: Path) -> dict[str, int]:
@@ -117,121 +110,6 @@ def test_worker_sigkilled_mid_parquet_write_then_retried(tmp_path, report):
 # --- 2. the S3 endpoint gone for a while during ingest ---------------------------------------------
 
 
-class FlakyProxy:
-    """A TCP proxy in front of the moto server that can drop every connection and refuse new ones.
-
-    `cut_on_put(n, seconds)`: when the n-th PUT of a Parquet object starts, forward its first bytes,
-    then reset every connection (RST) and close the listening socket (new connections are refused)
-    for `seconds`, then listen again on the same port.
-    """
-
-    def __init__(self, upstream_port: int):
-        self.port, self._upstream = _free_port(), ("127.0.0.1", upstream_port)
-        self._lock, self._sockets, self._listener = threading.Lock(), set(), None
-        self._closed = False
-        self.puts = self.cut_sockets = self.accepted_after_restore = 0
-        self._cut_at, self._outage = None, 0.0
-        self.cut_time = self.restore_time = None
-        self.while_down = None  # called once during the outage, before restoring
-        self._listen()
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def cut_on_put(self, n: int, seconds: float) -> None:
-        self._cut_at, self._outage = n, seconds
-
-    def _listen(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        listener.settimeout(0.05)
-        self._listener = listener
-
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            listener = self._listener
-            if listener is None:
-                time.sleep(0.02)
-                continue
-            try:
-                client, _ = listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            client.settimeout(None)
-            try:
-                upstream = socket.create_connection(self._upstream)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._sockets |= {client, upstream}
-                if self.restore_time is not None:
-                    self.accepted_after_restore += 1
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, to_server: bool) -> None:
-        try:
-            while data := src.recv(256 * 1024):
-                trigger = False
-                if to_server and data.startswith(b"PUT ") and b"/parquet/" in data.split(b"\r\n", 1)[0]:
-                    with self._lock:
-                        self.puts += 1
-                        trigger = self.puts == self._cut_at
-                dst.sendall(data)
-                if trigger:
-                    self._cut()
-                    return
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                self._drop(s)
-
-    def _drop(self, s: socket.socket) -> None:
-        with self._lock:
-            self._sockets.discard(s)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, as a lost peer
-            s.close()
-        except OSError:
-            pass
-
-    def _cut(self) -> None:
-        with self._lock:
-            listener, self._listener = self._listener, None
-            victims = list(self._sockets)
-            self.cut_time = time.monotonic()
-        listener.close()
-        for s in victims:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._drop(s)
-        with self._lock:
-            self.cut_sockets += len(victims)
-        threading.Thread(target=self._restore_later, daemon=True).start()
-
-    def _restore_later(self) -> None:
-        time.sleep(self._outage)
-        if self.while_down is not None:
-            self.while_down()
-        self._listen()
-        self.restore_time = time.monotonic()
-
-    def close(self) -> None:
-        self._closed = True
-        if self._listener is not None:
-            self._listener.close()
-        for s in list(self._sockets):
-            self._drop(s)
-
-
 def _parquet_objects(client, bucket: str) -> dict[str, int]:
     """Every object under parquet/, read back whole: {key: rows}."""
     found = {}
@@ -298,49 +176,6 @@ def test_s3_endpoint_gone_for_seconds_during_ingest(s3, s3_server, tmp_path, rep
 
 
 # --- 3. PostgreSQL restarted during the nightly write -------------------------------------------------
-
-
-class PrivateCluster:
-    """A PostgreSQL 15 cluster of the test's own (initdb as postgres, trust auth, a free port)."""
-
-    def __init__(self):
-        self.root = Path(tempfile.mkdtemp(prefix="vtag-pg-"))
-        os.chown(self.root, *_postgres_ids())
-        self.data, self.port = self.root / "data", _free_port()
-        self.admin_url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _pg(self, *args: str, timeout: float = 60) -> None:
-        # Output to a file, not a pipe: the server pg_ctl starts would hold a pipe open after pg_ctl exits.
-        with tempfile.TemporaryFile("w+") as output:
-            result = subprocess.run(["runuser", "-u", "postgres", "--", *args], stdout=output, stderr=output,
-                                    stdin=subprocess.DEVNULL, timeout=timeout, cwd=self.root)
-            output.seek(0)
-            if result.returncode != 0:
-                log = (self.root / "server.log").read_text()[-2000:] if (self.root / "server.log").exists() else ""
-                raise RuntimeError(f"{' '.join(args)} failed: {output.read()}{log}")
-
-    def start(self) -> None:
-        self._pg(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
-        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-o",
-                 f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start")
-
-    def restart(self) -> None:
-        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-m", "fast",
-                 "restart")
-
-    def stop_and_delete(self) -> None:
-        try:
-            if (self.data / "postmaster.pid").exists():
-                self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-m", "immediate", "stop")
-        finally:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _postgres_ids() -> tuple[int, int]:
-    import pwd
-
-    entry = pwd.getpwnam("postgres")
-    return entry.pw_uid, entry.pw_gid
 
 
 @pytest.fixture
@@ -513,32 +348,11 @@ def test_a_run_that_lost_its_lock_stops_writing(pg_url, raw_shards, tiny_checkpo
 
 # --- 6. one part of a night SIGKILLed on its worker, then retried alone ------------------------------
 
-_PART_WORKER = """
-import json, sys, time
-import tasks.inference as inference
-from storage import predictions
-from tasks.inference import NightPlan, tag_part
-
-inference.CHUNK_VIDEOS = 4
-real_write = predictions.write_chunk
-
-def slow_write(*args, **kwargs):  # a slow database: the parent has time to kill us between chunks
-    written = real_write(*args, **kwargs)
-    time.sleep(0.3)
-    return written
-
-predictions.write_chunk = slow_write
-work = json.loads(sys.argv[2])
-tag_part(sys.argv[1], NightPlan.from_dict(work["night"]), work["part"])
-"""
-
-
 def test_a_part_sigkilled_mid_write_is_retried_alone(pg_url, raw_shards, tiny_checkpoint, tmp_path, report):
     """The night in 3 parts as the DAG runs them; part 1's worker process gets SIGKILL once some of its
     chunks are committed (its export fragments half written). Airflow's retry of that one mapped task
     drops what the dead try wrote and scores the part again; the night ends exact."""
     import csv
-    import json
 
     from tasks.inference import finish_night, plan_night, tag_part
 
@@ -547,18 +361,8 @@ def test_a_part_sigkilled_mid_write_is_retried_alone(pg_url, raw_shards, tiny_ch
     plan = plan_night(pg_url, NIGHT, top_k=k, exports_uri=world["exports"], part_videos=12)
     assert len(plan.parts) == 3
     tag_part(pg_url, plan, plan.parts[0])
-    work = json.dumps({"night": plan.as_dict(), "part": plan.parts[1]})
-    worker = subprocess.Popen([str(BIN / "python"), "-c", _PART_WORKER, pg_url, work], cwd=Path(__file__).parent.parent)
-    try:
-        deadline = time.monotonic() + 120
-        while count(pg_url, "SELECT rows_written FROM inference_parts WHERE part = 1") < 2 * 4 * k:
-            assert worker.poll() is None and time.monotonic() < deadline, "the part finished or died before it was killed"
-            time.sleep(0.05)
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(30)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
+    worker = start_part_worker(pg_url, plan, plan.parts[1], chunk_videos=4, write_delay_s=0.3)
+    kill_part_worker_after(pg_url, worker, plan.run_id, 1, rows=2 * 4 * k)
     assert plan.table == predictions.load_table_name(world["version"], plan.run_id)  # the version's first night loads apart
     killed_rows = count(pg_url, f"SELECT COUNT(*) FROM {plan.table} p JOIN videos v ON v.video_id = p.video_id "
                                 "WHERE v.parquet_uri BETWEEN :a AND :b", a=plan.parts[1]["first_uri"], b=plan.parts[1]["last_uri"])

@@ -2,7 +2,6 @@
 
 import csv
 import pickle
-import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -129,8 +128,12 @@ def test_retiring_a_version_drops_its_predictions_only(world, db_url):
     from tasks.training import evaluate_model, promote
 
     first = run_inference(db_url, NIGHT, top_k=2, exports_uri=world["exports"])
-    # A second version (the same weights, registered anew) scores everything again.
-    shutil.copy(world["checkpoint"], world["checkpoint"] + ".copy")
+    # A second version (the same weights, saved again at another step: a version is its file's content) scores
+    # everything again.
+    from model import checkpoint
+
+    state = checkpoint.load(world["checkpoint"])
+    checkpoint.save(world["checkpoint"] + ".copy", {**state, "step": state.get("step", 0) + 1})
     assert evaluate_model(world["checkpoint"] + ".copy", world["parquet"], db_url)["version"] == world["version"] + 1
     second = run_inference(db_url, NIGHT, top_k=2, model_version=world["version"] + 1, exports_uri=world["exports"] + "/2")
     assert second.videos == VIDEOS and count(db_url, "SELECT COUNT(*) FROM predictions") == 2 * VIDEOS * 2
