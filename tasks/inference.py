@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from storage import db, exports, predictions, registry
-from storage.objectstore import S3Config, StoreError, join, store_for
+from storage.objectstore import S3Config, StoreError, canonical_uri, join, store_for
 from tasks import settings
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def plan_night(db_url: str, logical_date: datetime, *, top_k: int = 20, level: s
         except BaseException as exc:  # never leave the night looking as if it were running
             predictions.finish_run(db_url, run_id, error=f"planning: {type(exc).__name__}: {exc}")
             raise
-    exports_uri = exports_uri or join(_default_exports(), f"{logical_date:%Y-%m-%dT%H%M%S}_v{number}")
+    exports_uri = canonical_uri(exports_uri or join(settings.default_exports_uri(), f"{logical_date:%Y-%m-%dT%H%M%S}_v{number}"))
     if not whole and parts:  # a targeted rescoring's exports, beside the night's, not over them
         exports_uri = join(exports_uri, f"rescored-part{parts[0]['part']:05d}")
     log.info("run %d: %d videos in %d files, %d parts, into %s", run_id, sum(p["videos"] for p in parts), len(files),
@@ -497,12 +497,6 @@ def retire_old_versions(db_url: str, keep: int) -> list[int]:
     for version in retired:
         predictions.retire(db_url, version)
     return retired
-
-
-def _default_exports() -> str:
-    from tasks.settings import default_exports_uri
-
-    return default_exports_uri()
 
 
 def _progress(total: int, enabled: bool):

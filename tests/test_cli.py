@@ -1,22 +1,12 @@
 """The `vtag` command as a user runs it: exit codes, output, one-line errors."""
 
-import subprocess
 
 import pytest
 from sqlalchemy import inspect
 
 from storage.db import current_revision, engine_for
-from tests.conftest import BIN
 from tests.shards import flip_byte, record_offsets
-
-
-def vtag(*args, env_home=None):
-    env = None
-    if env_home is not None:
-        import os
-
-        env = {**os.environ, "VTAG_HOME": str(env_home)}
-    return subprocess.run([str(BIN / "vtag"), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+from tests.support.cli import vtag
 
 
 def test_synth_ingest_manifest_on_embedded_defaults(tmp_path):

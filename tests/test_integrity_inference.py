@@ -15,7 +15,8 @@ from sqlalchemy import text
 from storage import predictions
 from storage.db import engine_for
 from tasks.inference import NonFiniteScores, finish_night, plan_night, run_inference, tag_part
-from tests.conftest import BIN, REPO
+from tests.conftest import REPO
+from tests.support.cli import vtag
 from tests.worlds import NIGHT, VIDEOS, build_world, count, row, rows, stored_rows
 
 
@@ -240,8 +241,7 @@ def test_the_lock_timeout_comes_from_the_environment(world, monkeypatch):
     (["run_label_counts", "run_id=99999999999999999999", "k=1", "limit=5"], "parameter run_id must be an integer"),
 ])
 def test_query_parameters_out_of_range_are_one_line(db_url, args, message):
-    result = subprocess.run([str(BIN / "vtag"), "query", *args, "--db", db_url], capture_output=True, text=True,
-                            timeout=120)
+    result = vtag("query", *args, "--db", db_url)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"vtag query: error: {message}") and len(result.stderr.splitlines()) == 1
     assert "Traceback" not in result.stderr and result.stdout == ""
@@ -249,8 +249,7 @@ def test_query_parameters_out_of_range_are_one_line(db_url, args, message):
 
 def test_query_parameters_at_their_bounds_run(world):
     first = run_inference(world["db"], NIGHT, top_k=2, exports_uri=world["exports"])
-    result = subprocess.run([str(BIN / "vtag"), "query", "runs", "limit=100000", "--db", world["db"]],
-                            capture_output=True, text=True, timeout=120)
+    result = vtag("query", "runs", "limit=100000", "--db", world["db"])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split()[:2] == ["run_id", "logical_date"] and lines[-1].split()[0] == str(first.run_id)

@@ -6,9 +6,7 @@ unusable destination or database.
 """
 
 import logging
-import os
 import re
-import subprocess
 
 import boto3
 import pyarrow.parquet as pq
@@ -21,8 +19,8 @@ from storage.objectstore import LocalStore
 from storage.tf_example import Example
 from storage.yt8m_records import MAX_ID_LENGTH
 from tasks.ingest import convert_batch, converted, ingest, list_pending, summary
-from tests.conftest import BIN
 from tests.shards import frame_record, record_offsets, video_record, write_shard
+from tests.support.cli import vtag
 
 
 def _videos(db_url) -> list[tuple]:
@@ -254,12 +252,6 @@ def test_an_id_from_another_shard_of_the_level_names_that_shard(tmp_path, db_url
 # --- 5. one line, not a traceback ------------------------------------------------------------------------
 
 
-def _vtag(*args, env: dict | None = None, unset: tuple = ()):
-    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
-    return subprocess.run([str(BIN / "vtag"), *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env=environment)
-
-
 def test_an_unwritable_destination_is_one_line_before_any_shard(tmp_path, sqlite_url):
     raw = tmp_path / "raw"
     for i in range(3):
@@ -267,7 +259,7 @@ def test_an_unwritable_destination_is_one_line_before_any_shard(tmp_path, sqlite
     (tmp_path / "blocker").write_text("a file where the destination's parent folder should be")
     dest = tmp_path / "blocker" / "parquet"
 
-    result = _vtag("ingest", "--src", raw, "--dest", dest, "--db", sqlite_url)
+    result = vtag("ingest", "--src", raw, "--dest", dest, "--db", sqlite_url)
 
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
@@ -283,7 +275,7 @@ def test_an_s3_destination_without_credentials_is_one_line_before_any_shard(s3, 
     no_credentials = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
                       "AWS_CONFIG_FILE": str(tmp_path / "none")}
 
-    result = _vtag("ingest", "--src", raw, "--dest", f"s3://{bucket}/parquet/", "--db", sqlite_url, env=no_credentials,
+    result = vtag("ingest", "--src", raw, "--dest", f"s3://{bucket}/parquet/", "--db", sqlite_url, env=no_credentials,
                    unset=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"))
 
     assert result.returncode == 2

@@ -27,7 +27,8 @@ from storage.objectstore import ObjectChangedError
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote, train_model
-from tests.conftest import BIN, REPO
+from tests.conftest import REPO
+from tests.support.cli import vtag
 
 TINY = {"embedding_size": 8, "lstm_size": 8, "head_sizes": [16, 16], "batch_size": 8, "max_frames": 20,
         "num_workers": 0, "epochs": 2, "learning_rate": 1e-2, "lr_decay_epochs": []}
@@ -56,10 +57,6 @@ def own_parquet(parquet, tmp_path) -> str:
 
 def _sha256(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def _vtag(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "vtag"), *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def _replace_with_other_content(path) -> None:
@@ -123,15 +120,15 @@ def test_cli_evaluate_promote_last_pt_then_train_again(parquet, tmp_path, sqlite
     out = tmp_path / "m"
     base = ["train", "--data", parquet, "--level", "frame", "--preset", "small", "--batch-size", "8", "--max-frames", "20",
             "--workers", "0", "--out", out, "--db", sqlite_url]
-    assert (result := _vtag(*base, "--epochs", "1")).returncode == 0, result.stderr
-    result = _vtag("evaluate", "--checkpoint", out / "last.pt", "--data", parquet, "--promote", "--db", sqlite_url)
+    assert (result := vtag(*base, "--epochs", "1")).returncode == 0, result.stderr
+    result = vtag("evaluate", "--checkpoint", out / "last.pt", "--data", parquet, "--promote", "--db", sqlite_url)
     assert result.returncode == 0, result.stderr
     assert "promoted" in result.stdout
     production = registry.production(sqlite_url, "frame")
     registered_bytes = open(production["checkpoint_uri"], "rb").read()
     assert production["checkpoint_uri"] != str(out / "last.pt")
 
-    assert (result := _vtag(*base, "--epochs", "2")).returncode == 0, result.stderr  # continues, rewrites last.pt
+    assert (result := vtag(*base, "--epochs", "2")).returncode == 0, result.stderr  # continues, rewrites last.pt
     assert _sha256(out / "last.pt") != production["checkpoint_sha256"]
     assert open(production["checkpoint_uri"], "rb").read() == registered_bytes
     assert hashlib.sha256(registered_bytes).hexdigest() == production["checkpoint_sha256"]
@@ -142,7 +139,7 @@ def test_cli_evaluate_promote_last_pt_then_train_again(parquet, tmp_path, sqlite
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
-    result = _vtag("evaluate", "--checkpoint", production["checkpoint_uri"], "--data", parquet, "--db", sqlite_url)
+    result = vtag("evaluate", "--checkpoint", production["checkpoint_uri"], "--data", parquet, "--db", sqlite_url)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert f"checkpoint {production['checkpoint_uri']} changed since it was registered" in result.stderr
@@ -266,7 +263,7 @@ def test_non_finite_or_out_of_range_floats_are_refused(name, value):
 
 @pytest.mark.parametrize("value", ["inf", "nan", "0", "-0.5"])
 def test_cli_train_refuses_a_bad_learning_rate_in_one_line(parquet, tmp_path, value):
-    result = _vtag("train", "--data", parquet, "--level", "frame", "--preset", "small", "--learning-rate", value,
+    result = vtag("train", "--data", parquet, "--level", "frame", "--preset", "small", "--learning-rate", value,
                    "--out", tmp_path / "m", "--db", f"sqlite:///{tmp_path / 'vtag.db'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
