@@ -17,7 +17,7 @@ TRAIN_CONF := {"data": "$(PARQUET)", "level": "frame", "preset": "small", "max_f
 INFER_CONF := {"top_k": 20}
 VOCABULARY ?= $(CURDIR)/../shared/yt8m/vocabulary.csv
 
-.PHONY: install tools demo test airflow-db airflow bench real-video constraints clean
+.PHONY: install tools lint demo test airflow-db airflow bench real-video constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -75,7 +75,12 @@ airflow: install
 	mkdir -p $(VTAG_HOME)
 	VTAG_NIGHTLY_START=$$(date -u +%Y-%m-%d) $(BIN)/python -m tasks.local_airflow
 
-test: install tools
+# ruff (pinned in the dev extras, configured in pyproject.toml): lint and format are checked before the tests.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install tools lint
 	$(BIN)/python -m pytest -q
 
 bench: install

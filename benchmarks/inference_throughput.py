@@ -15,12 +15,13 @@ Targets (issue 4): bulk >= 10x the ORM path and >= 200,000 rows/s; on one H100 >
 import argparse
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import torch
 from sqlalchemy import create_engine, insert, text
-from sqlalchemy.orm import Session, registry as orm_registry
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import registry as orm_registry
 
 from benchmarks.common import random_videos, seconds_per_steps
 from model.attention_lstm import build_model, dequantize
@@ -28,7 +29,8 @@ from model.config import load_config
 from model.train import autocast_for
 from storage import db, predictions
 from storage.db import engine_for
-from storage.schema import inference_runs, model_versions, predictions as predictions_table, videos
+from storage.schema import inference_runs, model_versions, videos
+from storage.schema import predictions as predictions_table
 from tasks.inference import CHUNK_VIDEOS
 from tasks.synth import MAX_FRAMES
 
@@ -60,17 +62,52 @@ def _scratch_database(admin_url: str) -> tuple[str, object]:
 
 def _seed_rows(url: str, count: int) -> tuple[list[str], int, int]:
     ids = [f"v{i:07d}" for i in range(count)]
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with engine_for(url).begin() as conn:
-        conn.execute(insert(videos), [{"video_id": v, "split": "test", "level": "frame", "source_uri": "s", "parquet_uri": "p",
-                                       "ingested_at": now} for v in ids])
-        version = conn.execute(insert(model_versions).values(level="frame", preset="seed", checkpoint_uri="bench", config={},
-                                                             data_uri="", train_split="train", epochs=0, steps=0,
-                                                             status="trained", created_at=now)
-                               .returning(model_versions.c.version)).scalar_one()
-        run = conn.execute(insert(inference_runs).values(logical_date=now, model_version=version, top_k=20, status="running",
-                                                         videos_total=count, videos_done=0, rows_written=0, started_at=now)
-                           .returning(inference_runs.c.run_id)).scalar_one()
+        conn.execute(
+            insert(videos),
+            [
+                {
+                    "video_id": v,
+                    "split": "test",
+                    "level": "frame",
+                    "source_uri": "s",
+                    "parquet_uri": "p",
+                    "ingested_at": now,
+                }
+                for v in ids
+            ],
+        )
+        version = conn.execute(
+            insert(model_versions)
+            .values(
+                level="frame",
+                preset="seed",
+                checkpoint_uri="bench",
+                config={},
+                data_uri="",
+                train_split="train",
+                epochs=0,
+                steps=0,
+                status="trained",
+                created_at=now,
+            )
+            .returning(model_versions.c.version)
+        ).scalar_one()
+        run = conn.execute(
+            insert(inference_runs)
+            .values(
+                logical_date=now,
+                model_version=version,
+                top_k=20,
+                status="running",
+                videos_total=count,
+                videos_done=0,
+                rows_written=0,
+                started_at=now,
+            )
+            .returning(inference_runs.c.run_id)
+        ).scalar_one()
     return ids, version, run
 
 
@@ -85,7 +122,7 @@ def bulk_rate(url: str, ids: list[str], version: int, run: int, k: int, chunk: i
     started = time.perf_counter()
     writer = predictions.ChunkWriter(url, run, version, 0, attempt=attempt)
     for start in range(0, len(ids), chunk):
-        writer.submit(ids[start:start + chunk], labels[start:start + chunk], scores[start:start + chunk])
+        writer.submit(ids[start : start + chunk], labels[start : start + chunk], scores[start : start + chunk])
     writer.close()
     return len(ids) * k / (time.perf_counter() - started)
 
@@ -93,13 +130,21 @@ def bulk_rate(url: str, ids: list[str], version: int, run: int, k: int, chunk: i
 def orm_rate(url: str, ids: list[str], version: int, run: int, k: int) -> float:
     mapper = orm_registry()
     mapper.map_imperatively(_Prediction, predictions_table)
-    rows = predictions.tuples(predictions.prediction_table(run, version, ids, np.tile(np.arange(k), (len(ids), 1)),
-                                                           np.ones((len(ids), k))))
+    rows = predictions.tuples(
+        predictions.prediction_table(run, version, ids, np.tile(np.arange(k), (len(ids), 1)), np.ones((len(ids), k)))
+    )
     started = time.perf_counter()
     with Session(engine_for(url)) as session:
         for video, model_version, rank, label, score, run_id in rows:
             p = _Prediction()
-            p.video_id, p.model_version, p.rank, p.label_id, p.score, p.run_id = video, model_version, rank, label, score, run_id
+            p.video_id, p.model_version, p.rank, p.label_id, p.score, p.run_id = (
+                video,
+                model_version,
+                rank,
+                label,
+                score,
+                run_id,
+            )
             session.add(p)
             session.flush()
         session.commit()
@@ -112,7 +157,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--pg", default="postgresql+psycopg2://postgres@127.0.0.1:5432/postgres", help="admin URL of the server")
+    parser.add_argument(
+        "--pg", default="postgresql+psycopg2://postgres@127.0.0.1:5432/postgres", help="admin URL of the server"
+    )
     parser.add_argument("--videos", type=int, default=20000, help="videos written by the bulk path (x 20 rows)")
     parser.add_argument("--orm-videos", type=int, default=500, help="videos written by the ORM baseline (x 20 rows)")
     args = parser.parse_args()
@@ -121,7 +168,9 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     for preset in ("small", "seed"):
         rate = inference_rate(preset, device, args.batch_size, args.steps)
-        print(f"inference, {preset} preset, {MAX_FRAMES}-frame videos, batch {args.batch_size} on {where}: {rate:,.1f} videos/s")
+        print(
+            f"inference, {preset} preset, {MAX_FRAMES}-frame videos, batch {args.batch_size} on {where}: {rate:,.1f} videos/s"
+        )
 
     url, (admin, name) = _scratch_database(args.pg)
     try:
@@ -134,22 +183,47 @@ def main() -> None:
         engine_for(url).dispose()
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    print(f"PostgreSQL writes, bulk path (COPY on 2 connections, chunks of {CHUNK_VIDEOS} videos x 20, a transaction each): {bulk:,.0f} rows/s")
+    print(
+        f"PostgreSQL writes, bulk path (COPY on 2 connections, chunks of {CHUNK_VIDEOS} videos x 20, a transaction each): {bulk:,.0f} rows/s"
+    )
     print(f"PostgreSQL writes, ORM row by row (add + flush per row):                      {orm:,.0f} rows/s")
     print(f"bulk / ORM: {bulk / orm:.1f}x (target >= 10x); bulk {bulk:,.0f} rows/s (target >= 200,000)")
 
 
 def _seed_rows_for_orm(url: str, ids: list[str]) -> tuple[list[str], int, int]:
     """Another model version and run for the ORM path, over videos that already exist."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with engine_for(url).begin() as conn:
-        version = conn.execute(insert(model_versions).values(level="frame", preset="seed", checkpoint_uri="bench-orm", config={},
-                                                             data_uri="", train_split="train", epochs=0, steps=0,
-                                                             status="trained", created_at=now)
-                               .returning(model_versions.c.version)).scalar_one()
-        run = conn.execute(insert(inference_runs).values(logical_date=now, model_version=version, top_k=20, status="running",
-                                                         videos_total=len(ids), videos_done=0, rows_written=0, started_at=now)
-                           .returning(inference_runs.c.run_id)).scalar_one()
+        version = conn.execute(
+            insert(model_versions)
+            .values(
+                level="frame",
+                preset="seed",
+                checkpoint_uri="bench-orm",
+                config={},
+                data_uri="",
+                train_split="train",
+                epochs=0,
+                steps=0,
+                status="trained",
+                created_at=now,
+            )
+            .returning(model_versions.c.version)
+        ).scalar_one()
+        run = conn.execute(
+            insert(inference_runs)
+            .values(
+                logical_date=now,
+                model_version=version,
+                top_k=20,
+                status="running",
+                videos_total=len(ids),
+                videos_done=0,
+                rows_written=0,
+                started_at=now,
+            )
+            .returning(inference_runs.c.run_id)
+        ).scalar_one()
     return ids, version, run
 
 

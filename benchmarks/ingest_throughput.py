@@ -54,8 +54,12 @@ def baseline_decode_only(paths: list[Path]) -> tuple[int, object]:
     with timed() as t:
         videos = 0
         for path in paths:
-            loader = tfrecord_loader(str(path), None, description={"id": "byte", "labels": "int"},
-                                     sequence_description={"rgb": "byte", "audio": "byte"})
+            loader = tfrecord_loader(
+                str(path),
+                None,
+                description={"id": "byte", "labels": "int"},
+                sequence_description={"rgb": "byte", "audio": "byte"},
+            )
             for _context, _sequence in loader:
                 videos += 1
     return videos, t
@@ -71,8 +75,10 @@ def main() -> None:
 
     paths = frame_shards(args.data, args.shards, args.videos_per_shard)
     size = warm(paths)
-    print(f"input: {len(paths)} frame-level shards, {size / 1e6:.1f} MB, {args.shards * args.videos_per_shard} videos "
-          f"(1-300 frames each), best of {args.repeat}")
+    print(
+        f"input: {len(paths)} frame-level shards, {size / 1e6:.1f} MB, {args.shards * args.videos_per_shard} videos "
+        f"(1-300 frames each), best of {args.repeat}"
+    )
     results = {}
     with tempfile.TemporaryDirectory(prefix="vtag-bench-") as work:
         contenders = {
@@ -93,8 +99,10 @@ def main() -> None:
         print(f"{name:62s} {size / 1e6 / t.wall:10.1f} {size / 1e6 / t.cpu:10.1f} {videos / t.cpu:14.1f}")
     ours = size / results[next(iter(results))][1].cpu
     baseline = size / results["baseline: tfrecord package, decode only"][1].cpu
-    print(f"end to end vs baseline decode-only: {ours / baseline:.2f}x (target >= 2x); "
-          f"{ours / 1e6:.0f} MB/s per core (target >= 200)")
+    print(
+        f"end to end vs baseline decode-only: {ours / baseline:.2f}x (target >= 2x); "
+        f"{ours / 1e6:.0f} MB/s per core (target >= 200)"
+    )
 
 
 if __name__ == "__main__":

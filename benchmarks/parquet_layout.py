@@ -42,8 +42,9 @@ def measure(videos, level, out: Path, compression, row_group_bytes, repeat=3):
         out.unlink(missing_ok=True)
         with timed() as w:
             levels = {c: 1 for c, codec in compression.items() if codec == "zstd"} or None
-            writer = ShardParquetWriter(out, level, row_group_bytes=row_group_bytes, compression=compression,
-                                        compression_level=levels)
+            writer = ShardParquetWriter(
+                out, level, row_group_bytes=row_group_bytes, compression=compression, compression_level=levels
+            )
             for video in videos:
                 writer.add(video)
             writer.close()
@@ -53,7 +54,12 @@ def measure(videos, level, out: Path, compression, row_group_bytes, repeat=3):
         best_write = w if best_write is None or w.cpu < best_write.cpu else best_write
         best_read = r if best_read is None or r.cpu < best_read.cpu else best_read
     raw = sum(v.rgb.size + v.audio.size if level == "frame" else 4 * (1024 + 128) for v in videos)
-    return os.path.getsize(out) / raw, raw / 1e6 / best_write.cpu, raw / 1e6 / best_read.cpu, pq.ParquetFile(out).num_row_groups
+    return (
+        os.path.getsize(out) / raw,
+        raw / 1e6 / best_write.cpu,
+        raw / 1e6 / best_read.cpu,
+        pq.ParquetFile(out).num_row_groups,
+    )
 
 
 def main() -> None:
@@ -65,8 +71,10 @@ def main() -> None:
         "frame": _decode(frame_paths, decode_frame_level),
         "video": _decode(sorted(SHARED.glob("validate00[0-3]?.tfrecord")), decode_video_level),
     }
-    print(f"{'level':6s} {'features codec':15s} {'row group':>10s} {'groups':>6s} {'size/raw':>9s} "
-          f"{'write MB/s':>10s} {'read MB/s':>10s}")
+    print(
+        f"{'level':6s} {'features codec':15s} {'row group':>10s} {'groups':>6s} {'size/raw':>9s} "
+        f"{'write MB/s':>10s} {'read MB/s':>10s}"
+    )
     with tempfile.TemporaryDirectory() as work:
         out = Path(work) / "x.parquet"
         for (level, videos), codec in itertools.product(cases.items(), ("none", "snappy", "lz4", "zstd")):
@@ -74,7 +82,9 @@ def main() -> None:
             print(f"{level:6s} {codec:15s} {'32 MiB':>10s} {groups:6d} {size:9.3f} {write:10.0f} {read:10.0f}")
         for mib in (8, 32, 128):
             size, write, read, groups = measure(cases["frame"], "frame", out, COMPRESSION, mib << 20)
-            print(f"{'frame':6s} {'(chosen)':15s} {f'{mib} MiB':>10s} {groups:6d} {size:9.3f} {write:10.0f} {read:10.0f}")
+            print(
+                f"{'frame':6s} {'(chosen)':15s} {f'{mib} MiB':>10s} {groups:6d} {size:9.3f} {write:10.0f} {read:10.0f}"
+            )
 
 
 if __name__ == "__main__":

@@ -36,15 +36,15 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 SPLITS = {"train": 3_888_919, "validate": 1_112_356, "test": 1_133_323}
 SHARDS_PER_SPLIT = 3_844
 K = 20
 NUM_CLASSES = 3862
-BEFORE = datetime(2030, 1, 1, tzinfo=timezone.utc)  # when everything but tonight's videos arrived
-NIGHT = datetime(2030, 1, 2, 2, 0, tzinfo=timezone.utc)  # the night being measured
+BEFORE = datetime(2030, 1, 1, tzinfo=UTC)  # when everything but tonight's videos arrived
+NIGHT = datetime(2030, 1, 2, 2, 0, tzinfo=UTC)  # the night being measured
 NEW_TONIGHT = 100  # one video in 100 arrived today: the production model has not scored it yet
 PARQUET = "s3://yt8m/parquet/frame"
 
@@ -91,6 +91,7 @@ def _timed(function, *args, **kwargs):
 
 # --- shards: listing and planning, the ingest DAG's expansion ----------------------------------------------
 
+
 def _write_shards(folder: Path, size: Size) -> None:
     """Tiny real shards (one video each), named as Google's, written once per size."""
     from tasks.synth import SynthConfig, synth
@@ -98,7 +99,9 @@ def _write_shards(folder: Path, size: Size) -> None:
     if (folder / ".complete").is_file():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    template = Path(synth(str(folder / "template"), SynthConfig("video", "train", shards=1, videos_per_shard=1))[0]).read_bytes()
+    template = Path(
+        synth(str(folder / "template"), SynthConfig("video", "train", shards=1, videos_per_shard=1))[0]
+    ).read_bytes()
     for split in SPLITS:
         for i in range(size.shards(split)):
             (folder / f"{split}{i:04d}.tfrecord").write_bytes(template)
@@ -121,57 +124,103 @@ def stage_shards(db_url: str, work: str, size: Size) -> dict:
     (pending, skipped), first = _timed(list_pending, str(src), str(dest), db_url)
     assert len(pending) == size.total_shards and skipped == 0
     batches, expand = _timed(plan_batches, pending)
-    payload = [[{"uri": s.uri, "size": s.size, "fingerprint": s.fingerprint, "dest": str(dest)} for s in b] for b in batches]
+    payload = [
+        [{"uri": s.uri, "size": s.size, "fingerprint": s.fingerprint, "dest": str(dest)} for s in b] for b in batches
+    ]
     xcom_bytes = len(json.dumps(payload))
     # As a finished ingest leaves them: a succeeded manifest row and a Parquet file for every shard.
     rows = []
     for shard in store_for(str(src)).list(str(src), "*.tfrecord"):
-        split = shard.name[:-len("0000.tfrecord")]
-        out = dest / "video" / split / (shard.name[:-len(".tfrecord")] + ".parquet")
+        split = shard.name[: -len("0000.tfrecord")]
+        out = dest / "video" / split / (shard.name[: -len(".tfrecord")] + ".parquet")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.touch()
-        rows.append({"source_uri": shard.uri, "dest_uri": str(dest), "output_uri": str(out), "level": "video",
-                     "split": split, "size_bytes": shard.size, "fingerprint": shard.fingerprint, "rows": 1,
-                     "status": "succeeded", "started_at": utcnow(), "finished_at": utcnow()})
+        rows.append(
+            {
+                "source_uri": shard.uri,
+                "dest_uri": str(dest),
+                "output_uri": str(out),
+                "level": "video",
+                "split": split,
+                "size_bytes": shard.size,
+                "fingerprint": shard.fingerprint,
+                "rows": 1,
+                "status": "succeeded",
+                "started_at": utcnow(),
+                "finished_at": utcnow(),
+            }
+        )
     with engine_for(db_url).begin() as conn:
         conn.execute(insert(ingested_shards), rows)
     (again, skipped), rerun = _timed(list_pending, str(src), str(dest), db_url)
     assert not again and skipped == size.total_shards
-    return {"items": size.total_shards, "figures": {
-        "list_pending, nothing converted yet (s)": first, "list_pending, all converted (s)": rerun,
-        "plan_batches (s)": expand, "mapped tasks": len(batches), "largest batch": max(len(b) for b in batches),
-        "XCom of the expansion (KB)": xcom_bytes / 1024}, "seconds": first + rerun + expand}
+    return {
+        "items": size.total_shards,
+        "figures": {
+            "list_pending, nothing converted yet (s)": first,
+            "list_pending, all converted (s)": rerun,
+            "plan_batches (s)": expand,
+            "mapped tasks": len(batches),
+            "largest batch": max(len(b) for b in batches),
+            "XCom of the expansion (KB)": xcom_bytes / 1024,
+        },
+        "seconds": first + rerun + expand,
+    }
 
 
 # --- the catalogue, filled at size, then the real per-shard path ---------------------------------------------
+
 
 def _fill_sql(size: Size) -> list[tuple[str, dict]]:
     """Statements that fill videos, ground truth and the manifest at `size`, indexes built afterwards."""
     statements = []
     for split in SPLITS:
         shards, videos = size.shards(split), size.videos(split)
-        params = {"split": split, "letter": split[0], "n": videos, "shards": shards, "before": BEFORE,
-                  "tonight": NIGHT - timedelta(hours=3), "every": NEW_TONIGHT, "root": PARQUET}
+        params = {
+            "split": split,
+            "letter": split[0],
+            "n": videos,
+            "shards": shards,
+            "before": BEFORE,
+            "tonight": NIGHT - timedelta(hours=3),
+            "every": NEW_TONIGHT,
+            "root": PARQUET,
+        }
         # Videos lie in shards contiguously, as ingest writes them; ids look random, as YouTube's do.
         shard = "lpad((i::bigint * :shards / :n)::text, 4, '0')"
-        statements.append((f"""
+        statements.append(
+            (
+                f"""
             INSERT INTO videos (video_id, level, split, source_uri, parquet_uri, ingested_at)
             SELECT substr(md5(:split || i), 1, 6) || to_hex(i) || :letter, 'frame', :split,
                    's3://yt8m/raw/' || :split || {shard} || '.tfrecord',
                    :root || '/' || :split || '/' || :split || {shard} || '.parquet',
                    CASE WHEN i % :every = 0 THEN CAST(:tonight AS timestamptz) ELSE CAST(:before AS timestamptz) END
-            FROM generate_series(0, :n - 1) i""", params))
-        statements.append(("""
+            FROM generate_series(0, :n - 1) i""",
+                params,
+            )
+        )
+        statements.append(
+            (
+                """
             INSERT INTO ingested_shards (source_uri, dest_uri, output_uri, level, split, size_bytes, fingerprint,
                                          checksum, rows, status, started_at, finished_at)
             SELECT 's3://yt8m/raw/' || :split || lpad(s::text, 4, '0') || '.tfrecord', 's3://yt8m/parquet',
                    :root || '/' || :split || '/' || :split || lpad(s::text, 4, '0') || '.parquet', 'frame', :split,
                    400000000, 'etag=' || md5(s::text), 'crc32c:00000000', :n / :shards, 'succeeded', now(), now()
-            FROM generate_series(0, :shards - 1) s""", params))
-    statements.append(("""
+            FROM generate_series(0, :shards - 1) s""",
+                params,
+            )
+        )
+    statements.append(
+        (
+            """
         INSERT INTO video_labels (video_id, label_id)
         SELECT DISTINCT v.video_id, floor(:classes * power(random(), 3))::int
-        FROM videos v, generate_series(1, 3) WHERE v.split <> 'test'""", {"classes": NUM_CLASSES}))
+        FROM videos v, generate_series(1, 3) WHERE v.split <> 'test'""",
+            {"classes": NUM_CLASSES},
+        )
+    )
     return statements
 
 
@@ -179,8 +228,14 @@ _CATALOGUE_INDEXES = [
     ("ALTER TABLE videos DROP CONSTRAINT videos_pkey", "ALTER TABLE videos ADD PRIMARY KEY (video_id, level)"),
     ("DROP INDEX ix_videos_ingested_at", "CREATE INDEX ix_videos_ingested_at ON videos (ingested_at)"),
     ("DROP INDEX ix_videos_source_uri", "CREATE INDEX ix_videos_source_uri ON videos (source_uri)"),
-    ("DROP INDEX ix_videos_level_parquet_uri", "CREATE INDEX ix_videos_level_parquet_uri ON videos (level, parquet_uri)"),
-    ("ALTER TABLE video_labels DROP CONSTRAINT video_labels_pkey", "ALTER TABLE video_labels ADD PRIMARY KEY (video_id, label_id)"),
+    (
+        "DROP INDEX ix_videos_level_parquet_uri",
+        "CREATE INDEX ix_videos_level_parquet_uri ON videos (level, parquet_uri)",
+    ),
+    (
+        "ALTER TABLE video_labels DROP CONSTRAINT video_labels_pkey",
+        "ALTER TABLE video_labels ADD PRIMARY KEY (video_id, label_id)",
+    ),
 ]
 
 
@@ -193,25 +248,34 @@ def _fill_production(conn, size: Size) -> None:
         "INSERT INTO model_versions (version, level, preset, checkpoint_uri, config, data_uri, train_split, epochs, "
         "steps, status, created_at, promoted_at) VALUES "
         "(1, 'frame', 'seed', 's3://yt8m/models/v1/final.pt', '{}', 's3://yt8m/parquet', 'train', 5, 19000, 'production', now(), now()),"
-        "(2, 'frame', 'seed', 's3://yt8m/models/v2/final.pt', '{}', 's3://yt8m/parquet', 'train', 5, 19000, 'trained', now(), NULL)")
+        "(2, 'frame', 'seed', 's3://yt8m/models/v2/final.pt', '{}', 's3://yt8m/parquet', 'train', 5, 19000, 'trained', now(), NULL)"
+    )
     conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('model_versions', 'version'), 2)")
     conn.exec_driver_sql(
         "INSERT INTO inference_runs (run_id, logical_date, model_version, top_k, status, videos_total, videos_done, "
-        "rows_written, started_at, finished_at) VALUES (1, %s, 1, 20, 'succeeded', 0, 0, 0, now(), now())", (BEFORE,))
+        "rows_written, started_at, finished_at) VALUES (1, %s, 1, 20, 'succeeded', 0, 0, 0, now(), now())",
+        (BEFORE,),
+    )
     conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('inference_runs', 'run_id'), 1)")
     table = partition_name(1)
     conn.exec_driver_sql(f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS)")
-    conn.exec_driver_sql(f"""
+    conn.exec_driver_sql(
+        f"""
         INSERT INTO {table} (video_id, model_version, rank, label_id, score, run_id)
         SELECT v.video_id, 1, r, floor({NUM_CLASSES} * power(random(), 3))::int, (21 - r) / 21.0 * (0.5 + random() / 2), 1
-        FROM videos v, generate_series(1, {K}) r WHERE v.ingested_at <= %s""", (BEFORE,))
+        FROM videos v, generate_series(1, {K}) r WHERE v.ingested_at <= %s""",
+        (BEFORE,),
+    )
     conn.exec_driver_sql(f"ALTER TABLE {table} ADD CHECK (model_version = 1)")
     conn.exec_driver_sql(f"ALTER TABLE {table} ADD PRIMARY KEY (video_id, model_version, rank)")
     conn.exec_driver_sql(f"CREATE INDEX ON {table} (model_version, label_id, score DESC, video_id)")
     conn.exec_driver_sql(f"CREATE INDEX ON {table} USING brin (run_id)")
     conn.exec_driver_sql(f"ALTER TABLE predictions ATTACH PARTITION {table} FOR VALUES IN (1)")
-    conn.exec_driver_sql("UPDATE inference_runs SET videos_total = n, videos_done = n, rows_written = n * 20 "
-                         "FROM (SELECT COUNT(*) AS n FROM videos WHERE ingested_at <= %s) c WHERE run_id = 1", (BEFORE,))
+    conn.exec_driver_sql(
+        "UPDATE inference_runs SET videos_total = n, videos_done = n, rows_written = n * 20 "
+        "FROM (SELECT COUNT(*) AS n FROM videos WHERE ingested_at <= %s) c WHERE run_id = 1",
+        (BEFORE,),
+    )
 
 
 def stage_fill(db_url: str, size: Size) -> dict:
@@ -241,9 +305,18 @@ def stage_fill(db_url: str, size: Size) -> dict:
         rows = conn.exec_driver_sql("SELECT COUNT(*) FROM predictions").scalar()
         labels = conn.exec_driver_sql("SELECT COUNT(*) FROM video_labels").scalar()
         disk = conn.exec_driver_sql("SELECT pg_database_size(current_database())").scalar()
-    return {"items": size.total_videos, "seconds": catalogue + production, "figures": {
-        "fill: catalogue, ground truth, manifest (s)": catalogue, "fill: production rows (s)": production,
-        "videos": size.total_videos, "ground-truth rows": labels, "production rows": rows, "database (GB)": disk / 1e9}}
+    return {
+        "items": size.total_videos,
+        "seconds": catalogue + production,
+        "figures": {
+            "fill: catalogue, ground truth, manifest (s)": catalogue,
+            "fill: production rows (s)": production,
+            "videos": size.total_videos,
+            "ground-truth rows": labels,
+            "production rows": rows,
+            "database (GB)": disk / 1e9,
+        },
+    }
 
 
 def stage_catalogue(db_url: str, size: Size) -> dict:
@@ -261,15 +334,36 @@ def stage_catalogue(db_url: str, size: Size) -> dict:
         ids = [f"new{s:03d}x{i:04d}" for i in range(per_shard)]
         labels = [[(i * 7 + j) % NUM_CLASSES for j in range(3)] for i in range(per_shard)]
         manifest.mark_running(db_url, source, "s3://yt8m/parquet")
-        catalog.record_videos(db_url, ids, labels, split="train", level="frame", source_uri=source.uri,
-                              parquet_uri=f"{PARQUET}/train/{name}.parquet")
-        manifest.mark_succeeded(db_url, source, "s3://yt8m/parquet", output_uri=f"{PARQUET}/train/{name}.parquet",
-                                level="frame", split="train", rows=per_shard, checksum="crc32c:00000000")
+        catalog.record_videos(
+            db_url,
+            ids,
+            labels,
+            split="train",
+            level="frame",
+            source_uri=source.uri,
+            parquet_uri=f"{PARQUET}/train/{name}.parquet",
+        )
+        manifest.mark_succeeded(
+            db_url,
+            source,
+            "s3://yt8m/parquet",
+            output_uri=f"{PARQUET}/train/{name}.parquet",
+            level="frame",
+            split="train",
+            rows=per_shard,
+            checksum="crc32c:00000000",
+        )
     seconds = time.perf_counter() - started
     _forget_new_shards(db_url)
-    return {"items": shards * per_shard, "seconds": seconds, "figures": {
-        "catalogue size (videos)": size.total_videos, "per shard (s)": seconds / shards,
-        "videos/s": shards * per_shard / seconds}}
+    return {
+        "items": shards * per_shard,
+        "seconds": seconds,
+        "figures": {
+            "catalogue size (videos)": size.total_videos,
+            "per shard (s)": seconds / shards,
+            "videos/s": shards * per_shard / seconds,
+        },
+    }
 
 
 def _forget_new_shards(db_url: str) -> None:
@@ -283,6 +377,7 @@ def _forget_new_shards(db_url: str) -> None:
 
 # --- pending selection, the full rescore -------------------------------------------------------------------
 
+
 def stage_pending(db_url: str, size: Size) -> dict:
     from storage import predictions
     from tasks.inference import cut_parts
@@ -292,9 +387,17 @@ def stage_pending(db_url: str, size: Size) -> dict:
     parts, cut = _timed(cut_parts, everything)
     new = sum(n for _, n in tonight)
     assert sum(n for _, n in everything) == size.total_videos
-    return {"items": size.total_videos, "seconds": night + rescore, "figures": {
-        "a night's pending, production model (s)": night, "videos new tonight": new,
-        "a full rescore's pending, new model (s)": rescore, "cut into parts (s)": cut, "parts": len(parts)}}
+    return {
+        "items": size.total_videos,
+        "seconds": night + rescore,
+        "figures": {
+            "a night's pending, production model (s)": night,
+            "videos new tonight": new,
+            "a full rescore's pending, new model (s)": rescore,
+            "cut into parts (s)": cut,
+            "parts": len(parts),
+        },
+    }
 
 
 def _stand_in_scores(seed: int = 0):
@@ -307,8 +410,8 @@ def _stand_in_scores(seed: int = 0):
         for uri in sorted(by_file):
             ids = sorted(by_file[uri])
             for start in range(0, len(ids), 1024):
-                batch = ids[start:start + 1024]
-                yield batch, matrix[:len(batch)]
+                batch = ids[start : start + 1024]
+                yield batch, matrix[: len(batch)]
 
     return score_batches
 
@@ -327,8 +430,12 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
 
     with engine_for(db_url).begin() as conn:
         before = conn.exec_driver_sql("SELECT COUNT(*) FROM predictions").scalar()
-        ids = [r[0] for r in conn.exec_driver_sql("SELECT video_id FROM videos ORDER BY parquet_uri, video_id LIMIT %s",
-                                                  (limit or size.total_videos,))]
+        ids = [
+            r[0]
+            for r in conn.exec_driver_sql(
+                "SELECT video_id FROM videos ORDER BY parquet_uri, video_id LIMIT %s", (limit or size.total_videos,)
+            )
+        ]
     rng = np.random.default_rng(0)
     labels = np.floor(NUM_CLASSES * rng.random((2000, K)) ** 3).astype(np.int32)
     scores = np.sort(rng.random((2000, K)), axis=1)[:, ::-1]
@@ -338,31 +445,43 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
             conn.exec_driver_sql(
                 "INSERT INTO model_versions (version, level, preset, checkpoint_uri, config, data_uri, train_split, epochs, "
                 "steps, status, created_at) VALUES (%s, 'frame', 'seed', %s, '{}', 's3://yt8m/parquet', 'train', 5, 19000, "
-                "'trained', now())", (version, f"s3://yt8m/models/v{version}/final.pt"))
+                "'trained', now())",
+                (version, f"s3://yt8m/models/v{version}/final.pt"),
+            )
             conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('model_versions', 'version'), %s)", (version,))
             if mode == "indexed":
                 predictions.ensure_partition(conn, version)
         run = predictions.start_run(db_url, NIGHT + timedelta(days=30), version, K, None)
         target = predictions.write_target(db_url, run, clear=True)
         assert (target == "predictions") == (mode == "indexed")
-        predictions.record_parts(db_url, run, [{"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}])
+        predictions.record_parts(
+            db_url, run, [{"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}]
+        )
         attempt = predictions.start_part(db_url, run, 0)["attempt"]
         started = time.perf_counter()
         writer = predictions.ChunkWriter(db_url, run, version, 0, target=target, attempt=attempt)
         for start in range(0, len(ids), 2000):
-            chunk = ids[start:start + 2000]
-            writer.submit(chunk, labels[:len(chunk)], scores[:len(chunk)])
+            chunk = ids[start : start + 2000]
+            writer.submit(chunk, labels[: len(chunk)], scores[: len(chunk)])
         rows = writer.close()
         seconds = time.perf_counter() - started
         _, indexing = _timed(predictions.finalize_load, db_url, run)
         predictions.finish_run(db_url, run)
         dropped, retiring = _timed(predictions.retire, db_url, version)
         assert rows == dropped == len(ids) * K
-        figures.update({f"{mode}: rows/s": rows / seconds, f"{mode}: index and attach (s)": indexing,
-                        f"{mode}: rows/s, indexes included": rows / (seconds + indexing),
-                        f"{mode}: retire the version (s)": retiring})
-    return {"items": rows, "seconds": rows / figures["load: rows/s, indexes included"], "figures": {
-        "rows written each way": rows, **figures}}
+        figures.update(
+            {
+                f"{mode}: rows/s": rows / seconds,
+                f"{mode}: index and attach (s)": indexing,
+                f"{mode}: rows/s, indexes included": rows / (seconds + indexing),
+                f"{mode}: retire the version (s)": retiring,
+            }
+        )
+    return {
+        "items": rows,
+        "seconds": rows / figures["load: rows/s, indexes included"],
+        "figures": {"rows written each way": rows, **figures},
+    }
 
 
 def stage_rescore(db_url: str, work: str, size: Size, max_parts: int | None) -> dict:
@@ -383,14 +502,25 @@ def stage_rescore(db_url: str, work: str, size: Size, max_parts: int | None) -> 
         rows += tag_part(db_url, plan, part, score_batches=score_batches).rows_written
         rss.append(_peak_rss_mb())
     parts = time.perf_counter() - started
-    figures = {"rows already in the table": before, "plan_night (s)": planning, "parts planned": len(plan.parts),
-               "parts run": len(run_parts), "parts: score stand-in, top k, COPY, fragments (s)": parts,
-               "rows/s": rows / parts, "peak RSS after the first part (MB)": rss[0], "run_id": plan.run_id}
+    figures = {
+        "rows already in the table": before,
+        "plan_night (s)": planning,
+        "parts planned": len(plan.parts),
+        "parts run": len(run_parts),
+        "parts: score stand-in, top k, COPY, fragments (s)": parts,
+        "rows/s": rows / parts,
+        "peak RSS after the first part (MB)": rss[0],
+        "run_id": plan.run_id,
+    }
     if len(run_parts) == len(plan.parts):
         report, finishing = _timed(finish_night, db_url, plan)
         assert report.videos == size.total_videos and report.rows_written == rows == size.total_videos * K
-        figures.update({"finish_night: join exports (s)": finishing,
-                        "exports (GB)": sum(Path(u).stat().st_size for u in report.exports) / 1e9})
+        figures.update(
+            {
+                "finish_night: join exports (s)": finishing,
+                "exports (GB)": sum(Path(u).stat().st_size for u in report.exports) / 1e9,
+            }
+        )
         parts += finishing
     shutil.rmtree(exports)
     return {"items": rows, "seconds": planning + parts, "figures": figures}
@@ -398,17 +528,22 @@ def stage_rescore(db_url: str, work: str, size: Size, max_parts: int | None) -> 
 
 # --- the queries users run ---------------------------------------------------------------------------------
 
+
 def _query_params(conn, run_id: int) -> dict[str, list[dict]]:
     import random
 
     rng = random.Random(0)
-    sample = [r[0] for r in conn.exec_driver_sql(
-        "SELECT video_id FROM videos TABLESAMPLE SYSTEM (1) REPEATABLE (7) LIMIT 2000").all()]
+    sample = [
+        r[0]
+        for r in conn.exec_driver_sql(
+            "SELECT video_id FROM videos TABLESAMPLE SYSTEM (1) REPEATABLE (7) LIMIT 2000"
+        ).all()
+    ]
     videos = rng.sample(sample, min(40, len(sample)))
     labels = [0, 1, 5, 50, 500, 3000]
     return {
         "video_top_labels": [{"video_id": v, "k": 20} for v in videos],
-        "label_top_videos": [{"label_id": l, "limit": 100} for l in labels for _ in range(5)],
+        "label_top_videos": [{"label_id": label, "limit": 100} for label in labels for _ in range(5)],
         "run_label_counts": [{"run_id": run_id, "k": k, "limit": 100} for k in (1, 5, 20) for _ in range(3)],
         "tagged_videos": [{"limit": 12}] * 10,
         "runs": [{"limit": 10}] * 10,
@@ -440,11 +575,18 @@ def stage_queries(db_url: str, size: Size, run_id: int) -> dict:
                 times.append(time.perf_counter() - started)
             plan = [r[0] for r in conn.execute(text("EXPLAIN " + queries.available()[name].read_text()), runs[0])]
             times.sort()
-            figures[name] = {"runs": len(times), "median_ms": statistics.median(times) * 1000,
-                             "p95_ms": times[min(len(times) - 1, math.ceil(0.95 * len(times)) - 1)] * 1000,
-                             "rows": result_rows, "plan": _plan_summary(plan)}
-    return {"items": size.total_videos * K * 2, "seconds": sum(f["median_ms"] for f in figures.values()) / 1000,
-            "figures": figures}
+            figures[name] = {
+                "runs": len(times),
+                "median_ms": statistics.median(times) * 1000,
+                "p95_ms": times[min(len(times) - 1, math.ceil(0.95 * len(times)) - 1)] * 1000,
+                "rows": result_rows,
+                "plan": _plan_summary(plan),
+            }
+    return {
+        "items": size.total_videos * K * 2,
+        "seconds": sum(f["median_ms"] for f in figures.values()) / 1000,
+        "figures": figures,
+    }
 
 
 def _plan_summary(lines: list[str]) -> str:
@@ -452,14 +594,32 @@ def _plan_summary(lines: list[str]) -> str:
     nodes = []
     for line in lines:
         node = line.strip().removeprefix("->").strip()
-        if node and not node.startswith(("Filter", "Index Cond", "Sort Key", "Group Key", "Hash Cond", "Join Filter",
-                                          "Recheck", "Merge Cond", "Heap Blocks", "Workers", "Output", "Rows Removed",
-                                          "InitPlan", "SubPlan", "Subplans Removed", "Presorted Key")):
+        if node and not node.startswith(
+            (
+                "Filter",
+                "Index Cond",
+                "Sort Key",
+                "Group Key",
+                "Hash Cond",
+                "Join Filter",
+                "Recheck",
+                "Merge Cond",
+                "Heap Blocks",
+                "Workers",
+                "Output",
+                "Rows Removed",
+                "InitPlan",
+                "SubPlan",
+                "Subplans Removed",
+                "Presorted Key",
+            )
+        ):
             nodes.append(node.split("  (")[0].split(" (cost")[0])
     return " > ".join(nodes[:8]) + (" ..." if len(nodes) > 8 else "")
 
 
 # --- a training epoch's plan --------------------------------------------------------------------------------
+
 
 def stage_training_plan(size: Size) -> dict:
     import pickle
@@ -468,19 +628,31 @@ def stage_training_plan(size: Size) -> dict:
     from model.data import ParquetBatches, RowGroup, plan_nbytes
 
     files, videos = size.shards("train"), size.videos("train")
-    groups = [RowGroup(f"{PARQUET}/train/train{i:04d}.parquet", g, videos // files // 2 + (g < (videos // files) % 2))
-              for i in range(files) for g in range(2)]
+    groups = [
+        RowGroup(f"{PARQUET}/train/train{i:04d}.parquet", g, videos // files // 2 + (g < (videos // files) % 2))
+        for i in range(files)
+        for g in range(2)
+    ]
     tracemalloc.start()
     dataset, seconds = _timed(ParquetBatches, groups, "frame", 1024, NUM_CLASSES, workers=4)
     _, traced = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     shipped = len(pickle.dumps(dataset))  # what each DataLoader worker receives (spawn) or shares (fork)
-    return {"items": sum(g.rows for g in groups), "seconds": seconds, "figures": {
-        "videos": sum(g.rows for g in groups), "batches": len(dataset), "plan arrays (MB)": plan_nbytes(dataset) / 1e6,
-        "traced peak while planning (MB)": traced / 1e6, "dataset pickled for a worker (MB)": shipped / 1e6}}
+    return {
+        "items": sum(g.rows for g in groups),
+        "seconds": seconds,
+        "figures": {
+            "videos": sum(g.rows for g in groups),
+            "batches": len(dataset),
+            "plan arrays (MB)": plan_nbytes(dataset) / 1e6,
+            "traced peak while planning (MB)": traced / 1e6,
+            "dataset pickled for a worker (MB)": shipped / 1e6,
+        },
+    }
 
 
 # --- driver ------------------------------------------------------------------------------------------------
+
 
 def _scratch(admin_url: str, name: str) -> str:
     from sqlalchemy import create_engine
@@ -519,12 +691,16 @@ def _print_stage(stage: str, sizes: list[Size], results: list[dict]) -> None:
             print(f"  {size.percent:g}%: not run")
             continue
         rate = result["items"] / result["seconds"] if result["seconds"] else float("inf")
-        print(f"  {size.percent:g}%: {result['seconds']:.2f} s, {result['items']:,} items, {rate:,.0f} items/s, "
-              f"peak RSS {result['rss_mb']:.0f} MB" + ("" if e is None else f", growth n^{e:.2f}"))
+        print(
+            f"  {size.percent:g}%: {result['seconds']:.2f} s, {result['items']:,} items, {rate:,.0f} items/s, "
+            f"peak RSS {result['rss_mb']:.0f} MB" + ("" if e is None else f", growth n^{e:.2f}")
+        )
         for key, value in result["figures"].items():
             if isinstance(value, dict):
-                print(f"    {key}: median {value['median_ms']:.1f} ms, p95 {value['p95_ms']:.1f} ms over {value['runs']} "
-                      f"runs, {value['rows']} rows; plan: {value['plan']}")
+                print(
+                    f"    {key}: median {value['median_ms']:.1f} ms, p95 {value['p95_ms']:.1f} ms over {value['runs']} "
+                    f"runs, {value['rows']} rows; plan: {value['plan']}"
+                )
             else:
                 print(f"    {key}: {value:,.3f}" if isinstance(value, float) else f"    {key}: {value:,}")
 
@@ -539,10 +715,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg", default="postgresql+psycopg2://postgres@127.0.0.1:5432/postgres", help="an admin URL")
     parser.add_argument("--work", default=None, help="folder for shards and exports (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write every figure to this file")
-    parser.add_argument("--rescore-parts", type=int, default=None,
-                        help="at 100%%, run only the first N parts of the full rescore (default: all)")
-    parser.add_argument("--bulk-videos", type=int, default=None,
-                        help="the bulk-write stage writes this many videos x 20 rows (default: every video)")
+    parser.add_argument(
+        "--rescore-parts",
+        type=int,
+        default=None,
+        help="at 100%%, run only the first N parts of the full rescore (default: all)",
+    )
+    parser.add_argument(
+        "--bulk-videos",
+        type=int,
+        default=None,
+        help="the bulk-write stage writes this many videos x 20 rows (default: every video)",
+    )
     args = parser.parse_args(argv)
     sizes = [Size(float(p)) for p in args.sizes.split(",")]
     stages = args.stages.split(",")
@@ -551,9 +735,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown stages: {', '.join(sorted(unknown))}")
     work = Path(args.work or tempfile.mkdtemp(prefix="vtag-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"benchmarks.scale: sizes {', '.join(f'{s.percent:g}%' for s in sizes)} of YouTube-8M "
-          f"({', '.join(f'{s.total_shards:,} shards / {s.total_videos:,} videos' for s in sizes)}); "
-          f"{os.cpu_count()} CPUs; work in {work}")
+    print(
+        f"benchmarks.scale: sizes {', '.join(f'{s.percent:g}%' for s in sizes)} of YouTube-8M "
+        f"({', '.join(f'{s.total_shards:,} shards / {s.total_videos:,} videos' for s in sizes)}); "
+        f"{os.cpu_count()} CPUs; work in {work}"
+    )
     results: dict[str, list] = {s: [] for s in stages}
     earlier = _earlier(args.json, sizes)
     try:
@@ -593,8 +779,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:  # every size measured so far, this run's and earlier runs'
         merged = _earlier(args.json, [])
         sizes = [Size(p) for p in sorted(merged)]
-        results = {stage: [merged[s.percent].get(stage) for s in sizes]
-                   for stage in dict.fromkeys(k for by_stage in merged.values() for k in by_stage)}
+        results = {
+            stage: [merged[s.percent].get(stage) for s in sizes]
+            for stage in dict.fromkeys(k for by_stage in merged.values() for k in by_stage)
+        }
     for stage, stage_results in results.items():
         if any(stage_results):
             _print_stage(stage, sizes, stage_results)

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import random_videos, seconds_per_steps
-
 from model.attention_lstm import build_model, dequantize, loss_fn
 from model.config import load_config
 from model.data import ParquetBatches, find_row_groups
@@ -85,13 +84,17 @@ def main() -> None:
         for shard in LocalStore().list(str(raw)):
             convert_shard(shard, parquet, db_url)
         rate, frames = loader_rate(parquet, args.loader_batch_size, args.loader_videos // args.loader_batch_size)
-    print(f"loader, one worker: {rate:,.0f} videos/s (batches of {args.loader_batch_size}, {frames:.0f} frames a video on average)")
+    print(
+        f"loader, one worker: {rate:,.0f} videos/s (batches of {args.loader_batch_size}, {frames:.0f} frames a video on average)"
+    )
     device = torch.device(args.device)
     videos_per_s, peak = training_rate(device, args.batch_size, args.steps, args.warmup)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"training, seed config (embedding 512, BiLSTM 1024, head 8192/4096), {MAX_FRAMES}-frame videos, "
-          f"batch {args.batch_size}{', bf16' if device.type == 'cuda' else ''} on {name}: {videos_per_s:,.1f} videos/s"
-          + (f", peak GPU memory {peak:.1f} GiB" if device.type == "cuda" else ""))
+    print(
+        f"training, seed config (embedding 512, BiLSTM 1024, head 8192/4096), {MAX_FRAMES}-frame videos, "
+        f"batch {args.batch_size}{', bf16' if device.type == 'cuda' else ''} on {name}: {videos_per_s:,.1f} videos/s"
+        + (f", peak GPU memory {peak:.1f} GiB" if device.type == "cuda" else "")
+    )
 
 
 if __name__ == "__main__":

@@ -43,15 +43,31 @@ def _shards(batch: list[dict]) -> list:
     max_active_runs=1,
     tags=["yt8m"],
     params={
-        "src": Param(None, type=["null", "string"], pattern=URI_PATTERN, title="Source URI",
-                     description="Folder of TFRecord shards (path, file:// or s3://). Empty: the yt8m_raw_uri variable."),
-        "dest": Param(None, type=["null", "string"], pattern=URI_PATTERN, title="Destination URI",
-                      description="Root of the Parquet layout. Empty: the yt8m_parquet_uri variable."),
-        "pattern": Param("*.tfrecord", type="string", minLength=1, title="File pattern", description="Glob on shard names."),
+        "src": Param(
+            None,
+            type=["null", "string"],
+            pattern=URI_PATTERN,
+            title="Source URI",
+            description="Folder of TFRecord shards (path, file:// or s3://). Empty: the yt8m_raw_uri variable.",
+        ),
+        "dest": Param(
+            None,
+            type=["null", "string"],
+            pattern=URI_PATTERN,
+            title="Destination URI",
+            description="Root of the Parquet layout. Empty: the yt8m_parquet_uri variable.",
+        ),
+        "pattern": Param(
+            "*.tfrecord", type="string", minLength=1, title="File pattern", description="Glob on shard names."
+        ),
         "force": Param(False, type="boolean", title="Force", description="Convert again even unchanged shards."),
-        "replace": Param(False, type="boolean", title="Replace",
-                         description="Let a shard replace the Parquet file that a shard of the same name from another "
-                                     "source was converted to (otherwise it is quarantined)."),
+        "replace": Param(
+            False,
+            type="boolean",
+            title="Replace",
+            description="Let a shard replace the Parquet file that a shard of the same name from another "
+            "source was converted to (otherwise it is quarantined).",
+        ),
     },
 )
 def yt8m_ingest():
@@ -65,8 +81,13 @@ def yt8m_ingest():
         src, dest = canonical_uri(cfg.raw_uri(params["src"])), canonical_uri(cfg.parquet_uri(params["dest"]))
         pending, skipped = list_pending(src, dest, cfg.db_url(), params["pattern"], params["force"], cfg.s3_config())
         batches = plan_batches(pending)
-        print(f"{len(pending)} shards to convert from {src} to {dest} in {len(batches)} batches, {skipped} already converted")
-        return [[{"uri": s.uri, "size": s.size, "fingerprint": s.fingerprint, "dest": dest} for s in batch] for batch in batches]
+        print(
+            f"{len(pending)} shards to convert from {src} to {dest} in {len(batches)} batches, {skipped} already converted"
+        )
+        return [
+            [{"uri": s.uri, "size": s.size, "fingerprint": s.fingerprint, "dest": dest} for s in batch]
+            for batch in batches
+        ]
 
     @task(max_active_tis_per_dagrun=4, retries=2, map_index_template=_BATCH_NAME)
     def convert_batch(batch: list[dict], params: dict) -> dict:
@@ -75,12 +96,20 @@ def yt8m_ingest():
         from tasks import airflow_config as cfg
         from tasks import ingest
 
-        report = ingest.convert_batch(_shards(batch), batch[0]["dest"], cfg.db_url(), cfg.s3_config(),
-                                     force=params["force"], replace=params["replace"])
+        report = ingest.convert_batch(
+            _shards(batch),
+            batch[0]["dest"],
+            cfg.db_url(),
+            cfg.s3_config(),
+            force=params["force"],
+            replace=params["replace"],
+        )
         print(f"{len(report.converted)} converted, {report.skipped} already converted, {len(report.failed)} failed")
         failures = "\n".join(report.failed.values())
         if report.retryable:  # Airflow retries the batch; the retry skips the shards converted by now
-            raise ingest.TransientBatchError(f"{len(report.failed)} of {len(batch)} shards did not convert:\n{failures}")
+            raise ingest.TransientBatchError(
+                f"{len(report.failed)} of {len(batch)} shards did not convert:\n{failures}"
+            )
         if report.failed:  # bad content: retrying cannot help
             raise AirflowFailException(f"quarantined {len(report.failed)} of {len(batch)} shards:\n{failures}")
         return {"converted": len(report.converted), "rows": sum(r["rows"] for r in report.converted)}

@@ -26,22 +26,53 @@ from airflow.sdk import Param, dag, task
     params={
         "top_k": Param(20, type="integer", minimum=1, maximum=3862, title="Labels kept per video (k)"),
         "level": Param("frame", enum=["frame", "video"], title="Level of the production model"),
-        "model_version": Param(None, type=["null", "integer"], minimum=1, title="Model version override",
-                               description="Empty: the production model."),
-        "video_ids": Param([], type="array", items={"type": "string", "pattern": "^[A-Za-z0-9_-]{1,32}$"},
-                           title="Videos to (re)score", description="Empty: everything not scored yet."),
-        "shard_pattern": Param(None, type=["null", "string"], title="Parquet file pattern",
-                               description="Only videos from matching files, e.g. train00*.parquet. Empty: all."),
-        "part_videos": Param(250_000, type="integer", minimum=1, title="Videos per part",
-                             description="A night is scored in parts of about this many videos, one GPU task each."),
-        "keep_prediction_versions": Param(None, type=["null", "integer"], minimum=1, title="Keep predictions of N versions",
-                                          description="After a good night, drop the predictions of all but the newest N "
-                                                      "model versions (production always stays). Empty: keep all."),
-        "dry_run": Param(False, type="boolean", title="Dry run", description="Count what would be scored; write nothing."),
-        "lock_timeout_s": Param(None, type=["null", "integer"], minimum=0, title="Wait for another run (s)",
-                                description="How long planning and each part wait for an earlier try of the same night "
-                                            "that still holds its lock, then fail naming it. Empty: $VTAG_LOCK_TIMEOUT_S "
-                                            "or 600."),
+        "model_version": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Model version override",
+            description="Empty: the production model.",
+        ),
+        "video_ids": Param(
+            [],
+            type="array",
+            items={"type": "string", "pattern": "^[A-Za-z0-9_-]{1,32}$"},
+            title="Videos to (re)score",
+            description="Empty: everything not scored yet.",
+        ),
+        "shard_pattern": Param(
+            None,
+            type=["null", "string"],
+            title="Parquet file pattern",
+            description="Only videos from matching files, e.g. train00*.parquet. Empty: all.",
+        ),
+        "part_videos": Param(
+            250_000,
+            type="integer",
+            minimum=1,
+            title="Videos per part",
+            description="A night is scored in parts of about this many videos, one GPU task each.",
+        ),
+        "keep_prediction_versions": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Keep predictions of N versions",
+            description="After a good night, drop the predictions of all but the newest N "
+            "model versions (production always stays). Empty: keep all.",
+        ),
+        "dry_run": Param(
+            False, type="boolean", title="Dry run", description="Count what would be scored; write nothing."
+        ),
+        "lock_timeout_s": Param(
+            None,
+            type=["null", "integer"],
+            minimum=0,
+            title="Wait for another run (s)",
+            description="How long planning and each part wait for an earlier try of the same night "
+            "that still holds its lock, then fail naming it. Empty: $VTAG_LOCK_TIMEOUT_S "
+            "or 600.",
+        ),
     },
 )
 def yt8m_nightly_inference():
@@ -54,37 +85,63 @@ def yt8m_nightly_inference():
         from tasks.inference import NoProductionModel, count_pending, finish_night, plan_night
 
         when = logical_date or pendulum.now("UTC")  # a manual run may have no logical date in Airflow 3
-        request = {"top_k": params["top_k"], "level": params["level"], "model_version": params["model_version"],
-                   "video_ids": params["video_ids"] or None, "shard_pattern": params["shard_pattern"] or None,
-                   "s3": cfg.s3_config()}
+        request = {
+            "top_k": params["top_k"],
+            "level": params["level"],
+            "model_version": params["model_version"],
+            "video_ids": params["video_ids"] or None,
+            "shard_pattern": params["shard_pattern"] or None,
+            "s3": cfg.s3_config(),
+        }
         try:
             if params["dry_run"]:
                 version, videos = count_pending(cfg.db_url(), when, **request)
                 raise AirflowSkipException(f"dry run: model version {version} would score {videos} videos")
-            plan = plan_night(cfg.db_url(), when, **request, airflow_run_id=run_id, part_videos=params["part_videos"],
-                              exports_uri=f"{cfg.exports_uri().rstrip('/')}/{when:%Y-%m-%dT%H%M%S}",
-                              lock_timeout_s=params.get("lock_timeout_s"))
+            plan = plan_night(
+                cfg.db_url(),
+                when,
+                **request,
+                airflow_run_id=run_id,
+                part_videos=params["part_videos"],
+                exports_uri=f"{cfg.exports_uri().rstrip('/')}/{when:%Y-%m-%dT%H%M%S}",
+                lock_timeout_s=params.get("lock_timeout_s"),
+            )
         except NoProductionModel as exc:
             raise AirflowSkipException(str(exc)) from None  # nothing to tag with yet: not a failure
-        print(f"run {plan.run_id}, model version {plan.model_version}: {sum(p['videos'] for p in plan.parts)} videos "
-              f"in {len(plan.parts)} parts")
+        print(
+            f"run {plan.run_id}, model version {plan.model_version}: {sum(p['videos'] for p in plan.parts)} videos "
+            f"in {len(plan.parts)} parts"
+        )
         if not plan.parts:  # nothing new tonight: close the run (empty exports) here, no part to wait for
             finish_night(cfg.db_url(), plan, cfg.s3_config())
         night = {**plan.as_dict(), "parts": []}
         return [{"night": night, "part": part} for part in plan.parts]
 
-    @task(pool="gpu", queue="gpu", retries=3, retry_delay=timedelta(minutes=2), retry_exponential_backoff=True,
-          map_index_template="part {{ task.op_kwargs['work']['part']['part'] }}: "
-                             "{{ task.op_kwargs['work']['part']['videos'] }} videos")
+    @task(
+        pool="gpu",
+        queue="gpu",
+        retries=3,
+        retry_delay=timedelta(minutes=2),
+        retry_exponential_backoff=True,
+        map_index_template="part {{ task.op_kwargs['work']['part']['part'] }}: "
+        "{{ task.op_kwargs['work']['part']['videos'] }} videos",
+    )
     def tag_part(work: dict, params: dict | None = None) -> dict:
         from tasks import airflow_config as cfg
         from tasks.inference import NightPlan, tag_part
 
         part = work["part"]
-        report = tag_part(cfg.db_url(), NightPlan.from_dict(work["night"]), part, s3=cfg.s3_config(),
-                          lock_timeout_s=(params or {}).get("lock_timeout_s"))
-        print(f"part {part['part']} ({part['first_uri']} .. {part['last_uri']}): {report.videos} videos, "
-              f"{report.rows_written} rows")
+        report = tag_part(
+            cfg.db_url(),
+            NightPlan.from_dict(work["night"]),
+            part,
+            s3=cfg.s3_config(),
+            lock_timeout_s=(params or {}).get("lock_timeout_s"),
+        )
+        print(
+            f"part {part['part']} ({part['first_uri']} .. {part['last_uri']}): {report.videos} videos, "
+            f"{report.rows_written} rows"
+        )
         return {"part": report.part, "videos": report.videos, "rows_written": report.rows_written}
 
     @task(trigger_rule="none_skipped")  # after every part, failed ones included: the run row must say so
@@ -100,8 +157,13 @@ def yt8m_nightly_inference():
         plan = NightPlan.from_dict({**work[0]["night"], "parts": [w["part"] for w in work]})
         report = finish_night(cfg.db_url(), plan, cfg.s3_config())
         print(f"model version {report.model_version}: {report.videos} videos, {report.rows_written} rows")
-        return {"run_id": report.run_id, "model_version": report.model_version, "videos": report.videos,
-                "rows_written": report.rows_written, "exports": report.exports}
+        return {
+            "run_id": report.run_id,
+            "model_version": report.model_version,
+            "videos": report.videos,
+            "rows_written": report.rows_written,
+            "exports": report.exports,
+        }
 
     @task(trigger_rule="none_failed")  # also after a quiet night (no part, finish skipped)
     def retire_old_predictions(params: dict) -> list[int]:

@@ -25,19 +25,38 @@ def _optional(kind: str, title: str, **limits) -> Param:
     max_active_runs=1,
     tags=["yt8m"],
     params={
-        "data": Param(None, type=["null", "string"], pattern=URI_PATTERN, title="Parquet root URI",
-                      description="Empty: where the triggering ingest wrote, else the yt8m_parquet_uri variable."),
+        "data": Param(
+            None,
+            type=["null", "string"],
+            pattern=URI_PATTERN,
+            title="Parquet root URI",
+            description="Empty: where the triggering ingest wrote, else the yt8m_parquet_uri variable.",
+        ),
         "level": Param("frame", enum=["frame", "video"], title="Level"),
-        "preset": Param("", enum=["", "seed", "small", "video"], title="Model preset",
-                        description="Empty: seed on a GPU and small on a CPU for frame level, video for video level."),
+        "preset": Param(
+            "",
+            enum=["", "seed", "small", "video"],
+            title="Model preset",
+            description="Empty: seed on a GPU and small on a CPU for frame level, video for video level.",
+        ),
         "epochs": _optional("integer", "Epochs", minimum=1),
         "batch_size": _optional("integer", "Batch size", minimum=1),
         "learning_rate": _optional("number", "Learning rate", exclusiveMinimum=0),
         "max_frames": _optional("integer", "Max frames", minimum=1, maximum=300),
-        "resume_checkpoint": Param(None, type=["null", "string"], pattern=URI_PATTERN, title="Resume from checkpoint",
-                                   description="Start from this checkpoint's weights (fine-tuning)."),
-        "checkpoint_every": Param(1000, type="integer", minimum=0, title="Checkpoint every N steps",
-                                  description="Besides every epoch; 0: epochs only. A crash loses at most this much."),
+        "resume_checkpoint": Param(
+            None,
+            type=["null", "string"],
+            pattern=URI_PATTERN,
+            title="Resume from checkpoint",
+            description="Start from this checkpoint's weights (fine-tuning).",
+        ),
+        "checkpoint_every": Param(
+            1000,
+            type="integer",
+            minimum=0,
+            title="Checkpoint every N steps",
+            description="Besides every epoch; 0: epochs only. A crash loses at most this much.",
+        ),
         "train_split": Param("train", enum=["train", "validate", "test"], title="Train on split"),
         "train_pattern": Param("*.parquet", type="string", minLength=1, title="Train file pattern"),
         "eval_split": Param("validate", enum=["train", "validate", "test"], title="Evaluate on split"),
@@ -57,10 +76,21 @@ def yt8m_train():
         data = params["data"] or event_dest or cfg.parquet_uri(None)
         out = join(cfg.models_uri(), re.sub(r"[^A-Za-z0-9._-]", "_", run_id))
         overrides = {k: params[k] for k in ("epochs", "batch_size", "learning_rate", "max_frames")}
-        result = train_model(data, out, params["level"], cfg.db_url(), preset=params["preset"] or None,
-                             overrides=overrides, split=params["train_split"], pattern=params["train_pattern"],
-                             resume=params["resume_checkpoint"] or None, s3=cfg.s3_config(), run_id=run_id,
-                             checkpoint_every=params["checkpoint_every"], progress=False)
+        result = train_model(
+            data,
+            out,
+            params["level"],
+            cfg.db_url(),
+            preset=params["preset"] or None,
+            overrides=overrides,
+            split=params["train_split"],
+            pattern=params["train_pattern"],
+            resume=params["resume_checkpoint"] or None,
+            s3=cfg.s3_config(),
+            run_id=run_id,
+            checkpoint_every=params["checkpoint_every"],
+            progress=False,
+        )
         return {**result, "data": data}
 
     @task
@@ -69,8 +99,15 @@ def yt8m_train():
         from tasks.training import evaluate_model
 
         # The version trained, by number: its checkpoint is scored with its sha256 verified.
-        return evaluate_model(trained["checkpoint_uri"], trained["data"], cfg.db_url(), split=params["eval_split"],
-                              pattern=params["eval_pattern"], s3=cfg.s3_config(), version=trained["version"])
+        return evaluate_model(
+            trained["checkpoint_uri"],
+            trained["data"],
+            cfg.db_url(),
+            split=params["eval_split"],
+            pattern=params["eval_pattern"],
+            s3=cfg.s3_config(),
+            version=trained["version"],
+        )
 
     @task
     def register_and_promote(evaluation: dict) -> dict:

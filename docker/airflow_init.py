@@ -56,15 +56,19 @@ class InitError(Exception):
 def check_secrets(env: dict[str, str]) -> None:
     for name, dotenv in SECRETS.items():
         if PLACEHOLDER in env.get(name, ""):
-            raise InitError(f"{dotenv} in docker/.env still holds the placeholder of docker/.env.example: "
-                            "set a real value (see the comments there)")
+            raise InitError(
+                f"{dotenv} in docker/.env still holds the placeholder of docker/.env.example: "
+                "set a real value (see the comments there)"
+            )
     from cryptography.fernet import Fernet
 
     try:
         Fernet(env["AIRFLOW__CORE__FERNET_KEY"].encode())
     except (KeyError, ValueError):
-        raise InitError("AIRFLOW_FERNET_KEY in docker/.env is not a Fernet key: generate one with "
-                        "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'") from None
+        raise InitError(
+            "AIRFLOW_FERNET_KEY in docker/.env is not a Fernet key: generate one with "
+            "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
+        ) from None
 
 
 def login_passwords(env: dict[str, str]) -> dict[str, str]:
@@ -77,8 +81,10 @@ def login_passwords(env: dict[str, str]) -> dict[str, str]:
 def write_password_file(env: dict[str, str]) -> Path:
     path = Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
     if not os.access(path.parent, os.W_OK):
-        raise InitError(f"{path.parent} is not writable by uid {os.getuid()}: it is the airflow-auth volume, "
-                        "created from the image's folder; recreate it (docker compose down, docker volume rm)")
+        raise InitError(
+            f"{path.parent} is not writable by uid {os.getuid()}: it is the airflow-auth volume, "
+            "created from the image's folder; recreate it (docker compose down, docker volume rm)"
+        )
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".passwords-")  # mode 0600
     with os.fdopen(fd, "w") as f:
         json.dump(login_passwords(env), f)
@@ -95,12 +101,22 @@ def connections(env: dict[str, str]) -> dict[str, dict]:
 
     url = make_url(env["VTAG_DB_URL"])
     if url.get_backend_name() == "postgresql":
-        db = {"conn_type": "postgres", "host": url.host, "port": url.port or 5432, "schema": url.database,
-              "login": url.username, "password": url.password}
+        db = {
+            "conn_type": "postgres",
+            "host": url.host,
+            "port": url.port or 5432,
+            "schema": url.database,
+            "login": url.username,
+            "password": url.password,
+        }
     else:  # tasks/airflow_config.py takes any other database as a sqlalchemy_url extra
         db = {"conn_type": "generic", "extra": json.dumps({"sqlalchemy_url": env["VTAG_DB_URL"]})}
-    s3 = {"conn_type": "aws", "login": env["AWS_ACCESS_KEY_ID"], "password": env["AWS_SECRET_ACCESS_KEY"],
-          "extra": json.dumps({"endpoint_url": env["AWS_ENDPOINT_URL"], "region_name": env["AWS_DEFAULT_REGION"]})}
+    s3 = {
+        "conn_type": "aws",
+        "login": env["AWS_ACCESS_KEY_ID"],
+        "password": env["AWS_SECRET_ACCESS_KEY"],
+        "extra": json.dumps({"endpoint_url": env["AWS_ENDPOINT_URL"], "region_name": env["AWS_DEFAULT_REGION"]}),
+    }
     return {DB_CONN_ID: db, S3_CONN_ID: s3}
 
 

@@ -42,8 +42,10 @@ class CheckpointChangedError(CheckpointError):
     """A registered checkpoint whose bytes are no longer those recorded when it was registered."""
 
     def __init__(self, uri: str, expected: str, found: str):
-        super().__init__(f"checkpoint {uri} changed since it was registered (sha256 {expected}, now {found}): "
-                         "refusing to use weights that are not the version's")
+        super().__init__(
+            f"checkpoint {uri} changed since it was registered (sha256 {expected}, now {found}): "
+            "refusing to use weights that are not the version's"
+        )
         self.uri, self.expected, self.found = uri, expected, found
 
 
@@ -119,8 +121,10 @@ def freeze(uri: str, sha256: str, fingerprint: str, s3: S3Config | None = None) 
     if store.exists(frozen):
         found = sha256_of(frozen, s3)
         if found != sha256:
-            raise CheckpointError(f"{frozen} exists with other content (sha256 {found}, expected {sha256}): "
-                                  f"it was altered; move it away to register {uri}")
+            raise CheckpointError(
+                f"{frozen} exists with other content (sha256 {found}, expected {sha256}): "
+                f"it was altered; move it away to register {uri}"
+            )
         return frozen
     with store.publish(frozen) as path:
         # The pinned fingerprint: a training run that rewrote `uri` since it was hashed fails the copy
@@ -170,7 +174,9 @@ def _parse(data: bytes, uri: str) -> dict:
     except Exception as exc:
         raise CheckpointError(f"{uri} is not a vtag checkpoint: {exc}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{uri} is not a vtag checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
+        raise CheckpointError(
+            f"{uri} is not a vtag checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})"
+        )
     return state
 
 
@@ -209,7 +215,9 @@ def sweep_temporaries(out_uri: str, epochs: int, s3: S3Config | None = None) -> 
         names = _killed_save_names(out_uri)
     removed = [path for name in sorted(names) for path in store.remove_stale_temporaries(join(out_uri, name))]
     if removed:
-        log.warning("removed %d leftover(s) of killed checkpoint saves in %s: %s", len(removed), out_uri, ", ".join(removed))
+        log.warning(
+            "removed %d leftover(s) of killed checkpoint saves in %s: %s", len(removed), out_uri, ", ".join(removed)
+        )
     return removed
 
 
@@ -220,5 +228,8 @@ def _killed_save_names(out_uri: str) -> set[str]:
         entries = os.listdir(LocalStore.path(out_uri))
     except (FileNotFoundError, NotADirectoryError):
         return set()
-    return {match["name"] for entry in entries
-            if (match := TEMPORARY.fullmatch(entry)) and RUN_FILE.fullmatch(match["name"])}
+    return {
+        match["name"]
+        for entry in entries
+        if (match := TEMPORARY.fullmatch(entry)) and RUN_FILE.fullmatch(match["name"])
+    }

@@ -51,9 +51,15 @@ class Config:
         need(self.level in LEVELS, f"level must be frame or video, not {self.level!r}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         for name in ("embedding_size", "lstm_size", "hidden_size", "num_classes", "batch_size", "epochs", "max_frames"):
-            need(_integer(getattr(self, name)) and getattr(self, name) >= 1, f"{name} must be a positive integer, not {getattr(self, name)!r}")
+            need(
+                _integer(getattr(self, name)) and getattr(self, name) >= 1,
+                f"{name} must be a positive integer, not {getattr(self, name)!r}",
+            )
         need(self.max_frames <= 300, f"max_frames must be at most 300 (YouTube-8M's cap), not {self.max_frames}")
-        need(all(_integer(s) and s >= 1 for s in self.head_sizes), f"head_sizes must be positive integers, not {self.head_sizes!r}")
+        need(
+            all(_integer(s) and s >= 1 for s in self.head_sizes),
+            f"head_sizes must be positive integers, not {self.head_sizes!r}",
+        )
         # Every float is checked for a number first: inf or nan pass a plain `x > 0` (or fail it with a
         # misleading message) and surface steps later as a diverged loss or a traceback in the optimizer.
         for name, ok, expected in (
@@ -67,9 +73,14 @@ class Config:
             value = getattr(self, name)
             need(_finite_number(value) and ok(value), f"{name} must be {expected}, not {value!r}")
         need(_integer(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, not {self.seed!r}")
-        need(_integer(self.num_workers) and self.num_workers >= 0, f"num_workers must be an integer >= 0, not {self.num_workers!r}")
-        need(all(_integer(e) and e >= 1 for e in self.lr_decay_epochs),
-             f"lr_decay_epochs must be positive integers, not {self.lr_decay_epochs!r}")
+        need(
+            _integer(self.num_workers) and self.num_workers >= 0,
+            f"num_workers must be an integer >= 0, not {self.num_workers!r}",
+        )
+        need(
+            all(_integer(e) and e >= 1 for e in self.lr_decay_epochs),
+            f"lr_decay_epochs must be positive integers, not {self.lr_decay_epochs!r}",
+        )
         return self
 
     def architecture(self) -> dict:
@@ -108,7 +119,9 @@ def presets() -> dict[str, dict]:
         return tomllib.load(f)
 
 
-def load_config(preset: str | None = None, level: str = "frame", overrides: dict | None = None, cuda: bool = False) -> Config:
+def load_config(
+    preset: str | None = None, level: str = "frame", overrides: dict | None = None, cuda: bool = False
+) -> Config:
     """A preset with overrides (None values ignored). Without a preset: the seed config for frame level
     on a GPU, `small` for frame level on a CPU, `video` for video level."""
     available = presets()

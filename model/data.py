@@ -36,8 +36,9 @@ class RowGroup:
     fingerprint: str | None = None
 
 
-def find_row_groups(data_uri: str, level: str, split: str, pattern: str = "*.parquet",
-                    s3: S3Config | None = None) -> list[RowGroup]:
+def find_row_groups(
+    data_uri: str, level: str, split: str, pattern: str = "*.parquet", s3: S3Config | None = None
+) -> list[RowGroup]:
     """Row groups of the split's files under `<data>/<level>/<split>/`, after checking each file's schema."""
     folder = f"{data_uri.rstrip('/')}/{level}/{split}"
     store = store_for(folder, s3)
@@ -52,10 +53,14 @@ def find_row_groups(data_uri: str, level: str, split: str, pattern: str = "*.par
             schema = metadata.schema.to_arrow_schema()
         expected = SCHEMAS[level]
         if not schema.remove_metadata().equals(expected):
-            raise DataError(f"{info.uri}: not the {level}-level layout: columns {schema.names} "
-                            f"({', '.join(str(t) for t in schema.types)}), expected {expected.names}")
-        groups += [RowGroup(info.uri, i, metadata.row_group(i).num_rows, info.fingerprint)
-                   for i in range(metadata.num_row_groups)]
+            raise DataError(
+                f"{info.uri}: not the {level}-level layout: columns {schema.names} "
+                f"({', '.join(str(t) for t in schema.types)}), expected {expected.names}"
+            )
+        groups += [
+            RowGroup(info.uri, i, metadata.row_group(i).num_rows, info.fingerprint)
+            for i in range(metadata.num_row_groups)
+        ]
     if sum(g.rows for g in groups) == 0:
         raise DataError(f"no videos in {folder} (pattern {pattern!r}): the split is empty")
     return groups
@@ -86,8 +91,17 @@ class WorkerPlan:
         return self.group.nbytes + self.row.nbytes
 
 
-def plan_epoch(groups: list[RowGroup], batch_size: int, seed: int, epoch: int, workers: int, shuffle: bool,
-               drop_last: bool, rank: int = 0, world: int = 1) -> list[WorkerPlan]:
+def plan_epoch(
+    groups: list[RowGroup],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    workers: int,
+    shuffle: bool,
+    drop_last: bool,
+    rank: int = 0,
+    world: int = 1,
+) -> list[WorkerPlan]:
     """For this rank, each worker's batches (a WorkerPlan per worker).
 
     Row groups are shuffled, dealt to ranks (`order[rank::world]`) and then to workers (`[w::workers]`),
@@ -130,7 +144,7 @@ def plan_epoch(groups: list[RowGroup], batch_size: int, seed: int, epoch: int, w
             stop = min(start + rows, keep)
             if stop > start:
                 group[start:stop] = g
-                row[start:stop] = perm[:stop - start] if shuffle else np.arange(stop - start)
+                row[start:stop] = perm[: stop - start] if shuffle else np.arange(stop - start)
             start += rows
         plans.append(WorkerPlan(group, row, batch_size))
     return plans
@@ -176,9 +190,23 @@ class ParquetBatches(IterableDataset):
     `skip` (batches each worker skips) describe the epoch. Streams: one Parquet file open and one row
     group's columns held at a time per worker, whatever the number of files."""
 
-    def __init__(self, groups: list[RowGroup], level: str, batch_size: int, num_classes: int, max_frames: int = 300,
-                 seed: int = 0, epoch: int = 0, shuffle: bool = True, drop_last: bool = True, skip_batches: int = 0,
-                 workers: int = 1, rank: int = 0, world: int = 1, s3: S3Config | None = None):
+    def __init__(
+        self,
+        groups: list[RowGroup],
+        level: str,
+        batch_size: int,
+        num_classes: int,
+        max_frames: int = 300,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        skip_batches: int = 0,
+        workers: int = 1,
+        rank: int = 0,
+        world: int = 1,
+        s3: S3Config | None = None,
+    ):
         super().__init__()
         self.groups, self.level, self.num_classes, self.max_frames, self.s3 = groups, level, num_classes, max_frames, s3
         plans = plan_epoch(groups, batch_size, seed, epoch, max(1, workers), shuffle, drop_last, rank, world)
@@ -263,7 +291,7 @@ class ParquetBatches(IterableDataset):
         for name in ("rgb", "audio") if self.level == "frame" else ("mean_rgb", "mean_audio"):
             array = table.column(name).combine_chunks()
             if self.level == "frame":
-                offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
+                offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset : array.offset + len(array) + 1]
                 columns[name] = (offsets, np.frombuffer(array.buffers()[2], np.uint8))
             else:
                 dim = RGB_DIM if name == "mean_rgb" else AUDIO_DIM
@@ -292,9 +320,14 @@ class ParquetBatches(IterableDataset):
                     offsets, values = columns["rgb"]
                     n = min(self.max_frames, (offsets[r + 1] - offsets[r]) // RGB_DIM)
                     audio_offsets, audio_values = columns["audio"]
-                    frames.append((values[offsets[r]:offsets[r] + n * RGB_DIM].reshape(n, RGB_DIM).copy(),
-                                   audio_values[audio_offsets[r]:audio_offsets[r] + n * AUDIO_DIM]
-                                   .reshape(n, AUDIO_DIM).copy()))
+                    frames.append(
+                        (
+                            values[offsets[r] : offsets[r] + n * RGB_DIM].reshape(n, RGB_DIM).copy(),
+                            audio_values[audio_offsets[r] : audio_offsets[r] + n * AUDIO_DIM]
+                            .reshape(n, AUDIO_DIM)
+                            .copy(),
+                        )
+                    )
                 else:
                     mean_rgb[i] = columns["mean_rgb"][r]
                     mean_audio[i] = columns["mean_audio"][r]
@@ -306,9 +339,11 @@ class ParquetBatches(IterableDataset):
             for i, (video_rgb, video_audio) in enumerate(frames):
                 n = len(video_rgb)
                 rgb[i, :n], audio[i, :n], mask[i, :n] = video_rgb, video_audio, True
-        features = ({"rgb": torch.from_numpy(rgb), "audio": torch.from_numpy(audio), "mask": torch.from_numpy(mask)}
-                    if self.level == "frame" else
-                    {"mean_rgb": torch.from_numpy(mean_rgb), "mean_audio": torch.from_numpy(mean_audio)})
+        features = (
+            {"rgb": torch.from_numpy(rgb), "audio": torch.from_numpy(audio), "mask": torch.from_numpy(mask)}
+            if self.level == "frame"
+            else {"mean_rgb": torch.from_numpy(mean_rgb), "mean_audio": torch.from_numpy(mean_audio)}
+        )
         return {**features, "labels": torch.from_numpy(labels), "ids": ids}
 
 
@@ -348,9 +383,15 @@ def loader(dataset: ParquetBatches, workers: int, pin_memory: bool) -> DataLoade
         _allow_worker_processes()
     # Its own generator: a DataLoader draws a seed from the global RNG when it starts, which would
     # shift the dropout masks of a resumed run away from those of an uninterrupted one.
-    return _Loader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                   persistent_workers=False, prefetch_factor=4 if workers else None,
-                   generator=torch.Generator().manual_seed(0))
+    return _Loader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def _allow_worker_processes() -> None:

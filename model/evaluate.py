@@ -27,8 +27,9 @@ class Evaluation:
     recall_at_k: list[float]
 
 
-def load_model(checkpoint_uri: str, device: torch.device, s3: S3Config | None = None,
-               sha256: str | None = None) -> tuple[torch.nn.Module, Config]:
+def load_model(
+    checkpoint_uri: str, device: torch.device, s3: S3Config | None = None, sha256: str | None = None
+) -> tuple[torch.nn.Module, Config]:
     """The checkpoint's model in eval mode. Pass a model version's `sha256` (registry column
     checkpoint_sha256) to refuse weights that changed since it was registered (CheckpointChangedError)."""
     state = checkpoint.load(checkpoint_uri, s3, sha256=sha256)
@@ -39,7 +40,9 @@ def load_model(checkpoint_uri: str, device: torch.device, s3: S3Config | None = 
     return model.to(device).eval(), config
 
 
-def predict(model: torch.nn.Module, config: Config, batches, device: torch.device) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+def predict(
+    model: torch.nn.Module, config: Config, batches, device: torch.device
+) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
     """(ids, sigmoid scores float32 B x C, multi-hot labels uint8) for each batch, without gradients."""
     autocast = autocast_for(device)
     with torch.inference_mode():
@@ -51,14 +54,30 @@ def predict(model: torch.nn.Module, config: Config, batches, device: torch.devic
             yield batch["ids"], torch.sigmoid(logits.float()).cpu().numpy(), labels
 
 
-def evaluate(checkpoint_uri: str, data_uri: str, split: str = "validate", pattern: str = "*.parquet",
-             s3: S3Config | None = None, device: str | None = None, batch_size: int | None = None,
-             sha256: str | None = None) -> Evaluation:
+def evaluate(
+    checkpoint_uri: str,
+    data_uri: str,
+    split: str = "validate",
+    pattern: str = "*.parquet",
+    s3: S3Config | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    sha256: str | None = None,
+) -> Evaluation:
     dev = pick_device(device)
     model, config = load_model(checkpoint_uri, dev, s3, sha256=sha256)
     groups = find_row_groups(data_uri, config.level, split, pattern, s3)
-    dataset = ParquetBatches(groups, config.level, batch_size or min(config.batch_size, 256), config.num_classes,
-                             config.max_frames, shuffle=False, drop_last=False, workers=config.num_workers, s3=s3)
+    dataset = ParquetBatches(
+        groups,
+        config.level,
+        batch_size or min(config.batch_size, 256),
+        config.num_classes,
+        config.max_frames,
+        shuffle=False,
+        drop_last=False,
+        workers=config.num_workers,
+        s3=s3,
+    )
     accumulator = MetricsAccumulator(config.num_classes, top_k=TOP_K)
     hits_at = np.zeros(TOP_K)
     positives = 0
@@ -72,7 +91,9 @@ def evaluate(checkpoint_uri: str, data_uri: str, split: str = "validate", patter
     videos = accumulator.num_videos
     cumulative = np.cumsum(hits_at)
     return Evaluation(
-        metrics=accumulator.result(), videos=videos, seconds=seconds,
+        metrics=accumulator.result(),
+        videos=videos,
+        seconds=seconds,
         precision_at_k=(cumulative / (videos * np.arange(1, TOP_K + 1))).tolist(),
         recall_at_k=(cumulative / max(1, positives)).tolist(),
     )
@@ -90,8 +111,11 @@ def plot(evaluation: Evaluation, title: str, uri: str, s3: S3Config | None = Non
     ax.plot(k, evaluation.precision_at_k, "o-", label="precision@k")
     ax.plot(k, evaluation.recall_at_k, "s-", label="recall@k")
     m = evaluation.metrics
-    ax.set_title(f"{title}\nGAP {m['gap']:.4f}  Hit@1 {m['hit_at_one']:.4f}  PERR {m['perr']:.4f}  "
-                 f"mAP {m['map']:.4f}  ({evaluation.videos} videos)", fontsize=9)
+    ax.set_title(
+        f"{title}\nGAP {m['gap']:.4f}  Hit@1 {m['hit_at_one']:.4f}  PERR {m['perr']:.4f}  "
+        f"mAP {m['map']:.4f}  ({evaluation.videos} videos)",
+        fontsize=9,
+    )
     ax.set_xlabel("k (labels kept per video)")
     ax.set_ylim(0, 1.02)
     ax.set_xticks(k)

@@ -68,7 +68,7 @@ class MetricsAccumulator:
         scores, labels = _check_batch(scores, labels, self.num_classes)
         # Summarise every chunk before storing any, so a rejected batch leaves no trace.
         parts = [
-            self._summarise(scores[start:start + _CHUNK_ROWS], labels[start:start + _CHUNK_ROWS])
+            self._summarise(scores[start : start + _CHUNK_ROWS], labels[start : start + _CHUNK_ROWS])
             for start in range(0, len(scores), _CHUNK_ROWS)
         ]
         for hits, perr_sum, class_positives, classes, top_scores, top_positives in parts:
@@ -110,7 +110,7 @@ class MetricsAccumulator:
         # Thresholds need only each row's m largest scores; sorting just those is far cheaper
         # than sorting all C.
         m = max(top_k, int(k.max()))
-        descending = np.sort(np.partition(scores, c - m, axis=1)[:, c - m:], axis=1)[:, ::-1]
+        descending = np.sort(np.partition(scores, c - m, axis=1)[:, c - m :], axis=1)[:, ::-1]
         found = (_highest(scores, descending, k) & positives & (scores > 0)).sum(axis=1)
         perr_sum = float((found / k).sum())
 

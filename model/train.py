@@ -55,12 +55,15 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     """L2 decay on every weight but the fully connected layers' biases, as the seed config has it."""
     fc_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None}
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in fc_biases], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if id(p) in fc_biases], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if id(p) not in fc_biases], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if id(p) in fc_biases], "weight_decay": 0.0},
+    ]
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.learning_rate)
-    return torch.optim.RMSprop(groups, lr=config.learning_rate, alpha=config.rmsprop_rho, eps=config.rmsprop_eps,
-                               centered=True)
+    return torch.optim.RMSprop(
+        groups, lr=config.learning_rate, alpha=config.rmsprop_rho, eps=config.rmsprop_eps, centered=True
+    )
 
 
 def forward(model: nn.Module, batch: dict, level: str) -> torch.Tensor:
@@ -98,9 +101,20 @@ def _plot_losses(history: dict, out_uri: str, s3: S3Config | None) -> None:
     plt.close(fig)
 
 
-def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", pattern: str = "*.parquet",
-          resume: str | None = None, s3: S3Config | None = None, device: str | None = None,
-          checkpoint_every: int = 0, progress: bool = True, max_steps: int | None = None) -> TrainResult:
+def train(
+    config: Config,
+    data_uri: str,
+    out_uri: str,
+    *,
+    split: str = "train",
+    pattern: str = "*.parquet",
+    resume: str | None = None,
+    s3: S3Config | None = None,
+    device: str | None = None,
+    checkpoint_every: int = 0,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> TrainResult:
     """Train `config` on `<data>/<level>/<split>/` and write checkpoints under `out_uri`.
 
     `resume` starts from another checkpoint's weights (fine-tuning); a checkpoint already under
@@ -138,7 +152,11 @@ def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", 
             torch.set_rng_state(state["rng"])
             if dev.type == "cuda" and state.get("cuda_rng"):
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) if world > 1 else model
+    net = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+        if world > 1
+        else model
+    )
     autocast = autocast_for(dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -147,9 +165,16 @@ def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", 
 
     def snapshot() -> dict:
         return {
-            "config": config.to_dict(), "architecture": config.architecture(), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-            "batches_done": batches_done, "step": step, "history": history, "rng": torch.get_rng_state(),
+            "config": config.to_dict(),
+            "architecture": config.architecture(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "batches_done": batches_done,
+            "step": step,
+            "history": history,
+            "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if dev.type == "cuda" else [],
             "data": {"uri": data_uri, "split": split, "pattern": pattern, "world": world, "workers": workers},
         }
@@ -167,9 +192,22 @@ def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", 
     seen = 0
     started = time.perf_counter()
     while epoch < config.epochs and (max_steps is None or step < max_steps):
-        dataset = ParquetBatches(groups, config.level, per_rank_batch, config.num_classes, config.max_frames,
-                                 seed=config.seed, epoch=epoch, shuffle=True, drop_last=True,
-                                 skip_batches=batches_done, workers=workers, rank=rank, world=world, s3=s3)
+        dataset = ParquetBatches(
+            groups,
+            config.level,
+            per_rank_batch,
+            config.num_classes,
+            config.max_frames,
+            seed=config.seed,
+            epoch=epoch,
+            shuffle=True,
+            drop_last=True,
+            skip_batches=batches_done,
+            workers=workers,
+            rank=rank,
+            world=world,
+            s3=s3,
+        )
         if len(dataset) == 0 and batches_done == 0:
             from model.data import DataError
 
@@ -198,9 +236,18 @@ def train(config: Config, data_uri: str, out_uri: str, *, split: str = "train", 
             if bar is not None:
                 bar.set_postfix(loss=f"{per_video:.3f}", videos_s=f"{rate:.0f}")
                 bar.update(1)
-            elif rank == 0 and len(epoch_losses) % max(1, len(dataset) // 10) == 0:  # logs (Airflow): ~10 lines an epoch
-                log.info("epoch %d/%d: %d/%d batches, loss %.3f per video, %.0f videos/s", epoch + 1, config.epochs,
-                         len(epoch_losses), len(dataset), per_video, rate * world)
+            elif (
+                rank == 0 and len(epoch_losses) % max(1, len(dataset) // 10) == 0
+            ):  # logs (Airflow): ~10 lines an epoch
+                log.info(
+                    "epoch %d/%d: %d/%d batches, loss %.3f per video, %.0f videos/s",
+                    epoch + 1,
+                    config.epochs,
+                    len(epoch_losses),
+                    len(dataset),
+                    per_video,
+                    rate * world,
+                )
             if checkpoint_every and step % checkpoint_every == 0:
                 save(None)
             if max_steps is not None and step >= max_steps:
@@ -234,7 +281,8 @@ def _publish_final(uri: str, state: dict, s3: S3Config | None) -> str:
     if not _same_weights(existing.get("model", {}), state["model"]):
         raise checkpoint.CheckpointError(
             f"{uri} already holds other weights than this run's at step {state['step']}: a final checkpoint "
-            "is never overwritten; train into a new folder")
+            "is never overwritten; train into a new folder"
+        )
     return sha256
 
 

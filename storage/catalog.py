@@ -10,7 +10,16 @@ from storage.objectstore import S3Config, store_for
 from storage.schema import labels, video_labels, videos
 from storage.yt8m_records import LEVELS, NUM_CLASSES
 
-VOCABULARY_COLUMNS = ("Index", "TrainVideoCount", "KnowledgeGraphId", "Name", "WikiUrl", "Vertical1", "Vertical2", "Vertical3")
+VOCABULARY_COLUMNS = (
+    "Index",
+    "TrainVideoCount",
+    "KnowledgeGraphId",
+    "Name",
+    "WikiUrl",
+    "Vertical1",
+    "Vertical2",
+    "Vertical3",
+)
 
 
 class VocabularyError(ValueError):
@@ -42,46 +51,72 @@ def load_vocabulary(db_url: str, uri: str, s3: S3Config | None = None) -> int:
         line = reader.line_num
         try:
             label_id = int(row["Index"])
-            rows.append({
-                "label_id": label_id, "name": row["Name"] or "", "knowledge_graph_id": row["KnowledgeGraphId"] or None,
-                "train_video_count": int(row["TrainVideoCount"]) if row["TrainVideoCount"] else None,
-                "vertical1": row["Vertical1"] or None, "vertical2": row["Vertical2"] or None,
-                "vertical3": row["Vertical3"] or None, "wiki_url": row["WikiUrl"] or None,
-            })
+            rows.append(
+                {
+                    "label_id": label_id,
+                    "name": row["Name"] or "",
+                    "knowledge_graph_id": row["KnowledgeGraphId"] or None,
+                    "train_video_count": int(row["TrainVideoCount"]) if row["TrainVideoCount"] else None,
+                    "vertical1": row["Vertical1"] or None,
+                    "vertical2": row["Vertical2"] or None,
+                    "vertical3": row["Vertical3"] or None,
+                    "wiki_url": row["WikiUrl"] or None,
+                }
+            )
         except (ValueError, TypeError) as exc:  # TypeError: a short line leaves columns None
             raise VocabularyError(f"{uri}, line {line}: {exc}") from None
         if not 0 <= label_id < NUM_CLASSES:
             raise VocabularyError(f"{uri}, line {line}: Index {label_id} outside 0..{NUM_CLASSES - 1}")
         if label_id in first_line_of:
-            raise VocabularyError(f"{uri}, line {line}: Index {label_id} already given on line {first_line_of[label_id]}")
+            raise VocabularyError(
+                f"{uri}, line {line}: Index {label_id} already given on line {first_line_of[label_id]}"
+            )
         first_line_of[label_id] = line
     if not rows:
         raise VocabularyError(f"{uri}: no labels in it")
     with engine_for(db_url).begin() as conn:
         statement = upsert_insert(conn)(labels)
         statement = statement.on_conflict_do_update(
-            index_elements=["label_id"], set_={c: statement.excluded[c] for c in rows[0] if c != "label_id"})
+            index_elements=["label_id"], set_={c: statement.excluded[c] for c in rows[0] if c != "label_id"}
+        )
         conn.execute(statement, rows)
     return len(rows)
 
 
-def record_videos(db: str | Connection, ids: list[str], labels_of: list[list[int]], *, split: str, level: str,
-                  source_uri: str, parquet_uri: str) -> None:
+def record_videos(
+    db: str | Connection,
+    ids: list[str],
+    labels_of: list[list[int]],
+    *,
+    split: str,
+    level: str,
+    source_uri: str,
+    parquet_uri: str,
+) -> None:
     """Make the catalogue hold exactly a converted shard's videos and their ground truth, in one transaction
     (the caller's when `db` is a Connection). An id another shard of the level holds is refused by the
     primary key: check with `ingested_elsewhere` first to name that shard."""
     now = utcnow()
-    rows = [{"video_id": i, "split": split, "level": level, "source_uri": source_uri, "parquet_uri": parquet_uri,
-             "ingested_at": now} for i in ids]
+    rows = [
+        {
+            "video_id": i,
+            "split": split,
+            "level": level,
+            "source_uri": source_uri,
+            "parquet_uri": parquet_uri,
+            "ingested_at": now,
+        }
+        for i in ids
+    ]
     with transaction(db) as conn:
         _forget(conn, source_uri, level)
         for start in range(0, len(rows), 5000):
-            conn.execute(videos.insert(), rows[start:start + 5000])
+            conn.execute(videos.insert(), rows[start : start + 5000])
             # The other level's row of a video shares its ground truth: the newest shard's labels win.
-            conn.execute(delete(video_labels).where(video_labels.c.video_id.in_(ids[start:start + 5000])))
+            conn.execute(delete(video_labels).where(video_labels.c.video_id.in_(ids[start : start + 5000])))
         truth = [{"video_id": i, "label_id": label} for i, ls in zip(ids, labels_of) for label in set(ls)]
         for start in range(0, len(truth), 20000):
-            conn.execute(video_labels.insert(), truth[start:start + 20000])
+            conn.execute(video_labels.insert(), truth[start : start + 20000])
 
 
 def ingested_elsewhere(db: str | Connection, ids: list[str], *, level: str, source_uri: str) -> dict[str, str]:
@@ -90,7 +125,10 @@ def ingested_elsewhere(db: str | Connection, ids: list[str], *, level: str, sour
     with transaction(db) as conn:
         for start in range(0, len(ids), 5000):
             query = select(videos.c.video_id, videos.c.source_uri).where(
-                videos.c.level == level, videos.c.video_id.in_(ids[start:start + 5000]), videos.c.source_uri != source_uri)
+                videos.c.level == level,
+                videos.c.video_id.in_(ids[start : start + 5000]),
+                videos.c.source_uri != source_uri,
+            )
             found.update(conn.execute(query).all())
     return found
 
@@ -107,9 +145,13 @@ def _forget(conn: Connection, source_uri: str, level: str) -> None:
     leaving = (videos.c.source_uri == source_uri) & (videos.c.level == level)
     other = videos.alias("other")
     still_held = select(other.c.video_id).where(
-        other.c.video_id == video_labels.c.video_id, ~((other.c.source_uri == source_uri) & (other.c.level == level)))
-    conn.execute(delete(video_labels).where(video_labels.c.video_id.in_(select(videos.c.video_id).where(leaving)),
-                                            ~exists(still_held)))
+        other.c.video_id == video_labels.c.video_id, ~((other.c.source_uri == source_uri) & (other.c.level == level))
+    )
+    conn.execute(
+        delete(video_labels).where(
+            video_labels.c.video_id.in_(select(videos.c.video_id).where(leaving)), ~exists(still_held)
+        )
+    )
     conn.execute(delete(videos).where(leaving))
 
 

@@ -3,7 +3,7 @@
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 
@@ -22,7 +22,7 @@ def normalize_url(url: str) -> str:
     """Accept the URL spellings Airflow connections and libpq users write, and pick our drivers."""
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg2://" + url[len(prefix):]
+            return "postgresql+psycopg2://" + url[len(prefix) :]
     return url
 
 
@@ -55,7 +55,7 @@ def transaction(db: "str | Connection") -> Iterator[Connection]:
 
 def utcnow() -> datetime:
     """Timestamps for the tables: timezone-aware UTC, so SQLite and PostgreSQL rows compare alike."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def upsert_insert(bind):

@@ -32,7 +32,10 @@ _COPY_BUFFER = 1 << 20
 
 
 def fragment_uris(exports_uri: str, part: int) -> tuple[str, str]:
-    return (join(exports_uri, "parts", f"part-{part:05d}.csv"), join(exports_uri, "parts", f"part-{part:05d}.pickle-items"))
+    return (
+        join(exports_uri, "parts", f"part-{part:05d}.csv"),
+        join(exports_uri, "parts", f"part-{part:05d}.pickle-items"),
+    )
 
 
 def _pickle_items(items: list) -> bytes:
@@ -41,7 +44,7 @@ def _pickle_items(items: list) -> bytes:
     pickler = pickle.Pickler(buffer, protocol=2)
     pickler.fast = True  # no memo: each chunk stands alone, and nothing is kept between chunks
     pickler.dump(items)
-    return buffer.getvalue()[len(_PICKLE_START):-len(_PICKLE_STOP)]
+    return buffer.getvalue()[len(_PICKLE_START) : -len(_PICKLE_STOP)]
 
 
 class PartExports:
@@ -69,10 +72,14 @@ class PartExports:
         top = min(CSV_TOP, labels.shape[1])
         label_rows, score_rows = labels.tolist(), scores.astype(np.float64).tolist()
         line = " ".join(["%d %g"] * top)
-        self._csv.writerows([video, line % tuple(chain.from_iterable(zip(l[:top], s[:top])))]
-                            for video, l, s in zip(ids, label_rows, score_rows))
+        self._csv.writerows(
+            [video, line % tuple(chain.from_iterable(zip(ls[:top], s[:top])))]
+            for video, ls, s in zip(ids, label_rows, score_rows)
+        )
         k = self._top_k
-        self._pickle.write(_pickle_items([(video, list(zip(l[:k], s[:k]))) for video, l, s in zip(ids, label_rows, score_rows)]))
+        self._pickle.write(
+            _pickle_items([(video, list(zip(ls[:k], s[:k]))) for video, ls, s in zip(ids, label_rows, score_rows)])
+        )
 
     @property
     def uris(self) -> tuple[str, str]:
@@ -84,8 +91,10 @@ def join_night(exports_uri: str, parts: list[int], s3: S3Config | None = None) -
     each part's own exports): a part run again later, then the join, gives the night's files anew."""
     fragments = [fragment_uris(exports_uri, part) for part in parts]
     out = []
-    for name, index, head, tail, mode in ((CSV_NAME, 0, CSV_HEADER.encode(), b"", "csv"),
-                                          (PICKLE_NAME, 1, _PICKLE_START, _PICKLE_STOP, "pickle")):
+    for name, index, head, tail in (
+        (CSV_NAME, 0, CSV_HEADER.encode(), b""),
+        (PICKLE_NAME, 1, _PICKLE_START, _PICKLE_STOP),
+    ):
         uri = join(exports_uri, name)
         with store_for(uri, s3).publish(uri) as path, open(path, "wb") as target:
             target.write(head)

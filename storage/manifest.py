@@ -13,7 +13,6 @@ from storage.objectstore import ObjectInfo
 from storage.schema import ingested_shards as t
 
 
-
 @dataclass(frozen=True)
 class ShardFailure:
     error: str
@@ -24,12 +23,18 @@ class ShardFailure:
 def _upsert(db: str | Connection, source: ObjectInfo, dest: str, values: dict) -> None:
     with transaction(db) as conn:
         insert = upsert_insert(conn)
-        row = {"source_uri": source.uri, "dest_uri": dest, "size_bytes": source.size, "fingerprint": source.fingerprint,
-               **values}
+        row = {
+            "source_uri": source.uri,
+            "dest_uri": dest,
+            "size_bytes": source.size,
+            "fingerprint": source.fingerprint,
+            **values,
+        }
         statement = insert(t).values(**row)
         statement = statement.on_conflict_do_update(
             index_elements=["source_uri", "dest_uri"],
-            set_={k: statement.excluded[k] for k in row if k not in ("source_uri", "dest_uri")})
+            set_={k: statement.excluded[k] for k in row if k not in ("source_uri", "dest_uri")},
+        )
         conn.execute(statement)
 
 
@@ -41,34 +46,81 @@ def _update(db: str | Connection, source_uri: str, dest: str, values: dict) -> N
 
 def mark_running(db: str | Connection, source: ObjectInfo, dest: str) -> None:
     """Start (or restart) the shard's row; the outcome is written over it by mark_succeeded/mark_failed."""
-    _upsert(db, source, dest, {
-        "status": "running", "started_at": utcnow(), "finished_at": None, "error": None,
-        "error_record": None, "error_offset": None, "rows": None, "checksum": None, "output_uri": None,
-    })
+    _upsert(
+        db,
+        source,
+        dest,
+        {
+            "status": "running",
+            "started_at": utcnow(),
+            "finished_at": None,
+            "error": None,
+            "error_record": None,
+            "error_offset": None,
+            "rows": None,
+            "checksum": None,
+            "output_uri": None,
+        },
+    )
 
 
-def mark_succeeded(db: str | Connection, source: ObjectInfo, dest: str, *, output_uri: str, level: str, split: str,
-                   rows: int, checksum: str) -> None:
-    _update(db, source.uri, dest, {
-        "status": "succeeded", "output_uri": output_uri, "level": level, "split": split, "rows": rows,
-        "checksum": checksum, "finished_at": utcnow(),
-    })
+def mark_succeeded(
+    db: str | Connection,
+    source: ObjectInfo,
+    dest: str,
+    *,
+    output_uri: str,
+    level: str,
+    split: str,
+    rows: int,
+    checksum: str,
+) -> None:
+    _update(
+        db,
+        source.uri,
+        dest,
+        {
+            "status": "succeeded",
+            "output_uri": output_uri,
+            "level": level,
+            "split": split,
+            "rows": rows,
+            "checksum": checksum,
+            "finished_at": utcnow(),
+        },
+    )
 
 
 def mark_failed(db: str | Connection, source: ObjectInfo, dest: str, failure: ShardFailure) -> None:
-    _update(db, source.uri, dest, {
-        "status": "failed", "error": failure.error, "error_record": failure.record,
-        "error_offset": failure.offset, "finished_at": utcnow(),
-    })
+    _update(
+        db,
+        source.uri,
+        dest,
+        {
+            "status": "failed",
+            "error": failure.error,
+            "error_record": failure.record,
+            "error_offset": failure.offset,
+            "finished_at": utcnow(),
+        },
+    )
 
 
 def mark_replaced(db: str | Connection, source_uri: str, dest: str, output_uri: str, by: str) -> None:
     """`source_uri`'s output now holds `by`'s videos: its row stops counting as converted (a rerun of it
     tries again, and is quarantined unless it replaces `by` in turn)."""
-    _update(db, source_uri, dest, {
-        "status": "replaced", "error": f"{output_uri} now holds the videos of {by} (converted with replace)",
-        "error_record": None, "error_offset": None, "finished_at": utcnow(),
-    })
+    _update(
+        db,
+        source_uri,
+        dest,
+        {
+            "status": "replaced",
+            "error": f"{output_uri} now holds the videos of {by} (converted with replace)",
+            "error_record": None,
+            "error_offset": None,
+            "finished_at": utcnow(),
+        },
+    )
 
 
 def output_owner(db: str | Connection, dest: str, output_uri: str) -> str | None:

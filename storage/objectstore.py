@@ -34,8 +34,10 @@ class ObjectChangedError(StoreError):
     """An object whose content changed since its fingerprint was taken (replaced while being read)."""
 
     def __init__(self, uri: str, expected: str, found: str | None):
-        super().__init__(f"{uri} changed while in use (fingerprint {expected} when planned, "
-                         f"{found or 'gone'} now): rerun to use its new content")
+        super().__init__(
+            f"{uri} changed while in use (fingerprint {expected} when planned, "
+            f"{found or 'gone'} now): rerun to use its new content"
+        )
         self.uri, self.expected, self.found = uri, expected, found
 
 
@@ -350,11 +352,15 @@ class S3Store(ObjectStore):
         prefix = prefix.rstrip("/") + "/" if prefix else ""
         found = []
         with self._errors(uri):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, Delimiter="/"
+            ):
                 for obj in page.get("Contents", []):
-                    name = obj["Key"][len(prefix):]
+                    name = obj["Key"][len(prefix) :]
                     if fnmatch.fnmatchcase(name, pattern) and not name.startswith("."):
-                        found.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", obj["Size"], f"etag={obj['ETag'].strip(chr(34))}"))
+                        found.append(
+                            ObjectInfo(f"s3://{bucket}/{obj['Key']}", obj["Size"], f"etag={obj['ETag'].strip(chr(34))}")
+                        )
         return sorted(found, key=lambda o: o.uri)
 
     def info(self, uri: str) -> ObjectInfo | None:
@@ -378,7 +384,9 @@ class S3Store(ObjectStore):
             raise StoreError(f"no such object: {uri}")
         bucket, key = split_s3_uri(uri)
         etag = info.fingerprint.removeprefix("etag=")
-        return io.BufferedReader(_S3RangeReader(self.client, bucket, key, info.size, etag=etag), buffer_size=READ_BUFFER)
+        return io.BufferedReader(
+            _S3RangeReader(self.client, bucket, key, info.size, etag=etag), buffer_size=READ_BUFFER
+        )
 
     @contextmanager
     def publish(self, uri: str) -> Iterator[Path]:
@@ -394,7 +402,7 @@ class S3Store(ObjectStore):
         killed mid-upload, an incomplete multipart upload of `uri`, which S3 keeps (and bills) forever."""
         removed = []
         for folder in Path(tempfile.gettempdir()).glob(f"{_PUBLISH_PREFIX}*-*"):
-            pid = folder.name[len(_PUBLISH_PREFIX):].split("-", 1)[0]
+            pid = folder.name[len(_PUBLISH_PREFIX) :].split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(str(folder))
@@ -406,7 +414,9 @@ class S3Store(ObjectStore):
                     if upload["Key"] == key:
                         self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
                         removed.append(f"{uri} (incomplete multipart upload {upload['UploadId']})")
-        except StoreError as exc:  # e.g. no s3:ListBucketMultipartUploads permission: a leftover costs storage, not correctness
+        except (
+            StoreError
+        ) as exc:  # e.g. no s3:ListBucketMultipartUploads permission: a leftover costs storage, not correctness
             log.warning("could not clean up incomplete uploads of %s: %s", uri, exc)
         return removed
 

@@ -41,8 +41,15 @@ SPLITS = ("train", "validate", "test")
 # quantized features do not compress with snappy (0%) and barely with zstd-1 (~5%, at 4x the read
 # time), so they are stored plain; the small columns and video-level floats use snappy.
 ROW_GROUP_BYTES = 32 * 1024 * 1024
-COMPRESSION = {"id": "snappy", "labels": "snappy", "num_frames": "snappy", "rgb": "none", "audio": "none",
-               "mean_rgb": "snappy", "mean_audio": "snappy"}
+COMPRESSION = {
+    "id": "snappy",
+    "labels": "snappy",
+    "num_frames": "snappy",
+    "rgb": "none",
+    "audio": "none",
+    "mean_rgb": "snappy",
+    "mean_audio": "snappy",
+}
 COMPRESSION_LEVEL = None
 
 
@@ -53,7 +60,9 @@ class LayoutError(ValueError):
 def split_of(shard_name: str) -> str:
     match = re.match(r"(train|validate|test)", shard_name)
     if not match:
-        raise LayoutError(f"cannot tell the split of shard {shard_name!r}: its name must start with train, validate or test")
+        raise LayoutError(
+            f"cannot tell the split of shard {shard_name!r}: its name must start with train, validate or test"
+        )
     return match.group(1)
 
 
@@ -104,8 +113,14 @@ class _PackedBinaryColumn:
 class ShardParquetWriter:
     """Writes decoded videos of one shard into row groups of about ROW_GROUP_BYTES, streaming."""
 
-    def __init__(self, path: Path, level: str, row_group_bytes: int = ROW_GROUP_BYTES,
-                 compression: str | dict = COMPRESSION, compression_level: int | dict | None = COMPRESSION_LEVEL):
+    def __init__(
+        self,
+        path: Path,
+        level: str,
+        row_group_bytes: int = ROW_GROUP_BYTES,
+        compression: str | dict = COMPRESSION,
+        compression_level: int | dict | None = COMPRESSION_LEVEL,
+    ):
         self.level = level
         self.schema = SCHEMAS[level]
         self.row_group_bytes = row_group_bytes
@@ -114,7 +129,10 @@ class ShardParquetWriter:
         if isinstance(compression_level, dict):
             compression_level = {name: v for name, v in compression_level.items() if name in self.schema.names}
         self._writer = pq.ParquetWriter(
-            str(path), self.schema, compression=compression, compression_level=compression_level,
+            str(path),
+            self.schema,
+            compression=compression,
+            compression_level=compression_level,
             use_dictionary=False,  # ids are unique and labels few: dictionaries would only cost
             write_statistics=["id", "num_frames"],
         )
@@ -150,7 +168,10 @@ class ShardParquetWriter:
         common = [pa.array(self._ids, pa.string()), pa.array(self._labels, pa.list_(pa.int32()))]
         if self.level == "frame":
             return common + [pa.array(self._num_frames, pa.int32()), self._rgb.to_arrow(), self._audio.to_arrow()]
-        return common + [pa.array(self._mean_rgb, pa.list_(pa.float32())), pa.array(self._mean_audio, pa.list_(pa.float32()))]
+        return common + [
+            pa.array(self._mean_rgb, pa.list_(pa.float32())),
+            pa.array(self._mean_audio, pa.list_(pa.float32())),
+        ]
 
     def flush(self) -> None:
         if not self._ids:

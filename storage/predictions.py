@@ -23,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 from sqlalchemy import and_, delete, exists, func, insert, select, update
-from sqlalchemy import column as sa_column, table as sa_table
+from sqlalchemy import column as sa_column
+from sqlalchemy import table as sa_table
 
 from storage.db import engine_for, utcnow
 from storage.schema import inference_label_counts, inference_parts, inference_runs, model_versions, predictions, videos
@@ -40,7 +41,9 @@ def _lock_key(logical_date: datetime, model_version: int, part: int | None = Non
     """A signed 64-bit advisory-lock key for (model version, logical date[, part]). Alembic's lock
     (env.py) and PARTITION_LOCK are small constants: a clash costs at most a wait, never a wrong result."""
     suffix = "" if part is None else f":part{part}"
-    digest = hashlib.blake2b(f"vtag-inference-run:{model_version}:{logical_date.isoformat()}{suffix}".encode(), digest_size=8)
+    digest = hashlib.blake2b(
+        f"vtag-inference-run:{model_version}:{logical_date.isoformat()}{suffix}".encode(), digest_size=8
+    )
     return int.from_bytes(digest.digest(), "big", signed=True)
 
 
@@ -51,6 +54,7 @@ class LostRunLock(RuntimeError):
 @dataclass(frozen=True)
 class RunLockHolder:
     """Which PostgreSQL session holds which advisory lock: each chunk checks it still does."""
+
     pid: int
     key: int
 
@@ -58,10 +62,13 @@ class RunLockHolder:
         held = conn.exec_driver_sql(
             "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = %s AND objsubid = 1"
             " AND ((classid::bigint << 32) | objid::bigint) = %s",  # the 64-bit key, split in two oids
-            (self.pid, self.key)).first()
+            (self.pid, self.key),
+        ).first()
         if held is None:
-            raise LostRunLock(f"the connection holding this run's lock (backend {self.pid}) is gone: stopping, "
-                              "so that a run which may have taken over is not written under")
+            raise LostRunLock(
+                f"the connection holding this run's lock (backend {self.pid}) is gone: stopping, "
+                "so that a run which may have taken over is not written under"
+            )
 
 
 class RunLockTimeout(ValueError):
@@ -73,12 +80,16 @@ LOCK_POLL_S = 0.5  # how often a waiting run tries the lock again: a polled wait
 
 
 def _night_label(logical_date: datetime, model_version: int, part: int | None) -> str:
-    return f"night {logical_date.isoformat()} of model version {model_version}" + ("" if part is None else f" (part {part})")
+    return f"night {logical_date.isoformat()} of model version {model_version}" + (
+        "" if part is None else f" (part {part})"
+    )
 
 
 def _timed_out(what: str, waited_s: float, holder: str) -> RunLockTimeout:
-    return RunLockTimeout(f"{what} is locked by another run (waited {waited_s:g} s): {holder}; if that run is hung, "
-                          "end it, then retry (a longer wait: VTAG_LOCK_TIMEOUT_S or the lock_timeout_s parameter)")
+    return RunLockTimeout(
+        f"{what} is locked by another run (waited {waited_s:g} s): {holder}; if that run is hung, "
+        "end it, then retry (a longer wait: VTAG_LOCK_TIMEOUT_S or the lock_timeout_s parameter)"
+    )
 
 
 def _poll(try_once, timeout_s: float, warn) -> bool:
@@ -98,13 +109,22 @@ def _pg_holders(conn, key: int) -> str:
     held = conn.exec_driver_sql(
         "SELECT l.pid, a.application_name, a.backend_start FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
         " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
-        " AND ((l.classid::bigint << 32) | l.objid::bigint) = %s ORDER BY l.pid LIMIT 3", (key,)).all()
+        " AND ((l.classid::bigint << 32) | l.objid::bigint) = %s ORDER BY l.pid LIMIT 3",
+        (key,),
+    ).all()
     conn.commit()
     if not held:
         return "its holder has just let go"
-    return "held by " + ", ".join(
-        f"PostgreSQL backend {pid}" + (f" ({app})" if app else "") + (f" connected since {since:%Y-%m-%d %H:%M:%S %Z}" if since else "")
-        for pid, app, since in held) + " (pg_terminate_backend(pid) ends one)"
+    return (
+        "held by "
+        + ", ".join(
+            f"PostgreSQL backend {pid}"
+            + (f" ({app})" if app else "")
+            + (f" connected since {since:%Y-%m-%d %H:%M:%S %Z}" if since else "")
+            for pid, app, since in held
+        )
+        + " (pg_terminate_backend(pid) ends one)"
+    )
 
 
 @contextmanager
@@ -114,14 +134,19 @@ def _pg_run_lock(engine, what: str, keys: list[tuple[str, int]], timeout_s: floa
     started = time.monotonic()
     try:
         for mode, key in keys:
+
             def try_once(mode=mode, key=key) -> bool:
                 got = conn.exec_driver_sql(f"SELECT pg_try_advisory_lock{mode}(%s)", (key,)).scalar()
                 conn.commit()  # no transaction (and no snapshot) stays open while this waits
                 return bool(got)
 
-            if not _poll(try_once, max(0.0, timeout_s - (time.monotonic() - started)),
-                         lambda: log.warning("another run of %s is in progress: waiting for it to finish (at most %g s)",
-                                             what, timeout_s)):
+            if not _poll(
+                try_once,
+                max(0.0, timeout_s - (time.monotonic() - started)),
+                lambda: log.warning(
+                    "another run of %s is in progress: waiting for it to finish (at most %g s)", what, timeout_s
+                ),
+            ):
                 raise _timed_out(what, timeout_s, _pg_holders(conn, key))
             taken.append((mode, key))
         pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
@@ -142,6 +167,7 @@ def _file_run_lock(path: Path, what: str, timeout_s: float):
     import fcntl
 
     with open(path, "a+") as lock_file:
+
         def try_once() -> bool:
             try:
                 fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -149,11 +175,18 @@ def _file_run_lock(path: Path, what: str, timeout_s: float):
             except BlockingIOError:
                 return False
 
-        if not _poll(try_once, timeout_s, lambda: log.warning(
-                "another inference run on %s is in progress: waiting for it to finish (at most %g s)", path, timeout_s)):
+        if not _poll(
+            try_once,
+            timeout_s,
+            lambda: log.warning(
+                "another inference run on %s is in progress: waiting for it to finish (at most %g s)", path, timeout_s
+            ),
+        ):
             lock_file.seek(0)
             holder = lock_file.read().strip()
-            raise _timed_out(what, timeout_s, f"held by process {holder} (lock file {path})" if holder else f"lock file {path}")
+            raise _timed_out(
+                what, timeout_s, f"held by process {holder} (lock file {path})" if holder else f"lock file {path}"
+            )
         try:
             lock_file.seek(0)
             lock_file.truncate()
@@ -165,8 +198,7 @@ def _file_run_lock(path: Path, what: str, timeout_s: float):
 
 
 @contextmanager
-def run_lock(db_url: str, logical_date: datetime, model_version: int, part: int | None = None, *,
-             timeout_s: float):
+def run_lock(db_url: str, logical_date: datetime, model_version: int, part: int | None = None, *, timeout_s: float):
     """Held while a run of (logical date, model version), or one part of it, scores and writes.
 
     The whole night (`part` None: planning, or a `vtag infer` run) takes the night's lock exclusively;
@@ -185,7 +217,9 @@ def run_lock(db_url: str, logical_date: datetime, model_version: int, part: int 
     what = _night_label(logical_date, model_version, part)
     if engine.dialect.name == "postgresql":
         night = _lock_key(logical_date, model_version)
-        keys = [("", night)] if part is None else [("_shared", night), ("", _lock_key(logical_date, model_version, part))]
+        keys = (
+            [("", night)] if part is None else [("_shared", night), ("", _lock_key(logical_date, model_version, part))]
+        )
         with _pg_run_lock(engine, what, keys, timeout_s) as holder:
             yield holder
         return
@@ -205,8 +239,12 @@ def partition_name(model_version: int) -> str:
 def _table_exists(conn, table: str) -> bool:
     # pg_class read with this statement's snapshot: to_regclass's catalog cache can miss a table that
     # another transaction committed while this one waited for the lock.
-    return conn.exec_driver_sql("SELECT 1 FROM pg_class WHERE relname = %s AND relnamespace = current_schema()::regnamespace",
-                                (table,)).first() is not None
+    return (
+        conn.exec_driver_sql(
+            "SELECT 1 FROM pg_class WHERE relname = %s AND relnamespace = current_schema()::regnamespace", (table,)
+        ).first()
+        is not None
+    )
 
 
 def ensure_partition(conn, model_version: int) -> None:
@@ -234,8 +272,9 @@ def load_table_name(model_version: int, run_id: int) -> str:
     return f"predictions_v{int(model_version)}_run{int(run_id)}"
 
 
-def start_run(db_url: str, logical_date: datetime, model_version: int, top_k: int, airflow_run_id: str | None,
-              clear: bool = True) -> int:
+def start_run(
+    db_url: str, logical_date: datetime, model_version: int, top_k: int, airflow_run_id: str | None, clear: bool = True
+) -> int:
     """The run of (logical date, model version), emptied of its earlier rows and parts unless `clear` is
     False: a rerun replaces, never duplicates. Call it holding the night's run_lock.
 
@@ -246,33 +285,63 @@ def start_run(db_url: str, logical_date: datetime, model_version: int, top_k: in
     as the indexes outgrow memory, where a table without them takes rows several times as fast and
     the indexes are built once, sorted (benchmarks/scale.py)."""
     with engine_for(db_url).begin() as conn:
-        run = conn.execute(select(inference_runs.c.run_id, inference_runs.c.load_table).where(
-            inference_runs.c.logical_date == logical_date, inference_runs.c.model_version == model_version)
-            .with_for_update()).first()
-        values = {"top_k": top_k, "status": "running", "videos_total": 0, "videos_done": 0, "rows_written": 0,
-                  "error": None, "airflow_run_id": airflow_run_id, "started_at": utcnow(), "finished_at": None}
-        conn.execute(update(model_versions).where(model_versions.c.version == model_version,
-                                                  model_versions.c.predictions_retired_at.is_not(None))
-                     .values(predictions_retired_at=None))  # scoring again after a retirement
+        run = conn.execute(
+            select(inference_runs.c.run_id, inference_runs.c.load_table)
+            .where(inference_runs.c.logical_date == logical_date, inference_runs.c.model_version == model_version)
+            .with_for_update()
+        ).first()
+        values = {
+            "top_k": top_k,
+            "status": "running",
+            "videos_total": 0,
+            "videos_done": 0,
+            "rows_written": 0,
+            "error": None,
+            "airflow_run_id": airflow_run_id,
+            "started_at": utcnow(),
+            "finished_at": None,
+        }
+        conn.execute(
+            update(model_versions)
+            .where(model_versions.c.version == model_version, model_versions.c.predictions_retired_at.is_not(None))
+            .values(predictions_retired_at=None)
+        )  # scoring again after a retirement
         if run is None:
-            run_id = conn.execute(insert(inference_runs).values(logical_date=logical_date, model_version=model_version,
-                                                                **values).returning(inference_runs.c.run_id)).scalar_one()
+            run_id = conn.execute(
+                insert(inference_runs)
+                .values(logical_date=logical_date, model_version=model_version, **values)
+                .returning(inference_runs.c.run_id)
+            ).scalar_one()
         else:
             run_id = run.run_id
             if clear:
                 if run.load_table:  # an earlier try of this night loaded apart: its rows go with its table
                     table = load_table_name(model_version, run_id)
                     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
-                conn.execute(delete(predictions).where(predictions.c.model_version == model_version,
-                                                       predictions.c.run_id == run_id))
+                conn.execute(
+                    delete(predictions).where(
+                        predictions.c.model_version == model_version, predictions.c.run_id == run_id
+                    )
+                )
                 conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id == run_id))
                 conn.execute(delete(inference_parts).where(inference_parts.c.run_id == run_id))
-            conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(
-                **{k: v for k, v in values.items() if clear or k not in ("videos_total", "videos_done", "rows_written")}))
+            conn.execute(
+                update(inference_runs)
+                .where(inference_runs.c.run_id == run_id)
+                .values(
+                    **{
+                        k: v
+                        for k, v in values.items()
+                        if clear or k not in ("videos_total", "videos_done", "rows_written")
+                    }
+                )
+            )
         postgresql = conn.dialect.name == "postgresql"
         if clear and postgresql and not _table_exists(conn, partition_name(model_version)):
             table, version = load_table_name(model_version, run_id), int(model_version)
-            conn.exec_driver_sql(f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS, CHECK (model_version = {version}))")
+            conn.exec_driver_sql(
+                f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS, CHECK (model_version = {version}))"
+            )
             conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=table))
         else:
             ensure_partition(conn, model_version)
@@ -305,7 +374,9 @@ def finalize_load(db_url: str, run_id: int) -> None:
             conn.exec_driver_sql(f"CREATE INDEX ON {table} (model_version, label_id, score DESC, video_id)")
             conn.exec_driver_sql(f"CREATE INDEX ON {table} USING brin (run_id)")
             conn.exec_driver_sql(f"ALTER TABLE {table} RENAME TO {partition}")
-            conn.exec_driver_sql(f"ALTER TABLE predictions ATTACH PARTITION {partition} FOR VALUES IN ({int(run.model_version)})")
+            conn.exec_driver_sql(
+                f"ALTER TABLE predictions ATTACH PARTITION {partition} FOR VALUES IN ({int(run.model_version)})"
+            )
         conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")  # merged (an attached one was renamed)
         conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=None))
         log.info("run %d: its rows are now in %s", run_id, partition)
@@ -317,14 +388,17 @@ def _merge_load(conn, run, table: str) -> None:
     leaves this night's counts (parts, label counts); anything else that does not land fails the night
     (the transaction rolls back, the load table stays, a rerun writes exactly)."""
     columns, version = ", ".join(COLUMNS), int(run.model_version)
-    conn.exec_driver_sql(f"INSERT INTO predictions ({columns}) SELECT {columns} FROM {table} l WHERE NOT EXISTS ("
-                         "SELECT 1 FROM predictions p WHERE p.model_version = l.model_version AND p.video_id = l.video_id) "
-                         "ON CONFLICT DO NOTHING")
+    conn.exec_driver_sql(
+        f"INSERT INTO predictions ({columns}) SELECT {columns} FROM {table} l WHERE NOT EXISTS ("
+        "SELECT 1 FROM predictions p WHERE p.model_version = l.model_version AND p.video_id = l.video_id) "
+        "ON CONFLICT DO NOTHING"
+    )
     # Only this rare path reads the load table again: the videos whose rows did not all land.
     skipped = conn.exec_driver_sql(
         f"SELECT l.video_id, COUNT(*) FROM {table} l LEFT JOIN predictions p ON p.model_version = l.model_version "
         "AND p.video_id = l.video_id AND p.rank = l.rank AND p.run_id = l.run_id "
-        "GROUP BY l.video_id HAVING COUNT(p.video_id) < COUNT(*)").all()
+        "GROUP BY l.video_id HAVING COUNT(p.video_id) < COUNT(*)"
+    ).all()
     if not skipped:
         return
     k = skipped[0][1]
@@ -338,44 +412,77 @@ def _merge_load(conn, run, table: str) -> None:
         "rows_written = t.rows_written - x.n * %(k)s FROM (SELECT ip.part, COUNT(*) AS n FROM vtag_elsewhere e "
         "JOIN videos v ON v.video_id = e.video_id AND v.level = (SELECT level FROM model_versions WHERE version = %(version)s) "
         "JOIN inference_parts ip ON ip.run_id = %(run)s AND v.parquet_uri BETWEEN ip.first_uri AND ip.last_uri "
-        "GROUP BY ip.part) x WHERE t.run_id = %(run)s AND t.part = x.part", bound)
+        "GROUP BY ip.part) x WHERE t.run_id = %(run)s AND t.part = x.part",
+        bound,
+    )
     conn.exec_driver_sql(
         "UPDATE inference_label_counts c SET videos = c.videos - x.n FROM (SELECT ip.part, l.rank, l.label_id, COUNT(*) AS n "
         "FROM vtag_elsewhere e JOIN videos v ON v.video_id = e.video_id AND v.level = (SELECT level FROM model_versions "
         "WHERE version = %(version)s) JOIN inference_parts ip ON ip.run_id = %(run)s AND v.parquet_uri BETWEEN ip.first_uri "
         f"AND ip.last_uri JOIN {table} l ON l.video_id = e.video_id GROUP BY ip.part, l.rank, l.label_id) x "
-        "WHERE c.run_id = %(run)s AND c.part = x.part AND c.rank = x.rank AND c.label_id = x.label_id", bound)
-    conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id == run.run_id,
-                                                      inference_label_counts.c.videos <= 0))
+        "WHERE c.run_id = %(run)s AND c.part = x.part AND c.rank = x.rank AND c.label_id = x.label_id",
+        bound,
+    )
+    conn.execute(
+        delete(inference_label_counts).where(
+            inference_label_counts.c.run_id == run.run_id, inference_label_counts.c.videos <= 0
+        )
+    )
     _refresh_run_totals(conn, run.run_id)
-    log.info("run %d: %d videos were scored by another night of model version %d at the same time and stay its: %s",
-             run.run_id, len(elsewhere), version, _few(elsewhere))
+    log.info(
+        "run %d: %d videos were scored by another night of model version %d at the same time and stay its: %s",
+        run.run_id,
+        len(elsewhere),
+        version,
+        _few(elsewhere),
+    )
 
 
 def _pending(model_version: int, until: datetime, level: str, exclude_run: int | None):
     """Videos ingested up to `until` that this model has not scored, counting the rows of `exclude_run`
     (the night being rerun) as not scored. One rank-1 probe per video of the version's partition."""
-    scored = exists().where(and_(predictions.c.video_id == videos.c.video_id, predictions.c.model_version == model_version,
-                                 predictions.c.rank == 1, predictions.c.run_id != (exclude_run or -1)))
+    scored = exists().where(
+        and_(
+            predictions.c.video_id == videos.c.video_id,
+            predictions.c.model_version == model_version,
+            predictions.c.rank == 1,
+            predictions.c.run_id != (exclude_run or -1),
+        )
+    )
     return and_(videos.c.level == level, videos.c.ingested_at <= until, ~scored)
 
 
-def pending_files(db_url: str, model_version: int, until: datetime, level: str,
-                  exclude_run: int | None = None) -> list[tuple[str, int]]:
+def pending_files(
+    db_url: str, model_version: int, until: datetime, level: str, exclude_run: int | None = None
+) -> list[tuple[str, int]]:
     """(Parquet URI, videos pending there) in URI order: what a night's plan cuts into parts."""
-    query = (select(videos.c.parquet_uri, func.count()).where(_pending(model_version, until, level, exclude_run))
-             .group_by(videos.c.parquet_uri).order_by(videos.c.parquet_uri))
+    query = (
+        select(videos.c.parquet_uri, func.count())
+        .where(_pending(model_version, until, level, exclude_run))
+        .group_by(videos.c.parquet_uri)
+        .order_by(videos.c.parquet_uri)
+    )
     with engine_for(db_url).connect() as conn:
         return [(uri, count) for uri, count in conn.execute(query)]
 
 
-def pending_videos(db_url: str, model_version: int, until: datetime, level: str, exclude_run: int | None = None,
-                   uri_range: tuple[str, str] | None = None) -> list[tuple[str, str]]:
+def pending_videos(
+    db_url: str,
+    model_version: int,
+    until: datetime,
+    level: str,
+    exclude_run: int | None = None,
+    uri_range: tuple[str, str] | None = None,
+) -> list[tuple[str, str]]:
     """(video id, Parquet URI) of the pending videos, optionally of the files in [first, last] only."""
     condition = _pending(model_version, until, level, exclude_run)
     if uri_range is not None:
         condition = and_(condition, videos.c.parquet_uri.between(*uri_range))
-    query = select(videos.c.video_id, videos.c.parquet_uri).where(condition).order_by(videos.c.parquet_uri, videos.c.video_id)
+    query = (
+        select(videos.c.video_id, videos.c.parquet_uri)
+        .where(condition)
+        .order_by(videos.c.parquet_uri, videos.c.video_id)
+    )
     with engine_for(db_url).connect() as conn:
         return [tuple(row) for row in conn.execute(query)]
 
@@ -384,14 +491,27 @@ def record_parts(db_url: str, run_id: int, parts: list[dict]) -> list[dict]:
     """The night's plan: one row per part (a range of Parquet files). A targeted rescoring adds its
     parts after those of the night's earlier plan; returns the parts with their numbers."""
     with engine_for(db_url).begin() as conn:
-        first = conn.execute(select(func.coalesce(func.max(inference_parts.c.part) + 1, 0))
-                             .where(inference_parts.c.run_id == run_id)).scalar()
+        first = conn.execute(
+            select(func.coalesce(func.max(inference_parts.c.part) + 1, 0)).where(inference_parts.c.run_id == run_id)
+        ).scalar()
         numbered = [{**p, "part": first + i} for i, p in enumerate(parts)]
-        rows = [{"run_id": run_id, "part": p["part"], "first_uri": p["first_uri"], "last_uri": p["last_uri"],
-                 "files": p["files"], "status": "planned", "videos_total": p["videos"], "videos_done": 0,
-                 "rows_written": 0, "attempts": 0} for p in numbered]
+        rows = [
+            {
+                "run_id": run_id,
+                "part": p["part"],
+                "first_uri": p["first_uri"],
+                "last_uri": p["last_uri"],
+                "files": p["files"],
+                "status": "planned",
+                "videos_total": p["videos"],
+                "videos_done": 0,
+                "rows_written": 0,
+                "attempts": 0,
+            }
+            for p in numbered
+        ]
         for start in range(0, len(rows), 5000):
-            conn.execute(insert(inference_parts), rows[start:start + 5000])
+            conn.execute(insert(inference_parts), rows[start : start + 5000])
         _refresh_run_totals(conn, run_id)
         return numbered
 
@@ -400,39 +520,71 @@ def start_part(db_url: str, run_id: int, part: int) -> dict:
     """Mark a part running, its counters and label counts reset: a retry counts its videos afresh.
     Returns the part's row as it was (its `attempts` says whether an earlier try may have written)."""
     with engine_for(db_url).begin() as conn:
-        row = conn.execute(select(inference_parts).where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
-                           .with_for_update()).first()
+        row = conn.execute(
+            select(inference_parts)
+            .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+            .with_for_update()
+        ).first()
         if row is None:
             raise LookupError(f"run {run_id} has no part {part}: was the night planned again since?")
-        conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id == run_id,
-                                                          inference_label_counts.c.part == part))
-        conn.execute(update(inference_parts).where(inference_parts.c.run_id == run_id, inference_parts.c.part == part).values(
-            status="running", videos_done=0, rows_written=0, error=None, attempts=inference_parts.c.attempts + 1,
-            started_at=utcnow(), finished_at=None))
+        conn.execute(
+            delete(inference_label_counts).where(
+                inference_label_counts.c.run_id == run_id, inference_label_counts.c.part == part
+            )
+        )
+        conn.execute(
+            update(inference_parts)
+            .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+            .values(
+                status="running",
+                videos_done=0,
+                rows_written=0,
+                error=None,
+                attempts=inference_parts.c.attempts + 1,
+                started_at=utcnow(),
+                finished_at=None,
+            )
+        )
         # A part run again after its night had finished (cleared in the UI) reopens the night.
-        conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id, inference_runs.c.status != "running")
-                     .values(status="running", error=None, finished_at=None))
+        conn.execute(
+            update(inference_runs)
+            .where(inference_runs.c.run_id == run_id, inference_runs.c.status != "running")
+            .values(status="running", error=None, finished_at=None)
+        )
         return {**row._asdict(), "attempt": row.attempts + 1}
 
 
-def drop_run_rows(db_url: str, run_id: int, model_version: int, level: str, *, table: str = "predictions",
-                  uri_range: tuple[str, str] | None = None, ids: list[str] | None = None) -> None:
+def drop_run_rows(
+    db_url: str,
+    run_id: int,
+    model_version: int,
+    level: str,
+    *,
+    table: str = "predictions",
+    uri_range: tuple[str, str] | None = None,
+    ids: list[str] | None = None,
+) -> None:
     """Drop what an earlier try of a part wrote for this run into `table`: the rows of the videos in its
     file range, or of the given videos (a targeted part, which shares its files with the night's other rows)."""
     target = sa_table(table, *(sa_column(c) for c in COLUMNS))
     with engine_for(db_url).begin() as conn:
         of_run = and_(target.c.model_version == model_version, target.c.run_id == run_id)
         if uri_range is not None:
-            in_range = select(videos.c.video_id).where(videos.c.level == level, videos.c.parquet_uri.between(*uri_range))
+            in_range = select(videos.c.video_id).where(
+                videos.c.level == level, videos.c.parquet_uri.between(*uri_range)
+            )
             conn.execute(delete(target).where(of_run, target.c.video_id.in_(in_range)))
         for start in range(0, len(ids or []), 5000):
-            conn.execute(delete(target).where(of_run, target.c.video_id.in_(ids[start:start + 5000])))
+            conn.execute(delete(target).where(of_run, target.c.video_id.in_(ids[start : start + 5000])))
 
 
 def set_part_total(db_url: str, run_id: int, part: int, total: int) -> None:
     with engine_for(db_url).begin() as conn:
-        conn.execute(update(inference_parts).where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
-                     .values(videos_total=total))
+        conn.execute(
+            update(inference_parts)
+            .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+            .values(videos_total=total)
+        )
 
 
 def shortfall(part: dict, rows_per_video: int) -> str | None:
@@ -445,31 +597,48 @@ def shortfall(part: dict, rows_per_video: int) -> str | None:
     return None
 
 
-def finish_part(db_url: str, run_id: int, part: int, label_counts: np.ndarray | None = None,
-                error: str | None = None, attempt: int | None = None, rows_per_video: int | None = None) -> None:
+def finish_part(
+    db_url: str,
+    run_id: int,
+    part: int,
+    label_counts: np.ndarray | None = None,
+    error: str | None = None,
+    attempt: int | None = None,
+    rows_per_video: int | None = None,
+) -> None:
     """A part's outcome; a succeeded part stores how many videos got each label at each rank (a
     top_k x classes array), in the transaction that marks it done. The run's totals follow its parts.
     With `attempt`, only if that try is still the part's latest (a superseded try changes nothing).
     With `rows_per_video`, success is checked against the part's committed counters (every video
     written, k rows each): a shortfall marks it failed and raises RowsLost."""
     with engine_for(db_url).begin() as conn:
-        current = conn.execute(select(inference_parts).where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
-                               .with_for_update()).first()
+        current = conn.execute(
+            select(inference_parts)
+            .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+            .with_for_update()
+        ).first()
         if attempt is not None and (current is None or current.attempts != attempt):
             if error is None:
                 raise SupersededTry(f"run {run_id} part {part}: try {attempt} was superseded by a newer try")
             return
-        missing = None if error or rows_per_video is None or current is None else shortfall(current._asdict(), rows_per_video)
+        missing = (
+            None if error or rows_per_video is None or current is None else shortfall(current._asdict(), rows_per_video)
+        )
         if missing:
             error = f"incomplete: {missing}"
         elif error is None and label_counts is not None:
             ranks, label_ids = np.nonzero(label_counts)
-            rows = [{"run_id": run_id, "part": part, "rank": int(r) + 1, "label_id": int(label), "videos": int(n)}
-                    for r, label, n in zip(ranks, label_ids, label_counts[ranks, label_ids])]
+            rows = [
+                {"run_id": run_id, "part": part, "rank": int(r) + 1, "label_id": int(label), "videos": int(n)}
+                for r, label, n in zip(ranks, label_ids, label_counts[ranks, label_ids])
+            ]
             for start in range(0, len(rows), 20000):
-                conn.execute(insert(inference_label_counts), rows[start:start + 20000])
-        conn.execute(update(inference_parts).where(inference_parts.c.run_id == run_id, inference_parts.c.part == part).values(
-            status="failed" if error else "succeeded", error=error, finished_at=utcnow()))
+                conn.execute(insert(inference_label_counts), rows[start : start + 20000])
+        conn.execute(
+            update(inference_parts)
+            .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+            .values(status="failed" if error else "succeeded", error=error, finished_at=utcnow())
+        )
         _refresh_run_totals(conn, run_id)
     if missing:
         raise RowsLost(f"run {run_id} part {part}: {error}")
@@ -477,9 +646,16 @@ def finish_part(db_url: str, run_id: int, part: int, label_counts: np.ndarray | 
 
 def _refresh_run_totals(conn, run_id: int) -> None:
     of_run = inference_parts.c.run_id == run_id
-    conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(**{
-        column: select(func.coalesce(func.sum(inference_parts.c[column]), 0)).where(of_run).scalar_subquery()
-        for column in ("videos_total", "videos_done", "rows_written")}))
+    conn.execute(
+        update(inference_runs)
+        .where(inference_runs.c.run_id == run_id)
+        .values(
+            **{
+                column: select(func.coalesce(func.sum(inference_parts.c[column]), 0)).where(of_run).scalar_subquery()
+                for column in ("videos_total", "videos_done", "rows_written")
+            }
+        )
+    )
 
 
 def parts_of(db_url: str, run_id: int) -> list[dict]:
@@ -492,8 +668,9 @@ def known_videos(db_url: str, ids: list[str], level: str) -> dict[str, str]:
     with engine_for(db_url).connect() as conn:
         found = {}
         for start in range(0, len(ids), 5000):
-            query = select(videos.c.video_id, videos.c.parquet_uri).where(videos.c.level == level,
-                                                                          videos.c.video_id.in_(ids[start:start + 5000]))
+            query = select(videos.c.video_id, videos.c.parquet_uri).where(
+                videos.c.level == level, videos.c.video_id.in_(ids[start : start + 5000])
+            )
             found.update(dict(conn.execute(query).all()))
         return found
 
@@ -502,22 +679,28 @@ def forget(db_url: str, model_version: int, ids: list[str]) -> None:
     """Drop this model's predictions of these videos, so that they are scored again."""
     with engine_for(db_url).begin() as conn:
         for start in range(0, len(ids), 5000):
-            conn.execute(delete(predictions).where(predictions.c.model_version == model_version,
-                                                   predictions.c.video_id.in_(ids[start:start + 5000])))
+            conn.execute(
+                delete(predictions).where(
+                    predictions.c.model_version == model_version, predictions.c.video_id.in_(ids[start : start + 5000])
+                )
+            )
 
 
-def prediction_table(run_id: int, model_version: int, ids: list[str], top_labels: np.ndarray,
-                     top_scores: np.ndarray) -> pa.Table:
+def prediction_table(
+    run_id: int, model_version: int, ids: list[str], top_labels: np.ndarray, top_scores: np.ndarray
+) -> pa.Table:
     """A chunk's rows, columnar: one row per (video, rank), built without a Python loop over rows."""
     count, k = top_labels.shape
-    return pa.table({
-        "video_id": pa.array(np.repeat(np.asarray(ids, dtype=object), k), pa.string()),
-        "model_version": pa.array(np.full(count * k, model_version, np.int32)),
-        "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int16), count)),
-        "label_id": pa.array(top_labels.reshape(-1).astype(np.int32)),
-        "score": pa.array(top_scores.reshape(-1).astype(np.float64)),
-        "run_id": pa.array(np.full(count * k, run_id, np.int32)),
-    })
+    return pa.table(
+        {
+            "video_id": pa.array(np.repeat(np.asarray(ids, dtype=object), k), pa.string()),
+            "model_version": pa.array(np.full(count * k, model_version, np.int32)),
+            "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int16), count)),
+            "label_id": pa.array(top_labels.reshape(-1).astype(np.int32)),
+            "score": pa.array(top_scores.reshape(-1).astype(np.float64)),
+            "run_id": pa.array(np.full(count * k, run_id, np.int32)),
+        }
+    )
 
 
 def _csv(table: pa.Table) -> io.BytesIO:
@@ -548,7 +731,9 @@ def insert_bulk(conn, table: pa.Table, target: str = "predictions") -> int:
     conn.exec_driver_sql(
         f"INSERT INTO predictions ({', '.join(COLUMNS)}) SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS ("
         "SELECT 1 FROM predictions p WHERE p.video_id = ?1 AND p.model_version = ?2 AND p.run_id <> ?6) "
-        "ON CONFLICT DO NOTHING", tuples(table))
+        "ON CONFLICT DO NOTHING",
+        tuples(table),
+    )
     return conn.connection.driver_connection.total_changes - before
 
 
@@ -567,9 +752,11 @@ def _copy_postgresql(cursor, table: pa.Table, target: str) -> int:
         cursor.execute("ROLLBACK TO SAVEPOINT vtag_copy")
     cursor.execute("CREATE TEMP TABLE IF NOT EXISTS predictions_stage (LIKE predictions) ON COMMIT DELETE ROWS")
     cursor.copy_expert(f"COPY predictions_stage ({columns}) FROM STDIN WITH (FORMAT csv)", _csv(table))
-    cursor.execute(f"INSERT INTO {target} ({columns}) SELECT {columns} FROM predictions_stage s WHERE NOT EXISTS ("
-                   f"SELECT 1 FROM {target} p WHERE p.video_id = s.video_id AND p.model_version = s.model_version "
-                   "AND p.run_id <> s.run_id) ON CONFLICT DO NOTHING")
+    cursor.execute(
+        f"INSERT INTO {target} ({columns}) SELECT {columns} FROM predictions_stage s WHERE NOT EXISTS ("
+        f"SELECT 1 FROM {target} p WHERE p.video_id = s.video_id AND p.model_version = s.model_version "
+        "AND p.run_id <> s.run_id) ON CONFLICT DO NOTHING"
+    )
     written = cursor.rowcount
     cursor.execute("TRUNCATE predictions_stage")
     return written
@@ -585,7 +772,9 @@ class SupersededTry(LostRunLock):
 
 
 def _this_try(run_id: int, part: int, attempt: int):
-    return and_(inference_parts.c.run_id == run_id, inference_parts.c.part == part, inference_parts.c.attempts == attempt)
+    return and_(
+        inference_parts.c.run_id == run_id, inference_parts.c.part == part, inference_parts.c.attempts == attempt
+    )
 
 
 @dataclass(frozen=True)
@@ -607,9 +796,11 @@ def check_chunk(conn, run_id: int, model_version: int, target: str, ids: list[st
     stored = sa_table(target, *(sa_column(c) for c in COLUMNS))
     held: dict[str, dict[int, tuple[int, int, int]]] = {}
     for start in range(0, len(ids), 5000):
-        query = (select(stored.c.video_id, stored.c.run_id, func.count(), func.min(stored.c.rank), func.max(stored.c.rank))
-                 .where(stored.c.model_version == model_version, stored.c.video_id.in_(ids[start:start + 5000]))
-                 .group_by(stored.c.video_id, stored.c.run_id))
+        query = (
+            select(stored.c.video_id, stored.c.run_id, func.count(), func.min(stored.c.rank), func.max(stored.c.rank))
+            .where(stored.c.model_version == model_version, stored.c.video_id.in_(ids[start : start + 5000]))
+            .group_by(stored.c.video_id, stored.c.run_id)
+        )
         for video, run, n, low, high in conn.execute(query):
             held.setdefault(video, {})[run] = (n, low, high)
     elsewhere, lost = [], []
@@ -618,20 +809,38 @@ def check_chunk(conn, run_id: int, model_version: int, target: str, ids: list[st
         if runs == {run_id: (k, 1, k)}:
             continue
         if len(runs) == 1 and run_id not in runs:
-            (other, (n, low, high)), = runs.items()
+            ((other, (n, low, high)),) = runs.items()
             if low == 1 and n == high:
                 elsewhere.append(video)
                 continue
-        lost.append(f"{video} (" + ("; ".join(f"run {r} holds {n} rows, ranks {low}..{high}" for r, (n, low, high) in runs.items())
-                                    or "no row stored") + ")")
+        lost.append(
+            f"{video} ("
+            + (
+                "; ".join(f"run {r} holds {n} rows, ranks {low}..{high}" for r, (n, low, high) in runs.items())
+                or "no row stored"
+            )
+            + ")"
+        )
     if lost:
-        raise RowsLost(f"run {run_id}: {len(lost)} of {len(ids)} videos of a chunk would be stored incompletely in {target}, "
-                       f"{k} rows each expected: {_few(lost, 3)}; nothing of the chunk was written")
+        raise RowsLost(
+            f"run {run_id}: {len(lost)} of {len(ids)} videos of a chunk would be stored incompletely in {target}, "
+            f"{k} rows each expected: {_few(lost, 3)}; nothing of the chunk was written"
+        )
     return tuple(elsewhere)
 
 
-def write_chunk(db_url: str, run_id: int, model_version: int, part: int, target: str, attempt: int, ids: list[str],
-                top_labels: np.ndarray, top_scores: np.ndarray, lock: RunLockHolder | None = None) -> ChunkWritten:
+def write_chunk(
+    db_url: str,
+    run_id: int,
+    model_version: int,
+    part: int,
+    target: str,
+    attempt: int,
+    ids: list[str],
+    top_labels: np.ndarray,
+    top_scores: np.ndarray,
+    lock: RunLockHolder | None = None,
+) -> ChunkWritten:
     """One chunk of a part's predictions and the part's progress, all or nothing; with `lock`, only while
     the run's lock is still held, and only while this is the part's latest try (both checked inside the
     chunk's transaction, the try when it commits). Every video gets its k rows, or is left whole to
@@ -644,16 +853,29 @@ def write_chunk(db_url: str, run_id: int, model_version: int, part: int, target:
         elsewhere = () if written == table.num_rows else check_chunk(conn, run_id, model_version, target, ids, k)
         videos = len(ids) - len(elsewhere)
         if written != videos * k:  # e.g. a video twice in the chunk
-            raise RowsLost(f"run {run_id} part {part}: the database took {written} rows for {videos} videos x {k}; "
-                           "nothing of the chunk was written")
-        progressed = conn.execute(update(inference_parts).where(_this_try(run_id, part, attempt)).values(
-            videos_done=inference_parts.c.videos_done + videos, rows_written=inference_parts.c.rows_written + written,
-            videos_total=inference_parts.c.videos_total - len(elsewhere)))
+            raise RowsLost(
+                f"run {run_id} part {part}: the database took {written} rows for {videos} videos x {k}; "
+                "nothing of the chunk was written"
+            )
+        progressed = conn.execute(
+            update(inference_parts)
+            .where(_this_try(run_id, part, attempt))
+            .values(
+                videos_done=inference_parts.c.videos_done + videos,
+                rows_written=inference_parts.c.rows_written + written,
+                videos_total=inference_parts.c.videos_total - len(elsewhere),
+            )
+        )
         if progressed.rowcount != 1:
             raise SupersededTry(f"run {run_id} part {part}: try {attempt} was superseded by a newer try; stopping")
     if elsewhere:
-        log.info("run %d part %d: %d videos were scored by another run at the same time and stay its: %s",
-                 run_id, part, len(elsewhere), _few(elsewhere))
+        log.info(
+            "run %d part %d: %d videos were scored by another run at the same time and stay its: %s",
+            run_id,
+            part,
+            len(elsewhere),
+            _few(elsewhere),
+        )
     return ChunkWritten(written, videos, elsewhere)
 
 
@@ -666,8 +888,17 @@ class ChunkWriter:
     With `label_counts` (a top_k x classes array), it counts each written video's labels at each rank
     there, so that a part's counts are those of the rows it wrote, not of videos left to another run."""
 
-    def __init__(self, db_url: str, run_id: int, model_version: int, part: int, lock: RunLockHolder | None = None,
-                 target: str = "predictions", attempt: int = 1, label_counts: np.ndarray | None = None):
+    def __init__(
+        self,
+        db_url: str,
+        run_id: int,
+        model_version: int,
+        part: int,
+        lock: RunLockHolder | None = None,
+        target: str = "predictions",
+        attempt: int = 1,
+        label_counts: np.ndarray | None = None,
+    ):
         from concurrent.futures import ThreadPoolExecutor
 
         writers = 2 if engine_for(db_url).dialect.name == "postgresql" else 1
@@ -722,8 +953,11 @@ def finish_run(db_url: str, run_id: int, error: str | None = None) -> dict:
     """The night's outcome; its videos and rows are the sums of its parts'."""
     with engine_for(db_url).begin() as conn:
         _refresh_run_totals(conn, run_id)
-        conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(
-            status="failed" if error else "succeeded", error=error, finished_at=utcnow()))
+        conn.execute(
+            update(inference_runs)
+            .where(inference_runs.c.run_id == run_id)
+            .values(status="failed" if error else "succeeded", error=error, finished_at=utcnow())
+        )
         return conn.execute(select(inference_runs).where(inference_runs.c.run_id == run_id)).first()._asdict()
 
 
@@ -735,40 +969,66 @@ def retire(db_url: str, model_version: int) -> int:
     """Drop every prediction of a model version that is not in production (on PostgreSQL its partition,
     at once however many rows); its runs stay as history. Returns the rows dropped."""
     with engine_for(db_url).begin() as conn:
-        version = conn.execute(select(model_versions).where(model_versions.c.version == model_version)
-                               .with_for_update()).first()
+        version = conn.execute(
+            select(model_versions).where(model_versions.c.version == model_version).with_for_update()
+        ).first()
         if version is None:
             raise RetireError(f"model version {model_version} does not exist")
         if version.status == "production":
-            raise RetireError(f"model version {model_version} is in production: promote another before retiring its predictions")
-        running = conn.execute(select(inference_runs.c.logical_date).where(
-            inference_runs.c.model_version == model_version, inference_runs.c.status == "running")).scalars().first()
+            raise RetireError(
+                f"model version {model_version} is in production: promote another before retiring its predictions"
+            )
+        running = (
+            conn.execute(
+                select(inference_runs.c.logical_date).where(
+                    inference_runs.c.model_version == model_version, inference_runs.c.status == "running"
+                )
+            )
+            .scalars()
+            .first()
+        )
         if running is not None:
-            raise RetireError(f"model version {model_version} has a night in progress ({running.isoformat()}): "
-                              "retire it once that night has finished")
-        rows = conn.execute(select(func.count()).select_from(predictions).where(predictions.c.model_version == model_version)).scalar()
+            raise RetireError(
+                f"model version {model_version} has a night in progress ({running.isoformat()}): "
+                "retire it once that night has finished"
+            )
+        rows = conn.execute(
+            select(func.count()).select_from(predictions).where(predictions.c.model_version == model_version)
+        ).scalar()
         table = partition_name(model_version)
         if conn.dialect.name == "postgresql" and _table_exists(conn, table):
             conn.exec_driver_sql(f"DROP TABLE {table}")
-        for (run_id,) in conn.execute(select(inference_runs.c.run_id).where(
-                inference_runs.c.model_version == model_version, inference_runs.c.load_table.is_not(None))):
+        for (run_id,) in conn.execute(
+            select(inference_runs.c.run_id).where(
+                inference_runs.c.model_version == model_version, inference_runs.c.load_table.is_not(None)
+            )
+        ):
             loading = load_table_name(model_version, run_id)
             conn.exec_driver_sql(f"DROP TABLE IF EXISTS {loading}")
             conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=None))
-        conn.execute(delete(predictions).where(predictions.c.model_version == model_version))  # SQLite, default partition
+        conn.execute(
+            delete(predictions).where(predictions.c.model_version == model_version)
+        )  # SQLite, default partition
         runs = select(inference_runs.c.run_id).where(inference_runs.c.model_version == model_version)
         conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id.in_(runs)))
-        conn.execute(update(model_versions).where(model_versions.c.version == model_version)
-                     .values(predictions_retired_at=utcnow()))
+        conn.execute(
+            update(model_versions)
+            .where(model_versions.c.version == model_version)
+            .values(predictions_retired_at=utcnow())
+        )
     log.info("retired model version %d: %d prediction rows dropped", model_version, rows)
     return rows
 
 
 def versions_with_predictions(db_url: str) -> list[dict]:
     """Model versions that have run and whose predictions were not retired, newest first."""
-    query = (select(model_versions.c.version, model_versions.c.status)
-             .where(model_versions.c.predictions_retired_at.is_(None),
-                    exists().where(inference_runs.c.model_version == model_versions.c.version))
-             .order_by(model_versions.c.version.desc()))
+    query = (
+        select(model_versions.c.version, model_versions.c.status)
+        .where(
+            model_versions.c.predictions_retired_at.is_(None),
+            exists().where(inference_runs.c.model_version == model_versions.c.version),
+        )
+        .order_by(model_versions.c.version.desc())
+    )
     with engine_for(db_url).connect() as conn:
         return [row._asdict() for row in conn.execute(query)]

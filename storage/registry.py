@@ -1,6 +1,5 @@
 """The model registry: model versions, their evaluations, and which one is in production."""
 
-
 from sqlalchemy import func, insert, select, update
 
 from storage.db import engine_for, utcnow
@@ -11,48 +10,102 @@ class RegistryError(ValueError):
     pass
 
 
-
-def register(db_url: str, *, level: str, preset: str, checkpoint_uri: str, config: dict, data_uri: str,
-             train_split: str, epochs: int, steps: int, run_id: str | None = None,
-             checkpoint_sha256: str | None = None) -> int:
+def register(
+    db_url: str,
+    *,
+    level: str,
+    preset: str,
+    checkpoint_uri: str,
+    config: dict,
+    data_uri: str,
+    train_split: str,
+    epochs: int,
+    steps: int,
+    run_id: str | None = None,
+    checkpoint_sha256: str | None = None,
+) -> int:
     """Record a trained model; registering the same checkpoint again returns its existing version.
     `checkpoint_sha256` is the content the version stands for: loads of its checkpoint verify it."""
     with engine_for(db_url).begin() as conn:
-        existing = conn.execute(select(model_versions.c.version, model_versions.c.checkpoint_sha256)
-                                .where(model_versions.c.checkpoint_uri == checkpoint_uri)).first()
+        existing = conn.execute(
+            select(model_versions.c.version, model_versions.c.checkpoint_sha256).where(
+                model_versions.c.checkpoint_uri == checkpoint_uri
+            )
+        ).first()
         if existing is not None:
             if existing.checkpoint_sha256 and checkpoint_sha256 and existing.checkpoint_sha256 != checkpoint_sha256:
-                raise RegistryError(f"{checkpoint_uri} is model version {existing.version} with sha256 "
-                                    f"{existing.checkpoint_sha256}, but now holds sha256 {checkpoint_sha256}: "
-                                    "it changed since it was registered")
+                raise RegistryError(
+                    f"{checkpoint_uri} is model version {existing.version} with sha256 "
+                    f"{existing.checkpoint_sha256}, but now holds sha256 {checkpoint_sha256}: "
+                    "it changed since it was registered"
+                )
             return existing.version
-        return conn.execute(insert(model_versions).values(
-            level=level, preset=preset, checkpoint_uri=checkpoint_uri, config=config, data_uri=data_uri,
-            train_split=train_split, epochs=epochs, steps=steps, status="trained", run_id=run_id, created_at=utcnow(),
-            checkpoint_sha256=checkpoint_sha256,
-        ).returning(model_versions.c.version)).scalar_one()
+        return conn.execute(
+            insert(model_versions)
+            .values(
+                level=level,
+                preset=preset,
+                checkpoint_uri=checkpoint_uri,
+                config=config,
+                data_uri=data_uri,
+                train_split=train_split,
+                epochs=epochs,
+                steps=steps,
+                status="trained",
+                run_id=run_id,
+                created_at=utcnow(),
+                checkpoint_sha256=checkpoint_sha256,
+            )
+            .returning(model_versions.c.version)
+        ).scalar_one()
 
 
-def record_evaluation(db_url: str, version: int, *, split: str, data_uri: str, pattern: str, metrics: dict,
-                      videos: int, seconds: float, plot_uri: str | None) -> int:
+def record_evaluation(
+    db_url: str,
+    version: int,
+    *,
+    split: str,
+    data_uri: str,
+    pattern: str,
+    metrics: dict,
+    videos: int,
+    seconds: float,
+    plot_uri: str | None,
+) -> int:
     with engine_for(db_url).begin() as conn:
-        return conn.execute(insert(evaluations).values(
-            model_version=version, split=split, data_uri=data_uri, pattern=pattern, hit_at_one=metrics["hit_at_one"],
-            perr=metrics["perr"], gap=metrics["gap"], map=metrics["map"], videos=videos, seconds=seconds,
-            plot_uri=plot_uri, evaluated_at=utcnow(),
-        ).returning(evaluations.c.id)).scalar_one()
+        return conn.execute(
+            insert(evaluations)
+            .values(
+                model_version=version,
+                split=split,
+                data_uri=data_uri,
+                pattern=pattern,
+                hit_at_one=metrics["hit_at_one"],
+                perr=metrics["perr"],
+                gap=metrics["gap"],
+                map=metrics["map"],
+                videos=videos,
+                seconds=seconds,
+                plot_uri=plot_uri,
+                evaluated_at=utcnow(),
+            )
+            .returning(evaluations.c.id)
+        ).scalar_one()
 
 
 def version_by_checkpoint(db_url: str, checkpoint_uri: str) -> int | None:
     with engine_for(db_url).connect() as conn:
-        return conn.execute(select(model_versions.c.version).where(model_versions.c.checkpoint_uri == checkpoint_uri)).scalar()
+        return conn.execute(
+            select(model_versions.c.version).where(model_versions.c.checkpoint_uri == checkpoint_uri)
+        ).scalar()
 
 
 def version_by_sha256(db_url: str, checkpoint_sha256: str) -> int | None:
     """The first version registered with exactly these checkpoint bytes."""
     with engine_for(db_url).connect() as conn:
-        return conn.execute(select(func.min(model_versions.c.version))
-                            .where(model_versions.c.checkpoint_sha256 == checkpoint_sha256)).scalar()
+        return conn.execute(
+            select(func.min(model_versions.c.version)).where(model_versions.c.checkpoint_sha256 == checkpoint_sha256)
+        ).scalar()
 
 
 def get_version(db_url: str, version: int) -> dict:
@@ -67,8 +120,9 @@ def get_version(db_url: str, version: int) -> dict:
 
 def production(db_url: str, level: str) -> dict | None:
     with engine_for(db_url).connect() as conn:
-        row = conn.execute(select(model_versions).where(model_versions.c.level == level,
-                                                        model_versions.c.status == "production")).first()
+        row = conn.execute(
+            select(model_versions).where(model_versions.c.level == level, model_versions.c.status == "production")
+        ).first()
     return row._asdict() if row else None
 
 
@@ -77,7 +131,13 @@ class NeedsEvaluation(RegistryError):
 
     def __init__(self, version: int, checkpoint_uri: str, data_uri: str, split: str, pattern: str):
         super().__init__(f"production version {version} has no evaluation on {data_uri} {split} {pattern}")
-        self.version, self.checkpoint_uri, self.data_uri, self.split, self.pattern = version, checkpoint_uri, data_uri, split, pattern
+        self.version, self.checkpoint_uri, self.data_uri, self.split, self.pattern = (
+            version,
+            checkpoint_uri,
+            data_uri,
+            split,
+            pattern,
+        )
 
 
 def _latest_evaluation(conn, version: int, split: str, data_uri: str | None = None, pattern: str | None = None):
@@ -92,39 +152,79 @@ def promote_if_better(db_url: str, version: int, split: str = "validate") -> tup
     the very same evaluation set (data, split, file pattern). Raises NeedsEvaluation when production
     was never scored on that set."""
     with engine_for(db_url).begin() as conn:
-        candidate = conn.execute(select(model_versions).where(model_versions.c.version == version).with_for_update()).first()
+        candidate = conn.execute(
+            select(model_versions).where(model_versions.c.version == version).with_for_update()
+        ).first()
         if candidate is None:
             raise RegistryError(f"model version {version} does not exist")
         mine = _latest_evaluation(conn, version, split)
         if mine is None:
             raise RegistryError(f"model version {version} has no evaluation on split {split!r}")
-        current = conn.execute(select(model_versions).where(model_versions.c.level == candidate.level,
-                                                            model_versions.c.status == "production").with_for_update()).first()
+        current = conn.execute(
+            select(model_versions)
+            .where(model_versions.c.level == candidate.level, model_versions.c.status == "production")
+            .with_for_update()
+        ).first()
         if current is not None and current.version == version:
             return True, f"version {version} is already in production"
-        theirs = _latest_evaluation(conn, current.version, split, mine.data_uri, mine.pattern) if current is not None else None
+        theirs = (
+            _latest_evaluation(conn, current.version, split, mine.data_uri, mine.pattern)
+            if current is not None
+            else None
+        )
         if current is not None and theirs is None:
             raise NeedsEvaluation(current.version, current.checkpoint_uri, mine.data_uri, split, mine.pattern)
         if theirs is not None and mine.gap < theirs.gap:
             conn.execute(update(model_versions).where(model_versions.c.version == version).values(status="rejected"))
-            return False, f"version {version} GAP {mine.gap:.4f} < production version {current.version} GAP {theirs.gap:.4f}"
+            return (
+                False,
+                f"version {version} GAP {mine.gap:.4f} < production version {current.version} GAP {theirs.gap:.4f}",
+            )
         if current is not None:
-            conn.execute(update(model_versions).where(model_versions.c.version == current.version).values(status="archived"))
-        conn.execute(update(model_versions).where(model_versions.c.version == version)
-                     .values(status="production", promoted_at=utcnow()))
-        before = f"production version {current.version} GAP {theirs.gap:.4f}" if theirs is not None else "no production model"
+            conn.execute(
+                update(model_versions).where(model_versions.c.version == current.version).values(status="archived")
+            )
+        conn.execute(
+            update(model_versions)
+            .where(model_versions.c.version == version)
+            .values(status="production", promoted_at=utcnow())
+        )
+        before = (
+            f"production version {current.version} GAP {theirs.gap:.4f}"
+            if theirs is not None
+            else "no production model"
+        )
         return True, f"version {version} GAP {mine.gap:.4f} promoted ({before})"
 
 
 def versions_with_latest_evaluation(db_url: str) -> list[dict]:
     """Every model version with its most recent evaluation (if any), newest version first."""
-    latest = (select(evaluations.c.model_version, func.max(evaluations.c.id).label("id"))
-              .group_by(evaluations.c.model_version).subquery())
-    query = (select(model_versions.c.version, model_versions.c.level, model_versions.c.preset, model_versions.c.status,
-                    model_versions.c.epochs, evaluations.c.split, evaluations.c.videos, evaluations.c.gap,
-                    evaluations.c.hit_at_one, evaluations.c.perr, evaluations.c.map, model_versions.c.checkpoint_uri)
-             .select_from(model_versions.outerjoin(latest, latest.c.model_version == model_versions.c.version)
-                          .outerjoin(evaluations, evaluations.c.id == latest.c.id))
-             .order_by(model_versions.c.version.desc()))
+    latest = (
+        select(evaluations.c.model_version, func.max(evaluations.c.id).label("id"))
+        .group_by(evaluations.c.model_version)
+        .subquery()
+    )
+    query = (
+        select(
+            model_versions.c.version,
+            model_versions.c.level,
+            model_versions.c.preset,
+            model_versions.c.status,
+            model_versions.c.epochs,
+            evaluations.c.split,
+            evaluations.c.videos,
+            evaluations.c.gap,
+            evaluations.c.hit_at_one,
+            evaluations.c.perr,
+            evaluations.c.map,
+            model_versions.c.checkpoint_uri,
+        )
+        .select_from(
+            model_versions.outerjoin(latest, latest.c.model_version == model_versions.c.version).outerjoin(
+                evaluations, evaluations.c.id == latest.c.id
+            )
+        )
+        .order_by(model_versions.c.version.desc())
+    )
     with engine_for(db_url).connect() as conn:
         return [row._asdict() for row in conn.execute(query)]

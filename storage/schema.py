@@ -1,7 +1,18 @@
 """The project's tables as SQLAlchemy Core metadata. Migrations in sql/migrations create them."""
 
 from sqlalchemy import (
-    JSON, BigInteger, Column, DateTime, Float, ForeignKey, Integer, MetaData, SmallInteger, String, Table, Text,
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
     UniqueConstraint,
 )
 

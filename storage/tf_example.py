@@ -38,7 +38,9 @@ def _build_file() -> descriptor_pb2.FileDescriptorProto:
     feature = f.message_type.add(name="Feature")
     feature.oneof_decl.add(name="kind")
     for number, kind in enumerate(("bytes_list", "float_list", "int64_list"), start=1):
-        type_name = ".tensorflow." + {"bytes_list": "BytesList", "float_list": "FloatList", "int64_list": "Int64List"}[kind]
+        type_name = (
+            ".tensorflow." + {"bytes_list": "BytesList", "float_list": "FloatList", "int64_list": "Int64List"}[kind]
+        )
         _field(feature, kind, number, _F.TYPE_MESSAGE, type_name=type_name, oneof=0)
     _map_field(f.message_type.add(name="Features"), "feature", "FeatureEntry", ".tensorflow.Feature")
     _field(f.message_type.add(name="FeatureList"), "feature", 1, _F.TYPE_MESSAGE, rep, ".tensorflow.Feature")

@@ -67,7 +67,9 @@ def read_records(stream: BinaryIO, name: str, size: int | None = None) -> Iterat
         if masked_crc(header[:8]) != length_crc:
             raise BadRecordError(name, index, offset, "length CRC mismatch")
         if size is not None and length > size - offset - _HEADER.size - _FOOTER.size:
-            raise BadRecordError(name, index, offset, f"truncated: record length {length} runs past the end of the file")
+            raise BadRecordError(
+                name, index, offset, f"truncated: record length {length} runs past the end of the file"
+            )
         data = _read_exact(stream, length)
         footer = _read_exact(stream, _FOOTER.size)
         if len(data) < length or len(footer) < _FOOTER.size:

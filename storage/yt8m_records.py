@@ -73,8 +73,10 @@ def _context(context, require_labels: bool):
     if not video_id:
         raise RecordDecodeError("field 'id' is empty")
     if len(video_id) > MAX_ID_LENGTH:
-        raise RecordDecodeError(f"video id {video_id[:MAX_ID_LENGTH]!r}... is {len(video_id)} characters, "
-                                f"longer than the catalogue's {MAX_ID_LENGTH}")
+        raise RecordDecodeError(
+            f"video id {video_id[:MAX_ID_LENGTH]!r}... is {len(video_id)} characters, "
+            f"longer than the catalogue's {MAX_ID_LENGTH}"
+        )
     if "labels" in features:
         labels = list(features["labels"].int64_list.value)
     elif require_labels:
@@ -145,7 +147,7 @@ def _outer_spans(data: bytes) -> tuple[tuple[int, int] | None, dict[bytes, tuple
                     field_tag, field_pos = _varint(data, field_pos)
                     field_len, field_pos = _varint(data, field_pos)
                     if field_tag == 0x0A:
-                        key = data[field_pos:field_pos + field_len]
+                        key = data[field_pos : field_pos + field_len]
                     elif field_tag == 0x12:
                         value = (field_pos, field_pos + field_len)
                     field_pos += field_len
@@ -172,7 +174,7 @@ def _frames_fast(data: bytes, span: tuple[int, int] | None, dim: int) -> np.ndar
     frames = np.frombuffer(data, np.uint8, count=end - start, offset=start).reshape(-1, stride)
     if not (frames[:, : len(header)] == header).all():
         return None
-    return frames[:, len(header):]
+    return frames[:, len(header) :]
 
 
 def _frames_joined(message, name: str, dim: int, video_id: str) -> np.ndarray:
@@ -213,7 +215,7 @@ def _decode_canonical(data: bytes, require_labels: bool) -> FrameVideo | None:
         return None
     context = Features()
     try:
-        context.ParseFromString(data[context_span[0]:context_span[1]])
+        context.ParseFromString(data[context_span[0] : context_span[1]])
     except DecodeError:
         return None
     video_id, labels = _context(context, require_labels)
@@ -240,8 +242,9 @@ def _floats(features, name: str, dim: int, video_id: str) -> np.ndarray:
     # A NaN or infinity would turn every loss, score and metric it reaches into NaN, far from here.
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
-        raise RecordDecodeError(f"video {video_id!r}: {name!r} holds {values[bad[0]]} at index {bad[0]} "
-                                f"({bad.size} non-finite values)")
+        raise RecordDecodeError(
+            f"video {video_id!r}: {name!r} holds {values[bad[0]]} at index {bad[0]} ({bad.size} non-finite values)"
+        )
     return values
 
 
@@ -250,5 +253,8 @@ def decode_video_level(data: bytes, require_labels: bool = True) -> VideoFeature
     video_id, labels = _context(message.context, require_labels)
     features = message.context.feature
     return VideoFeatures(
-        video_id, labels, _floats(features, "mean_rgb", RGB_DIM, video_id), _floats(features, "mean_audio", AUDIO_DIM, video_id)
+        video_id,
+        labels,
+        _floats(features, "mean_rgb", RGB_DIM, video_id),
+        _floats(features, "mean_audio", AUDIO_DIM, video_id),
     )

@@ -3,6 +3,7 @@
 import argparse
 import logging
 import sys
+from datetime import UTC
 
 from tasks import settings
 
@@ -10,10 +11,13 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
-
 def _db_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", default=None, metavar="URL",
-                        help="SQLAlchemy database URL (default: $VTAG_DB_URL or SQLite under $VTAG_HOME)")
+    parser.add_argument(
+        "--db",
+        default=None,
+        metavar="URL",
+        help="SQLAlchemy database URL (default: $VTAG_DB_URL or SQLite under $VTAG_HOME)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,17 +36,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="convert TFRecord shards to the Parquet layout")
     p.add_argument("--src", default=None, metavar="URI", help="folder of shards (default: $VTAG_RAW_URI)")
-    p.add_argument("--dest", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)")
+    p.add_argument(
+        "--dest", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)"
+    )
     p.add_argument("--pattern", default="*.tfrecord", help="glob on shard names (default *.tfrecord)")
     p.add_argument("--force", action="store_true", help="convert again even unchanged shards")
-    p.add_argument("--replace", action="store_true",
-                   help="let a shard replace the Parquet file another source converted to the same name")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="let a shard replace the Parquet file another source converted to the same name",
+    )
     _db_arg(p)
 
     p = sub.add_parser("train", help="train a model on the Parquet layout and register it")
-    p.add_argument("--data", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)")
+    p.add_argument(
+        "--data", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)"
+    )
     p.add_argument("--level", choices=["frame", "video"], required=True)
-    p.add_argument("--preset", default=None, help="model/presets.toml section (default: seed on a GPU, small on a CPU; video for video level)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="model/presets.toml section (default: seed on a GPU, small on a CPU; video for video level)",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
@@ -53,12 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="*.parquet", help="glob on the split's file names")
     p.add_argument("--resume", metavar="CHECKPOINT_URI", help="start from this checkpoint's weights (fine-tuning)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS", help="also checkpoint every N steps")
-    p.add_argument("--out", required=True, metavar="URI", help="folder for this run's checkpoints; a checkpoint there is continued")
+    p.add_argument(
+        "--out", required=True, metavar="URI", help="folder for this run's checkpoints; a checkpoint there is continued"
+    )
     _db_arg(p)
 
     p = sub.add_parser("evaluate", help="score a checkpoint with YouTube-8M's metrics and record it")
     p.add_argument("--checkpoint", required=True, metavar="URI")
-    p.add_argument("--data", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)")
+    p.add_argument(
+        "--data", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)"
+    )
     p.add_argument("--split", default="validate")
     p.add_argument("--pattern", default="*.parquet")
     p.add_argument("--promote", action="store_true", help="promote to production if its GAP is at least production's")
@@ -70,24 +89,42 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--checkpoint", metavar="URI", help="score with this checkpoint")
     which.add_argument("--production", action="store_true", help="score with the production model")
     which.add_argument("--model-version", type=int, metavar="N", help="score with this registered version")
-    p.add_argument("--data", default=None, metavar="URI",
-                   help="accepted for symmetry with train/evaluate; videos are found through the catalogue ingest fills")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="URI",
+        help="accepted for symmetry with train/evaluate; videos are found through the catalogue ingest fills",
+    )
     p.add_argument("--level", choices=["frame", "video"], default="frame", help="with --production (default frame)")
     p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--logical-date", default=None, metavar="ISO", help="score what was ingested up to then (default: now)")
+    p.add_argument(
+        "--logical-date", default=None, metavar="ISO", help="score what was ingested up to then (default: now)"
+    )
     p.add_argument("--video", action="append", metavar="ID", help="(re)score this video (repeatable)")
     p.add_argument("--shard-pattern", metavar="GLOB", help="only videos from Parquet files matching this glob")
     p.add_argument("--dry-run", action="store_true", help="count what would be scored, write nothing")
     p.add_argument("--exports", metavar="URI", help="folder for the CSV and pickle exports")
-    p.add_argument("--part-videos", type=int, default=None, metavar="N",
-                   help="score the night in parts of about N videos (default 250000), as the DAG's mapped tasks do")
-    p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
-                   help="wait at most this long for another run of the same night (default $VTAG_LOCK_TIMEOUT_S or 600)")
+    p.add_argument(
+        "--part-videos",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score the night in parts of about N videos (default 250000), as the DAG's mapped tasks do",
+    )
+    p.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="wait at most this long for another run of the same night (default $VTAG_LOCK_TIMEOUT_S or 600)",
+    )
     _db_arg(p)
 
     p = sub.add_parser("retire", help="drop the predictions of old model versions (their runs stay as history)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model-version", type=int, metavar="N", action="append", help="retire this version (repeatable)")
+    which.add_argument(
+        "--model-version", type=int, metavar="N", action="append", help="retire this version (repeatable)"
+    )
     which.add_argument("--keep", type=int, metavar="N", help="retire all but the newest N versions with predictions")
     _db_arg(p)
 
@@ -109,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("db", help="database schema migrations")
     dbsub = p.add_subparsers(dest="db_command", required=True)
-    for name, help_text in (("upgrade", "migrate to the newest schema"), ("downgrade", "migrate down to REVISION"),
-                            ("current", "print the schema revision")):
+    for name, help_text in (
+        ("upgrade", "migrate to the newest schema"),
+        ("downgrade", "migrate down to REVISION"),
+        ("current", "print the schema revision"),
+    ):
         q = dbsub.add_parser(name, help=help_text)
         if name == "downgrade":
             q.add_argument("revision", help="target revision, e.g. base or -1")
@@ -152,15 +192,33 @@ def _ingest(args) -> int:
 def _train(args) -> int:
     from tasks.training import train_model
 
-    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                 "max_frames": args.max_frames, "num_workers": args.workers, "seed": args.seed}
-    result = train_model(args.data or settings.default_parquet_uri(), args.out, args.level, args.db, preset=args.preset,
-                         overrides=overrides, split=args.split, pattern=args.pattern, resume=args.resume,
-                         checkpoint_every=args.checkpoint_every, progress=sys.stderr.isatty())
+    overrides = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "max_frames": args.max_frames,
+        "num_workers": args.workers,
+        "seed": args.seed,
+    }
+    result = train_model(
+        args.data or settings.default_parquet_uri(),
+        args.out,
+        args.level,
+        args.db,
+        preset=args.preset,
+        overrides=overrides,
+        split=args.split,
+        pattern=args.pattern,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        progress=sys.stderr.isatty(),
+    )
     if result["version"] is None:  # another rank than 0 under torchrun: rank 0 reports
         return 0
-    print(f"model version {result['version']}: {result['checkpoint_uri']} ({result['epochs']} epochs, "
-          f"{result['steps']} steps, {result['videos_per_second']:.1f} videos/s)")
+    print(
+        f"model version {result['version']}: {result['checkpoint_uri']} ({result['epochs']} epochs, "
+        f"{result['steps']} steps, {result['videos_per_second']:.1f} videos/s)"
+    )
     return 0
 
 
@@ -169,11 +227,14 @@ def _evaluate(args) -> int:
 
     from tasks.training import evaluate_model, promote
 
-    result = evaluate_model(args.checkpoint, args.data or settings.default_parquet_uri(), args.db,
-                            split=args.split, pattern=args.pattern)
+    result = evaluate_model(
+        args.checkpoint, args.data or settings.default_parquet_uri(), args.db, split=args.split, pattern=args.pattern
+    )
     metrics = {k: result[k] for k in ("hit_at_one", "perr", "gap", "map")}
-    print(f"model version {result['version']} on {args.split} ({result['videos']} videos): "
-          + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(
+        f"model version {result['version']} on {args.split} ({result['videos']} videos): "
+        + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    )
     print(f"plot: {result['plot_uri']}")
     if args.promote:
         print(promote(args.db, result["version"], args.split)["reason"])
@@ -183,23 +244,36 @@ def _evaluate(args) -> int:
 
 
 def _infer(args) -> int:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from tasks.inference import run_inference
 
-    when = datetime.fromisoformat(args.logical_date) if args.logical_date else datetime.now(timezone.utc)
+    when = datetime.fromisoformat(args.logical_date) if args.logical_date else datetime.now(UTC)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     parts = {} if args.part_videos is None else {"part_videos": args.part_videos}
-    report = run_inference(args.db, when, top_k=args.top_k, level=args.level, model_version=args.model_version,
-                           checkpoint_uri=args.checkpoint, video_ids=args.video, shard_pattern=args.shard_pattern,
-                           dry_run=args.dry_run, exports_uri=args.exports, progress=sys.stderr.isatty(),
-                           lock_timeout_s=args.lock_timeout, **parts)
+    report = run_inference(
+        args.db,
+        when,
+        top_k=args.top_k,
+        level=args.level,
+        model_version=args.model_version,
+        checkpoint_uri=args.checkpoint,
+        video_ids=args.video,
+        shard_pattern=args.shard_pattern,
+        dry_run=args.dry_run,
+        exports_uri=args.exports,
+        progress=sys.stderr.isatty(),
+        lock_timeout_s=args.lock_timeout,
+        **parts,
+    )
     if args.dry_run:
         print(f"dry run: model version {report.model_version} would score {report.videos} videos")
         return 0
-    print(f"run {report.run_id}: model version {report.model_version} scored {report.videos} videos, "
-          f"{report.rows_written} rows written")
+    print(
+        f"run {report.run_id}: model version {report.model_version} scored {report.videos} videos, "
+        f"{report.rows_written} rows written"
+    )
     for uri in report.exports:
         print(f"export: {uri}")
     return 0
@@ -257,8 +331,23 @@ def _models(args) -> int:
     for row in rows:
         for key in ("gap", "hit_at_one", "perr", "map"):
             row[key] = None if row[key] is None else f"{row[key]:.4f}"
-    _print_table(rows, ["version", "level", "preset", "status", "epochs", "split", "videos", "gap", "hit_at_one",
-                        "perr", "map", "checkpoint_uri"])
+    _print_table(
+        rows,
+        [
+            "version",
+            "level",
+            "preset",
+            "status",
+            "epochs",
+            "split",
+            "videos",
+            "gap",
+            "hit_at_one",
+            "perr",
+            "map",
+            "checkpoint_uri",
+        ],
+    )
     return 0
 
 
@@ -296,12 +385,25 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if hasattr(args, "db"):
         args.db = args.db or settings.default_db_url()
-    handler = {"synth": _synth, "ingest": _ingest, "train": _train, "evaluate": _evaluate, "infer": _infer, "retire": _retire, "query": _query, "vocabulary": _vocabulary,
-               "models": _models, "manifest": _manifest,
-               "db": _db}[args.command]
+    handler = {
+        "synth": _synth,
+        "ingest": _ingest,
+        "train": _train,
+        "evaluate": _evaluate,
+        "infer": _infer,
+        "retire": _retire,
+        "query": _query,
+        "vocabulary": _vocabulary,
+        "models": _models,
+        "manifest": _manifest,
+        "db": _db,
+    }[args.command]
     try:
         return handler(args)
     except _user_errors() as exc:

@@ -19,7 +19,7 @@ import logging
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -64,6 +64,7 @@ class InferenceReport:
 @dataclass
 class NightPlan:
     """What every part of a night needs to know; JSON-serialisable for XCom (`as_dict`/`from_dict`)."""
+
     run_id: int
     model_version: int
     checkpoint_uri: str
@@ -100,7 +101,9 @@ def _model_version(db_url: str, level: str, version: int | None) -> dict:
         return registry.get_version(db_url, version)
     current = registry.production(db_url, level)
     if current is None:
-        raise NoProductionModel(f"no production model for level {level!r} yet: train one (yt8m_train) or name a version")
+        raise NoProductionModel(
+            f"no production model for level {level!r} yet: train one (yt8m_train) or name a version"
+        )
     return current
 
 
@@ -109,7 +112,7 @@ def _check_request(top_k: int, logical_date: datetime) -> datetime:
         raise InferenceError(f"top_k must be in 1..{MAX_K}, not {top_k}")
     if logical_date.tzinfo is None:
         raise InferenceError(f"logical date {logical_date} has no time zone")
-    return logical_date.astimezone(timezone.utc)  # SQLite keeps no offset: compare in UTC everywhere
+    return logical_date.astimezone(UTC)  # SQLite keeps no offset: compare in UTC everywhere
 
 
 def _rows_per_video(version: dict, top_k: int) -> int:
@@ -122,8 +125,9 @@ def _rows_per_video(version: dict, top_k: int) -> int:
     return min(top_k, int(config.get("num_classes") or MAX_K))
 
 
-def _resolve_version(db_url: str, level: str, model_version: int | None, checkpoint_uri: str | None,
-                     s3: S3Config | None) -> dict:
+def _resolve_version(
+    db_url: str, level: str, model_version: int | None, checkpoint_uri: str | None, s3: S3Config | None
+) -> dict:
     if checkpoint_uri is not None:
         from tasks.training import ensure_registered
 
@@ -135,7 +139,9 @@ def _known(db_url: str, video_ids: list[str], level: str) -> dict[str, str]:
     known = predictions.known_videos(db_url, video_ids, level)
     missing = [v for v in video_ids if v not in known]
     if missing:
-        raise InferenceError(f"never ingested at {level} level: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+        raise InferenceError(
+            f"never ingested at {level} level: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+        )
     return known
 
 
@@ -153,14 +159,28 @@ def cut_parts(files: list[tuple[str, int]], part_videos: int = PART_VIDEOS, max_
     for i, (_, count) in enumerate(files):
         videos += count
         if videos >= target or i == len(files) - 1:
-            parts.append({"part": len(parts), "first_uri": files[start][0], "last_uri": files[i][0],
-                          "files": i - start + 1, "videos": videos})
+            parts.append(
+                {
+                    "part": len(parts),
+                    "first_uri": files[start][0],
+                    "last_uri": files[i][0],
+                    "files": i - start + 1,
+                    "videos": videos,
+                }
+            )
             start, videos = i + 1, 0
     return parts
 
 
-def _pending_files(db_url: str, version: int, logical_date: datetime, level: str, run_id: int | None,
-                   video_ids: list[str] | None, shard_pattern: str | None) -> list[tuple[str, int]]:
+def _pending_files(
+    db_url: str,
+    version: int,
+    logical_date: datetime,
+    level: str,
+    run_id: int | None,
+    video_ids: list[str] | None,
+    shard_pattern: str | None,
+) -> list[tuple[str, int]]:
     if video_ids:
         counts: dict[str, int] = {}
         for uri in _known(db_url, video_ids, level).values():
@@ -170,11 +190,23 @@ def _pending_files(db_url: str, version: int, logical_date: datetime, level: str
     return [(uri, n) for uri, n in files if _matches(uri, shard_pattern)]
 
 
-def plan_night(db_url: str, logical_date: datetime, *, top_k: int = 20, level: str = "frame",
-               model_version: int | None = None, checkpoint_uri: str | None = None, video_ids: list[str] | None = None,
-               shard_pattern: str | None = None, exports_uri: str | None = None, s3: S3Config | None = None,
-               airflow_run_id: str | None = None, part_videos: int = PART_VIDEOS, locked: bool = False,
-               lock_timeout_s: float | None = None) -> NightPlan:
+def plan_night(
+    db_url: str,
+    logical_date: datetime,
+    *,
+    top_k: int = 20,
+    level: str = "frame",
+    model_version: int | None = None,
+    checkpoint_uri: str | None = None,
+    video_ids: list[str] | None = None,
+    shard_pattern: str | None = None,
+    exports_uri: str | None = None,
+    s3: S3Config | None = None,
+    airflow_run_id: str | None = None,
+    part_videos: int = PART_VIDEOS,
+    locked: bool = False,
+    lock_timeout_s: float | None = None,
+) -> NightPlan:
     """Start the night's run and cut what it must score into parts. A whole night replaces the run's
     earlier rows; a targeted one (video ids, file pattern) adds to them. `locked`: the caller holds
     the night's run_lock; otherwise this waits for it at most `lock_timeout_s` (default: settings)."""
@@ -185,7 +217,11 @@ def plan_night(db_url: str, logical_date: datetime, *, top_k: int = 20, level: s
     video_ids = sorted(set(video_ids)) if video_ids else None
     if video_ids:
         _known(db_url, video_ids, level)  # before anything is forgotten
-    with (nullcontext() if locked else predictions.run_lock(db_url, logical_date, number, timeout_s=_lock_timeout(lock_timeout_s))):
+    with (
+        nullcontext()
+        if locked
+        else predictions.run_lock(db_url, logical_date, number, timeout_s=_lock_timeout(lock_timeout_s))
+    ):
         if video_ids:
             predictions.forget(db_url, number, video_ids)
         whole = not (video_ids or shard_pattern)
@@ -197,18 +233,48 @@ def plan_night(db_url: str, logical_date: datetime, *, top_k: int = 20, level: s
         except BaseException as exc:  # never leave the night looking as if it were running
             predictions.finish_run(db_url, run_id, error=f"planning: {type(exc).__name__}: {exc}")
             raise
-    exports_uri = canonical_uri(exports_uri or join(settings.default_exports_uri(), f"{logical_date:%Y-%m-%dT%H%M%S}_v{number}"))
+    exports_uri = canonical_uri(
+        exports_uri or join(settings.default_exports_uri(), f"{logical_date:%Y-%m-%dT%H%M%S}_v{number}")
+    )
     if not whole and parts:  # a targeted rescoring's exports, beside the night's, not over them
         exports_uri = join(exports_uri, f"rescored-part{parts[0]['part']:05d}")
-    log.info("run %d: %d videos in %d files, %d parts, into %s", run_id, sum(p["videos"] for p in parts), len(files),
-             len(parts), table)
-    return NightPlan(run_id, number, version["checkpoint_uri"], level, top_k, logical_date, exports_uri, parts,
-                     video_ids, shard_pattern, table, _rows_per_video(version, top_k), version["checkpoint_sha256"])
+    log.info(
+        "run %d: %d videos in %d files, %d parts, into %s",
+        run_id,
+        sum(p["videos"] for p in parts),
+        len(files),
+        len(parts),
+        table,
+    )
+    return NightPlan(
+        run_id,
+        number,
+        version["checkpoint_uri"],
+        level,
+        top_k,
+        logical_date,
+        exports_uri,
+        parts,
+        video_ids,
+        shard_pattern,
+        table,
+        _rows_per_video(version, top_k),
+        version["checkpoint_sha256"],
+    )
 
 
-def count_pending(db_url: str, logical_date: datetime, *, top_k: int = 20, level: str = "frame",
-                  model_version: int | None = None, checkpoint_uri: str | None = None, video_ids: list[str] | None = None,
-                  shard_pattern: str | None = None, s3: S3Config | None = None) -> tuple[int, int]:
+def count_pending(
+    db_url: str,
+    logical_date: datetime,
+    *,
+    top_k: int = 20,
+    level: str = "frame",
+    model_version: int | None = None,
+    checkpoint_uri: str | None = None,
+    video_ids: list[str] | None = None,
+    shard_pattern: str | None = None,
+    s3: S3Config | None = None,
+) -> tuple[int, int]:
     """A dry run: (model version, how many videos a run would score), writing nothing."""
     logical_date = _check_request(top_k, logical_date)
     db.upgrade(db_url)
@@ -231,16 +297,22 @@ def _part_videos(db_url: str, plan: NightPlan, part: dict, first_try: bool) -> d
     uri_range = (part["first_uri"], part["last_uri"])
     drop = {"table": plan.table}
     if plan.video_ids:
-        wanted = [(v, uri) for v, uri in _known(db_url, plan.video_ids, plan.level).items()
-                  if uri_range[0] <= uri <= uri_range[1]]
+        wanted = [
+            (v, uri)
+            for v, uri in _known(db_url, plan.video_ids, plan.level).items()
+            if uri_range[0] <= uri <= uri_range[1]
+        ]
     else:
         if not first_try and not plan.shard_pattern:  # a whole night's part owns its file range in this run
             predictions.drop_run_rows(db_url, plan.run_id, plan.model_version, plan.level, uri_range=uri_range, **drop)
-        wanted = predictions.pending_videos(db_url, plan.model_version, plan.logical_date, plan.level,
-                                            exclude_run=plan.run_id, uri_range=uri_range)
+        wanted = predictions.pending_videos(
+            db_url, plan.model_version, plan.logical_date, plan.level, exclude_run=plan.run_id, uri_range=uri_range
+        )
         wanted = [(v, uri) for v, uri in wanted if _matches(uri, plan.shard_pattern)]
     if plan.video_ids or plan.shard_pattern:  # a targeted part shares its files with the run's other rows
-        predictions.drop_run_rows(db_url, plan.run_id, plan.model_version, plan.level, ids=[v for v, _ in wanted], **drop)
+        predictions.drop_run_rows(
+            db_url, plan.run_id, plan.model_version, plan.level, ids=[v for v, _ in wanted], **drop
+        )
     by_file: dict[str, set[str]] = {}
     for video, uri in wanted:
         by_file.setdefault(uri, set()).add(video)
@@ -259,19 +331,33 @@ def _score(model, config, by_file: dict[str, set[str]], device, s3, batch_size: 
         store = store_for(uri, s3)
         info = store.info(uri)
         if info is None:
-            raise StoreError(f"no such file: {uri}, which the catalogue lists for {len(by_file[uri])} videos of this part")
+            raise StoreError(
+                f"no such file: {uri}, which the catalogue lists for {len(by_file[uri])} videos of this part"
+            )
         # Pinned: a file replaced while the part reads it fails the part (its retry reads the new content)
         # instead of mixing two contents under one catalogue.
         with store.open_read(uri, fingerprint=info.fingerprint) as f:
             metadata = pq.ParquetFile(f).metadata
-        groups += [RowGroup(uri, i, metadata.row_group(i).num_rows, info.fingerprint)
-                   for i in range(metadata.num_row_groups)]
+        groups += [
+            RowGroup(uri, i, metadata.row_group(i).num_rows, info.fingerprint) for i in range(metadata.num_row_groups)
+        ]
     if not groups:
         return
     wanted = set().union(*by_file.values())
-    dataset = ParquetBatches(groups, config.level, batch_size, config.num_classes, config.max_frames,
-                             shuffle=False, drop_last=False, workers=config.num_workers, s3=s3)
-    for ids, scores, _labels in predict(model, config, loader(dataset, config.num_workers, device.type == "cuda"), device):
+    dataset = ParquetBatches(
+        groups,
+        config.level,
+        batch_size,
+        config.num_classes,
+        config.max_frames,
+        shuffle=False,
+        drop_last=False,
+        workers=config.num_workers,
+        s3=s3,
+    )
+    for ids, scores, _labels in predict(
+        model, config, loader(dataset, config.num_workers, device.type == "cuda"), device
+    ):
         keep = [i for i, v in enumerate(ids) if v in wanted]
         if keep:
             yield [ids[i] for i in keep], scores[keep]
@@ -297,22 +383,40 @@ def load_scorer(checkpoint_uri: str, s3: S3Config | None = None, sha256: str | N
     return model, config, device
 
 
-def tag_part(db_url: str, plan: NightPlan, part: dict, *, s3: S3Config | None = None, batch_size: int = 256,
-             scorer=None, lock: predictions.RunLockHolder | None = None, locked: bool = False,
-             progress: bool = False, score_batches=None, lock_timeout_s: float | None = None) -> PartReport:
+def tag_part(
+    db_url: str,
+    plan: NightPlan,
+    part: dict,
+    *,
+    s3: S3Config | None = None,
+    batch_size: int = 256,
+    scorer=None,
+    lock: predictions.RunLockHolder | None = None,
+    locked: bool = False,
+    progress: bool = False,
+    score_batches=None,
+    lock_timeout_s: float | None = None,
+) -> PartReport:
     """Score one part of a planned night. `scorer`: (model, config, device), loaded here if not given;
     `locked`: the caller holds the night's run_lock (`lock`), else this takes the part's own, waiting
     for it at most `lock_timeout_s` (default: settings).
     `score_batches(by_file, num_classes)`, given, replaces the model: benchmarks.scale measures everything
     around the model with it."""
     number = part["part"]
-    with (nullcontext() if locked else predictions.run_lock(db_url, plan.logical_date, plan.model_version, number,
-                                                            timeout_s=_lock_timeout(lock_timeout_s))) as own:
+    with (
+        nullcontext()
+        if locked
+        else predictions.run_lock(
+            db_url, plan.logical_date, plan.model_version, number, timeout_s=_lock_timeout(lock_timeout_s)
+        )
+    ) as own:
         lock = lock if locked else own
         before = predictions.start_part(db_url, plan.run_id, number)
         attempt = before["attempt"]
         try:
-            by_file = _part_videos(db_url, plan, part, first_try=before["attempts"] == 0 and before["status"] == "planned")
+            by_file = _part_videos(
+                db_url, plan, part, first_try=before["attempts"] == 0 and before["status"] == "planned"
+            )
             predictions.set_part_total(db_url, plan.run_id, number, sum(len(v) for v in by_file.values()))
             if score_batches is None:
                 model, config, device = scorer or load_scorer(plan.checkpoint_uri, s3, plan.checkpoint_sha256)
@@ -341,7 +445,8 @@ def _check_finite(plan: NightPlan, ids: list[str], scores: np.ndarray, by_file: 
         raise NonFiniteScores(
             f"model version {plan.model_version} ({plan.checkpoint_uri}) gave NaN or infinite scores to {len(videos)} of "
             f"the {len(ids)} videos of a batch: {', '.join(f'{v} ({_file_of(by_file, v)})' for v in videos[:3])}"
-            f"{' ...' if len(videos) > 3 else ''}; nothing of this part counts: check those videos' features and the model")
+            f"{' ...' if len(videos) > 3 else ''}; nothing of this part counts: check those videos' features and the model"
+        )
 
 
 def _check_all_scored(plan: NightPlan, number: int, by_file: dict[str, set[str]], scored: set[str]) -> None:
@@ -349,7 +454,8 @@ def _check_all_scored(plan: NightPlan, number: int, by_file: dict[str, set[str]]
     if missing:
         raise IncompleteNight(
             f"run {plan.run_id} part {number}: {len(missing)} videos the catalogue places in the part's files were not in "
-            f"them: {', '.join(f'{v} ({_file_of(by_file, v)})' for v in missing[:3])}{' ...' if len(missing) > 3 else ''}")
+            f"them: {', '.join(f'{v} ({_file_of(by_file, v)})' for v in missing[:3])}{' ...' if len(missing) > 3 else ''}"
+        )
 
 
 def _check_once(plan: NightPlan, number: int, ids: list[str], scored: set[str], by_file: dict[str, set[str]]) -> None:
@@ -361,20 +467,33 @@ def _check_once(plan: NightPlan, number: int, ids: list[str], scored: set[str], 
     from collections import Counter
 
     video = repeated[0] if repeated else next(v for v, n in Counter(ids).items() if n > 1)
-    raise IncompleteNight(f"run {plan.run_id} part {number}: video {video} ({_file_of(by_file, video)}) came out of "
-                          "the part's files twice")
+    raise IncompleteNight(
+        f"run {plan.run_id} part {number}: video {video} ({_file_of(by_file, video)}) came out of "
+        "the part's files twice"
+    )
 
 
-def _write_part(db_url: str, plan: NightPlan, number: int, attempt: int, batches, num_classes: int, s3, lock,
-                progress: bool, by_file: dict[str, set[str]]) -> PartReport:
+def _write_part(
+    db_url: str,
+    plan: NightPlan,
+    number: int,
+    attempt: int,
+    batches,
+    num_classes: int,
+    s3,
+    lock,
+    progress: bool,
+    by_file: dict[str, set[str]],
+) -> PartReport:
     """Rows in chunks, export fragments and label counts from (ids, scores) batches; the part succeeds
     only if every video it had to score was written with its k rows (or left whole to a run that
     scored it at the same time)."""
     top_k, csv_top = min(plan.top_k, num_classes), max(plan.top_k, CSV_TOP)
     report = PartReport(number)
     label_counts = np.zeros((top_k, num_classes), np.int64)
-    chunks = predictions.ChunkWriter(db_url, plan.run_id, plan.model_version, number, lock, plan.table, attempt,
-                                     label_counts=label_counts)
+    chunks = predictions.ChunkWriter(
+        db_url, plan.run_id, plan.model_version, number, lock, plan.table, attempt, label_counts=label_counts
+    )
     pending_ids, pending_labels, pending_scores = [], [], []
     scored: set[str] = set()
 
@@ -398,7 +517,11 @@ def _write_part(db_url: str, plan: NightPlan, number: int, attempt: int, batches
                 _check_once(plan, number, ids, scored, by_file)
                 labels, top_scores = _top(scores, csv_top)
                 fragments.add(ids, labels, top_scores)
-                pending_ids.extend(ids), pending_labels.append(labels[:, :top_k]), pending_scores.append(top_scores[:, :top_k])
+                (
+                    pending_ids.extend(ids),
+                    pending_labels.append(labels[:, :top_k]),
+                    pending_scores.append(top_scores[:, :top_k]),
+                )
                 report.videos += len(ids)
                 if bar is not None:
                     bar.update(len(ids))
@@ -429,15 +552,18 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
     parts = [p for p in predictions.parts_of(db_url, plan.run_id) if p["part"] in ours]
     unfinished = [p for p in parts if p["status"] != "succeeded"]
     if unfinished:
-        error = "parts not succeeded: " + ", ".join(f"{p['part']} ({p['status']}{': ' + p['error'] if p['error'] else ''})"
-                                                     for p in unfinished[:10])
+        error = "parts not succeeded: " + ", ".join(
+            f"{p['part']} ({p['status']}{': ' + p['error'] if p['error'] else ''})" for p in unfinished[:10]
+        )
         predictions.finish_run(db_url, plan.run_id, error=error)
         raise InferenceError(f"run {plan.run_id}: {error}")
     # The parts' committed counters, whatever wrote them (a try of an older release, a part's row edited):
     short = [(p["part"], gap) for p in parts if (gap := predictions.shortfall(p, plan.k))]
     if len(parts) != len(ours) or short:
-        error = "incomplete: " + ("; ".join(f"part {n}: {gap}" for n, gap in short[:10]) or
-                                  f"{len(ours) - len(parts)} planned parts missing from inference_parts")
+        error = "incomplete: " + (
+            "; ".join(f"part {n}: {gap}" for n, gap in short[:10])
+            or f"{len(ours) - len(parts)} planned parts missing from inference_parts"
+        )
         predictions.finish_run(db_url, plan.run_id, error=error)
         raise IncompleteNight(f"run {plan.run_id}: {error}")
     try:
@@ -447,23 +573,54 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
         predictions.finish_run(db_url, plan.run_id, error=f"finishing: {type(exc).__name__}: {exc}")
         raise
     run = predictions.finish_run(db_url, plan.run_id)
-    log.info("run %d: %d videos, %d rows, model version %d", plan.run_id, run["videos_done"], run["rows_written"],
-             plan.model_version)
+    log.info(
+        "run %d: %d videos, %d rows, model version %d",
+        plan.run_id,
+        run["videos_done"],
+        run["rows_written"],
+        plan.model_version,
+    )
     parts = [p for p in predictions.parts_of(db_url, plan.run_id) if p["part"] in ours]  # less what another night kept
-    return InferenceReport(plan.run_id, plan.model_version, sum(p["videos_done"] for p in parts),
-                           sum(p["rows_written"] for p in parts), uris)
+    return InferenceReport(
+        plan.run_id,
+        plan.model_version,
+        sum(p["videos_done"] for p in parts),
+        sum(p["rows_written"] for p in parts),
+        uris,
+    )
 
 
-def run_inference(db_url: str, logical_date: datetime, *, top_k: int = 20, level: str = "frame",
-                  model_version: int | None = None, checkpoint_uri: str | None = None, video_ids: list[str] | None = None,
-                  shard_pattern: str | None = None, dry_run: bool = False, exports_uri: str | None = None,
-                  s3: S3Config | None = None, airflow_run_id: str | None = None, batch_size: int = 256,
-                  part_videos: int = PART_VIDEOS, progress: bool = False, lock_timeout_s: float | None = None) -> InferenceReport:
+def run_inference(
+    db_url: str,
+    logical_date: datetime,
+    *,
+    top_k: int = 20,
+    level: str = "frame",
+    model_version: int | None = None,
+    checkpoint_uri: str | None = None,
+    video_ids: list[str] | None = None,
+    shard_pattern: str | None = None,
+    dry_run: bool = False,
+    exports_uri: str | None = None,
+    s3: S3Config | None = None,
+    airflow_run_id: str | None = None,
+    batch_size: int = 256,
+    part_videos: int = PART_VIDEOS,
+    progress: bool = False,
+    lock_timeout_s: float | None = None,
+) -> InferenceReport:
     """Score what the model has not scored up to `logical_date` (or the given videos) and store the
     top k: the whole night in this process, its parts one after another. Waits at most `lock_timeout_s`
     (default: tasks.settings.lock_timeout_s()) for another run of the same night to let go."""
-    request = {"top_k": top_k, "level": level, "model_version": model_version, "checkpoint_uri": checkpoint_uri,
-               "video_ids": video_ids, "shard_pattern": shard_pattern, "s3": s3}
+    request = {
+        "top_k": top_k,
+        "level": level,
+        "model_version": model_version,
+        "checkpoint_uri": checkpoint_uri,
+        "video_ids": video_ids,
+        "shard_pattern": shard_pattern,
+        "s3": s3,
+    }
     if dry_run:
         return InferenceReport(None, *count_pending(db_url, logical_date, **request), 0)
     logical_date = _check_request(top_k, logical_date)
@@ -473,13 +630,31 @@ def run_inference(db_url: str, logical_date: datetime, *, top_k: int = 20, level
     # Two runs of the same night at once (a task's retry while a lost try still runs, `vtag infer`
     # beside the DAG) would share one run: the later start would empty the earlier one's rows under it.
     # They take turns instead, the later replacing the run.
-    with predictions.run_lock(db_url, logical_date, version["version"], timeout_s=_lock_timeout(lock_timeout_s)) as lock:
-        plan = plan_night(db_url, logical_date, **{**request, "model_version": version["version"], "checkpoint_uri": None},
-                          exports_uri=exports_uri, airflow_run_id=airflow_run_id, part_videos=part_videos, locked=True)
+    with predictions.run_lock(
+        db_url, logical_date, version["version"], timeout_s=_lock_timeout(lock_timeout_s)
+    ) as lock:
+        plan = plan_night(
+            db_url,
+            logical_date,
+            **{**request, "model_version": version["version"], "checkpoint_uri": None},
+            exports_uri=exports_uri,
+            airflow_run_id=airflow_run_id,
+            part_videos=part_videos,
+            locked=True,
+        )
         for part in plan.parts:
             try:
-                tag_part(db_url, plan, part, s3=s3, batch_size=batch_size, scorer=scorer, lock=lock, locked=True,
-                         progress=progress)
+                tag_part(
+                    db_url,
+                    plan,
+                    part,
+                    s3=s3,
+                    batch_size=batch_size,
+                    scorer=scorer,
+                    lock=lock,
+                    locked=True,
+                    progress=progress,
+                )
             except BaseException as exc:
                 predictions.finish_run(db_url, plan.run_id, error=f"part {part['part']}: {type(exc).__name__}: {exc}")
                 raise

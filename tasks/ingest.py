@@ -28,7 +28,7 @@ from storage.manifest import ShardFailure
 from storage.objectstore import ObjectInfo, ObjectStore, S3Config, StoreError, canonical_uri, store_for
 from storage.parquet_layout import LayoutError, ShardParquetWriter, output_uri, split_of
 from storage.tfrecord import BadRecordError, read_records
-from storage.yt8m_records import RecordDecodeError, decode_frame_level, decode_video_level, detect_level, LEVELS
+from storage.yt8m_records import LEVELS, RecordDecodeError, decode_frame_level, decode_video_level, detect_level
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,9 @@ class _Crc32cReader:
         return data
 
 
-def list_pending(src: str, dest: str, db_url: str, pattern: str = DEFAULT_PATTERN, force: bool = False,
-                 s3: S3Config | None = None) -> tuple[list[ObjectInfo], int]:
+def list_pending(
+    src: str, dest: str, db_url: str, pattern: str = DEFAULT_PATTERN, force: bool = False, s3: S3Config | None = None
+) -> tuple[list[ObjectInfo], int]:
     """Shards under `src` matching `pattern` that are not converted to `dest` in their current content.
 
     Returns (pending, number skipped), pending sorted by URI. Brings the database schema up to date
@@ -102,8 +103,9 @@ def list_pending(src: str, dest: str, db_url: str, pattern: str = DEFAULT_PATTER
     return _list_pending(canonical_uri(src), canonical_uri(dest), db_url, pattern, force, s3)
 
 
-def _list_pending(src: str, dest: str, db_url: str, pattern: str, force: bool,
-                  s3: S3Config | None) -> tuple[list[ObjectInfo], int]:
+def _list_pending(
+    src: str, dest: str, db_url: str, pattern: str, force: bool, s3: S3Config | None
+) -> tuple[list[ObjectInfo], int]:
     db.upgrade(db_url)
     store_for(dest, s3).check_writable(dest)
     shards = store_for(src, s3).list(src, pattern)
@@ -115,8 +117,10 @@ def _list_pending(src: str, dest: str, db_url: str, pattern: str, force: bool,
 
 
 def _canonical_shards(shards: list[ObjectInfo]) -> list[ObjectInfo]:
-    return [shard if shard.uri == (uri := canonical_uri(shard.uri)) else ObjectInfo(uri, shard.size, shard.fingerprint)
-            for shard in shards]
+    return [
+        shard if shard.uri == (uri := canonical_uri(shard.uri)) else ObjectInfo(uri, shard.size, shard.fingerprint)
+        for shard in shards
+    ]
 
 
 def converted(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None = None) -> dict[str, dict]:
@@ -171,8 +175,14 @@ def plan_batches(pending: list[ObjectInfo], max_batches: int = MAX_BATCHES) -> l
     return batches
 
 
-def convert_batch(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None = None,
-                  force: bool = False, replace: bool = False) -> BatchReport:
+def convert_batch(
+    shards: list[ObjectInfo],
+    dest: str,
+    db_url: str,
+    s3: S3Config | None = None,
+    force: bool = False,
+    replace: bool = False,
+) -> BatchReport:
     """Convert `shards` one by one, logging a line per shard; one that fails never stops the others.
 
     Shards already converted in their current content are skipped, so a retried batch redoes only the
@@ -185,8 +195,9 @@ def convert_batch(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config
     return _convert_each(shards, dest, db_url, s3, done, replace)
 
 
-def _convert_each(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None, done: dict[str, dict],
-                  replace: bool) -> BatchReport:
+def _convert_each(
+    shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None, done: dict[str, dict], replace: bool
+) -> BatchReport:
     report = BatchReport()
     for n, shard in enumerate(shards, start=1):
         step = f"[{n}/{len(shards)}]"
@@ -219,8 +230,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def summary(planned: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None = None,
-            max_outputs: int = MAX_EVENT_OUTPUTS) -> dict:
+def summary(
+    planned: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None = None, max_outputs: int = MAX_EVENT_OUTPUTS
+) -> dict:
     """What a run made of the shards it planned, read from the manifest (so that a batch that failed still
     counts the shards it converted): {"dest", "shards" (how many converted), "rows" (their videos),
     "outputs" (the first `max_outputs` of their Parquet URIs, in order, so the dict stays small at any size)}.
@@ -228,12 +240,15 @@ def summary(planned: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | No
     dest = canonical_uri(dest)
     done = _converted(_canonical_shards(planned), dest, db_url, s3)
     outputs = sorted(row["output_uri"] for row in done.values())
-    return {"dest": dest, "shards": len(done), "rows": sum(row["rows"] for row in done.values()),
-            "outputs": outputs[:max_outputs]}
+    return {
+        "dest": dest,
+        "shards": len(done),
+        "rows": sum(row["rows"] for row in done.values()),
+        "outputs": outputs[:max_outputs],
+    }
 
 
-def convert_shard(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None = None,
-                  replace: bool = False) -> dict:
+def convert_shard(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None = None, replace: bool = False) -> dict:
     """Convert one shard; record the outcome in the manifest. Raises ShardFailedError for bad content, and
     when the output file holds another source's conversion, unless `replace`: then that source's videos
     leave the catalogue and its manifest row is no longer succeeded."""
@@ -302,8 +317,12 @@ def _convert(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, rep
                 with out_store.publish(out) as tmp_path:
                     videos = _write_parquet(tmp_path, level, split, itertools.chain([first], records), shard)
                     result = {
-                        "source_uri": shard.uri, "output_uri": out, "level": level, "split": split,
-                        "rows": len(videos.ids), "checksum": f"crc32c:{stream.crc:08x}",
+                        "source_uri": shard.uri,
+                        "output_uri": out,
+                        "level": level,
+                        "split": split,
+                        "rows": len(videos.ids),
+                        "checksum": f"crc32c:{stream.crc:08x}",
                     }
                     _record(conn, shard, dest, result, videos, replace)
                 published = True
@@ -336,8 +355,12 @@ def _write_parquet(path, level: str, split: str, records, shard: ObjectInfo) -> 
                 raise BadRecordError(shard.uri, record.index, record.offset, str(exc)) from None
             earlier = videos.records.setdefault(video.id, (record.index, record.offset))
             if earlier[0] != record.index:
-                raise BadRecordError(shard.uri, record.index, record.offset,
-                                     f"video id {video.id!r} repeats the id of record {earlier[0]} of this shard")
+                raise BadRecordError(
+                    shard.uri,
+                    record.index,
+                    record.offset,
+                    f"video id {video.id!r} repeats the id of record {earlier[0]} of this shard",
+                )
             writer.add(video)
             videos.ids.append(video.id)
             videos.labels.append(video.labels)
@@ -352,8 +375,10 @@ def _taken_over(owner: str | None, shard: ObjectInfo, out: str, replace: bool) -
     if owner is None or owner == shard.uri:
         return None
     if not replace:
-        raise OutputTakenError(f"{out} already holds the videos of {owner}, a shard of the same name from another "
-                               "source: not converted (replace=True, `vtag ingest --replace`, replaces it)")
+        raise OutputTakenError(
+            f"{out} already holds the videos of {owner}, a shard of the same name from another "
+            "source: not converted (replace=True, `vtag ingest --replace`, replaces it)"
+        )
     return owner
 
 
@@ -370,10 +395,15 @@ def _record(conn, shard: ObjectInfo, dest: str, result: dict, videos: _ShardVide
         video_id = min(elsewhere, key=lambda i: videos.records[i][0])
         index, offset = videos.records[video_id]
         more = f" (and {len(elsewhere) - 1} more ids of this shard)" if len(elsewhere) > 1 else ""
-        raise BadRecordError(shard.uri, index, offset,
-                             f"video id {video_id!r} is already ingested at {level} level from {elsewhere[video_id]}{more}")
-    catalog.record_videos(conn, videos.ids, videos.labels, split=result["split"], level=level,
-                          source_uri=shard.uri, parquet_uri=out)
+        raise BadRecordError(
+            shard.uri,
+            index,
+            offset,
+            f"video id {video_id!r} is already ingested at {level} level from {elsewhere[video_id]}{more}",
+        )
+    catalog.record_videos(
+        conn, videos.ids, videos.labels, split=result["split"], level=level, source_uri=shard.uri, parquet_uri=out
+    )
     manifest.mark_succeeded(conn, shard, dest, **{k: v for k, v in result.items() if k != "source_uri"})
 
 
@@ -387,11 +417,20 @@ def _unpublish(out_store: ObjectStore, out: str, shard: ObjectInfo, db_url: str,
     try:
         catalog.forget_shard(db_url, shard.uri, level)
     except SQLAlchemyError as exc:
-        log.warning("the catalogue may still list the videos of %s, whose Parquet is gone: %s", shard.uri, _describe(exc))
+        log.warning(
+            "the catalogue may still list the videos of %s, whose Parquet is gone: %s", shard.uri, _describe(exc)
+        )
 
 
-def ingest(src: str, dest: str, db_url: str, pattern: str = DEFAULT_PATTERN, force: bool = False,
-           s3: S3Config | None = None, replace: bool = False) -> BatchReport:
+def ingest(
+    src: str,
+    dest: str,
+    db_url: str,
+    pattern: str = DEFAULT_PATTERN,
+    force: bool = False,
+    s3: S3Config | None = None,
+    replace: bool = False,
+) -> BatchReport:
     """Convert every pending shard under `src` as one batch; one bad shard never stops the others. Raises
     StoreError before converting anything when `dest` cannot be written."""
     src, dest = canonical_uri(src), canonical_uri(dest)

@@ -116,7 +116,7 @@ def synth(out: str, config: SynthConfig, s3: S3Config | None = None) -> list[str
         uri = join(out, f"{config.split}{shard:04d}.tfrecord")
         first_id = _SPLIT_ID_BASE[config.split] + shard * config.videos_per_shard
 
-        def records():
+        def records(rng=rng, first_id=first_id):  # consumed within this iteration; bound to be sure
             for j in range(config.videos_per_shard):
                 labels, rgb, audio = _synth_video(rng, vocab)
                 yield encode(_video_id(first_id + j), labels, rgb, audio)

@@ -34,7 +34,9 @@ class AirflowStack:
     rest: "AirflowRest | None" = None
 
     @classmethod
-    def configure(cls, home: Path, port: int, metadata_url: str, executor: str, extra_env: dict[str, str]) -> "AirflowStack":
+    def configure(
+        cls, home: Path, port: int, metadata_url: str, executor: str, extra_env: dict[str, str]
+    ) -> "AirflowStack":
         home.mkdir(parents=True, exist_ok=True)
         stack = cls(home=home, env={}, port=port)
         stack.rest = AirflowRest(stack.url, stack.user, stack.password)
@@ -78,15 +80,23 @@ class AirflowStack:
     # Processes -------------------------------------------------------------------------------------
 
     def cli(self, *args: str, timeout: float = 300) -> str:
-        result = subprocess.run([str(BIN / "airflow"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [str(BIN / "airflow"), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if result.returncode != 0:
             raise RuntimeError(f"airflow {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         return result.stdout
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         log = open(self.home / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen([str(BIN / "airflow"), *args], env={**self.env, **(env or {})}, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True, cwd=self.home)
+        self.procs[name] = subprocess.Popen(
+            [str(BIN / "airflow"), *args],
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.home,
+        )
         log.close()
 
     def stop(self, name: str, sig: int = signal.SIGTERM, wait: float = 60) -> None:
@@ -108,15 +118,20 @@ class AirflowStack:
             raise AssertionError(f"Airflow components exited: {dead}\n{self.log_tails()}")
 
     def log_tails(self, chars: int = 3000) -> str:
-        return "\n".join(f"--- {log.name} ---\n{log.read_text(errors='replace')[-chars:]}" for log in sorted(self.home.glob("*.log")))
+        return "\n".join(
+            f"--- {log.name} ---\n{log.read_text(errors='replace')[-chars:]}" for log in sorted(self.home.glob("*.log"))
+        )
 
     # Waiting on the API ----------------------------------------------------------------------------
 
     def wait_healthy(self, seconds: float = 240) -> None:
-        self.wait_for(lambda: _get_status(f"{self.url}/api/v2/monitor/health") == 200, seconds, "the API server to answer")
+        self.wait_for(
+            lambda: _get_status(f"{self.url}/api/v2/monitor/health") == 200, seconds, "the API server to answer"
+        )
 
     def wait_for(self, predicate, seconds: float, what: str, every: float = 2.0):
         """`wait_for`, failing at once if a component died, with the components' logs on a timeout."""
+
         def ready():
             self.assert_running()
             return predicate()
@@ -133,8 +148,10 @@ class AirflowStack:
 
         run = self.wait_for(finished, seconds, f"{dag_id} run {run_id} to finish")
         if run["state"] != "success":
-            raise AssertionError(f"{dag_id} run {run_id} {run['state']}: {self.task_states(dag_id, run_id)}\n{self.log_tails()}\n"
-                                 f"{self.task_logs(dag_id, run_id)}")
+            raise AssertionError(
+                f"{dag_id} run {run_id} {run['state']}: {self.task_states(dag_id, run_id)}\n{self.log_tails()}\n"
+                f"{self.task_logs(dag_id, run_id)}"
+            )
         return run
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
@@ -143,12 +160,15 @@ class AirflowStack:
 
     def task_logs(self, dag_id: str, run_id: str, chars: int = 4000) -> str:
         folder = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
-        return "\n".join(f"--- {p} ---\n{p.read_text(errors='replace')[-chars:]}" for p in sorted(folder.rglob("*.log")))
+        return "\n".join(
+            f"--- {p} ---\n{p.read_text(errors='replace')[-chars:]}" for p in sorted(folder.rglob("*.log"))
+        )
 
 
 @dataclass
 class AirflowRest:
     """Airflow's REST API (/api/v2) as one user: a JWT from /auth/token, then Bearer requests."""
+
     url: str
     user: str
     password: str
@@ -156,7 +176,9 @@ class AirflowRest:
 
     def token(self) -> str:
         if self._token is None:
-            response = httpx.post(f"{self.url}/auth/token", json={"username": self.user, "password": self.password}, timeout=30)
+            response = httpx.post(
+                f"{self.url}/auth/token", json={"username": self.user, "password": self.password}, timeout=30
+            )
             assert response.status_code == 201, f"POST /auth/token: {response.status_code} {response.text}"
             self._token = response.json()["access_token"]
         return self._token

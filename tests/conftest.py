@@ -18,12 +18,14 @@ BIN = Path(sys.executable).parent
 
 # Airflow reads its home at import time: point it at a throwaway folder before anything imports it.
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="vtag-airflow-home-"))
-os.environ.update({
-    "AIRFLOW_HOME": str(_AIRFLOW_HOME),
-    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-})
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_AIRFLOW_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+    }
+)
 os.environ.pop("VTAG_DB_URL", None)
 sys.path.insert(0, str(REPO / "dags"))  # Airflow puts the DAGs folder on sys.path; DAG files import yt8m_assets
 
@@ -91,8 +93,11 @@ def _free_port() -> int:
 def s3_server():
     """A real S3-compatible HTTP endpoint on loopback (moto's server); yields its URL."""
     port = _free_port()
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -122,7 +127,9 @@ def s3(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     bucket = f"vtag-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return S3Config(endpoint_url=s3_server, access_key_id="testing", secret_access_key="testing", region_name="us-east-1"), bucket
+    return S3Config(
+        endpoint_url=s3_server, access_key_id="testing", secret_access_key="testing", region_name="us-east-1"
+    ), bucket
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ def record_offsets(path: Path) -> list[int]:
     data, offsets, offset = path.read_bytes(), [], 0
     while offset < len(data):
         offsets.append(offset)
-        offset += 16 + struct.unpack("<Q", data[offset:offset + 8])[0]
+        offset += 16 + struct.unpack("<Q", data[offset : offset + 8])[0]
     return offsets
 
 
@@ -60,5 +60,7 @@ def flip_byte(path: Path, offset: int) -> None:
 def write_tiny_shards(folder: Path, indexes, split: str = "train") -> list[Path]:
     """One one-frame video per shard, named like Google's (`train0007.tfrecord` holds video `t0007`):
     thousands of shards in a second, for tests about counts rather than content."""
-    return [write_shard(folder / f"{split}{i:04d}.tfrecord", [frame_record(f"t{i:04d}", frames=1, fill=i % 256)])
-            for i in indexes]
+    return [
+        write_shard(folder / f"{split}{i:04d}.tfrecord", [frame_record(f"t{i:04d}", frames=1, fill=i % 256)])
+        for i in indexes
+    ]

@@ -1,6 +1,5 @@
 """The `vtag` command as a user runs it: exit codes, output, one-line errors."""
 
-
 import pytest
 from sqlalchemy import inspect
 
@@ -17,7 +16,9 @@ def test_synth_ingest_manifest_on_embedded_defaults(tmp_path):
 
     result = vtag("ingest", env_home=home)  # default source, destination and SQLite database under VTAG_HOME
     assert result.returncode == 1
-    assert f"FAILED {raw / 'train0001.tfrecord'}: {raw / 'train0001.tfrecord'}: record 1 at byte offset" in result.stderr
+    assert (
+        f"FAILED {raw / 'train0001.tfrecord'}: {raw / 'train0001.tfrecord'}: record 1 at byte offset" in result.stderr
+    )
     assert "1 converted, 0 already converted, 1 failed" in result.stdout
     assert (home / "store" / "parquet" / "frame" / "train" / "train0000.parquet").is_file()
     assert (home / "vtag.db").is_file()
@@ -34,7 +35,10 @@ def test_synth_ingest_manifest_on_embedded_defaults(tmp_path):
         (["ingest", "--src", "/nonexistent/shards", "--dest", "{tmp}/pq"], "no such folder: /nonexistent/shards"),
         (["ingest", "--src", "gs://bucket/shards", "--dest", "{tmp}/pq"], "unsupported URI scheme 'gs'"),
         (["ingest", "--src", "{tmp}", "--dest", "{tmp}/pq", "--db", "nonsense"], "not a database URL"),
-        (["ingest", "--src", "{tmp}", "--dest", "{tmp}/pq", "--db", "postgresql://127.0.0.1:1/x"], "Connection refused"),
+        (
+            ["ingest", "--src", "{tmp}", "--dest", "{tmp}/pq", "--db", "postgresql://127.0.0.1:1/x"],
+            "Connection refused",
+        ),
         (["synth", "--out", "{tmp}", "--shards", "0"], "--shards must be at least 1"),
     ],
 )
@@ -48,8 +52,16 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
 def test_db_migrations_up_and_down(db_url):
     assert vtag("db", "upgrade", "--db", db_url).stdout.strip() == "0006"
     assert current_revision(db_url) == "0006"
-    tables = {"ingested_shards", "model_versions", "evaluations", "labels", "videos", "video_labels", "inference_runs",
-              "predictions"}
+    tables = {
+        "ingested_shards",
+        "model_versions",
+        "evaluations",
+        "labels",
+        "videos",
+        "video_labels",
+        "inference_runs",
+        "predictions",
+    }
     assert tables <= set(inspect(engine_for(db_url)).get_table_names())
     assert "production_labels" in inspect(engine_for(db_url)).get_view_names()
     assert vtag("db", "downgrade", "base", "--db", db_url).stdout.strip() == "base"

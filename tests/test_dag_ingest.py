@@ -26,7 +26,11 @@ def _asset_events():
     from sqlalchemy import select
 
     with create_session() as session:
-        query = select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id).where(AssetModel.name == "yt8m_parquet")
+        query = (
+            select(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetModel.name == "yt8m_parquet")
+        )
         return [event.extra for event in session.scalars(query)]
 
 
@@ -56,7 +60,10 @@ def test_ingest_dag_end_to_end(ingest_dag, tmp_path, dag_db_url):
     events = _asset_events()
     assert len(events) == events_before + 1
     assert (events[-1]["dest"], events[-1]["shards"], events[-1]["rows"]) == (str(dest), 2, 12)
-    assert sorted(events[-1]["outputs"]) == [f"{dest}/frame/train/train0000.parquet", f"{dest}/frame/train/train0002.parquet"]
+    assert sorted(events[-1]["outputs"]) == [
+        f"{dest}/frame/train/train0000.parquet",
+        f"{dest}/frame/train/train0002.parquet",
+    ]
 
     # Rerun after the bad shard is replaced: only that shard is converted, and the run succeeds.
     synth(str(tmp_path / "fixed"), SynthConfig("frame", "train", shards=2, videos_per_shard=6, seed=4))
@@ -75,8 +82,12 @@ def _catalogued(db_url: str, raw) -> tuple[int, int]:
     from storage.db import engine_for
 
     with engine_for(db_url).connect() as conn:
-        return tuple(conn.execute(text("SELECT COUNT(*), COUNT(DISTINCT video_id) FROM videos WHERE source_uri LIKE :raw"),
-                                  {"raw": f"{raw}/%"}).one())
+        return tuple(
+            conn.execute(
+                text("SELECT COUNT(*), COUNT(DISTINCT video_id) FROM videos WHERE source_uri LIKE :raw"),
+                {"raw": f"{raw}/%"},
+            ).one()
+        )
 
 
 def _finished(db_url: str, dest) -> dict:
@@ -102,28 +113,41 @@ def test_ingest_dag_over_more_shards_than_airflow_maps(ingest_dag, tmp_path, dag
     assert len(batches) == MAX_BATCHES <= 1024
     failed = [ti for ti in batches.values() if ti.state != "success"]
     assert len(failed) == 1 and failed[0].state == "failed" and failed[0].try_number == 1  # bad content: no retry
-    first, last, count = re.fullmatch(r"train(\d{4})\.tfrecord \.\. train(\d{4})\.tfrecord \((\d+) shards\)",
-                                      failed[0].rendered_map_index).groups()
+    first, last, count = re.fullmatch(
+        r"train(\d{4})\.tfrecord \.\. train(\d{4})\.tfrecord \((\d+) shards\)", failed[0].rendered_map_index
+    ).groups()
     assert int(first) <= 500 <= int(last) and int(count) == int(last) - int(first) + 1 in (8, 9)
-    assert re.search(rf"quarantined 1 of {count} shards:\n{re.escape(str(bad))}: record 0 at byte offset 0: .*CRC",
-                     capfd.readouterr().out)
+    assert re.search(
+        rf"quarantined 1 of {count} shards:\n{re.escape(str(bad))}: record 0 at byte offset 0: .*CRC",
+        capfd.readouterr().out,
+    )
     states = {ti.task_id: ti.state for ti in run.get_task_instances() if ti.map_index == -1}
-    assert (states["publish_asset"], states["all_shards_converted"], run.state) == ("success", "upstream_failed", "failed")
+    assert (states["publish_asset"], states["all_shards_converted"], run.state) == (
+        "success",
+        "upstream_failed",
+        "failed",
+    )
 
     rows = _finished(db_url, dest)
     assert len(rows) == shards and [uri for uri, (status, _) in rows.items() if status != "succeeded"] == [str(bad)]
     assert "CRC" in manifest.rows(db_url, str(dest))[500]["error"]
     assert len(list(dest.rglob("*.parquet"))) == shards - 1
     event = _asset_events()[-1]  # the failed batch's 7 or 8 good shards count too
-    assert (event["dest"], event["shards"], event["rows"], len(event["outputs"])) == (str(dest), shards - 1, shards - 1, 100)
+    assert (event["dest"], event["shards"], event["rows"], len(event["outputs"])) == (
+        str(dest),
+        shards - 1,
+        shards - 1,
+        100,
+    )
     assert event["outputs"][0] == f"{dest}/frame/train/train0000.parquet"
 
     # Repaired, the bad shard alone converts; every other shard stays converted exactly once.
     write_tiny_shards(raw, [500])
     repair = ingest_dag.test(run_conf={"src": str(raw), "dest": str(dest)})
     assert repair.state == "success"
-    assert [(ti.map_index, ti.rendered_map_index) for ti in repair.get_task_instances() if ti.task_id == "convert_batch"] == [
-        (0, "train0500.tfrecord")]
+    assert [
+        (ti.map_index, ti.rendered_map_index) for ti in repair.get_task_instances() if ti.task_id == "convert_batch"
+    ] == [(0, "train0500.tfrecord")]
     repaired = _finished(db_url, dest)
     assert {uri for uri in rows if repaired[uri] != rows[uri]} == {str(bad)}
     assert {status for status, _ in repaired.values()} == {"succeeded"}

@@ -26,7 +26,9 @@ def test_train_dag_writes_model_versions_and_evaluations(dagbag, tmp_path, monke
     from sqlalchemy import text
 
     with engine_for(db_url).connect() as conn:
-        versions = conn.execute(text("SELECT version, status, checkpoint_uri, epochs, run_id FROM model_versions")).all()
+        versions = conn.execute(
+            text("SELECT version, status, checkpoint_uri, epochs, run_id FROM model_versions")
+        ).all()
         evaluations = conn.execute(text("SELECT model_version, split, gap, videos FROM evaluations")).all()
     assert len(versions) == 1 and versions[0].status == "production" and versions[0].epochs == 2
     assert versions[0].checkpoint_uri.startswith(str(tmp_path / "models")) and versions[0].run_id == run.run_id

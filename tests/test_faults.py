@@ -66,11 +66,15 @@ def test_worker_sigkilled_mid_parquet_write_then_retried(tmp_path, report):
         except FileNotFoundError:  # the layout's folder is not there yet
             pass
     worker.wait(timeout=30)
-    assert temporary is not None, f"never saw a temporary being written (exit {worker.returncode}): {worker.stderr.read()!r}"
+    assert temporary is not None, (
+        f"never saw a temporary being written (exit {worker.returncode}): {worker.stderr.read()!r}"
+    )
     assert worker.returncode == -signal.SIGKILL
     assert temporary.exists(), "the kill came after the publish: no write was interrupted"
-    report.injected(f"SIGKILL to `vtag ingest` (pid {worker.pid}) while {temporary.name} held "
-                    f"{temporary.stat().st_size:,} bytes of a Parquet file being written")
+    report.injected(
+        f"SIGKILL to `vtag ingest` (pid {worker.pid}) while {temporary.name} held "
+        f"{temporary.stat().st_size:,} bytes of a Parquet file being written"
+    )
 
     # Nothing partial is visible: every visible file is a whole shard, read back completely, and in step
     # with the manifest and the catalogue; the killed shard is neither published nor catalogued.
@@ -81,18 +85,24 @@ def test_worker_sigkilled_mid_parquet_write_then_retried(tmp_path, report):
         assert pq.read_table(out_dir / name).num_rows == source[name.replace(".parquet", ".tfrecord")]
     rows = {r["source_uri"].rsplit("/", 1)[-1]: r for r in manifest.rows(db_url, str(dest))}
     assert rows[killed_shard]["status"] == "running"  # what a dead worker leaves: the retry redoes it
-    assert sorted(n for n, r in rows.items() if r["status"] == "succeeded") == [v.replace(".parquet", ".tfrecord") for v in visible]
+    assert sorted(n for n, r in rows.items() if r["status"] == "succeeded") == [
+        v.replace(".parquet", ".tfrecord") for v in visible
+    ]
     total, distinct, by_file = _catalogue(db_url)
     assert by_file == {name: source[name.replace(".parquet", ".tfrecord")] for name in visible} and total == distinct
-    report.checked(f"after the kill: {len(visible)} visible file(s) {visible}, each complete; the killed shard "
-                   f"{killed_shard} has no Parquet, no catalogue rows, a 'running' manifest row")
+    report.checked(
+        f"after the kill: {len(visible)} visible file(s) {visible}, each complete; the killed shard "
+        f"{killed_shard} has no Parquet, no catalogue rows, a 'running' manifest row"
+    )
 
     retry = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)  # what an Airflow retry does
     assert retry.returncode == 0, retry.stderr
     assert f"removed {temporary}" in retry.stderr  # the retry swept the killed write's temporary
     report.injected("reran the same `vtag ingest`, as a retry of the task would")
 
-    assert sorted(os.listdir(out_dir)) == sorted(name.replace(".tfrecord", ".parquet") for name in source)  # no .tmp left
+    assert sorted(os.listdir(out_dir)) == sorted(
+        name.replace(".tfrecord", ".parquet") for name in source
+    )  # no .tmp left
     for name, videos in source.items():
         table = pq.read_table(out_dir / name.replace(".tfrecord", ".parquet"))
         assert table.num_rows == videos and len(set(table.column("id").to_pylist())) == videos
@@ -102,9 +112,11 @@ def test_worker_sigkilled_mid_parquet_write_then_retried(tmp_path, report):
     total, distinct, by_file = _catalogue(db_url)
     assert total == distinct == sum(source.values())
     assert by_file == {name.replace(".tfrecord", ".parquet"): n for name, n in source.items()}
-    report.checked(f"after the retry: {len(source)} shards converted, {sum(source.values())} rows = source videos, "
-                   f"manifest {len(rows)} rows all succeeded, catalogue {total} rows / {distinct} distinct ids, "
-                   f"the stale temporary removed, no .tmp left")
+    report.checked(
+        f"after the retry: {len(source)} shards converted, {sum(source.values())} rows = source videos, "
+        f"manifest {len(rows)} rows all succeeded, catalogue {total} rows / {distinct} distinct ids, "
+        f"the stale temporary removed, no .tmp left"
+    )
 
 
 # --- 2. the S3 endpoint gone for a while during ingest ---------------------------------------------
@@ -133,15 +145,19 @@ def test_s3_endpoint_gone_for_seconds_during_ingest(s3, s3_server, tmp_path, rep
     outage, seen_while_down = 3.0, {}
     proxy.cut_on_put(2, outage)
     proxy.while_down = lambda: seen_while_down.update(_parquet_objects(direct, bucket))
-    via_proxy = S3Config(endpoint_url=proxy.url, access_key_id="testing", secret_access_key="testing", region_name="us-east-1")
+    via_proxy = S3Config(
+        endpoint_url=proxy.url, access_key_id="testing", secret_access_key="testing", region_name="us-east-1"
+    )
     try:
         started = time.monotonic()
         first = ingest(str(raw), dest, db_url, s3=via_proxy)
         finished = time.monotonic()
         assert proxy.cut_time is not None, "the outage never happened"
-        report.injected(f"S3 endpoint down for {outage:.0f} s from the 2nd Parquet PUT on "
-                        f"({proxy.cut_time - started:.2f} s into the ingest): {proxy.cut_sockets // 2} connection(s) reset mid-request, "
-                        "new connections refused (listening socket closed), then the same port listened again")
+        report.injected(
+            f"S3 endpoint down for {outage:.0f} s from the 2nd Parquet PUT on "
+            f"({proxy.cut_time - started:.2f} s into the ingest): {proxy.cut_sockets // 2} connection(s) reset mid-request, "
+            "new connections refused (listening socket closed), then the same port listened again"
+        )
         assert proxy.restore_time is not None and finished > proxy.restore_time
         assert proxy.accepted_after_restore > 0  # the ingest was still going and came back through the proxy
 
@@ -155,11 +171,15 @@ def test_s3_endpoint_gone_for_seconds_during_ingest(s3, s3_server, tmp_path, rep
             assert all(rows[uri]["status"] == "failed" and uri in rows[uri]["error"] for uri in first.failed)
             rerun = ingest(str(raw), dest, db_url, s3=via_proxy)
             assert not rerun.failed and sorted(c["source_uri"] for c in rerun.converted) == sorted(first.failed)
-            report.observed(f"{len(first.failed)} shard(s) failed with a clear error, e.g. {next(iter(first.failed.values()))!r}; "
-                            "a rerun converted them")
+            report.observed(
+                f"{len(first.failed)} shard(s) failed with a clear error, e.g. {next(iter(first.failed.values()))!r}; "
+                "a rerun converted them"
+            )
         else:
-            report.observed(f"botocore's retries rode the outage out: all {len(first.converted)} shards converted in "
-                            f"{finished - started:.1f} s, no shard failed")
+            report.observed(
+                f"botocore's retries rode the outage out: all {len(first.converted)} shards converted in "
+                f"{finished - started:.1f} s, no shard failed"
+            )
     finally:
         proxy.close()
 
@@ -169,10 +189,14 @@ def test_s3_endpoint_gone_for_seconds_during_ingest(s3, s3_server, tmp_path, rep
     assert len(rows) == len(source) and {r["status"] for r in rows} == {"succeeded"}
     assert sorted(r["rows"] for r in rows) == sorted(source.values())
     total, distinct, by_file = _catalogue(db_url)
-    assert total == distinct == sum(source.values()) and by_file == {k.rsplit("/", 1)[-1]: v for k, v in expected.items()}
-    report.checked(f"while down: {len(seen_while_down)} object(s) visible, each whole; after: {len(expected)} objects, "
-                   f"each read back with its shard's {sorted(source.values())} rows, no multipart upload left, "
-                   f"manifest {len(rows)} rows succeeded, catalogue {total} rows / {distinct} distinct ids")
+    assert total == distinct == sum(source.values()) and by_file == {
+        k.rsplit("/", 1)[-1]: v for k, v in expected.items()
+    }
+    report.checked(
+        f"while down: {len(seen_while_down)} object(s) visible, each whole; after: {len(expected)} objects, "
+        f"each read back with its shard's {sorted(source.values())} rows, no multipart upload left, "
+        f"manifest {len(rows)} rows succeeded, catalogue {total} rows / {distinct} distinct ids"
+    )
 
 
 # --- 3. PostgreSQL restarted during the nightly write -------------------------------------------------
@@ -189,7 +213,9 @@ def private_pg():
         cluster.stop_and_delete()
 
 
-def test_postgresql_restarted_during_the_nightly_write(private_pg, raw_shards, tiny_checkpoint, tmp_path, monkeypatch, report):
+def test_postgresql_restarted_during_the_nightly_write(
+    private_pg, raw_shards, tiny_checkpoint, tmp_path, monkeypatch, report
+):
     import tasks.inference as inference
 
     admin = create_engine(private_pg.admin_url, isolation_level="AUTOCOMMIT")
@@ -222,34 +248,66 @@ def test_postgresql_restarted_during_the_nightly_write(private_pg, raw_shards, t
         outcome = f"the run failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
     assert "restart_s" in calls, "the server was not restarted"
     assert "received fast shutdown request" in (private_pg.root / "server.log").read_text()
-    report.injected(f"`pg_ctl restart -m fast` ({calls['restart_s']:.2f} s) of the test's own PostgreSQL (port "
-                    f"{private_pg.port}) inside the 3rd chunk's transaction of run_inference (rows COPYed, not "
-                    "committed), 2 writer connections open")
+    report.injected(
+        f"`pg_ctl restart -m fast` ({calls['restart_s']:.2f} s) of the test's own PostgreSQL (port "
+        f"{private_pg.port}) inside the 3rd chunk's transaction of run_inference (rows COPYed, not "
+        "committed), 2 writer connections open"
+    )
     report.observed(outcome)
 
     # Whatever the first try did, each chunk is all or nothing, and the bookkeeping says so.
     status, done, written = row(db_url, "SELECT status, videos_done, rows_written FROM inference_runs")
     stored = stored_rows(db_url)
     assert written == stored == done * k
-    assert count(db_url, "SELECT COUNT(*) FROM (SELECT video_id FROM predictions GROUP BY video_id HAVING COUNT(*) <> :k) x", k=k) == 0
+    assert (
+        count(
+            db_url,
+            "SELECT COUNT(*) FROM (SELECT video_id FROM predictions GROUP BY video_id HAVING COUNT(*) <> :k) x",
+            k=k,
+        )
+        == 0
+    )
     assert status == ("succeeded" if outcome.startswith("the run finished") else "failed")
-    report.checked(f"after the first try: run {status}, {done} videos done, {written} rows counted = {stored} stored, "
-                   f"every stored video has exactly {k} rows")
+    report.checked(
+        f"after the first try: run {status}, {done} videos done, {written} rows counted = {stored} stored, "
+        f"every stored video has exactly {k} rows"
+    )
 
     monkeypatch.setattr(predictions, "insert_bulk", real_insert)
     retry = inference.run_inference(db_url, NIGHT, top_k=k, exports_uri=world["exports"])  # what Airflow's retry does
     report.injected("reran run_inference for the same logical date, as the task's retry would")
     assert retry.videos == VIDEOS
     assert count(db_url, "SELECT COUNT(*) FROM predictions") == VIDEOS * k
-    assert count(db_url, "SELECT COUNT(*) FROM (SELECT DISTINCT video_id, model_version, rank FROM predictions) x") == VIDEOS * k
-    assert count(db_url, "SELECT COUNT(*) FROM (SELECT video_id FROM predictions GROUP BY video_id "
-                         "HAVING COUNT(*) = :k AND MIN(rank) = 1 AND MAX(rank) = :k) x", k=k) == VIDEOS
-    assert count(db_url, "SELECT COUNT(*) FROM videos v WHERE NOT EXISTS "
-                         "(SELECT 1 FROM predictions p WHERE p.video_id = v.video_id)") == 0
-    assert row(db_url, "SELECT COUNT(*), MIN(status), MIN(videos_total), MIN(videos_done), MIN(rows_written), "
-                       "MIN(COALESCE(error, '')) FROM inference_runs") == (1, "succeeded", VIDEOS, VIDEOS, VIDEOS * k, "")
-    report.checked(f"after the retry: {VIDEOS} videos x exactly {k} rows (ranks 1..{k}), no duplicates, none missing; "
-                   f"one inference_runs row: succeeded, {VIDEOS}/{VIDEOS} videos, {VIDEOS * k} rows, no error")
+    assert (
+        count(db_url, "SELECT COUNT(*) FROM (SELECT DISTINCT video_id, model_version, rank FROM predictions) x")
+        == VIDEOS * k
+    )
+    assert (
+        count(
+            db_url,
+            "SELECT COUNT(*) FROM (SELECT video_id FROM predictions GROUP BY video_id "
+            "HAVING COUNT(*) = :k AND MIN(rank) = 1 AND MAX(rank) = :k) x",
+            k=k,
+        )
+        == VIDEOS
+    )
+    assert (
+        count(
+            db_url,
+            "SELECT COUNT(*) FROM videos v WHERE NOT EXISTS "
+            "(SELECT 1 FROM predictions p WHERE p.video_id = v.video_id)",
+        )
+        == 0
+    )
+    assert row(
+        db_url,
+        "SELECT COUNT(*), MIN(status), MIN(videos_total), MIN(videos_done), MIN(rows_written), "
+        "MIN(COALESCE(error, '')) FROM inference_runs",
+    ) == (1, "succeeded", VIDEOS, VIDEOS, VIDEOS * k, "")
+    report.checked(
+        f"after the retry: {VIDEOS} videos x exactly {k} rows (ranks 1..{k}), no duplicates, none missing; "
+        f"one inference_runs row: succeeded, {VIDEOS}/{VIDEOS} videos, {VIDEOS * k} rows, no error"
+    )
 
 
 # --- 4. two runs of the same logical date at once ------------------------------------------------------
@@ -279,8 +337,9 @@ def test_two_runs_of_the_same_night_at_once(pg_url, raw_shards, tiny_checkpoint,
 
     def night(i):
         try:
-            results[i] = inference.run_inference(urls[i], NIGHT, top_k=k, exports_uri=f"{world['exports']}/{i}",
-                                                 airflow_run_id=f"scheduled__try{i}")
+            results[i] = inference.run_inference(
+                urls[i], NIGHT, top_k=k, exports_uri=f"{world['exports']}/{i}", airflow_run_id=f"scheduled__try{i}"
+            )
         except Exception as exc:  # noqa: BLE001 - asserted below
             errors[i] = exc
 
@@ -288,24 +347,41 @@ def test_two_runs_of_the_same_night_at_once(pg_url, raw_shards, tiny_checkpoint,
     threads = [threading.Thread(target=night, args=(i,)) for i in (0, 1)]
     [t.start() for t in threads]
     [t.join(timeout=120) for t in threads]
-    report.injected("two run_inference calls for the same logical date and model, in two threads with separate "
-                    "engines (connection pools), released together after loading the model")
+    report.injected(
+        "two run_inference calls for the same logical date and model, in two threads with separate "
+        "engines (connection pools), released together after loading the model"
+    )
     try:
         assert not errors, errors
         assert sorted(results) == [0, 1] and {r.videos for r in results.values()} == {VIDEOS}
         assert results[0].run_id == results[1].run_id
         assert count(pg_url, "SELECT COUNT(*) FROM predictions") == VIDEOS * k
-        assert count(pg_url, "SELECT COUNT(*) FROM (SELECT DISTINCT video_id, model_version, rank FROM predictions) x") == VIDEOS * k
-        assert count(pg_url, "SELECT COUNT(*) FROM (SELECT video_id FROM predictions GROUP BY video_id "
-                             "HAVING COUNT(*) = :k AND MIN(rank) = 1 AND MAX(rank) = :k) x", k=k) == VIDEOS
-        status = row(pg_url, "SELECT COUNT(*), MIN(status), MIN(videos_total), MIN(videos_done), MIN(rows_written), "
-                             "MIN(COALESCE(error, '')) FROM inference_runs")
+        assert (
+            count(pg_url, "SELECT COUNT(*) FROM (SELECT DISTINCT video_id, model_version, rank FROM predictions) x")
+            == VIDEOS * k
+        )
+        assert (
+            count(
+                pg_url,
+                "SELECT COUNT(*) FROM (SELECT video_id FROM predictions GROUP BY video_id "
+                "HAVING COUNT(*) = :k AND MIN(rank) = 1 AND MAX(rank) = :k) x",
+                k=k,
+            )
+            == VIDEOS
+        )
+        status = row(
+            pg_url,
+            "SELECT COUNT(*), MIN(status), MIN(videos_total), MIN(videos_done), MIN(rows_written), "
+            "MIN(COALESCE(error, '')) FROM inference_runs",
+        )
         assert status == (1, "succeeded", VIDEOS, VIDEOS, VIDEOS * k, "")
         waits = [r.getMessage() for r in caplog.records if "in progress: waiting" in r.getMessage()]
         assert len(waits) == 1, waits  # they did overlap, and the later one waited for the earlier
         report.observed(f"both succeeded; one waited: {waits[0]!r}")
-        report.checked(f"{VIDEOS} videos x exactly {k} rows, no duplicates, none missing; one inference_runs row: "
-                       f"succeeded, videos {VIDEOS}/{VIDEOS}, rows_written {VIDEOS * k} = rows stored")
+        report.checked(
+            f"{VIDEOS} videos x exactly {k} rows, no duplicates, none missing; one inference_runs row: "
+            f"succeeded, videos {VIDEOS}/{VIDEOS}, rows_written {VIDEOS * k} = rows stored"
+        )
     finally:
         for u in urls:
             engine_for(u).dispose()
@@ -337,16 +413,23 @@ def test_a_run_that_lost_its_lock_stops_writing(pg_url, raw_shards, tiny_checkpo
     report.injected("pg_terminate_backend of the session holding the run's advisory lock, before the 3rd chunk")
     status, done, written = row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs")
     assert status == "failed" and written == stored_rows(pg_url) == done * k < VIDEOS * k
-    report.observed(f"the run stopped with LostRunLock after {done} videos; marked failed, {written} rows = rows stored")
+    report.observed(
+        f"the run stopped with LostRunLock after {done} videos; marked failed, {written} rows = rows stored"
+    )
 
     monkeypatch.setattr(predictions, "write_chunk", real_write)
     inference.run_inference(pg_url, NIGHT, top_k=k, exports_uri=world["exports"])
-    assert row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs") == ("succeeded", VIDEOS, VIDEOS * k)
+    assert row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs") == (
+        "succeeded",
+        VIDEOS,
+        VIDEOS * k,
+    )
     assert count(pg_url, "SELECT COUNT(*) FROM (SELECT DISTINCT video_id, rank FROM predictions) x") == VIDEOS * k
     report.checked(f"the retry: {VIDEOS} videos x exactly {k} rows, one run row, succeeded")
 
 
 # --- 6. one part of a night SIGKILLed on its worker, then retried alone ------------------------------
+
 
 def test_a_part_sigkilled_mid_write_is_retried_alone(pg_url, raw_shards, tiny_checkpoint, tmp_path, report):
     """The night in 3 parts as the DAG runs them; part 1's worker process gets SIGKILL once some of its
@@ -363,9 +446,16 @@ def test_a_part_sigkilled_mid_write_is_retried_alone(pg_url, raw_shards, tiny_ch
     tag_part(pg_url, plan, plan.parts[0])
     worker = start_part_worker(pg_url, plan, plan.parts[1], chunk_videos=4, write_delay_s=0.3)
     kill_part_worker_after(pg_url, worker, plan.run_id, 1, rows=2 * 4 * k)
-    assert plan.table == predictions.load_table_name(world["version"], plan.run_id)  # the version's first night loads apart
-    killed_rows = count(pg_url, f"SELECT COUNT(*) FROM {plan.table} p JOIN videos v ON v.video_id = p.video_id "
-                                "WHERE v.parquet_uri BETWEEN :a AND :b", a=plan.parts[1]["first_uri"], b=plan.parts[1]["last_uri"])
+    assert plan.table == predictions.load_table_name(
+        world["version"], plan.run_id
+    )  # the version's first night loads apart
+    killed_rows = count(
+        pg_url,
+        f"SELECT COUNT(*) FROM {plan.table} p JOIN videos v ON v.video_id = p.video_id "
+        "WHERE v.parquet_uri BETWEEN :a AND :b",
+        a=plan.parts[1]["first_uri"],
+        b=plan.parts[1]["last_uri"],
+    )
     report.injected(f"SIGKILL to part 1's worker (pid {worker.pid}) after {killed_rows} of its rows were committed")
     assert worker.returncode == -signal.SIGKILL and 0 < killed_rows < 20 * k
     assert count(pg_url, "SELECT status FROM inference_parts WHERE part = 1") == "running"  # as the dead try left it
@@ -375,9 +465,16 @@ def test_a_part_sigkilled_mid_write_is_retried_alone(pg_url, raw_shards, tiny_ch
     finished = finish_night(pg_url, plan)
     per_video = dict(rows(pg_url, "SELECT video_id, COUNT(*) FROM predictions GROUP BY video_id"))
     assert len(per_video) == VIDEOS and set(per_video.values()) == {k}
-    assert row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs") == ("succeeded", VIDEOS, VIDEOS * k)
+    assert row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs") == (
+        "succeeded",
+        VIDEOS,
+        VIDEOS * k,
+    )
     assert [tuple(r) for r in rows(pg_url, "SELECT part, status, attempts FROM inference_parts ORDER BY part")] == [
-        (0, "succeeded", 1), (1, "succeeded", 2), (2, "succeeded", 1)]
+        (0, "succeeded", 1),
+        (1, "succeeded", 2),
+        (2, "succeeded", 1),
+    ]
     with open(finished.exports[0], newline="") as f:
         exported = [r[0] for r in csv.reader(f)][1:]
     assert sorted(exported) == sorted(per_video)  # each video once: the dead try's fragment was replaced
@@ -387,6 +484,7 @@ def test_a_part_sigkilled_mid_write_is_retried_alone(pg_url, raw_shards, tiny_ch
     assert count(pg_url, "SELECT COUNT(*) FROM pg_inherits WHERE inhrelid = to_regclass(:t)", t=partition) == 1
     fragments = sorted(p.name for p in (Path(world["exports"]) / "parts").iterdir())
     assert fragments == [f"part-0000{i}.{kind}" for i in range(3) for kind in ("csv", "pickle-items")], fragments
-    report.checked(f"{VIDEOS} videos x exactly {k} rows, one succeeded run row; part 1 tried twice, the others once; "
-                   f"the CSV lists each video once; the dead try's temporaries swept")
-
+    report.checked(
+        f"{VIDEOS} videos x exactly {k} rows, one succeeded run row; part 1 tried twice, the others once; "
+        f"the CSV lists each video once; the dead try's temporaries swept"
+    )

@@ -10,7 +10,7 @@ for the `gpu` queue), where the scheduler is also restarted in the middle of the
 
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import boto3
 import pytest
@@ -43,11 +43,18 @@ def stack_factory(_pg_server, s3_server, tmp_path, monkeypatch):
         metadata_db, vtag_db = _database(_pg_server, "airflow_meta"), _database(_pg_server, "vtag_e2e")
         base = PG_ADMIN_URL.rsplit("/", 1)[0]
         bucket = f"vtag-e2e-{uuid.uuid4().hex[:8]}"
-        boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                     aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=bucket)
-        s3_conn = ('{"conn_type": "aws", "login": "testing", "password": "testing", '
-                   f'"extra": {{"endpoint_url": "{s3_server}", "region_name": "us-east-1"}}}}')
-        now = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+        boto3.client(
+            "s3",
+            endpoint_url=s3_server,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket=bucket)
+        s3_conn = (
+            '{"conn_type": "aws", "login": "testing", "password": "testing", '
+            f'"extra": {{"endpoint_url": "{s3_server}", "region_name": "us-east-1"}}}}'
+        )
+        now = datetime.now(UTC).replace(microsecond=0).isoformat()
         env = {
             # Our connections and variables, the Airflow way (a deployment may keep them in a secrets backend).
             "AIRFLOW_CONN_YT8M_DB": f"{base.replace('postgresql+psycopg2', 'postgresql')}/{vtag_db}",
@@ -66,8 +73,9 @@ def stack_factory(_pg_server, s3_server, tmp_path, monkeypatch):
         }
         for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "VTAG_DB_URL"):
             monkeypatch.delenv(key, raising=False)  # tasks must find S3 and the database through the connections
-        stack = AirflowStack.configure(tmp_path / f"airflow-{executor}", _free_port(),
-                                       f"{base}/{metadata_db}", executor, env)
+        stack = AirflowStack.configure(
+            tmp_path / f"airflow-{executor}", _free_port(), f"{base}/{metadata_db}", executor, env
+        )
         made.append((stack, [metadata_db, vtag_db]))
         return stack, f"{base}/{vtag_db}", bucket
 
@@ -92,10 +100,16 @@ def _prepare(stack: AirflowStack, vtag_url: str, bucket: str, s3_server: str) ->
     from storage.objectstore import S3Config
 
     s3 = S3Config(endpoint_url=s3_server, access_key_id="testing", secret_access_key="testing", region_name="us-east-1")
-    synth(f"s3://{bucket}/raw", SynthConfig("frame", "train", shards=2, videos_per_shard=TRAIN_VIDEOS // 2,
-                                            num_labels=NUM_LABELS), s3)
-    synth(f"s3://{bucket}/raw", SynthConfig("frame", "validate", shards=1, videos_per_shard=VALIDATE_VIDEOS,
-                                            num_labels=NUM_LABELS), s3)
+    synth(
+        f"s3://{bucket}/raw",
+        SynthConfig("frame", "train", shards=2, videos_per_shard=TRAIN_VIDEOS // 2, num_labels=NUM_LABELS),
+        s3,
+    )
+    synth(
+        f"s3://{bucket}/raw",
+        SynthConfig("frame", "validate", shards=1, videos_per_shard=VALIDATE_VIDEOS, num_labels=NUM_LABELS),
+        s3,
+    )
 
 
 def _check_auth(stack: AirflowStack) -> None:
@@ -126,7 +140,9 @@ def _run_pipeline(stack: AirflowStack, vtag_url: str, bucket: str, during_traini
     stack.wait_healthy()
     _check_auth(stack)
     dags = ("yt8m_ingest", "yt8m_train", "yt8m_nightly_inference")
-    stack.wait_for(lambda: all(stack.rest.api("GET", f"/dags/{d}").status_code == 200 for d in dags), 240, "the DAGs to be parsed")
+    stack.wait_for(
+        lambda: all(stack.rest.api("GET", f"/dags/{d}").status_code == 200 for d in dags), 240, "the DAGs to be parsed"
+    )
     for dag_id in dags:
         stack.rest.ok("PATCH", f"/dags/{dag_id}", {"is_paused": False})
 
@@ -142,13 +158,15 @@ def _run_pipeline(stack: AirflowStack, vtag_url: str, bucket: str, during_traini
         during_training(train["dag_run_id"])
     stack.wait_for_run("yt8m_train", train["dag_run_id"], 600)
 
-    night = datetime.now(timezone.utc).replace(microsecond=0)
+    night = datetime.now(UTC).replace(microsecond=0)
     night_run = _trigger(stack, "yt8m_nightly_inference", {"top_k": TOP_K}, logical_date=night)
     stack.wait_for_run("yt8m_nightly_inference", night_run, 300)
     tis = stack.rest.ok("GET", f"/dags/yt8m_nightly_inference/dagRuns/{night_run}/taskInstances")["task_instances"]
 
     with engine_for(vtag_url).connect() as conn:
-        per_video = conn.execute(text("SELECT video_id, COUNT(*), COUNT(DISTINCT label_id) FROM predictions GROUP BY video_id")).all()
+        per_video = conn.execute(
+            text("SELECT video_id, COUNT(*), COUNT(DISTINCT label_id) FROM predictions GROUP BY video_id")
+        ).all()
         runs = conn.execute(text("SELECT status, videos_done, rows_written, airflow_run_id FROM inference_runs")).all()
         models = conn.execute(text("SELECT version, status, run_id FROM model_versions")).all()
         shards = conn.execute(text("SELECT COUNT(*) FROM ingested_shards WHERE status = 'succeeded'")).scalar()
@@ -157,27 +175,42 @@ def _run_pipeline(stack: AirflowStack, vtag_url: str, bucket: str, during_traini
     assert len(per_video) == videos and {(n, d) for _, n, d in per_video} == {(TOP_K, TOP_K)}
     assert runs == [("succeeded", videos, videos * TOP_K, night_run)]
     assert [tuple(m) for m in models] == [(1, "production", train["dag_run_id"])]
-    s3 = boto3.client("s3", endpoint_url=stack.env["AIRFLOW_CONN_YT8M_S3"].split('"endpoint_url": "')[1].split('"')[0],
-                      region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.env["AIRFLOW_CONN_YT8M_S3"].split('"endpoint_url": "')[1].split('"')[0],
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     exported = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="exports/").get("Contents", [])]
     assert any(k.endswith("predictions.csv") for k in exported), exported
     train_ti = stack.rest.ok("GET", f"/dags/yt8m_train/dagRuns/{train['dag_run_id']}/taskInstances/train")
-    return {"train_run": train["dag_run_id"], "night_run": night_run, "tag_part_queue": next(t["queue"] for t in tis if t["task_id"] == "tag_part"),
-            "train_tries": train_ti["try_number"]}
+    return {
+        "train_run": train["dag_run_id"],
+        "night_run": night_run,
+        "tag_part_queue": next(t["queue"] for t in tis if t["task_id"] == "tag_part"),
+        "train_tries": train_ti["try_number"],
+    }
 
 
 def test_pipeline_on_airflow_with_the_local_executor(stack_factory, s3_server, report):
     started = time.monotonic()
     stack, vtag_url, bucket = stack_factory("LocalExecutor")
     _prepare(stack, vtag_url, bucket, s3_server)
-    for name, args in (("dag-processor", ["dag-processor"]), ("scheduler", ["scheduler"]), ("api-server", ["api-server"])):
+    for name, args in (
+        ("dag-processor", ["dag-processor"]),
+        ("scheduler", ["scheduler"]),
+        ("api-server", ["api-server"]),
+    ):
         stack.start(name, *args)
     checked = _run_pipeline(stack, vtag_url, bucket)
     left = stack.stop_all()
     assert not left, f"processes still alive after stop: {left}"
-    report.checked(f"LocalExecutor: ingest triggered over REST with a token -> Asset -> train {checked['train_run']} -> "
-                   f"night {checked['night_run']}: {TRAIN_VIDEOS + VALIDATE_VIDEOS} videos x {TOP_K} labels in PostgreSQL, "
-                   "one model version, the CSV export on S3; no token/forged token refused; k=0 refused (400)")
+    report.checked(
+        f"LocalExecutor: ingest triggered over REST with a token -> Asset -> train {checked['train_run']} -> "
+        f"night {checked['night_run']}: {TRAIN_VIDEOS + VALIDATE_VIDEOS} videos x {TOP_K} labels in PostgreSQL, "
+        "one model version, the CSV export on S3; no token/forged token refused; k=0 refused (400)"
+    )
     report.observed(f"all processes stopped; took {time.monotonic() - started:.0f} s")
 
 
@@ -204,16 +237,23 @@ def test_pipeline_on_airflow_with_celery_and_a_scheduler_restart(redis_broker, s
     # redis_broker first: its teardown (emptying the queues) runs after the stack has stopped.
     """Celery: the GPU tasks go to the worker on the `gpu` queue; the scheduler is restarted mid-training."""
     started = time.monotonic()
-    stack, vtag_url, bucket = stack_factory("CeleryExecutor", {
-        "AIRFLOW__CELERY__BROKER_URL": redis_broker,
-        "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
-    })
+    stack, vtag_url, bucket = stack_factory(
+        "CeleryExecutor",
+        {
+            "AIRFLOW__CELERY__BROKER_URL": redis_broker,
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+        },
+    )
     # Celery keeps task results in Airflow's metadata database.
     stack.env["AIRFLOW__CELERY__RESULT_BACKEND"] = "db+" + stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
     _prepare(stack, vtag_url, bucket, s3_server)
-    for name, args in (("dag-processor", ["dag-processor"]), ("scheduler", ["scheduler"]), ("api-server", ["api-server"]),
-                       ("worker-cpu", ["celery", "worker", "--queues", "default", "--concurrency", "2"]),
-                       ("worker-gpu", ["celery", "worker", "--queues", "gpu", "--concurrency", "1"])):
+    for name, args in (
+        ("dag-processor", ["dag-processor"]),
+        ("scheduler", ["scheduler"]),
+        ("api-server", ["api-server"]),
+        ("worker-cpu", ["celery", "worker", "--queues", "default", "--concurrency", "2"]),
+        ("worker-gpu", ["celery", "worker", "--queues", "gpu", "--concurrency", "1"]),
+    ):
         if name.startswith("worker"):  # two workers on one host: each its own name and log server port
             args = [*args, "--celery-hostname", f"{name}@%h"]
             stack.start(name, *args, env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port())})
@@ -222,8 +262,12 @@ def test_pipeline_on_airflow_with_celery_and_a_scheduler_restart(redis_broker, s
     restarts = []
 
     def restart_scheduler(train_run_id: str) -> None:
-        stack.wait_for(lambda: stack.task_states("yt8m_train", train_run_id).get("train[-1]") == "running",
-                       180, "the training task to run", every=0.5)
+        stack.wait_for(
+            lambda: stack.task_states("yt8m_train", train_run_id).get("train[-1]") == "running",
+            180,
+            "the training task to run",
+            every=0.5,
+        )
         stack.stop("scheduler")  # SIGTERM, as a deployment's rolling restart does
         time.sleep(3)
         stack.start("scheduler", "scheduler")
@@ -238,9 +282,13 @@ def test_pipeline_on_airflow_with_celery_and_a_scheduler_restart(redis_broker, s
     assert "task_id='convert_batch'" in cpu_log, cpu_log[-3000:]
     left = stack.stop_all()
     assert not left, f"processes still alive after stop: {left}"
-    report.injected(f"scheduler SIGTERMed while {restarts[0]} trained, a new scheduler started 3 s later "
-                    f"(the training task finished in try {checked['train_tries']})")
-    report.checked(f"CeleryExecutor (broker {redis_broker}): train and tag_part ran on the gpu-queue worker, ingest on "
-                   f"the default one; the run finished with exactly one model version and {TOP_K} labels for each of "
-                   f"{TRAIN_VIDEOS + VALIDATE_VIDEOS} videos, no duplicates")
+    report.injected(
+        f"scheduler SIGTERMed while {restarts[0]} trained, a new scheduler started 3 s later "
+        f"(the training task finished in try {checked['train_tries']})"
+    )
+    report.checked(
+        f"CeleryExecutor (broker {redis_broker}): train and tag_part ran on the gpu-queue worker, ingest on "
+        f"the default one; the run finished with exactly one model version and {TOP_K} labels for each of "
+        f"{TRAIN_VIDEOS + VALIDATE_VIDEOS} videos, no duplicates"
+    )
     report.observed(f"all processes stopped; took {time.monotonic() - started:.0f} s")

@@ -13,7 +13,11 @@ from storage.db import engine_for
 from tasks import queries
 from tasks.inference import InferenceError, NoProductionModel, run_inference
 from tests.conftest import SHARED
-from tests.worlds import NIGHT, TINY, build_world as _world, count as _count, row as _row, rows as _rows, stored_rows  # noqa: F401 (TINY, for test_dag_*)
+from tests.worlds import NIGHT, TINY, stored_rows  # noqa: F401 (TINY, for test_dag_*)
+from tests.worlds import build_world as _world
+from tests.worlds import count as _count
+from tests.worlds import row as _row
+from tests.worlds import rows as _rows
 
 
 @pytest.fixture
@@ -80,7 +84,12 @@ def test_a_run_killed_mid_write_is_not_complete_and_its_retry_finishes(world, mo
     monkeypatch.setattr(predictions, "write_chunk", dies_on_third_chunk)
     with pytest.raises(ConnectionError):
         run_inference(world["db"], NIGHT, top_k=4, exports_uri=world["exports"])
-    run = dict(zip(("status", "videos_done", "rows_written"), _row(world["db"], "SELECT status, videos_done, rows_written FROM inference_runs")))
+    run = dict(
+        zip(
+            ("status", "videos_done", "rows_written"),
+            _row(world["db"], "SELECT status, videos_done, rows_written FROM inference_runs"),
+        )
+    )
     assert run["status"] == "failed" and run["rows_written"] == stored_rows(world["db"]) > 0
 
     monkeypatch.setattr(predictions, "write_chunk", real_write)
@@ -132,7 +141,10 @@ def test_every_query_runs_as_written(world):
 
     columns, rows = queries.run(db_url, "video_top_labels", {"video_id": video, "k": "3"})
     assert columns[:3] == ["rank", "label_id", "label_name"] and [r[0] for r in rows] == [1, 2, 3]
-    assert [r[1] for r in rows] == [r[0] for r in _rows(db_url, "SELECT label_id FROM predictions WHERE video_id = :v ORDER BY rank LIMIT 3", v=video)]
+    assert [r[1] for r in rows] == [
+        r[0]
+        for r in _rows(db_url, "SELECT label_id FROM predictions WHERE video_id = :v ORDER BY rank LIMIT 3", v=video)
+    ]
 
     top_label = rows[0][1]
     _, rows = queries.run(db_url, "label_top_videos", {"label_id": str(top_label), "limit": "100"})
@@ -148,19 +160,36 @@ def test_every_query_runs_as_written(world):
     assert rows[0][0] == first.run_id and rows[0][4] == "succeeded"
 
     _, rows = queries.run(db_url, "precision_at_k", {"model_version": str(world["version"]), "k": "1"})
-    expected = _count(db_url, "SELECT COUNT(*) FROM predictions p JOIN video_labels t ON t.video_id = p.video_id "
-                              "AND t.label_id = p.label_id WHERE p.rank = 1") / 50
+    expected = (
+        _count(
+            db_url,
+            "SELECT COUNT(*) FROM predictions p JOIN video_labels t ON t.video_id = p.video_id "
+            "AND t.label_id = p.label_id WHERE p.rank = 1",
+        )
+        / 50
+    )
     assert rows[0][0] == 50 and rows[0][1] == pytest.approx(expected)
 
     # A second model version with a different top label for some videos.
     with engine_for(db_url).begin() as conn:
-        conn.execute(text("INSERT INTO model_versions (level, preset, checkpoint_uri, config, data_uri, train_split, epochs, "
-                          "steps, status, created_at) VALUES ('frame', 'small', '/elsewhere/last.pt', '{}', '', 'train', 1, 1, "
-                          "'trained', CURRENT_TIMESTAMP)"))
-        conn.execute(text("INSERT INTO predictions (video_id, model_version, rank, label_id, score, run_id) "
-                          "SELECT video_id, :new, rank, CASE WHEN video_id = :v THEN label_id + 1 ELSE label_id END, score, run_id "
-                          "FROM predictions WHERE model_version = :old"), {"new": world["version"] + 1, "old": world["version"], "v": video})
-    _, rows = queries.run(db_url, "top_label_changes", {"old_version": str(world["version"]), "new_version": str(world["version"] + 1)})
+        conn.execute(
+            text(
+                "INSERT INTO model_versions (level, preset, checkpoint_uri, config, data_uri, train_split, epochs, "
+                "steps, status, created_at) VALUES ('frame', 'small', '/elsewhere/last.pt', '{}', '', 'train', 1, 1, "
+                "'trained', CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO predictions (video_id, model_version, rank, label_id, score, run_id) "
+                "SELECT video_id, :new, rank, CASE WHEN video_id = :v THEN label_id + 1 ELSE label_id END, score, run_id "
+                "FROM predictions WHERE model_version = :old"
+            ),
+            {"new": world["version"] + 1, "old": world["version"], "v": video},
+        )
+    _, rows = queries.run(
+        db_url, "top_label_changes", {"old_version": str(world["version"]), "new_version": str(world["version"] + 1)}
+    )
     assert [(r[0], r[1], r[4]) for r in rows] == [(video, top_label, top_label + 1)]
 
     with pytest.raises(queries.QueryError, match="needs k="):
@@ -169,4 +198,3 @@ def test_every_query_runs_as_written(world):
         queries.run(db_url, "video_top_labels", {"video_id": video, "k": "3; DROP TABLE predictions"})
     # Parameters are bound, never pasted into SQL: a hostile id is just an id that matches nothing.
     assert queries.run(db_url, "video_top_labels", {"video_id": "x' OR '1'='1", "k": "3"})[1] == []
-

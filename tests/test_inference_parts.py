@@ -10,7 +10,15 @@ import pytest
 
 from storage import exports, predictions
 from tasks import queries
-from tasks.inference import InferenceError, cut_parts, finish_night, plan_night, retire_old_versions, run_inference, tag_part
+from tasks.inference import (
+    InferenceError,
+    cut_parts,
+    finish_night,
+    plan_night,
+    retire_old_versions,
+    run_inference,
+    tag_part,
+)
 from tests.worlds import NIGHT, VIDEOS, build_world, count, rows
 
 
@@ -21,18 +29,25 @@ def world(raw_shards, tiny_checkpoint, tmp_path, db_url):
 
 def _check_night(world, k: int, run_id: int, uris: list[str]) -> None:
     db_url = world["db"]
-    per_video = rows(db_url, "SELECT video_id, COUNT(*), MIN(rank), MAX(rank), COUNT(DISTINCT run_id) FROM predictions "
-                             "GROUP BY video_id")
+    per_video = rows(
+        db_url,
+        "SELECT video_id, COUNT(*), MIN(rank), MAX(rank), COUNT(DISTINCT run_id) FROM predictions GROUP BY video_id",
+    )
     assert len(per_video) == VIDEOS and {tuple(r[1:]) for r in per_video} == {(k, 1, k, 1)}
     assert rows(db_url, "SELECT run_id, status, videos_total, videos_done, rows_written FROM inference_runs") == [
-        (run_id, "succeeded", VIDEOS, VIDEOS, VIDEOS * k)]
+        (run_id, "succeeded", VIDEOS, VIDEOS, VIDEOS * k)
+    ]
     with open(uris[0], newline="") as f:
         lines = list(csv.reader(f))
-    assert lines[0] == ["VideoId", "LabelConfidencePairs"] and sorted(r[0] for r in lines[1:]) == sorted(r[0] for r in per_video)
+    assert lines[0] == ["VideoId", "LabelConfidencePairs"] and sorted(r[0] for r in lines[1:]) == sorted(
+        r[0] for r in per_video
+    )
     with open(uris[1], "rb") as f:
         results = pickle.load(f)
     assert [r[0] for r in results] == [r[0] for r in lines[1:]] and {len(r[1]) for r in results} == {k}
-    stored = dict(((v, rank), label) for v, rank, label in rows(db_url, "SELECT video_id, rank, label_id FROM predictions"))
+    stored = dict(
+        ((v, rank), label) for v, rank, label in rows(db_url, "SELECT video_id, rank, label_id FROM predictions")
+    )
     assert all(stored[(video, rank + 1)] == label for video, pairs in results for rank, (label, _) in enumerate(pairs))
     _, counts = queries.run(db_url, "run_label_counts", {"run_id": str(run_id), "k": str(k), "limit": "5000"})
     expected = rows(db_url, "SELECT label_id, COUNT(*) FROM predictions GROUP BY label_id")
@@ -59,8 +74,11 @@ def test_a_night_in_several_parts_is_one_run_with_k_rows_per_video(world):
     assert report.videos == VIDEOS and report.rows_written == VIDEOS * 4
     _check_night(world, 4, report.run_id, report.exports)
     assert sorted(p.name for p in (Path(world["exports"]) / "parts").iterdir()) == [  # each part's own, no temporary
-        f"part-0000{i}.{kind}" for i in range(3) for kind in ("csv", "pickle-items")]
-    again = run_inference(world["db"], NIGHT, top_k=4, exports_uri=world["exports"], part_videos=30)  # a rerun, cut anew
+        f"part-0000{i}.{kind}" for i in range(3) for kind in ("csv", "pickle-items")
+    ]
+    again = run_inference(
+        world["db"], NIGHT, top_k=4, exports_uri=world["exports"], part_videos=30
+    )  # a rerun, cut anew
     assert again.run_id == report.run_id and len(predictions.parts_of(world["db"], report.run_id)) == 2
     _check_night(world, 4, report.run_id, again.exports)
 
@@ -120,7 +138,9 @@ def test_exporting_a_night_keeps_memory_flat(tmp_path):
         return top
 
     small, large = peak(20_000), peak(200_000)
-    print(f"peak traced memory while exporting: 20,000 videos {small / 1e6:.1f} MB, 200,000 videos {large / 1e6:.1f} MB")
+    print(
+        f"peak traced memory while exporting: 20,000 videos {small / 1e6:.1f} MB, 200,000 videos {large / 1e6:.1f} MB"
+    )
     assert large < 1.2 * small + 1_000_000
 
 
@@ -135,7 +155,9 @@ def test_retiring_a_version_drops_its_predictions_only(world, db_url):
     state = checkpoint.load(world["checkpoint"])
     checkpoint.save(world["checkpoint"] + ".copy", {**state, "step": state.get("step", 0) + 1})
     assert evaluate_model(world["checkpoint"] + ".copy", world["parquet"], db_url)["version"] == world["version"] + 1
-    second = run_inference(db_url, NIGHT, top_k=2, model_version=world["version"] + 1, exports_uri=world["exports"] + "/2")
+    second = run_inference(
+        db_url, NIGHT, top_k=2, model_version=world["version"] + 1, exports_uri=world["exports"] + "/2"
+    )
     assert second.videos == VIDEOS and count(db_url, "SELECT COUNT(*) FROM predictions") == 2 * VIDEOS * 2
 
     with pytest.raises(predictions.RetireError, match="is in production"):
@@ -143,7 +165,9 @@ def test_retiring_a_version_drops_its_predictions_only(world, db_url):
     promote(db_url, world["version"] + 1)
     assert retire_old_versions(db_url, keep=1) == [world["version"]]
     assert count(db_url, "SELECT COUNT(*) FROM predictions") == VIDEOS * 2
-    assert count(db_url, "SELECT COUNT(*) FROM predictions WHERE model_version = :v", v=world["version"] + 1) == VIDEOS * 2
+    assert (
+        count(db_url, "SELECT COUNT(*) FROM predictions WHERE model_version = :v", v=world["version"] + 1) == VIDEOS * 2
+    )
     assert count(db_url, "SELECT COUNT(*) FROM inference_runs") == 2  # the runs stay as history
     assert count(db_url, "SELECT COUNT(*) FROM inference_label_counts WHERE run_id = :r", r=first.run_id) == 0
     assert retire_old_versions(db_url, keep=1) == []  # nothing left to retire

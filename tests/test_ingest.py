@@ -30,13 +30,21 @@ def test_frame_level_layout_schema_and_bytes_identical(frame_shards, tmp_path, s
     report = ingest(str(frame_shards), str(dest), sqlite_url)
     assert not report.failed and len(report.converted) == 3
     files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-    assert files == ["frame/train/train0000.parquet", "frame/train/train0001.parquet", "frame/validate/validate0000.parquet"]
+    assert files == [
+        "frame/train/train0000.parquet",
+        "frame/train/train0001.parquet",
+        "frame/validate/validate0000.parquet",
+    ]
 
     table = pq.read_table(dest / "frame/train/train0001.parquet")
     assert table.schema.equals(FRAME_SCHEMA)
     rows = table.to_pylist()
-    source = tfrecord_loader(str(frame_shards / "train0001.tfrecord"), None, description={"id": "byte", "labels": "int"},
-                             sequence_description={"rgb": "byte", "audio": "byte"})
+    source = tfrecord_loader(
+        str(frame_shards / "train0001.tfrecord"),
+        None,
+        description={"id": "byte", "labels": "int"},
+        sequence_description={"rgb": "byte", "audio": "byte"},
+    )
     count = 0
     for row, (context, sequence) in zip(rows, source, strict=True):
         assert row["id"] == bytes(context["id"]).decode()
@@ -54,8 +62,11 @@ def test_video_level_real_shard_round_trip(yt8m_dir, tmp_path, sqlite_url):
     assert report.converted[0]["rows"] == 284
     table = pq.read_table(tmp_path / "pq/video/validate/validate0000.parquet")
     assert table.schema.equals(VIDEO_SCHEMA)
-    source = tfrecord_loader(str(src / "validate0000.tfrecord"), None,
-                             description={"id": "byte", "labels": "int", "mean_rgb": "float", "mean_audio": "float"})
+    source = tfrecord_loader(
+        str(src / "validate0000.tfrecord"),
+        None,
+        description={"id": "byte", "labels": "int", "mean_rgb": "float", "mean_audio": "float"},
+    )
     for row, ref in zip(table.to_pylist(), source, strict=True):
         assert row["id"] == bytes(ref["id"]).decode()
         assert row["labels"] == ref["labels"].tolist()
@@ -89,7 +100,8 @@ def test_rerun_skips_unchanged_and_redoes_changed(frame_shards, tmp_path, db_url
 
     os.remove(tmp_path / "parquet/frame/train/train0001.parquet")  # an output deleted behind our back
     assert [c["output_uri"] for c in ingest(str(frame_shards), dest, db_url).converted] == [
-        f"{dest}/frame/train/train0001.parquet"]
+        f"{dest}/frame/train/train0001.parquet"
+    ]
     assert len(ingest(str(frame_shards), dest, db_url, force=True).converted) == 3
     rows = manifest.rows(db_url, dest)
     assert len(rows) == 3 and {r["status"] for r in rows} == {"succeeded"}
@@ -105,8 +117,12 @@ def _bad_shards(raw):
     truncated.write_bytes(truncated.read_bytes()[:-10])
     write_shard(raw / "train0003.tfrecord", [good[0], b"\x08\x96\x01 not youtube-8m at all"])
     write_shard(raw / "train0004.tfrecord", [good[0], frame_record("aa09", drop=("audio",))])
-    return {"train0001": "data CRC mismatch", "train0002": "truncated", "train0003": "not a tf.train|neither",
-            "train0004": "missing feature list 'audio'"}
+    return {
+        "train0001": "data CRC mismatch",
+        "train0002": "truncated",
+        "train0003": "not a tf.train|neither",
+        "train0004": "missing feature list 'audio'",
+    }
 
 
 def test_bad_shards_are_quarantined_and_good_ones_convert(tmp_path, db_url):
@@ -116,7 +132,10 @@ def test_bad_shards_are_quarantined_and_good_ones_convert(tmp_path, db_url):
     expected = _bad_shards(raw)
     report = ingest(str(raw), str(dest), db_url)
 
-    assert sorted(c["source_uri"].rsplit("/", 1)[-1] for c in report.converted) == ["train0000.tfrecord", "validate0000.tfrecord"]
+    assert sorted(c["source_uri"].rsplit("/", 1)[-1] for c in report.converted) == [
+        "train0000.tfrecord",
+        "validate0000.tfrecord",
+    ]
     assert sorted(report.failed) == sorted(str(raw / f"{stem}.tfrecord") for stem in expected)
     outputs = sorted(p.name for p in dest.rglob("*") if p.is_file())
     assert outputs == ["train0000.parquet", "validate0000.parquet"]  # nothing for the bad shards, no temp files
@@ -197,7 +216,11 @@ def _infos(names: list[str]) -> list[ObjectInfo]:
 def test_plan_batches_one_shard_each_while_few():
     shards = _infos(["train0002.tfrecord", "train0000.tfrecord", "validate0000.tfrecord", "train0001.tfrecord"])
     assert [[s.name for s in batch] for batch in plan_batches(shards, max_batches=4)] == [
-        ["train0000.tfrecord"], ["train0001.tfrecord"], ["train0002.tfrecord"], ["validate0000.tfrecord"]]
+        ["train0000.tfrecord"],
+        ["train0001.tfrecord"],
+        ["train0002.tfrecord"],
+        ["validate0000.tfrecord"],
+    ]
     assert plan_batches([]) == []
 
 
@@ -215,7 +238,11 @@ def test_plan_batches_contiguous_near_equal_and_bounded(count):
 
 def test_plan_batches_bound():
     assert MAX_BATCHES < 1024  # Airflow's [core] max_map_length
-    assert [len(b) for b in plan_batches(_infos([f"train{i:04d}.tfrecord" for i in range(10)]), max_batches=3)] == [4, 3, 3]
+    assert [len(b) for b in plan_batches(_infos([f"train{i:04d}.tfrecord" for i in range(10)]), max_batches=3)] == [
+        4,
+        3,
+        3,
+    ]
     with pytest.raises(ValueError, match="at least 1"):
         plan_batches(_infos(["train0000.tfrecord"]), max_batches=0)
 
@@ -260,8 +287,10 @@ def test_convert_batch_goes_on_past_failures_and_a_retry_redoes_only_the_rest(tm
     first = convert_batch(shards, dest, sqlite_url)
     uri = {s.name[:-9]: s.uri for s in shards}
     assert [r["source_uri"] for r in first.converted] == [uri["train0000"], uri["train0002"], uri["train0004"]]
-    assert first.failed == {uri["train0001"]: f"{uri['train0001']}: ConnectionError: connection reset by peer",
-                            uri["train0003"]: first.quarantined[uri["train0003"]]}
+    assert first.failed == {
+        uri["train0001"]: f"{uri['train0001']}: ConnectionError: connection reset by peer",
+        uri["train0003"]: first.quarantined[uri["train0003"]],
+    }
     assert first.retryable == {uri["train0001"]} and "CRC" in first.quarantined[uri["train0003"]]
     assert {r["source_uri"]: r["status"] for r in manifest.rows(sqlite_url, dest)}[uri["train0001"]] == "failed"
 

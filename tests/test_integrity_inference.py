@@ -63,7 +63,9 @@ def test_nan_scores_fail_the_night_before_they_are_stored_or_exported(world, mon
     run = _run(db_url, count(db_url, "SELECT MAX(run_id) FROM inference_runs"))
     assert run["status"] == "failed" and "NonFiniteScores" in run["error"] and poisoned[0] in run["error"]
     assert run["rows_written"] == stored_rows(db_url) == run["videos_done"] * k < VIDEOS * k  # nothing counted unstored
-    assert count(db_url, "SELECT COUNT(*) FROM predictions WHERE video_id IN (:a, :b)", a=poisoned[0], b=poisoned[1]) == 0
+    assert (
+        count(db_url, "SELECT COUNT(*) FROM predictions WHERE video_id IN (:a, :b)", a=poisoned[0], b=poisoned[1]) == 0
+    )
     assert count(db_url, "SELECT COUNT(*) FROM inference_parts WHERE status = 'succeeded'") == 0
     assert "nan" not in _exported_text(world["exports"]).lower()  # no fragment published, no night's file
 
@@ -79,8 +81,13 @@ def test_rows_lost_to_a_conflicting_row_fail_the_night_instead_of_succeeding(wor
     victim = rows(db_url, "SELECT video_id FROM videos ORDER BY video_id LIMIT 1")[0][0]
     with engine_for(db_url).begin() as conn:  # a stray row of another run: rank 3 of the video, its rank 1 gone
         conn.execute(text("DELETE FROM predictions WHERE video_id = :v"), {"v": victim})
-        conn.execute(text("INSERT INTO predictions (video_id, model_version, rank, label_id, score, run_id) "
-                          "VALUES (:v, :m, 3, 7, 0.5, 999)"), {"v": victim, "m": world["version"]})
+        conn.execute(
+            text(
+                "INSERT INTO predictions (video_id, model_version, rank, label_id, score, run_id) "
+                "VALUES (:v, :m, 3, 7, 0.5, 999)"
+            ),
+            {"v": victim, "m": world["version"]},
+        )
 
     with pytest.raises(predictions.RowsLost) as failure:
         run_inference(db_url, NIGHT, top_k=k, exports_uri=world["exports"])  # the rerun must write the video again
@@ -93,7 +100,9 @@ def test_rows_lost_to_a_conflicting_row_fail_the_night_instead_of_succeeding(wor
     with engine_for(db_url).begin() as conn:  # the stray row removed, the rerun is exact
         conn.execute(text("DELETE FROM predictions WHERE run_id = 999"))
     again = run_inference(db_url, NIGHT, top_k=k, exports_uri=world["exports"])
-    assert _run(db_url, again.run_id)["status"] == "succeeded" and again.rows_written == VIDEOS * k == stored_rows(db_url)
+    assert _run(db_url, again.run_id)["status"] == "succeeded" and again.rows_written == VIDEOS * k == stored_rows(
+        db_url
+    )
 
 
 def test_a_part_whose_counters_fall_short_cannot_make_the_night_succeed(world):
@@ -102,8 +111,10 @@ def test_a_part_whose_counters_fall_short_cannot_make_the_night_succeed(world):
     for part in plan.parts:
         tag_part(db_url, plan, part)
     with engine_for(db_url).begin() as conn:  # rows of part 1 gone after it succeeded (a hand edit, a bug)
-        conn.execute(text("UPDATE inference_parts SET rows_written = rows_written - 1 WHERE run_id = :r AND part = 1"),
-                     {"r": plan.run_id})
+        conn.execute(
+            text("UPDATE inference_parts SET rows_written = rows_written - 1 WHERE run_id = :r AND part = 1"),
+            {"r": plan.run_id},
+        )
     with pytest.raises(ValueError, match=r"incomplete: part 1: 39 rows written for 20 videos x 2 = 40"):
         finish_night(db_url, plan)
     assert _run(db_url, plan.run_id)["status"] == "failed"
@@ -126,12 +137,22 @@ def test_two_nights_scoring_the_same_videos_at_once_leave_each_video_to_one(worl
 
     assert report_b.videos == 0 and report_b.rows_written == 0
     assert {key: _run(db_url, a.run_id)[key] for key in ("status", "videos_total", "videos_done", "rows_written")} == {
-        "status": "succeeded", "videos_total": VIDEOS, "videos_done": VIDEOS, "rows_written": VIDEOS * k}
+        "status": "succeeded",
+        "videos_total": VIDEOS,
+        "videos_done": VIDEOS,
+        "rows_written": VIDEOS * k,
+    }
     assert {key: _run(db_url, b.run_id)[key] for key in ("status", "videos_total", "videos_done", "rows_written")} == {
-        "status": "succeeded", "videos_total": 0, "videos_done": 0, "rows_written": 0}
+        "status": "succeeded",
+        "videos_total": 0,
+        "videos_done": 0,
+        "rows_written": 0,
+    }
     assert count(db_url, "SELECT COUNT(*) FROM predictions") == VIDEOS * k == stored_rows(db_url)
     assert count(db_url, "SELECT COUNT(*) FROM predictions WHERE run_id = :r", r=a.run_id) == VIDEOS * k
-    assert count(db_url, "SELECT COALESCE(SUM(videos), 0) FROM inference_label_counts WHERE run_id = :r", r=b.run_id) == 0
+    assert (
+        count(db_url, "SELECT COALESCE(SUM(videos), 0) FROM inference_label_counts WHERE run_id = :r", r=b.run_id) == 0
+    )
 
     # Rescoring three videos twice at once, now that the version's rows sit in their partition.
     some = [r[0] for r in rows(db_url, "SELECT video_id FROM videos ORDER BY video_id LIMIT 3")]
@@ -142,7 +163,10 @@ def test_two_nights_scoring_the_same_videos_at_once_leave_each_video_to_one(worl
     finish_night(db_url, c), finish_night(db_url, d)
     assert count(db_url, "SELECT COUNT(*) FROM predictions WHERE run_id = :r", r=c.run_id) == 3 * k
     assert {key: _run(db_url, d.run_id)[key] for key in ("status", "videos_done", "rows_written")} == {
-        "status": "succeeded", "videos_done": 0, "rows_written": 0}
+        "status": "succeeded",
+        "videos_done": 0,
+        "rows_written": 0,
+    }
     assert count(db_url, "SELECT COUNT(*) FROM predictions") == VIDEOS * k
 
 
@@ -162,8 +186,12 @@ with predictions.run_lock(sys.argv[1], datetime.fromisoformat(sys.argv[2]), int(
 
 def _hold_lock(db_url: str, version: int, part: str) -> subprocess.Popen:
     """Another process that took the night's (or a part's) lock and hangs, as a stuck earlier try."""
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, db_url, NIGHT.isoformat(), str(version), part],
-                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, db_url, NIGHT.isoformat(), str(version), part],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -188,8 +216,14 @@ def test_planning_behind_a_hung_run_gives_up_after_the_timeout(world):
         began = time.monotonic()
         with pytest.raises(predictions.RunLockTimeout) as failure:
             plan_night(db_url, NIGHT, top_k=2, exports_uri=world["exports"], lock_timeout_s=1.5)
-        _assert_timed_out(failure, db_url, holder, f"night {NIGHT.isoformat()} of model version {version}", 1.5,
-                          time.monotonic() - began)
+        _assert_timed_out(
+            failure,
+            db_url,
+            holder,
+            f"night {NIGHT.isoformat()} of model version {version}",
+            1.5,
+            time.monotonic() - began,
+        )
         assert count(db_url, "SELECT COUNT(*) FROM inference_runs") == 0  # nothing started behind the holder
     finally:
         _release(holder)
@@ -205,8 +239,14 @@ def test_a_part_retry_behind_its_hung_try_gives_up_after_the_timeout(world):
         began = time.monotonic()
         with pytest.raises(predictions.RunLockTimeout) as failure:
             tag_part(db_url, plan, plan.parts[1], lock_timeout_s=2)
-        _assert_timed_out(failure, db_url, holder, f"night {NIGHT.isoformat()} of model version {version} (part 1)", 2,
-                          time.monotonic() - began)
+        _assert_timed_out(
+            failure,
+            db_url,
+            holder,
+            f"night {NIGHT.isoformat()} of model version {version} (part 1)",
+            2,
+            time.monotonic() - began,
+        )
         assert predictions.parts_of(db_url, plan.run_id)[1]["attempts"] == 0  # it never started under the holder
     finally:
         _release(holder)
@@ -234,12 +274,15 @@ def test_the_lock_timeout_comes_from_the_environment(world, monkeypatch):
 # --- 3. `vtag query` parameters --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, message", [
-    (["runs", "limit=-1"], "parameter limit must be an integer from 1 to 100000, not '-1'"),
-    (["runs", "limit=100000000000"], "parameter limit must be an integer from 1 to 100000, not '100000000000'"),
-    (["video_top_labels", "video_id=x", "k=0"], "parameter k must be an integer from 1 to 3862, not '0'"),
-    (["run_label_counts", "run_id=99999999999999999999", "k=1", "limit=5"], "parameter run_id must be an integer"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["runs", "limit=-1"], "parameter limit must be an integer from 1 to 100000, not '-1'"),
+        (["runs", "limit=100000000000"], "parameter limit must be an integer from 1 to 100000, not '100000000000'"),
+        (["video_top_labels", "video_id=x", "k=0"], "parameter k must be an integer from 1 to 3862, not '0'"),
+        (["run_label_counts", "run_id=99999999999999999999", "k=1", "limit=5"], "parameter run_id must be an integer"),
+    ],
+)
 def test_query_parameters_out_of_range_are_one_line(db_url, args, message):
     result = vtag("query", *args, "--db", db_url)
     assert result.returncode == 2, result.stderr
@@ -258,8 +301,9 @@ def test_query_parameters_at_their_bounds_run(world):
 # --- what a night reads is what was registered and planned ------------------------------------------
 
 
-def test_a_night_refuses_weights_changed_since_their_version_was_registered(raw_shards, tiny_checkpoint, tmp_path,
-                                                                            db_url):
+def test_a_night_refuses_weights_changed_since_their_version_was_registered(
+    raw_shards, tiny_checkpoint, tmp_path, db_url
+):
     from model.checkpoint import CheckpointError
     from storage import registry
 
@@ -284,8 +328,9 @@ def test_a_night_refuses_weights_changed_since_their_version_was_registered(raw_
     assert stored_rows(db_url) == 0
 
 
-def test_a_parquet_file_replaced_while_a_part_reads_it_fails_the_part_and_its_retry_reads_the_new_file(world,
-                                                                                                    monkeypatch):
+def test_a_parquet_file_replaced_while_a_part_reads_it_fails_the_part_and_its_retry_reads_the_new_file(
+    world, monkeypatch
+):
     import os
 
     import model.evaluate

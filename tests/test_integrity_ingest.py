@@ -25,8 +25,12 @@ from tests.support.cli import vtag
 
 def _videos(db_url) -> list[tuple]:
     with engine_for(db_url).connect() as conn:
-        return [tuple(r) for r in conn.execute(text(
-            "SELECT video_id, level, source_uri, parquet_uri FROM videos ORDER BY video_id, level"))]
+        return [
+            tuple(r)
+            for r in conn.execute(
+                text("SELECT video_id, level, source_uri, parquet_uri FROM videos ORDER BY video_id, level")
+            )
+        ]
 
 
 def _truth(db_url) -> list[tuple]:
@@ -54,18 +58,32 @@ def test_one_folder_spelled_four_ways_converts_once(tmp_path, db_url, monkeypatc
     _shard(raw / "train0000.tfrecord", "aa01", "aa02")
     _shard(raw / "train0001.tfrecord", "aa03")
     monkeypatch.chdir(tmp_path)
-    spellings = [("raw", "parquet"), (f"{raw}/", f"{dest}/"), (f"file://{raw}", f"file://{dest}"), (str(raw), str(dest))]
+    spellings = [
+        ("raw", "parquet"),
+        (f"{raw}/", f"{dest}/"),
+        (f"file://{raw}", f"file://{dest}"),
+        (str(raw), str(dest)),
+    ]
 
     reports = [ingest(src, out, db_url) for src, out in spellings]
 
-    assert [(len(r.converted), r.skipped, len(r.failed)) for r in reports] == [(2, 0, 0), (0, 2, 0), (0, 2, 0), (0, 2, 0)]
+    assert [(len(r.converted), r.skipped, len(r.failed)) for r in reports] == [
+        (2, 0, 0),
+        (0, 2, 0),
+        (0, 2, 0),
+        (0, 2, 0),
+    ]
     rows = manifest.rows(db_url)  # every destination, however spelled
     assert [(r["source_uri"], r["dest_uri"], r["status"]) for r in rows] == [
-        (str(raw / "train0000.tfrecord"), str(dest), "succeeded"), (str(raw / "train0001.tfrecord"), str(dest), "succeeded")]
+        (str(raw / "train0000.tfrecord"), str(dest), "succeeded"),
+        (str(raw / "train0001.tfrecord"), str(dest), "succeeded"),
+    ]
     assert rows[0]["output_uri"] == f"{dest}/frame/train/train0000.parquet"
     assert _parquet_files(dest) == ["frame/train/train0000.parquet", "frame/train/train0001.parquet"]
-    assert {v[3] for v in _videos(db_url)} == {f"{dest}/frame/train/train0000.parquet",
-                                               f"{dest}/frame/train/train0001.parquet"}
+    assert {v[3] for v in _videos(db_url)} == {
+        f"{dest}/frame/train/train0000.parquet",
+        f"{dest}/frame/train/train0001.parquet",
+    }
 
     # The relative destination was stored absolute: found from another working folder, in any spelling.
     elsewhere = tmp_path / "elsewhere"
@@ -124,8 +142,10 @@ def _fail_commits_of(db_url: str, video_id: str) -> None:
         "CREATE TABLE commit_blocker (video_id VARCHAR(32) REFERENCES commit_gate (id) DEFERRABLE INITIALLY DEFERRED)",
     ]
     if db_url.startswith("sqlite"):
-        statements.append(f"CREATE TRIGGER block_commit AFTER INSERT ON videos WHEN NEW.video_id = '{video_id}' "
-                          "BEGIN INSERT INTO commit_blocker VALUES (NEW.video_id); END")
+        statements.append(
+            f"CREATE TRIGGER block_commit AFTER INSERT ON videos WHEN NEW.video_id = '{video_id}' "
+            "BEGIN INSERT INTO commit_blocker VALUES (NEW.video_id); END"
+        )
     else:
         statements += [
             "CREATE FUNCTION block_commit() RETURNS trigger AS $$ BEGIN "
@@ -192,7 +212,10 @@ BAD_RECORDS = {
     "nan": (_video_record("vv09", float("nan")), r"'mean_rgb' holds nan at index 1000 \(24 non-finite values\)"),
     "inf": (_video_record("vv09", float("-inf")), r"'mean_rgb' holds -inf at index 1000"),
     "empty id": (frame_record(""), r"field 'id' is empty"),
-    "id too long": (frame_record("x" * (MAX_ID_LENGTH + 1)), rf"is {MAX_ID_LENGTH + 1} characters, longer than the catalogue's 32"),
+    "id too long": (
+        frame_record("x" * (MAX_ID_LENGTH + 1)),
+        rf"is {MAX_ID_LENGTH + 1} characters, longer than the catalogue's 32",
+    ),
 }
 
 
@@ -224,8 +247,10 @@ def test_an_id_repeated_within_a_shard_names_both_records(tmp_path, db_url):
     raw, dest = tmp_path / "raw", tmp_path / "parquet"
     shard = _shard(raw / "train0000.tfrecord", "rr01", "rr02", "rr01")
     error = ingest(str(raw), str(dest), db_url).quarantined[str(shard)]
-    assert error == (f"{shard}: record 2 at byte offset {record_offsets(shard)[2]}: "
-                     "video id 'rr01' repeats the id of record 0 of this shard")
+    assert error == (
+        f"{shard}: record 2 at byte offset {record_offsets(shard)[2]}: "
+        "video id 'rr01' repeats the id of record 0 of this shard"
+    )
     assert _parquet_files(dest) == [] and _videos(db_url) == []
 
 
@@ -240,10 +265,14 @@ def test_an_id_from_another_shard_of_the_level_names_that_shard(tmp_path, db_url
     assert list(report.failed) == [str(late)]
     assert report.failed[str(late)] == (
         f"{late}: record 1 at byte offset {record_offsets(late)[1]}: video id 'ss02' is already ingested at frame level "
-        f"from {owner} (and 1 more ids of this shard)")
+        f"from {owner} (and 1 more ids of this shard)"
+    )
     assert _parquet_files(dest) == ["frame/train/train0000.parquet", "video/validate/validate0000.parquet"]
     assert [(v[0], v[1], v[2]) for v in _videos(db_url)] == [
-        ("ss01", "frame", str(owner)), ("ss02", "frame", str(owner)), ("ss02", "video", str(raw / "validate0000.tfrecord"))]
+        ("ss01", "frame", str(owner)),
+        ("ss02", "frame", str(owner)),
+        ("ss02", "video", str(raw / "validate0000.tfrecord")),
+    ]
 
     # A shard converted again from its own source is no conflict with itself.
     assert len(ingest(str(raw), str(dest), db_url, pattern="train0000*", force=True).converted) == 1
@@ -272,16 +301,30 @@ def test_an_s3_destination_without_credentials_is_one_line_before_any_shard(s3, 
     raw = tmp_path / "raw"
     for i in range(3):
         _shard(raw / f"train000{i}.tfrecord", f"uu0{i}")
-    no_credentials = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-                      "AWS_CONFIG_FILE": str(tmp_path / "none")}
+    no_credentials = {
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+    }
 
-    result = vtag("ingest", "--src", raw, "--dest", f"s3://{bucket}/parquet/", "--db", sqlite_url, env=no_credentials,
-                   unset=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+    result = vtag(
+        "ingest",
+        "--src",
+        raw,
+        "--dest",
+        f"s3://{bucket}/parquet/",
+        "--db",
+        sqlite_url,
+        env=no_credentials,
+        unset=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"),
+    )
 
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line == (f"vtag ingest: error: no S3 credentials for s3://{bucket}/parquet: set AWS_ACCESS_KEY_ID and "
-                    "AWS_SECRET_ACCESS_KEY (or the Airflow connection yt8m_s3)")
+    assert line == (
+        f"vtag ingest: error: no S3 credentials for s3://{bucket}/parquet: set AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY (or the Airflow connection yt8m_s3)"
+    )
     client = boto3.client("s3", endpoint_url=config.endpoint_url, region_name="us-east-1")
     assert client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
     assert manifest.rows(sqlite_url) == []
@@ -293,8 +336,10 @@ def test_an_unreachable_database_is_one_log_line_per_shard(broken, tmp_path, cap
     for i in range(3):
         _shard(raw / f"train000{i}.tfrecord", f"uu0{i}")
     (tmp_path / "a-folder.db").mkdir()  # SQLite cannot open a folder as its database
-    db_url = {"postgresql": "postgresql://postgres@127.0.0.1:1/vtag",
-              "sqlite": f"sqlite:///{tmp_path / 'a-folder.db'}"}[broken]
+    db_url = {
+        "postgresql": "postgresql://postgres@127.0.0.1:1/vtag",
+        "sqlite": f"sqlite:///{tmp_path / 'a-folder.db'}",
+    }[broken]
     shards = LocalStore().list(str(raw))
 
     with caplog.at_level(logging.ERROR, logger="tasks.ingest"):  # force: no manifest query first, as if the

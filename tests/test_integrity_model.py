@@ -30,8 +30,17 @@ from tasks.training import evaluate_model, promote, train_model
 from tests.conftest import REPO
 from tests.support.cli import vtag
 
-TINY = {"embedding_size": 8, "lstm_size": 8, "head_sizes": [16, 16], "batch_size": 8, "max_frames": 20,
-        "num_workers": 0, "epochs": 2, "learning_rate": 1e-2, "lr_decay_epochs": []}
+TINY = {
+    "embedding_size": 8,
+    "lstm_size": 8,
+    "head_sizes": [16, 16],
+    "batch_size": 8,
+    "max_frames": 20,
+    "num_workers": 0,
+    "epochs": 2,
+    "learning_rate": 1e-2,
+    "lr_decay_epochs": [],
+}
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +80,7 @@ def _replace_with_other_content(path) -> None:
 
 # 1. Registered weights are immutable.
 
+
 def test_a_version_of_a_mutable_checkpoint_keeps_its_weights(parquet, tmp_path, db_url):
     out = tmp_path / "run"
     first = train_model(parquet, str(out), "frame", db_url, preset="small", overrides=TINY, progress=False)
@@ -93,8 +103,15 @@ def test_a_version_of_a_mutable_checkpoint_keeps_its_weights(parquet, tmp_path, 
     # epoch-001.pt, and ends at the step of the final checkpoint already there, holding other weights.
     (out / "last.pt").unlink()
     with pytest.raises(CheckpointError, match="already holds other weights .* a final checkpoint is never overwritten"):
-        train_model(parquet, str(out), "frame", db_url, preset="small", overrides={**TINY, "learning_rate": 3e-2},
-                    progress=False)
+        train_model(
+            parquet,
+            str(out),
+            "frame",
+            db_url,
+            preset="small",
+            overrides={**TINY, "learning_rate": 3e-2},
+            progress=False,
+        )
     assert _sha256(out / "epoch-001.pt") != version["checkpoint_sha256"]  # the mutable name moved on
     assert final.read_bytes() == final_bytes
     assert _sha256(copy) == version["checkpoint_sha256"]
@@ -104,8 +121,7 @@ def test_a_version_of_a_mutable_checkpoint_keeps_its_weights(parquet, tmp_path, 
 
     copy.write_bytes((out / "epoch-001.pt").read_bytes())  # someone overwrites the registered file
     now = _sha256(copy)
-    message = (f"checkpoint {copy} changed since it was registered (sha256 {version['checkpoint_sha256']}, "
-               f"now {now})")
+    message = f"checkpoint {copy} changed since it was registered (sha256 {version['checkpoint_sha256']}, now {now})"
     with pytest.raises(CheckpointChangedError) as raised:
         load_model(str(copy), torch.device("cpu"), sha256=version["checkpoint_sha256"])
     assert str(raised.value).startswith(message)
@@ -118,8 +134,25 @@ def test_a_version_of_a_mutable_checkpoint_keeps_its_weights(parquet, tmp_path, 
 def test_cli_evaluate_promote_last_pt_then_train_again(parquet, tmp_path, sqlite_url):
     """The issue's sequence: promote <out>/last.pt, then a longer run into the same folder rewrites last.pt."""
     out = tmp_path / "m"
-    base = ["train", "--data", parquet, "--level", "frame", "--preset", "small", "--batch-size", "8", "--max-frames", "20",
-            "--workers", "0", "--out", out, "--db", sqlite_url]
+    base = [
+        "train",
+        "--data",
+        parquet,
+        "--level",
+        "frame",
+        "--preset",
+        "small",
+        "--batch-size",
+        "8",
+        "--max-frames",
+        "20",
+        "--workers",
+        "0",
+        "--out",
+        out,
+        "--db",
+        sqlite_url,
+    ]
     assert (result := vtag(*base, "--epochs", "1")).returncode == 0, result.stderr
     result = vtag("evaluate", "--checkpoint", out / "last.pt", "--data", parquet, "--promote", "--db", sqlite_url)
     assert result.returncode == 0, result.stderr
@@ -148,9 +181,13 @@ def test_cli_evaluate_promote_last_pt_then_train_again(parquet, tmp_path, sqlite
 def test_versions_registered_before_0006_have_no_hash(db_url):
     db.upgrade(db_url, "0005")
     with engine_for(db_url).begin() as conn:
-        conn.execute(text("INSERT INTO model_versions (level, preset, checkpoint_uri, config, data_uri, train_split, "
-                          "epochs, steps, status, created_at) VALUES ('frame', 'small', '/old/last.pt', '{}', '/d', "
-                          "'train', 1, 1, 'trained', CURRENT_TIMESTAMP)"))
+        conn.execute(
+            text(
+                "INSERT INTO model_versions (level, preset, checkpoint_uri, config, data_uri, train_split, "
+                "epochs, steps, status, created_at) VALUES ('frame', 'small', '/old/last.pt', '{}', '/d', "
+                "'train', 1, 1, 'trained', CURRENT_TIMESTAMP)"
+            )
+        )
     db.upgrade(db_url)
     engine_for(db_url).dispose()
     assert db.current_revision(db_url) == "0006"
@@ -162,6 +199,7 @@ def test_versions_registered_before_0006_have_no_hash(db_url):
 
 
 # 2. Leftovers of killed saves are swept.
+
 
 def test_temporaries_of_a_save_killed_mid_write_are_removed_by_the_next_run(parquet, tmp_path, caplog, report):
     out = tmp_path / "run"
@@ -175,7 +213,7 @@ def test_temporaries_of_a_save_killed_mid_write_are_removed_by_the_next_run(parq
             os.kill(os.getpid(), signal.SIGKILL)
 
         torch.save = write_half_then_die
-        checkpoint.save({str(out / 'last.pt')!r}, {{"model": {{}}}})
+        checkpoint.save({str(out / "last.pt")!r}, {{"model": {{}}}})
     """)
     result = subprocess.run([sys.executable, "-c", killed_save], cwd=REPO, capture_output=True, timeout=120)
     assert result.returncode == -9
@@ -196,6 +234,7 @@ def test_temporaries_of_a_save_killed_mid_write_are_removed_by_the_next_run(parq
 
 
 # 3. A Parquet file replaced while a run reads it fails the run, naming the file.
+
 
 def test_a_file_replaced_after_planning_is_refused_by_name(own_parquet):
     groups = find_row_groups(own_parquet, "frame", "train")
@@ -222,8 +261,12 @@ def test_training_fails_by_name_when_a_file_is_replaced_under_its_workers(own_pa
 
     monkeypatch.setattr(model.train, "find_row_groups", plan_then_replace)
     with pytest.raises(ObjectChangedError) as raised:
-        train(load_config("small", overrides={**TINY, "num_workers": 2}), own_parquet, str(tmp_path / "run"),
-              progress=False)
+        train(
+            load_config("small", overrides={**TINY, "num_workers": 2}),
+            own_parquet,
+            str(tmp_path / "run"),
+            progress=False,
+        )
     first_line = str(raised.value).splitlines()[0]
     assert first_line.startswith(f"{target} changed while in use (fingerprint mtime_ns=")
     assert "DataLoader" not in str(raised.value)
@@ -242,7 +285,9 @@ def test_an_object_replaced_on_s3_after_planning_is_refused(raw, s3, tmp_path):
     pq.write_table(table.slice(1), replacement)
     client.put_object(Bucket=bucket, Key=key, Body=replacement.read_bytes())  # a new version at the key
 
-    dataset = ParquetBatches(groups, "frame", 8, 3862, max_frames=20, shuffle=False, drop_last=False, workers=1, s3=config)
+    dataset = ParquetBatches(
+        groups, "frame", 8, 3862, max_frames=20, shuffle=False, drop_last=False, workers=1, s3=config
+    )
     with pytest.raises(ObjectChangedError) as raised:
         list(loader(dataset, 1, pin_memory=False))
     assert str(raised.value).startswith(f"s3://{bucket}/{key} changed while in use (fingerprint etag=")
@@ -250,12 +295,25 @@ def test_an_object_replaced_on_s3_after_planning_is_refused(raw, s3, tmp_path):
 
 # 4. Float settings: finite and in range, or a ConfigError naming them.
 
-@pytest.mark.parametrize("name, value", [
-    ("learning_rate", float("inf")), ("learning_rate", float("nan")), ("learning_rate", 0.0), ("learning_rate", -1e-3),
-    ("weight_decay", float("inf")), ("weight_decay", float("nan")), ("weight_decay", -1.0),
-    ("drop_rate", float("nan")), ("lr_decay", float("nan")), ("rmsprop_eps", 0.0), ("rmsprop_rho", float("inf")),
-    ("learning_rate", "0.01"), ("learning_rate", True),
-])
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("learning_rate", float("inf")),
+        ("learning_rate", float("nan")),
+        ("learning_rate", 0.0),
+        ("learning_rate", -1e-3),
+        ("weight_decay", float("inf")),
+        ("weight_decay", float("nan")),
+        ("weight_decay", -1.0),
+        ("drop_rate", float("nan")),
+        ("lr_decay", float("nan")),
+        ("rmsprop_eps", 0.0),
+        ("rmsprop_rho", float("inf")),
+        ("learning_rate", "0.01"),
+        ("learning_rate", True),
+    ],
+)
 def test_non_finite_or_out_of_range_floats_are_refused(name, value):
     with pytest.raises(ConfigError, match=rf"^preset 'small': {name} must be .*, not {value!r}"):
         load_config("small", overrides={name: value})
@@ -263,9 +321,23 @@ def test_non_finite_or_out_of_range_floats_are_refused(name, value):
 
 @pytest.mark.parametrize("value", ["inf", "nan", "0", "-0.5"])
 def test_cli_train_refuses_a_bad_learning_rate_in_one_line(parquet, tmp_path, value):
-    result = vtag("train", "--data", parquet, "--level", "frame", "--preset", "small", "--learning-rate", value,
-                   "--out", tmp_path / "m", "--db", f"sqlite:///{tmp_path / 'vtag.db'}")
+    result = vtag(
+        "train",
+        "--data",
+        parquet,
+        "--level",
+        "frame",
+        "--preset",
+        "small",
+        "--learning-rate",
+        value,
+        "--out",
+        tmp_path / "m",
+        "--db",
+        f"sqlite:///{tmp_path / 'vtag.db'}",
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"vtag train: error: preset 'small': learning_rate must be > 0 and finite, not {float(value)!r}"]
+        f"vtag train: error: preset 'small': learning_rate must be > 0 and finite, not {float(value)!r}"
+    ]
     assert not (tmp_path / "m").exists()  # refused before anything was written

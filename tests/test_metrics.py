@@ -9,16 +9,20 @@ from model.metrics import MetricsAccumulator, yt8m_metrics
 KEYS = ("hit_at_one", "perr", "gap", "map")
 
 # 3 videos x 4 classes. Video 1 has no label; class 2 has no positive.
-SCORES = np.array([
-    [0.9, 0.8, 0.1, 0.3],
-    [0.2, 0.7, 0.6, 0.05],
-    [0.0, 0.6, -0.3, -0.4],
-])
-LABELS = np.array([
-    [1, 0, 0, 1],
-    [0, 0, 0, 0],
-    [1, 1, 0, 0],
-])
+SCORES = np.array(
+    [
+        [0.9, 0.8, 0.1, 0.3],
+        [0.2, 0.7, 0.6, 0.05],
+        [0.0, 0.6, -0.3, -0.4],
+    ]
+)
+LABELS = np.array(
+    [
+        [1, 0, 0, 1],
+        [0, 0, 0, 0],
+        [1, 1, 0, 0],
+    ]
+)
 
 
 def test_hand_worked_top_2():
@@ -55,11 +59,13 @@ def test_ties_break_towards_lower_class_index():
     scores = np.array([[0.5, 0.5, 0.5]])
     # Three equal scores: the top 2 are classes 0 and 1, argmax is class 0, PERR's top 1 is class 0.
     assert yt8m_metrics(scores, np.array([[0, 0, 1]]), top_k=2) == pytest.approx(
-        {"hit_at_one": 0.0, "perr": 0.0, "gap": 0.0, "map": 0.0})
+        {"hit_at_one": 0.0, "perr": 0.0, "gap": 0.0, "map": 0.0}
+    )
     # Class 1 is kept, second in the pool: GAP 1/2 at rank 2. Among class 1's own triplets it is
     # first: AP 1. PERR's top 1 is class 0, a negative.
     assert yt8m_metrics(scores, np.array([[0, 1, 0]]), top_k=2) == pytest.approx(
-        {"hit_at_one": 0.0, "perr": 0.0, "gap": 0.5, "map": 1.0})
+        {"hit_at_one": 0.0, "perr": 0.0, "gap": 0.5, "map": 1.0}
+    )
 
 
 def test_no_positive_anywhere_gives_zeros():
@@ -86,14 +92,18 @@ def test_label_and_score_dtypes_agree():
     labels = _random_labels(rng, 60, 30)
     scores = rng.random(labels.shape)
     expected = yt8m_metrics(scores, labels)
-    for s, l in [(scores, labels.astype(bool)), (scores, labels.astype(np.float32)),
-                 (scores.astype(np.float32).astype(np.float64), labels.astype(np.uint8))]:
-        assert yt8m_metrics(s, l) == pytest.approx(expected, rel=0, abs=1e-12)
+    for s, truth in [
+        (scores, labels.astype(bool)),
+        (scores, labels.astype(np.float32)),
+        (scores.astype(np.float32).astype(np.float64), labels.astype(np.uint8)),
+    ]:
+        assert yt8m_metrics(s, truth) == pytest.approx(expected, rel=0, abs=1e-12)
     assert yt8m_metrics(scores.tolist(), labels.tolist()) == pytest.approx(expected, rel=0, abs=1e-12)
 
 
 # A naive transcription of Google's eval_util.py / average_precision_calculator.py loops, in plain
 # Python over lists, without the random shuffle (stable sorts instead).
+
 
 def naive_hit_at_one(scores, labels):
     total = 0.0
@@ -153,8 +163,7 @@ def naive_metrics(scores, labels, top_k=20):
     predictions, actuals, positives = naive_top_k_by_class(scores, labels, top_k)
     flat_predictions = [p for sub in predictions for p in sub]
     flat_actuals = [a for sub in actuals for a in sub]
-    aps = [naive_ap_at_n(predictions[c], actuals[c], positives[c])
-           for c in range(len(positives)) if positives[c] > 0]
+    aps = [naive_ap_at_n(predictions[c], actuals[c], positives[c]) for c in range(len(positives)) if positives[c] > 0]
     return {
         "hit_at_one": naive_hit_at_one(scores, labels),
         "perr": naive_perr(scores, labels),
@@ -190,13 +199,14 @@ def test_matches_naive_for_other_top_k(top_k):
     labels = _random_labels(rng, 120, 12)
     scores = rng.random(labels.shape)
     assert yt8m_metrics(scores, labels, top_k=top_k) == pytest.approx(
-        naive_metrics(scores, labels, top_k), rel=0, abs=1e-9)
+        naive_metrics(scores, labels, top_k), rel=0, abs=1e-9
+    )
 
 
 def _batches(scores, labels, sizes):
     start = 0
     for size in sizes:
-        yield scores[start:start + size], labels[start:start + size]
+        yield scores[start : start + size], labels[start : start + size]
         start += size
     assert start == len(scores)
 
@@ -238,15 +248,18 @@ def test_chunking_large_batches_changes_nothing(monkeypatch):
     assert yt8m_metrics(scores, labels) == pytest.approx(expected, rel=0, abs=1e-9)
 
 
-@pytest.mark.parametrize("scores, labels, message", [
-    (np.zeros(4), np.zeros(4), "2-D"),
-    (np.zeros((2, 3, 4)), np.zeros((2, 3, 4)), "2-D"),
-    (np.zeros((2, 4)), np.zeros((2, 5)), "differ in shape"),
-    (np.zeros((0, 4)), np.zeros((0, 4)), "no videos"),
-    (np.zeros((2, 0)), np.zeros((2, 0)), "no classes"),
-    (np.array([[0.1, np.nan]]), np.array([[1, 0]]), "NaN"),
-    (np.zeros((1, 2)), np.array([["a", "b"]]), "numeric"),
-])
+@pytest.mark.parametrize(
+    "scores, labels, message",
+    [
+        (np.zeros(4), np.zeros(4), "2-D"),
+        (np.zeros((2, 3, 4)), np.zeros((2, 3, 4)), "2-D"),
+        (np.zeros((2, 4)), np.zeros((2, 5)), "differ in shape"),
+        (np.zeros((0, 4)), np.zeros((0, 4)), "no videos"),
+        (np.zeros((2, 0)), np.zeros((2, 0)), "no classes"),
+        (np.array([[0.1, np.nan]]), np.array([[1, 0]]), "NaN"),
+        (np.zeros((1, 2)), np.array([["a", "b"]]), "numeric"),
+    ],
+)
 def test_invalid_input(scores, labels, message):
     with pytest.raises(ValueError, match=message):
         yt8m_metrics(scores, labels)

@@ -16,7 +16,12 @@ def test_seed_preset_carries_the_model_card_values():
     config = load_config("seed")
     assert (config.embedding_size, config.lstm_size, config.drop_rate, config.num_classes) == (512, 1024, 0.5, 3862)
     assert (config.max_frames, config.batch_size, config.head_sizes) == (300, 1024, (8192, 4096))
-    assert (config.optimizer, config.learning_rate, config.lr_decay_epochs, config.weight_decay) == ("rmsprop_centered", 1e-3, (5,), 8e-4)
+    assert (config.optimizer, config.learning_rate, config.lr_decay_epochs, config.weight_decay) == (
+        "rmsprop_centered",
+        1e-3,
+        (5,),
+        8e-4,
+    )
 
 
 def test_seed_architecture_shapes():
@@ -45,8 +50,11 @@ def test_output_shape_and_padding_changes_nothing():
     # The same video alone, without any padding, scores the same.
     alone = model(rgb[1:2, :5], audio[1:2, :5], mask[1:2, :5])
     assert torch.allclose(alone, logits[1:2], atol=1e-5)
-    longer = model(torch.cat([rgb, torch.zeros(3, 8, 1024)], 1), torch.cat([audio, torch.zeros(3, 8, 128)], 1),
-                   torch.cat([mask, torch.zeros(3, 8, dtype=torch.bool)], 1))
+    longer = model(
+        torch.cat([rgb, torch.zeros(3, 8, 1024)], 1),
+        torch.cat([audio, torch.zeros(3, 8, 128)], 1),
+        torch.cat([mask, torch.zeros(3, 8, dtype=torch.bool)], 1),
+    )
     assert torch.allclose(longer, logits, atol=1e-5)
 
 
@@ -60,12 +68,15 @@ def test_dequantize_matches_reference():
     assert torch.allclose(dequantize(q), q.double().mul(4 / 255).add(4 / 512 - 2).float())
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"epochs": -1}, "epochs must be a positive integer"),
-    ({"learning_rate": 0.0}, "learning_rate must be > 0"),
-    ({"max_frames": 301}, "max_frames must be at most 300"),
-    ({"drop_rate": 1.0}, "drop_rate must be in"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"epochs": -1}, "epochs must be a positive integer"),
+        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+        ({"max_frames": 301}, "max_frames must be at most 300"),
+        ({"drop_rate": 1.0}, "drop_rate must be in"),
+    ],
+)
 def test_bad_config_values_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("small", overrides=overrides)

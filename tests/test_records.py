@@ -64,8 +64,9 @@ def test_quantization_matches_reference():
 
 def test_synth_frame_level_is_read_by_an_independent_tfrecord_reader(tmp_path):
     (uri,) = synth(str(tmp_path), SynthConfig("frame", "train", shards=1, videos_per_shard=120, seed=3))
-    loader = tfrecord_loader(uri, None, description={"id": "byte", "labels": "int"},
-                             sequence_description={"rgb": "byte", "audio": "byte"})
+    loader = tfrecord_loader(
+        uri, None, description={"id": "byte", "labels": "int"}, sequence_description={"rgb": "byte", "audio": "byte"}
+    )
     ids, label_counts, frame_counts = set(), [], []
     for context, sequence in loader:
         ids.add(bytes(context["id"]).decode())
@@ -83,8 +84,11 @@ def test_synth_frame_level_is_read_by_an_independent_tfrecord_reader(tmp_path):
 
 def test_synth_video_level_is_read_by_an_independent_tfrecord_reader(tmp_path):
     (uri,) = synth(str(tmp_path), SynthConfig("video", "validate", shards=1, videos_per_shard=20))
-    rows = list(tfrecord_loader(uri, None, description={"id": "byte", "labels": "int", "mean_rgb": "float",
-                                                         "mean_audio": "float"}))
+    rows = list(
+        tfrecord_loader(
+            uri, None, description={"id": "byte", "labels": "int", "mean_rgb": "float", "mean_audio": "float"}
+        )
+    )
     assert len(rows) == 20
     assert all(r["mean_rgb"].shape == (1024,) and r["mean_audio"].shape == (128,) for r in rows)
 

@@ -76,7 +76,9 @@ def test_ingest_s3_to_s3(s3, tmp_path, db_url):
     keys = sorted(o["Key"] for o in _client(config).list_objects_v2(Bucket=bucket, Prefix="parquet/")["Contents"])
     assert keys == ["parquet/frame/train/train0000.parquet"]
 
-    with store_for(f"{dest}/frame/train/train0000.parquet", config).open_read(f"{dest}/frame/train/train0000.parquet") as f:
+    with store_for(f"{dest}/frame/train/train0000.parquet", config).open_read(
+        f"{dest}/frame/train/train0000.parquet"
+    ) as f:
         table = pq.read_table(f)
     assert table.num_rows == 8 and set(table.column_names) == {"id", "labels", "num_frames", "rgb", "audio"}
     assert ingest(raw, dest, db_url, s3=config).skipped == 1

@@ -56,7 +56,14 @@ PART_VIDEOS = 12  # about one Parquet file a part: several parts a night
 PART_RETRIES = 3  # the DAG's tag_part
 NIGHT_RERUNS = 1  # a night that ended failed, cleared and run again for its logical date
 ARRIVALS, ARRIVAL_VIDEOS = 9, 6  # new shards, one before each of 9 nights
-FAULTS = {"sigkill": 3, "db_restart": 2, "db_restart_finish": 1, "s3_outage": 2, "two_tries_part": 1, "two_tries_night": 1}
+FAULTS = {
+    "sigkill": 3,
+    "db_restart": 2,
+    "db_restart_finish": 1,
+    "s3_outage": 2,
+    "two_tries_part": 1,
+    "two_tries_night": 1,
+}
 KILL_WRITE_DELAY_S = 1.0  # the killed worker's pause after each commit: the kill lands before its part ends
 _LOAD_TABLE = re.compile(r"predictions(_v\d+_run\d+)?")
 
@@ -70,8 +77,18 @@ class Checked:
     rows: int = 0  # prediction rows read
 
 
-def check_night(db_url: str, night: str, *, k: int, production_version: int, until: datetime, run_id: int,
-                expected_videos: set[str], catalogue: int, csv_path: str | None) -> Checked:
+def check_night(
+    db_url: str,
+    night: str,
+    *,
+    k: int,
+    production_version: int,
+    until: datetime,
+    run_id: int,
+    expected_videos: set[str],
+    catalogue: int,
+    csv_path: str | None,
+) -> Checked:
     """Every invariant of a finished night, in SQL; raises AssertionError naming each break."""
     broken, checked = [], Checked()
     _check_predictions(db_url, k, broken, checked)
@@ -86,13 +103,18 @@ def check_night(db_url: str, night: str, *, k: int, production_version: int, unt
 
 def _check_predictions(db_url, k, broken, checked) -> None:
     """Each scored video: exactly k rows per model version, ranks 1..k, all from one run."""
-    groups = rows(db_url, "SELECT video_id, model_version, COUNT(*), COUNT(DISTINCT rank), MIN(rank), MAX(rank), "
-                          "COUNT(DISTINCT run_id), MIN(run_id), MAX(run_id) FROM predictions "
-                          "GROUP BY video_id, model_version ORDER BY video_id, model_version")
+    groups = rows(
+        db_url,
+        "SELECT video_id, model_version, COUNT(*), COUNT(DISTINCT rank), MIN(rank), MAX(rank), "
+        "COUNT(DISTINCT run_id), MIN(run_id), MAX(run_id) FROM predictions "
+        "GROUP BY video_id, model_version ORDER BY video_id, model_version",
+    )
     for video, version, n, ranks, low, high, runs, first_run, last_run in groups:
         if (n, ranks, low, high, runs) != (k, k, 1, k, 1):
-            broken.append(f"video {video}, model version {version}: {n} rows, ranks {low}..{high} ({ranks} distinct), "
-                          f"from {runs} run(s) ({first_run}..{last_run}); expected exactly {k} rows, ranks 1..{k}, one run")
+            broken.append(
+                f"video {video}, model version {version}: {n} rows, ranks {low}..{high} ({ranks} distinct), "
+                f"from {runs} run(s) ({first_run}..{last_run}); expected exactly {k} rows, ranks 1..{k}, one run"
+            )
     checked.facts += len(groups)
     checked.rows += sum(g[2] for g in groups)
 
@@ -109,22 +131,38 @@ def _check_nothing_lost(db_url, version, until, catalogue, broken, checked) -> N
 
 def unscored_videos(db_url: str, version: int, until: datetime) -> set[str]:
     """The catalogue's videos, ingested by `until`, that the model version has no rows for."""
-    return {v for (v,) in rows(db_url, "SELECT v.video_id FROM videos v WHERE v.level = 'frame' AND v.ingested_at <= :until "
-                                       "AND NOT EXISTS (SELECT 1 FROM predictions p WHERE p.video_id = v.video_id "
-                                       "AND p.model_version = :version)", until=until, version=version)}
+    return {
+        v
+        for (v,) in rows(
+            db_url,
+            "SELECT v.video_id FROM videos v WHERE v.level = 'frame' AND v.ingested_at <= :until "
+            "AND NOT EXISTS (SELECT 1 FROM predictions p WHERE p.video_id = v.video_id "
+            "AND p.model_version = :version)",
+            until=until,
+            version=version,
+        )
+    }
 
 
 def _check_runs(db_url, broken, checked) -> None:
     """Every run of every night so far: succeeded, rows_written = videos_done x k = the rows it has stored."""
-    runs = rows(db_url, "SELECT r.run_id, r.logical_date, r.model_version, r.status, r.top_k, r.videos_total, r.videos_done, "
-                        "r.rows_written, r.load_table, r.error, (SELECT COUNT(*) FROM predictions p WHERE p.run_id = r.run_id "
-                        "AND p.model_version = r.model_version) FROM inference_runs r ORDER BY r.run_id")
+    runs = rows(
+        db_url,
+        "SELECT r.run_id, r.logical_date, r.model_version, r.status, r.top_k, r.videos_total, r.videos_done, "
+        "r.rows_written, r.load_table, r.error, (SELECT COUNT(*) FROM predictions p WHERE p.run_id = r.run_id "
+        "AND p.model_version = r.model_version) FROM inference_runs r ORDER BY r.run_id",
+    )
     for run, date, version, status, k, total, done, written, load_table, error, stored in runs:
         if (status, done, written, stored, load_table) != ("succeeded", total, done * k, written, None):
-            broken.append(f"run {run} ({date:%Y-%m-%d}, model version {version}): {status}, {done}/{total} videos, "
-                          f"rows_written {written} (videos_done x k = {done * k}), {stored} rows stored"
-                          f"{', load table ' + load_table if load_table else ''}{': ' + error if error else ''}")
-    left = [t for (t,) in rows(db_url, "SELECT tablename FROM pg_tables WHERE tablename ~ '^predictions_v[0-9]+_run[0-9]+$'")]
+            broken.append(
+                f"run {run} ({date:%Y-%m-%d}, model version {version}): {status}, {done}/{total} videos, "
+                f"rows_written {written} (videos_done x k = {done * k}), {stored} rows stored"
+                f"{', load table ' + load_table if load_table else ''}{': ' + error if error else ''}"
+            )
+    left = [
+        t
+        for (t,) in rows(db_url, "SELECT tablename FROM pg_tables WHERE tablename ~ '^predictions_v[0-9]+_run[0-9]+$'")
+    ]
     broken += [f"load table {t} left behind by a finished night" for t in left]
     checked.facts += len(runs)
 
@@ -132,20 +170,35 @@ def _check_runs(db_url, broken, checked) -> None:
 def _check_tonight(db_url, run_id, version, expected, broken, checked) -> set[str]:
     """Tonight's run scored exactly the videos production had not scored, in parts that all succeeded,
     with label counts that count each of its videos once per rank."""
-    scored = {v for (v,) in rows(db_url, "SELECT DISTINCT video_id FROM predictions WHERE run_id = :run AND model_version = :v",
-                                 run=run_id, v=version)}
+    scored = {
+        v
+        for (v,) in rows(
+            db_url,
+            "SELECT DISTINCT video_id FROM predictions WHERE run_id = :run AND model_version = :v",
+            run=run_id,
+            v=version,
+        )
+    }
     if scored != expected:
         missing, extra = sorted(expected - scored), sorted(scored - expected)
-        broken.append(f"run {run_id} scored {len(scored)} videos, expected the {len(expected)} not yet scored by model "
-                      f"version {version}: missing {missing[:10]}, not expected {extra[:10]}")
-    parts = rows(db_url, "SELECT part, status, videos_done, rows_written FROM inference_parts WHERE run_id = :run ORDER BY part",
-                 run=run_id)
+        broken.append(
+            f"run {run_id} scored {len(scored)} videos, expected the {len(expected)} not yet scored by model "
+            f"version {version}: missing {missing[:10]}, not expected {extra[:10]}"
+        )
+    parts = rows(
+        db_url,
+        "SELECT part, status, videos_done, rows_written FROM inference_parts WHERE run_id = :run ORDER BY part",
+        run=run_id,
+    )
     for part, status, done, written in parts:
         if status != "succeeded":
             broken.append(f"run {run_id} part {part}: {status} ({done} videos, {written} rows) in a succeeded night")
     done = sum(p[2] for p in parts)
-    for rank, videos in rows(db_url, "SELECT rank, SUM(videos) FROM inference_label_counts WHERE run_id = :run "
-                                     "GROUP BY rank ORDER BY rank", run=run_id):
+    for rank, videos in rows(
+        db_url,
+        "SELECT rank, SUM(videos) FROM inference_label_counts WHERE run_id = :run GROUP BY rank ORDER BY rank",
+        run=run_id,
+    ):
         if videos != done:
             broken.append(f"run {run_id}: label counts at rank {rank} count {videos} videos; its parts scored {done}")
     checked.facts += len(parts) + 1
@@ -158,9 +211,11 @@ def _check_export(csv_path, run_id, scored, broken, checked) -> None:
         listed = Counter(r[0] for r in list(csv.reader(f))[1:])
     twice = sorted(v for v, n in listed.items() if n > 1)
     if twice or set(listed) != scored:
-        broken.append(f"{csv_path}: {sum(listed.values())} lines for run {run_id}'s {len(scored)} videos; listed more "
-                      f"than once {twice[:10]}, missing {sorted(scored - set(listed))[:10]}, "
-                      f"not scored {sorted(set(listed) - scored)[:10]}")
+        broken.append(
+            f"{csv_path}: {sum(listed.values())} lines for run {run_id}'s {len(scored)} videos; listed more "
+            f"than once {twice[:10]}, missing {sorted(scored - set(listed))[:10]}, "
+            f"not scored {sorted(set(listed) - scored)[:10]}"
+        )
     checked.facts += sum(listed.values())
 
 
@@ -172,12 +227,21 @@ def check_between_tries(db_url: str, night: str, plan) -> Checked:
     # A first night's load table becomes the version's partition once the night is finishing.
     table = plan.table if count(db_url, "SELECT to_regclass(:t)::text", t=plan.table) else "predictions"
     of_run = {"run": plan.run_id, "v": plan.model_version}
-    partial = rows(db_url, f"SELECT video_id, COUNT(*) FROM {table} WHERE run_id = :run AND model_version = :v "
-                           "GROUP BY video_id HAVING COUNT(*) <> :k ORDER BY video_id", k=plan.top_k, **of_run)
+    partial = rows(
+        db_url,
+        f"SELECT video_id, COUNT(*) FROM {table} WHERE run_id = :run AND model_version = :v "
+        "GROUP BY video_id HAVING COUNT(*) <> :k ORDER BY video_id",
+        k=plan.top_k,
+        **of_run,
+    )
     stored = count(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :run AND model_version = :v", **of_run)
-    counted = count(db_url, "SELECT COALESCE(SUM(rows_written), 0) FROM inference_parts WHERE run_id = :run", run=plan.run_id)
-    broken = [f"video {v}: {n} rows of run {plan.run_id} in {table} (a chunk half written); expected {plan.top_k}"
-              for v, n in partial[:10]]
+    counted = count(
+        db_url, "SELECT COALESCE(SUM(rows_written), 0) FROM inference_parts WHERE run_id = :run", run=plan.run_id
+    )
+    broken = [
+        f"video {v}: {n} rows of run {plan.run_id} in {table} (a chunk half written); expected {plan.top_k}"
+        for v, n in partial[:10]
+    ]
     if stored != counted:
         broken.append(f"run {plan.run_id}: its parts count {counted} rows written, {table} holds {stored}")
     status = count(db_url, "SELECT status FROM inference_runs WHERE run_id = :run", run=plan.run_id)
@@ -212,7 +276,9 @@ def soak_schedule(rng: random.Random) -> list[Night]:
     kinds = [kind for kind, n in FAULTS.items() for _ in range(n)]
     faulted = dict(zip(rng.sample(working, len(kinds)), kinds))
     arrival_of = {n: i for i, n in enumerate(arrivals)}
-    return [Night(n, NIGHT + timedelta(days=n), arrival_of.get(n), n == promotion, faulted.get(n)) for n in range(NIGHTS)]
+    return [
+        Night(n, NIGHT + timedelta(days=n), arrival_of.get(n), n == promotion, faulted.get(n)) for n in range(NIGHTS)
+    ]
 
 
 # --- the world -----------------------------------------------------------------------------------------
@@ -257,19 +323,35 @@ def soak(s3, s3_server, raw_shards, tiny_checkpoint, tmp_path, report, monkeypat
     try:
         cluster.start()
         db_url = cluster.create_database("vtag")
-        via_proxy = S3Config(endpoint_url=proxy.url, access_key_id="testing", secret_access_key="testing",
-                             region_name="us-east-1")
+        via_proxy = S3Config(
+            endpoint_url=proxy.url, access_key_id="testing", secret_access_key="testing", region_name="us-east-1"
+        )
         raw, arrivals, parquet = tmp_path / "raw", tmp_path / "arrivals", f"s3://{bucket}/parquet"
         shutil.copytree(raw_shards, raw)
-        synth(str(arrivals), SynthConfig("frame", "test", shards=ARRIVALS, videos_per_shard=ARRIVAL_VIDEOS,
-                                         num_labels=10, seed=5))
+        synth(
+            str(arrivals),
+            SynthConfig("frame", "test", shards=ARRIVALS, videos_per_shard=ARRIVAL_VIDEOS, num_labels=10, seed=5),
+        )
         assert not ingest(str(raw), parquet, db_url, s3=via_proxy).failed
         catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv"))
         version = evaluate_model(tiny_checkpoint, parquet, db_url, s3=via_proxy)["version"]
         assert promote(db_url, version, s3=via_proxy)["promoted"]
         monkeypatch.setattr(inference, "CHUNK_VIDEOS", CHUNK_VIDEOS)
-        yield Soak(seed, random.Random(seed), db_url, via_proxy, parquet, raw, arrivals, tmp_path, cluster, proxy, report,
-                   version, tiny_checkpoint)
+        yield Soak(
+            seed,
+            random.Random(seed),
+            db_url,
+            via_proxy,
+            parquet,
+            raw,
+            arrivals,
+            tmp_path,
+            cluster,
+            proxy,
+            report,
+            version,
+            tiny_checkpoint,
+        )
     finally:
         proxy.close()
         engine_for.cache_clear()
@@ -281,7 +363,9 @@ def arrive(soak: Soak, night: Night) -> None:
     shard = f"test{night.arrival:04d}.tfrecord"
     shutil.move(soak.arrivals / shard, soak.raw / shard)
     converted = ingest(str(soak.raw), soak.parquet, soak.db_url, s3=soak.s3)
-    assert not converted.failed and [c["source_uri"].rsplit("/", 1)[-1] for c in converted.converted] == [shard], converted
+    assert not converted.failed and [c["source_uri"].rsplit("/", 1)[-1] for c in converted.converted] == [shard], (
+        converted
+    )
     soak.catalogue += ARRIVAL_VIDEOS
 
 
@@ -309,17 +393,25 @@ def _chunks(part: dict) -> int:
 
 def _sigkill_first_try(soak: Soak, night: Night, plan):
     victim = soak.rng.choice(plan.parts)
-    after = soak.rng.randint(1, _chunks(victim))  # chunks committed before the kill; the last one too (before the part ends)
+    after = soak.rng.randint(
+        1, _chunks(victim)
+    )  # chunks committed before the kill; the last one too (before the part ends)
 
     def first_try(part):
-        worker = start_part_worker(soak.db_url, plan, part, chunk_videos=CHUNK_VIDEOS, write_delay_s=KILL_WRITE_DELAY_S,
-                                   s3=soak.s3)
-        committed = kill_part_worker_after(soak.db_url, worker, plan.run_id, part["part"],
-                                           rows=min(after * CHUNK_VIDEOS, part["videos"]) * plan.top_k)
-        assert worker.returncode == -signal.SIGKILL, f"{night.label}: part {part['part']}'s worker exited {worker.returncode}"
+        worker = start_part_worker(
+            soak.db_url, plan, part, chunk_videos=CHUNK_VIDEOS, write_delay_s=KILL_WRITE_DELAY_S, s3=soak.s3
+        )
+        committed = kill_part_worker_after(
+            soak.db_url, worker, plan.run_id, part["part"], rows=min(after * CHUNK_VIDEOS, part["videos"]) * plan.top_k
+        )
+        assert worker.returncode == -signal.SIGKILL, (
+            f"{night.label}: part {part['part']}'s worker exited {worker.returncode}"
+        )
         soak.faults["sigkill"] += 1
-        soak.report.injected(f"{night.label}: SIGKILL to part {part['part']}'s worker (pid {worker.pid}) after "
-                             f"{committed} of its {part['videos'] * plan.top_k} rows were committed")
+        soak.report.injected(
+            f"{night.label}: SIGKILL to part {part['part']}'s worker (pid {worker.pid}) after "
+            f"{committed} of its {part['videos'] * plan.top_k} rows were committed"
+        )
         raise TryDied(f"SIGKILL after {committed} rows")
 
     return {victim["part"]: first_try}
@@ -341,13 +433,20 @@ def _two_tries_at_once(soak: Soak, night: Night, plan):
         [t.start() for t in threads]
         [t.join(timeout=300) for t in threads]
         engine_for(urls[1]).dispose()
-        assert not any(t.is_alive() for t in threads), \
+        assert not any(t.is_alive() for t in threads), (
             f"{night.label}: two tries of part {part['part']} still running after 300 s"
-        attempts = count(soak.db_url, "SELECT attempts FROM inference_parts WHERE run_id = :r AND part = :p",
-                         r=plan.run_id, p=part["part"])
+        )
+        attempts = count(
+            soak.db_url,
+            "SELECT attempts FROM inference_parts WHERE run_id = :r AND part = :p",
+            r=plan.run_id,
+            p=part["part"],
+        )
         soak.faults["two_tries_part"] += 1
-        soak.report.injected(f"{night.label}: two tries of part {part['part']} at once, separate connection pools "
-                             f"(the part records {attempts} tries)")
+        soak.report.injected(
+            f"{night.label}: two tries of part {part['part']} at once, separate connection pools "
+            f"(the part records {attempts} tries)"
+        )
         if errors:
             raise next(iter(errors.values()))
 
@@ -391,7 +490,9 @@ def restart_when_the_night_is_marked_succeeded(soak: Soak, night: Night):
             fired.append(True)
             soak.cluster.restart()
             soak.faults["db_restart_finish"] += 1
-            soak.report.injected(f"{night.label}: PostgreSQL restarted inside the transaction marking the run succeeded")
+            soak.report.injected(
+                f"{night.label}: PostgreSQL restarted inside the transaction marking the run succeeded"
+            )
 
     event.listen(engine, "before_cursor_execute", before_execute)
     try:
@@ -413,8 +514,10 @@ def _s3_outage(soak: Soak, night: Night):
         soak.proxy.wait_restored()
     assert soak.proxy.cut_time is not None, f"{night.label}: fewer than {nth} Parquet GETs, the outage never happened"
     soak.faults["s3_outage"] += 1
-    soak.report.injected(f"{night.label}: S3 endpoint gone for {seconds:.1f} s from Parquet GET {nth} on "
-                         f"({(soak.proxy.cut_sockets - sockets_before) // 2} connection(s) reset, new ones refused)")
+    soak.report.injected(
+        f"{night.label}: S3 endpoint gone for {seconds:.1f} s from Parquet GET {nth} on "
+        f"({(soak.proxy.cut_sockets - sockets_before) // 2} connection(s) reset, new ones refused)"
+    )
 
 
 @contextmanager
@@ -461,8 +564,15 @@ def run_part(soak: Soak, night: Night, plan, part: dict, first_tries: dict) -> N
 
 def dag_night(soak: Soak, night: Night, exports: str, fault: str | None):
     for dag_run in range(1 + NIGHT_RERUNS):
-        plan = inference.plan_night(soak.db_url, night.logical_date, top_k=K, s3=soak.s3, exports_uri=exports,
-                                    airflow_run_id=f"scheduled__{night.logical_date.isoformat()}", part_videos=PART_VIDEOS)
+        plan = inference.plan_night(
+            soak.db_url,
+            night.logical_date,
+            top_k=K,
+            s3=soak.s3,
+            exports_uri=exports,
+            airflow_run_id=f"scheduled__{night.logical_date.isoformat()}",
+            part_videos=PART_VIDEOS,
+        )
         if not plan.parts:  # a quiet night: plan_night closes the run itself
             return inference.finish_night(soak.db_url, plan, soak.s3)
         with fault_during(soak, night, plan, fault if dag_run == 0 else None) as first_tries:
@@ -470,13 +580,15 @@ def dag_night(soak: Soak, night: Night, exports: str, fault: str | None):
                 run_part(soak, night, plan, part, first_tries)
         at_finish = fault == "db_restart_finish" and dag_run == 0
         try:
-            with (restart_when_the_night_is_marked_succeeded(soak, night) if at_finish else nullcontext()):
+            with restart_when_the_night_is_marked_succeeded(soak, night) if at_finish else nullcontext():
                 return inference.finish_night(soak.db_url, plan, soak.s3)
         except AssertionError:
             raise
         except Exception as exc:  # noqa: BLE001 - the night failed: Airflow's DAG run fails, and is run again
             soak.reruns += 1
-            soak.report.observed(f"{night.label}: finish_night failed: {_first_line(exc)}; run again for its logical date")
+            soak.report.observed(
+                f"{night.label}: finish_night failed: {_first_line(exc)}; run again for its logical date"
+            )
             engine_for(soak.db_url).dispose()
             soak.add(check_between_tries(soak.db_url, night.label, plan))
     raise AssertionError(f"{night.label} (seed {soak.seed}): still failed after {NIGHT_RERUNS} rerun(s)")
@@ -488,12 +600,21 @@ def two_runs_at_once(soak: Soak, night: Night, exports: str):
 
     def one_run(i, url):
         try:
-            results[i] = inference.run_inference(url, night.logical_date, top_k=K, exports_uri=exports, s3=soak.s3,
-                                                 airflow_run_id=f"manual__try{i}", part_videos=PART_VIDEOS)
+            results[i] = inference.run_inference(
+                url,
+                night.logical_date,
+                top_k=K,
+                exports_uri=exports,
+                s3=soak.s3,
+                airflow_run_id=f"manual__try{i}",
+                part_videos=PART_VIDEOS,
+            )
         except Exception as exc:  # noqa: BLE001 - reported, then the night is retried
             errors[i] = exc
 
-    threads = [threading.Thread(target=one_run, args=(i, u)) for i, u in enumerate([soak.db_url, soak.other_spelling()])]
+    threads = [
+        threading.Thread(target=one_run, args=(i, u)) for i, u in enumerate([soak.db_url, soak.other_spelling()])
+    ]
     [t.start() for t in threads]
     [t.join(timeout=300) for t in threads]
     engine_for(soak.other_spelling()).dispose()
@@ -501,10 +622,13 @@ def two_runs_at_once(soak: Soak, night: Night, exports: str):
     soak.faults["two_tries_night"] += 1
     soak.report.injected(f"{night.label}: two whole runs of the night at once, separate connection pools")
     if errors:
-        soak.report.observed(f"{night.label}: {len(errors)} of the two runs failed: {_first_line(next(iter(errors.values())))}")
+        soak.report.observed(
+            f"{night.label}: {len(errors)} of the two runs failed: {_first_line(next(iter(errors.values())))}"
+        )
         return dag_night(soak, night, exports, None)
-    assert results[0].run_id == results[1].run_id, \
+    assert results[0].run_id == results[1].run_id, (
         f"{night.label}: two runs of one night got runs {results[0].run_id} and {results[1].run_id}"
+    )
     return results[0]
 
 
@@ -520,13 +644,32 @@ def soak_night(soak: Soak, night: Night) -> None:
     else:
         finished = dag_night(soak, night, exports, night.fault)
     csv_path = next((uri for uri in finished.exports if uri.endswith(".csv")), None)
-    soak.add(check_night(soak.db_url, f"{night.label}, seed {soak.seed}", k=K, production_version=soak.version,
-                         until=night.logical_date, run_id=finished.run_id, expected_videos=expected,
-                         catalogue=soak.catalogue, csv_path=csv_path))
-    events = [e for e, on in ((f"+{ARRIVAL_VIDEOS} videos", night.arrival is not None),
-                              (f"model version {soak.version} promoted", night.promotion), (night.fault, night.fault)) if on]
-    soak.report.observed(f"{night.label}{' [' + ', '.join(events) + ']' if events else ''}: run {finished.run_id} "
-                         f"succeeded, {finished.videos} videos, {finished.rows_written} rows, invariants hold")
+    soak.add(
+        check_night(
+            soak.db_url,
+            f"{night.label}, seed {soak.seed}",
+            k=K,
+            production_version=soak.version,
+            until=night.logical_date,
+            run_id=finished.run_id,
+            expected_videos=expected,
+            catalogue=soak.catalogue,
+            csv_path=csv_path,
+        )
+    )
+    events = [
+        e
+        for e, on in (
+            (f"+{ARRIVAL_VIDEOS} videos", night.arrival is not None),
+            (f"model version {soak.version} promoted", night.promotion),
+            (night.fault, night.fault),
+        )
+        if on
+    ]
+    soak.report.observed(
+        f"{night.label}{' [' + ', '.join(events) + ']' if events else ''}: run {finished.run_id} "
+        f"succeeded, {finished.videos} videos, {finished.rows_written} rows, invariants hold"
+    )
 
 
 def test_soak_nights_with_faults_at_seeded_points(soak, report):
@@ -540,11 +683,13 @@ def test_soak_nights_with_faults_at_seeded_points(soak, report):
     assert dict(soak.faults) == FAULTS, f"seed {soak.seed}: faults injected {dict(soak.faults)}, planned {FAULTS}"
     assert soak.catalogue == VIDEOS + ARRIVALS * ARRIVAL_VIDEOS and soak.version != first_version
     faults = ", ".join(f"{kind} {n}" for kind, n in sorted(soak.faults.items()))
-    report.checked(f"{len(schedule)} nights ({schedule[0].logical_date:%Y-%m-%d} .. {schedule[-1].logical_date:%Y-%m-%d}), "
-                   f"catalogue {VIDEOS} -> {soak.catalogue} videos, model versions {first_version} -> {soak.version}; "
-                   f"faults injected: {faults}; {soak.failed_tries} failed tries retried, {soak.reruns} nights rerun; "
-                   f"{soak.checked.facts} checks made over {soak.checked.rows} prediction rows read; {seconds:.0f} s "
-                   f"(seed {soak.seed})")
+    report.checked(
+        f"{len(schedule)} nights ({schedule[0].logical_date:%Y-%m-%d} .. {schedule[-1].logical_date:%Y-%m-%d}), "
+        f"catalogue {VIDEOS} -> {soak.catalogue} videos, model versions {first_version} -> {soak.version}; "
+        f"faults injected: {faults}; {soak.failed_tries} failed tries retried, {soak.reruns} nights rerun; "
+        f"{soak.checked.facts} checks made over {soak.checked.rows} prediction rows read; {seconds:.0f} s "
+        f"(seed {soak.seed})"
+    )
 
 
 # --- the checks can fail ---------------------------------------------------------------------------------
@@ -559,30 +704,56 @@ def test_soak_checks_name_the_night_video_and_counts(pg_url, raw_shards, tiny_ch
     csv_path = next(uri for uri in finished.exports if uri.endswith(".csv"))
 
     def check():
-        return check_night(pg_url, "night 0 (2030-01-02)", k=K, production_version=world["version"], until=NIGHT,
-                           run_id=finished.run_id, expected_videos=everything, catalogue=VIDEOS, csv_path=csv_path)
+        return check_night(
+            pg_url,
+            "night 0 (2030-01-02)",
+            k=K,
+            production_version=world["version"],
+            until=NIGHT,
+            run_id=finished.run_id,
+            expected_videos=everything,
+            catalogue=VIDEOS,
+            csv_path=csv_path,
+        )
 
     clean = check()
     video = min(everything)
-    lost = rows(pg_url, "SELECT video_id, model_version, rank, label_id, score, run_id FROM predictions "
-                        "WHERE video_id = :v ORDER BY rank", v=video)
+    lost = rows(
+        pg_url,
+        "SELECT video_id, model_version, rank, label_id, score, run_id FROM predictions "
+        "WHERE video_id = :v ORDER BY rank",
+        v=video,
+    )
+
     def restore(selected) -> str:
-        return ("INSERT INTO predictions (video_id, model_version, rank, label_id, score, run_id) VALUES "
-                + ", ".join(f"('{v}', {m}, {r}, {label}, {score!r}, {run})" for v, m, r, label, score, run in selected))
+        return "INSERT INTO predictions (video_id, model_version, rank, label_id, score, run_id) VALUES " + ", ".join(
+            f"('{v}', {m}, {r}, {label}, {score!r}, {run})" for v, m, r, label, score, run in selected
+        )
 
     run, k = finished.run_id, K
     breaks = [
-        (f"DELETE FROM predictions WHERE video_id = '{video}' AND rank = {k}", restore(lost[-1:]),
-         rf"(?s)night 0 \(2030-01-02\): .*video {video}, model version 1: {k - 1} rows, ranks 1\.\.{k - 1}"),
-        (f"UPDATE predictions SET run_id = {run + 1} WHERE video_id = '{video}' AND rank = 1",
-         f"UPDATE predictions SET run_id = {run} WHERE video_id = '{video}'",
-         rf"video {video}, model version 1: {k} rows, ranks 1\.\.{k} \({k} distinct\), from 2 run\(s\)"),
-        ("UPDATE inference_runs SET rows_written = rows_written + 1", "UPDATE inference_runs SET rows_written = rows_written - 1",
-         rf"run {run} \(2030-01-02, model version 1\): succeeded, {VIDEOS}/{VIDEOS} videos, rows_written {VIDEOS * k + 1} "
-         rf"\(videos_done x k = {VIDEOS * k}\), {VIDEOS * k} rows stored"),
-        (f"DELETE FROM predictions WHERE video_id = '{video}'", restore(lost),
-         rf"video {video}: in the catalogue, no rows of production model version 1(.|\n)*run {run} scored {VIDEOS - 1} videos, "
-         rf"expected the {VIDEOS}(.|\n)*missing \['{video}'\]"),
+        (
+            f"DELETE FROM predictions WHERE video_id = '{video}' AND rank = {k}",
+            restore(lost[-1:]),
+            rf"(?s)night 0 \(2030-01-02\): .*video {video}, model version 1: {k - 1} rows, ranks 1\.\.{k - 1}",
+        ),
+        (
+            f"UPDATE predictions SET run_id = {run + 1} WHERE video_id = '{video}' AND rank = 1",
+            f"UPDATE predictions SET run_id = {run} WHERE video_id = '{video}'",
+            rf"video {video}, model version 1: {k} rows, ranks 1\.\.{k} \({k} distinct\), from 2 run\(s\)",
+        ),
+        (
+            "UPDATE inference_runs SET rows_written = rows_written + 1",
+            "UPDATE inference_runs SET rows_written = rows_written - 1",
+            rf"run {run} \(2030-01-02, model version 1\): succeeded, {VIDEOS}/{VIDEOS} videos, rows_written {VIDEOS * k + 1} "
+            rf"\(videos_done x k = {VIDEOS * k}\), {VIDEOS * k} rows stored",
+        ),
+        (
+            f"DELETE FROM predictions WHERE video_id = '{video}'",
+            restore(lost),
+            rf"video {video}: in the catalogue, no rows of production model version 1(.|\n)*run {run} scored {VIDEOS - 1} videos, "
+            rf"expected the {VIDEOS}(.|\n)*missing \['{video}'\]",
+        ),
     ]
     for corrupt, undo, expected_message in breaks:
         with engine_for(pg_url).begin() as conn:

@@ -19,8 +19,17 @@ from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote, train_model
 from tests.conftest import BIN
 
-TINY = {"embedding_size": 8, "lstm_size": 8, "head_sizes": [16, 16], "batch_size": 8, "max_frames": 20,
-        "num_workers": 0, "epochs": 2, "learning_rate": 1e-2, "lr_decay_epochs": []}
+TINY = {
+    "embedding_size": 8,
+    "lstm_size": 8,
+    "head_sizes": [16, 16],
+    "batch_size": 8,
+    "max_frames": 20,
+    "num_workers": 0,
+    "epochs": 2,
+    "learning_rate": 1e-2,
+    "lr_decay_epochs": [],
+}
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +38,9 @@ def parquet(tmp_path_factory) -> str:
     synth(str(root / "raw"), SynthConfig("frame", "train", shards=2, videos_per_shard=24, num_labels=10, seed=1))
     synth(str(root / "raw"), SynthConfig("frame", "validate", shards=1, videos_per_shard=16, num_labels=10, seed=1))
     synth(str(root / "raw-video"), SynthConfig("video", "train", shards=1, videos_per_shard=64, num_labels=10, seed=1))
-    synth(str(root / "raw-video"), SynthConfig("video", "validate", shards=1, videos_per_shard=32, num_labels=10, seed=1))
+    synth(
+        str(root / "raw-video"), SynthConfig("video", "validate", shards=1, videos_per_shard=32, num_labels=10, seed=1)
+    )
     for raw in ("raw", "raw-video"):
         assert not ingest(str(root / raw), str(root / "parquet"), f"sqlite:///{root / 'ingest.db'}").failed
     return str(root / "parquet")
@@ -61,7 +72,8 @@ def test_a_few_steps_reduce_the_loss(parquet, tmp_path):
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == (
-        [f"epoch-{e:03d}.pt" for e in range(4, 7)] + [f"final-step{result.steps:07d}.pt", "last.pt"])
+        [f"epoch-{e:03d}.pt" for e in range(4, 7)] + [f"final-step{result.steps:07d}.pt", "last.pt"]
+    )
 
 
 def test_resumed_run_takes_the_same_next_step(parquet, tmp_path):
@@ -102,15 +114,24 @@ def test_bad_inputs_fail_before_training(parquet, tmp_path):
 
 
 def test_train_evaluate_register_promote(parquet, tmp_path, db_url):
-    trained = train_model(parquet, str(tmp_path / "v1"), "frame", db_url, preset="small", overrides=TINY, progress=False)
+    trained = train_model(
+        parquet, str(tmp_path / "v1"), "frame", db_url, preset="small", overrides=TINY, progress=False
+    )
     evaluation = evaluate_model(trained["checkpoint_uri"], parquet, db_url)
     assert evaluation["videos"] == 16 and set(evaluation) >= {"hit_at_one", "perr", "gap", "map", "plot_uri"}
     assert 0.0 <= evaluation["gap"] <= 1.0 and (tmp_path / "v1" / "eval-validate.png").is_file()
     assert promote(db_url, trained["version"])["promoted"]
     assert registry.production(db_url, "frame")["version"] == trained["version"]
 
-    worse = train_model(parquet, str(tmp_path / "v2"), "frame", db_url, preset="small",
-                        overrides={**TINY, "epochs": 1, "learning_rate": 1e-6}, progress=False)
+    worse = train_model(
+        parquet,
+        str(tmp_path / "v2"),
+        "frame",
+        db_url,
+        preset="small",
+        overrides={**TINY, "epochs": 1, "learning_rate": 1e-6},
+        progress=False,
+    )
     worse_eval = evaluate_model(worse["checkpoint_uri"], parquet, db_url)
     assert worse_eval["gap"] < evaluation["gap"]
     outcome = promote(db_url, worse["version"])
@@ -127,39 +148,111 @@ def test_train_evaluate_register_promote(parquet, tmp_path, db_url):
     from storage.db import engine_for
 
     with engine_for(db_url).connect() as conn:
-        patterns = conn.execute(text("SELECT pattern FROM evaluations WHERE model_version = :v ORDER BY id"),
-                                {"v": trained["version"]}).scalars().all()
+        patterns = (
+            conn.execute(
+                text("SELECT pattern FROM evaluations WHERE model_version = :v ORDER BY id"), {"v": trained["version"]}
+            )
+            .scalars()
+            .all()
+        )
     assert patterns == ["*.parquet", "validate0000.parquet"]
     assert trained["checkpoint_uri"].endswith(f"final-step{trained['steps']:07d}.pt")
 
 
 def test_video_level_model_learns(parquet, tmp_path, sqlite_url):
-    trained = train_model(parquet, str(tmp_path / "video"), "video", sqlite_url,
-                          overrides={"hidden_size": 64, "epochs": 15, "batch_size": 16, "num_workers": 0}, progress=False)
+    trained = train_model(
+        parquet,
+        str(tmp_path / "video"),
+        "video",
+        sqlite_url,
+        overrides={"hidden_size": 64, "epochs": 15, "batch_size": 16, "num_workers": 0},
+        progress=False,
+    )
     assert evaluate_model(trained["checkpoint_uri"], parquet, sqlite_url)["gap"] > 0.5
 
 
 def test_cli_train_and_evaluate_json(parquet, tmp_path, sqlite_url):
     vtag = str(BIN / "vtag")
-    train_cmd = [vtag, "train", "--data", parquet, "--level", "frame", "--preset", "small", "--epochs", "1",
-                 "--batch-size", "8", "--max-frames", "20", "--workers", "0", "--out", str(tmp_path / "m"), "--db", sqlite_url]
+    train_cmd = [
+        vtag,
+        "train",
+        "--data",
+        parquet,
+        "--level",
+        "frame",
+        "--preset",
+        "small",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-frames",
+        "20",
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path / "m"),
+        "--db",
+        sqlite_url,
+    ]
     result = subprocess.run(train_cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "model version 1" in result.stdout
-    result = subprocess.run([vtag, "evaluate", "--checkpoint", str(tmp_path / "m" / "last.pt"), "--data", parquet,
-                             "--db", sqlite_url, "--json"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            vtag,
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "m" / "last.pt"),
+            "--data",
+            parquet,
+            "--db",
+            sqlite_url,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert set(json.loads(result.stdout.strip().splitlines()[-1])) == {"hit_at_one", "perr", "gap", "map"}
-    bad = subprocess.run(train_cmd[:-4] + ["--epochs", "-2", "--out", str(tmp_path / "n"), "--db", sqlite_url],
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        train_cmd[:-4] + ["--epochs", "-2", "--out", str(tmp_path / "n"), "--db", sqlite_url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "epochs must be a positive integer" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_torchrun_ddp_on_cpu(parquet, tmp_path, sqlite_url):
     """Two DDP ranks (gloo on the CPU): each trains on its share, rank 0 alone writes and registers."""
-    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "-m", "tasks.cli", "train", "--data", parquet, "--level", "frame",
-           "--preset", "small", "--epochs", "1", "--batch-size", "8", "--max-frames", "20", "--workers", "0",
-           "--out", str(tmp_path / "ddp"), "--db", sqlite_url]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "tasks.cli",
+        "train",
+        "--data",
+        parquet,
+        "--level",
+        "frame",
+        "--preset",
+        "small",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-frames",
+        "20",
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path / "ddp"),
+        "--db",
+        sqlite_url,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("model version 1:") == 1

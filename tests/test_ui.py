@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -29,8 +29,16 @@ DAGS = REPO / "dags"
 DAG_ID = "yt8m_nightly_inference"
 TOP_K = 7  # not the param's default (20)
 UP_LINE = re.compile(r"Airflow is up at (?P<url>http://\S+)\s+\(login: (?P<user>\S+) / (?P<password>\S+)\)")
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 STARTUP_S = 420  # migrate + standalone + DAG parsing: 30 s on an idle 2-core VM, minutes on a busy one
 UI_TIMEOUT_MS = 60_000
 
@@ -48,17 +56,22 @@ def local_airflow(tmp_path):
     started = time.monotonic()
     airflow_home, vtag_home = tmp_path / "airflow", tmp_path / "vtag"
     vtag_home.mkdir()
-    env = {**os.environ,
-           "AIRFLOW_HOME": str(airflow_home), "VTAG_HOME": str(vtag_home),
-           "AIRFLOW__API__PORT": str(_free_port()),
-           "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "VTAG_NIGHTLY_START": datetime.now(timezone.utc).strftime("%Y-%m-%d"),  # as `make airflow`: no catchup flood
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(airflow_home),
+        "VTAG_HOME": str(vtag_home),
+        "AIRFLOW__API__PORT": str(_free_port()),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "VTAG_NIGHTLY_START": datetime.now(UTC).strftime("%Y-%m-%d"),  # as `make airflow`: no catchup flood
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("VTAG_DB_URL", None)
     log_path = tmp_path / "local_airflow.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tasks.local_airflow"], cwd=REPO, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tasks.local_airflow"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
 
     def log_tail() -> str:
         text = log_path.read_text(errors="replace")
@@ -77,7 +90,9 @@ def local_airflow(tmp_path):
             match = wait_for(up, STARTUP_S, "local Airflow up")
         except TimeoutError as exc:
             pytest.fail(f"{exc}\n{log_tail()}")
-        print(f"\nlocal Airflow up at {match['url']} after {time.monotonic() - started:.0f} s (AIRFLOW_HOME={airflow_home})")
+        print(
+            f"\nlocal Airflow up at {match['url']} after {time.monotonic() - started:.0f} s (AIRFLOW_HOME={airflow_home})"
+        )
         yield match["url"], match["user"], match["password"]
     finally:
         if proc.poll() is None:
@@ -98,8 +113,10 @@ def local_airflow(tmp_path):
                 except OSError:
                     pass
             pytest.fail("processes left running after tasks.local_airflow stopped:\n" + "\n".join(left))
-        print(f"local Airflow stopped (exit {proc.returncode}); nothing left of {airflow_home}; "
-              f"test took {time.monotonic() - started:.0f} s")
+        print(
+            f"local Airflow stopped (exit {proc.returncode}); nothing left of {airflow_home}; "
+            f"test took {time.monotonic() - started:.0f} s"
+        )
 
 
 def _required_but_empty(rest: AirflowRest) -> list[str]:
@@ -161,10 +178,13 @@ def test_trigger_form_sets_top_k(local_airflow, tmp_path):
             except AssertionError:
                 blocked = _required_but_empty(rest)
             if blocked is not None:
-                pytest.fail(f"the Trigger button stays disabled after setting k (see {screenshot}); params the form "
-                            f"takes as required (a type without 'null') and finds empty: {blocked}")
-            with page.expect_response(lambda r: r.request.method == "POST"
-                                      and r.url.endswith(f"/dags/{DAG_ID}/dagRuns")) as posted:
+                pytest.fail(
+                    f"the Trigger button stays disabled after setting k (see {screenshot}); params the form "
+                    f"takes as required (a type without 'null') and finds empty: {blocked}"
+                )
+            with page.expect_response(
+                lambda r: r.request.method == "POST" and r.url.endswith(f"/dags/{DAG_ID}/dagRuns")
+            ) as posted:
                 submit.click()
             assert posted.value.status == 200, posted.value.text()
             run_id = posted.value.json()["dag_run_id"]

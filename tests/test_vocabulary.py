@@ -37,15 +37,19 @@ def _broken(tmp_path, line_number: int, replacement: bytes):
     return path
 
 
-@pytest.mark.parametrize("line_number, replacement, reason", [
-    (3, b"0,1,/m/x,Twice,,Games,,\n", "line 3: Index 0 already given on line 2"),
-    (5, b"3862,1,/m/x,Past the end,,Games,,\n", "line 5: Index 3862 outside 0..3861"),
-    (7, b"-1,1,/m/x,Negative,,Games,,\n", "line 7: Index -1 outside 0..3861"),
-    (9, b"nine,1,/m/x,Not a number,,Games,,\n", "line 9: invalid literal for int() with base 10: 'nine'"),
-    (11, b"10,1,/m/x,Caf\xe9 in Latin-1,,Food,,\n", "line 11: not UTF-8 (invalid continuation byte: byte 0xe9)"),
-])
-def test_a_broken_vocabulary_is_refused_in_one_line_naming_file_and_line(tmp_path, db_url, line_number, replacement,
-                                                                         reason):
+@pytest.mark.parametrize(
+    "line_number, replacement, reason",
+    [
+        (3, b"0,1,/m/x,Twice,,Games,,\n", "line 3: Index 0 already given on line 2"),
+        (5, b"3862,1,/m/x,Past the end,,Games,,\n", "line 5: Index 3862 outside 0..3861"),
+        (7, b"-1,1,/m/x,Negative,,Games,,\n", "line 7: Index -1 outside 0..3861"),
+        (9, b"nine,1,/m/x,Not a number,,Games,,\n", "line 9: invalid literal for int() with base 10: 'nine'"),
+        (11, b"10,1,/m/x,Caf\xe9 in Latin-1,,Food,,\n", "line 11: not UTF-8 (invalid continuation byte: byte 0xe9)"),
+    ],
+)
+def test_a_broken_vocabulary_is_refused_in_one_line_naming_file_and_line(
+    tmp_path, db_url, line_number, replacement, reason
+):
     path = _broken(tmp_path, line_number, replacement)
     result = vtag("vocabulary", path, "--db", db_url)
     assert result.returncode == 2

@@ -3,7 +3,7 @@
 Shared by the inference, fault and security tests (the shards come from the `raw_shards` fixture).
 """
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import text
@@ -15,9 +15,18 @@ from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote, train_model
 from tests.conftest import SHARED
 
-TINY = {"embedding_size": 8, "lstm_size": 8, "head_sizes": [16, 16], "batch_size": 8, "max_frames": 20,
-        "num_workers": 0, "epochs": 3, "learning_rate": 1e-2, "lr_decay_epochs": []}
-NIGHT = datetime(2030, 1, 2, 2, 0, tzinfo=timezone.utc)
+TINY = {
+    "embedding_size": 8,
+    "lstm_size": 8,
+    "head_sizes": [16, 16],
+    "batch_size": 8,
+    "max_frames": 20,
+    "num_workers": 0,
+    "epochs": 3,
+    "learning_rate": 1e-2,
+    "lr_decay_epochs": [],
+}
+NIGHT = datetime(2030, 1, 2, 2, 0, tzinfo=UTC)
 VIDEOS = 50  # in inference_shards
 
 
@@ -34,12 +43,18 @@ def build_world(raw_shards, tmp_path, db_url, checkpoint: str | None = None) -> 
     assert not ingest(str(raw_shards), parquet, db_url).failed
     catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv"))
     if checkpoint is None:
-        checkpoint = train_model(parquet, str(tmp_path / "model"), "frame", db_url, preset="small", overrides=TINY,
-                                 progress=False)["checkpoint_uri"]
+        checkpoint = train_model(
+            parquet, str(tmp_path / "model"), "frame", db_url, preset="small", overrides=TINY, progress=False
+        )["checkpoint_uri"]
     version = evaluate_model(checkpoint, parquet, db_url)["version"]
     promote(db_url, version)
-    return {"db": db_url, "parquet": parquet, "version": version, "checkpoint": checkpoint,
-            "exports": str(tmp_path / "exports")}
+    return {
+        "db": db_url,
+        "parquet": parquet,
+        "version": version,
+        "checkpoint": checkpoint,
+        "exports": str(tmp_path / "exports"),
+    }
 
 
 def count(db_url, sql, **params):

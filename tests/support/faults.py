@@ -22,7 +22,9 @@ from tests.worlds import count
 
 # The server binaries of whichever PostgreSQL major Debian installed (the newest if several).
 _INITDBS = Path("/usr/lib/postgresql").glob("*/bin/initdb")
-PG_BIN = max(_INITDBS, key=lambda p: int(p.parent.parent.name), default=Path("/usr/lib/postgresql/15/bin/initdb")).parent
+PG_BIN = max(
+    _INITDBS, key=lambda p: int(p.parent.parent.name), default=Path("/usr/lib/postgresql/15/bin/initdb")
+).parent
 
 
 class FlakyProxy:
@@ -182,8 +184,14 @@ class PrivateCluster:
     def _pg(self, *args: str, timeout: float = 60) -> None:
         # Output to a file, not a pipe: the server pg_ctl starts would hold a pipe open after pg_ctl exits.
         with tempfile.TemporaryFile("w+") as output:
-            result = subprocess.run(["runuser", "-u", "postgres", "--", *args], stdout=output, stderr=output,
-                                    stdin=subprocess.DEVNULL, timeout=timeout, cwd=self.root)
+            result = subprocess.run(
+                ["runuser", "-u", "postgres", "--", *args],
+                stdout=output,
+                stderr=output,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+                cwd=self.root,
+            )
             output.seek(0)
             if result.returncode != 0:
                 log = (self.root / "server.log").read_text()[-2000:] if (self.root / "server.log").exists() else ""
@@ -191,12 +199,30 @@ class PrivateCluster:
 
     def start(self) -> None:
         self._pg(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
-        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-o",
-                 f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start")
+        self._pg(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-o",
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1",
+            "start",
+        )
 
     def restart(self) -> None:
-        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-m", "fast",
-                 "restart")
+        self._pg(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-m",
+            "fast",
+            "restart",
+        )
         self.restarts += 1
 
     def create_database(self, name: str) -> str:
@@ -243,16 +269,25 @@ tag_part(sys.argv[1], NightPlan.from_dict(work["night"]), work["part"], s3=s3)
 """
 
 
-def start_part_worker(db_url: str, plan, part: dict, *, chunk_videos: int = 4, write_delay_s: float = 0.3,
-                      s3=None) -> subprocess.Popen:
+def start_part_worker(
+    db_url: str, plan, part: dict, *, chunk_videos: int = 4, write_delay_s: float = 0.3, s3=None
+) -> subprocess.Popen:
     """tag_part of one part of `plan` (a NightPlan) in a new Python process."""
-    work = json.dumps({"night": plan.as_dict(), "part": part, "chunk_videos": chunk_videos,
-                       "write_delay_s": write_delay_s, "s3": asdict(s3) if s3 else None})
+    work = json.dumps(
+        {
+            "night": plan.as_dict(),
+            "part": part,
+            "chunk_videos": chunk_videos,
+            "write_delay_s": write_delay_s,
+            "s3": asdict(s3) if s3 else None,
+        }
+    )
     return subprocess.Popen([str(BIN / "python"), "-c", _PART_WORKER, db_url, work], cwd=REPO)
 
 
-def kill_part_worker_after(db_url: str, worker: subprocess.Popen, run_id: int, part: int, rows: int,
-                           timeout: float = 120) -> int:
+def kill_part_worker_after(
+    db_url: str, worker: subprocess.Popen, run_id: int, part: int, rows: int, timeout: float = 120
+) -> int:
     """SIGKILL the worker once its part has committed at least `rows` rows; returns the rows it had
     committed when it died. Fails if the worker finishes or dies first."""
     committed = "SELECT rows_written FROM inference_parts WHERE run_id = :run AND part = :part"
@@ -260,7 +295,9 @@ def kill_part_worker_after(db_url: str, worker: subprocess.Popen, run_id: int, p
         deadline = time.monotonic() + timeout
         while (count(db_url, committed, run=run_id, part=part) or 0) < rows:
             if worker.poll() is not None:
-                raise AssertionError(f"run {run_id} part {part}: the worker exited ({worker.returncode}) before it was killed")
+                raise AssertionError(
+                    f"run {run_id} part {part}: the worker exited ({worker.returncode}) before it was killed"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"run {run_id} part {part}: fewer than {rows} rows committed in {timeout:.0f} s")
             time.sleep(0.05)

@@ -29,16 +29,26 @@ def upgrade() -> None:
         sa.Column("run_id", sa.String(256)),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("promoted_at", sa.DateTime(timezone=True)),
-        sa.CheckConstraint("status IN ('trained', 'production', 'archived', 'rejected')", name="ck_model_versions_status"),
+        sa.CheckConstraint(
+            "status IN ('trained', 'production', 'archived', 'rejected')", name="ck_model_versions_status"
+        ),
         sa.CheckConstraint("level IN ('frame', 'video')", name="ck_model_versions_level"),
     )
     # At most one production model per level, whatever the code does.
-    op.create_index("uq_model_versions_production", "model_versions", ["level"], unique=True,
-                    postgresql_where=sa.text("status = 'production'"), sqlite_where=sa.text("status = 'production'"))
+    op.create_index(
+        "uq_model_versions_production",
+        "model_versions",
+        ["level"],
+        unique=True,
+        postgresql_where=sa.text("status = 'production'"),
+        sqlite_where=sa.text("status = 'production'"),
+    )
     op.create_table(
         "evaluations",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("model_version", sa.Integer, sa.ForeignKey("model_versions.version", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "model_version", sa.Integer, sa.ForeignKey("model_versions.version", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("split", sa.String(16), nullable=False),
         sa.Column("data_uri", sa.String(1024), nullable=False),
         sa.Column("pattern", sa.String(256), nullable=False),

@@ -13,8 +13,16 @@ branch_labels = None
 depends_on = None
 
 ANALYST_ROLE = "vtag_analyst"
-READABLE = ("labels", "videos", "video_labels", "inference_runs", "predictions", "model_versions", "evaluations",
-            "production_labels")
+READABLE = (
+    "labels",
+    "videos",
+    "video_labels",
+    "inference_runs",
+    "predictions",
+    "model_versions",
+    "evaluations",
+    "production_labels",
+)
 
 
 def upgrade() -> None:

@@ -53,8 +53,9 @@ def _predictions_columns() -> list[sa.Column]:
 
 
 def _label_index() -> None:
-    op.create_index("ix_predictions_label_score", "predictions",
-                    ["model_version", "label_id", sa.text("score DESC"), "video_id"])
+    op.create_index(
+        "ix_predictions_label_score", "predictions", ["model_version", "label_id", sa.text("score DESC"), "video_id"]
+    )
 
 
 def upgrade() -> None:
@@ -69,9 +70,13 @@ def upgrade() -> None:
         op.execute("CREATE TABLE predictions_default PARTITION OF predictions DEFAULT")
         _label_index()
         op.create_index("ix_predictions_run", "predictions", ["run_id"], postgresql_using="brin")
-        versions = [row[0] for row in op.get_bind().execute(sa.text("SELECT DISTINCT model_version FROM predictions_0004"))]
+        versions = [
+            row[0] for row in op.get_bind().execute(sa.text("SELECT DISTINCT model_version FROM predictions_0004"))
+        ]
         for version in versions:
-            op.execute(f"CREATE TABLE predictions_v{int(version)} PARTITION OF predictions FOR VALUES IN ({int(version)})")
+            op.execute(
+                f"CREATE TABLE predictions_v{int(version)} PARTITION OF predictions FOR VALUES IN ({int(version)})"
+            )
         op.execute(f"INSERT INTO predictions ({COLUMNS}) SELECT {COLUMNS} FROM predictions_0004")
         op.execute("DROP TABLE predictions_0004")
     else:
@@ -102,12 +107,16 @@ def upgrade() -> None:
         sa.Column("rank", sa.SmallInteger, primary_key=True),
         sa.Column("label_id", sa.Integer, primary_key=True),
         sa.Column("videos", sa.Integer, nullable=False),
-        sa.ForeignKeyConstraint(["run_id", "part"], ["inference_parts.run_id", "inference_parts.part"], ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["run_id", "part"], ["inference_parts.run_id", "inference_parts.part"], ondelete="CASCADE"
+        ),
     )
     op.create_index("ix_videos_level_parquet_uri", "videos", ["level", "parquet_uri"])
     op.add_column("model_versions", sa.Column("predictions_retired_at", sa.DateTime(timezone=True)))
     op.add_column("inference_runs", sa.Column("load_table", sa.String(64)))
-    op.execute("CREATE VIEW production_versions AS SELECT version, level FROM model_versions WHERE status = 'production'")
+    op.execute(
+        "CREATE VIEW production_versions AS SELECT version, level FROM model_versions WHERE status = 'production'"
+    )
     if postgresql:
         op.execute(f"GRANT SELECT ON predictions, production_labels, {', '.join(NEW_READABLE)} TO {ANALYST_ROLE}")
 
