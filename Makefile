@@ -45,8 +45,8 @@ airflow-db: install
 	airflow db migrate > $(VTAG_HOME)/airflow-migrate.log 2>&1 || (cat $(VTAG_HOME)/airflow-migrate.log; exit 1)
 	airflow pools set gpu 1 "GPU tasks: training and nightly inference" > /dev/null
 
-# Main job on the embedded defaults: synthetic shards -> yt8m_ingest -> yt8m_train (train, evaluate,
-# promote) -> yt8m_nightly_inference through Airflow, then a few tagged videos from the database.
+# Main job on the embedded defaults: synthetic shards -> yt8m_ingest -> yt8m_train (train, register,
+# evaluate, promote) -> yt8m_nightly_inference through Airflow, then a few tagged videos from the database.
 # The small preset runs on a CPU in a few minutes.
 demo: install
 	mkdir -p $(VTAG_HOME)

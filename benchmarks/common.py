@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.synth import MAX_FRAMES, SynthConfig, quantize, synth
+from storage.yt8m_spec import AUDIO_DIM, MAX_FRAMES, RGB_DIM, quantize
+from tasks.synth import SynthConfig, synth
 
 
 @dataclass
@@ -45,8 +46,12 @@ def warm(paths: list[Path]) -> int:
 def random_videos(batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rgb, audio, mask) of `batch_size` full 300-frame videos, uint8 on the device as the loader sends them."""
     rng = np.random.default_rng(0)
-    rgb = torch.from_numpy(quantize(rng.normal(0, 0.7, (batch_size, MAX_FRAMES, 1024)).astype(np.float32))).to(device)
-    audio = torch.from_numpy(quantize(rng.normal(0, 0.7, (batch_size, MAX_FRAMES, 128)).astype(np.float32))).to(device)
+    rgb = torch.from_numpy(quantize(rng.normal(0, 0.7, (batch_size, MAX_FRAMES, RGB_DIM)).astype(np.float32))).to(
+        device
+    )
+    audio = torch.from_numpy(quantize(rng.normal(0, 0.7, (batch_size, MAX_FRAMES, AUDIO_DIM)).astype(np.float32))).to(
+        device
+    )
     return rgb, audio, torch.ones(batch_size, MAX_FRAMES, dtype=torch.bool, device=device)
 
 

@@ -5,10 +5,10 @@
 
 Inference: forward passes under torch.inference_mode on batches already on the device, 300-frame
 videos, for the seed config and the small preset. Database: a scratch database is created in the
-given server and dropped afterwards; the bulk path is storage.predictions.ChunkWriter, as inference
-uses it (COPY on two connections, a staging fallback for rows another run wrote, run progress, one
-transaction a chunk); the baseline adds one ORM object per row and flushes it (one INSERT a row),
-committing at the end.
+given server and dropped afterwards; the bulk path is storage.prediction_writes.ChunkWriter, as
+inference uses it (COPY on two connections, a staging fallback for rows another run wrote, run
+progress, one transaction a chunk); the baseline adds one ORM object per row and flushes it (one
+INSERT a row), committing at the end.
 Targets (issue 4): bulk >= 10x the ORM path and >= 200,000 rows/s; on one H100 >= 10,000 videos/s.
 """
 
@@ -24,15 +24,15 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import registry as orm_registry
 
 from benchmarks.common import random_videos, seconds_per_steps
-from model.attention_lstm import build_model, dequantize
+from model.attention_lstm import build_model
 from model.config import load_config
 from model.train import autocast_for
-from storage import db, predictions
+from storage import db, partitions, prediction_writes, runs
 from storage.db import engine_for
 from storage.schema import inference_runs, model_versions, videos
 from storage.schema import predictions as predictions_table
+from storage.yt8m_spec import MAX_FRAMES, TOP_K, dequantize
 from tasks.inference import CHUNK_VIDEOS
-from tasks.synth import MAX_FRAMES
 
 
 def inference_rate(preset: str, device: torch.device, batch_size: int, steps: int) -> float:
@@ -42,7 +42,7 @@ def inference_rate(preset: str, device: torch.device, batch_size: int, steps: in
 
     def forward():
         with torch.inference_mode(), autocast:
-            scores = torch.sigmoid(model(dequantize(rgb), dequantize(audio), mask).float())
+            scores = torch.sigmoid(model(dequantize(rgb.float()), dequantize(audio.float()), mask).float())
             return torch.topk(scores, 20, dim=1)
 
     return batch_size * steps / seconds_per_steps(device, forward, 1, steps)
@@ -99,7 +99,7 @@ def _seed_rows(url: str, count: int) -> tuple[list[str], int, int]:
             .values(
                 logical_date=now,
                 model_version=version,
-                top_k=20,
+                top_k=TOP_K,
                 status="running",
                 videos_total=count,
                 videos_done=0,
@@ -116,11 +116,11 @@ def bulk_rate(url: str, ids: list[str], version: int, run: int, k: int, chunk: i
     labels = np.argsort(rng.random((len(ids), 64)), axis=1)[:, :k].astype(np.int64)
     scores = np.sort(rng.random((len(ids), k)), axis=1)[:, ::-1]
     with engine_for(url).begin() as conn:
-        predictions.ensure_partition(conn, version)  # an indexed partition, as every night after a version's first
-    predictions.record_parts(url, run, [{"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}])
-    attempt = predictions.start_part(url, run, 0)["attempt"]
+        partitions.ensure_partition(conn, version)  # an indexed partition, as every night after a version's first
+    runs.record_parts(url, run, [{"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}])
+    attempt = runs.start_part(url, run, 0)["attempt"]
     started = time.perf_counter()
-    writer = predictions.ChunkWriter(url, run, version, 0, attempt=attempt)
+    writer = prediction_writes.ChunkWriter(url, run, version, 0, attempt=attempt)
     for start in range(0, len(ids), chunk):
         writer.submit(ids[start : start + chunk], labels[start : start + chunk], scores[start : start + chunk])
     writer.close()
@@ -130,8 +130,10 @@ def bulk_rate(url: str, ids: list[str], version: int, run: int, k: int, chunk: i
 def orm_rate(url: str, ids: list[str], version: int, run: int, k: int) -> float:
     mapper = orm_registry()
     mapper.map_imperatively(_Prediction, predictions_table)
-    rows = predictions.tuples(
-        predictions.prediction_table(run, version, ids, np.tile(np.arange(k), (len(ids), 1)), np.ones((len(ids), k)))
+    rows = prediction_writes.tuples(
+        prediction_writes.prediction_table(
+            run, version, ids, np.tile(np.arange(k), (len(ids), 1)), np.ones((len(ids), k))
+        )
     )
     started = time.perf_counter()
     with Session(engine_for(url)) as session:
@@ -215,7 +217,7 @@ def _seed_rows_for_orm(url: str, ids: list[str]) -> tuple[list[str], int, int]:
             .values(
                 logical_date=now,
                 model_version=version,
-                top_k=20,
+                top_k=TOP_K,
                 status="running",
                 videos_total=len(ids),
                 videos_done=0,

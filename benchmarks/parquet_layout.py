@@ -19,6 +19,7 @@ from benchmarks.common import frame_shards, timed
 from storage.parquet_layout import COMPRESSION, ShardParquetWriter
 from storage.tfrecord import read_records
 from storage.yt8m_records import decode_frame_level, decode_video_level
+from storage.yt8m_spec import AUDIO_DIM, RGB_DIM, level_spec
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "yt8m" / "video_level"
 FEATURE_COLUMNS = ("rgb", "audio", "mean_rgb", "mean_audio")
@@ -53,7 +54,7 @@ def measure(videos, level, out: Path, compression, row_group_bytes, repeat=3):
                 pass
         best_write = w if best_write is None or w.cpu < best_write.cpu else best_write
         best_read = r if best_read is None or r.cpu < best_read.cpu else best_read
-    raw = sum(v.rgb.size + v.audio.size if level == "frame" else 4 * (1024 + 128) for v in videos)
+    raw = sum(v.rgb.size + v.audio.size if level_spec(level).per_frame else 4 * (RGB_DIM + AUDIO_DIM) for v in videos)
     return (
         os.path.getsize(out) / raw,
         raw / 1e6 / best_write.cpu,

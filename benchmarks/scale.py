@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from storage.yt8m_spec import NUM_CLASSES
+
 SPLITS = {"train": 3_888_919, "validate": 1_112_356, "test": 1_133_323}
 SHARDS_PER_SPLIT = 3_844
 K = 20
-NUM_CLASSES = 3862
 BEFORE = datetime(2030, 1, 1, tzinfo=UTC)  # when everything but tonight's videos arrived
 NIGHT = datetime(2030, 1, 2, 2, 0, tzinfo=UTC)  # the night being measured
 NEW_TONIGHT = 100  # one video in 100 arrived today: the production model has not scored it yet
@@ -242,7 +243,7 @@ _CATALOGUE_INDEXES = [
 def _fill_production(conn, size: Size) -> None:
     """Version 1 in production, with 20 rows for every video but tonight's, in its partition: filled
     apart, indexed, then attached (so the partition constraint is proven by a CHECK, not a scan)."""
-    from storage.predictions import partition_name
+    from storage.partitions import partition_name
 
     conn.exec_driver_sql(
         "INSERT INTO model_versions (version, level, preset, checkpoint_uri, config, data_uri, train_split, epochs, "
@@ -379,11 +380,11 @@ def _forget_new_shards(db_url: str) -> None:
 
 
 def stage_pending(db_url: str, size: Size) -> dict:
-    from storage import predictions
+    from storage import pending
     from tasks.inference import cut_parts
 
-    tonight, night = _timed(predictions.pending_files, db_url, 1, NIGHT, "frame")
-    everything, rescore = _timed(predictions.pending_files, db_url, 2, NIGHT, "frame")
+    tonight, night = _timed(pending.pending_files, db_url, 1, NIGHT, "frame")
+    everything, rescore = _timed(pending.pending_files, db_url, 2, NIGHT, "frame")
     parts, cut = _timed(cut_parts, everything)
     new = sum(n for _, n in tonight)
     assert sum(n for _, n in everything) == size.total_videos
@@ -417,15 +418,15 @@ def _stand_in_scores(seed: int = 0):
 
 
 def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
-    """The bulk path alone (storage.predictions.ChunkWriter: COPY on two connections, chunks of 2,000
-    videos x 20 rows, a transaction each), for every video (or the first `limit`), into the table that
-    already holds the production model's rows, both ways a night writes:
+    """The bulk path alone (storage.prediction_writes.ChunkWriter: COPY on two connections, chunks of
+    2,000 videos x 20 rows, a transaction each), for every video (or the first `limit`), into the table
+    that already holds the production model's rows, both ways a night writes:
     - indexed: into a version's partition with its indexes (every night after a version's first);
     - load: a version's first whole night, into its load table, then indexed and attached (finalize_load).
     Each version is retired afterwards (its partition dropped)."""
     import numpy as np
 
-    from storage import predictions
+    from storage import partitions, prediction_writes, runs
     from storage.db import engine_for
 
     with engine_for(db_url).begin() as conn:
@@ -450,24 +451,22 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
             )
             conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('model_versions', 'version'), %s)", (version,))
             if mode == "indexed":
-                predictions.ensure_partition(conn, version)
-        run = predictions.start_run(db_url, NIGHT + timedelta(days=30), version, K, None)
-        target = predictions.write_target(db_url, run, clear=True)
+                partitions.ensure_partition(conn, version)
+        run = runs.start_run(db_url, NIGHT + timedelta(days=30), version, K, None)
+        target = runs.write_target(db_url, run, clear=True)
         assert (target == "predictions") == (mode == "indexed")
-        predictions.record_parts(
-            db_url, run, [{"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}]
-        )
-        attempt = predictions.start_part(db_url, run, 0)["attempt"]
+        runs.record_parts(db_url, run, [{"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}])
+        attempt = runs.start_part(db_url, run, 0)["attempt"]
         started = time.perf_counter()
-        writer = predictions.ChunkWriter(db_url, run, version, 0, target=target, attempt=attempt)
+        writer = prediction_writes.ChunkWriter(db_url, run, version, 0, target=target, attempt=attempt)
         for start in range(0, len(ids), 2000):
             chunk = ids[start : start + 2000]
             writer.submit(chunk, labels[: len(chunk)], scores[: len(chunk)])
         rows = writer.close()
         seconds = time.perf_counter() - started
-        _, indexing = _timed(predictions.finalize_load, db_url, run)
-        predictions.finish_run(db_url, run)
-        dropped, retiring = _timed(predictions.retire, db_url, version)
+        _, indexing = _timed(prediction_writes.finalize_load, db_url, run)
+        runs.finish_run(db_url, run)
+        dropped, retiring = _timed(partitions.retire, db_url, version)
         assert rows == dropped == len(ids) * K
         figures.update(
             {

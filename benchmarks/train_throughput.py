@@ -17,18 +17,19 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import random_videos, seconds_per_steps
-from model.attention_lstm import build_model, dequantize, loss_fn
+from model.attention_lstm import build_model, loss_fn
 from model.config import load_config
 from model.data import ParquetBatches, find_row_groups
 from model.train import autocast_for, make_optimizer
 from storage.objectstore import LocalStore
+from storage.yt8m_spec import MAX_FRAMES, NUM_CLASSES, dequantize
 from tasks.ingest import convert_shard
-from tasks.synth import MAX_FRAMES, SynthConfig, synth
+from tasks.synth import SynthConfig, synth
 
 
 def loader_rate(parquet: str, batch_size: int, batches: int) -> tuple[float, float]:
     groups = find_row_groups(parquet, "frame", "train")
-    dataset = ParquetBatches(groups, "frame", batch_size, 3862, MAX_FRAMES, workers=1, drop_last=False)
+    dataset = ParquetBatches(groups, "frame", batch_size, NUM_CLASSES, MAX_FRAMES, workers=1, drop_last=False)
     started, videos, frames = time.perf_counter(), 0, 0
     for i, batch in enumerate(dataset):
         videos += len(batch["ids"])
@@ -53,7 +54,7 @@ def training_rate(device: torch.device, batch_size: int, steps: int, warmup: int
 
     def step():
         with autocast:
-            logits = model(dequantize(rgb), dequantize(audio), mask)
+            logits = model(dequantize(rgb.float()), dequantize(audio.float()), mask)
         loss = loss_fn(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,17 +1,4 @@
-"""Ingest YouTube-8M TFRecord shards into the Parquet layout, one mapped task per batch of shards.
-
-The work lives in tasks/ingest.py; this file only wires it. `list_pending_shards` cuts the pending
-shards, in name order, into at most tasks.ingest.MAX_BATCHES contiguous batches (one shard each while
-there are fewer), since Airflow maps at most 1,024 tasks and a YouTube-8M split has 3,844 shards.
-`convert_batch` converts its shards one by one and logs a line for each. A shard with bad content is
-quarantined in the manifest and its batch's other shards still convert (so is a shard whose output file
-holds another source's shard of the same name, unless the `replace` param is set); the batch then fails without
-retries, naming each bad shard. A transient failure (store, disk, database) fails the batch with
-retries, and a retry converts only the shards not converted yet. `publish_asset` reads from the
-manifest which planned shards converted, failed batches included, and updates the yt8m_parquet asset
-with extra {"dest", "shards" (count), "rows", "outputs" (the first 100 Parquet URIs)};
-`all_shards_converted` then fails the run when any batch failed, so that the quarantine is seen.
-"""
+"""The yt8m_ingest DAG: wiring only. Its documentation (shown in the Airflow UI) is the DAG function's docstring."""
 
 import os
 
@@ -71,8 +58,41 @@ def _shards(batch: list[dict]) -> list:
     },
 )
 def yt8m_ingest():
+    """Convert YouTube-8M TFRecord shards into the Parquet layout, one mapped task per batch of shards,
+    and tell training by updating the `yt8m_parquet` asset. The work lives in `tasks/ingest.py`.
+
+    **When**: daily at `$VTAG_INGEST_CRON` (default 01:00 UTC, before the nightly inference; empty:
+    manual runs only), no catchup: each run converts whatever is pending. One run at a time.
+
+    **Params**: `src` (folder of shards; empty: the `yt8m_raw_uri` variable), `dest` (Parquet root;
+    empty: the `yt8m_parquet_uri` variable), `pattern` (glob on shard names), `force` (convert again
+    even unchanged shards), `replace` (let a shard replace the Parquet file that a same-named shard from
+    another source was converted to; otherwise it is quarantined).
+
+    **Reads** the shards under `src` and the ingest manifest (`ingested_shards` in the `yt8m_db`
+    database). **Writes** `<dest>/<level>/<split>/<shard>.parquet`, per shard a manifest row and its
+    videos' catalogue rows (`videos`, `video_labels`), and an asset event with extra `dest`, `shards`
+    (count), `rows` and `outputs` (the first 100 Parquet URIs).
+
+    **Tasks**: `list_pending_shards` cuts the pending shards, in name order, into at most
+    `tasks.ingest.MAX_BATCHES` contiguous batches (one shard each while there are fewer), since
+    Airflow maps at most 1,024 tasks and a YouTube-8M split has 3,844 shards; `convert_batch` converts
+    each batch; `publish_asset` updates the asset from what converted, failed batches included;
+    `all_shards_converted` then fails the run when any batch failed, so that a quarantine is seen.
+
+    **Failures and reruns**: a shard with bad content is quarantined in the manifest and its batch's
+    other shards still convert; the batch then fails without retries, naming each bad shard. A
+    transient failure (store, disk, database) fails the batch with retries, and a retry converts only
+    the shards not converted yet. A rerun (or a new manual run) converts only what is still pending or
+    changed, so rerunning is always safe; `force` converts everything matching `pattern` again. To
+    backfill older shards, drop them into `src` (or trigger with `src` and `pattern`): there is nothing
+    per date to backfill.
+    """
+
     @task
     def list_pending_shards(params: dict) -> list[list[dict]]:
+        """Cut the shards not converted yet (or changed) into contiguous batches, one mapped
+        `convert_batch` each."""
         from storage.objectstore import canonical_uri
         from tasks import airflow_config as cfg
         from tasks.ingest import list_pending, plan_batches
@@ -91,6 +111,9 @@ def yt8m_ingest():
 
     @task(max_active_tis_per_dagrun=4, retries=2, map_index_template=_BATCH_NAME)
     def convert_batch(batch: list[dict], params: dict) -> dict:
+        """Convert a batch's shards one by one into Parquet, a log line each; fails naming the shards
+        quarantined (no retry) or not converted for a transient reason (retried: the retry converts
+        only those)."""
         from airflow.sdk.exceptions import AirflowFailException
 
         from tasks import airflow_config as cfg
@@ -116,6 +139,8 @@ def yt8m_ingest():
 
     @task(outlets=[YT8M_PARQUET], trigger_rule="all_done")
     def publish_asset(batches: list[list[dict]], outlet_events=None) -> int:
+        """Update the `yt8m_parquet` asset with what converted (read from the manifest), even when some
+        batch failed; skipped when nothing did, so that training does not start for nothing."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from tasks import airflow_config as cfg
@@ -134,7 +159,8 @@ def yt8m_ingest():
         """Leaf that fails the run when a batch failed, since publish_asset succeeds on partial success."""
 
     batches = list_pending_shards()
-    results = convert_batch.expand(batch=batches)
+    # A mapped task's doc is its doc_md argument alone (Airflow skips the docstring there): pass it on.
+    results = convert_batch.override(doc_md=convert_batch.function.__doc__).expand(batch=batches)
     results >> publish_asset(batches)
     all_shards_converted(results)
 

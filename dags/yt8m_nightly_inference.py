@@ -1,19 +1,13 @@
-"""Nightly: tag the videos that arrived with the production model's top-k labels, in the database.
-
-The work lives in tasks/inference.py. `plan_night` cuts what the night must score into parts (ranges
-of Parquet files, about `part_videos` videos each); `tag_part` scores each part as a mapped task in
-the `gpu` pool, on whichever GPU worker is free, and a retried part redoes only itself; `finish_night`
-joins the parts' exports and closes the night's run. Each run scores what was ingested up to its
-logical date and the model has not scored yet, so a night costs what arrived; rerunning a date
-replaces that run's rows. The schedule is $VTAG_NIGHTLY_CRON (default 02:00 UTC), with catchup:
-missed nights run in order, and `airflow backfill create --dag-id yt8m_nightly_inference ...` works.
-"""
+"""The yt8m_nightly_inference DAG: wiring only. Its documentation (shown in the Airflow UI) is the DAG
+function's docstring."""
 
 import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, task
+
+from storage.yt8m_spec import FRAME, LEVELS, NUM_CLASSES, TOP_K  # constants only: cheap to parse
 
 
 @dag(
@@ -24,8 +18,8 @@ from airflow.sdk import Param, dag, task
     max_active_runs=1,  # nights in order: a night started beside another would score that one's videos again
     tags=["yt8m"],
     params={
-        "top_k": Param(20, type="integer", minimum=1, maximum=3862, title="Labels kept per video (k)"),
-        "level": Param("frame", enum=["frame", "video"], title="Level of the production model"),
+        "top_k": Param(TOP_K, type="integer", minimum=1, maximum=NUM_CLASSES, title="Labels kept per video (k)"),
+        "level": Param(FRAME.name, enum=list(LEVELS), title="Level of the production model"),
         "model_version": Param(
             None,
             type=["null", "integer"],
@@ -76,6 +70,38 @@ from airflow.sdk import Param, dag, task
     },
 )
 def yt8m_nightly_inference():
+    """Nightly: tag the videos that arrived with the production model's top-k labels, in the database.
+    The work lives in `tasks/inference.py`.
+
+    **When**: `$VTAG_NIGHTLY_CRON` (default 02:00 UTC, after ingest; empty: manual and backfill runs
+    only) from `$VTAG_NIGHTLY_START`, with catchup: missed nights run in order, one at a time. Each run
+    scores what was ingested up to its logical date and the model has not scored yet, so a night costs
+    what arrived. Skipped while there is no production model.
+
+    **Params**: `top_k` (labels kept per video), `level` (of the production model), `model_version`
+    (empty: production), `video_ids` (only these, scored again; empty: everything not scored yet),
+    `shard_pattern` (only videos from matching Parquet files), `part_videos` (about this many videos
+    per part, one GPU task each), `keep_prediction_versions` (after a good night, drop the predictions
+    of all but the newest N versions; production always stays), `dry_run` (count what would be
+    scored, write nothing), `lock_timeout_s` (how long to wait for an earlier try of the same night
+    that still holds its lock).
+
+    **Reads** the catalogue (`videos`, in the `yt8m_db` database), the Parquet files it points at, and
+    the model version's checkpoint (its sha256 verified). **Writes** the
+    run (`inference_runs`), one row per video and label to `predictions` (partitioned per model
+    version; the view `production_labels` and the queries in `sql/queries/` read them), and the exports (Google's CSV, the
+    seed's pickle) to `<yt8m_exports_uri>/<logical date>/`.
+
+    **Tasks**: `plan_night` cuts what the night must score into parts (ranges of Parquet files);
+    `tag_part` scores each part as a mapped task in the `gpu` pool, on whichever GPU worker is free;
+    `finish_night` joins the parts' exports and closes the run; `retire_old_predictions` applies
+    `keep_prediction_versions`.
+
+    **Rerun and backfill**: a retried part redoes only itself; rerunning a date (clear the run)
+    replaces that run's rows. Backfill with
+    `airflow backfill create --dag-id yt8m_nightly_inference --from-date ... --to-date ...`.
+    """
+
     @task
     def plan_night(params: dict, logical_date=None, run_id=None) -> list[dict]:
         """One item per part to score, each with what every part needs to know of the night."""
@@ -127,6 +153,8 @@ def yt8m_nightly_inference():
         "{{ task.op_kwargs['work']['part']['videos'] }} videos",
     )
     def tag_part(work: dict, params: dict | None = None) -> dict:
+        """Score one part of the night (its Parquet files) and write its rows and export fragments;
+        a retry redoes only this part."""
         from tasks import airflow_config as cfg
         from tasks.inference import NightPlan, tag_part
 
@@ -146,6 +174,8 @@ def yt8m_nightly_inference():
 
     @task(trigger_rule="none_skipped")  # after every part, failed ones included: the run row must say so
     def finish_night(work: list[dict] | None) -> dict:
+        """Join the parts' export fragments into the night's exports and close the run: succeeded, or
+        failed naming the parts that failed."""
         from airflow.sdk.exceptions import AirflowFailException
 
         from tasks import airflow_config as cfg
@@ -167,6 +197,8 @@ def yt8m_nightly_inference():
 
     @task(trigger_rule="none_failed")  # also after a quiet night (no part, finish skipped)
     def retire_old_predictions(params: dict) -> list[int]:
+        """Drop the predictions of all but the newest `keep_prediction_versions` model versions
+        (production always stays); nothing when the param is empty or on a dry run."""
         from tasks import airflow_config as cfg
         from tasks.inference import retire_old_versions
 
@@ -177,7 +209,9 @@ def yt8m_nightly_inference():
         return retired
 
     work = plan_night()
-    tag_part.expand(work=work) >> finish_night(work) >> retire_old_predictions()
+    # A mapped task's doc is its doc_md argument alone (Airflow skips the docstring there): pass it on.
+    parts = tag_part.override(doc_md=tag_part.function.__doc__).expand(work=work)
+    parts >> finish_night(work) >> retire_old_predictions()
 
 
 yt8m_nightly_inference()

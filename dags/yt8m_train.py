@@ -1,8 +1,4 @@
-"""Train, evaluate and promote a YouTube-8M model whenever ingest lands new Parquet (or on demand).
-
-The work lives in tasks/training.py. Training runs in the `gpu` pool and queue; its checkpoints go to a
-folder named after the DAG run, so a retried training task continues from its last checkpoint.
-"""
+"""The yt8m_train DAG: wiring only. Its documentation (shown in the Airflow UI) is the DAG function's docstring."""
 
 import re
 from datetime import timedelta
@@ -11,6 +7,8 @@ import pendulum
 from airflow.sdk import Param, dag, task
 from yt8m_assets import YT8M_PARQUET
 from yt8m_params import URI_PATTERN
+
+from storage.yt8m_spec import FRAME, LEVELS  # constants only: cheap to parse
 
 
 def _optional(kind: str, title: str, **limits) -> Param:
@@ -32,7 +30,7 @@ def _optional(kind: str, title: str, **limits) -> Param:
             title="Parquet root URI",
             description="Empty: where the triggering ingest wrote, else the yt8m_parquet_uri variable.",
         ),
-        "level": Param("frame", enum=["frame", "video"], title="Level"),
+        "level": Param(FRAME.name, enum=list(LEVELS), title="Level"),
         "preset": Param(
             "",
             enum=["", "seed", "small", "video"],
@@ -64,11 +62,39 @@ def _optional(kind: str, title: str, **limits) -> Param:
     },
 )
 def yt8m_train():
+    """Train a YouTube-8M model, register it, evaluate it and promote it if it is at least as good as
+    production: `train -> register -> evaluate -> promote`, each task one call into `tasks/training.py`.
+
+    **When**: each time `yt8m_ingest` updates the `yt8m_parquet` asset (new Parquet), or triggered by
+    hand with the form. One run at a time.
+
+    **Params**: `data` (Parquet root; empty: where the triggering ingest wrote, else the
+    `yt8m_parquet_uri` variable), `level` (frame or video), `preset` (empty: seed on a GPU, small on a
+    CPU, video for video level), `epochs`, `batch_size`, `learning_rate`, `max_frames` (empty: the
+    preset's), `resume_checkpoint` (start from those weights: fine-tuning), `checkpoint_every` (steps;
+    0: epochs only), `train_split` / `train_pattern` and `eval_split` / `eval_pattern` (which files
+    train and which score).
+
+    **Reads** `<data>/<level>/<train_split>/` and `<data>/<level>/<eval_split>/`. **Writes** checkpoints,
+    the loss plot and the evaluation plot to `<yt8m_models_uri>/<run id>/` (`last.pt`, `epoch-NNN.pt`,
+    `final-stepNNNNNNN.pt`, the one registered); rows in `model_versions` (status `trained`, then
+    `production`, the former production `archived`, or `rejected`) and `evaluations` in the `yt8m_db`
+    database.
+
+    **Rerun**: clearing `train` continues from the run folder's last checkpoint (its 2 retries do the
+    same), so a crash loses at most `checkpoint_every` steps; registering the same checkpoint again is
+    the same version. Clearing `evaluate` or `promote` scores or compares again. A new run trains a new
+    model in its own folder: to retrain on older data, trigger with `data` (and the splits or patterns)
+    set; there is no schedule to backfill.
+    """
+
     @task(pool="gpu", queue="gpu", retries=2, retry_delay=timedelta(minutes=1))
     def train(params: dict, run_id: str, triggering_asset_events=None) -> dict:
+        """Train on the GPU pool into a folder named after the DAG run; returns the final checkpoint's
+        URI, sha256 and figures (epochs, steps, videos/s, final loss)."""
         from storage.objectstore import join
         from tasks import airflow_config as cfg
-        from tasks.training import train_model
+        from tasks import training
 
         event_dest = None
         for events in (triggering_asset_events or {}).values():
@@ -76,47 +102,55 @@ def yt8m_train():
         data = params["data"] or event_dest or cfg.parquet_uri(None)
         out = join(cfg.models_uri(), re.sub(r"[^A-Za-z0-9._-]", "_", run_id))
         overrides = {k: params[k] for k in ("epochs", "batch_size", "learning_rate", "max_frames")}
-        result = train_model(
+        return training.train_model(
             data,
             out,
             params["level"],
-            cfg.db_url(),
             preset=params["preset"] or None,
             overrides=overrides,
             split=params["train_split"],
             pattern=params["train_pattern"],
             resume=params["resume_checkpoint"] or None,
             s3=cfg.s3_config(),
-            run_id=run_id,
             checkpoint_every=params["checkpoint_every"],
             progress=False,
         )
-        return {**result, "data": data}
 
     @task
-    def evaluate(trained: dict, params: dict) -> dict:
+    def register(trained: dict, run_id: str) -> dict:
+        """Record the final checkpoint as a model version (status `trained`) with this DAG run's id."""
         from tasks import airflow_config as cfg
-        from tasks.training import evaluate_model
+        from tasks import training
 
-        # The version trained, by number: its checkpoint is scored with its sha256 verified.
-        return evaluate_model(
-            trained["checkpoint_uri"],
-            trained["data"],
+        return training.register_model(cfg.db_url(), trained, run_id=run_id)
+
+    @task
+    def evaluate(registered: dict, params: dict) -> dict:
+        """Score the version on `eval_split` / `eval_pattern` (its checkpoint's sha256 verified) and
+        record the evaluation; the plot goes beside the checkpoint."""
+        from tasks import airflow_config as cfg
+        from tasks import training
+
+        return training.evaluate_model(
+            registered["checkpoint_uri"],
+            registered["data_uri"],
             cfg.db_url(),
             split=params["eval_split"],
             pattern=params["eval_pattern"],
             s3=cfg.s3_config(),
-            version=trained["version"],
+            version=registered["version"],
         )
 
     @task
-    def register_and_promote(evaluation: dict) -> dict:
+    def promote(evaluation: dict) -> dict:
+        """Make the version production if its GAP is at least production's on the same evaluation set
+        (production is scored on it first if it never was); otherwise it is `rejected`."""
         from tasks import airflow_config as cfg
-        from tasks.training import promote
+        from tasks import training
 
-        return promote(cfg.db_url(), evaluation["version"], evaluation["split"], cfg.s3_config())
+        return training.promote(cfg.db_url(), evaluation["version"], evaluation["split"], cfg.s3_config())
 
-    register_and_promote(evaluate(train()))
+    promote(evaluate(register(train())))
 
 
 yt8m_train()

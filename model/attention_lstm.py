@@ -1,5 +1,7 @@
 """The models: AttentionLSTM over frames (the seed model) and an MLP over video-level means.
 
+Both take dequantized features (model.data.to_device) and return logits for every class.
+
 AttentionLSTM, per modality (rgb 1024-d, audio 128-d, separate weights): Linear -> tanh (embedding),
 bidirectional LSTM, dropout, attention pooling with a softmax over the video's real frames only.
 Head: concat -> Linear 8192 + ReLU -> Linear 4096 + tanh -> Linear num_classes (logits).
@@ -12,13 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from model.config import Config
-
-RGB_DIM, AUDIO_DIM = 1024, 128
-
-
-def dequantize(q: torch.Tensor) -> torch.Tensor:
-    """uint8 features as Google's readers dequantize them (utils.py Dequantize, range -2..2)."""
-    return q.float() * (4.0 / 255.0) + (4.0 / 512.0 - 2.0)
+from storage.yt8m_spec import AUDIO_DIM, FRAME, RGB_DIM
 
 
 class AttentionPooledBiLSTM(nn.Module):
@@ -89,7 +85,7 @@ PRIOR_LOGIT = -7.0
 
 
 def build_model(config: Config) -> nn.Module:
-    model = AttentionLSTM(config) if config.level == "frame" else VideoMLP(config)
+    model = AttentionLSTM(config) if config.level == FRAME.name else VideoMLP(config)
     last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     nn.init.constant_(last.bias, PRIOR_LOGIT)
     return model

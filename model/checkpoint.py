@@ -16,6 +16,7 @@ import shutil
 import torch
 
 from model.config import Config, ConfigError
+from storage.errors import VtagError
 from storage.objectstore import LocalStore, S3Config, join, store_for
 
 FORMAT = "vtag-checkpoint-1"
@@ -34,7 +35,7 @@ TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VtagError, ValueError):
     pass
 
 

@@ -6,30 +6,32 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage.errors import VtagError
+from storage.yt8m_spec import FRAME, LEVELS, MAX_FRAMES, NUM_CLASSES, VIDEO
+
 PRESETS_FILE = Path(__file__).with_name("presets.toml")
-LEVELS = ("frame", "video")
 OPTIMIZERS = ("rmsprop_centered", "adam")
 ARCHITECTURE_FIELDS = ("level", "embedding_size", "lstm_size", "head_sizes", "pool_norm", "hidden_size", "num_classes")
 
 
-class ConfigError(ValueError):
+class ConfigError(VtagError, ValueError):
     pass
 
 
 @dataclass(frozen=True)
 class Config:
     preset: str = "small"
-    level: str = "frame"
+    level: str = FRAME.name
     # AttentionLSTM (frame level)
     embedding_size: int = 512
     lstm_size: int = 1024
     head_sizes: tuple[int, ...] = (8192, 4096)
-    max_frames: int = 300
+    max_frames: int = MAX_FRAMES
     pool_norm: bool = False  # LayerNorm on each modality's pooled vector (not in the seed)
     # MLP (video level)
     hidden_size: int = 2048
     drop_rate: float = 0.5
-    num_classes: int = 3862
+    num_classes: int = NUM_CLASSES
     # training
     batch_size: int = 1024
     epochs: int = 10
@@ -55,7 +57,10 @@ class Config:
                 _integer(getattr(self, name)) and getattr(self, name) >= 1,
                 f"{name} must be a positive integer, not {getattr(self, name)!r}",
             )
-        need(self.max_frames <= 300, f"max_frames must be at most 300 (YouTube-8M's cap), not {self.max_frames}")
+        need(
+            self.max_frames <= MAX_FRAMES,
+            f"max_frames must be at most {MAX_FRAMES} (YouTube-8M's cap), not {self.max_frames}",
+        )
         need(
             all(_integer(s) and s >= 1 for s in self.head_sizes),
             f"head_sizes must be positive integers, not {self.head_sizes!r}",
@@ -86,7 +91,7 @@ class Config:
     def architecture(self) -> dict:
         """What a checkpoint's weights depend on: a checkpoint only loads into an equal architecture."""
         arch = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
-        if self.level == "frame":
+        if self.level == FRAME.name:
             arch.pop("hidden_size")
         else:
             for name in ("embedding_size", "lstm_size", "head_sizes", "pool_norm"):
@@ -120,13 +125,13 @@ def presets() -> dict[str, dict]:
 
 
 def load_config(
-    preset: str | None = None, level: str = "frame", overrides: dict | None = None, cuda: bool = False
+    preset: str | None = None, level: str = FRAME.name, overrides: dict | None = None, cuda: bool = False
 ) -> Config:
     """A preset with overrides (None values ignored). Without a preset: the seed config for frame level
     on a GPU, `small` for frame level on a CPU, `video` for video level."""
     available = presets()
     if preset is None:
-        preset = "video" if level == "video" else ("seed" if cuda else "small")
+        preset = "video" if level == VIDEO.name else ("seed" if cuda else "small")
     if preset not in available:
         raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(sorted(available))})")
     values = {**available[preset], "preset": preset}

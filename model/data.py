@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from storage.errors import VtagError
 from storage.objectstore import S3Config, StoreError, store_for
 from storage.parquet_layout import SCHEMAS
+from storage.yt8m_spec import AUDIO_DIM, FRAME, MAX_FRAMES, RGB_DIM, dequantize, level_spec
 
-RGB_DIM, AUDIO_DIM = 1024, 128
 
-
-class DataError(ValueError):
+class DataError(VtagError, ValueError):
     pass
 
 
@@ -196,7 +196,7 @@ class ParquetBatches(IterableDataset):
         level: str,
         batch_size: int,
         num_classes: int,
-        max_frames: int = 300,
+        max_frames: int = MAX_FRAMES,
         seed: int = 0,
         epoch: int = 0,
         shuffle: bool = True,
@@ -288,13 +288,13 @@ class ParquetBatches(IterableDataset):
         self._cached = None  # the previous group's columns can go before this one is read
         table = self._parquet(group.uri, group.fingerprint).read_row_group(group.index)
         columns = {"id": table.column("id").to_pylist(), "labels": table.column("labels").to_pylist()}
-        for name in ("rgb", "audio") if self.level == "frame" else ("mean_rgb", "mean_audio"):
+        level = level_spec(self.level)
+        for name, dim in level.features:
             array = table.column(name).combine_chunks()
-            if self.level == "frame":
+            if level.per_frame:  # binary: each video's frames end to end, as (offsets, bytes)
                 offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset : array.offset + len(array) + 1]
                 columns[name] = (offsets, np.frombuffer(array.buffers()[2], np.uint8))
             else:
-                dim = RGB_DIM if name == "mean_rgb" else AUDIO_DIM
                 columns[name] = array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), dim)
         self._cached = (group_index, columns)
         return columns
@@ -306,45 +306,62 @@ class ParquetBatches(IterableDataset):
         one open file is not reopened (a batch of 1024 spans several 32 MiB row groups)."""
         size = len(group)
         labels = np.zeros((size, self.num_classes), np.uint8)
-        ids, frames = [], []
-        if self.level == "video":
-            mean_rgb = np.empty((size, RGB_DIM), np.float32)
-            mean_audio = np.empty((size, AUDIO_DIM), np.float32)
+        ids = []
+        features = _PaddedFrames(size, self.max_frames) if level_spec(self.level).per_frame else _MeanFeatures(size)
         cuts = [0, *(np.flatnonzero(group[1:] != group[:-1]) + 1).tolist(), size]
         for start, stop in zip(cuts[:-1], cuts[1:]):
             columns = self._columns(int(group[start]))
             for i, r in enumerate(row[start:stop].tolist(), start):
                 ids.append(columns["id"][r])
                 labels[i, columns["labels"][r]] = 1
-                if self.level == "frame":
-                    offsets, values = columns["rgb"]
-                    n = min(self.max_frames, (offsets[r + 1] - offsets[r]) // RGB_DIM)
-                    audio_offsets, audio_values = columns["audio"]
-                    frames.append(
-                        (
-                            values[offsets[r] : offsets[r] + n * RGB_DIM].reshape(n, RGB_DIM).copy(),
-                            audio_values[audio_offsets[r] : audio_offsets[r] + n * AUDIO_DIM]
-                            .reshape(n, AUDIO_DIM)
-                            .copy(),
-                        )
-                    )
-                else:
-                    mean_rgb[i] = columns["mean_rgb"][r]
-                    mean_audio[i] = columns["mean_audio"][r]
-        if self.level == "frame":
-            length = max(1, max(len(video_rgb) for video_rgb, _ in frames))
-            rgb = np.zeros((size, length, RGB_DIM), np.uint8)
-            audio = np.zeros((size, length, AUDIO_DIM), np.uint8)
-            mask = np.zeros((size, length), bool)
-            for i, (video_rgb, video_audio) in enumerate(frames):
-                n = len(video_rgb)
-                rgb[i, :n], audio[i, :n], mask[i, :n] = video_rgb, video_audio, True
-        features = (
-            {"rgb": torch.from_numpy(rgb), "audio": torch.from_numpy(audio), "mask": torch.from_numpy(mask)}
-            if self.level == "frame"
-            else {"mean_rgb": torch.from_numpy(mean_rgb), "mean_audio": torch.from_numpy(mean_audio)}
+                features.take(i, columns, r)
+        return {**features.tensors(), "labels": torch.from_numpy(labels), "ids": ids}
+
+
+class _PaddedFrames:
+    """A frame-level batch's features: `rgb`, `audio` (uint8, B x T x dim) and `mask` (bool, B x T), T
+    the batch's longest video after the cap at max_frames. Each video's frames are copied out of its row
+    group when taken, so the group's columns can go before the batch is complete."""
+
+    def __init__(self, size: int, max_frames: int):
+        self.size, self.max_frames = size, max_frames
+        self.frames: list[tuple[np.ndarray, np.ndarray]] = []  # (rgb, audio) of each video, in batch order
+
+    def take(self, i: int, columns: dict, r: int) -> None:
+        offsets, values = columns["rgb"]
+        n = min(self.max_frames, (offsets[r + 1] - offsets[r]) // RGB_DIM)
+        audio_offsets, audio_values = columns["audio"]
+        self.frames.append(
+            (
+                values[offsets[r] : offsets[r] + n * RGB_DIM].reshape(n, RGB_DIM).copy(),
+                audio_values[audio_offsets[r] : audio_offsets[r] + n * AUDIO_DIM].reshape(n, AUDIO_DIM).copy(),
+            )
         )
-        return {**features, "labels": torch.from_numpy(labels), "ids": ids}
+
+    def tensors(self) -> dict:
+        length = max(1, max(len(video_rgb) for video_rgb, _ in self.frames))
+        rgb = np.zeros((self.size, length, RGB_DIM), np.uint8)
+        audio = np.zeros((self.size, length, AUDIO_DIM), np.uint8)
+        mask = np.zeros((self.size, length), bool)
+        for i, (video_rgb, video_audio) in enumerate(self.frames):
+            n = len(video_rgb)
+            rgb[i, :n], audio[i, :n], mask[i, :n] = video_rgb, video_audio, True
+        return {"rgb": torch.from_numpy(rgb), "audio": torch.from_numpy(audio), "mask": torch.from_numpy(mask)}
+
+
+class _MeanFeatures:
+    """A video-level batch's features: `mean_rgb` and `mean_audio` (float32, B x dim)."""
+
+    def __init__(self, size: int):
+        self.mean_rgb = np.empty((size, RGB_DIM), np.float32)
+        self.mean_audio = np.empty((size, AUDIO_DIM), np.float32)
+
+    def take(self, i: int, columns: dict, r: int) -> None:
+        self.mean_rgb[i] = columns["mean_rgb"][r]
+        self.mean_audio[i] = columns["mean_audio"][r]
+
+    def tensors(self) -> dict:
+        return {"mean_rgb": torch.from_numpy(self.mean_rgb), "mean_audio": torch.from_numpy(self.mean_audio)}
 
 
 class WorkerFailure:
@@ -406,10 +423,9 @@ def _allow_worker_processes() -> None:
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """Move a batch; features stay uint8 on the way (4x less to copy) and are dequantized there."""
-    from model.attention_lstm import dequantize
-
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    if "rgb" in moved:
-        moved["rgb"], moved["audio"] = dequantize(moved["rgb"]), dequantize(moved["audio"])
+    for name in FRAME.feature_names:  # frame level's are quantized; video level's means are floats already
+        if name in moved:
+            moved[name] = dequantize(moved[name].float())
     moved["labels"] = moved["labels"].float()
     return moved

@@ -14,8 +14,7 @@ from model.data import ParquetBatches, find_row_groups, loader, to_device
 from model.metrics import MetricsAccumulator
 from model.train import autocast_for, forward, pick_device
 from storage.objectstore import S3Config, store_for
-
-TOP_K = 20
+from storage.yt8m_spec import TOP_K
 
 
 @dataclass
@@ -23,7 +22,7 @@ class Evaluation:
     metrics: dict
     videos: int
     seconds: float
-    precision_at_k: list[float]  # k = 1..20, over all videos
+    precision_at_k: list[float]  # k = 1..TOP_K (20), over all videos
     recall_at_k: list[float]
 
 
@@ -100,7 +99,7 @@ def evaluate(
 
 
 def plot(evaluation: Evaluation, title: str, uri: str, s3: S3Config | None = None) -> str:
-    """Precision and recall of each video's top-k labels, k = 1..20, with the four metrics."""
+    """Precision and recall of each video's top-k labels, k = 1..TOP_K (20), with the four metrics."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -19,6 +19,8 @@ import operator
 
 import numpy as np
 
+from storage.yt8m_spec import TOP_K
+
 __all__ = ["MetricsAccumulator", "yt8m_metrics"]
 
 # Rows summarised at once: bounds the N x C temporaries (a sorted copy, a few masks) however
@@ -26,7 +28,7 @@ __all__ = ["MetricsAccumulator", "yt8m_metrics"]
 _CHUNK_ROWS = 1024
 
 
-def yt8m_metrics(scores, labels, top_k=20):
+def yt8m_metrics(scores, labels, top_k=TOP_K):
     """Hit@1, PERR, GAP@top_k and mAP of N x C `scores` against multi-hot N x C `labels`.
 
     Returns a dict with float values under ``hit_at_one``, ``perr``, ``gap`` and ``map``.
@@ -47,7 +49,7 @@ class MetricsAccumulator:
     truth, also those no top_k list caught.
     """
 
-    def __init__(self, num_classes, top_k=20):
+    def __init__(self, num_classes, top_k=TOP_K):
         self.num_classes = _positive_int("num_classes", num_classes)
         self.top_k = _positive_int("top_k", top_k)
         self._hits = 0

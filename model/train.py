@@ -1,8 +1,10 @@
 """Training: one loop for CPU, one CUDA GPU (bf16 autocast, cuDNN LSTM) and several GPUs (torchrun/DDP).
 
-Checkpoints (model, optimizer, scheduler, epoch, position in the epoch, config, RNG) go to the object
-store after every epoch, every `checkpoint_every` steps and at the end. A run whose output already
-holds a checkpoint continues from it, so a crashed or retried run loses only the work since then.
+`train` is a short sequence of named steps: find the state to start from (`starting_state`), build the
+run (`build_run`, which restores that state), train epoch after epoch (`train_epoch`, `end_epoch`)
+under a `CheckpointPolicy`, and publish the final checkpoint. A checkpoint (`snapshot`) holds the
+model, optimizer, scheduler, RNG, config and the run's `Position` (epoch, batches into it, step), so a
+run whose output already holds one continues from it bit for bit, losing only the work since then.
 """
 
 import contextlib
@@ -18,13 +20,15 @@ from torch import nn
 from model import checkpoint
 from model.attention_lstm import build_model, loss_fn
 from model.config import Config
-from model.data import ParquetBatches, find_row_groups, loader, to_device
+from model.data import DataError, ParquetBatches, find_row_groups, loader, to_device
+from storage.errors import VtagError
 from storage.objectstore import S3Config, join, store_for
+from storage.yt8m_spec import level_spec
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(FloatingPointError, ValueError):
+class TrainingDiverged(VtagError, FloatingPointError, ValueError):
     """The loss became inf or nan: a user error (too high a learning rate), told in one line by `vtag`."""
 
 
@@ -36,6 +40,46 @@ class TrainResult:
     videos_per_second: float
     history: dict = field(default_factory=dict)
     checkpoint_sha256: str = ""  # of the final checkpoint, for the registry; empty on ranks other than 0
+    rank: int = 0  # under torchrun, only rank 0's result stands for the run (it alone writes checkpoints)
+
+
+@dataclass
+class Position:
+    """Where a run stands: `epoch` epochs done, `batches_done` batches into the next one, `step`
+    optimizer steps in all. Checkpoints record it, so a continued run skips exactly the batches done."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    step: int = 0
+
+
+@dataclass
+class Run:
+    """One training run's moving parts, built once by `build_run` and handed to every step."""
+
+    config: Config
+    model: nn.Module  # the weights checkpoints hold
+    net: nn.Module  # what the forward pass calls: `model`, or DDP around it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    rank: int
+    world: int
+    data: dict  # what it trains on, recorded in checkpoints: uri, split, pattern, world, workers
+    position: Position = field(default_factory=Position)
+    # step_loss: per video, each step; epoch_loss: each epoch's mean; epoch_end_step: the step it ended at
+    history: dict = field(default_factory=lambda: {"step_loss": [], "epoch_loss": [], "epoch_end_step": []})
+    videos_seen: int = 0  # by this rank, in this process: the throughput figure
+    started: float = field(default_factory=time.perf_counter)  # train() restarts it at the first epoch
+
+    @property
+    def per_rank_batch(self) -> int:
+        return max(1, self.config.batch_size // self.world)
+
+    def videos_per_second(self) -> float:
+        """Of this rank; times `world` for the run's."""
+        elapsed = time.perf_counter() - self.started
+        return self.videos_seen / elapsed if elapsed > 0 else 0.0
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -67,9 +111,293 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
 
 
 def forward(model: nn.Module, batch: dict, level: str) -> torch.Tensor:
-    if level == "frame":
-        return model(batch["rgb"], batch["audio"], batch["mask"])
-    return model(batch["mean_rgb"], batch["mean_audio"])
+    return model(*(batch[name] for name in level_spec(level).model_inputs))
+
+
+def train(
+    config: Config,
+    data_uri: str,
+    out_uri: str,
+    *,
+    split: str = "train",
+    pattern: str = "*.parquet",
+    resume: str | None = None,
+    s3: S3Config | None = None,
+    device: str | None = None,
+    checkpoint_every: int = 0,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Train `config` on `<data>/<level>/<split>/` and write checkpoints under `out_uri`.
+
+    `resume` starts from another checkpoint's weights (fine-tuning); a checkpoint already under
+    `out_uri` continues that run where it stopped. Everything is checked before the first step.
+    `max_steps` stops the run early (at that step in all), checkpointed so that it can continue.
+    """
+    config.validate()
+    groups = find_row_groups(data_uri, config.level, split, pattern, s3)
+    state = starting_state(config, out_uri, resume, s3)
+    rank, world = _distributed()
+    if rank == 0:
+        checkpoint.sweep_temporaries(out_uri, config.epochs, s3)
+    data = {"uri": data_uri, "split": split, "pattern": pattern, "world": world, "workers": config.num_workers}
+    run = build_run(config, state, pick_device(device), rank, world, data)
+    policy = CheckpointPolicy(out_uri, s3, every=checkpoint_every)
+
+    def reached_max_steps() -> bool:
+        return max_steps is not None and run.position.step >= max_steps
+
+    run.started = time.perf_counter()
+    while run.position.epoch < config.epochs and not reached_max_steps():
+        batches = epoch_batches(run, groups, s3)
+        losses = train_epoch(run, batches, policy, max_steps, progress and rank == 0)
+        if reached_max_steps() and run.position.batches_done < len(batches) + batches.skip_total:
+            policy.stopped_mid_epoch(run)
+            break
+        end_epoch(run, losses)
+        policy.epoch_ended(run)
+        log.info("epoch %d: mean loss per video %.4f", run.position.epoch, run.history["epoch_loss"][-1])
+    final_uri, sha256 = policy.publish_final(run)
+    return TrainResult(
+        final_uri,
+        run.position.epoch,
+        run.position.step,
+        run.videos_per_second() * world,
+        run.history,
+        sha256,
+        rank,
+    )
+
+
+def starting_state(config: Config, out_uri: str, resume: str | None, s3: S3Config | None) -> dict | None:
+    """The checkpoint state a run starts from: the whole state of one already under `out_uri` (this run,
+    continued), else the weights alone of `resume` (fine-tuning), else None (fresh weights)."""
+    if (last := checkpoint.latest(out_uri, s3)) is not None:
+        state = checkpoint.load(last, s3)
+        checkpoint.check_architecture(state, config, last)
+        log.info("continuing from %s (epoch %d, %d batches in)", last, state["epoch"], state["batches_done"])
+        return state
+    if resume:
+        state = checkpoint.load(resume, s3)
+        checkpoint.check_architecture(state, config, resume)
+        log.info("fine-tuning from %s", resume)
+        return {"model": state["model"]}
+    return None
+
+
+def build_run(config: Config, state: dict | None, device: torch.device, rank: int, world: int, data: dict) -> Run:
+    """Model, optimizer and scheduler on `device`, restored from `state`.
+
+    The seed is set before the model is built (its initial weights), and a continued run's RNG state
+    is restored after, so that a resumed run draws what an uninterrupted one would have.
+    """
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device)
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_decay_epochs), config.lr_decay)
+    run = Run(config, model, model, optimizer, scheduler, device, rank, world, data)
+    if state is not None:
+        restore(run, state)
+    if world > 1:
+        run.net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return run
+
+
+def restore(run: Run, state: dict) -> None:
+    """Load `state` into `run`: the weights always; optimizer, scheduler, position, history and RNG when it
+    is a whole checkpoint (a run continued) rather than weights alone (fine-tuning)."""
+    run.model.load_state_dict(state["model"])
+    if "optimizer" not in state:
+        return
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.position = Position(state["epoch"], state["batches_done"], state["step"])
+    run.history = state["history"]
+    torch.set_rng_state(state["rng"])
+    if run.device.type == "cuda" and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def snapshot(run: Run) -> dict:
+    """What a checkpoint holds: enough to continue the run bit for bit (`restore`), and to tell what it
+    is (config, architecture, data) without the code that trained it."""
+    return {
+        "config": run.config.to_dict(),
+        "architecture": run.config.architecture(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "epoch": run.position.epoch,
+        "batches_done": run.position.batches_done,
+        "step": run.position.step,
+        "history": run.history,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else [],
+        "data": run.data,
+    }
+
+
+def epoch_batches(run: Run, groups: list, s3: S3Config | None) -> ParquetBatches:
+    """This rank's batches of the run's current epoch, less those already trained on."""
+    config = run.config
+    batches = ParquetBatches(
+        groups,
+        config.level,
+        run.per_rank_batch,
+        config.num_classes,
+        config.max_frames,
+        seed=config.seed,
+        epoch=run.position.epoch,
+        shuffle=True,
+        drop_last=True,
+        skip_batches=run.position.batches_done,
+        workers=config.num_workers,
+        rank=run.rank,
+        world=run.world,
+        s3=s3,
+    )
+    if len(batches) == 0 and run.position.batches_done == 0:
+        raise DataError(
+            f"{run.data['uri']}: fewer videos in split {run.data['split']!r} than one batch of {run.per_rank_batch}"
+        )
+    return batches
+
+
+def train_epoch(
+    run: Run, batches: ParquetBatches, policy: "CheckpointPolicy", max_steps: int | None, show_bar: bool
+) -> list[float]:
+    """One optimizer step per batch of `batches` (stopping at step `max_steps`); returns each step's loss
+    per video. Raises TrainingDiverged at the first loss that is not finite."""
+    config, position = run.config, run.position
+    report = _EpochReport(run, len(batches), show_bar)
+    run.net.train()
+    autocast = autocast_for(run.device)
+    losses = []
+    for batch in loader(batches, config.num_workers, pin_memory=run.device.type == "cuda"):
+        batch = to_device(batch, run.device)
+        with autocast:
+            logits = forward(run.net, batch, config.level)
+        loss = loss_fn(logits, batch["labels"])
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        position.step += 1
+        position.batches_done += 1
+        size = batch["labels"].shape[0]
+        run.videos_seen += size
+        per_video = loss.item() / size
+        if not math.isfinite(per_video):
+            raise TrainingDiverged(f"loss became {per_video} at step {position.step}: lower the learning rate")
+        run.history["step_loss"].append(per_video)
+        losses.append(per_video)
+        report.step(len(losses), per_video)
+        policy.step_done(run)
+        if max_steps is not None and position.step >= max_steps:
+            break
+    report.close()
+    return losses
+
+
+def end_epoch(run: Run, losses: list[float]) -> None:
+    """Move the run on to the next epoch: the position, the learning rate schedule and the history."""
+    run.position.epoch += 1
+    run.position.batches_done = 0
+    run.scheduler.step()
+    run.history["epoch_loss"].append(sum(losses) / max(1, len(losses)))
+    run.history["epoch_end_step"].append(run.position.step)
+
+
+@dataclass
+class CheckpointPolicy:
+    """When a run writes which checkpoint under `out_uri` (rank 0 alone writes; other ranks do nothing):
+
+    - `last.pt` and the loss plot every `every` steps (0: never between epochs), when the run stops
+      mid-epoch (max_steps) and after every epoch: what a continued run starts from;
+    - `epoch-NNN.pt` after each epoch, older ones pruned (checkpoint.prune);
+    - at the end, `final-stepNNNNNNN.pt`, written once and never overwritten: the file a model version
+      points at, since last.pt moves on when the run is continued.
+    """
+
+    out_uri: str
+    s3: S3Config | None
+    every: int = 0
+
+    def step_done(self, run: Run) -> None:
+        if self.every and run.position.step % self.every == 0:
+            self._save(run, epoch=None)
+
+    def stopped_mid_epoch(self, run: Run) -> None:
+        self._save(run, epoch=None)
+
+    def epoch_ended(self, run: Run) -> None:
+        self._save(run, epoch=run.position.epoch)
+
+    def publish_final(self, run: Run) -> tuple[str, str]:
+        """The final checkpoint's URI and sha256 (empty on ranks other than 0)."""
+        uri = checkpoint.final_uri(self.out_uri, run.position.step)
+        return uri, (_publish_final(uri, snapshot(run), self.s3) if run.rank == 0 else "")
+
+    def _save(self, run: Run, epoch: int | None) -> None:
+        if run.rank != 0:
+            return
+        state = snapshot(run)
+        if epoch is not None:
+            checkpoint.save(checkpoint.epoch_uri(self.out_uri, epoch), state, self.s3)
+            checkpoint.prune(self.out_uri, epoch, self.s3)
+        _plot_losses(run.history, self.out_uri, self.s3)
+        checkpoint.save(join(self.out_uri, checkpoint.LAST), state, self.s3)
+
+
+def _publish_final(uri: str, state: dict, s3: S3Config | None) -> str:
+    """Write the run's final checkpoint once and return its sha256. One already there (a retried or
+    repeated run that ended at the same step) is kept if it holds these weights; other weights are a
+    model version's, which are never overwritten."""
+    if not store_for(uri, s3).exists(uri):
+        return checkpoint.save_hashed(uri, state, s3)
+    existing, sha256 = checkpoint.load_hashed(uri, s3)
+    if not _same_weights(existing.get("model", {}), state["model"]):
+        raise checkpoint.CheckpointError(
+            f"{uri} already holds other weights than this run's at step {state['step']}: a final checkpoint "
+            "is never overwritten; train into a new folder"
+        )
+    return sha256
+
+
+def _same_weights(theirs: dict, mine: dict) -> bool:
+    return theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k].cpu()) for k in mine)
+
+
+class _EpochReport:
+    """What a person sees of an epoch: a tqdm bar on a terminal, else (Airflow's task log) about 10 log
+    lines an epoch, from rank 0 alone."""
+
+    def __init__(self, run: Run, batches: int, show_bar: bool):
+        self.run, self.batches = run, batches
+        self.bar = _progress(batches, f"epoch {run.position.epoch + 1}/{run.config.epochs}", show_bar)
+
+    def step(self, done: int, per_video: float) -> None:
+        rate = self.run.videos_per_second()
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{per_video:.3f}", videos_s=f"{rate:.0f}")
+            self.bar.update(1)
+        elif self.run.rank == 0 and done % max(1, self.batches // 10) == 0:
+            log.info(
+                "epoch %d/%d: %d/%d batches, loss %.3f per video, %.0f videos/s",
+                self.run.position.epoch + 1,
+                self.run.config.epochs,
+                done,
+                self.batches,
+                per_video,
+                rate * self.run.world,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _distributed() -> tuple[int, int]:
@@ -99,195 +427,6 @@ def _plot_losses(history: dict, out_uri: str, s3: S3Config | None) -> None:
     with store_for(uri, s3).publish(uri) as path:
         fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
-
-
-def train(
-    config: Config,
-    data_uri: str,
-    out_uri: str,
-    *,
-    split: str = "train",
-    pattern: str = "*.parquet",
-    resume: str | None = None,
-    s3: S3Config | None = None,
-    device: str | None = None,
-    checkpoint_every: int = 0,
-    progress: bool = True,
-    max_steps: int | None = None,
-) -> TrainResult:
-    """Train `config` on `<data>/<level>/<split>/` and write checkpoints under `out_uri`.
-
-    `resume` starts from another checkpoint's weights (fine-tuning); a checkpoint already under
-    `out_uri` continues that run where it stopped. Everything is checked before the first step.
-    """
-    config.validate()
-    groups = find_row_groups(data_uri, config.level, split, pattern, s3)
-    state = None
-    if (last := checkpoint.latest(out_uri, s3)) is not None:
-        state = checkpoint.load(last, s3)
-        checkpoint.check_architecture(state, config, last)
-        log.info("continuing from %s (epoch %d, %d batches in)", last, state["epoch"], state["batches_done"])
-    elif resume:
-        state = checkpoint.load(resume, s3)
-        checkpoint.check_architecture(state, config, resume)
-        state = {"model": state["model"]}  # fine-tuning: the weights only
-        log.info("fine-tuning from %s", resume)
-
-    rank, world = _distributed()
-    if rank == 0:
-        checkpoint.sweep_temporaries(out_uri, config.epochs, s3)
-    dev = pick_device(device)
-    torch.manual_seed(config.seed)
-    model = build_model(config).to(dev)
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_decay_epochs), config.lr_decay)
-    history = {"step_loss": [], "epoch_loss": [], "epoch_end_step": []}
-    epoch = batches_done = step = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        if "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            epoch, batches_done, step, history = state["epoch"], state["batches_done"], state["step"], state["history"]
-            torch.set_rng_state(state["rng"])
-            if dev.type == "cuda" and state.get("cuda_rng"):
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
-    net = (
-        torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
-        if world > 1
-        else model
-    )
-    autocast = autocast_for(dev)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    per_rank_batch = max(1, config.batch_size // world)
-    workers = config.num_workers
-
-    def snapshot() -> dict:
-        return {
-            "config": config.to_dict(),
-            "architecture": config.architecture(),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "batches_done": batches_done,
-            "step": step,
-            "history": history,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if dev.type == "cuda" else [],
-            "data": {"uri": data_uri, "split": split, "pattern": pattern, "world": world, "workers": workers},
-        }
-
-    def save(uri_epoch: int | None) -> str:
-        if rank != 0:
-            return ""
-        state_now = snapshot()
-        if uri_epoch is not None:
-            checkpoint.save(checkpoint.epoch_uri(out_uri, uri_epoch), state_now, s3)
-            checkpoint.prune(out_uri, uri_epoch, s3)
-        _plot_losses(history, out_uri, s3)
-        return checkpoint.save(join(out_uri, checkpoint.LAST), state_now, s3)
-
-    seen = 0
-    started = time.perf_counter()
-    while epoch < config.epochs and (max_steps is None or step < max_steps):
-        dataset = ParquetBatches(
-            groups,
-            config.level,
-            per_rank_batch,
-            config.num_classes,
-            config.max_frames,
-            seed=config.seed,
-            epoch=epoch,
-            shuffle=True,
-            drop_last=True,
-            skip_batches=batches_done,
-            workers=workers,
-            rank=rank,
-            world=world,
-            s3=s3,
-        )
-        if len(dataset) == 0 and batches_done == 0:
-            from model.data import DataError
-
-            raise DataError(f"{data_uri}: fewer videos in split {split!r} than one batch of {per_rank_batch}")
-        bar = _progress(len(dataset), f"epoch {epoch + 1}/{config.epochs}", progress and rank == 0)
-        net.train()
-        epoch_losses = []
-        for batch in loader(dataset, workers, pin_memory=dev.type == "cuda"):
-            batch = to_device(batch, dev)
-            with autocast:
-                logits = forward(net, batch, config.level)
-            loss = loss_fn(logits, batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            batches_done += 1
-            size = batch["labels"].shape[0]
-            seen += size
-            per_video = loss.item() / size
-            if not math.isfinite(per_video):
-                raise TrainingDiverged(f"loss became {per_video} at step {step}: lower the learning rate")
-            history["step_loss"].append(per_video)
-            epoch_losses.append(per_video)
-            rate = seen / (time.perf_counter() - started)
-            if bar is not None:
-                bar.set_postfix(loss=f"{per_video:.3f}", videos_s=f"{rate:.0f}")
-                bar.update(1)
-            elif (
-                rank == 0 and len(epoch_losses) % max(1, len(dataset) // 10) == 0
-            ):  # logs (Airflow): ~10 lines an epoch
-                log.info(
-                    "epoch %d/%d: %d/%d batches, loss %.3f per video, %.0f videos/s",
-                    epoch + 1,
-                    config.epochs,
-                    len(epoch_losses),
-                    len(dataset),
-                    per_video,
-                    rate * world,
-                )
-            if checkpoint_every and step % checkpoint_every == 0:
-                save(None)
-            if max_steps is not None and step >= max_steps:
-                break
-        if bar is not None:
-            bar.close()
-        if max_steps is not None and step >= max_steps and batches_done < len(dataset) + dataset.skip_total:
-            save(None)
-            break
-        epoch += 1
-        batches_done = 0
-        scheduler.step()
-        history["epoch_loss"].append(sum(epoch_losses) / max(1, len(epoch_losses)))
-        history["epoch_end_step"].append(step)
-        save(epoch)
-        log.info("epoch %d: mean loss per video %.4f", epoch, history["epoch_loss"][-1])
-    # last.pt moves on if the run is continued; what gets registered must not: a file per final step.
-    final_uri = checkpoint.final_uri(out_uri, step)
-    sha256 = _publish_final(final_uri, snapshot(), s3) if rank == 0 else ""
-    elapsed = time.perf_counter() - started
-    return TrainResult(final_uri, epoch, step, seen * world / elapsed if elapsed > 0 else 0.0, history, sha256)
-
-
-def _publish_final(uri: str, state: dict, s3: S3Config | None) -> str:
-    """Write the run's final checkpoint once and return its sha256. One already there (a retried or
-    repeated run that ended at the same step) is kept if it holds these weights; other weights are a
-    model version's, which are never overwritten."""
-    if not store_for(uri, s3).exists(uri):
-        return checkpoint.save_hashed(uri, state, s3)
-    existing, sha256 = checkpoint.load_hashed(uri, s3)
-    if not _same_weights(existing.get("model", {}), state["model"]):
-        raise checkpoint.CheckpointError(
-            f"{uri} already holds other weights than this run's at step {state['step']}: a final checkpoint "
-            "is never overwritten; train into a new folder"
-        )
-    return sha256
-
-
-def _same_weights(theirs: dict, mine: dict) -> bool:
-    return theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k].cpu()) for k in mine)
 
 
 def _progress(total: int, description: str, enabled: bool):

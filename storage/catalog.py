@@ -6,9 +6,10 @@ import csv
 from sqlalchemy import Connection, delete, exists, func, select
 
 from storage.db import engine_for, transaction, upsert_insert, utcnow
+from storage.errors import VtagError
 from storage.objectstore import S3Config, store_for
 from storage.schema import labels, video_labels, videos
-from storage.yt8m_records import LEVELS, NUM_CLASSES
+from storage.yt8m_spec import LEVELS, NUM_CLASSES
 
 VOCABULARY_COLUMNS = (
     "Index",
@@ -22,7 +23,7 @@ VOCABULARY_COLUMNS = (
 )
 
 
-class VocabularyError(ValueError):
+class VocabularyError(VtagError, ValueError):
     pass
 
 

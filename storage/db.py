@@ -11,10 +11,12 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from storage.errors import VtagError
+
 MIGRATIONS = Path(__file__).resolve().parent.parent / "sql" / "migrations"
 
 
-class DatabaseURLError(ValueError):
+class DatabaseURLError(VtagError, ValueError):
     pass
 
 

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
+from storage.errors import VtagError
+
 READ_BUFFER = 8 * 1024 * 1024
 
 log = logging.getLogger(__name__)
 
 
-class StoreError(Exception):
+class StoreError(VtagError):
     """A URI that cannot be used: bad scheme, missing location, missing credentials. One clear line."""
 
 

@@ -11,29 +11,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.errors import VtagError
 from storage.objectstore import join
-from storage.yt8m_records import AUDIO_DIM, RGB_DIM, FrameVideo, VideoFeatures
+from storage.yt8m_records import FrameVideo, VideoFeatures
+from storage.yt8m_spec import AUDIO_DIM, FRAME, LEVELS, MAX_FRAMES, RGB_DIM, VIDEO, level_spec
 
-MAX_FRAMES = 300  # readers cap a video here; a longer one only makes a packed buffer grow
-
-FRAME_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("labels", pa.list_(pa.int32()), nullable=False),
-        pa.field("num_frames", pa.int32(), nullable=False),
-        pa.field("rgb", pa.binary(), nullable=False),
-        pa.field("audio", pa.binary(), nullable=False),
-    ]
-)
-VIDEO_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("labels", pa.list_(pa.int32()), nullable=False),
-        pa.field("mean_rgb", pa.list_(pa.float32()), nullable=False),
-        pa.field("mean_audio", pa.list_(pa.float32()), nullable=False),
-    ]
-)
-SCHEMAS = {"frame": FRAME_SCHEMA, "video": VIDEO_SCHEMA}
+# Every column of either level (storage.yt8m_spec names each level's, in order); none may be null.
+COLUMN_TYPES = {
+    "id": pa.string(),
+    "labels": pa.list_(pa.int32()),
+    "num_frames": pa.int32(),
+    "rgb": pa.binary(),  # a video's frames, quantized, end to end: num_frames x 1024 bytes
+    "audio": pa.binary(),
+    "mean_rgb": pa.list_(pa.float32()),
+    "mean_audio": pa.list_(pa.float32()),
+}
+SCHEMAS = {
+    level: pa.schema([pa.field(name, COLUMN_TYPES[name], nullable=False) for name in level_spec(level).columns])
+    for level in LEVELS
+}
+FRAME_SCHEMA, VIDEO_SCHEMA = SCHEMAS[FRAME.name], SCHEMAS[VIDEO.name]
 SPLITS = ("train", "validate", "test")
 
 # Chosen with `python -m benchmarks.parquet_layout` (README, "Parquet layout"): row groups of about 32 MiB keep
@@ -53,7 +50,7 @@ COMPRESSION = {
 COMPRESSION_LEVEL = None
 
 
-class LayoutError(ValueError):
+class LayoutError(VtagError, ValueError):
     pass
 
 
@@ -110,6 +107,58 @@ class _PackedBinaryColumn:
         self._offsets = [0]
 
 
+class _FrameColumns:
+    """A row group's num_frames, rgb and audio. Frames are copied out of their records at once, so a
+    row group never pins its records."""
+
+    def __init__(self, row_group_bytes: int):
+        self._num_frames: list[int] = []
+        # Room for a full row group plus one longest video, so that the video that fills it fits.
+        self._rgb = _PackedBinaryColumn(row_group_bytes + MAX_FRAMES * RGB_DIM)
+        self._audio = _PackedBinaryColumn(row_group_bytes * AUDIO_DIM // RGB_DIM + MAX_FRAMES * AUDIO_DIM)
+
+    def add(self, video: FrameVideo) -> int:
+        """Buffer the video's columns; returns the bytes they take."""
+        self._num_frames.append(video.num_frames)
+        self._rgb.append(video.rgb)
+        self._audio.append(video.audio)
+        return video.rgb.size + video.audio.size
+
+    def arrays(self) -> list[pa.Array]:
+        return [pa.array(self._num_frames, pa.int32()), self._rgb.to_arrow(), self._audio.to_arrow()]
+
+    def clear(self) -> None:
+        self._num_frames = []
+        self._rgb.clear()
+        self._audio.clear()
+
+    def release(self) -> None:
+        self._rgb.release()
+        self._audio.release()
+
+
+class _VideoColumns:
+    """A row group's mean_rgb and mean_audio."""
+
+    def __init__(self):
+        self._mean_rgb: list[np.ndarray] = []
+        self._mean_audio: list[np.ndarray] = []
+
+    def add(self, video: VideoFeatures) -> int:
+        self._mean_rgb.append(video.mean_rgb)
+        self._mean_audio.append(video.mean_audio)
+        return (RGB_DIM + AUDIO_DIM) * 4  # float32
+
+    def arrays(self) -> list[pa.Array]:
+        return [pa.array(self._mean_rgb, pa.list_(pa.float32())), pa.array(self._mean_audio, pa.list_(pa.float32()))]
+
+    def clear(self) -> None:
+        self._mean_rgb, self._mean_audio = [], []
+
+    def release(self) -> None:
+        pass
+
+
 class ShardParquetWriter:
     """Writes decoded videos of one shard into row groups of about ROW_GROUP_BYTES, streaming."""
 
@@ -138,40 +187,20 @@ class ShardParquetWriter:
         )
         self._ids: list[str] = []
         self._labels: list[list[int]] = []
+        self._features = _FrameColumns(row_group_bytes) if level_spec(level).per_frame else _VideoColumns()
         self._buffered = 0
-        if level == "frame":
-            # Frames are copied out of their records at once, so a row group never pins its records.
-            self._num_frames: list[int] = []
-            self._rgb = _PackedBinaryColumn(row_group_bytes + MAX_FRAMES * RGB_DIM)
-            self._audio = _PackedBinaryColumn(row_group_bytes // 8 + MAX_FRAMES * AUDIO_DIM)
-        else:
-            self._mean_rgb: list[np.ndarray] = []
-            self._mean_audio: list[np.ndarray] = []
         self.rows_written = 0
 
     def add(self, video: FrameVideo | VideoFeatures) -> None:
         self._ids.append(video.id)
         self._labels.append(video.labels)
-        if self.level == "frame":
-            self._num_frames.append(video.num_frames)
-            self._rgb.append(video.rgb)
-            self._audio.append(video.audio)
-            self._buffered += video.rgb.size + video.audio.size
-        else:
-            self._mean_rgb.append(video.mean_rgb)
-            self._mean_audio.append(video.mean_audio)
-            self._buffered += (RGB_DIM + AUDIO_DIM) * 4
+        self._buffered += self._features.add(video)
         if self._buffered >= self.row_group_bytes:
             self.flush()
 
     def _columns(self) -> list[pa.Array]:
         common = [pa.array(self._ids, pa.string()), pa.array(self._labels, pa.list_(pa.int32()))]
-        if self.level == "frame":
-            return common + [pa.array(self._num_frames, pa.int32()), self._rgb.to_arrow(), self._audio.to_arrow()]
-        return common + [
-            pa.array(self._mean_rgb, pa.list_(pa.float32())),
-            pa.array(self._mean_audio, pa.list_(pa.float32())),
-        ]
+        return common + self._features.arrays()
 
     def flush(self) -> None:
         if not self._ids:
@@ -181,18 +210,11 @@ class ShardParquetWriter:
         self.rows_written += rows
         self._buffered = 0
         self._ids, self._labels = [], []
-        if self.level == "frame":
-            self._num_frames = []
-            self._rgb.clear()
-            self._audio.clear()
-        else:
-            self._mean_rgb, self._mean_audio = [], []
+        self._features.clear()
 
     def close(self) -> None:
         try:
             self.flush()
         finally:
             self._writer.close()
-            if self.level == "frame":
-                self._rgb.release()
-                self._audio.release()
+            self._features.release()

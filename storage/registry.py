@@ -3,10 +3,11 @@
 from sqlalchemy import func, insert, select, update
 
 from storage.db import engine_for, utcnow
+from storage.errors import VtagError
 from storage.schema import evaluations, model_versions
 
 
-class RegistryError(ValueError):
+class RegistryError(VtagError, ValueError):
     pass
 
 

@@ -1,12 +1,22 @@
-"""The project's tables as SQLAlchemy Core metadata. Migrations in sql/migrations create them."""
+"""The project's tables as SQLAlchemy Core metadata, as the migrations in sql/migrations leave them.
+
+The migrations are the truth (they are what databases hold); this metadata mirrors their head:
+columns, types, nullability, server defaults, indexes, unique, check and foreign-key constraints.
+tests/test_schema.py compares the two on SQLite and PostgreSQL, so a change to one without the other
+fails there. What is created at run time (predictions' partitions and load tables, see
+storage/partitions.py), the views and the analysts' role live in the migrations only.
+"""
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CheckConstraint,
     Column,
     DateTime,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
+    Index,
     Integer,
     MetaData,
     SmallInteger,
@@ -14,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData()
@@ -38,6 +49,8 @@ ingested_shards = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
     UniqueConstraint("source_uri", "dest_uri", name="uq_ingested_shards_source_dest"),
+    CheckConstraint("status IN ('running', 'succeeded', 'failed', 'replaced')", name="ck_ingested_shards_status"),
+    Index("ix_ingested_shards_status", "status"),
 )
 
 model_versions = Table(
@@ -58,6 +71,16 @@ model_versions = Table(
     Column("promoted_at", DateTime(timezone=True)),
     Column("predictions_retired_at", DateTime(timezone=True)),
     Column("checkpoint_sha256", String(64)),  # NULL: registered before migration 0006, never verified
+    CheckConstraint("status IN ('trained', 'production', 'archived', 'rejected')", name="ck_model_versions_status"),
+    CheckConstraint("level IN ('frame', 'video')", name="ck_model_versions_level"),
+    # At most one production model per level, whatever the code does.
+    Index(
+        "uq_model_versions_production",
+        "level",
+        unique=True,
+        postgresql_where=text("status = 'production'"),
+        sqlite_where=text("status = 'production'"),
+    ),
 )
 
 evaluations = Table(
@@ -76,13 +99,16 @@ evaluations = Table(
     Column("plot_uri", String(1024)),
     Column("seconds", Float, nullable=False),
     Column("evaluated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_evaluations_model_split", "model_version", "split"),
 )
 
 labels = Table(
     "labels",
     metadata,
     Column("label_id", Integer, primary_key=True, autoincrement=False),
-    Column("name", Text, nullable=False),
+    # 56 real labels have no name. Migration 0003 says server_default="", the same DDL (DEFAULT ''), but
+    # Alembic's SQLite comparison cannot match an empty string with its reflected '' and would report drift.
+    Column("name", Text, nullable=False, server_default=text("''")),
     Column("knowledge_graph_id", String(64)),
     Column("train_video_count", Integer),
     Column("vertical1", Text),
@@ -100,6 +126,9 @@ videos = Table(
     Column("source_uri", String(1024), nullable=False),
     Column("parquet_uri", String(1024), nullable=False),
     Column("ingested_at", DateTime(timezone=True), nullable=False),
+    Index("ix_videos_ingested_at", "ingested_at"),
+    Index("ix_videos_source_uri", "source_uri"),
+    Index("ix_videos_level_parquet_uri", "level", "parquet_uri"),  # a part selects its videos by file range
 )
 
 video_labels = Table(
@@ -117,15 +146,16 @@ inference_runs = Table(
     Column("model_version", Integer, ForeignKey("model_versions.version"), nullable=False),
     Column("top_k", Integer, nullable=False),
     Column("status", String(16), nullable=False),
-    Column("videos_total", Integer, nullable=False),
-    Column("videos_done", Integer, nullable=False),
-    Column("rows_written", BigInteger, nullable=False),
+    Column("videos_total", Integer, nullable=False, server_default="0"),
+    Column("videos_done", Integer, nullable=False, server_default="0"),
+    Column("rows_written", BigInteger, nullable=False, server_default="0"),
     Column("error", Text),
     Column("airflow_run_id", String(256)),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
-    Column("load_table", String(64)),  # a first whole night loading apart (PostgreSQL): see predictions.start_run
+    Column("load_table", String(64)),  # a first whole night loading apart (PostgreSQL): see storage.runs.start_run
     UniqueConstraint("logical_date", "model_version", name="uq_inference_runs_date_model"),
+    CheckConstraint("status IN ('running', 'succeeded', 'failed')", name="ck_inference_runs_status"),
 )
 
 inference_parts = Table(
@@ -137,13 +167,14 @@ inference_parts = Table(
     Column("last_uri", String(1024), nullable=False),
     Column("files", Integer, nullable=False),
     Column("status", String(16), nullable=False),
-    Column("videos_total", Integer, nullable=False),
-    Column("videos_done", Integer, nullable=False),
-    Column("rows_written", BigInteger, nullable=False),
-    Column("attempts", Integer, nullable=False),
+    Column("videos_total", Integer, nullable=False, server_default="0"),
+    Column("videos_done", Integer, nullable=False, server_default="0"),
+    Column("rows_written", BigInteger, nullable=False, server_default="0"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
     Column("error", Text),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
+    CheckConstraint("status IN ('planned', 'running', 'succeeded', 'failed')", name="ck_inference_parts_status"),
 )
 
 inference_label_counts = Table(
@@ -154,6 +185,7 @@ inference_label_counts = Table(
     Column("rank", SmallInteger, primary_key=True),
     Column("label_id", Integer, primary_key=True),
     Column("videos", Integer, nullable=False),
+    ForeignKeyConstraint(["run_id", "part"], ["inference_parts.run_id", "inference_parts.part"], ondelete="CASCADE"),
 )
 
 predictions = Table(
@@ -165,4 +197,16 @@ predictions = Table(
     Column("label_id", Integer, nullable=False),
     Column("score", Float, nullable=False),
     Column("run_id", Integer, nullable=False),
+    # A run's rows are appended together: a BRIN index finds them at almost no cost to the bulk write.
+    Index("ix_predictions_run", "run_id", postgresql_using="brin"),
+    postgresql_partition_by="LIST (model_version)",
+)
+# The tie-break of label_top_videos (score DESC, video_id): that query reads `limit` index entries.
+# Declared apart because a descending column needs the table's column object.
+Index(
+    "ix_predictions_label_score",
+    predictions.c.model_version,
+    predictions.c.label_id,
+    predictions.c.score.desc(),
+    predictions.c.video_id,
 )

@@ -11,6 +11,8 @@ from typing import BinaryIO
 
 import google_crc32c
 
+from storage.errors import VtagError
+
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
 _MASK_DELTA = 0xA282EAD8
@@ -21,7 +23,7 @@ def masked_crc(data) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-class BadRecordError(ValueError):
+class BadRecordError(VtagError, ValueError):
     """A record that cannot be read or decoded; names the file, the record index and its byte offset."""
 
     def __init__(self, name: str, index: int, offset: int, reason: str):

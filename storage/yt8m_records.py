@@ -2,7 +2,7 @@
 
 Frame level: one SequenceExample per video, context `id`, `labels`, feature lists `rgb` (1024 uint8 a
 frame) and `audio` (128 uint8 a frame). Video level: one Example per video, `id`, `labels`,
-`mean_rgb` (1024 floats), `mean_audio` (128 floats).
+`mean_rgb` (1024 floats), `mean_audio` (128 floats). Names and sizes come from storage.yt8m_spec.
 """
 
 from dataclasses import dataclass
@@ -10,19 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from storage.errors import VtagError
 from storage.schema import videos
 from storage.tf_example import Features, SequenceExample
+from storage.yt8m_spec import FRAME, NUM_CLASSES, VIDEO
 
-RGB_DIM = 1024
-AUDIO_DIM = 128
-NUM_CLASSES = 3862
-LEVELS = ("frame", "video")
 # The catalogue's column: SQLite would store a longer id as it is and PostgreSQL refuse it mid-transaction,
 # so the decoder refuses it first, on both, naming the record.
 MAX_ID_LENGTH = videos.c.video_id.type.length
 
 
-class RecordDecodeError(ValueError):
+class RecordDecodeError(VtagError, ValueError):
     """The record is framed correctly but is not the YouTube-8M record it should be."""
 
 
@@ -55,10 +53,10 @@ def _parse(data: bytes):
 
 def detect_level(data: bytes) -> str:
     message = _parse(data)
-    if "rgb" in message.feature_lists.feature_list:
-        return "frame"
-    if "mean_rgb" in message.context.feature:
-        return "video"
+    if FRAME.rgb.name in message.feature_lists.feature_list:
+        return FRAME.name
+    if VIDEO.rgb.name in message.context.feature:
+        return VIDEO.name
     raise RecordDecodeError("neither a frame-level record (feature list 'rgb') nor a video-level one ('mean_rgb')")
 
 
@@ -116,7 +114,7 @@ def _frame_header(dim: int) -> bytes:
     return b"\x0a" + _encode_varint(len(bytes_list) + len(value) + dim) + bytes_list + value
 
 
-_FRAME_HEADERS = {dim: np.frombuffer(_frame_header(dim), np.uint8) for dim in (RGB_DIM, AUDIO_DIM)}
+_FRAME_HEADERS = {dim: np.frombuffer(_frame_header(dim), np.uint8) for _, dim in FRAME.features}
 
 
 def _outer_spans(data: bytes) -> tuple[tuple[int, int] | None, dict[bytes, tuple[int, int]]]:
@@ -209,8 +207,7 @@ def _decode_canonical(data: bytes, require_labels: bool) -> FrameVideo | None:
         return None
     if context_span is None:
         return None
-    rgb = _frames_fast(data, spans.get(b"rgb"), RGB_DIM)
-    audio = _frames_fast(data, spans.get(b"audio"), AUDIO_DIM)
+    rgb, audio = (_frames_fast(data, spans.get(name.encode()), dim) for name, dim in FRAME.features)
     if rgb is None or audio is None:
         return None
     context = Features()
@@ -228,8 +225,7 @@ def decode_frame_level(data: bytes, require_labels: bool = True) -> FrameVideo:
         return fast
     message = _parse(data)
     video_id, labels = _context(message.context, require_labels)
-    rgb = _frames_joined(message, "rgb", RGB_DIM, video_id)
-    audio = _frames_joined(message, "audio", AUDIO_DIM, video_id)
+    rgb, audio = (_frames_joined(message, name, dim, video_id) for name, dim in FRAME.features)
     return _frame_video(video_id, labels, rgb, audio)
 
 
@@ -251,10 +247,5 @@ def _floats(features, name: str, dim: int, video_id: str) -> np.ndarray:
 def decode_video_level(data: bytes, require_labels: bool = True) -> VideoFeatures:
     message = _parse(data)
     video_id, labels = _context(message.context, require_labels)
-    features = message.context.feature
-    return VideoFeatures(
-        video_id,
-        labels,
-        _floats(features, "mean_rgb", RGB_DIM, video_id),
-        _floats(features, "mean_audio", AUDIO_DIM, video_id),
-    )
+    mean_rgb, mean_audio = (_floats(message.context.feature, name, dim, video_id) for name, dim in VIDEO.features)
+    return VideoFeatures(video_id, labels, mean_rgb, mean_audio)

@@ -3,8 +3,9 @@
 import argparse
 import logging
 import sys
-from datetime import UTC
+from datetime import UTC, datetime
 
+from storage.yt8m_spec import LEVELS
 from tasks import settings
 
 EXIT_USAGE = 2
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write synthetic YouTube-8M shards in Google's TFRecord format")
     p.add_argument("--out", required=True, metavar="URI")
-    p.add_argument("--level", choices=["frame", "video"], default="frame")
+    p.add_argument("--level", choices=list(LEVELS), default="frame")
     p.add_argument("--split", choices=["train", "validate", "test"], default="train")
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--videos-per-shard", type=int, default=100)
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)"
     )
-    p.add_argument("--level", choices=["frame", "video"], required=True)
+    p.add_argument("--level", choices=list(LEVELS), required=True)
     p.add_argument(
         "--preset",
         default=None,
@@ -95,10 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="accepted for symmetry with train/evaluate; videos are found through the catalogue ingest fills",
     )
-    p.add_argument("--level", choices=["frame", "video"], default="frame", help="with --production (default frame)")
+    p.add_argument("--level", choices=list(LEVELS), default="frame", help="with --production (default frame)")
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument(
-        "--logical-date", default=None, metavar="ISO", help="score what was ingested up to then (default: now)"
+        "--logical-date",
+        type=_iso_date,
+        default=None,
+        metavar="ISO",
+        help="score what was ingested up to then (default: now)",
     )
     p.add_argument("--video", action="append", metavar="ID", help="(re)score this video (repeatable)")
     p.add_argument("--shard-pattern", metavar="GLOB", help="only videos from Parquet files matching this glob")
@@ -190,7 +195,7 @@ def _ingest(args) -> int:
 
 
 def _train(args) -> int:
-    from tasks.training import train_model
+    from tasks.training import train_and_register
 
     overrides = {
         "epochs": args.epochs,
@@ -200,7 +205,7 @@ def _train(args) -> int:
         "num_workers": args.workers,
         "seed": args.seed,
     }
-    result = train_model(
+    result = train_and_register(
         args.data or settings.default_parquet_uri(),
         args.out,
         args.level,
@@ -244,13 +249,9 @@ def _evaluate(args) -> int:
 
 
 def _infer(args) -> int:
-    from datetime import datetime
-
     from tasks.inference import run_inference
 
-    when = datetime.fromisoformat(args.logical_date) if args.logical_date else datetime.now(UTC)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
+    when = args.logical_date or datetime.now(UTC)
     parts = {} if args.part_videos is None else {"part_videos": args.part_videos}
     report = run_inference(
         args.db,
@@ -280,7 +281,7 @@ def _infer(args) -> int:
 
 
 def _retire(args) -> int:
-    from storage import db, predictions
+    from storage import db, partitions
     from tasks.inference import retire_old_versions
 
     db.upgrade(args.db)
@@ -289,7 +290,7 @@ def _retire(args) -> int:
         print(f"retired the predictions of model versions {', '.join(map(str, retired)) or '(none)'}")
         return 0
     for version in args.model_version:
-        print(f"model version {version}: {predictions.retire(args.db, version)} prediction rows dropped")
+        print(f"model version {version}: {partitions.retire(args.db, version)} prediction rows dropped")
     return 0
 
 
@@ -373,14 +374,23 @@ def _db(args) -> int:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that get one clear line instead of a traceback."""
+    """Errors that get one clear line instead of a traceback: ours (VtagError: bad input, a missing or changed
+    object, a refused request) and a database that cannot be reached. Anything else is a bug: its traceback
+    stays, for the report."""
     from sqlalchemy.exc import OperationalError
 
-    from storage.db import DatabaseURLError
-    from storage.objectstore import StoreError
+    from storage.errors import VtagError
 
-    # ConfigError, DataError, CheckpointError and RegistryError are ValueErrors.
-    return StoreError, DatabaseURLError, OperationalError, ValueError
+    return VtagError, OperationalError
+
+
+def _iso_date(value: str) -> datetime:
+    """argparse type for --logical-date: ISO 8601, UTC when it names no zone."""
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {value!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def main(argv: list[str] | None = None) -> int:

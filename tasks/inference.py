@@ -23,20 +23,22 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from storage import db, exports, predictions, registry
+from storage import db, exports, partitions, pending, prediction_writes, registry, run_locks, runs
+from storage.errors import VtagError
 from storage.objectstore import S3Config, StoreError, canonical_uri, join, store_for
+from storage.yt8m_spec import NUM_CLASSES, TOP_K
 from tasks import settings
 
 log = logging.getLogger(__name__)
 
-MAX_K = 3862
+MAX_K = NUM_CLASSES
 CSV_TOP = exports.CSV_TOP
 CHUNK_VIDEOS = 2000
 PART_VIDEOS = 250_000  # about 25 s of a GPU at the 10,000 videos/s target: worth a task's start-up
 MAX_PARTS = 512  # well under Airflow's [core] max_map_length (1,024)
 
 
-class InferenceError(ValueError):
+class InferenceError(VtagError, ValueError):
     pass
 
 
@@ -136,7 +138,7 @@ def _resolve_version(
 
 
 def _known(db_url: str, video_ids: list[str], level: str) -> dict[str, str]:
-    known = predictions.known_videos(db_url, video_ids, level)
+    known = pending.known_videos(db_url, video_ids, level)
     missing = [v for v in video_ids if v not in known]
     if missing:
         raise InferenceError(
@@ -186,7 +188,7 @@ def _pending_files(
         for uri in _known(db_url, video_ids, level).values():
             counts[uri] = counts.get(uri, 0) + 1
         return sorted(counts.items())
-    files = predictions.pending_files(db_url, version, logical_date, level, exclude_run=run_id)
+    files = pending.pending_files(db_url, version, logical_date, level, exclude_run=run_id)
     return [(uri, n) for uri, n in files if _matches(uri, shard_pattern)]
 
 
@@ -194,7 +196,7 @@ def plan_night(
     db_url: str,
     logical_date: datetime,
     *,
-    top_k: int = 20,
+    top_k: int = TOP_K,
     level: str = "frame",
     model_version: int | None = None,
     checkpoint_uri: str | None = None,
@@ -220,18 +222,18 @@ def plan_night(
     with (
         nullcontext()
         if locked
-        else predictions.run_lock(db_url, logical_date, number, timeout_s=_lock_timeout(lock_timeout_s))
+        else run_locks.run_lock(db_url, logical_date, number, timeout_s=_lock_timeout(lock_timeout_s))
     ):
         if video_ids:
-            predictions.forget(db_url, number, video_ids)
+            pending.forget(db_url, number, video_ids)
         whole = not (video_ids or shard_pattern)
-        run_id = predictions.start_run(db_url, logical_date, number, top_k, airflow_run_id, clear=whole)
+        run_id = runs.start_run(db_url, logical_date, number, top_k, airflow_run_id, clear=whole)
         try:
             files = _pending_files(db_url, number, logical_date, level, run_id, video_ids, shard_pattern)
-            parts = predictions.record_parts(db_url, run_id, cut_parts(files, part_videos))
-            table = predictions.write_target(db_url, run_id, clear=whole)
+            parts = runs.record_parts(db_url, run_id, cut_parts(files, part_videos))
+            table = runs.write_target(db_url, run_id, clear=whole)
         except BaseException as exc:  # never leave the night looking as if it were running
-            predictions.finish_run(db_url, run_id, error=f"planning: {type(exc).__name__}: {exc}")
+            runs.finish_run(db_url, run_id, error=f"planning: {type(exc).__name__}: {exc}")
             raise
     exports_uri = canonical_uri(
         exports_uri or join(settings.default_exports_uri(), f"{logical_date:%Y-%m-%dT%H%M%S}_v{number}")
@@ -267,7 +269,7 @@ def count_pending(
     db_url: str,
     logical_date: datetime,
     *,
-    top_k: int = 20,
+    top_k: int = TOP_K,
     level: str = "frame",
     model_version: int | None = None,
     checkpoint_uri: str | None = None,
@@ -304,13 +306,15 @@ def _part_videos(db_url: str, plan: NightPlan, part: dict, first_try: bool) -> d
         ]
     else:
         if not first_try and not plan.shard_pattern:  # a whole night's part owns its file range in this run
-            predictions.drop_run_rows(db_url, plan.run_id, plan.model_version, plan.level, uri_range=uri_range, **drop)
-        wanted = predictions.pending_videos(
+            prediction_writes.drop_run_rows(
+                db_url, plan.run_id, plan.model_version, plan.level, uri_range=uri_range, **drop
+            )
+        wanted = pending.pending_videos(
             db_url, plan.model_version, plan.logical_date, plan.level, exclude_run=plan.run_id, uri_range=uri_range
         )
         wanted = [(v, uri) for v, uri in wanted if _matches(uri, plan.shard_pattern)]
     if plan.video_ids or plan.shard_pattern:  # a targeted part shares its files with the run's other rows
-        predictions.drop_run_rows(
+        prediction_writes.drop_run_rows(
             db_url, plan.run_id, plan.model_version, plan.level, ids=[v for v, _ in wanted], **drop
         )
     by_file: dict[str, set[str]] = {}
@@ -391,7 +395,7 @@ def tag_part(
     s3: S3Config | None = None,
     batch_size: int = 256,
     scorer=None,
-    lock: predictions.RunLockHolder | None = None,
+    lock: run_locks.RunLockHolder | None = None,
     locked: bool = False,
     progress: bool = False,
     score_batches=None,
@@ -406,18 +410,18 @@ def tag_part(
     with (
         nullcontext()
         if locked
-        else predictions.run_lock(
+        else run_locks.run_lock(
             db_url, plan.logical_date, plan.model_version, number, timeout_s=_lock_timeout(lock_timeout_s)
         )
     ) as own:
         lock = lock if locked else own
-        before = predictions.start_part(db_url, plan.run_id, number)
+        before = runs.start_part(db_url, plan.run_id, number)
         attempt = before["attempt"]
         try:
             by_file = _part_videos(
                 db_url, plan, part, first_try=before["attempts"] == 0 and before["status"] == "planned"
             )
-            predictions.set_part_total(db_url, plan.run_id, number, sum(len(v) for v in by_file.values()))
+            runs.set_part_total(db_url, plan.run_id, number, sum(len(v) for v in by_file.values()))
             if score_batches is None:
                 model, config, device = scorer or load_scorer(plan.checkpoint_uri, s3, plan.checkpoint_sha256)
                 batches, num_classes = _score(model, config, by_file, device, s3, batch_size), config.num_classes
@@ -426,7 +430,7 @@ def tag_part(
                 batches = score_batches(by_file, num_classes)
             report = _write_part(db_url, plan, number, attempt, batches, num_classes, s3, lock, progress, by_file)
         except BaseException as exc:
-            predictions.finish_part(db_url, plan.run_id, number, error=f"{type(exc).__name__}: {exc}", attempt=attempt)
+            runs.finish_part(db_url, plan.run_id, number, error=f"{type(exc).__name__}: {exc}", attempt=attempt)
             raise
     log.info("run %d part %d: %d videos, %d rows", plan.run_id, number, report.videos, report.rows_written)
     return report
@@ -491,7 +495,7 @@ def _write_part(
     top_k, csv_top = min(plan.top_k, num_classes), max(plan.top_k, CSV_TOP)
     report = PartReport(number)
     label_counts = np.zeros((top_k, num_classes), np.int64)
-    chunks = predictions.ChunkWriter(
+    chunks = prediction_writes.ChunkWriter(
         db_url, plan.run_id, plan.model_version, number, lock, plan.table, attempt, label_counts=label_counts
     )
     pending_ids, pending_labels, pending_scores = [], [], []
@@ -541,7 +545,7 @@ def _write_part(
         if bar is not None:
             bar.close()
     report.videos = chunks.videos_written
-    predictions.finish_part(db_url, plan.run_id, number, label_counts, attempt=attempt, rows_per_video=top_k)
+    runs.finish_part(db_url, plan.run_id, number, label_counts, attempt=attempt, rows_per_video=top_k)
     return report
 
 
@@ -549,30 +553,30 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
     """Close the night: if every part succeeded, join their export fragments and mark the run
     succeeded; otherwise mark it failed, naming the parts, and raise."""
     ours = sorted(p["part"] for p in plan.parts)
-    parts = [p for p in predictions.parts_of(db_url, plan.run_id) if p["part"] in ours]
+    parts = [p for p in runs.parts_of(db_url, plan.run_id) if p["part"] in ours]
     unfinished = [p for p in parts if p["status"] != "succeeded"]
     if unfinished:
         error = "parts not succeeded: " + ", ".join(
             f"{p['part']} ({p['status']}{': ' + p['error'] if p['error'] else ''})" for p in unfinished[:10]
         )
-        predictions.finish_run(db_url, plan.run_id, error=error)
+        runs.finish_run(db_url, plan.run_id, error=error)
         raise InferenceError(f"run {plan.run_id}: {error}")
     # The parts' committed counters, whatever wrote them (a try of an older release, a part's row edited):
-    short = [(p["part"], gap) for p in parts if (gap := predictions.shortfall(p, plan.k))]
+    short = [(p["part"], gap) for p in parts if (gap := runs.shortfall(p, plan.k))]
     if len(parts) != len(ours) or short:
         error = "incomplete: " + (
             "; ".join(f"part {n}: {gap}" for n, gap in short[:10])
             or f"{len(ours) - len(parts)} planned parts missing from inference_parts"
         )
-        predictions.finish_run(db_url, plan.run_id, error=error)
+        runs.finish_run(db_url, plan.run_id, error=error)
         raise IncompleteNight(f"run {plan.run_id}: {error}")
     try:
         uris = exports.join_night(plan.exports_uri, ours, s3)
-        predictions.finalize_load(db_url, plan.run_id)
+        prediction_writes.finalize_load(db_url, plan.run_id)
     except BaseException as exc:
-        predictions.finish_run(db_url, plan.run_id, error=f"finishing: {type(exc).__name__}: {exc}")
+        runs.finish_run(db_url, plan.run_id, error=f"finishing: {type(exc).__name__}: {exc}")
         raise
-    run = predictions.finish_run(db_url, plan.run_id)
+    run = runs.finish_run(db_url, plan.run_id)
     log.info(
         "run %d: %d videos, %d rows, model version %d",
         plan.run_id,
@@ -580,7 +584,7 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
         run["rows_written"],
         plan.model_version,
     )
-    parts = [p for p in predictions.parts_of(db_url, plan.run_id) if p["part"] in ours]  # less what another night kept
+    parts = [p for p in runs.parts_of(db_url, plan.run_id) if p["part"] in ours]  # less what another night kept
     return InferenceReport(
         plan.run_id,
         plan.model_version,
@@ -594,7 +598,7 @@ def run_inference(
     db_url: str,
     logical_date: datetime,
     *,
-    top_k: int = 20,
+    top_k: int = TOP_K,
     level: str = "frame",
     model_version: int | None = None,
     checkpoint_uri: str | None = None,
@@ -630,9 +634,7 @@ def run_inference(
     # Two runs of the same night at once (a task's retry while a lost try still runs, `vtag infer`
     # beside the DAG) would share one run: the later start would empty the earlier one's rows under it.
     # They take turns instead, the later replacing the run.
-    with predictions.run_lock(
-        db_url, logical_date, version["version"], timeout_s=_lock_timeout(lock_timeout_s)
-    ) as lock:
+    with run_locks.run_lock(db_url, logical_date, version["version"], timeout_s=_lock_timeout(lock_timeout_s)) as lock:
         plan = plan_night(
             db_url,
             logical_date,
@@ -656,7 +658,7 @@ def run_inference(
                     progress=progress,
                 )
             except BaseException as exc:
-                predictions.finish_run(db_url, plan.run_id, error=f"part {part['part']}: {type(exc).__name__}: {exc}")
+                runs.finish_run(db_url, plan.run_id, error=f"part {part['part']}: {type(exc).__name__}: {exc}")
                 raise
         return finish_night(db_url, plan, s3)
 
@@ -667,10 +669,10 @@ def retire_old_versions(db_url: str, keep: int) -> list[int]:
     if keep < 1:
         raise InferenceError(f"keep must be at least 1, not {keep}")
     db.upgrade(db_url)
-    older = predictions.versions_with_predictions(db_url)[keep:]
+    older = partitions.versions_with_predictions(db_url)[keep:]
     retired = [v["version"] for v in older if v["status"] != "production"]
     for version in retired:
-        predictions.retire(db_url, version)
+        partitions.retire(db_url, version)
     return retired
 
 

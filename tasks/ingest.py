@@ -24,16 +24,18 @@ import google_crc32c
 from sqlalchemy.exc import SQLAlchemyError
 
 from storage import catalog, db, manifest
+from storage.errors import UsageError
 from storage.manifest import ShardFailure
 from storage.objectstore import ObjectInfo, ObjectStore, S3Config, StoreError, canonical_uri, store_for
 from storage.parquet_layout import LayoutError, ShardParquetWriter, output_uri, split_of
 from storage.tfrecord import BadRecordError, read_records
-from storage.yt8m_records import LEVELS, RecordDecodeError, decode_frame_level, decode_video_level, detect_level
+from storage.yt8m_records import RecordDecodeError, decode_frame_level, decode_video_level, detect_level
+from storage.yt8m_spec import FRAME, LEVELS, VIDEO
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PATTERN = "*.tfrecord"
-_DECODERS = {"frame": decode_frame_level, "video": decode_video_level}
+_DECODERS = {FRAME.name: decode_frame_level, VIDEO.name: decode_video_level}
 
 # How many mapped tasks an ingest run fans out to at most. Airflow refuses more than [core] max_map_length
 # (1,024), and every task instance costs the scheduler, the metadata database and the UI a row, a state
@@ -164,7 +166,7 @@ def plan_batches(pending: list[ObjectInfo], max_batches: int = MAX_BATCHES) -> l
     """Cut `pending`, in name order, into min(len(pending), max_batches) contiguous batches whose sizes
     differ by at most one (the larger first): a small ingest stays one shard per batch."""
     if max_batches < 1:
-        raise ValueError(f"max_batches must be at least 1, not {max_batches}")
+        raise UsageError(f"max_batches must be at least 1, not {max_batches}")
     ordered = sorted(pending, key=lambda shard: shard.uri)
     count = min(len(ordered), max_batches)
     batches, start = [], 0

@@ -7,11 +7,13 @@ from pathlib import Path
 from sqlalchemy import text
 
 from storage.db import engine_for
+from storage.errors import VtagError
+from storage.yt8m_spec import NUM_CLASSES
 
 QUERIES = Path(__file__).resolve().parent.parent / "sql" / "queries"
 
 
-class QueryError(ValueError):
+class QueryError(VtagError, ValueError):
     pass
 
 
@@ -36,7 +38,7 @@ def _path(name: str) -> Path:
 
 
 MAX_ROWS = 100_000  # a `limit` beyond this is an export's job, not a terminal table's
-MAX_LABELS = 3862
+MAX_LABELS = NUM_CLASSES
 INTEGER_COLUMN = 2**31 - 1  # ids, versions and ranks are 32-bit integer columns
 RANGES = {"limit": (1, MAX_ROWS), "k": (1, MAX_LABELS), "label_id": (0, MAX_LABELS - 1)}
 

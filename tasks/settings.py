@@ -8,6 +8,8 @@ import math
 import os
 from pathlib import Path
 
+from storage.errors import UsageError
+
 
 def vtag_home() -> Path:
     return Path(os.environ.get("VTAG_HOME") or Path.home() / ".vtag").resolve()
@@ -50,5 +52,5 @@ def lock_timeout_s() -> float:
     except ValueError:
         seconds = float("nan")
     if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"VTAG_LOCK_TIMEOUT_S must be a number of seconds (0 or more), not {raw!r}")
+        raise UsageError(f"VTAG_LOCK_TIMEOUT_S must be a number of seconds (0 or more), not {raw!r}")
     return seconds

@@ -3,7 +3,7 @@
 Each label of a small pool drawn from the real vocabulary's range owns an rgb and an audio pattern.
 A video draws 1-7 labels (3 on average) and 1-300 frames; about half its frames carry the pattern of
 one of its labels on top of noise, the rest are noise alone. Features are quantized as Google's
-extractor does: q = round((clip(x, -2, 2) + 2) * 255 / 4).
+extractor does (storage.yt8m_spec.quantize).
 """
 
 import string
@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from storage.errors import UsageError
 from storage.objectstore import S3Config, join, store_for
 from storage.tf_example import Example, SequenceExample
 from storage.tfrecord import write_records
-from storage.yt8m_records import AUDIO_DIM, NUM_CLASSES, RGB_DIM
+from storage.yt8m_spec import AUDIO_DIM, FRAME, LEVELS, MAX_FRAMES, NUM_CLASSES, RGB_DIM, VIDEO, dequantize, quantize
 
-MAX_FRAMES = 300
 _ID_ALPHABET = string.digits + string.ascii_letters
 _SPLIT_ID_BASE = {"train": 0, "validate": 4_000_000, "test": 8_000_000}
 
@@ -31,25 +31,17 @@ class SynthConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.level not in ("frame", "video"):
-            raise ValueError(f"--level must be frame or video, not {self.level!r}")
+        if self.level not in LEVELS:
+            raise UsageError(f"--level must be frame or video, not {self.level!r}")
         if self.split not in _SPLIT_ID_BASE:
-            raise ValueError(f"--split must be train, validate or test, not {self.split!r}")
+            raise UsageError(f"--split must be train, validate or test, not {self.split!r}")
         for name in ("shards", "videos_per_shard", "num_labels"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.num_labels > NUM_CLASSES:
-            raise ValueError(f"--num-labels must be at most {NUM_CLASSES}")
+            raise UsageError(f"--num-labels must be at most {NUM_CLASSES}")
         if self.shards * self.videos_per_shard > 4_000_000:
-            raise ValueError("at most 4,000,000 videos a split (4-character ids)")
-
-
-def quantize(x: np.ndarray) -> np.ndarray:
-    return np.round((np.clip(x, -2.0, 2.0) + 2.0) * 255.0 / 4.0).astype(np.uint8)
-
-
-def dequantize(q: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * (4.0 / 255.0) + (4.0 / 512.0) - 2.0
+            raise UsageError("at most 4,000,000 videos a split (4-character ids)")
 
 
 class _Vocabulary:
@@ -88,7 +80,7 @@ def _frame_record(video_id: str, labels: list[int], rgb: np.ndarray, audio: np.n
     record = SequenceExample()
     record.context.feature["id"].bytes_list.value.append(video_id.encode())
     record.context.feature["labels"].int64_list.value.extend(labels)
-    for name, frames in (("rgb", rgb), ("audio", audio)):
+    for name, frames in zip(FRAME.feature_names, (rgb, audio)):
         feature_list = record.feature_lists.feature_list[name].feature
         for frame in frames:
             feature_list.add().bytes_list.value.append(frame.tobytes())
@@ -100,16 +92,20 @@ def _video_record(video_id: str, labels: list[int], rgb: np.ndarray, audio: np.n
     features = record.features.feature
     features["id"].bytes_list.value.append(video_id.encode())
     features["labels"].int64_list.value.extend(labels)
-    features["mean_rgb"].float_list.value.extend(dequantize(rgb).mean(axis=0).tolist())
-    features["mean_audio"].float_list.value.extend(dequantize(audio).mean(axis=0).tolist())
+    # Google's video-level features are the means of the dequantized frames.
+    for name, frames in zip(VIDEO.feature_names, (rgb, audio)):
+        features[name].float_list.value.extend(dequantize(frames.astype(np.float32)).mean(axis=0).tolist())
     return record.SerializeToString()
+
+
+_ENCODERS = {FRAME.name: _frame_record, VIDEO.name: _video_record}
 
 
 def synth(out: str, config: SynthConfig, s3: S3Config | None = None) -> list[str]:
     """Write `config.shards` shards named like Google's (`train0000.tfrecord`) under `out`; return their URIs."""
     config.validate()
     vocab = _Vocabulary(config.num_labels, config.seed)
-    encode = _frame_record if config.level == "frame" else _video_record
+    encode = _ENCODERS[config.level]
     uris = []
     for shard in range(config.shards):
         rng = np.random.default_rng([config.seed, _SPLIT_ID_BASE[config.split], shard])

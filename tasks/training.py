@@ -1,4 +1,10 @@
-"""Train, evaluate and promote: the work of the yt8m_train DAG's tasks and of `vtag train|evaluate`."""
+"""Train, register, evaluate and promote: the yt8m_train DAG's tasks, one function each, and `vtag train|evaluate`.
+
+A model's way to production: `train_model` writes checkpoints and returns the final one's URI, sha256
+and figures; `register_model` records it as a model version (status `trained`); `evaluate_model`
+scores a version and records the evaluation; `promote` makes it production if it is at least as good.
+`train_and_register` is the first two in one, for `vtag train`.
+"""
 
 import logging
 import os
@@ -13,7 +19,6 @@ def train_model(
     data_uri: str,
     out_uri: str,
     level: str,
-    db_url: str,
     *,
     preset: str | None = None,
     overrides: dict | None = None,
@@ -21,11 +26,16 @@ def train_model(
     pattern: str = "*.parquet",
     resume: str | None = None,
     s3: S3Config | None = None,
-    run_id: str | None = None,
     checkpoint_every: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Train a model and register it as a new model version (status `trained`)."""
+    """Train a model into `out_uri` (continuing a run already there); registers nothing.
+
+    Returns what `register_model` records, JSON-serializable (an XCom): checkpoint_uri and
+    checkpoint_sha256 (the final checkpoint; the sha256 empty on torchrun ranks other than 0), epochs,
+    steps, videos_per_second, final_loss (the last epoch's mean per video, None before one ended),
+    level, preset, config (Config.to_dict), data_uri, split, rank.
+    """
     import torch
 
     from model.config import load_config
@@ -33,8 +43,6 @@ def train_model(
 
     data_uri, out_uri = canonical_uri(data_uri), canonical_uri(out_uri)
     config = load_config(preset, level, overrides, cuda=torch.cuda.is_available())
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone talks to the database
-        db.upgrade(db_url)
     result = train(
         config,
         data_uri,
@@ -46,32 +54,53 @@ def train_model(
         checkpoint_every=checkpoint_every,
         progress=progress,
     )
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return {"version": None, "checkpoint_uri": result.checkpoint_uri, "rank": torch.distributed.get_rank()}
-    version = registry.register(
-        db_url,
-        level=config.level,
-        preset=config.preset,
-        checkpoint_uri=result.checkpoint_uri,
-        config=config.to_dict(),
-        data_uri=data_uri,
-        train_split=split,
-        epochs=result.epochs,
-        steps=result.steps,
-        run_id=run_id,
-        checkpoint_sha256=result.checkpoint_sha256,
-    )
-    final_loss = result.history["epoch_loss"][-1] if result.history.get("epoch_loss") else None
-    log.info("model version %d: %s", version, result.checkpoint_uri)
+    epoch_loss = result.history.get("epoch_loss")
     return {
-        "version": version,
         "checkpoint_uri": result.checkpoint_uri,
+        "checkpoint_sha256": result.checkpoint_sha256,
         "epochs": result.epochs,
         "steps": result.steps,
         "videos_per_second": result.videos_per_second,
-        "final_loss": final_loss,
+        "final_loss": epoch_loss[-1] if epoch_loss else None,
         "level": config.level,
+        "preset": config.preset,
+        "config": config.to_dict(),
+        "data_uri": data_uri,
+        "split": split,
+        "rank": result.rank,
     }
+
+
+def register_model(db_url: str, trained: dict, *, run_id: str | None = None) -> dict:
+    """Record `trained` (train_model's result) as a model version with status `trained`; again, the
+    same checkpoint is the same version. Returns `trained` with its `version`."""
+    db.upgrade(db_url)
+    version = registry.register(
+        db_url,
+        level=trained["level"],
+        preset=trained["preset"],
+        checkpoint_uri=trained["checkpoint_uri"],
+        config=trained["config"],
+        data_uri=trained["data_uri"],
+        train_split=trained["split"],
+        epochs=trained["epochs"],
+        steps=trained["steps"],
+        run_id=run_id,
+        checkpoint_sha256=trained["checkpoint_sha256"],
+    )
+    log.info("model version %d: %s", version, trained["checkpoint_uri"])
+    return {**trained, "version": version}
+
+
+def train_and_register(data_uri: str, out_uri: str, level: str, db_url: str, **train_options) -> dict:
+    """`train_model`, then `register_model` (`vtag train`). Under torchrun, rank 0 alone talks to the
+    database; the other ranks return version None."""
+    if os.environ.get("RANK", "0") == "0":  # fails on an unreachable database now, not after the training
+        db.upgrade(db_url)
+    trained = train_model(data_uri, out_uri, level, **train_options)
+    if trained["rank"] != 0:
+        return {**trained, "version": None}
+    return register_model(db_url, trained)
 
 
 def evaluate_model(

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("VTAG_SHARED", REPO.parent / "shared")).resolve()
-BIN = Path(sys.executable).parent
+from tests.support.env import BIN, PG_ADMIN_URL, REPO, SHARED, free_port
 
 # Airflow reads its home at import time: point it at a throwaway folder before anything imports it.
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="vtag-airflow-home-"))
@@ -28,8 +26,6 @@ os.environ.update(
 )
 os.environ.pop("VTAG_DB_URL", None)
 sys.path.insert(0, str(REPO / "dags"))  # Airflow puts the DAGs folder on sys.path; DAG files import yt8m_assets
-
-PG_ADMIN_URL = os.environ.get("VTAG_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture(scope="session")
@@ -83,16 +79,10 @@ def db_url(request) -> str:
     return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible HTTP endpoint on loopback (moto's server); yields its URL."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -226,5 +216,5 @@ def tiny_checkpoint(raw_shards, tmp_path_factory) -> str:
     home = tmp_path_factory.mktemp("tiny-model")
     db_url, parquet = f"sqlite:///{home / 'train.db'}", str(home / "parquet")
     assert not ingest(str(raw_shards), parquet, db_url).failed
-    trained = train_model(parquet, str(home / "model"), "frame", db_url, preset="small", overrides=TINY, progress=False)
+    trained = train_model(parquet, str(home / "model"), "frame", preset="small", overrides=TINY, progress=False)
     return trained["checkpoint_uri"]

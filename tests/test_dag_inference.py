@@ -9,8 +9,8 @@ from storage import catalog
 from storage.db import engine_for
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
-from tasks.training import evaluate_model, promote, train_model
-from tests.conftest import SHARED
+from tasks.training import evaluate_model, promote, train_and_register
+from tests.support.env import SHARED
 from tests.test_inference import TINY
 
 pytestmark = pytest.mark.airflow
@@ -29,7 +29,7 @@ def test_nightly_dag_tags_the_videos_that_arrived(dagbag, tmp_path, monkeypatch,
     assert dag.test(logical_date=night).state == "success"  # no production model yet: the night is skipped
 
     catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv"))
-    trained = train_model(
+    trained = train_and_register(
         parquet, str(tmp_path / "model"), "frame", db_url, preset="small", overrides=TINY, progress=False
     )
     evaluate_model(trained["checkpoint_uri"], parquet, db_url)

@@ -1,4 +1,4 @@
-"""The yt8m_train DAG end to end with dag.test(): train -> evaluate -> register/promote."""
+"""The yt8m_train DAG end to end with dag.test(): train -> register -> evaluate -> promote."""
 
 import pytest
 
@@ -38,3 +38,9 @@ def test_train_dag_writes_model_versions_and_evaluations(dagbag, tmp_path, monke
     second = dag.test(run_conf={**conf, "learning_rate": 1e-7, "epochs": 1})
     assert second.state == "success"
     assert registry.production(db_url, "frame")["version"] == versions[0].version  # not better: not promoted
+
+
+def test_train_dag_is_train_register_evaluate_promote(dagbag):
+    dag = dagbag.get_dag("yt8m_train")
+    upstream = {task.task_id: sorted(task.upstream_task_ids) for task in dag.tasks}
+    assert upstream == {"train": [], "register": ["train"], "evaluate": ["register"], "promote": ["evaluate"]}

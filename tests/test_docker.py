@@ -24,7 +24,7 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
-from tests.conftest import BIN, REPO
+from tests.support.env import BIN, REPO
 
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"

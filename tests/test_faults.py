@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, text
 
-from storage import manifest, predictions
+from storage import manifest, partitions, prediction_writes
 from storage.db import engine_for
 from storage.objectstore import S3Config
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
-from tests.conftest import BIN
 from tests.shards import record_offsets
+from tests.support.env import BIN
 from tests.support.faults import FlakyProxy, PrivateCluster, kill_part_worker_after, start_part_worker
 from tests.worlds import NIGHT, VIDEOS, build_world, count, row, rows, stored_rows
 
@@ -227,7 +227,7 @@ def test_postgresql_restarted_during_the_nightly_write(
     k = 4
     monkeypatch.setattr(inference, "CHUNK_VIDEOS", 8)  # 50 videos: 7 chunks, a transaction each
 
-    real_insert, calls = predictions.insert_bulk, {"n": 0}
+    real_insert, calls = prediction_writes.insert_bulk, {"n": 0}
 
     def restart_inside_third_chunk(conn, table, *target):
         written = real_insert(conn, table, *target)  # the chunk's rows are in, its transaction still open
@@ -238,7 +238,7 @@ def test_postgresql_restarted_during_the_nightly_write(
             calls["restart_s"] = time.monotonic() - began
         return written
 
-    monkeypatch.setattr(predictions, "insert_bulk", restart_inside_third_chunk)
+    monkeypatch.setattr(prediction_writes, "insert_bulk", restart_inside_third_chunk)
     from sqlalchemy.exc import OperationalError
 
     try:
@@ -273,7 +273,7 @@ def test_postgresql_restarted_during_the_nightly_write(
         f"every stored video has exactly {k} rows"
     )
 
-    monkeypatch.setattr(predictions, "insert_bulk", real_insert)
+    monkeypatch.setattr(prediction_writes, "insert_bulk", real_insert)
     retry = inference.run_inference(db_url, NIGHT, top_k=k, exports_uri=world["exports"])  # what Airflow's retry does
     report.injected("reran run_inference for the same logical date, as the task's retry would")
     assert retry.videos == VIDEOS
@@ -343,7 +343,7 @@ def test_two_runs_of_the_same_night_at_once(pg_url, raw_shards, tiny_checkpoint,
         except Exception as exc:  # noqa: BLE001 - asserted below
             errors[i] = exc
 
-    caplog.set_level("WARNING", logger="storage.predictions")
+    caplog.set_level("WARNING", logger="storage.run_locks")
     threads = [threading.Thread(target=night, args=(i,)) for i in (0, 1)]
     [t.start() for t in threads]
     [t.join(timeout=120) for t in threads]
@@ -392,12 +392,12 @@ def test_a_run_that_lost_its_lock_stops_writing(pg_url, raw_shards, tiny_checkpo
     a pooler's timeout): the server frees the lock, so another run could take over. The next chunk sees it
     and stops the run instead of writing under that other run; the retry completes the night."""
     import tasks.inference as inference
-    from storage import predictions
+    from storage import prediction_writes, run_locks
 
     world = build_world(raw_shards, tmp_path, pg_url, checkpoint=tiny_checkpoint)
     k = 3
     monkeypatch.setattr(inference, "CHUNK_VIDEOS", 8)
-    real_write, calls = predictions.write_chunk, {"n": 0}
+    real_write, calls = prediction_writes.write_chunk, {"n": 0}
 
     def terminate_the_lock_before_the_third_chunk(*args, **kwargs):
         calls["n"] += 1
@@ -407,8 +407,8 @@ def test_a_run_that_lost_its_lock_stops_writing(pg_url, raw_shards, tiny_checkpo
                 conn.exec_driver_sql("SELECT pg_terminate_backend(%s, 10000)", (lock.pid,))  # waits for the exit
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(predictions, "write_chunk", terminate_the_lock_before_the_third_chunk)
-    with pytest.raises(predictions.LostRunLock, match="holding this run's lock"):
+    monkeypatch.setattr(prediction_writes, "write_chunk", terminate_the_lock_before_the_third_chunk)
+    with pytest.raises(run_locks.LostRunLock, match="holding this run's lock"):
         inference.run_inference(pg_url, NIGHT, top_k=k, exports_uri=world["exports"])
     report.injected("pg_terminate_backend of the session holding the run's advisory lock, before the 3rd chunk")
     status, done, written = row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs")
@@ -417,7 +417,7 @@ def test_a_run_that_lost_its_lock_stops_writing(pg_url, raw_shards, tiny_checkpo
         f"the run stopped with LostRunLock after {done} videos; marked failed, {written} rows = rows stored"
     )
 
-    monkeypatch.setattr(predictions, "write_chunk", real_write)
+    monkeypatch.setattr(prediction_writes, "write_chunk", real_write)
     inference.run_inference(pg_url, NIGHT, top_k=k, exports_uri=world["exports"])
     assert row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs") == (
         "succeeded",
@@ -446,7 +446,7 @@ def test_a_part_sigkilled_mid_write_is_retried_alone(pg_url, raw_shards, tiny_ch
     tag_part(pg_url, plan, plan.parts[0])
     worker = start_part_worker(pg_url, plan, plan.parts[1], chunk_videos=4, write_delay_s=0.3)
     kill_part_worker_after(pg_url, worker, plan.run_id, 1, rows=2 * 4 * k)
-    assert plan.table == predictions.load_table_name(
+    assert plan.table == partitions.load_table_name(
         world["version"], plan.run_id
     )  # the version's first night loads apart
     killed_rows = count(
@@ -478,7 +478,7 @@ def test_a_part_sigkilled_mid_write_is_retried_alone(pg_url, raw_shards, tiny_ch
     with open(finished.exports[0], newline="") as f:
         exported = [r[0] for r in csv.reader(f)][1:]
     assert sorted(exported) == sorted(per_video)  # each video once: the dead try's fragment was replaced
-    partition = predictions.partition_name(world["version"])  # the load table became the version's partition
+    partition = partitions.partition_name(world["version"])  # the load table became the version's partition
     assert count(pg_url, "SELECT to_regclass(:t)::text", t=plan.table) is None
     assert count(pg_url, "SELECT COUNT(*) FROM pg_indexes WHERE tablename = :t", t=partition) == 3
     assert count(pg_url, "SELECT COUNT(*) FROM pg_inherits WHERE inhrelid = to_regclass(:t)", t=partition) == 1

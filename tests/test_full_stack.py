@@ -19,7 +19,7 @@ from sqlalchemy import text
 from storage.db import engine_for
 from tasks.synth import SynthConfig, synth
 from tests.airflow_stack import AirflowStack
-from tests.conftest import BIN, PG_ADMIN_URL, SHARED, _free_port
+from tests.support.env import BIN, PG_ADMIN_URL, SHARED, free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.stack]
 
@@ -74,7 +74,7 @@ def stack_factory(_pg_server, s3_server, tmp_path, monkeypatch):
         for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "VTAG_DB_URL"):
             monkeypatch.delenv(key, raising=False)  # tasks must find S3 and the database through the connections
         stack = AirflowStack.configure(
-            tmp_path / f"airflow-{executor}", _free_port(), f"{base}/{metadata_db}", executor, env
+            tmp_path / f"airflow-{executor}", free_port(), f"{base}/{metadata_db}", executor, env
         )
         made.append((stack, [metadata_db, vtag_db]))
         return stack, f"{base}/{vtag_db}", bucket
@@ -256,7 +256,7 @@ def test_pipeline_on_airflow_with_celery_and_a_scheduler_restart(redis_broker, s
     ):
         if name.startswith("worker"):  # two workers on one host: each its own name and log server port
             args = [*args, "--celery-hostname", f"{name}@%h"]
-            stack.start(name, *args, env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port())})
+            stack.start(name, *args, env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
         else:
             stack.start(name, *args)
     restarts = []

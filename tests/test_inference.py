@@ -8,11 +8,11 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from storage import catalog, predictions
+from storage import catalog, prediction_writes
 from storage.db import engine_for
 from tasks import queries
 from tasks.inference import InferenceError, NoProductionModel, run_inference
-from tests.conftest import SHARED
+from tests.support.env import SHARED
 from tests.worlds import NIGHT, TINY, stored_rows  # noqa: F401 (TINY, for test_dag_*)
 from tests.worlds import build_world as _world
 from tests.worlds import count as _count
@@ -73,7 +73,7 @@ def test_a_run_killed_mid_write_is_not_complete_and_its_retry_finishes(world, mo
     import tasks.inference as inference
 
     monkeypatch.setattr(inference, "CHUNK_VIDEOS", 8)
-    real_write, calls = predictions.write_chunk, {"n": 0}
+    real_write, calls = prediction_writes.write_chunk, {"n": 0}
 
     def dies_on_third_chunk(*args, **kwargs):
         calls["n"] += 1
@@ -81,7 +81,7 @@ def test_a_run_killed_mid_write_is_not_complete_and_its_retry_finishes(world, mo
             raise ConnectionError("database went away mid-write")
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(predictions, "write_chunk", dies_on_third_chunk)
+    monkeypatch.setattr(prediction_writes, "write_chunk", dies_on_third_chunk)
     with pytest.raises(ConnectionError):
         run_inference(world["db"], NIGHT, top_k=4, exports_uri=world["exports"])
     run = dict(
@@ -92,7 +92,7 @@ def test_a_run_killed_mid_write_is_not_complete_and_its_retry_finishes(world, mo
     )
     assert run["status"] == "failed" and run["rows_written"] == stored_rows(world["db"]) > 0
 
-    monkeypatch.setattr(predictions, "write_chunk", real_write)
+    monkeypatch.setattr(prediction_writes, "write_chunk", real_write)
     retry = run_inference(world["db"], NIGHT, top_k=4, exports_uri=world["exports"])
     assert retry.videos == 50 and _count(world["db"], "SELECT COUNT(*) FROM predictions") == 200
     assert _row(world["db"], "SELECT status, videos_done, rows_written FROM inference_runs") == ("succeeded", 50, 200)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage import exports, predictions
+from storage import exports, partitions, prediction_writes, runs
 from tasks import queries
 from tasks.inference import (
     InferenceError,
@@ -70,7 +70,7 @@ def test_cut_parts_is_contiguous_bounded_and_one_part_when_small():
 
 def test_a_night_in_several_parts_is_one_run_with_k_rows_per_video(world):
     report = run_inference(world["db"], NIGHT, top_k=4, exports_uri=world["exports"], part_videos=12)
-    assert len(predictions.parts_of(world["db"], report.run_id)) == 3  # three files of 20, 20 and 10 videos
+    assert len(runs.parts_of(world["db"], report.run_id)) == 3  # three files of 20, 20 and 10 videos
     assert report.videos == VIDEOS and report.rows_written == VIDEOS * 4
     _check_night(world, 4, report.run_id, report.exports)
     assert sorted(p.name for p in (Path(world["exports"]) / "parts").iterdir()) == [  # each part's own, no temporary
@@ -79,7 +79,7 @@ def test_a_night_in_several_parts_is_one_run_with_k_rows_per_video(world):
     again = run_inference(
         world["db"], NIGHT, top_k=4, exports_uri=world["exports"], part_videos=30
     )  # a rerun, cut anew
-    assert again.run_id == report.run_id and len(predictions.parts_of(world["db"], report.run_id)) == 2
+    assert again.run_id == report.run_id and len(runs.parts_of(world["db"], report.run_id)) == 2
     _check_night(world, 4, report.run_id, again.exports)
 
 
@@ -92,7 +92,7 @@ def test_a_part_that_died_mid_write_is_retried_alone_without_duplicates(world, m
     assert len(plan.parts) == 3
     first = tag_part(db_url, plan, plan.parts[0])
 
-    real_write, calls = predictions.write_chunk, {"n": 0}
+    real_write, calls = prediction_writes.write_chunk, {"n": 0}
 
     def dies_on_third_chunk(*args, **kwargs):
         calls["n"] += 1
@@ -100,11 +100,11 @@ def test_a_part_that_died_mid_write_is_retried_alone_without_duplicates(world, m
             raise ConnectionError("worker lost mid-part")
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(predictions, "write_chunk", dies_on_third_chunk)
+    monkeypatch.setattr(prediction_writes, "write_chunk", dies_on_third_chunk)
     with pytest.raises(ConnectionError):
         tag_part(db_url, plan, plan.parts[1])
-    monkeypatch.setattr(predictions, "write_chunk", real_write)
-    died = predictions.parts_of(db_url, plan.run_id)[1]
+    monkeypatch.setattr(prediction_writes, "write_chunk", real_write)
+    died = runs.parts_of(db_url, plan.run_id)[1]
     assert died["status"] == "failed" and 0 < died["rows_written"] < 20 * k and "worker lost" in died["error"]
     tag_part(db_url, plan, plan.parts[2])
     with pytest.raises(InferenceError, match=r"parts not succeeded: 1 \(failed: ConnectionError"):
@@ -113,7 +113,7 @@ def test_a_part_that_died_mid_write_is_retried_alone_without_duplicates(world, m
 
     retried = tag_part(db_url, plan, plan.parts[1])  # Airflow's retry of that mapped task alone
     assert retried.videos == 20 and first.videos == 20
-    assert [p["attempts"] for p in predictions.parts_of(db_url, plan.run_id)] == [1, 2, 1]
+    assert [p["attempts"] for p in runs.parts_of(db_url, plan.run_id)] == [1, 2, 1]
     report = finish_night(db_url, plan)
     _check_night(world, k, plan.run_id, report.exports)
 
@@ -160,8 +160,8 @@ def test_retiring_a_version_drops_its_predictions_only(world, db_url):
     )
     assert second.videos == VIDEOS and count(db_url, "SELECT COUNT(*) FROM predictions") == 2 * VIDEOS * 2
 
-    with pytest.raises(predictions.RetireError, match="is in production"):
-        predictions.retire(db_url, world["version"])
+    with pytest.raises(partitions.RetireError, match="is in production"):
+        partitions.retire(db_url, world["version"])
     promote(db_url, world["version"] + 1)
     assert retire_old_versions(db_url, keep=1) == [world["version"]]
     assert count(db_url, "SELECT COUNT(*) FROM predictions") == VIDEOS * 2
@@ -172,6 +172,6 @@ def test_retiring_a_version_drops_its_predictions_only(world, db_url):
     assert count(db_url, "SELECT COUNT(*) FROM inference_label_counts WHERE run_id = :r", r=first.run_id) == 0
     assert retire_old_versions(db_url, keep=1) == []  # nothing left to retire
     if db_url.startswith("postgresql"):
-        old, new = (predictions.partition_name(v) for v in (world["version"], world["version"] + 1))
+        old, new = (partitions.partition_name(v) for v in (world["version"], world["version"] + 1))
         assert count(db_url, "SELECT to_regclass(:t)::text", t=old) is None  # dropped, not emptied row by row
         assert count(db_url, "SELECT to_regclass(:t)::text", t=new) == new

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from storage import predictions
+from storage import run_locks, runs
 from storage.db import engine_for
 from tasks.inference import NonFiniteScores, finish_night, plan_night, run_inference, tag_part
-from tests.conftest import REPO
 from tests.support.cli import vtag
+from tests.support.env import REPO
 from tests.worlds import NIGHT, VIDEOS, build_world, count, row, rows, stored_rows
 
 
@@ -89,7 +89,7 @@ def test_rows_lost_to_a_conflicting_row_fail_the_night_instead_of_succeeding(wor
             {"v": victim, "m": world["version"]},
         )
 
-    with pytest.raises(predictions.RowsLost) as failure:
+    with pytest.raises(runs.RowsLost) as failure:
         run_inference(db_url, NIGHT, top_k=k, exports_uri=world["exports"])  # the rerun must write the video again
     message = str(failure.value)
     assert "\n" not in message and f"{victim} (run 999 holds 1 rows, ranks 3..3)" in message
@@ -175,10 +175,10 @@ def test_two_nights_scoring_the_same_videos_at_once_leave_each_video_to_one(worl
 _HOLDER = """
 import sys, time
 from datetime import datetime
-from storage import predictions
+from storage import run_locks
 
 part = None if sys.argv[4] == "night" else int(sys.argv[4])
-with predictions.run_lock(sys.argv[1], datetime.fromisoformat(sys.argv[2]), int(sys.argv[3]), part, timeout_s=30):
+with run_locks.run_lock(sys.argv[1], datetime.fromisoformat(sys.argv[2]), int(sys.argv[3]), part, timeout_s=30):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -214,7 +214,7 @@ def test_planning_behind_a_hung_run_gives_up_after_the_timeout(world):
     holder = _hold_lock(db_url, version, "night")
     try:
         began = time.monotonic()
-        with pytest.raises(predictions.RunLockTimeout) as failure:
+        with pytest.raises(run_locks.RunLockTimeout) as failure:
             plan_night(db_url, NIGHT, top_k=2, exports_uri=world["exports"], lock_timeout_s=1.5)
         _assert_timed_out(
             failure,
@@ -237,7 +237,7 @@ def test_a_part_retry_behind_its_hung_try_gives_up_after_the_timeout(world):
     holder = _hold_lock(db_url, version, "1")
     try:
         began = time.monotonic()
-        with pytest.raises(predictions.RunLockTimeout) as failure:
+        with pytest.raises(run_locks.RunLockTimeout) as failure:
             tag_part(db_url, plan, plan.parts[1], lock_timeout_s=2)
         _assert_timed_out(
             failure,
@@ -247,7 +247,7 @@ def test_a_part_retry_behind_its_hung_try_gives_up_after_the_timeout(world):
             2,
             time.monotonic() - began,
         )
-        assert predictions.parts_of(db_url, plan.run_id)[1]["attempts"] == 0  # it never started under the holder
+        assert runs.parts_of(db_url, plan.run_id)[1]["attempts"] == 0  # it never started under the holder
     finally:
         _release(holder)
     for part in plan.parts:
@@ -261,7 +261,7 @@ def test_the_lock_timeout_comes_from_the_environment(world, monkeypatch):
     holder = _hold_lock(db_url, version, "night")
     try:
         began = time.monotonic()
-        with pytest.raises(predictions.RunLockTimeout, match=r"\(waited 1 s\)"):
+        with pytest.raises(run_locks.RunLockTimeout, match=r"\(waited 1 s\)"):
             run_inference(db_url, NIGHT, top_k=2, exports_uri=world["exports"])
         assert time.monotonic() - began < 10
     finally:

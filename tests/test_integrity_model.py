@@ -26,9 +26,9 @@ from storage.db import engine_for
 from storage.objectstore import ObjectChangedError
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
-from tasks.training import evaluate_model, promote, train_model
-from tests.conftest import REPO
+from tasks.training import evaluate_model, promote, train_and_register
 from tests.support.cli import vtag
+from tests.support.env import REPO
 
 TINY = {
     "embedding_size": 8,
@@ -83,7 +83,7 @@ def _replace_with_other_content(path) -> None:
 
 def test_a_version_of_a_mutable_checkpoint_keeps_its_weights(parquet, tmp_path, db_url):
     out = tmp_path / "run"
-    first = train_model(parquet, str(out), "frame", db_url, preset="small", overrides=TINY, progress=False)
+    first = train_and_register(parquet, str(out), "frame", db_url, preset="small", overrides=TINY, progress=False)
     final = out / f"final-step{first['steps']:07d}.pt"
     assert registry.get_version(db_url, first["version"])["checkpoint_sha256"] == _sha256(final)
 
@@ -103,7 +103,7 @@ def test_a_version_of_a_mutable_checkpoint_keeps_its_weights(parquet, tmp_path, 
     # epoch-001.pt, and ends at the step of the final checkpoint already there, holding other weights.
     (out / "last.pt").unlink()
     with pytest.raises(CheckpointError, match="already holds other weights .* a final checkpoint is never overwritten"):
-        train_model(
+        train_and_register(
             parquet,
             str(out),
             "frame",

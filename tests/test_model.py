@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from model.attention_lstm import AttentionLSTM, build_model, dequantize
+from model.attention_lstm import AttentionLSTM, build_model
 from model.config import Config, ConfigError, load_config
+from storage.yt8m_spec import dequantize
 
 
 def _tiny(**overrides) -> Config:
@@ -65,7 +66,7 @@ def test_video_level_mlp_shapes():
 
 def test_dequantize_matches_reference():
     q = torch.tensor([0, 128, 255], dtype=torch.uint8)
-    assert torch.allclose(dequantize(q), q.double().mul(4 / 255).add(4 / 512 - 2).float())
+    assert torch.allclose(dequantize(q.float()), q.double().mul(4 / 255).add(4 / 512 - 2).float())
 
 
 @pytest.mark.parametrize(

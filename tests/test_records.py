@@ -5,7 +5,8 @@ import pytest
 from tfrecord.reader import tfrecord_loader
 
 from storage.yt8m_records import RecordDecodeError, decode_frame_level, decode_video_level, detect_level
-from tasks.synth import SynthConfig, dequantize, quantize, synth
+from storage.yt8m_spec import dequantize, quantize
+from tasks.synth import SynthConfig, synth
 from tests.shards import frame_record, video_record
 
 
@@ -59,7 +60,7 @@ def test_quantization_matches_reference():
     x = np.array([-3.0, -2.0, 0.0, 1.0, 2.0, 5.0], dtype=np.float32)
     q = quantize(x)
     assert q.tolist() == [0, 0, 128, 191, 255, 255]
-    assert np.allclose(dequantize(q), q.astype(np.float64) * 4 / 255 + 4 / 512 - 2)
+    assert np.allclose(dequantize(q.astype(np.float32)), q.astype(np.float64) * 4 / 255 + 4 / 512 - 2)
 
 
 def test_synth_frame_level_is_read_by_an_independent_tfrecord_reader(tmp_path):

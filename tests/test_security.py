@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, inspect, text
 from storage.db import engine_for
 from tasks import cli, queries
 from tasks.inference import run_inference
-from tests.conftest import REPO
+from tests.support.env import REPO
 from tests.worlds import NIGHT, build_world, count, rows
 
 # --- no secret in the repository ----------------------------------------------------------------------
@@ -407,14 +407,14 @@ SQL_IDENTIFIERS = {
     # COLUMNS: the predictions table's column names; table, partition, loading: partition_name() or
     # load_table_name(), a constant prefix and ints; target: one of those or 'predictions'; version and
     # int(run.model_version): ints; mode: '' or '_shared' (run_lock's advisory lock functions)
-    "storage/predictions.py": {
+    "storage/run_locks.py": {"mode"},
+    "storage/partitions.py": {"table", "version", "loading"},
+    "storage/runs.py": {"table", "version"},
+    "storage/prediction_writes.py": {
         "', '.join(COLUMNS)",
         "columns",
         "table",
-        "version",
-        "mode",
         "partition",
-        "loading",
         "target",
         "int(run.model_version)",
     },
@@ -477,13 +477,13 @@ def test_sql_is_never_built_from_values(report):
     ]
     assert unexpected == []
     # The allowed identifiers really are constants of their modules.
-    import storage.predictions as predictions_module
+    from storage import partitions, prediction_writes
 
-    assert isinstance(predictions_module.COLUMNS, tuple) and all(c.isidentifier() for c in predictions_module.COLUMNS)
-    assert predictions_module.partition_name("3") == "predictions_v3"
-    assert predictions_module.load_table_name(3, "12") == "predictions_v3_run12"
+    assert isinstance(prediction_writes.COLUMNS, tuple) and all(c.isidentifier() for c in prediction_writes.COLUMNS)
+    assert partitions.partition_name("3") == "predictions_v3"
+    assert partitions.load_table_name(3, "12") == "predictions_v3_run12"
     with pytest.raises(ValueError):
-        predictions_module.partition_name("1; DROP TABLE predictions")
+        partitions.partition_name("1; DROP TABLE predictions")
     for migration, names in (
         ("0003_predictions.py", ("ANALYST_ROLE", "READABLE")),
         ("0004_analyst_reads_predictions_only.py", ("ANALYST_ROLE", "INTERNAL")),

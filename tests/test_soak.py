@@ -39,13 +39,13 @@ from sqlalchemy import event, text
 
 import tasks.inference as inference
 from model import checkpoint
-from storage import catalog, predictions
+from storage import catalog, prediction_writes
 from storage.db import engine_for
 from storage.objectstore import S3Config
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote
-from tests.conftest import SHARED
+from tests.support.env import SHARED
 from tests.support.faults import FlakyProxy, PrivateCluster, kill_part_worker_after, start_part_worker
 from tests.worlds import NIGHT, VIDEOS, build_world, count, rows
 
@@ -457,7 +457,7 @@ def _two_tries_at_once(soak: Soak, night: Night, plan):
 def _restart_inside_a_chunk(soak: Soak, night: Night, plan):
     """PostgreSQL restarted inside the n-th chunk's transaction of the night (rows COPYed, not committed)."""
     nth, calls, lock = soak.rng.randint(1, sum(_chunks(p) for p in plan.parts)), [0], threading.Lock()
-    real_insert = predictions.insert_bulk
+    real_insert = prediction_writes.insert_bulk
 
     def insert_then_restart(conn, table, *target):
         written = real_insert(conn, table, *target)
@@ -470,11 +470,11 @@ def _restart_inside_a_chunk(soak: Soak, night: Night, plan):
             soak.report.injected(f"{night.label}: PostgreSQL restarted inside chunk {nth}'s transaction")
         return written
 
-    predictions.insert_bulk = insert_then_restart
+    prediction_writes.insert_bulk = insert_then_restart
     try:
         yield {}
     finally:
-        predictions.insert_bulk = real_insert
+        prediction_writes.insert_bulk = real_insert
     assert calls[0] >= nth, f"{night.label}: only {calls[0]} chunks written, the restart was set for chunk {nth}"
 
 

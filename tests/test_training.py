@@ -16,8 +16,8 @@ from model.train import train
 from storage import registry
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
-from tasks.training import evaluate_model, promote, train_model
-from tests.conftest import BIN
+from tasks.training import evaluate_model, promote, register_model, train_and_register, train_model
+from tests.support.env import BIN
 
 TINY = {
     "embedding_size": 8,
@@ -114,8 +114,8 @@ def test_bad_inputs_fail_before_training(parquet, tmp_path):
 
 
 def test_train_evaluate_register_promote(parquet, tmp_path, db_url):
-    trained = train_model(
-        parquet, str(tmp_path / "v1"), "frame", db_url, preset="small", overrides=TINY, progress=False
+    trained = register_model(
+        db_url, train_model(parquet, str(tmp_path / "v1"), "frame", preset="small", overrides=TINY, progress=False)
     )
     evaluation = evaluate_model(trained["checkpoint_uri"], parquet, db_url)
     assert evaluation["videos"] == 16 and set(evaluation) >= {"hit_at_one", "perr", "gap", "map", "plot_uri"}
@@ -123,7 +123,7 @@ def test_train_evaluate_register_promote(parquet, tmp_path, db_url):
     assert promote(db_url, trained["version"])["promoted"]
     assert registry.production(db_url, "frame")["version"] == trained["version"]
 
-    worse = train_model(
+    worse = train_and_register(
         parquet,
         str(tmp_path / "v2"),
         "frame",
@@ -140,7 +140,9 @@ def test_train_evaluate_register_promote(parquet, tmp_path, db_url):
     assert registry.get_version(db_url, worse["version"])["status"] == "rejected"
 
     # Scored on another evaluation set, a candidate is compared with production scored on that set too.
-    third = train_model(parquet, str(tmp_path / "v3"), "frame", db_url, preset="small", overrides=TINY, progress=False)
+    third = train_and_register(
+        parquet, str(tmp_path / "v3"), "frame", db_url, preset="small", overrides=TINY, progress=False
+    )
     evaluate_model(third["checkpoint_uri"], parquet, db_url, pattern="validate0000.parquet")
     promote(db_url, third["version"])
     from sqlalchemy import text
@@ -160,7 +162,7 @@ def test_train_evaluate_register_promote(parquet, tmp_path, db_url):
 
 
 def test_video_level_model_learns(parquet, tmp_path, sqlite_url):
-    trained = train_model(
+    trained = train_and_register(
         parquet,
         str(tmp_path / "video"),
         "video",

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.airflow_stack import AirflowRest, processes_with_env, wait_for
-from tests.conftest import BIN, REPO, _free_port
+from tests.support.env import BIN, REPO, free_port
 
 DAGS = REPO / "dags"
 DAG_ID = "yt8m_nightly_inference"
@@ -60,7 +60,7 @@ def local_airflow(tmp_path):
         **os.environ,
         "AIRFLOW_HOME": str(airflow_home),
         "VTAG_HOME": str(vtag_home),
-        "AIRFLOW__API__PORT": str(_free_port()),
+        "AIRFLOW__API__PORT": str(free_port()),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "VTAG_NIGHTLY_START": datetime.now(UTC).strftime("%Y-%m-%d"),  # as `make airflow`: no catchup flood

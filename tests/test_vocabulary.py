@@ -6,8 +6,8 @@ import codecs
 import pytest
 
 from storage.db import engine_for
-from tests.conftest import SHARED
 from tests.support.cli import vtag
+from tests.support.env import SHARED
 from tests.worlds import count, rows
 
 REAL = SHARED / "yt8m" / "vocabulary.csv"

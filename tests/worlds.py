@@ -12,8 +12,8 @@ from storage import catalog
 from storage.db import engine_for
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
-from tasks.training import evaluate_model, promote, train_model
-from tests.conftest import SHARED
+from tasks.training import evaluate_model, promote, train_and_register
+from tests.support.env import SHARED
 
 TINY = {
     "embedding_size": 8,
@@ -43,7 +43,7 @@ def build_world(raw_shards, tmp_path, db_url, checkpoint: str | None = None) -> 
     assert not ingest(str(raw_shards), parquet, db_url).failed
     catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv"))
     if checkpoint is None:
-        checkpoint = train_model(
+        checkpoint = train_and_register(
             parquet, str(tmp_path / "model"), "frame", db_url, preset="small", overrides=TINY, progress=False
         )["checkpoint_uri"]
     version = evaluate_model(checkpoint, parquet, db_url)["version"]

@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-from tests.conftest import BIN
+from tests.support.env import BIN
 
 
 def vtag(*args, env: dict | None = None, unset: tuple = (), env_home=None, cwd=None) -> subprocess.CompletedProcess:

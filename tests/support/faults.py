@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from tests.conftest import BIN, REPO, _free_port
+from tests.support.env import BIN, REPO, free_port
 from tests.worlds import count
 
 # The server binaries of whichever PostgreSQL major Debian installed (the newest if several).
@@ -37,7 +37,7 @@ class FlakyProxy:
     """
 
     def __init__(self, upstream_port: int):
-        self.port, self._upstream = _free_port(), ("127.0.0.1", upstream_port)
+        self.port, self._upstream = free_port(), ("127.0.0.1", upstream_port)
         self._lock, self._sockets, self._listener = threading.Lock(), set(), None
         self._closed = False
         self.requests = self.cut_sockets = self.accepted_after_restore = 0
@@ -177,7 +177,7 @@ class PrivateCluster:
     def __init__(self):
         self.root = Path(tempfile.mkdtemp(prefix="vtag-pg-"))
         os.chown(self.root, *postgres_ids())
-        self.data, self.port = self.root / "data", _free_port()
+        self.data, self.port = self.root / "data", free_port()
         self.admin_url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
         self.restarts = 0
 
@@ -250,20 +250,20 @@ class PrivateCluster:
 _PART_WORKER = """
 import json, sys, time
 import tasks.inference as inference
-from storage import predictions
+from storage import prediction_writes
 from storage.objectstore import S3Config
 from tasks.inference import NightPlan, tag_part
 
 work = json.loads(sys.argv[2])
 inference.CHUNK_VIDEOS = work["chunk_videos"]
-real_write = predictions.write_chunk
+real_write = prediction_writes.write_chunk
 
 def slow_write(*args, **kwargs):
     written = real_write(*args, **kwargs)
     time.sleep(work["write_delay_s"])
     return written
 
-predictions.write_chunk = slow_write
+prediction_writes.write_chunk = slow_write
 s3 = S3Config(**work["s3"]) if work["s3"] else None
 tag_part(sys.argv[1], NightPlan.from_dict(work["night"]), work["part"], s3=s3)
 """

@@ -1,0 +1,134 @@
+"""The tables predictions live in: a PostgreSQL partition per model version (created on a version's
+first run), the load table a version's first whole night fills before it becomes that partition, and
+retirement, which drops a version's predictions at once.
+
+Table names are built only here, from constant prefixes and ints, so that they are safe to format
+into DDL.
+"""
+
+import logging
+
+from sqlalchemy import delete, exists, func, select, update
+
+from storage.db import engine_for, utcnow
+from storage.errors import VtagError
+from storage.schema import inference_label_counts, inference_runs, model_versions, predictions
+
+log = logging.getLogger(__name__)
+
+
+PARTITION_LOCK = 0x76746167  # "vtag": serializes the creation of partitions (transaction-level)
+
+
+def partition_name(model_version: int) -> str:
+    """The PostgreSQL partition of a model version's rows; an int, so it is safe to format into DDL."""
+    return f"predictions_v{int(model_version)}"
+
+
+def load_table_name(model_version: int, run_id: int) -> str:
+    """The table a version's first full night loads into before it becomes the version's partition."""
+    return f"predictions_v{int(model_version)}_run{int(run_id)}"
+
+
+def table_exists(conn, table: str) -> bool:
+    # pg_class read with this statement's snapshot: to_regclass's catalog cache can miss a table that
+    # another transaction committed while this one waited for the lock.
+    return (
+        conn.exec_driver_sql(
+            "SELECT 1 FROM pg_class WHERE relname = %s AND relnamespace = current_schema()::regnamespace", (table,)
+        ).first()
+        is not None
+    )
+
+
+def ensure_partition(conn, model_version: int) -> None:
+    """Give the version its own partition (PostgreSQL), moving any rows of it out of the default one.
+    Serialized by a transaction lock so that two runs starting at once do not both create it."""
+    if conn.dialect.name != "postgresql":
+        return
+    table = partition_name(model_version)
+    if table_exists(conn, table):
+        return
+    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+    if table_exists(conn, table):  # created by the run that held the lock before us
+        return
+    version = int(model_version)
+    # Created apart and attached: ATTACH checks the default partition holds no rows of this version,
+    # so they move first (there are none unless rows were written without a run, e.g. by hand).
+    conn.exec_driver_sql(f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+    conn.exec_driver_sql(f"INSERT INTO {table} SELECT * FROM predictions_default WHERE model_version = %s", (version,))
+    conn.exec_driver_sql("DELETE FROM predictions_default WHERE model_version = %s", (version,))
+    conn.exec_driver_sql(f"ALTER TABLE predictions ATTACH PARTITION {table} FOR VALUES IN ({version})")
+
+
+class RetireError(VtagError, ValueError):
+    pass
+
+
+def retire(db_url: str, model_version: int) -> int:
+    """Drop every prediction of a model version that is not in production (on PostgreSQL its partition,
+    at once however many rows); its runs stay as history. Returns the rows dropped."""
+    with engine_for(db_url).begin() as conn:
+        version = conn.execute(
+            select(model_versions).where(model_versions.c.version == model_version).with_for_update()
+        ).first()
+        if version is None:
+            raise RetireError(f"model version {model_version} does not exist")
+        if version.status == "production":
+            raise RetireError(
+                f"model version {model_version} is in production: promote another before retiring its predictions"
+            )
+        running = (
+            conn.execute(
+                select(inference_runs.c.logical_date).where(
+                    inference_runs.c.model_version == model_version, inference_runs.c.status == "running"
+                )
+            )
+            .scalars()
+            .first()
+        )
+        if running is not None:
+            raise RetireError(
+                f"model version {model_version} has a night in progress ({running.isoformat()}): "
+                "retire it once that night has finished"
+            )
+        rows = conn.execute(
+            select(func.count()).select_from(predictions).where(predictions.c.model_version == model_version)
+        ).scalar()
+        table = partition_name(model_version)
+        if conn.dialect.name == "postgresql" and table_exists(conn, table):
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+        for (run_id,) in conn.execute(
+            select(inference_runs.c.run_id).where(
+                inference_runs.c.model_version == model_version, inference_runs.c.load_table.is_not(None)
+            )
+        ):
+            loading = load_table_name(model_version, run_id)
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {loading}")
+            conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=None))
+        conn.execute(
+            delete(predictions).where(predictions.c.model_version == model_version)
+        )  # SQLite, default partition
+        runs = select(inference_runs.c.run_id).where(inference_runs.c.model_version == model_version)
+        conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id.in_(runs)))
+        conn.execute(
+            update(model_versions)
+            .where(model_versions.c.version == model_version)
+            .values(predictions_retired_at=utcnow())
+        )
+    log.info("retired model version %d: %d prediction rows dropped", model_version, rows)
+    return rows
+
+
+def versions_with_predictions(db_url: str) -> list[dict]:
+    """Model versions that have run and whose predictions were not retired, newest first."""
+    query = (
+        select(model_versions.c.version, model_versions.c.status)
+        .where(
+            model_versions.c.predictions_retired_at.is_(None),
+            exists().where(inference_runs.c.model_version == model_versions.c.version),
+        )
+        .order_by(model_versions.c.version.desc())
+    )
+    with engine_for(db_url).connect() as conn:
+        return [row._asdict() for row in conn.execute(query)]
