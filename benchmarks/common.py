@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from storage.yt8m_spec import AUDIO_DIM, MAX_FRAMES, RGB_DIM, quantize
+from storage.formats.yt8m_spec import AUDIO_DIM, MAX_FRAMES, RGB_DIM, quantize
 from tasks.synth import SynthConfig, synth
 
 

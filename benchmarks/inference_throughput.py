@@ -5,7 +5,7 @@
 
 Inference: forward passes under torch.inference_mode on batches already on the device, 300-frame
 videos, for the seed config and the small preset. Database: a scratch database is created in the
-given server and dropped afterwards; the bulk path is storage.prediction_writes.ChunkWriter, as
+given server and dropped afterwards; the bulk path is storage.database.prediction_writes.ChunkWriter, as
 inference uses it (COPY on two connections, a staging fallback for rows another run wrote, run
 progress, one transaction a chunk); the baseline adds one ORM object per row and flushes it (one
 INSERT a row), committing at the end.
@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import torch
-from sqlalchemy import create_engine, insert, text
+from sqlalchemy import Connection, create_engine, insert, text
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import registry as orm_registry
 
@@ -27,11 +27,11 @@ from benchmarks.common import random_videos, seconds_per_steps
 from model.attention_lstm import build_model
 from model.config import load_config
 from model.train import autocast_for
-from storage import db, partitions, prediction_writes, runs
-from storage.db import engine_for
-from storage.schema import inference_runs, model_versions, videos
-from storage.schema import predictions as predictions_table
-from storage.yt8m_spec import MAX_FRAMES, TOP_K, dequantize
+from storage.database import db, partitions, prediction_writes, runs
+from storage.database.db import engine_for
+from storage.database.schema import inference_runs, model_versions, videos
+from storage.database.schema import predictions as predictions_table
+from storage.formats.yt8m_spec import MAX_FRAMES, TOP_K, dequantize
 from tasks.inference import CHUNK_VIDEOS
 
 
@@ -60,6 +60,41 @@ def _scratch_database(admin_url: str) -> tuple[str, object]:
     return admin_url.rsplit("/", 1)[0] + f"/{name}", (admin, name)
 
 
+def _version_and_run(conn: Connection, checkpoint_uri: str, videos_total: int, now: datetime) -> tuple[int, int]:
+    """A trained model version and a running inference run over `videos_total` videos: (version, run_id)."""
+    version = conn.execute(
+        insert(model_versions)
+        .values(
+            level="frame",
+            preset="seed",
+            checkpoint_uri=checkpoint_uri,
+            config={},
+            data_uri="",
+            train_split="train",
+            epochs=0,
+            steps=0,
+            status="trained",
+            created_at=now,
+        )
+        .returning(model_versions.c.version)
+    ).scalar_one()
+    run = conn.execute(
+        insert(inference_runs)
+        .values(
+            logical_date=now,
+            model_version=version,
+            top_k=TOP_K,
+            status="running",
+            videos_total=videos_total,
+            videos_done=0,
+            rows_written=0,
+            started_at=now,
+        )
+        .returning(inference_runs.c.run_id)
+    ).scalar_one()
+    return version, run
+
+
 def _seed_rows(url: str, count: int) -> tuple[list[str], int, int]:
     ids = [f"v{i:07d}" for i in range(count)]
     now = datetime.now(UTC)
@@ -78,36 +113,7 @@ def _seed_rows(url: str, count: int) -> tuple[list[str], int, int]:
                 for v in ids
             ],
         )
-        version = conn.execute(
-            insert(model_versions)
-            .values(
-                level="frame",
-                preset="seed",
-                checkpoint_uri="bench",
-                config={},
-                data_uri="",
-                train_split="train",
-                epochs=0,
-                steps=0,
-                status="trained",
-                created_at=now,
-            )
-            .returning(model_versions.c.version)
-        ).scalar_one()
-        run = conn.execute(
-            insert(inference_runs)
-            .values(
-                logical_date=now,
-                model_version=version,
-                top_k=TOP_K,
-                status="running",
-                videos_total=count,
-                videos_done=0,
-                rows_written=0,
-                started_at=now,
-            )
-            .returning(inference_runs.c.run_id)
-        ).scalar_one()
+        version, run = _version_and_run(conn, "bench", count, now)
     return ids, version, run
 
 
@@ -196,36 +202,7 @@ def _seed_rows_for_orm(url: str, ids: list[str]) -> tuple[list[str], int, int]:
     """Another model version and run for the ORM path, over videos that already exist."""
     now = datetime.now(UTC)
     with engine_for(url).begin() as conn:
-        version = conn.execute(
-            insert(model_versions)
-            .values(
-                level="frame",
-                preset="seed",
-                checkpoint_uri="bench-orm",
-                config={},
-                data_uri="",
-                train_split="train",
-                epochs=0,
-                steps=0,
-                status="trained",
-                created_at=now,
-            )
-            .returning(model_versions.c.version)
-        ).scalar_one()
-        run = conn.execute(
-            insert(inference_runs)
-            .values(
-                logical_date=now,
-                model_version=version,
-                top_k=TOP_K,
-                status="running",
-                videos_total=len(ids),
-                videos_done=0,
-                rows_written=0,
-                started_at=now,
-            )
-            .returning(inference_runs.c.run_id)
-        ).scalar_one()
+        version, run = _version_and_run(conn, "bench-orm", len(ids), now)
     return ids, version, run
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from tfrecord.reader import tfrecord_loader
 
 from benchmarks.common import frame_shards, timed, warm
-from storage.db import upgrade
+from storage.database.db import upgrade
+from storage.formats.tfrecord import read_records
+from storage.formats.yt8m_records import decode_frame_level
 from storage.objectstore import LocalStore
-from storage.tfrecord import read_records
-from storage.yt8m_records import decode_frame_level
 from tasks.ingest import convert_shard
 
 

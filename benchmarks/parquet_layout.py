@@ -4,7 +4,7 @@
 
 Frame level on synthetic shards (quantized features), video level on the real shards in
 ../shared/yt8m/video_level. A streaming read goes row group by row group, as a training loader does.
-The layout storage/parquet_layout.py uses was chosen from these figures (README, "Parquet layout").
+The layout storage/formats/parquet_layout.py uses was chosen from these figures (README, "Parquet layout").
 """
 
 import argparse
@@ -16,10 +16,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from benchmarks.common import frame_shards, timed
-from storage.parquet_layout import COMPRESSION, ShardParquetWriter
-from storage.tfrecord import read_records
-from storage.yt8m_records import decode_frame_level, decode_video_level
-from storage.yt8m_spec import AUDIO_DIM, RGB_DIM, level_spec
+from storage.formats.parquet_layout import COMPRESSION, ShardParquetWriter
+from storage.formats.tfrecord import read_records
+from storage.formats.yt8m_records import decode_frame_level, decode_video_level
+from storage.formats.yt8m_spec import AUDIO_DIM, RGB_DIM, level_spec
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "yt8m" / "video_level"
 FEATURE_COLUMNS = ("rgb", "audio", "mean_rgb", "mean_audio")

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from storage.yt8m_spec import NUM_CLASSES
+from storage.formats.yt8m_spec import NUM_CLASSES
 
 SPLITS = {"train": 3_888_919, "validate": 1_112_356, "test": 1_133_323}
 SHARDS_PER_SPLIT = 3_844
@@ -113,10 +113,10 @@ def _write_shards(folder: Path, size: Size) -> None:
 def stage_shards(db_url: str, work: str, size: Size) -> dict:
     from sqlalchemy import insert
 
-    from storage import db
-    from storage.db import engine_for, utcnow
+    from storage.database import db
+    from storage.database.db import engine_for, utcnow
+    from storage.database.schema import ingested_shards
     from storage.objectstore import store_for
-    from storage.schema import ingested_shards
     from tasks.ingest import list_pending, plan_batches
 
     src, dest = Path(work) / f"shards-{size.percent:g}", Path(work) / f"dest-{size.percent:g}"
@@ -243,7 +243,7 @@ _CATALOGUE_INDEXES = [
 def _fill_production(conn, size: Size) -> None:
     """Version 1 in production, with 20 rows for every video but tonight's, in its partition: filled
     apart, indexed, then attached (so the partition constraint is proven by a CHECK, not a scan)."""
-    from storage.partitions import partition_name
+    from storage.database.partitions import partition_name
 
     conn.exec_driver_sql(
         "INSERT INTO model_versions (version, level, preset, checkpoint_uri, config, data_uri, train_split, epochs, "
@@ -282,8 +282,8 @@ def _fill_production(conn, size: Size) -> None:
 def stage_fill(db_url: str, size: Size) -> dict:
     from sqlalchemy import text
 
-    from storage import db
-    from storage.db import engine_for
+    from storage.database import db
+    from storage.database.db import engine_for
 
     db.upgrade(db_url)
     engine = engine_for(db_url)
@@ -323,7 +323,7 @@ def stage_fill(db_url: str, size: Size) -> dict:
 def stage_catalogue(db_url: str, size: Size) -> dict:
     """The pipeline's own per-shard writes (manifest running, catalogue, manifest succeeded) for a few
     train shards, into the catalogue at full size."""
-    from storage import catalog, manifest
+    from storage.database import catalog, manifest
     from storage.objectstore import ObjectInfo
 
     per_shard = round(SPLITS["train"] / SHARDS_PER_SPLIT)
@@ -368,7 +368,7 @@ def stage_catalogue(db_url: str, size: Size) -> dict:
 
 
 def _forget_new_shards(db_url: str) -> None:
-    from storage.db import engine_for
+    from storage.database.db import engine_for
 
     with engine_for(db_url).begin() as conn:
         conn.exec_driver_sql("DELETE FROM video_labels WHERE video_id LIKE 'new%%'")
@@ -380,7 +380,7 @@ def _forget_new_shards(db_url: str) -> None:
 
 
 def stage_pending(db_url: str, size: Size) -> dict:
-    from storage import pending
+    from storage.database import pending
     from tasks.inference import cut_parts
 
     tonight, night = _timed(pending.pending_files, db_url, 1, NIGHT, "frame")
@@ -418,7 +418,7 @@ def _stand_in_scores(seed: int = 0):
 
 
 def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
-    """The bulk path alone (storage.prediction_writes.ChunkWriter: COPY on two connections, chunks of
+    """The bulk path alone (storage.database.prediction_writes.ChunkWriter: COPY on two connections, chunks of
     2,000 videos x 20 rows, a transaction each), for every video (or the first `limit`), into the table
     that already holds the production model's rows, both ways a night writes:
     - indexed: into a version's partition with its indexes (every night after a version's first);
@@ -426,8 +426,8 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
     Each version is retired afterwards (its partition dropped)."""
     import numpy as np
 
-    from storage import partitions, prediction_writes, runs
-    from storage.db import engine_for
+    from storage.database import partitions, prediction_writes, runs
+    from storage.database.db import engine_for
 
     with engine_for(db_url).begin() as conn:
         before = conn.exec_driver_sql("SELECT COUNT(*) FROM predictions").scalar()
@@ -487,7 +487,7 @@ def stage_rescore(db_url: str, work: str, size: Size, max_parts: int | None) -> 
     """Model version 2 scores every video: plan_night, each part in turn (as run_inference does, in one
     process, so the peak RSS is the largest part's), finish_night. Scores from the stand-in. With
     `max_parts`, only the first parts run (the night then stays failed, its other parts unscored)."""
-    from storage.db import engine_for
+    from storage.database.db import engine_for
     from tasks.inference import finish_night, plan_night, tag_part
 
     exports = str(Path(work) / f"exports-{size.percent:g}")
@@ -557,7 +557,7 @@ HEAVY_QUERIES = ("precision_at_k", "top_label_changes")  # whole-version reports
 def stage_queries(db_url: str, size: Size, run_id: int) -> dict:
     from sqlalchemy import text
 
-    from storage.db import engine_for
+    from storage.database.db import engine_for
     from tasks import queries
 
     figures = {}

@@ -21,8 +21,8 @@ from model.attention_lstm import build_model, loss_fn
 from model.config import load_config
 from model.data import ParquetBatches, find_row_groups
 from model.train import autocast_for, make_optimizer
+from storage.formats.yt8m_spec import MAX_FRAMES, NUM_CLASSES, dequantize
 from storage.objectstore import LocalStore
-from storage.yt8m_spec import MAX_FRAMES, NUM_CLASSES, dequantize
 from tasks.ingest import convert_shard
 from tasks.synth import SynthConfig, synth
 
@@ -79,7 +79,7 @@ def main() -> None:
         raw, parquet = Path(work) / "raw", str(Path(work) / "parquet")
         synth(str(raw), SynthConfig("frame", "train", shards=2, videos_per_shard=args.loader_videos // 2, seed=5))
         db_url = f"sqlite:///{work}/bench.db"
-        from storage.db import upgrade
+        from storage.database.db import upgrade
 
         upgrade(db_url)
         for shard in LocalStore().list(str(raw)):

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from storage.yt8m_spec import FRAME, LEVELS, NUM_CLASSES, TOP_K  # constants only: cheap to parse
+from storage.formats.yt8m_spec import FRAME, LEVELS, NUM_CLASSES, TOP_K  # constants only: cheap to parse
 
 
 @dag(

@@ -8,7 +8,7 @@ from airflow.sdk import Param, dag, task
 from yt8m_assets import YT8M_PARQUET
 from yt8m_params import URI_PATTERN
 
-from storage.yt8m_spec import FRAME, LEVELS  # constants only: cheap to parse
+from storage.formats.yt8m_spec import FRAME, LEVELS  # constants only: cheap to parse
 
 
 def _optional(kind: str, title: str, **limits) -> Param:

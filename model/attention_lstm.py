@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from model.config import Config
-from storage.yt8m_spec import AUDIO_DIM, FRAME, RGB_DIM
+from storage.formats.yt8m_spec import AUDIO_DIM, FRAME, RGB_DIM
 
 
 class AttentionPooledBiLSTM(nn.Module):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage.errors import VtagError
-from storage.yt8m_spec import FRAME, LEVELS, MAX_FRAMES, NUM_CLASSES, VIDEO
+from storage.formats.yt8m_spec import FRAME, LEVELS, MAX_FRAMES, NUM_CLASSES, VIDEO
 
 PRESETS_FILE = Path(__file__).with_name("presets.toml")
 OPTIMIZERS = ("rmsprop_centered", "adam")

@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from storage.errors import VtagError
+from storage.formats.parquet_layout import SCHEMAS
+from storage.formats.yt8m_spec import AUDIO_DIM, FRAME, MAX_FRAMES, RGB_DIM, dequantize, level_spec
 from storage.objectstore import S3Config, StoreError, store_for
-from storage.parquet_layout import SCHEMAS
-from storage.yt8m_spec import AUDIO_DIM, FRAME, MAX_FRAMES, RGB_DIM, dequantize, level_spec
 
 
 class DataError(VtagError, ValueError):

@@ -10,11 +10,11 @@ import torch
 from model import checkpoint
 from model.attention_lstm import build_model
 from model.config import Config
-from model.data import ParquetBatches, find_row_groups, loader, to_device
+from model.data import ParquetBatches, RowGroup, find_row_groups, loader, to_device
 from model.metrics import MetricsAccumulator
 from model.train import autocast_for, forward, pick_device
+from storage.formats.yt8m_spec import TOP_K
 from storage.objectstore import S3Config, store_for
-from storage.yt8m_spec import TOP_K
 
 
 @dataclass
@@ -53,6 +53,31 @@ def predict(
             yield batch["ids"], torch.sigmoid(logits.float()).cpu().numpy(), labels
 
 
+def predict_row_groups(
+    model: torch.nn.Module,
+    config: Config,
+    groups: list[RowGroup],
+    device: torch.device,
+    batch_size: int,
+    s3: S3Config | None = None,
+) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    """`predict` over `groups` in their order, every video once (no shuffling, the last short batch kept),
+    read by `config.num_workers` loader processes. The dataset and loader exist on return; reading starts
+    with the first batch asked for."""
+    dataset = ParquetBatches(
+        groups,
+        config.level,
+        batch_size,
+        config.num_classes,
+        config.max_frames,
+        shuffle=False,
+        drop_last=False,
+        workers=config.num_workers,
+        s3=s3,
+    )
+    return predict(model, config, loader(dataset, config.num_workers, device.type == "cuda"), device)
+
+
 def evaluate(
     checkpoint_uri: str,
     data_uri: str,
@@ -66,22 +91,12 @@ def evaluate(
     dev = pick_device(device)
     model, config = load_model(checkpoint_uri, dev, s3, sha256=sha256)
     groups = find_row_groups(data_uri, config.level, split, pattern, s3)
-    dataset = ParquetBatches(
-        groups,
-        config.level,
-        batch_size or min(config.batch_size, 256),
-        config.num_classes,
-        config.max_frames,
-        shuffle=False,
-        drop_last=False,
-        workers=config.num_workers,
-        s3=s3,
-    )
+    batches = predict_row_groups(model, config, groups, dev, batch_size or min(config.batch_size, 256), s3)
     accumulator = MetricsAccumulator(config.num_classes, top_k=TOP_K)
     hits_at = np.zeros(TOP_K)
     positives = 0
     started = time.perf_counter()
-    for _ids, scores, labels in predict(model, config, loader(dataset, config.num_workers, dev.type == "cuda"), dev):
+    for _ids, scores, labels in batches:
         accumulator.add(scores, labels)
         top = np.argsort(-scores, axis=1, kind="stable")[:, :TOP_K]
         hits_at += np.take_along_axis(labels, top, axis=1).sum(axis=0)

@@ -19,7 +19,7 @@ import operator
 
 import numpy as np
 
-from storage.yt8m_spec import TOP_K
+from storage.formats.yt8m_spec import TOP_K
 
 __all__ = ["MetricsAccumulator", "yt8m_metrics"]
 

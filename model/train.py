@@ -22,8 +22,8 @@ from model.attention_lstm import build_model, loss_fn
 from model.config import Config
 from model.data import DataError, ParquetBatches, find_row_groups, loader, to_device
 from storage.errors import VtagError
+from storage.formats.yt8m_spec import level_spec
 from storage.objectstore import S3Config, join, store_for
-from storage.yt8m_spec import level_spec
 
 log = logging.getLogger(__name__)
 

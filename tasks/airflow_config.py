@@ -3,7 +3,7 @@
 Imported only inside task bodies, where Airflow's Task SDK is available.
 """
 
-from storage.db import normalize_url
+from storage.database.db import normalize_url
 from storage.objectstore import S3Config
 from tasks import settings
 

@@ -5,7 +5,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-from storage.yt8m_spec import LEVELS
+from storage.formats.yt8m_spec import LEVELS
 from tasks import settings
 
 EXIT_USAGE = 2
@@ -281,7 +281,7 @@ def _infer(args) -> int:
 
 
 def _retire(args) -> int:
-    from storage import db, partitions
+    from storage.database import db, partitions
     from tasks.inference import retire_old_versions
 
     db.upgrade(args.db)
@@ -308,7 +308,7 @@ def _query(args) -> int:
         if not sep:
             raise queries.QueryError(f"parameters are NAME=VALUE, not {item!r}")
         params[key] = value
-    from storage import db
+    from storage.database import db
 
     db.upgrade(args.db)
     columns, rows = queries.run(args.db, args.name, params)
@@ -317,7 +317,7 @@ def _query(args) -> int:
 
 
 def _vocabulary(args) -> int:
-    from storage import catalog, db
+    from storage.database import catalog, db
 
     db.upgrade(args.db)
     print(f"{catalog.load_vocabulary(args.db, args.csv)} labels loaded from {args.csv}")
@@ -325,7 +325,7 @@ def _vocabulary(args) -> int:
 
 
 def _models(args) -> int:
-    from storage import db, registry
+    from storage.database import db, registry
 
     db.upgrade(args.db)
     rows = registry.versions_with_latest_evaluation(args.db)
@@ -353,7 +353,7 @@ def _models(args) -> int:
 
 
 def _manifest(args) -> int:
-    from storage import db, manifest
+    from storage.database import db, manifest
     from storage.objectstore import canonical_uri
 
     db.upgrade(args.db)
@@ -363,7 +363,7 @@ def _manifest(args) -> int:
 
 
 def _db(args) -> int:
-    from storage import db
+    from storage.database import db
 
     if args.db_command == "upgrade":
         db.upgrade(args.db)

@@ -23,10 +23,11 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from storage import db, exports, partitions, pending, prediction_writes, registry, run_locks, runs
+from storage.database import db, partitions, pending, prediction_writes, registry, run_locks, runs
 from storage.errors import VtagError
+from storage.formats import exports
+from storage.formats.yt8m_spec import NUM_CLASSES, TOP_K
 from storage.objectstore import S3Config, StoreError, canonical_uri, join, store_for
-from storage.yt8m_spec import NUM_CLASSES, TOP_K
 from tasks import settings
 
 log = logging.getLogger(__name__)
@@ -127,14 +128,25 @@ def _rows_per_video(version: dict, top_k: int) -> int:
     return min(top_k, int(config.get("num_classes") or MAX_K))
 
 
-def _resolve_version(
-    db_url: str, level: str, model_version: int | None, checkpoint_uri: str | None, s3: S3Config | None
-) -> dict:
+def _resolve_request(
+    db_url: str,
+    logical_date: datetime,
+    top_k: int,
+    level: str,
+    model_version: int | None,
+    checkpoint_uri: str | None,
+    s3: S3Config | None,
+) -> tuple[datetime, dict]:
+    """(the logical date in UTC, the registry row of the model version to score with). The request is
+    checked before the schema is brought up to date, so that a bad one changes nothing; a checkpoint
+    given by URI is registered if it is not yet."""
+    logical_date = _check_request(top_k, logical_date)
+    db.upgrade(db_url)
     if checkpoint_uri is not None:
         from tasks.training import ensure_registered
 
         model_version = ensure_registered(db_url, checkpoint_uri, s3)
-    return _model_version(db_url, level, model_version)
+    return logical_date, _model_version(db_url, level, model_version)
 
 
 def _known(db_url: str, video_ids: list[str], level: str) -> dict[str, str]:
@@ -212,9 +224,7 @@ def plan_night(
     """Start the night's run and cut what it must score into parts. A whole night replaces the run's
     earlier rows; a targeted one (video ids, file pattern) adds to them. `locked`: the caller holds
     the night's run_lock; otherwise this waits for it at most `lock_timeout_s` (default: settings)."""
-    logical_date = _check_request(top_k, logical_date)
-    db.upgrade(db_url)
-    version = _resolve_version(db_url, level, model_version, checkpoint_uri, s3)
+    logical_date, version = _resolve_request(db_url, logical_date, top_k, level, model_version, checkpoint_uri, s3)
     number, level = version["version"], version["level"]
     video_ids = sorted(set(video_ids)) if video_ids else None
     if video_ids:
@@ -278,9 +288,7 @@ def count_pending(
     s3: S3Config | None = None,
 ) -> tuple[int, int]:
     """A dry run: (model version, how many videos a run would score), writing nothing."""
-    logical_date = _check_request(top_k, logical_date)
-    db.upgrade(db_url)
-    version = _resolve_version(db_url, level, model_version, checkpoint_uri, s3)
+    logical_date, version = _resolve_request(db_url, logical_date, top_k, level, model_version, checkpoint_uri, s3)
     if video_ids:
         return version["version"], len(_known(db_url, sorted(set(video_ids)), version["level"]))
     files = _pending_files(db_url, version["version"], logical_date, version["level"], None, None, shard_pattern)
@@ -327,8 +335,8 @@ def _score(model, config, by_file: dict[str, set[str]], device, s3, batch_size: 
     """(ids, scores) per batch for the wanted videos, from one data loader over all the part's files."""
     import pyarrow.parquet as pq
 
-    from model.data import ParquetBatches, RowGroup, loader
-    from model.evaluate import predict
+    from model.data import RowGroup
+    from model.evaluate import predict_row_groups
 
     groups = []
     for uri in sorted(by_file):
@@ -348,20 +356,7 @@ def _score(model, config, by_file: dict[str, set[str]], device, s3, batch_size: 
     if not groups:
         return
     wanted = set().union(*by_file.values())
-    dataset = ParquetBatches(
-        groups,
-        config.level,
-        batch_size,
-        config.num_classes,
-        config.max_frames,
-        shuffle=False,
-        drop_last=False,
-        workers=config.num_workers,
-        s3=s3,
-    )
-    for ids, scores, _labels in predict(
-        model, config, loader(dataset, config.num_workers, device.type == "cuda"), device
-    ):
+    for ids, scores, _labels in predict_row_groups(model, config, groups, device, batch_size, s3):
         keep = [i for i, v in enumerate(ids) if v in wanted]
         if keep:
             yield [ids[i] for i in keep], scores[keep]
@@ -627,9 +622,7 @@ def run_inference(
     }
     if dry_run:
         return InferenceReport(None, *count_pending(db_url, logical_date, **request), 0)
-    logical_date = _check_request(top_k, logical_date)
-    db.upgrade(db_url)
-    version = _resolve_version(db_url, level, model_version, checkpoint_uri, s3)
+    logical_date, version = _resolve_request(db_url, logical_date, top_k, level, model_version, checkpoint_uri, s3)
     scorer = load_scorer(version["checkpoint_uri"], s3, version["checkpoint_sha256"])
     # Two runs of the same night at once (a task's retry while a lost try still runs, `vtag infer`
     # beside the DAG) would share one run: the later start would empty the earlier one's rows under it.

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 import google_crc32c
 from sqlalchemy.exc import SQLAlchemyError
 
-from storage import catalog, db, manifest
+from storage.database import catalog, db, manifest
+from storage.database.manifest import ShardFailure
 from storage.errors import UsageError
-from storage.manifest import ShardFailure
+from storage.formats.parquet_layout import LayoutError, ShardParquetWriter, output_uri, split_of
+from storage.formats.tfrecord import BadRecordError, read_records
+from storage.formats.yt8m_records import RecordDecodeError, decode_frame_level, decode_video_level, detect_level
+from storage.formats.yt8m_spec import FRAME, LEVELS, VIDEO
 from storage.objectstore import ObjectInfo, ObjectStore, S3Config, StoreError, canonical_uri, store_for
-from storage.parquet_layout import LayoutError, ShardParquetWriter, output_uri, split_of
-from storage.tfrecord import BadRecordError, read_records
-from storage.yt8m_records import RecordDecodeError, decode_frame_level, decode_video_level, detect_level
-from storage.yt8m_spec import FRAME, LEVELS, VIDEO
 
 log = logging.getLogger(__name__)
 

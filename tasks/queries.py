@@ -6,9 +6,9 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from storage.db import engine_for
+from storage.database.db import engine_for
 from storage.errors import VtagError
-from storage.yt8m_spec import NUM_CLASSES
+from storage.formats.yt8m_spec import NUM_CLASSES
 
 QUERIES = Path(__file__).resolve().parent.parent / "sql" / "queries"
 

@@ -3,7 +3,7 @@
 Each label of a small pool drawn from the real vocabulary's range owns an rgb and an audio pattern.
 A video draws 1-7 labels (3 on average) and 1-300 frames; about half its frames carry the pattern of
 one of its labels on top of noise, the rest are noise alone. Features are quantized as Google's
-extractor does (storage.yt8m_spec.quantize).
+extractor does (storage.formats.yt8m_spec.quantize).
 """
 
 import string
@@ -12,10 +12,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from storage.errors import UsageError
+from storage.formats.tf_example import Example, SequenceExample
+from storage.formats.tfrecord import write_records
+from storage.formats.yt8m_spec import (
+    AUDIO_DIM,
+    FRAME,
+    LEVELS,
+    MAX_FRAMES,
+    NUM_CLASSES,
+    RGB_DIM,
+    VIDEO,
+    dequantize,
+    quantize,
+)
 from storage.objectstore import S3Config, join, store_for
-from storage.tf_example import Example, SequenceExample
-from storage.tfrecord import write_records
-from storage.yt8m_spec import AUDIO_DIM, FRAME, LEVELS, MAX_FRAMES, NUM_CLASSES, RGB_DIM, VIDEO, dequantize, quantize
 
 _ID_ALPHABET = string.digits + string.ascii_letters
 _SPLIT_ID_BASE = {"train": 0, "validate": 4_000_000, "test": 8_000_000}

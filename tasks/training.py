@@ -9,7 +9,7 @@ scores a version and records the evaluation; `promote` makes it production if it
 import logging
 import os
 
-from storage import db, registry
+from storage.database import db, registry
 from storage.objectstore import S3Config, canonical_uri, join
 
 log = logging.getLogger(__name__)

@@ -60,7 +60,7 @@ def pg_url(_pg_server) -> str:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
     from sqlalchemy import text
 
-    from storage.db import engine_for
+    from storage.database.db import engine_for
 
     name = f"vtag_test_{uuid.uuid4().hex[:12]}"
     with _pg_server.connect() as conn:

@@ -3,8 +3,8 @@
 import struct
 from pathlib import Path
 
-from storage.tf_example import Example, SequenceExample
-from storage.tfrecord import write_records
+from storage.formats.tf_example import Example, SequenceExample
+from storage.formats.tfrecord import write_records
 
 
 def frame_record(video_id="ab12", labels=(1, 2), frames=3, fill=7, drop=()) -> bytes:

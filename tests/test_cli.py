@@ -3,7 +3,7 @@
 import pytest
 from sqlalchemy import inspect
 
-from storage.db import current_revision, engine_for
+from storage.database.db import current_revision, engine_for
 from tests.shards import flip_byte, record_offsets
 from tests.support.cli import vtag
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from storage import manifest
+from storage.database import manifest
 from tasks.synth import SynthConfig, synth
 from tests.shards import flip_byte, record_offsets, write_tiny_shards
 
@@ -79,7 +79,7 @@ def _catalogued(db_url: str, raw) -> tuple[int, int]:
     """(rows, distinct video ids) of the catalogue's videos that came from `raw`."""
     from sqlalchemy import text
 
-    from storage.db import engine_for
+    from storage.database.db import engine_for
 
     with engine_for(db_url).connect() as conn:
         return tuple(

@@ -2,8 +2,8 @@
 
 import pytest
 
-from storage import registry
-from storage.db import engine_for
+from storage.database import registry
+from storage.database.db import engine_for
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 

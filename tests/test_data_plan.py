@@ -11,7 +11,7 @@ import pytest
 
 from model import data
 from model.data import ParquetBatches, RowGroup, WorkerPlan, _round_robin, loader, plan_epoch, plan_nbytes
-from storage.parquet_layout import FRAME_SCHEMA, VIDEO_SCHEMA
+from storage.formats.parquet_layout import FRAME_SCHEMA, VIDEO_SCHEMA
 
 # --- the reference: the list-of-tuples plan as it was before the numpy one, kept verbatim -------------------
 

@@ -52,7 +52,7 @@ AIRFLOW_COMMANDS = {
     "airflow-worker": ["celery", "worker"],
     "airflow-worker-gpu": ["celery", "worker"],
 }
-SOURCES = [p for folder in ("tasks", "dags", "storage", "model") for p in sorted((REPO / folder).glob("*.py"))]
+SOURCES = [p for folder in ("tasks", "dags", "storage", "model") for p in sorted((REPO / folder).rglob("*.py"))]
 
 
 # --- tools ---------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, text
 
-from storage import manifest, partitions, prediction_writes
-from storage.db import engine_for
+from storage.database import manifest, partitions, prediction_writes
+from storage.database.db import engine_for
 from storage.objectstore import S3Config
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
@@ -343,7 +343,7 @@ def test_two_runs_of_the_same_night_at_once(pg_url, raw_shards, tiny_checkpoint,
         except Exception as exc:  # noqa: BLE001 - asserted below
             errors[i] = exc
 
-    caplog.set_level("WARNING", logger="storage.run_locks")
+    caplog.set_level("WARNING", logger="storage.database.run_locks")
     threads = [threading.Thread(target=night, args=(i,)) for i in (0, 1)]
     [t.start() for t in threads]
     [t.join(timeout=120) for t in threads]
@@ -392,7 +392,7 @@ def test_a_run_that_lost_its_lock_stops_writing(pg_url, raw_shards, tiny_checkpo
     a pooler's timeout): the server frees the lock, so another run could take over. The next chunk sees it
     and stops the run instead of writing under that other run; the retry completes the night."""
     import tasks.inference as inference
-    from storage import prediction_writes, run_locks
+    from storage.database import prediction_writes, run_locks
 
     world = build_world(raw_shards, tmp_path, pg_url, checkpoint=tiny_checkpoint)
     k = 3

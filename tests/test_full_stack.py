@@ -16,7 +16,7 @@ import boto3
 import pytest
 from sqlalchemy import text
 
-from storage.db import engine_for
+from storage.database.db import engine_for
 from tasks.synth import SynthConfig, synth
 from tests.airflow_stack import AirflowStack
 from tests.support.env import BIN, PG_ADMIN_URL, SHARED, free_port

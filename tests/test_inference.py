@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from storage import catalog, prediction_writes
-from storage.db import engine_for
+from storage.database import catalog, prediction_writes
+from storage.database.db import engine_for
 from tasks import queries
 from tasks.inference import InferenceError, NoProductionModel, run_inference
 from tests.support.env import SHARED
@@ -27,7 +27,7 @@ def world(raw_shards, tmp_path, db_url):
 
 
 def test_vocabulary_loads_all_real_labels(db_url):
-    from storage import db
+    from storage.database import db
 
     db.upgrade(db_url)
     assert catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv")) == 3862
@@ -126,7 +126,7 @@ def test_rescoring_given_videos_and_bad_requests(world):
         run_inference(db_url, NIGHT, video_ids=["nope"])
     with pytest.raises(InferenceError, match="top_k must be in 1..3862"):
         run_inference(db_url, NIGHT, top_k=0)
-    from storage.registry import RegistryError
+    from storage.database.registry import RegistryError
 
     with pytest.raises(RegistryError, match="model version 99 does not exist"):
         run_inference(db_url, NIGHT, model_version=99)

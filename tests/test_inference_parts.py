@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage import exports, partitions, prediction_writes, runs
+from storage.database import partitions, prediction_writes, runs
+from storage.formats import exports
 from tasks import queries
 from tasks.inference import (
     InferenceError,

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from tfrecord.reader import tfrecord_loader
 
-from storage import manifest
+from storage.database import manifest
+from storage.formats.parquet_layout import FRAME_SCHEMA, VIDEO_SCHEMA
 from storage.objectstore import LocalStore, ObjectInfo
-from storage.parquet_layout import FRAME_SCHEMA, VIDEO_SCHEMA
 from tasks import ingest as ingest_module
 from tasks.ingest import MAX_BATCHES, convert_batch, ingest, list_pending, plan_batches
 from tasks.synth import SynthConfig, synth
@@ -151,7 +151,7 @@ def test_bad_shards_are_quarantined_and_good_ones_convert(tmp_path, db_url):
     assert rows["train0000"]["status"] == "succeeded" and rows["train0000"]["rows"] == 2
     from sqlalchemy import text
 
-    from storage.db import engine_for
+    from storage.database.db import engine_for
 
     with engine_for(db_url).connect() as conn:  # the catalogue holds the good shards' videos only
         catalogued = conn.execute(text("SELECT video_id, level FROM videos ORDER BY video_id")).all()

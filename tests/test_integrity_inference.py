@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from storage import run_locks, runs
-from storage.db import engine_for
+from storage.database import run_locks, runs
+from storage.database.db import engine_for
 from tasks.inference import NonFiniteScores, finish_night, plan_night, run_inference, tag_part
 from tests.support.cli import vtag
 from tests.support.env import REPO
@@ -175,7 +175,7 @@ def test_two_nights_scoring_the_same_videos_at_once_leave_each_video_to_one(worl
 _HOLDER = """
 import sys, time
 from datetime import datetime
-from storage import run_locks
+from storage.database import run_locks
 
 part = None if sys.argv[4] == "night" else int(sys.argv[4])
 with run_locks.run_lock(sys.argv[1], datetime.fromisoformat(sys.argv[2]), int(sys.argv[3]), part, timeout_s=30):
@@ -305,7 +305,7 @@ def test_a_night_refuses_weights_changed_since_their_version_was_registered(
     raw_shards, tiny_checkpoint, tmp_path, db_url
 ):
     from model.checkpoint import CheckpointError
-    from storage import registry
+    from storage.database import registry
 
     own = tmp_path / "elsewhere" / "mine.pt"  # a checkpoint under a name training rewrites: registered as a copy
     own.parent.mkdir()

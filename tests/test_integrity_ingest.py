@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import text
 
-from storage import manifest
-from storage.db import engine_for
+from storage.database import manifest
+from storage.database.db import engine_for
+from storage.formats.tf_example import Example
+from storage.formats.yt8m_records import MAX_ID_LENGTH
 from storage.objectstore import LocalStore
-from storage.tf_example import Example
-from storage.yt8m_records import MAX_ID_LENGTH
 from tasks.ingest import convert_batch, converted, ingest, list_pending, summary
 from tests.shards import frame_record, record_offsets, video_record, write_shard
 from tests.support.cli import vtag

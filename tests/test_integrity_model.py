@@ -21,26 +21,18 @@ from model.config import ConfigError, load_config
 from model.data import ParquetBatches, find_row_groups, loader
 from model.evaluate import load_model
 from model.train import train
-from storage import db, registry
-from storage.db import engine_for
+from storage.database import db, registry
+from storage.database.db import engine_for
 from storage.objectstore import ObjectChangedError
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote, train_and_register
 from tests.support.cli import vtag
 from tests.support.env import REPO
+from tests.worlds import TINY as WORLD_TINY
+from tests.worlds import TINY_TRAIN_OPTIONS, vtag_train_args
 
-TINY = {
-    "embedding_size": 8,
-    "lstm_size": 8,
-    "head_sizes": [16, 16],
-    "batch_size": 8,
-    "max_frames": 20,
-    "num_workers": 0,
-    "epochs": 2,
-    "learning_rate": 1e-2,
-    "lr_decay_epochs": [],
-}
+TINY = {**WORLD_TINY, "epochs": 2}
 
 
 @pytest.fixture(scope="session")
@@ -134,25 +126,7 @@ def test_a_version_of_a_mutable_checkpoint_keeps_its_weights(parquet, tmp_path, 
 def test_cli_evaluate_promote_last_pt_then_train_again(parquet, tmp_path, sqlite_url):
     """The issue's sequence: promote <out>/last.pt, then a longer run into the same folder rewrites last.pt."""
     out = tmp_path / "m"
-    base = [
-        "train",
-        "--data",
-        parquet,
-        "--level",
-        "frame",
-        "--preset",
-        "small",
-        "--batch-size",
-        "8",
-        "--max-frames",
-        "20",
-        "--workers",
-        "0",
-        "--out",
-        out,
-        "--db",
-        sqlite_url,
-    ]
+    base = vtag_train_args(parquet, out, sqlite_url, *TINY_TRAIN_OPTIONS)
     assert (result := vtag(*base, "--epochs", "1")).returncode == 0, result.stderr
     result = vtag("evaluate", "--checkpoint", out / "last.pt", "--data", parquet, "--promote", "--db", sqlite_url)
     assert result.returncode == 0, result.stderr
@@ -322,19 +296,7 @@ def test_non_finite_or_out_of_range_floats_are_refused(name, value):
 @pytest.mark.parametrize("value", ["inf", "nan", "0", "-0.5"])
 def test_cli_train_refuses_a_bad_learning_rate_in_one_line(parquet, tmp_path, value):
     result = vtag(
-        "train",
-        "--data",
-        parquet,
-        "--level",
-        "frame",
-        "--preset",
-        "small",
-        "--learning-rate",
-        value,
-        "--out",
-        tmp_path / "m",
-        "--db",
-        f"sqlite:///{tmp_path / 'vtag.db'}",
+        *vtag_train_args(parquet, tmp_path / "m", f"sqlite:///{tmp_path / 'vtag.db'}", "--learning-rate", value)
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [

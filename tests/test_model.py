@@ -5,7 +5,7 @@ import torch
 
 from model.attention_lstm import AttentionLSTM, build_model
 from model.config import Config, ConfigError, load_config
-from storage.yt8m_spec import dequantize
+from storage.formats.yt8m_spec import dequantize
 
 
 def _tiny(**overrides) -> Config:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from tfrecord.reader import tfrecord_loader
 
-from storage.yt8m_records import RecordDecodeError, decode_frame_level, decode_video_level, detect_level
-from storage.yt8m_spec import dequantize, quantize
+from storage.formats.yt8m_records import RecordDecodeError, decode_frame_level, decode_video_level, detect_level
+from storage.formats.yt8m_spec import dequantize, quantize
 from tasks.synth import SynthConfig, synth
 from tests.shards import frame_record, video_record
 
@@ -121,7 +121,7 @@ def test_synth_rejects_bad_parameters(tmp_path, field, value):
 def test_non_canonical_encoding_decodes_through_the_generic_path():
     """A valid record that TensorFlow would not write (an unknown field inside each frame's Feature)
     skips the fast path and still decodes to the same video."""
-    from storage.tf_example import SequenceExample
+    from storage.formats.tf_example import SequenceExample
 
     canonical = SequenceExample()
     canonical.ParseFromString(frame_record("nc01", (4,), frames=3, fill=9))

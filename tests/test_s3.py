@@ -6,7 +6,7 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 
-from storage import manifest
+from storage.database import manifest
 from storage.objectstore import S3Config, S3Store, StoreError, _S3RangeReader, store_for
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth

@@ -1,4 +1,4 @@
-"""One schema: storage/schema.py's metadata against the database the migrations build, on SQLite and PostgreSQL.
+"""One schema: storage/database/schema.py's metadata against the database the migrations build, on SQLite and PostgreSQL.
 
 Alembic's autogenerate comparison (`compare_metadata`) reflects the migrated database and lists every
 difference it can see: tables, columns, types, nullability, server defaults, indexes, unique and foreign-key
@@ -14,19 +14,19 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import CheckConstraint, Column, Float, Index, MetaData, String, inspect, text
 
-from storage import registry
-from storage.db import engine_for, upgrade
-from storage.partitions import ensure_partition
-from storage.runs import start_run
-from storage.schema import metadata
+from storage.database import registry
+from storage.database.db import engine_for, upgrade
+from storage.database.partitions import ensure_partition
+from storage.database.runs import start_run
+from storage.database.schema import metadata
 
 # Tables PostgreSQL holds that the metadata leaves out on purpose, each created outside it:
 RUNTIME_TABLES = (
     # migration 0005: the DEFAULT partition of predictions, rows of a version without a partition of its own
     re.compile(r"predictions_default"),
-    # storage.partitions.partition_name: a model version's LIST partition, made when its first run starts
+    # storage.database.partitions.partition_name: a model version's LIST partition, made when its first run starts
     re.compile(r"predictions_v\d+"),
-    # storage.partitions.load_table_name: a version's first whole night, loading apart until it is attached
+    # storage.database.partitions.load_table_name: a version's first whole night, loading apart until it is attached
     re.compile(r"predictions_v\d+_run\d+"),
 )
 # Not filtered because autogenerate never reflects them: the views production_labels and production_versions

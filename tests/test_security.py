@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from storage.db import engine_for
+from storage.database.db import engine_for
 from tasks import cli, queries
 from tasks.inference import run_inference
 from tests.support.env import REPO
@@ -407,10 +407,10 @@ SQL_IDENTIFIERS = {
     # COLUMNS: the predictions table's column names; table, partition, loading: partition_name() or
     # load_table_name(), a constant prefix and ints; target: one of those or 'predictions'; version and
     # int(run.model_version): ints; mode: '' or '_shared' (run_lock's advisory lock functions)
-    "storage/run_locks.py": {"mode"},
-    "storage/partitions.py": {"table", "version", "loading"},
-    "storage/runs.py": {"table", "version"},
-    "storage/prediction_writes.py": {
+    "storage/database/run_locks.py": {"mode"},
+    "storage/database/partitions.py": {"table", "version", "loading"},
+    "storage/database/runs.py": {"table", "version"},
+    "storage/database/prediction_writes.py": {
         "', '.join(COLUMNS)",
         "columns",
         "table",
@@ -477,7 +477,7 @@ def test_sql_is_never_built_from_values(report):
     ]
     assert unexpected == []
     # The allowed identifiers really are constants of their modules.
-    from storage import partitions, prediction_writes
+    from storage.database import partitions, prediction_writes
 
     assert isinstance(prediction_writes.COLUMNS, tuple) and all(c.isidentifier() for c in prediction_writes.COLUMNS)
     assert partitions.partition_name("3") == "predictions_v3"

@@ -39,8 +39,8 @@ from sqlalchemy import event, text
 
 import tasks.inference as inference
 from model import checkpoint
-from storage import catalog, prediction_writes
-from storage.db import engine_for
+from storage.database import catalog, prediction_writes
+from storage.database.db import engine_for
 from storage.objectstore import S3Config
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth

@@ -2,7 +2,7 @@ import io
 
 import pytest
 
-from storage.tfrecord import BadRecordError, masked_crc, read_records, write_records
+from storage.formats.tfrecord import BadRecordError, masked_crc, read_records, write_records
 from tests.shards import flip_byte, record_offsets, write_shard
 
 

@@ -13,23 +13,15 @@ from model.checkpoint import CheckpointError
 from model.config import load_config
 from model.data import DataError, ParquetBatches, find_row_groups
 from model.train import train
-from storage import registry
+from storage.database import registry
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote, register_model, train_and_register, train_model
 from tests.support.env import BIN
+from tests.worlds import TINY as WORLD_TINY
+from tests.worlds import TINY_TRAIN_OPTIONS, vtag_train_args
 
-TINY = {
-    "embedding_size": 8,
-    "lstm_size": 8,
-    "head_sizes": [16, 16],
-    "batch_size": 8,
-    "max_frames": 20,
-    "num_workers": 0,
-    "epochs": 2,
-    "learning_rate": 1e-2,
-    "lr_decay_epochs": [],
-}
+TINY = {**WORLD_TINY, "epochs": 2}
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +139,7 @@ def test_train_evaluate_register_promote(parquet, tmp_path, db_url):
     promote(db_url, third["version"])
     from sqlalchemy import text
 
-    from storage.db import engine_for
+    from storage.database.db import engine_for
 
     with engine_for(db_url).connect() as conn:
         patterns = (
@@ -175,28 +167,7 @@ def test_video_level_model_learns(parquet, tmp_path, sqlite_url):
 
 def test_cli_train_and_evaluate_json(parquet, tmp_path, sqlite_url):
     vtag = str(BIN / "vtag")
-    train_cmd = [
-        vtag,
-        "train",
-        "--data",
-        parquet,
-        "--level",
-        "frame",
-        "--preset",
-        "small",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--max-frames",
-        "20",
-        "--workers",
-        "0",
-        "--out",
-        str(tmp_path / "m"),
-        "--db",
-        sqlite_url,
-    ]
+    train_cmd = [vtag, *vtag_train_args(parquet, tmp_path / "m", sqlite_url, "--epochs", "1", *TINY_TRAIN_OPTIONS)]
     result = subprocess.run(train_cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "model version 1" in result.stdout
@@ -235,25 +206,7 @@ def test_torchrun_ddp_on_cpu(parquet, tmp_path, sqlite_url):
         "2",
         "-m",
         "tasks.cli",
-        "train",
-        "--data",
-        parquet,
-        "--level",
-        "frame",
-        "--preset",
-        "small",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--max-frames",
-        "20",
-        "--workers",
-        "0",
-        "--out",
-        str(tmp_path / "ddp"),
-        "--db",
-        sqlite_url,
+        *vtag_train_args(parquet, tmp_path / "ddp", sqlite_url, "--epochs", "1", *TINY_TRAIN_OPTIONS),
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

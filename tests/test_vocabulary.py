@@ -5,7 +5,7 @@ import codecs
 
 import pytest
 
-from storage.db import engine_for
+from storage.database.db import engine_for
 from tests.support.cli import vtag
 from tests.support.env import SHARED
 from tests.worlds import count, rows

@@ -1,4 +1,4 @@
-"""storage.yt8m_spec: its constants against the reference, quantization both ways, the two levels."""
+"""storage.formats.yt8m_spec: its constants against the reference, quantization both ways, the two levels."""
 
 import inspect
 import re
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model.attention_lstm import AttentionLSTM, VideoMLP
-from storage.parquet_layout import SCHEMAS
-from storage.yt8m_spec import (
+from storage.formats.parquet_layout import SCHEMAS
+from storage.formats.yt8m_spec import (
     AUDIO_DIM,
     DEQUANTIZE_OFFSET,
     DEQUANTIZE_SCALE,
@@ -148,6 +148,6 @@ def test_an_unknown_level_is_named(name):
 
 def test_importing_the_spec_imports_no_array_library():
     # DAG files import it while the scheduler parses them: it must stay that cheap.
-    code = "import sys, storage.yt8m_spec; print(sorted(m for m in ('numpy', 'torch', 'pyarrow') if m in sys.modules))"
+    code = "import sys, storage.formats.yt8m_spec; print(sorted(m for m in ('numpy', 'torch', 'pyarrow') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -1,6 +1,7 @@
 """A database ready for nightly inference: the vocabulary, ingested videos and a production model.
 
-Shared by the inference, fault and security tests (the shards come from the `raw_shards` fixture).
+Shared by the inference, fault and security tests (the shards come from the `raw_shards` fixture); its
+tiny model (TINY, and `vtag_train_args` for the command) is the one the training tests train too.
 """
 
 from datetime import UTC, datetime
@@ -8,13 +9,16 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from storage import catalog
-from storage.db import engine_for
+from storage.database import catalog
+from storage.database.db import engine_for
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote, train_and_register
 from tests.support.env import SHARED
 
+# The small preset shrunk to train in seconds on a CPU: overrides for load_config("small") and
+# tasks.training. Three epochs give the worlds a model that tags the synthetic labels; the training tests
+# take two (`{**TINY, "epochs": 2}`).
 TINY = {
     "embedding_size": 8,
     "lstm_size": 8,
@@ -26,6 +30,15 @@ TINY = {
     "learning_rate": 1e-2,
     "lr_decay_epochs": [],
 }
+# TINY's batch, frames and loader workers as `vtag train` options (the command has no flags for its sizes).
+TINY_TRAIN_OPTIONS = (
+    "--batch-size",
+    str(TINY["batch_size"]),
+    "--max-frames",
+    str(TINY["max_frames"]),
+    "--workers",
+    str(TINY["num_workers"]),
+)
 NIGHT = datetime(2030, 1, 2, 2, 0, tzinfo=UTC)
 VIDEOS = 50  # in inference_shards
 
@@ -55,6 +68,26 @@ def build_world(raw_shards, tmp_path, db_url, checkpoint: str | None = None) -> 
         "checkpoint": checkpoint,
         "exports": str(tmp_path / "exports"),
     }
+
+
+def vtag_train_args(parquet, out, db_url, *options) -> list[str]:
+    """The words after `vtag` that train the small preset on `parquet`'s frame level into `out`,
+    registering in `db_url`; `options` come between (argparse keeps the last of a repeated option)."""
+    words = [
+        "train",
+        "--data",
+        parquet,
+        "--level",
+        "frame",
+        "--preset",
+        "small",
+        *options,
+        "--out",
+        out,
+        "--db",
+        db_url,
+    ]
+    return [str(word) for word in words]
 
 
 def count(db_url, sql, **params):

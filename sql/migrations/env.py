@@ -1,8 +1,8 @@
-"""Alembic environment: runs against the engine storage.db hands over (SQLite or PostgreSQL)."""
+"""Alembic environment: runs against the engine storage.database.db hands over (SQLite or PostgreSQL)."""
 
 from alembic import context
 
-from storage.schema import metadata
+from storage.database.schema import metadata
 
 engine = context.config.attributes["engine"]
 with engine.begin() as connection:

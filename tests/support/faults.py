@@ -197,32 +197,18 @@ class PrivateCluster:
                 log = (self.root / "server.log").read_text()[-2000:] if (self.root / "server.log").exists() else ""
                 raise RuntimeError(f"{' '.join(args)} failed: {output.read()}{log}")
 
-    def start(self) -> None:
-        self._pg(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+    def _pg_ctl(self, action: str, *options: str) -> None:
+        """`pg_ctl ACTION` on this cluster, waiting until it is done (-w); the server logs to server.log."""
         self._pg(
-            str(PG_BIN / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.root / "server.log"),
-            "-w",
-            "-o",
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1",
-            "start",
+            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", *options, action
         )
 
+    def start(self) -> None:
+        self._pg(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+        self._pg_ctl("start", "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1")
+
     def restart(self) -> None:
-        self._pg(
-            str(PG_BIN / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.root / "server.log"),
-            "-w",
-            "-m",
-            "fast",
-            "restart",
-        )
+        self._pg_ctl("restart", "-m", "fast")
         self.restarts += 1
 
     def create_database(self, name: str) -> str:
@@ -240,7 +226,7 @@ class PrivateCluster:
     def stop_and_delete(self) -> None:
         try:
             if (self.data / "postmaster.pid").exists():
-                self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-m", "immediate", "stop")
+                self._pg_ctl("stop", "-m", "immediate")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -250,7 +236,7 @@ class PrivateCluster:
 _PART_WORKER = """
 import json, sys, time
 import tasks.inference as inference
-from storage import prediction_writes
+from storage.database import prediction_writes
 from storage.objectstore import S3Config
 from tasks.inference import NightPlan, tag_part
 

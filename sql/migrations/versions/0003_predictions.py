@@ -72,7 +72,7 @@ def upgrade() -> None:
     )
     # No foreign keys on this fact table (120 M rows a model version at full scale): PostgreSQL checks
     # them row by row, which cut COPY from ~140,000 to ~42,000 rows/s (benchmarks/inference_throughput.py).
-    # The only writer, storage/prediction_writes.py, writes ids it has just read from videos, model_versions
+    # The only writer, storage/database/prediction_writes.py, writes ids it has just read from videos, model_versions
     # and inference_runs in the same database.
     op.create_table(
         "predictions",

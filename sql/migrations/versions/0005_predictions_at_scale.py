@@ -13,7 +13,7 @@
 - `videos (level, parquet_uri)`: a part selects its videos by file range.
 - `model_versions.predictions_retired_at`: when a version's predictions were dropped (`vtag retire`).
 - `inference_runs.load_table`: a version's first whole night loads into a table of its own, indexed
-  and attached as the version's partition when the night ends (storage/runs.py, start_run).
+  and attached as the version's partition when the night ends (storage/database/runs.py, start_run).
 - `production_versions`: the version number of each level's production model, for the analysts'
   queries that must name it to reach one partition (the analysts' role does not read model_versions).
 

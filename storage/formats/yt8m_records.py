@@ -2,7 +2,7 @@
 
 Frame level: one SequenceExample per video, context `id`, `labels`, feature lists `rgb` (1024 uint8 a
 frame) and `audio` (128 uint8 a frame). Video level: one Example per video, `id`, `labels`,
-`mean_rgb` (1024 floats), `mean_audio` (128 floats). Names and sizes come from storage.yt8m_spec.
+`mean_rgb` (1024 floats), `mean_audio` (128 floats). Names and sizes come from storage.formats.yt8m_spec.
 """
 
 from dataclasses import dataclass
@@ -11,13 +11,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from storage.errors import VtagError
-from storage.schema import videos
-from storage.tf_example import Features, SequenceExample
-from storage.yt8m_spec import FRAME, NUM_CLASSES, VIDEO
-
-# The catalogue's column: SQLite would store a longer id as it is and PostgreSQL refuse it mid-transaction,
-# so the decoder refuses it first, on both, naming the record.
-MAX_ID_LENGTH = videos.c.video_id.type.length
+from storage.formats.tf_example import Features, SequenceExample
+from storage.formats.yt8m_spec import FRAME, MAX_ID_LENGTH, NUM_CLASSES, VIDEO
 
 
 class RecordDecodeError(VtagError, ValueError):

@@ -2,9 +2,9 @@
 
 from sqlalchemy import func, insert, select, update
 
-from storage.db import engine_for, utcnow
+from storage.database.db import engine_for, utcnow
+from storage.database.schema import evaluations, model_versions
 from storage.errors import VtagError
-from storage.schema import evaluations, model_versions
 
 
 class RegistryError(VtagError, ValueError):

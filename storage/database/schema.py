@@ -4,7 +4,7 @@ The migrations are the truth (they are what databases hold); this metadata mirro
 columns, types, nullability, server defaults, indexes, unique, check and foreign-key constraints.
 tests/test_schema.py compares the two on SQLite and PostgreSQL, so a change to one without the other
 fails there. What is created at run time (predictions' partitions and load tables, see
-storage/partitions.py), the views and the analysts' role live in the migrations only.
+storage/database/partitions.py), the views and the analysts' role live in the migrations only.
 """
 
 from sqlalchemy import (
@@ -26,6 +26,8 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+
+from storage.formats.yt8m_spec import MAX_ID_LENGTH
 
 metadata = MetaData()
 
@@ -120,7 +122,7 @@ labels = Table(
 videos = Table(
     "videos",
     metadata,
-    Column("video_id", String(32), primary_key=True),
+    Column("video_id", String(MAX_ID_LENGTH), primary_key=True),
     Column("level", String(8), primary_key=True),
     Column("split", String(16), nullable=False),
     Column("source_uri", String(1024), nullable=False),
@@ -134,7 +136,7 @@ videos = Table(
 video_labels = Table(
     "video_labels",
     metadata,
-    Column("video_id", String(32), primary_key=True),
+    Column("video_id", String(MAX_ID_LENGTH), primary_key=True),
     Column("label_id", Integer, primary_key=True),
 )
 
@@ -153,7 +155,9 @@ inference_runs = Table(
     Column("airflow_run_id", String(256)),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
-    Column("load_table", String(64)),  # a first whole night loading apart (PostgreSQL): see storage.runs.start_run
+    Column(
+        "load_table", String(64)
+    ),  # a first whole night loading apart (PostgreSQL): see storage.database.runs.start_run
     UniqueConstraint("logical_date", "model_version", name="uq_inference_runs_date_model"),
     CheckConstraint("status IN ('running', 'succeeded', 'failed')", name="ck_inference_runs_status"),
 )
@@ -191,7 +195,7 @@ inference_label_counts = Table(
 predictions = Table(
     "predictions",  # LIST-partitioned by model_version on PostgreSQL: see migration 0005
     metadata,
-    Column("video_id", String(32), primary_key=True),  # no foreign keys: see migration 0003
+    Column("video_id", String(MAX_ID_LENGTH), primary_key=True),  # no foreign keys: see migration 0003
     Column("model_version", Integer, primary_key=True),
     Column("rank", SmallInteger, primary_key=True),
     Column("label_id", Integer, nullable=False),

@@ -15,6 +15,9 @@ AUDIO_DIM = 128
 NUM_CLASSES = 3862  # the 2nd edition's vocabulary: labels are 0..3861
 MAX_FRAMES = 300  # Google's readers cap a video here (one frame a second)
 TOP_K = 20  # GAP@20, and the labels a video keeps in Google's inference CSV
+# Google's ids are 4 characters (test split) to 11 (YouTube ids); the catalogue's columns are this wide, and
+# decoders refuse a longer id: SQLite would store it as is and PostgreSQL refuse it mid-transaction.
+MAX_ID_LENGTH = 32
 
 # Google's feature extractor clips features to [QUANTIZE_MIN, QUANTIZE_MAX] and spreads them over 0..255.
 QUANTIZE_MIN, QUANTIZE_MAX = -2.0, 2.0

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, select, update
 
-from storage.db import transaction, upsert_insert, utcnow
+from storage.database.db import transaction, upsert_insert, utcnow
+from storage.database.schema import ingested_shards as t
 from storage.objectstore import ObjectInfo
-from storage.schema import ingested_shards as t
 
 
 @dataclass(frozen=True)

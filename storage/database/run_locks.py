@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from storage.db import engine_for
+from storage.database.db import engine_for
 from storage.errors import VtagError
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def _lock_key(logical_date: datetime, model_version: int, part: int | None = None) -> int:
     """A signed 64-bit advisory-lock key for (model version, logical date[, part]). Alembic's lock
-    (env.py) and storage.partitions.PARTITION_LOCK are small constants: a clash costs at most a wait,
+    (env.py) and storage.database.partitions.PARTITION_LOCK are small constants: a clash costs at most a wait,
     never a wrong result."""
     suffix = "" if part is None else f":part{part}"
     digest = hashlib.blake2b(

@@ -10,9 +10,9 @@ import logging
 
 from sqlalchemy import delete, exists, func, select, update
 
-from storage.db import engine_for, utcnow
+from storage.database.db import engine_for, utcnow
+from storage.database.schema import inference_label_counts, inference_runs, model_versions, predictions
 from storage.errors import VtagError
-from storage.schema import inference_label_counts, inference_runs, model_versions, predictions
 
 log = logging.getLogger(__name__)
 

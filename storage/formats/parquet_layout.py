@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.errors import VtagError
+from storage.formats.yt8m_records import FrameVideo, VideoFeatures
+from storage.formats.yt8m_spec import AUDIO_DIM, FRAME, LEVELS, MAX_FRAMES, RGB_DIM, VIDEO, level_spec
 from storage.objectstore import join
-from storage.yt8m_records import FrameVideo, VideoFeatures
-from storage.yt8m_spec import AUDIO_DIM, FRAME, LEVELS, MAX_FRAMES, RGB_DIM, VIDEO, level_spec
 
-# Every column of either level (storage.yt8m_spec names each level's, in order); none may be null.
+# Every column of either level (storage.formats.yt8m_spec names each level's, in order); none may be null.
 COLUMN_TYPES = {
     "id": pa.string(),
     "labels": pa.list_(pa.int32()),

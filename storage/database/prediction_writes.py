@@ -5,7 +5,7 @@ per chunk. PostgreSQL takes them with COPY (through a staging table when two run
 video at once, so they never collide); SQLite with executemany. Every chunk counts the rows the
 database took: each video gets its k rows, or is left whole to the run that wrote it first, or the
 chunk fails (`check_chunk`), and a part or night succeeds only when its counters add up
-(`storage.runs.shortfall`). A version's first whole night loads into a table of its own, which
+(`storage.database.runs.shortfall`). A version's first whole night loads into a table of its own, which
 `finalize_load` makes the version's partition.
 """
 
@@ -21,11 +21,11 @@ from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy import column as sa_column
 from sqlalchemy import table as sa_table
 
-from storage.db import engine_for
-from storage.partitions import PARTITION_LOCK, load_table_name, partition_name, table_exists
-from storage.run_locks import RunLockHolder
-from storage.runs import RowsLost, SupersededTry, refresh_run_totals, this_try
-from storage.schema import inference_label_counts, inference_parts, inference_runs, videos
+from storage.database.db import engine_for
+from storage.database.partitions import PARTITION_LOCK, load_table_name, partition_name, table_exists
+from storage.database.run_locks import RunLockHolder
+from storage.database.runs import RowsLost, SupersededTry, refresh_run_totals, this_try
+from storage.database.schema import inference_label_counts, inference_parts, inference_runs, videos
 
 COLUMNS = ("video_id", "model_version", "rank", "label_id", "score", "run_id")
 

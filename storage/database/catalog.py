@@ -5,11 +5,11 @@ import csv
 
 from sqlalchemy import Connection, delete, exists, func, select
 
-from storage.db import engine_for, transaction, upsert_insert, utcnow
+from storage.database.db import engine_for, transaction, upsert_insert, utcnow
+from storage.database.schema import labels, video_labels, videos
 from storage.errors import VtagError
+from storage.formats.yt8m_spec import LEVELS, NUM_CLASSES
 from storage.objectstore import S3Config, store_for
-from storage.schema import labels, video_labels, videos
-from storage.yt8m_spec import LEVELS, NUM_CLASSES
 
 VOCABULARY_COLUMNS = (
     "Index",

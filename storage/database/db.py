@@ -13,7 +13,7 @@ from sqlalchemy.exc import ArgumentError
 
 from storage.errors import VtagError
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "sql" / "migrations"
+MIGRATIONS = Path(__file__).resolve().parents[2] / "sql" / "migrations"
 
 
 class DatabaseURLError(VtagError, ValueError):

@@ -2,7 +2,7 @@
 inference_parts, whose counters say whether the night's rows all landed.
 
 A night is started (`start_run`), planned (`record_parts`), scored part by part (`start_part`, then
-chunks counted by `storage.prediction_writes.write_chunk` under `this_try`, then `finish_part`) and
+chunks counted by `storage.database.prediction_writes.write_chunk` under `this_try`, then `finish_part`) and
 closed (`finish_run`); a run's totals are always the sums of its parts' (`refresh_run_totals`), and a
 part or night succeeds only when its counters add up (`shortfall`).
 """
@@ -12,11 +12,11 @@ from datetime import datetime
 import numpy as np
 from sqlalchemy import and_, delete, func, insert, select, update
 
-from storage.db import engine_for, utcnow
+from storage.database.db import engine_for, utcnow
+from storage.database.partitions import ensure_partition, load_table_name, partition_name, table_exists
+from storage.database.run_locks import LostRunLock
+from storage.database.schema import inference_label_counts, inference_parts, inference_runs, model_versions, predictions
 from storage.errors import VtagError
-from storage.partitions import ensure_partition, load_table_name, partition_name, table_exists
-from storage.run_locks import LostRunLock
-from storage.schema import inference_label_counts, inference_parts, inference_runs, model_versions, predictions
 
 
 class RowsLost(VtagError, ValueError):
@@ -36,7 +36,7 @@ def start_run(
 
     On PostgreSQL, a whole night of a version that has no partition yet (its first night: a full
     rescore after a promotion) loads into a table of its own without indexes, which finish_night
-    indexes and attaches as the version's partition (`storage.prediction_writes.finalize_load`): COPY
+    indexes and attaches as the version's partition (`storage.database.prediction_writes.finalize_load`): COPY
     into a table with the primary key and the label index ran at 56,000 rows/s at a tenth of the full
     size here, and falls as the indexes outgrow memory, where a table without them takes rows several
     times as fast and the indexes are built once, sorted (benchmarks/scale.py)."""

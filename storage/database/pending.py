@@ -5,8 +5,8 @@ from datetime import datetime
 
 from sqlalchemy import and_, delete, exists, func, select
 
-from storage.db import engine_for
-from storage.schema import predictions, videos
+from storage.database.db import engine_for
+from storage.database.schema import predictions, videos
 
 
 def _pending(model_version: int, until: datetime, level: str, exclude_run: int | None):
