@@ -321,39 +321,39 @@ def stage_fill(db_url: str, size: Size) -> dict:
 
 
 def stage_catalogue(db_url: str, size: Size) -> dict:
-    """The pipeline's own per-shard writes (manifest running, catalogue, manifest succeeded) for a few
-    train shards, into the catalogue at full size."""
-    from storage.database import catalog, manifest
+    """The pipeline's own per-shard writes for a few train shards, into the catalogue at full size, as ingest
+    makes them: the manifest's running row, then in one transaction the output's owner, the ids another shard
+    holds, the catalogue rows and the succeeded manifest row."""
+    from storage.database import catalog, db, manifest
     from storage.objectstore import ObjectInfo
 
     per_shard = round(SPLITS["train"] / SHARDS_PER_SPLIT)
     shards = 20
+    dest = "s3://yt8m/parquet"
     started = time.perf_counter()
     for s in range(shards):
         name = f"train9{s:03d}"  # new shards, beside those filled
         source = ObjectInfo(f"s3://yt8m/raw/{name}.tfrecord", 400_000_000, f"etag=new{s}")
+        out = f"{PARQUET}/train/{name}.parquet"
         ids = [f"new{s:03d}x{i:04d}" for i in range(per_shard)]
         labels = [[(i * 7 + j) % NUM_CLASSES for j in range(3)] for i in range(per_shard)]
-        manifest.mark_running(db_url, source, "s3://yt8m/parquet")
-        catalog.record_videos(
-            db_url,
-            ids,
-            labels,
-            split="train",
-            level="frame",
-            source_uri=source.uri,
-            parquet_uri=f"{PARQUET}/train/{name}.parquet",
-        )
-        manifest.mark_succeeded(
-            db_url,
-            source,
-            "s3://yt8m/parquet",
-            output_uri=f"{PARQUET}/train/{name}.parquet",
-            level="frame",
-            split="train",
-            rows=per_shard,
-            checksum="crc32c:00000000",
-        )
+        manifest.mark_running(db_url, source, dest)
+        with db.engine_for(db_url).begin() as conn:
+            assert manifest.output_owner(conn, dest, out) is None
+            assert not catalog.ingested_elsewhere(conn, ids, level="frame", source_uri=source.uri)
+            catalog.record_videos(
+                conn, ids, labels, split="train", level="frame", source_uri=source.uri, parquet_uri=out
+            )
+            manifest.mark_succeeded(
+                conn,
+                source,
+                dest,
+                output_uri=out,
+                level="frame",
+                split="train",
+                rows=per_shard,
+                checksum="crc32c:00000000",
+            )
     seconds = time.perf_counter() - started
     _forget_new_shards(db_url)
     return {
