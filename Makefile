@@ -40,10 +40,12 @@ tools:
 			|| { echo "could not install$$missing (run as root, or install them yourself)"; exit 1; }; \
 	fi
 
-# Airflow's metadata database, and the pool the GPU tasks run in (a scheduler never runs them without it).
+# Airflow's metadata database, the pool the GPU tasks run in (a scheduler never runs them without it),
+# and our schema (tasks check it, never migrate it).
 airflow-db: install
 	airflow db migrate > $(VTAG_HOME)/airflow-migrate.log 2>&1 || (cat $(VTAG_HOME)/airflow-migrate.log; exit 1)
 	airflow pools set gpu 1 "GPU tasks: training and nightly inference" > /dev/null
+	$(BIN)/vtag db upgrade > /dev/null
 
 # Main job on the embedded defaults: synthetic shards -> yt8m_ingest -> yt8m_train (train, register,
 # evaluate, promote) -> yt8m_nightly_inference through Airflow, then a few tagged videos from the database.

@@ -123,10 +123,10 @@ def bulk_rate(url: str, ids: list[str], version: int, run: int, k: int, chunk: i
     scores = np.sort(rng.random((len(ids), k)), axis=1)[:, ::-1]
     with engine_for(url).begin() as conn:
         partitions.ensure_partition(conn, version)  # an indexed partition, as every night after a version's first
-    runs.record_parts(url, run, [{"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}])
-    attempt = runs.start_part(url, run, 0)["attempt"]
+        runs.record_parts(conn, run, [{"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}])
+        attempt = runs.start_part(conn, run, 0)["attempt"]
     started = time.perf_counter()
-    writer = prediction_writes.ChunkWriter(url, run, version, 0, attempt=attempt)
+    writer = prediction_writes.ChunkWriter(engine_for(url), run, version, 0, attempt=attempt)
     for start in range(0, len(ids), chunk):
         writer.submit(ids[start : start + chunk], labels[start : start + chunk], scores[start : start + chunk])
     writer.close()

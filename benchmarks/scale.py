@@ -337,8 +337,9 @@ def stage_catalogue(db_url: str, size: Size) -> dict:
         out = f"{PARQUET}/train/{name}.parquet"
         ids = [f"new{s:03d}x{i:04d}" for i in range(per_shard)]
         labels = [[(i * 7 + j) % NUM_CLASSES for j in range(3)] for i in range(per_shard)]
-        manifest.mark_running(db_url, source, dest)
-        with db.engine_for(db_url).begin() as conn:
+        with db.transaction(db_url) as conn:
+            manifest.mark_running(conn, source, dest)
+        with db.transaction(db_url) as conn:
             assert manifest.output_owner(conn, dest, out) is None
             assert not catalog.ingested_elsewhere(conn, ids, level="frame", source_uri=source.uri)
             catalog.record_videos(
@@ -380,11 +381,12 @@ def _forget_new_shards(db_url: str) -> None:
 
 
 def stage_pending(db_url: str, size: Size) -> dict:
-    from storage.database import pending
+    from storage.database import db, pending
     from tasks.inference import cut_parts
 
-    tonight, night = _timed(pending.pending_files, db_url, 1, NIGHT, "frame")
-    everything, rescore = _timed(pending.pending_files, db_url, 2, NIGHT, "frame")
+    with db.transaction(db_url) as conn:
+        tonight, night = _timed(pending.pending_files, conn, 1, NIGHT, "frame")
+        everything, rescore = _timed(pending.pending_files, conn, 2, NIGHT, "frame")
     parts, cut = _timed(cut_parts, everything)
     new = sum(n for _, n in tonight)
     assert sum(n for _, n in everything) == size.total_videos
@@ -452,21 +454,24 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
             conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('model_versions', 'version'), %s)", (version,))
             if mode == "indexed":
                 partitions.ensure_partition(conn, version)
-        run = runs.start_run(db_url, NIGHT + timedelta(days=30), version, K, None)
-        target = runs.write_target(db_url, run, clear=True)
-        assert (target == "predictions") == (mode == "indexed")
-        runs.record_parts(db_url, run, [{"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}])
-        attempt = runs.start_part(db_url, run, 0)["attempt"]
+            run = runs.start_run(conn, NIGHT + timedelta(days=30), version, K, None)
+            target = runs.write_target(conn, run, clear=True)
+            assert (target == "predictions") == (mode == "indexed")
+            part = {"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}
+            runs.record_parts(conn, run, [part])
+            attempt = runs.start_part(conn, run, 0)["attempt"]
         started = time.perf_counter()
-        writer = prediction_writes.ChunkWriter(db_url, run, version, 0, target=target, attempt=attempt)
+        writer = prediction_writes.ChunkWriter(engine_for(db_url), run, version, 0, target=target, attempt=attempt)
         for start in range(0, len(ids), 2000):
             chunk = ids[start : start + 2000]
             writer.submit(chunk, labels[: len(chunk)], scores[: len(chunk)])
         rows = writer.close()
         seconds = time.perf_counter() - started
-        _, indexing = _timed(prediction_writes.finalize_load, db_url, run)
-        runs.finish_run(db_url, run)
-        dropped, retiring = _timed(partitions.retire, db_url, version)
+        with engine_for(db_url).begin() as conn:
+            _, indexing = _timed(prediction_writes.finalize_load, conn, run)
+            runs.finish_run(conn, run)
+        with engine_for(db_url).begin() as conn:
+            dropped, retiring = _timed(partitions.retire, conn, version)
         assert rows == dropped == len(ids) * K
         figures.update(
             {

@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 
@@ -284,13 +285,14 @@ def _retire(args) -> int:
     from storage.database import db, partitions
     from tasks.inference import retire_old_versions
 
-    db.upgrade(args.db)
     if args.keep is not None:
         retired = retire_old_versions(args.db, args.keep)
         print(f"retired the predictions of model versions {', '.join(map(str, retired)) or '(none)'}")
         return 0
     for version in args.model_version:
-        print(f"model version {version}: {partitions.retire(args.db, version)} prediction rows dropped")
+        with db.transaction(args.db) as conn:
+            dropped = partitions.retire(conn, version)
+        print(f"model version {version}: {dropped} prediction rows dropped")
     return 0
 
 
@@ -308,9 +310,6 @@ def _query(args) -> int:
         if not sep:
             raise queries.QueryError(f"parameters are NAME=VALUE, not {item!r}")
         params[key] = value
-    from storage.database import db
-
-    db.upgrade(args.db)
     columns, rows = queries.run(args.db, args.name, params)
     _print_table([dict(zip(columns, row)) for row in rows], columns)
     return 0
@@ -319,16 +318,17 @@ def _query(args) -> int:
 def _vocabulary(args) -> int:
     from storage.database import catalog, db
 
-    db.upgrade(args.db)
-    print(f"{catalog.load_vocabulary(args.db, args.csv)} labels loaded from {args.csv}")
+    with db.transaction(args.db) as conn:
+        loaded = catalog.load_vocabulary(conn, args.csv)
+    print(f"{loaded} labels loaded from {args.csv}")
     return 0
 
 
 def _models(args) -> int:
     from storage.database import db, registry
 
-    db.upgrade(args.db)
-    rows = registry.versions_with_latest_evaluation(args.db)
+    with db.transaction(args.db) as conn:
+        rows = registry.versions_with_latest_evaluation(conn)
     for row in rows:
         for key in ("gap", "hit_at_one", "perr", "map"):
             row[key] = None if row[key] is None else f"{row[key]:.4f}"
@@ -356,9 +356,9 @@ def _manifest(args) -> int:
     from storage.database import db, manifest
     from storage.objectstore import canonical_uri
 
-    db.upgrade(args.db)
-    columns = ["source_uri", "status", "level", "split", "rows", "output_uri", "error"]
-    _print_table(manifest.rows(args.db, canonical_uri(args.dest) if args.dest else None), columns)
+    with db.transaction(args.db) as conn:
+        rows = manifest.rows(conn, canonical_uri(args.dest) if args.dest else None)
+    _print_table(rows, ["source_uri", "status", "level", "split", "rows", "output_uri", "error"])
     return 0
 
 
@@ -415,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         "db": _db,
     }[args.command]
     try:
+        if hasattr(args, "db") and args.command != "db" and os.environ.get("RANK", "0") == "0":
+            # The command line is a deployment of its own: it migrates on entry, so the embedded SQLite
+            # needs no set-up. Under torchrun, rank 0 alone talks to the database.
+            from storage.database import db
+
+            db.upgrade(args.db)
         return handler(args)
     except _user_errors() as exc:
         if args.verbose:  # the whole story for a bug report; otherwise one line

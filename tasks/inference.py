@@ -99,10 +99,10 @@ def _lock_timeout(seconds: float | None) -> float:
     return settings.lock_timeout_s() if seconds is None else seconds
 
 
-def _model_version(db_url: str, level: str, version: int | None) -> dict:
+def _model_version(conn, level: str, version: int | None) -> dict:
     if version is not None:
-        return registry.get_version(db_url, version)
-    current = registry.production(db_url, level)
+        return registry.get_version(conn, version)
+    current = registry.production(conn, level)
     if current is None:
         raise NoProductionModel(
             f"no production model for level {level!r} yet: train one (yt8m_train) or name a version"
@@ -138,19 +138,20 @@ def _resolve_request(
     s3: S3Config | None,
 ) -> tuple[datetime, dict]:
     """(the logical date in UTC, the registry row of the model version to score with). The request is
-    checked before the schema is brought up to date, so that a bad one changes nothing; a checkpoint
-    given by URI is registered if it is not yet."""
+    checked before the database is, so that a bad one fails the same everywhere; a checkpoint given by
+    URI is registered if it is not yet."""
     logical_date = _check_request(top_k, logical_date)
-    db.upgrade(db_url)
+    db.require_current(db_url)
     if checkpoint_uri is not None:
         from tasks.training import ensure_registered
 
         model_version = ensure_registered(db_url, checkpoint_uri, s3)
-    return logical_date, _model_version(db_url, level, model_version)
+    with db.transaction(db_url) as conn:
+        return logical_date, _model_version(conn, level, model_version)
 
 
-def _known(db_url: str, video_ids: list[str], level: str) -> dict[str, str]:
-    known = pending.known_videos(db_url, video_ids, level)
+def _known(conn, video_ids: list[str], level: str) -> dict[str, str]:
+    known = pending.known_videos(conn, video_ids, level)
     missing = [v for v in video_ids if v not in known]
     if missing:
         raise InferenceError(
@@ -187,7 +188,7 @@ def cut_parts(files: list[tuple[str, int]], part_videos: int = PART_VIDEOS, max_
 
 
 def _pending_files(
-    db_url: str,
+    conn,
     version: int,
     logical_date: datetime,
     level: str,
@@ -197,10 +198,10 @@ def _pending_files(
 ) -> list[tuple[str, int]]:
     if video_ids:
         counts: dict[str, int] = {}
-        for uri in _known(db_url, video_ids, level).values():
+        for uri in _known(conn, video_ids, level).values():
             counts[uri] = counts.get(uri, 0) + 1
         return sorted(counts.items())
-    files = pending.pending_files(db_url, version, logical_date, level, exclude_run=run_id)
+    files = pending.pending_files(conn, version, logical_date, level, exclude_run=run_id)
     return [(uri, n) for uri, n in files if _matches(uri, shard_pattern)]
 
 
@@ -228,22 +229,25 @@ def plan_night(
     number, level = version["version"], version["level"]
     video_ids = sorted(set(video_ids)) if video_ids else None
     if video_ids:
-        _known(db_url, video_ids, level)  # before anything is forgotten
+        with db.transaction(db_url) as conn:
+            _known(conn, video_ids, level)  # before anything is forgotten
+    whole = not (video_ids or shard_pattern)
     with (
         nullcontext()
         if locked
-        else run_locks.run_lock(db_url, logical_date, number, timeout_s=_lock_timeout(lock_timeout_s))
+        else run_locks.run_lock(db.engine_for(db_url), logical_date, number, timeout_s=_lock_timeout(lock_timeout_s))
     ):
-        if video_ids:
-            pending.forget(db_url, number, video_ids)
-        whole = not (video_ids or shard_pattern)
-        run_id = runs.start_run(db_url, logical_date, number, top_k, airflow_run_id, clear=whole)
+        with db.transaction(db_url) as conn:
+            if video_ids:
+                pending.forget(conn, number, video_ids)
+            run_id = runs.start_run(conn, logical_date, number, top_k, airflow_run_id, clear=whole)
         try:
-            files = _pending_files(db_url, number, logical_date, level, run_id, video_ids, shard_pattern)
-            parts = runs.record_parts(db_url, run_id, cut_parts(files, part_videos))
-            table = runs.write_target(db_url, run_id, clear=whole)
+            with db.transaction(db_url) as conn:
+                files = _pending_files(conn, number, logical_date, level, run_id, video_ids, shard_pattern)
+                parts = runs.record_parts(conn, run_id, cut_parts(files, part_videos))
+                table = runs.write_target(conn, run_id, clear=whole)
         except BaseException as exc:  # never leave the night looking as if it were running
-            runs.finish_run(db_url, run_id, error=f"planning: {type(exc).__name__}: {exc}")
+            _fail_run(db_url, run_id, f"planning: {type(exc).__name__}: {exc}")
             raise
     exports_uri = canonical_uri(
         exports_uri or join(settings.default_exports_uri(), f"{logical_date:%Y-%m-%dT%H%M%S}_v{number}")
@@ -289,9 +293,10 @@ def count_pending(
 ) -> tuple[int, int]:
     """A dry run: (model version, how many videos a run would score), writing nothing."""
     logical_date, version = _resolve_request(db_url, logical_date, top_k, level, model_version, checkpoint_uri, s3)
-    if video_ids:
-        return version["version"], len(_known(db_url, sorted(set(video_ids)), version["level"]))
-    files = _pending_files(db_url, version["version"], logical_date, version["level"], None, None, shard_pattern)
+    with db.transaction(db_url) as conn:
+        if video_ids:
+            return version["version"], len(_known(conn, sorted(set(video_ids)), version["level"]))
+        files = _pending_files(conn, version["version"], logical_date, version["level"], None, None, shard_pattern)
     return version["version"], sum(n for _, n in files)
 
 
@@ -302,28 +307,28 @@ class PartReport:
     rows_written: int = 0
 
 
-def _part_videos(db_url: str, plan: NightPlan, part: dict, first_try: bool) -> dict[str, set[str]]:
+def _part_videos(conn, plan: NightPlan, part: dict, first_try: bool) -> dict[str, set[str]]:
     """The videos this part scores, by Parquet file, after dropping what an earlier try of it wrote."""
     uri_range = (part["first_uri"], part["last_uri"])
     drop = {"table": plan.table}
     if plan.video_ids:
         wanted = [
             (v, uri)
-            for v, uri in _known(db_url, plan.video_ids, plan.level).items()
+            for v, uri in _known(conn, plan.video_ids, plan.level).items()
             if uri_range[0] <= uri <= uri_range[1]
         ]
     else:
         if not first_try and not plan.shard_pattern:  # a whole night's part owns its file range in this run
             prediction_writes.drop_run_rows(
-                db_url, plan.run_id, plan.model_version, plan.level, uri_range=uri_range, **drop
+                conn, plan.run_id, plan.model_version, plan.level, uri_range=uri_range, **drop
             )
         wanted = pending.pending_videos(
-            db_url, plan.model_version, plan.logical_date, plan.level, exclude_run=plan.run_id, uri_range=uri_range
+            conn, plan.model_version, plan.logical_date, plan.level, exclude_run=plan.run_id, uri_range=uri_range
         )
         wanted = [(v, uri) for v, uri in wanted if _matches(uri, plan.shard_pattern)]
     if plan.video_ids or plan.shard_pattern:  # a targeted part shares its files with the run's other rows
         prediction_writes.drop_run_rows(
-            db_url, plan.run_id, plan.model_version, plan.level, ids=[v for v, _ in wanted], **drop
+            conn, plan.run_id, plan.model_version, plan.level, ids=[v for v, _ in wanted], **drop
         )
     by_file: dict[str, set[str]] = {}
     for video, uri in wanted:
@@ -395,8 +400,10 @@ def tag_part(
     progress: bool = False,
     score_batches=None,
     lock_timeout_s: float | None = None,
+    chunk_videos: int = CHUNK_VIDEOS,
 ) -> PartReport:
-    """Score one part of a planned night. `scorer`: (model, config, device), loaded here if not given;
+    """Score one part of a planned night, writing `chunk_videos` videos a transaction.
+    `scorer`: (model, config, device), loaded here if not given;
     `locked`: the caller holds the night's run_lock (`lock`), else this takes the part's own, waiting
     for it at most `lock_timeout_s` (default: settings).
     `score_batches(by_file, num_classes)`, given, replaces the model: benchmarks.scale measures everything
@@ -406,26 +413,36 @@ def tag_part(
         nullcontext()
         if locked
         else run_locks.run_lock(
-            db_url, plan.logical_date, plan.model_version, number, timeout_s=_lock_timeout(lock_timeout_s)
+            db.engine_for(db_url),
+            plan.logical_date,
+            plan.model_version,
+            number,
+            timeout_s=_lock_timeout(lock_timeout_s),
         )
     ) as own:
         lock = lock if locked else own
-        before = runs.start_part(db_url, plan.run_id, number)
+        with db.transaction(db_url) as conn:
+            before = runs.start_part(conn, plan.run_id, number)
         attempt = before["attempt"]
         try:
-            by_file = _part_videos(
-                db_url, plan, part, first_try=before["attempts"] == 0 and before["status"] == "planned"
-            )
-            runs.set_part_total(db_url, plan.run_id, number, sum(len(v) for v in by_file.values()))
+            # The earlier try's rows go with the part's new total: a failure between them leaves neither.
+            with db.transaction(db_url) as conn:
+                by_file = _part_videos(
+                    conn, plan, part, first_try=before["attempts"] == 0 and before["status"] == "planned"
+                )
+                runs.set_part_total(conn, plan.run_id, number, sum(len(v) for v in by_file.values()))
             if score_batches is None:
                 model, config, device = scorer or load_scorer(plan.checkpoint_uri, s3, plan.checkpoint_sha256)
                 batches, num_classes = _score(model, config, by_file, device, s3, batch_size), config.num_classes
             else:
                 num_classes = MAX_K
                 batches = score_batches(by_file, num_classes)
-            report = _write_part(db_url, plan, number, attempt, batches, num_classes, s3, lock, progress, by_file)
+            report = _write_part(
+                db_url, plan, number, attempt, batches, num_classes, s3, lock, progress, by_file, chunk_videos
+            )
         except BaseException as exc:
-            runs.finish_part(db_url, plan.run_id, number, error=f"{type(exc).__name__}: {exc}", attempt=attempt)
+            with db.transaction(db_url) as conn:
+                runs.finish_part(conn, plan.run_id, number, error=f"{type(exc).__name__}: {exc}", attempt=attempt)
             raise
     log.info("run %d part %d: %d videos, %d rows", plan.run_id, number, report.videos, report.rows_written)
     return report
@@ -483,6 +500,7 @@ def _write_part(
     lock,
     progress: bool,
     by_file: dict[str, set[str]],
+    chunk_videos: int,
 ) -> PartReport:
     """Rows in chunks, export fragments and label counts from (ids, scores) batches; the part succeeds
     only if every video it had to score was written with its k rows (or left whole to a run that
@@ -491,19 +509,26 @@ def _write_part(
     report = PartReport(number)
     label_counts = np.zeros((top_k, num_classes), np.int64)
     chunks = prediction_writes.ChunkWriter(
-        db_url, plan.run_id, plan.model_version, number, lock, plan.table, attempt, label_counts=label_counts
+        db.engine_for(db_url),
+        plan.run_id,
+        plan.model_version,
+        number,
+        lock,
+        plan.table,
+        attempt,
+        label_counts=label_counts,
     )
     pending_ids, pending_labels, pending_scores = [], [], []
     scored: set[str] = set()
 
     def flush(everything: bool = False):
-        """Send whole chunks of CHUNK_VIDEOS (and, at the end, the rest) to the writer."""
+        """Send whole chunks of `chunk_videos` (and, at the end, the rest) to the writer."""
         if not pending_ids:
             return
         labels, scores = np.concatenate(pending_labels), np.concatenate(pending_scores)
-        end = len(pending_ids) if everything else len(pending_ids) - len(pending_ids) % CHUNK_VIDEOS
-        for start in range(0, end, CHUNK_VIDEOS):
-            stop = min(start + CHUNK_VIDEOS, end)
+        end = len(pending_ids) if everything else len(pending_ids) - len(pending_ids) % chunk_videos
+        for start in range(0, end, chunk_videos):
+            stop = min(start + chunk_videos, end)
             chunks.submit(pending_ids[start:stop], labels[start:stop], scores[start:stop])
         del pending_ids[:end]
         pending_labels[:], pending_scores[:] = [labels[end:]], [scores[end:]]
@@ -524,7 +549,7 @@ def _write_part(
                 report.videos += len(ids)
                 if bar is not None:
                     bar.update(len(ids))
-                if len(pending_ids) >= CHUNK_VIDEOS:
+                if len(pending_ids) >= chunk_videos:
                     flush()
             flush(everything=True)
             report.rows_written = chunks.close()  # before the fragments are published: a failed write publishes none
@@ -540,7 +565,10 @@ def _write_part(
         if bar is not None:
             bar.close()
     report.videos = chunks.videos_written
-    runs.finish_part(db_url, plan.run_id, number, label_counts, attempt=attempt, rows_per_video=top_k)
+    with db.transaction(db_url) as conn:
+        lost = runs.finish_part(conn, plan.run_id, number, label_counts, attempt=attempt, rows_per_video=top_k)
+    if lost is not None:  # the part is marked failed, committed
+        raise lost
     return report
 
 
@@ -548,13 +576,14 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
     """Close the night: if every part succeeded, join their export fragments and mark the run
     succeeded; otherwise mark it failed, naming the parts, and raise."""
     ours = sorted(p["part"] for p in plan.parts)
-    parts = [p for p in runs.parts_of(db_url, plan.run_id) if p["part"] in ours]
+    with db.transaction(db_url) as conn:
+        parts = [p for p in runs.parts_of(conn, plan.run_id) if p["part"] in ours]
     unfinished = [p for p in parts if p["status"] != "succeeded"]
     if unfinished:
         error = "parts not succeeded: " + ", ".join(
             f"{p['part']} ({p['status']}{': ' + p['error'] if p['error'] else ''})" for p in unfinished[:10]
         )
-        runs.finish_run(db_url, plan.run_id, error=error)
+        _fail_run(db_url, plan.run_id, error)
         raise InferenceError(f"run {plan.run_id}: {error}")
     # The parts' committed counters, whatever wrote them (a try of an older release, a part's row edited):
     short = [(p["part"], gap) for p in parts if (gap := runs.shortfall(p, plan.k))]
@@ -563,15 +592,17 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
             "; ".join(f"part {n}: {gap}" for n, gap in short[:10])
             or f"{len(ours) - len(parts)} planned parts missing from inference_parts"
         )
-        runs.finish_run(db_url, plan.run_id, error=error)
+        _fail_run(db_url, plan.run_id, error)
         raise IncompleteNight(f"run {plan.run_id}: {error}")
     try:
         uris = exports.join_night(plan.exports_uri, ours, s3)
-        prediction_writes.finalize_load(db_url, plan.run_id)
+        with db.transaction(db_url) as conn:  # the night's rows become the version's with its success
+            prediction_writes.finalize_load(conn, plan.run_id)
+            run = runs.finish_run(conn, plan.run_id)
+            parts = [p for p in runs.parts_of(conn, plan.run_id) if p["part"] in ours]  # less what another night kept
     except BaseException as exc:
-        runs.finish_run(db_url, plan.run_id, error=f"finishing: {type(exc).__name__}: {exc}")
+        _fail_run(db_url, plan.run_id, f"finishing: {type(exc).__name__}: {exc}")
         raise
-    run = runs.finish_run(db_url, plan.run_id)
     log.info(
         "run %d: %d videos, %d rows, model version %d",
         plan.run_id,
@@ -579,7 +610,6 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
         run["rows_written"],
         plan.model_version,
     )
-    parts = [p for p in runs.parts_of(db_url, plan.run_id) if p["part"] in ours]  # less what another night kept
     return InferenceReport(
         plan.run_id,
         plan.model_version,
@@ -607,6 +637,7 @@ def run_inference(
     part_videos: int = PART_VIDEOS,
     progress: bool = False,
     lock_timeout_s: float | None = None,
+    chunk_videos: int = CHUNK_VIDEOS,
 ) -> InferenceReport:
     """Score what the model has not scored up to `logical_date` (or the given videos) and store the
     top k: the whole night in this process, its parts one after another. Waits at most `lock_timeout_s`
@@ -627,7 +658,8 @@ def run_inference(
     # Two runs of the same night at once (a task's retry while a lost try still runs, `vtag infer`
     # beside the DAG) would share one run: the later start would empty the earlier one's rows under it.
     # They take turns instead, the later replacing the run.
-    with run_locks.run_lock(db_url, logical_date, version["version"], timeout_s=_lock_timeout(lock_timeout_s)) as lock:
+    engine = db.engine_for(db_url)
+    with run_locks.run_lock(engine, logical_date, version["version"], timeout_s=_lock_timeout(lock_timeout_s)) as lock:
         plan = plan_night(
             db_url,
             logical_date,
@@ -649,9 +681,10 @@ def run_inference(
                     lock=lock,
                     locked=True,
                     progress=progress,
+                    chunk_videos=chunk_videos,
                 )
             except BaseException as exc:
-                runs.finish_run(db_url, plan.run_id, error=f"part {part['part']}: {type(exc).__name__}: {exc}")
+                _fail_run(db_url, plan.run_id, f"part {part['part']}: {type(exc).__name__}: {exc}")
                 raise
         return finish_night(db_url, plan, s3)
 
@@ -661,12 +694,20 @@ def retire_old_versions(db_url: str, keep: int) -> list[int]:
     a production version always keeps them. Returns the versions retired."""
     if keep < 1:
         raise InferenceError(f"keep must be at least 1, not {keep}")
-    db.upgrade(db_url)
-    older = partitions.versions_with_predictions(db_url)[keep:]
+    db.require_current(db_url)
+    with db.transaction(db_url) as conn:
+        older = partitions.versions_with_predictions(conn)[keep:]
     retired = [v["version"] for v in older if v["status"] != "production"]
-    for version in retired:
-        partitions.retire(db_url, version)
+    for version in retired:  # one transaction each: a version retired stays retired if a later one fails
+        with db.transaction(db_url) as conn:
+            partitions.retire(conn, version)
     return retired
+
+
+def _fail_run(db_url: str, run_id: int, error: str) -> None:
+    """Mark the night failed, in a transaction of its own: the work that failed rolled its own back."""
+    with db.transaction(db_url) as conn:
+        runs.finish_run(conn, run_id, error=error)
 
 
 def _progress(total: int, enabled: bool):

@@ -97,9 +97,9 @@ def list_pending(
 ) -> tuple[list[ObjectInfo], int]:
     """Shards under `src` matching `pattern` that are not converted to `dest` in their current content.
 
-    Returns (pending, number skipped), pending sorted by URI. Brings the database schema up to date
-    first, so the embedded SQLite needs no set-up, and raises StoreError (one line) when `dest` cannot be
-    written, before any shard is converted. Costs one listing of `src`, one manifest query and one
+    Returns (pending, number skipped), pending sorted by URI. Raises SchemaOutOfDate when the database
+    was not migrated (`vtag db upgrade`) and StoreError (one line) when `dest` cannot be written, before
+    any shard is converted. Costs one listing of `src`, one manifest query and one
     listing per destination folder, whatever the number of shards.
     """
     return _list_pending(canonical_uri(src), canonical_uri(dest), db_url, pattern, force, s3)
@@ -108,7 +108,7 @@ def list_pending(
 def _list_pending(
     src: str, dest: str, db_url: str, pattern: str, force: bool, s3: S3Config | None
 ) -> tuple[list[ObjectInfo], int]:
-    db.upgrade(db_url)
+    db.require_current(db_url)
     store_for(dest, s3).check_writable(dest)
     shards = store_for(src, s3).list(src, pattern)
     if force:
@@ -135,7 +135,8 @@ def converted(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | N
 
 
 def _converted(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None) -> dict[str, dict]:
-    rows = manifest.succeeded(db_url, dest)
+    with db.transaction(db_url) as conn:
+        rows = manifest.succeeded(conn, dest)
     unchanged = {}
     for shard in shards:
         row = rows.get(shard.uri)
@@ -259,7 +260,8 @@ def convert_shard(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None
 
 
 def _convert_shard(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, replace: bool) -> dict:
-    manifest.mark_running(db_url, shard, dest)
+    with db.transaction(db_url) as conn:
+        manifest.mark_running(conn, shard, dest)
     try:
         return _convert(shard, dest, db_url, s3, replace)
     except BadRecordError as exc:
@@ -270,7 +272,8 @@ def _convert_shard(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | Non
         _quarantine(shard, dest, db_url, s3, failure)
         raise ShardFailedError(failure.error) from None
     except BaseException as exc:  # the store, the disk or the database failed: worth a retry, but recorded meanwhile
-        manifest.mark_failed(db_url, shard, dest, ShardFailure(f"{shard.uri}: {_describe(exc)}"))
+        with db.transaction(db_url) as conn:
+            manifest.mark_failed(conn, shard, dest, ShardFailure(f"{shard.uri}: {_describe(exc)}"))
         raise
 
 
@@ -281,11 +284,14 @@ def _quarantine(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, 
         outputs = [output_uri(dest, level, shard.name) for level in LEVELS]
     except LayoutError:  # a name without a split never had an output
         outputs = []
-    for out in outputs:
-        if manifest.output_owner(db_url, dest, out) in (None, shard.uri):
+    with db.transaction(db_url) as conn:
+        owners = {out: manifest.output_owner(conn, dest, out) for out in outputs}
+    for out, owner in owners.items():
+        if owner in (None, shard.uri):
             store_for(out, s3).delete(out)
-    catalog.forget_shard(db_url, shard.uri)
-    manifest.mark_failed(db_url, shard, dest, failure)
+    with db.transaction(db_url) as conn:  # its videos leave with its failed row, together
+        catalog.forget_shard(conn, shard.uri)
+        manifest.mark_failed(conn, shard, dest, failure)
 
 
 def _convert(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, replace: bool) -> dict:
@@ -305,7 +311,9 @@ def _convert(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, rep
             raise BadRecordError(shard.uri, first.index, first.offset, str(exc)) from None
         out = output_uri(dest, level, shard.name)
         # Asked before the whole shard is read; asked again in the transaction that publishes.
-        _taken_over(manifest.output_owner(db_url, dest, out), shard, out, replace)
+        with db.transaction(db_url) as conn:
+            owner = manifest.output_owner(conn, dest, out)
+        _taken_over(owner, shard, out, replace)
         out_store = store_for(out, s3)
         # An earlier try of this shard killed mid-write (SIGKILL, OOM) left its temporary behind (and on
         # S3 maybe an incomplete upload); this try runs only once that one is dead, so nothing else writes it.
@@ -315,7 +323,7 @@ def _convert(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, rep
         try:
             # The file goes out after every row is written and before the commit; the transaction ends (and
             # its connection, with any lock, is released) before a failed commit takes the file back.
-            with db.engine_for(db_url).connect() as conn, conn.begin():
+            with db.transaction(db_url) as conn:
                 with out_store.publish(out) as tmp_path:
                     videos = _write_parquet(tmp_path, level, split, itertools.chain([first], records), shard)
                     result = {
@@ -417,7 +425,8 @@ def _unpublish(out_store: ObjectStore, out: str, shard: ObjectInfo, db_url: str,
     except StoreError as exc:
         log.warning("could not take back %s after its database commit failed: %s", out, exc)
     try:
-        catalog.forget_shard(db_url, shard.uri, level)
+        with db.transaction(db_url) as conn:
+            catalog.forget_shard(conn, shard.uri, level)
     except SQLAlchemyError as exc:
         log.warning(
             "the catalogue may still list the videos of %s, whose Parquet is gone: %s", shard.uri, _describe(exc)

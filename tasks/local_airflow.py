@@ -1,7 +1,7 @@
 """A local Airflow on the embedded defaults, for the UI: `make airflow` (python -m tasks.local_airflow).
 
 Runs `airflow standalone` (API server, scheduler, DAG processor, triggerer) in its own process group
-with our DAGs, migrates its metadata, creates the `gpu` pool, unpauses the yt8m DAGs once parsed,
+with our DAGs, migrates its metadata and our database (`vtag db upgrade`), creates the `gpu` pool, unpauses the yt8m DAGs once parsed,
 prints the URL and the login, and on Ctrl-C or SIGTERM stops the whole group: a plain SIGTERM to
 `airflow standalone` would leave its children running.
 """
@@ -79,6 +79,10 @@ def main() -> int:
     url = f"http://localhost:{port}"
     home.mkdir(parents=True, exist_ok=True)
     _airflow("db", "migrate")
+    from tasks import cli
+
+    if cli.main(["db", "upgrade"]) != 0:  # our schema, at deploy time: tasks only check it is current
+        return 1
     _airflow("pools", "set", "gpu", "1", "GPU tasks: training and nightly inference")
     log = open(home / "standalone.log", "ab")
     group = subprocess.Popen(["airflow", "standalone"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

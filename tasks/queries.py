@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from storage.database.db import engine_for
+from storage.database import db
 from storage.errors import VtagError
 from storage.formats.yt8m_spec import NUM_CLASSES
 
@@ -69,6 +69,6 @@ def run(db_url: str, name: str, params: dict) -> tuple[list[str], list[tuple]]:
     if unknown:
         raise QueryError(f"query {name!r} takes no parameter {', '.join(unknown)} (it takes {', '.join(needed)})")
     values = {k: _value(k, needed[k], v) for k, v in params.items()}
-    with engine_for(db_url).connect() as conn:
+    with db.transaction(db_url) as conn:
         result = conn.execute(text(_path(name).read_text()), values)
         return list(result.keys()), [tuple(row) for row in result]

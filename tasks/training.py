@@ -74,20 +74,21 @@ def train_model(
 def register_model(db_url: str, trained: dict, *, run_id: str | None = None) -> dict:
     """Record `trained` (train_model's result) as a model version with status `trained`; again, the
     same checkpoint is the same version. Returns `trained` with its `version`."""
-    db.upgrade(db_url)
-    version = registry.register(
-        db_url,
-        level=trained["level"],
-        preset=trained["preset"],
-        checkpoint_uri=trained["checkpoint_uri"],
-        config=trained["config"],
-        data_uri=trained["data_uri"],
-        train_split=trained["split"],
-        epochs=trained["epochs"],
-        steps=trained["steps"],
-        run_id=run_id,
-        checkpoint_sha256=trained["checkpoint_sha256"],
-    )
+    db.require_current(db_url)
+    with db.transaction(db_url) as conn:
+        version = registry.register(
+            conn,
+            level=trained["level"],
+            preset=trained["preset"],
+            checkpoint_uri=trained["checkpoint_uri"],
+            config=trained["config"],
+            data_uri=trained["data_uri"],
+            train_split=trained["split"],
+            epochs=trained["epochs"],
+            steps=trained["steps"],
+            run_id=run_id,
+            checkpoint_sha256=trained["checkpoint_sha256"],
+        )
     log.info("model version %d: %s", version, trained["checkpoint_uri"])
     return {**trained, "version": version}
 
@@ -95,8 +96,8 @@ def register_model(db_url: str, trained: dict, *, run_id: str | None = None) -> 
 def train_and_register(data_uri: str, out_uri: str, level: str, db_url: str, **train_options) -> dict:
     """`train_model`, then `register_model` (`vtag train`). Under torchrun, rank 0 alone talks to the
     database; the other ranks return version None."""
-    if os.environ.get("RANK", "0") == "0":  # fails on an unreachable database now, not after the training
-        db.upgrade(db_url)
+    if os.environ.get("RANK", "0") == "0":  # fails on an unreachable or outdated database now, not after training
+        db.require_current(db_url)
     trained = train_model(data_uri, out_uri, level, **train_options)
     if trained["rank"] != 0:
         return {**trained, "version": None}
@@ -119,10 +120,11 @@ def evaluate_model(
     from model.evaluate import evaluate, plot
 
     data_uri = canonical_uri(data_uri)
-    db.upgrade(db_url)
+    db.require_current(db_url)
     if version is None:
         version = ensure_registered(db_url, checkpoint_uri, s3)
-    registered = registry.get_version(db_url, version)
+    with db.transaction(db_url) as conn:
+        registered = registry.get_version(conn, version)
     evaluation = evaluate(
         registered["checkpoint_uri"], data_uri, split, pattern, s3, sha256=registered["checkpoint_sha256"]
     )
@@ -130,17 +132,18 @@ def evaluate_model(
     plot_uri = plot(
         evaluation, f"model version {version} on {split}", join(beside.rsplit("/", 1)[0], f"eval-{split}.png"), s3
     )
-    registry.record_evaluation(
-        db_url,
-        version,
-        split=split,
-        data_uri=data_uri,
-        pattern=pattern,
-        metrics=evaluation.metrics,
-        videos=evaluation.videos,
-        seconds=evaluation.seconds,
-        plot_uri=plot_uri,
-    )
+    with db.transaction(db_url) as conn:
+        registry.record_evaluation(
+            conn,
+            version,
+            split=split,
+            data_uri=data_uri,
+            pattern=pattern,
+            metrics=evaluation.metrics,
+            videos=evaluation.videos,
+            seconds=evaluation.seconds,
+            plot_uri=plot_uri,
+        )
     return {
         **evaluation.metrics,
         "videos": evaluation.videos,
@@ -160,36 +163,41 @@ def ensure_registered(db_url: str, checkpoint_uri: str, s3: S3Config | None = No
 
     checkpoint_uri = canonical_uri(checkpoint_uri)
     if checkpoint.is_immutable(checkpoint_uri):
-        version = registry.version_by_checkpoint(db_url, checkpoint_uri)
+        with db.transaction(db_url) as conn:
+            version = registry.version_by_checkpoint(conn, checkpoint_uri)
         if version is not None:  # its sha256 is checked when the version's checkpoint is loaded
             return version
     sha256, fingerprint = checkpoint.content(checkpoint_uri, s3)
-    version = registry.version_by_sha256(db_url, sha256)
+    with db.transaction(db_url) as conn:
+        version = registry.version_by_sha256(conn, sha256)
     if version is not None:  # these very weights are a version already (last.pt as its run's final checkpoint)
         return version
     frozen_uri = checkpoint.freeze(checkpoint_uri, sha256, fingerprint, s3)
     state = checkpoint.load(frozen_uri, s3, sha256=sha256)
     config = checkpoint.config_of(state, frozen_uri)
     data = state.get("data", {})
-    return registry.register(
-        db_url,
-        level=config.level,
-        preset=config.preset,
-        checkpoint_uri=frozen_uri,
-        config=config.to_dict(),
-        data_uri=data.get("uri", ""),
-        train_split=data.get("split", ""),
-        epochs=state.get("epoch", 0),
-        steps=state.get("step", 0),
-        checkpoint_sha256=sha256,
-    )
+    with db.transaction(db_url) as conn:
+        return registry.register(
+            conn,
+            level=config.level,
+            preset=config.preset,
+            checkpoint_uri=frozen_uri,
+            config=config.to_dict(),
+            data_uri=data.get("uri", ""),
+            train_split=data.get("split", ""),
+            epochs=state.get("epoch", 0),
+            steps=state.get("step", 0),
+            checkpoint_sha256=sha256,
+        )
 
 
 def promote(db_url: str, version: int, split: str = "validate", s3: S3Config | None = None) -> dict:
     """Promote if at least as good as production on the same evaluation set, scoring production on
     it first when it never was."""
+    db.require_current(db_url)
     try:
-        promoted, reason = registry.promote_if_better(db_url, version, split)
+        with db.transaction(db_url) as conn:
+            promoted, reason = registry.promote_if_better(conn, version, split)
     except registry.NeedsEvaluation as need:
         evaluate_model(
             need.checkpoint_uri,
@@ -200,6 +208,7 @@ def promote(db_url: str, version: int, split: str = "validate", s3: S3Config | N
             s3=s3,
             version=need.version,
         )
-        promoted, reason = registry.promote_if_better(db_url, version, split)
+        with db.transaction(db_url) as conn:
+            promoted, reason = registry.promote_if_better(conn, version, split)
     log.info(reason)
     return {"version": version, "promoted": promoted, "reason": reason}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.db import migrated
 from tests.support.env import BIN, PG_ADMIN_URL, REPO, SHARED, free_port
 
 # Airflow reads its home at import time: point it at a throwaway folder before anything imports it.
@@ -37,8 +38,14 @@ def yt8m_dir() -> Path:
 
 
 @pytest.fixture
-def sqlite_url(tmp_path) -> str:
+def empty_sqlite_url(tmp_path) -> str:
+    """A SQLite database not created yet: for the tests of migrations themselves."""
     return f"sqlite:///{tmp_path / 'vtag.db'}"
+
+
+@pytest.fixture
+def sqlite_url(empty_sqlite_url) -> str:
+    return migrated(empty_sqlite_url)
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +63,9 @@ def _pg_server():
 
 
 @pytest.fixture
-def pg_url(_pg_server) -> str:
-    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+def empty_pg_url(_pg_server) -> str:
+    """A fresh, empty PostgreSQL database for one test (no schema: for the tests of migrations), dropped
+    afterwards."""
     from sqlalchemy import text
 
     from storage.database.db import engine_for
@@ -73,10 +81,21 @@ def pg_url(_pg_server) -> str:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture
+def pg_url(empty_pg_url) -> str:
+    return migrated(empty_pg_url)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request) -> str:
-    """Each test that takes it runs twice: on SQLite and on the local PostgreSQL."""
+    """Each test that takes it runs twice: on SQLite and on the local PostgreSQL, both migrated."""
     return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db_url(request) -> str:
+    """db_url before any migration: for the tests of the migrations themselves."""
+    return request.getfixturevalue("empty_sqlite_url" if request.param == "sqlite" else "empty_pg_url")
 
 
 @pytest.fixture(scope="session")
@@ -214,7 +233,7 @@ def tiny_checkpoint(raw_shards, tmp_path_factory) -> str:
     from tests.worlds import TINY
 
     home = tmp_path_factory.mktemp("tiny-model")
-    db_url, parquet = f"sqlite:///{home / 'train.db'}", str(home / "parquet")
+    db_url, parquet = migrated(f"sqlite:///{home / 'train.db'}"), str(home / "parquet")
     assert not ingest(str(raw_shards), parquet, db_url).failed
     trained = train_model(parquet, str(home / "model"), "frame", preset="small", overrides=TINY, progress=False)
     return trained["checkpoint_uri"]

@@ -49,7 +49,9 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_db_migrations_up_and_down(db_url):
+def test_db_migrations_up_and_down(empty_db_url):
+    db_url = empty_db_url
+    assert current_revision(db_url) is None
     assert vtag("db", "upgrade", "--db", db_url).stdout.strip() == "0006"
     assert current_revision(db_url) == "0006"
     tables = {

@@ -10,6 +10,7 @@ from storage.database.db import engine_for
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote, train_and_register
+from tests.support.db import in_transaction
 from tests.support.env import SHARED
 from tests.test_inference import TINY
 
@@ -28,7 +29,7 @@ def test_nightly_dag_tags_the_videos_that_arrived(dagbag, tmp_path, monkeypatch,
     assert not ingest(str(tmp_path / "raw"), parquet, db_url).failed
     assert dag.test(logical_date=night).state == "success"  # no production model yet: the night is skipped
 
-    catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv"))
+    in_transaction(db_url, catalog.load_vocabulary, str(SHARED / "yt8m" / "vocabulary.csv"))
     trained = train_and_register(
         parquet, str(tmp_path / "model"), "frame", db_url, preset="small", overrides=TINY, progress=False
     )

@@ -7,6 +7,7 @@ import pytest
 from storage.database import manifest
 from tasks.synth import SynthConfig, synth
 from tests.shards import flip_byte, record_offsets, write_tiny_shards
+from tests.support.db import in_transaction
 
 pytestmark = pytest.mark.airflow
 
@@ -53,7 +54,7 @@ def test_ingest_dag_end_to_end(ingest_dag, tmp_path, dag_db_url):
     assert run.state == "failed"  # the run shows that a shard was quarantined
 
     assert sorted(p.name for p in dest.rglob("*.parquet")) == ["train0000.parquet", "train0002.parquet"]
-    rows = {r["source_uri"].rsplit("/", 1)[-1]: r for r in manifest.rows(db_url, str(dest))}
+    rows = {r["source_uri"].rsplit("/", 1)[-1]: r for r in in_transaction(db_url, manifest.rows, str(dest))}
     assert rows["train0001.tfrecord"]["status"] == "failed" and rows["train0001.tfrecord"]["error_record"] == 2
     assert rows["train0000.tfrecord"]["rows"] == 6
 
@@ -72,7 +73,7 @@ def test_ingest_dag_end_to_end(ingest_dag, tmp_path, dag_db_url):
     assert rerun.state == "success"
     assert [k for k in _states(rerun) if k[0] == "convert_batch"] == [("convert_batch", 0)]
     assert _asset_events()[-1]["outputs"] == [f"{dest}/frame/train/train0001.parquet"]
-    assert len(manifest.rows(db_url, str(dest))) == 3
+    assert len(in_transaction(db_url, manifest.rows, str(dest))) == 3
 
 
 def _catalogued(db_url: str, raw) -> tuple[int, int]:
@@ -91,7 +92,7 @@ def _catalogued(db_url: str, raw) -> tuple[int, int]:
 
 
 def _finished(db_url: str, dest) -> dict:
-    return {r["source_uri"]: (r["status"], r["finished_at"]) for r in manifest.rows(db_url, str(dest))}
+    return {r["source_uri"]: (r["status"], r["finished_at"]) for r in in_transaction(db_url, manifest.rows, str(dest))}
 
 
 # SQLite only: 1,100 conversions take most of a minute on either database, and the end-to-end test above
@@ -130,7 +131,7 @@ def test_ingest_dag_over_more_shards_than_airflow_maps(ingest_dag, tmp_path, dag
 
     rows = _finished(db_url, dest)
     assert len(rows) == shards and [uri for uri, (status, _) in rows.items() if status != "succeeded"] == [str(bad)]
-    assert "CRC" in manifest.rows(db_url, str(dest))[500]["error"]
+    assert "CRC" in in_transaction(db_url, manifest.rows, str(dest))[500]["error"]
     assert len(list(dest.rglob("*.parquet"))) == shards - 1
     event = _asset_events()[-1]  # the failed batch's 7 or 8 good shards count too
     assert (event["dest"], event["shards"], event["rows"], len(event["outputs"])) == (

@@ -6,6 +6,7 @@ from storage.database import registry
 from storage.database.db import engine_for
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
+from tests.support.db import in_transaction
 
 pytestmark = pytest.mark.airflow
 
@@ -37,7 +38,9 @@ def test_train_dag_writes_model_versions_and_evaluations(dagbag, tmp_path, monke
     # A worse model from a later run is registered but does not replace production.
     second = dag.test(run_conf={**conf, "learning_rate": 1e-7, "epochs": 1})
     assert second.state == "success"
-    assert registry.production(db_url, "frame")["version"] == versions[0].version  # not better: not promoted
+    assert (
+        in_transaction(db_url, registry.production, "frame")["version"] == versions[0].version
+    )  # not better: not promoted
 
 
 def test_train_dag_is_train_register_evaluate_promote(dagbag):

@@ -23,6 +23,7 @@ from storage.objectstore import S3Config
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tests.shards import record_offsets
+from tests.support.db import in_transaction, migrated
 from tests.support.env import BIN
 from tests.support.faults import FlakyProxy, PrivateCluster, kill_part_worker_after, start_part_worker
 from tests.worlds import NIGHT, VIDEOS, build_world, count, row, rows, stored_rows
@@ -83,7 +84,7 @@ def test_worker_sigkilled_mid_parquet_write_then_retried(tmp_path, report):
     assert killed_shard.replace(".tfrecord", ".parquet") not in visible
     for name in visible:
         assert pq.read_table(out_dir / name).num_rows == source[name.replace(".parquet", ".tfrecord")]
-    rows = {r["source_uri"].rsplit("/", 1)[-1]: r for r in manifest.rows(db_url, str(dest))}
+    rows = {r["source_uri"].rsplit("/", 1)[-1]: r for r in in_transaction(db_url, manifest.rows, str(dest))}
     assert rows[killed_shard]["status"] == "running"  # what a dead worker leaves: the retry redoes it
     assert sorted(n for n, r in rows.items() if r["status"] == "succeeded") == [
         v.replace(".parquet", ".tfrecord") for v in visible
@@ -106,7 +107,7 @@ def test_worker_sigkilled_mid_parquet_write_then_retried(tmp_path, report):
     for name, videos in source.items():
         table = pq.read_table(out_dir / name.replace(".tfrecord", ".parquet"))
         assert table.num_rows == videos and len(set(table.column("id").to_pylist())) == videos
-    rows = manifest.rows(db_url, str(dest))
+    rows = in_transaction(db_url, manifest.rows, str(dest))
     assert len(rows) == len(source) and all(r["status"] == "succeeded" for r in rows)
     assert {r["source_uri"].rsplit("/", 1)[-1]: r["rows"] for r in rows} == source
     total, distinct, by_file = _catalogue(db_url)
@@ -135,7 +136,7 @@ def _parquet_objects(client, bucket: str) -> dict[str, int]:
 def test_s3_endpoint_gone_for_seconds_during_ingest(s3, s3_server, tmp_path, report):
     config, bucket = s3
     direct = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")  # behind the proxy's back
-    raw, db_url = tmp_path / "raw", f"sqlite:///{tmp_path / 'vtag.db'}"
+    raw, db_url = tmp_path / "raw", migrated(f"sqlite:///{tmp_path / 'vtag.db'}")
     synth(str(raw), SynthConfig("frame", "train", shards=3, videos_per_shard=30, seed=21))  # ~7 MB a shard
     source = _source_videos(raw)
     expected = {f"parquet/frame/train/{n.replace('.tfrecord', '.parquet')}": v for n, v in source.items()}
@@ -167,7 +168,7 @@ def test_s3_endpoint_gone_for_seconds_during_ingest(s3, s3_server, tmp_path, rep
         if first.failed:  # the affected shards fail, each with one clear line naming its file
             for uri, error in first.failed.items():
                 assert uri in error and "\n" not in error, error
-            rows = {r["source_uri"]: r for r in manifest.rows(db_url, dest)}
+            rows = {r["source_uri"]: r for r in in_transaction(db_url, manifest.rows, dest)}
             assert all(rows[uri]["status"] == "failed" and uri in rows[uri]["error"] for uri in first.failed)
             rerun = ingest(str(raw), dest, db_url, s3=via_proxy)
             assert not rerun.failed and sorted(c["source_uri"] for c in rerun.converted) == sorted(first.failed)
@@ -185,7 +186,7 @@ def test_s3_endpoint_gone_for_seconds_during_ingest(s3, s3_server, tmp_path, rep
 
     assert _parquet_objects(direct, bucket) == expected  # exactly one whole object per shard
     assert direct.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-    rows = manifest.rows(db_url, dest)
+    rows = in_transaction(db_url, manifest.rows, dest)
     assert len(rows) == len(source) and {r["status"] for r in rows} == {"succeeded"}
     assert sorted(r["rows"] for r in rows) == sorted(source.values())
     total, distinct, by_file = _catalogue(db_url)
@@ -222,10 +223,9 @@ def test_postgresql_restarted_during_the_nightly_write(
     with admin.connect() as conn:
         conn.execute(text("CREATE DATABASE vtag"))
     admin.dispose()
-    db_url = private_pg.admin_url.rsplit("/", 1)[0] + "/vtag"
+    db_url = migrated(private_pg.admin_url.rsplit("/", 1)[0] + "/vtag")
     world = build_world(raw_shards, tmp_path, db_url, checkpoint=tiny_checkpoint)
     k = 4
-    monkeypatch.setattr(inference, "CHUNK_VIDEOS", 8)  # 50 videos: 7 chunks, a transaction each
 
     real_insert, calls = prediction_writes.insert_bulk, {"n": 0}
 
@@ -242,7 +242,7 @@ def test_postgresql_restarted_during_the_nightly_write(
     from sqlalchemy.exc import OperationalError
 
     try:
-        first = inference.run_inference(db_url, NIGHT, top_k=k, exports_uri=world["exports"])
+        first = inference.run_inference(db_url, NIGHT, top_k=k, exports_uri=world["exports"], chunk_videos=8)
         outcome = f"the run finished anyway: {first.videos} videos"
     except OperationalError as exc:  # the database's own error, not something of the test's
         outcome = f"the run failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
@@ -274,7 +274,9 @@ def test_postgresql_restarted_during_the_nightly_write(
     )
 
     monkeypatch.setattr(prediction_writes, "insert_bulk", real_insert)
-    retry = inference.run_inference(db_url, NIGHT, top_k=k, exports_uri=world["exports"])  # what Airflow's retry does
+    retry = inference.run_inference(
+        db_url, NIGHT, top_k=k, exports_uri=world["exports"], chunk_videos=8
+    )  # what Airflow's retry does
     report.injected("reran run_inference for the same logical date, as the task's retry would")
     assert retry.videos == VIDEOS
     assert count(db_url, "SELECT COUNT(*) FROM predictions") == VIDEOS * k
@@ -319,7 +321,6 @@ def test_two_runs_of_the_same_night_at_once(pg_url, raw_shards, tiny_checkpoint,
 
     world = build_world(raw_shards, tmp_path, pg_url, checkpoint=tiny_checkpoint)
     k = 3
-    monkeypatch.setattr(inference, "CHUNK_VIDEOS", 8)  # several chunks each, so the runs overlap for a while
     # Each run its own engine, as two worker processes would have: the same database, spelled two ways.
     urls = [pg_url, pg_url.replace("postgresql+psycopg2://", "postgresql://")]
     assert len({id(engine_for(u)) for u in urls}) == 2
@@ -338,7 +339,12 @@ def test_two_runs_of_the_same_night_at_once(pg_url, raw_shards, tiny_checkpoint,
     def night(i):
         try:
             results[i] = inference.run_inference(
-                urls[i], NIGHT, top_k=k, exports_uri=f"{world['exports']}/{i}", airflow_run_id=f"scheduled__try{i}"
+                urls[i],
+                NIGHT,
+                top_k=k,
+                exports_uri=f"{world['exports']}/{i}",
+                airflow_run_id=f"scheduled__try{i}",
+                chunk_videos=8,
             )
         except Exception as exc:  # noqa: BLE001 - asserted below
             errors[i] = exc
@@ -396,7 +402,6 @@ def test_a_run_that_lost_its_lock_stops_writing(pg_url, raw_shards, tiny_checkpo
 
     world = build_world(raw_shards, tmp_path, pg_url, checkpoint=tiny_checkpoint)
     k = 3
-    monkeypatch.setattr(inference, "CHUNK_VIDEOS", 8)
     real_write, calls = prediction_writes.write_chunk, {"n": 0}
 
     def terminate_the_lock_before_the_third_chunk(*args, **kwargs):
@@ -409,7 +414,7 @@ def test_a_run_that_lost_its_lock_stops_writing(pg_url, raw_shards, tiny_checkpo
 
     monkeypatch.setattr(prediction_writes, "write_chunk", terminate_the_lock_before_the_third_chunk)
     with pytest.raises(run_locks.LostRunLock, match="holding this run's lock"):
-        inference.run_inference(pg_url, NIGHT, top_k=k, exports_uri=world["exports"])
+        inference.run_inference(pg_url, NIGHT, top_k=k, exports_uri=world["exports"], chunk_videos=8)
     report.injected("pg_terminate_backend of the session holding the run's advisory lock, before the 3rd chunk")
     status, done, written = row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs")
     assert status == "failed" and written == stored_rows(pg_url) == done * k < VIDEOS * k
@@ -418,7 +423,7 @@ def test_a_run_that_lost_its_lock_stops_writing(pg_url, raw_shards, tiny_checkpo
     )
 
     monkeypatch.setattr(prediction_writes, "write_chunk", real_write)
-    inference.run_inference(pg_url, NIGHT, top_k=k, exports_uri=world["exports"])
+    inference.run_inference(pg_url, NIGHT, top_k=k, exports_uri=world["exports"], chunk_videos=8)
     assert row(pg_url, "SELECT status, videos_done, rows_written FROM inference_runs") == (
         "succeeded",
         VIDEOS,

@@ -12,6 +12,7 @@ from storage.database import catalog, prediction_writes
 from storage.database.db import engine_for
 from tasks import queries
 from tasks.inference import InferenceError, NoProductionModel, run_inference
+from tests.support.db import in_transaction
 from tests.support.env import SHARED
 from tests.worlds import NIGHT, TINY, stored_rows  # noqa: F401 (TINY, for test_dag_*)
 from tests.worlds import build_world as _world
@@ -30,8 +31,10 @@ def test_vocabulary_loads_all_real_labels(db_url):
     from storage.database import db
 
     db.upgrade(db_url)
-    assert catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv")) == 3862
-    assert catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv")) == 3862  # a reload, no duplicates
+    assert in_transaction(db_url, catalog.load_vocabulary, str(SHARED / "yt8m" / "vocabulary.csv")) == 3862
+    assert (
+        in_transaction(db_url, catalog.load_vocabulary, str(SHARED / "yt8m" / "vocabulary.csv")) == 3862
+    )  # a reload, no duplicates
     assert _count(db_url, "SELECT COUNT(*) FROM labels") == 3862
     assert _count(db_url, "SELECT COUNT(*) FROM labels WHERE name = ''") == 56
     assert _count(db_url, "SELECT name FROM labels WHERE label_id = 0") == "Game"
@@ -70,9 +73,6 @@ def test_exports_have_googles_csv_and_the_seeds_pickle(world):
 
 
 def test_a_run_killed_mid_write_is_not_complete_and_its_retry_finishes(world, monkeypatch):
-    import tasks.inference as inference
-
-    monkeypatch.setattr(inference, "CHUNK_VIDEOS", 8)
     real_write, calls = prediction_writes.write_chunk, {"n": 0}
 
     def dies_on_third_chunk(*args, **kwargs):
@@ -83,7 +83,7 @@ def test_a_run_killed_mid_write_is_not_complete_and_its_retry_finishes(world, mo
 
     monkeypatch.setattr(prediction_writes, "write_chunk", dies_on_third_chunk)
     with pytest.raises(ConnectionError):
-        run_inference(world["db"], NIGHT, top_k=4, exports_uri=world["exports"])
+        run_inference(world["db"], NIGHT, top_k=4, exports_uri=world["exports"], chunk_videos=8)
     run = dict(
         zip(
             ("status", "videos_done", "rows_written"),
@@ -93,7 +93,7 @@ def test_a_run_killed_mid_write_is_not_complete_and_its_retry_finishes(world, mo
     assert run["status"] == "failed" and run["rows_written"] == stored_rows(world["db"]) > 0
 
     monkeypatch.setattr(prediction_writes, "write_chunk", real_write)
-    retry = run_inference(world["db"], NIGHT, top_k=4, exports_uri=world["exports"])
+    retry = run_inference(world["db"], NIGHT, top_k=4, exports_uri=world["exports"], chunk_videos=8)
     assert retry.videos == 50 and _count(world["db"], "SELECT COUNT(*) FROM predictions") == 200
     assert _row(world["db"], "SELECT status, videos_done, rows_written FROM inference_runs") == ("succeeded", 50, 200)
 

@@ -20,6 +20,7 @@ from tasks.inference import (
     run_inference,
     tag_part,
 )
+from tests.support.db import in_transaction
 from tests.worlds import NIGHT, VIDEOS, build_world, count, rows
 
 
@@ -71,7 +72,7 @@ def test_cut_parts_is_contiguous_bounded_and_one_part_when_small():
 
 def test_a_night_in_several_parts_is_one_run_with_k_rows_per_video(world):
     report = run_inference(world["db"], NIGHT, top_k=4, exports_uri=world["exports"], part_videos=12)
-    assert len(runs.parts_of(world["db"], report.run_id)) == 3  # three files of 20, 20 and 10 videos
+    assert len(in_transaction(world["db"], runs.parts_of, report.run_id)) == 3  # three files of 20, 20 and 10 videos
     assert report.videos == VIDEOS and report.rows_written == VIDEOS * 4
     _check_night(world, 4, report.run_id, report.exports)
     assert sorted(p.name for p in (Path(world["exports"]) / "parts").iterdir()) == [  # each part's own, no temporary
@@ -80,18 +81,16 @@ def test_a_night_in_several_parts_is_one_run_with_k_rows_per_video(world):
     again = run_inference(
         world["db"], NIGHT, top_k=4, exports_uri=world["exports"], part_videos=30
     )  # a rerun, cut anew
-    assert again.run_id == report.run_id and len(runs.parts_of(world["db"], report.run_id)) == 2
+    assert again.run_id == report.run_id and len(in_transaction(world["db"], runs.parts_of, report.run_id)) == 2
     _check_night(world, 4, report.run_id, again.exports)
 
 
 def test_a_part_that_died_mid_write_is_retried_alone_without_duplicates(world, monkeypatch):
-    import tasks.inference as inference
 
     db_url, k = world["db"], 3
-    monkeypatch.setattr(inference, "CHUNK_VIDEOS", 4)
     plan = plan_night(db_url, NIGHT, top_k=k, exports_uri=world["exports"], part_videos=12)
     assert len(plan.parts) == 3
-    first = tag_part(db_url, plan, plan.parts[0])
+    first = tag_part(db_url, plan, plan.parts[0], chunk_videos=4)
 
     real_write, calls = prediction_writes.write_chunk, {"n": 0}
 
@@ -103,18 +102,18 @@ def test_a_part_that_died_mid_write_is_retried_alone_without_duplicates(world, m
 
     monkeypatch.setattr(prediction_writes, "write_chunk", dies_on_third_chunk)
     with pytest.raises(ConnectionError):
-        tag_part(db_url, plan, plan.parts[1])
+        tag_part(db_url, plan, plan.parts[1], chunk_videos=4)
     monkeypatch.setattr(prediction_writes, "write_chunk", real_write)
-    died = runs.parts_of(db_url, plan.run_id)[1]
+    died = in_transaction(db_url, runs.parts_of, plan.run_id)[1]
     assert died["status"] == "failed" and 0 < died["rows_written"] < 20 * k and "worker lost" in died["error"]
-    tag_part(db_url, plan, plan.parts[2])
+    tag_part(db_url, plan, plan.parts[2], chunk_videos=4)
     with pytest.raises(InferenceError, match=r"parts not succeeded: 1 \(failed: ConnectionError"):
         finish_night(db_url, plan)  # what the DAG's finish task does while a part is still failed
     assert count(db_url, "SELECT status FROM inference_runs") == "failed"
 
-    retried = tag_part(db_url, plan, plan.parts[1])  # Airflow's retry of that mapped task alone
+    retried = tag_part(db_url, plan, plan.parts[1], chunk_videos=4)  # Airflow's retry of that mapped task alone
     assert retried.videos == 20 and first.videos == 20
-    assert [p["attempts"] for p in runs.parts_of(db_url, plan.run_id)] == [1, 2, 1]
+    assert [p["attempts"] for p in in_transaction(db_url, runs.parts_of, plan.run_id)] == [1, 2, 1]
     report = finish_night(db_url, plan)
     _check_night(world, k, plan.run_id, report.exports)
 
@@ -162,7 +161,7 @@ def test_retiring_a_version_drops_its_predictions_only(world, db_url):
     assert second.videos == VIDEOS and count(db_url, "SELECT COUNT(*) FROM predictions") == 2 * VIDEOS * 2
 
     with pytest.raises(partitions.RetireError, match="is in production"):
-        partitions.retire(db_url, world["version"])
+        in_transaction(db_url, partitions.retire, world["version"])
     promote(db_url, world["version"] + 1)
     assert retire_old_versions(db_url, keep=1) == [world["version"]]
     assert count(db_url, "SELECT COUNT(*) FROM predictions") == VIDEOS * 2

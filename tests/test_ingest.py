@@ -15,6 +15,7 @@ from tasks import ingest as ingest_module
 from tasks.ingest import MAX_BATCHES, convert_batch, ingest, list_pending, plan_batches
 from tasks.synth import SynthConfig, synth
 from tests.shards import flip_byte, frame_record, record_offsets, video_record, write_shard, write_tiny_shards
+from tests.support.db import in_transaction
 
 
 @pytest.fixture
@@ -91,7 +92,7 @@ def test_rerun_skips_unchanged_and_redoes_changed(frame_shards, tmp_path, db_url
     assert len(first.converted) == 3
     again = ingest(str(frame_shards), dest, db_url)
     assert (again.converted, again.skipped) == ([], 3)
-    assert len(manifest.rows(db_url, dest)) == 3  # never duplicated
+    assert len(in_transaction(db_url, manifest.rows, dest)) == 3  # never duplicated
 
     synth(str(frame_shards), SynthConfig("frame", "train", shards=1, videos_per_shard=4, seed=99))  # rewrites train0000
     changed = ingest(str(frame_shards), dest, db_url)
@@ -103,7 +104,7 @@ def test_rerun_skips_unchanged_and_redoes_changed(frame_shards, tmp_path, db_url
         f"{dest}/frame/train/train0001.parquet"
     ]
     assert len(ingest(str(frame_shards), dest, db_url, force=True).converted) == 3
-    rows = manifest.rows(db_url, dest)
+    rows = in_transaction(db_url, manifest.rows, dest)
     assert len(rows) == 3 and {r["status"] for r in rows} == {"succeeded"}
     assert all(r["checksum"].startswith("crc32c:") and r["finished_at"] >= r["started_at"] for r in rows)
 
@@ -140,7 +141,7 @@ def test_bad_shards_are_quarantined_and_good_ones_convert(tmp_path, db_url):
     outputs = sorted(p.name for p in dest.rglob("*") if p.is_file())
     assert outputs == ["train0000.parquet", "validate0000.parquet"]  # nothing for the bad shards, no temp files
 
-    rows = {r["source_uri"].rsplit("/", 1)[-1][:-9]: r for r in manifest.rows(db_url, str(dest))}
+    rows = {r["source_uri"].rsplit("/", 1)[-1][:-9]: r for r in in_transaction(db_url, manifest.rows, str(dest))}
     offsets = record_offsets(raw / "train0001.tfrecord")
     for stem, reason in expected.items():
         row = rows[stem]
@@ -193,7 +194,7 @@ def test_failure_mid_write_leaves_nothing_visible(tmp_path, sqlite_url, monkeypa
     assert report.failed == {str(raw / "train0000.tfrecord"): f"{raw / 'train0000.tfrecord'}: OSError: disk went away"}
     assert seen_partial and seen_partial[0] > 1_000_000  # the crash really came mid-write
     assert [p for p in dest.rglob("*") if p.is_file()] == []  # neither the output nor a temporary file
-    (row,) = manifest.rows(sqlite_url, str(dest))
+    (row,) = in_transaction(sqlite_url, manifest.rows, str(dest))
     assert row["status"] == "failed" and "disk went away" in row["error"]
 
     monkeypatch.undo()
@@ -292,7 +293,9 @@ def test_convert_batch_goes_on_past_failures_and_a_retry_redoes_only_the_rest(tm
         uri["train0003"]: first.quarantined[uri["train0003"]],
     }
     assert first.retryable == {uri["train0001"]} and "CRC" in first.quarantined[uri["train0003"]]
-    assert {r["source_uri"]: r["status"] for r in manifest.rows(sqlite_url, dest)}[uri["train0001"]] == "failed"
+    assert {r["source_uri"]: r["status"] for r in in_transaction(sqlite_url, manifest.rows, dest)}[
+        uri["train0001"]
+    ] == "failed"
 
     tried.clear()
     retry = convert_batch(shards, dest, sqlite_url)  # as Airflow's retry of the batch does

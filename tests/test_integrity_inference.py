@@ -16,6 +16,7 @@ from storage.database import run_locks, runs
 from storage.database.db import engine_for
 from tasks.inference import NonFiniteScores, finish_night, plan_night, run_inference, tag_part
 from tests.support.cli import vtag
+from tests.support.db import in_transaction
 from tests.support.env import REPO
 from tests.worlds import NIGHT, VIDEOS, build_world, count, row, rows, stored_rows
 
@@ -176,9 +177,10 @@ _HOLDER = """
 import sys, time
 from datetime import datetime
 from storage.database import run_locks
+from storage.database.db import engine_for
 
 part = None if sys.argv[4] == "night" else int(sys.argv[4])
-with run_locks.run_lock(sys.argv[1], datetime.fromisoformat(sys.argv[2]), int(sys.argv[3]), part, timeout_s=30):
+with run_locks.run_lock(engine_for(sys.argv[1]), datetime.fromisoformat(sys.argv[2]), int(sys.argv[3]), part, timeout_s=30):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -247,7 +249,9 @@ def test_a_part_retry_behind_its_hung_try_gives_up_after_the_timeout(world):
             2,
             time.monotonic() - began,
         )
-        assert runs.parts_of(db_url, plan.run_id)[1]["attempts"] == 0  # it never started under the holder
+        assert (
+            in_transaction(db_url, runs.parts_of, plan.run_id)[1]["attempts"] == 0
+        )  # it never started under the holder
     finally:
         _release(holder)
     for part in plan.parts:
@@ -311,7 +315,7 @@ def test_a_night_refuses_weights_changed_since_their_version_was_registered(
     own.parent.mkdir()
     own.write_bytes(Path(tiny_checkpoint).read_bytes())
     world = build_world(raw_shards, tmp_path, db_url, checkpoint=str(own))
-    version = registry.get_version(db_url, world["version"])
+    version = in_transaction(db_url, registry.get_version, world["version"])
     registered = Path(version["checkpoint_uri"])
     assert registered != own and registered.read_bytes() == own.read_bytes() and len(version["checkpoint_sha256"]) == 64
 

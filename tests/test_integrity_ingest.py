@@ -21,6 +21,7 @@ from storage.objectstore import LocalStore
 from tasks.ingest import convert_batch, converted, ingest, list_pending, summary
 from tests.shards import frame_record, record_offsets, video_record, write_shard
 from tests.support.cli import vtag
+from tests.support.db import in_transaction
 
 
 def _videos(db_url) -> list[tuple]:
@@ -73,7 +74,7 @@ def test_one_folder_spelled_four_ways_converts_once(tmp_path, db_url, monkeypatc
         (0, 2, 0),
         (0, 2, 0),
     ]
-    rows = manifest.rows(db_url)  # every destination, however spelled
+    rows = in_transaction(db_url, manifest.rows)  # every destination, however spelled
     assert [(r["source_uri"], r["dest_uri"], r["status"]) for r in rows] == [
         (str(raw / "train0000.tfrecord"), str(dest), "succeeded"),
         (str(raw / "train0001.tfrecord"), str(dest), "succeeded"),
@@ -111,7 +112,7 @@ def test_a_second_source_of_the_same_name_is_quarantined_unless_it_replaces(tmp_
     assert not refused.converted and str(a) in error and str(b) in error and str(out) in error and "replace" in error
     assert _ids_in(out) == ["aa01", "aa02"]  # the first source's file, untouched
     assert _videos(db_url) == [("aa01", "frame", str(a), str(out)), ("aa02", "frame", str(a), str(out))]
-    rows = {r["source_uri"]: r for r in manifest.rows(db_url, str(dest))}
+    rows = {r["source_uri"]: r for r in in_transaction(db_url, manifest.rows, str(dest))}
     assert (rows[str(a)]["status"], rows[str(b)]["status"]) == ("succeeded", "failed")
     assert str(a) in rows[str(b)]["error"]
 
@@ -120,7 +121,7 @@ def test_a_second_source_of_the_same_name_is_quarantined_unless_it_replaces(tmp_
     assert _parquet_files(dest) == ["frame/train/train0000.parquet"] and _ids_in(out) == ["bb01", "aa02"]
     assert _videos(db_url) == [("aa02", "frame", str(b), str(out)), ("bb01", "frame", str(b), str(out))]
     assert _truth(db_url) == [("aa02", 7), ("bb01", 7)]  # aa01 left with its ground truth
-    rows = {r["source_uri"]: r for r in manifest.rows(db_url, str(dest))}
+    rows = {r["source_uri"]: r for r in in_transaction(db_url, manifest.rows, str(dest))}
     assert rows[str(b)]["status"] == "succeeded"
     assert rows[str(a)]["status"] == "replaced" and str(b) in rows[str(a)]["error"]
 
@@ -174,7 +175,7 @@ def test_a_failed_commit_takes_the_published_file_back(tmp_path, db_url):
     assert _parquet_files(dest) == ["frame/train/train0000.parquet"]
     assert _videos(db_url) == [("ok01", "frame", str(good), f"{dest}/frame/train/train0000.parquet")]
     assert {video_id for video_id, _ in _truth(db_url)} == {"ok01"}
-    rows = {r["source_uri"]: r["status"] for r in manifest.rows(db_url, str(dest))}
+    rows = {r["source_uri"]: r["status"] for r in in_transaction(db_url, manifest.rows, str(dest))}
     assert rows == {str(good): "succeeded", str(shard): "failed"}
 
     with engine_for(db_url).begin() as conn:
@@ -232,7 +233,7 @@ def test_bad_content_is_quarantined_naming_file_and_record(case, tmp_path, db_ur
     assert error.startswith(f"{shard}: record 2 at byte offset {record_offsets(shard)[2]}: ")
     assert re.search(reason, error), error
     assert _parquet_files(dest) == [] and _videos(db_url) == []
-    (row,) = manifest.rows(db_url, str(dest))
+    (row,) = in_transaction(db_url, manifest.rows, str(dest))
     assert (row["status"], row["error_record"], row["error_offset"]) == ("failed", 2, record_offsets(shard)[2])
 
 
@@ -293,7 +294,7 @@ def test_an_unwritable_destination_is_one_line_before_any_shard(tmp_path, sqlite
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("vtag ingest: error: cannot write to ") and str(dest) in line
-    assert list(tmp_path.rglob("*.parquet")) == [] and manifest.rows(sqlite_url) == []
+    assert list(tmp_path.rglob("*.parquet")) == [] and in_transaction(sqlite_url, manifest.rows) == []
 
 
 def test_an_s3_destination_without_credentials_is_one_line_before_any_shard(s3, tmp_path, sqlite_url):
@@ -327,7 +328,7 @@ def test_an_s3_destination_without_credentials_is_one_line_before_any_shard(s3, 
     )
     client = boto3.client("s3", endpoint_url=config.endpoint_url, region_name="us-east-1")
     assert client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
-    assert manifest.rows(sqlite_url) == []
+    assert in_transaction(sqlite_url, manifest.rows) == []
 
 
 @pytest.mark.parametrize("broken", ["postgresql", "sqlite"])
@@ -374,12 +375,12 @@ def test_the_ingest_dag_refuses_a_second_source_unless_replace_is_set(dagbag, tm
 
     refused = dag.test(run_conf={"src": str(second), "dest": str(dest)})
     assert refused.state == "failed" and _ids_in(out) == ["aa01"]
-    rows = {r["source_uri"]: r for r in manifest.rows(db_url, str(dest))}
+    rows = {r["source_uri"]: r for r in in_transaction(db_url, manifest.rows, str(dest))}
     assert rows[str(b)]["status"] == "failed" and str(a) in rows[str(b)]["error"]
 
     replaced = dag.test(run_conf={"src": str(second), "dest": str(dest), "replace": True})
     assert replaced.state == "success" and _ids_in(out) == ["bb01", "bb02"]
     assert [v[:3] for v in _videos(db_url)] == [("bb01", "frame", str(b)), ("bb02", "frame", str(b))]
-    rows = {r["source_uri"]: r for r in manifest.rows(db_url, str(dest))}
+    rows = {r["source_uri"]: r for r in in_transaction(db_url, manifest.rows, str(dest))}
     assert rows[str(a)]["status"] == "replaced" and str(b) in rows[str(a)]["error"]
     assert _asset_events()[-1]["outputs"] == [str(out)]

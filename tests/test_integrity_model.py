@@ -28,6 +28,7 @@ from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote, train_and_register
 from tests.support.cli import vtag
+from tests.support.db import in_transaction, migrated
 from tests.support.env import REPO
 from tests.worlds import TINY as WORLD_TINY
 from tests.worlds import TINY_TRAIN_OPTIONS, vtag_train_args
@@ -46,7 +47,7 @@ def raw(tmp_path_factory):
 @pytest.fixture(scope="session")
 def parquet(raw, tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("integrity-parquet")
-    assert not ingest(str(raw), str(root / "parquet"), f"sqlite:///{root / 'ingest.db'}").failed
+    assert not ingest(str(raw), str(root / "parquet"), migrated(f"sqlite:///{root / 'ingest.db'}")).failed
     return str(root / "parquet")
 
 
@@ -77,14 +78,14 @@ def test_a_version_of_a_mutable_checkpoint_keeps_its_weights(parquet, tmp_path, 
     out = tmp_path / "run"
     first = train_and_register(parquet, str(out), "frame", db_url, preset="small", overrides=TINY, progress=False)
     final = out / f"final-step{first['steps']:07d}.pt"
-    assert registry.get_version(db_url, first["version"])["checkpoint_sha256"] == _sha256(final)
+    assert in_transaction(db_url, registry.get_version, first["version"])["checkpoint_sha256"] == _sha256(final)
 
     # last.pt holds the run's final weights: the same version, not a duplicate.
     assert evaluate_model(str(out / "last.pt"), parquet, db_url)["version"] == first["version"]
     # epoch-001.pt is rewritten by any fresh run into the folder: registered as an immutable copy.
     scored = evaluate_model(str(out / "epoch-001.pt"), parquet, db_url)
     assert promote(db_url, scored["version"])["promoted"]
-    version = registry.production(db_url, "frame")
+    version = in_transaction(db_url, registry.production, "frame")
     copy = out / "registered" / f"sha256-{version['checkpoint_sha256'][:16]}.pt"
     assert version["version"] == scored["version"] != first["version"]
     assert version["checkpoint_uri"] == scored["checkpoint_uri"] == str(copy)
@@ -120,7 +121,7 @@ def test_a_version_of_a_mutable_checkpoint_keeps_its_weights(parquet, tmp_path, 
     with pytest.raises(CheckpointChangedError, match="changed since it was registered"):
         evaluate_model(None, parquet, db_url, version=version["version"])
     with pytest.raises(CheckpointError, match="does not hold the content its name says"):
-        evaluate_model(str(copy), parquet, f"sqlite:///{tmp_path / 'other.db'}")  # registering it elsewhere
+        evaluate_model(str(copy), parquet, migrated(f"sqlite:///{tmp_path / 'other.db'}"))  # registering it elsewhere
 
 
 def test_cli_evaluate_promote_last_pt_then_train_again(parquet, tmp_path, sqlite_url):
@@ -131,7 +132,7 @@ def test_cli_evaluate_promote_last_pt_then_train_again(parquet, tmp_path, sqlite
     result = vtag("evaluate", "--checkpoint", out / "last.pt", "--data", parquet, "--promote", "--db", sqlite_url)
     assert result.returncode == 0, result.stderr
     assert "promoted" in result.stdout
-    production = registry.production(sqlite_url, "frame")
+    production = in_transaction(sqlite_url, registry.production, "frame")
     registered_bytes = open(production["checkpoint_uri"], "rb").read()
     assert production["checkpoint_uri"] != str(out / "last.pt")
 
@@ -152,7 +153,8 @@ def test_cli_evaluate_promote_last_pt_then_train_again(parquet, tmp_path, sqlite
     assert f"checkpoint {production['checkpoint_uri']} changed since it was registered" in result.stderr
 
 
-def test_versions_registered_before_0006_have_no_hash(db_url):
+def test_versions_registered_before_0006_have_no_hash(empty_db_url):
+    db_url = empty_db_url
     db.upgrade(db_url, "0005")
     with engine_for(db_url).begin() as conn:
         conn.execute(
@@ -165,7 +167,7 @@ def test_versions_registered_before_0006_have_no_hash(db_url):
     db.upgrade(db_url)
     engine_for(db_url).dispose()
     assert db.current_revision(db_url) == "0006"
-    assert registry.get_version(db_url, 1)["checkpoint_sha256"] is None  # unverified, not blessed
+    assert in_transaction(db_url, registry.get_version, 1)["checkpoint_sha256"] is None  # unverified, not blessed
     db.downgrade(db_url, "0005")
     engine_for(db_url).dispose()
     with engine_for(db_url).connect() as conn:
@@ -249,7 +251,7 @@ def test_training_fails_by_name_when_a_file_is_replaced_under_its_workers(own_pa
 def test_an_object_replaced_on_s3_after_planning_is_refused(raw, s3, tmp_path):
     config, bucket = s3
     root = f"s3://{bucket}/parquet"
-    assert not ingest(str(raw), root, f"sqlite:///{tmp_path / 'ingest.db'}", s3=config).failed
+    assert not ingest(str(raw), root, migrated(f"sqlite:///{tmp_path / 'ingest.db'}"), s3=config).failed
     groups = find_row_groups(root, "frame", "train", s3=config)
     assert all(g.fingerprint.startswith("etag=") for g in groups)
     key = "parquet/frame/train/train0000.parquet"

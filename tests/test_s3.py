@@ -11,6 +11,7 @@ from storage.objectstore import S3Config, S3Store, StoreError, _S3RangeReader, s
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tests.shards import flip_byte, record_offsets
+from tests.support.db import in_transaction
 
 
 def _client(config: S3Config):
@@ -82,7 +83,7 @@ def test_ingest_s3_to_s3(s3, tmp_path, db_url):
         table = pq.read_table(f)
     assert table.num_rows == 8 and set(table.column_names) == {"id", "labels", "num_frames", "rgb", "audio"}
     assert ingest(raw, dest, db_url, s3=config).skipped == 1
-    rows = {r["source_uri"]: r for r in manifest.rows(db_url, dest)}
+    rows = {r["source_uri"]: r for r in in_transaction(db_url, manifest.rows, dest)}
     assert rows[f"{raw}/train0000.tfrecord"]["fingerprint"].startswith("etag=")
     assert rows[f"{raw}/train0001.tfrecord"]["status"] == "failed"
 

@@ -10,15 +10,17 @@ same test does).
 import re
 from datetime import UTC, datetime
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import CheckConstraint, Column, Float, Index, MetaData, String, inspect, text
 
 from storage.database import registry
-from storage.database.db import engine_for, upgrade
+from storage.database.db import engine_for
 from storage.database.partitions import ensure_partition
 from storage.database.runs import start_run
 from storage.database.schema import metadata
+from tests.support.db import in_transaction
 
 # Tables PostgreSQL holds that the metadata leaves out on purpose, each created outside it:
 RUNTIME_TABLES = (
@@ -65,8 +67,9 @@ def _diff(db_url: str, target: MetaData = metadata) -> tuple[list[tuple], set[st
 
 def _with_runtime_tables(db_url: str) -> None:
     """What a running pipeline adds on PostgreSQL: a load table (a version's first night) and a partition."""
-    version = registry.register(
+    version = in_transaction(
         db_url,
+        registry.register,
         level="frame",
         preset="small",
         checkpoint_uri="file:///models/1/model.pt",
@@ -76,13 +79,12 @@ def _with_runtime_tables(db_url: str) -> None:
         epochs=1,
         steps=1,
     )
-    start_run(db_url, datetime(2026, 11, 1, 2, tzinfo=UTC), version, top_k=20, airflow_run_id=None)
     with engine_for(db_url).begin() as conn:
+        start_run(conn, datetime(2026, 11, 1, 2, tzinfo=UTC), version, top_k=20, airflow_run_id=None)
         ensure_partition(conn, version + 1)
 
 
 def test_schema_py_is_what_the_migrations_build(db_url):
-    upgrade(db_url)
     _with_runtime_tables(db_url)
     diff, excluded = _diff(db_url)
     assert diff == []
@@ -139,13 +141,11 @@ def _copy(target: MetaData) -> MetaData:
 
 
 def test_check_constraints_and_partial_indexes_are_the_migrations(db_url):
-    upgrade(db_url)
     assert _condition_drift(db_url) == {}
 
 
 def test_a_drifted_schema_is_named(db_url):
     """The comparison fails when schema.py drifts: a column, an index or a type the migrations lack."""
-    upgrade(db_url)
     drifted = _copy(metadata)
     videos = drifted.tables["videos"]
     videos.append_column(Column("duration_s", Float))
@@ -165,7 +165,6 @@ def test_a_drifted_schema_is_named(db_url):
 
 def test_a_drifted_condition_is_named(db_url):
     """schema.py keeping 0001's shard statuses (without 0006's `replaced`), or a partial index over other rows."""
-    upgrade(db_url)
     drifted = _copy(metadata)
     shards = drifted.tables["ingested_shards"]
     shards.constraints.discard(next(c for c in shards.constraints if c.name == "ck_ingested_shards_status"))
@@ -190,3 +189,25 @@ def test_a_drifted_condition_is_named(db_url):
     declared, reflected = drift["model_versions"]
     assert declared[("where", "uq_model_versions_production")] == ("status", ["archived"])
     assert reflected[("where", "uq_model_versions_production")] == ("status", ["production"])
+
+
+def test_tasks_check_the_schema_and_never_migrate_it(empty_db_url, tmp_path):
+    """Migrations run at deploy time (`vtag db upgrade`); a task on a database left behind refuses, in one
+    line naming that command, before it reads or writes anything, and leaves the schema as it found it."""
+    from storage.database import db
+    from tasks.inference import run_inference
+    from tasks.ingest import ingest
+
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(db.SchemaOutOfDate, match=r"has no vtag schema, this release needs 0006: run `vtag db upgrade"):
+        ingest(str(tmp_path / "raw"), str(tmp_path / "parquet"), empty_db_url)
+    assert db.current_revision(empty_db_url) is None
+    assert not (tmp_path / "parquet").exists()
+
+    db.upgrade(empty_db_url, "0005")  # the release before: a deployment that upgraded the code, not the schema
+    with pytest.raises(db.SchemaOutOfDate, match=r"is at schema revision 0005, this release needs 0006"):
+        run_inference(empty_db_url, datetime(2030, 1, 1, tzinfo=UTC))
+    assert db.current_revision(empty_db_url) == "0005"
+
+    db.upgrade(empty_db_url)
+    assert not ingest(str(tmp_path / "raw"), str(tmp_path / "parquet"), empty_db_url).failed

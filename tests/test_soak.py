@@ -45,6 +45,7 @@ from storage.objectstore import S3Config
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote
+from tests.support.db import in_transaction, migrated
 from tests.support.env import SHARED
 from tests.support.faults import FlakyProxy, PrivateCluster, kill_part_worker_after, start_part_worker
 from tests.worlds import NIGHT, VIDEOS, build_world, count, rows
@@ -322,7 +323,7 @@ def soak(s3, s3_server, raw_shards, tiny_checkpoint, tmp_path, report, monkeypat
     cluster, proxy = PrivateCluster(), FlakyProxy(int(s3_server.rsplit(":", 1)[1]))
     try:
         cluster.start()
-        db_url = cluster.create_database("vtag")
+        db_url = migrated(cluster.create_database("vtag"))
         via_proxy = S3Config(
             endpoint_url=proxy.url, access_key_id="testing", secret_access_key="testing", region_name="us-east-1"
         )
@@ -333,10 +334,9 @@ def soak(s3, s3_server, raw_shards, tiny_checkpoint, tmp_path, report, monkeypat
             SynthConfig("frame", "test", shards=ARRIVALS, videos_per_shard=ARRIVAL_VIDEOS, num_labels=10, seed=5),
         )
         assert not ingest(str(raw), parquet, db_url, s3=via_proxy).failed
-        catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv"))
+        in_transaction(db_url, catalog.load_vocabulary, str(SHARED / "yt8m" / "vocabulary.csv"))
         version = evaluate_model(tiny_checkpoint, parquet, db_url, s3=via_proxy)["version"]
         assert promote(db_url, version, s3=via_proxy)["promoted"]
-        monkeypatch.setattr(inference, "CHUNK_VIDEOS", CHUNK_VIDEOS)
         yield Soak(
             seed,
             random.Random(seed),
@@ -425,7 +425,7 @@ def _two_tries_at_once(soak: Soak, night: Night, plan):
 
         def one_try(url):
             try:
-                inference.tag_part(url, plan, part, s3=soak.s3)
+                inference.tag_part(url, plan, part, s3=soak.s3, chunk_videos=CHUNK_VIDEOS)
             except Exception as exc:  # noqa: BLE001 - raised below, as the task's failure
                 errors[url] = exc
 
@@ -551,7 +551,7 @@ def run_part(soak: Soak, night: Night, plan, part: dict, first_tries: dict) -> N
             if attempt == 1 and part["part"] in first_tries:
                 first_tries[part["part"]](part)
             else:
-                inference.tag_part(soak.db_url, plan, part, s3=soak.s3)
+                inference.tag_part(soak.db_url, plan, part, s3=soak.s3, chunk_videos=CHUNK_VIDEOS)
             return
         except AssertionError:  # the test's own harness or checks: never taken for a failed try
             raise
@@ -608,6 +608,7 @@ def two_runs_at_once(soak: Soak, night: Night, exports: str):
                 s3=soak.s3,
                 airflow_run_id=f"manual__try{i}",
                 part_videos=PART_VIDEOS,
+                chunk_videos=CHUNK_VIDEOS,
             )
         except Exception as exc:  # noqa: BLE001 - reported, then the night is retried
             errors[i] = exc

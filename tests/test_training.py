@@ -17,6 +17,7 @@ from storage.database import registry
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote, register_model, train_and_register, train_model
+from tests.support.db import in_transaction, migrated
 from tests.support.env import BIN
 from tests.worlds import TINY as WORLD_TINY
 from tests.worlds import TINY_TRAIN_OPTIONS, vtag_train_args
@@ -34,7 +35,7 @@ def parquet(tmp_path_factory) -> str:
         str(root / "raw-video"), SynthConfig("video", "validate", shards=1, videos_per_shard=32, num_labels=10, seed=1)
     )
     for raw in ("raw", "raw-video"):
-        assert not ingest(str(root / raw), str(root / "parquet"), f"sqlite:///{root / 'ingest.db'}").failed
+        assert not ingest(str(root / raw), str(root / "parquet"), migrated(f"sqlite:///{root / 'ingest.db'}")).failed
     return str(root / "parquet")
 
 
@@ -113,7 +114,7 @@ def test_train_evaluate_register_promote(parquet, tmp_path, db_url):
     assert evaluation["videos"] == 16 and set(evaluation) >= {"hit_at_one", "perr", "gap", "map", "plot_uri"}
     assert 0.0 <= evaluation["gap"] <= 1.0 and (tmp_path / "v1" / "eval-validate.png").is_file()
     assert promote(db_url, trained["version"])["promoted"]
-    assert registry.production(db_url, "frame")["version"] == trained["version"]
+    assert in_transaction(db_url, registry.production, "frame")["version"] == trained["version"]
 
     worse = train_and_register(
         parquet,
@@ -128,8 +129,8 @@ def test_train_evaluate_register_promote(parquet, tmp_path, db_url):
     assert worse_eval["gap"] < evaluation["gap"]
     outcome = promote(db_url, worse["version"])
     assert not outcome["promoted"] and "<" in outcome["reason"]
-    assert registry.production(db_url, "frame")["version"] == trained["version"]
-    assert registry.get_version(db_url, worse["version"])["status"] == "rejected"
+    assert in_transaction(db_url, registry.production, "frame")["version"] == trained["version"]
+    assert in_transaction(db_url, registry.get_version, worse["version"])["status"] == "rejected"
 
     # Scored on another evaluation set, a candidate is compared with production scored on that set too.
     third = train_and_register(
@@ -213,4 +214,4 @@ def test_torchrun_ddp_on_cpu(parquet, tmp_path, sqlite_url):
     assert result.stdout.count("model version 1:") == 1
     state = checkpoint.load(str(tmp_path / "ddp" / "last.pt"))
     assert state["data"]["world"] == 2 and state["step"] == 48 // 8  # global batch 8 = 4 a rank, 6 steps
-    assert [v["version"] for v in registry.versions_with_latest_evaluation(sqlite_url)] == [1]
+    assert [v["version"] for v in in_transaction(sqlite_url, registry.versions_with_latest_evaluation)] == [1]

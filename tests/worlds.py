@@ -14,6 +14,7 @@ from storage.database.db import engine_for
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote, train_and_register
+from tests.support.db import in_transaction
 from tests.support.env import SHARED
 
 # The small preset shrunk to train in seconds on a CPU: overrides for load_config("small") and
@@ -54,7 +55,7 @@ def build_world(raw_shards, tmp_path, db_url, checkpoint: str | None = None) -> 
     checkpoint (registered, evaluated and promoted, which is much faster)."""
     parquet = str(tmp_path / "parquet")
     assert not ingest(str(raw_shards), parquet, db_url).failed
-    catalog.load_vocabulary(db_url, str(SHARED / "yt8m" / "vocabulary.csv"))
+    in_transaction(db_url, catalog.load_vocabulary, str(SHARED / "yt8m" / "vocabulary.csv"))
     if checkpoint is None:
         checkpoint = train_and_register(
             parquet, str(tmp_path / "model"), "frame", db_url, preset="small", overrides=TINY, progress=False

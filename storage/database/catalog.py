@@ -3,9 +3,9 @@
 import codecs
 import csv
 
-from sqlalchemy import Connection, delete, exists, func, select
+from sqlalchemy import Connection, delete, exists, select
 
-from storage.database.db import engine_for, transaction, upsert_insert, utcnow
+from storage.database.db import upsert_insert, utcnow
 from storage.database.schema import labels, video_labels, videos
 from storage.errors import VtagError
 from storage.formats.yt8m_spec import LEVELS, NUM_CLASSES
@@ -27,7 +27,7 @@ class VocabularyError(VtagError, ValueError):
     pass
 
 
-def load_vocabulary(db_url: str, uri: str, s3: S3Config | None = None) -> int:
+def load_vocabulary(conn: Connection, uri: str, s3: S3Config | None = None) -> int:
     """Load (or refresh) `labels` from a YouTube-8M vocabulary.csv; empty names are kept as ''.
 
     Accepts the UTF-8 byte-order mark spreadsheets write; refuses, naming file and line, a line that is
@@ -75,17 +75,16 @@ def load_vocabulary(db_url: str, uri: str, s3: S3Config | None = None) -> int:
         first_line_of[label_id] = line
     if not rows:
         raise VocabularyError(f"{uri}: no labels in it")
-    with engine_for(db_url).begin() as conn:
-        statement = upsert_insert(conn)(labels)
-        statement = statement.on_conflict_do_update(
-            index_elements=["label_id"], set_={c: statement.excluded[c] for c in rows[0] if c != "label_id"}
-        )
-        conn.execute(statement, rows)
+    statement = upsert_insert(conn)(labels)
+    statement = statement.on_conflict_do_update(
+        index_elements=["label_id"], set_={c: statement.excluded[c] for c in rows[0] if c != "label_id"}
+    )
+    conn.execute(statement, rows)
     return len(rows)
 
 
 def record_videos(
-    db: str | Connection,
+    conn: Connection,
     ids: list[str],
     labels_of: list[list[int]],
     *,
@@ -94,8 +93,7 @@ def record_videos(
     source_uri: str,
     parquet_uri: str,
 ) -> None:
-    """Make the catalogue hold exactly a converted shard's videos and their ground truth, in one transaction
-    (the caller's when `db` is a Connection). An id another shard of the level holds is refused by the
+    """Make the catalogue hold exactly a converted shard's videos and their ground truth. An id another shard of the level holds is refused by the
     primary key: check with `ingested_elsewhere` first to name that shard."""
     now = utcnow()
     rows = [
@@ -109,37 +107,34 @@ def record_videos(
         }
         for i in ids
     ]
-    with transaction(db) as conn:
-        _forget(conn, source_uri, level)
-        for start in range(0, len(rows), 5000):
-            conn.execute(videos.insert(), rows[start : start + 5000])
-            # The other level's row of a video shares its ground truth: the newest shard's labels win.
-            conn.execute(delete(video_labels).where(video_labels.c.video_id.in_(ids[start : start + 5000])))
-        truth = [{"video_id": i, "label_id": label} for i, ls in zip(ids, labels_of) for label in set(ls)]
-        for start in range(0, len(truth), 20000):
-            conn.execute(video_labels.insert(), truth[start : start + 20000])
+    _forget(conn, source_uri, level)
+    for start in range(0, len(rows), 5000):
+        conn.execute(videos.insert(), rows[start : start + 5000])
+        # The other level's row of a video shares its ground truth: the newest shard's labels win.
+        conn.execute(delete(video_labels).where(video_labels.c.video_id.in_(ids[start : start + 5000])))
+    truth = [{"video_id": i, "label_id": label} for i, ls in zip(ids, labels_of) for label in set(ls)]
+    for start in range(0, len(truth), 20000):
+        conn.execute(video_labels.insert(), truth[start : start + 20000])
 
 
-def ingested_elsewhere(db: str | Connection, ids: list[str], *, level: str, source_uri: str) -> dict[str, str]:
+def ingested_elsewhere(conn: Connection, ids: list[str], *, level: str, source_uri: str) -> dict[str, str]:
     """Those of `ids` the catalogue holds at `level` from another shard than `source_uri`: id -> that shard."""
     found = {}
-    with transaction(db) as conn:
-        for start in range(0, len(ids), 5000):
-            query = select(videos.c.video_id, videos.c.source_uri).where(
-                videos.c.level == level,
-                videos.c.video_id.in_(ids[start : start + 5000]),
-                videos.c.source_uri != source_uri,
-            )
-            found.update(conn.execute(query).all())
+    for start in range(0, len(ids), 5000):
+        query = select(videos.c.video_id, videos.c.source_uri).where(
+            videos.c.level == level,
+            videos.c.video_id.in_(ids[start : start + 5000]),
+            videos.c.source_uri != source_uri,
+        )
+        found.update(conn.execute(query).all())
     return found
 
 
-def forget_shard(db: str | Connection, source_uri: str, level: str | None = None) -> None:
+def forget_shard(conn: Connection, source_uri: str, level: str | None = None) -> None:
     """A shard's videos (of `level`, or both) leave the catalogue with the ground truth no other row shares:
     a quarantined or replaced shard has no Parquet left to score them from."""
-    with transaction(db) as conn:
-        for one in LEVELS if level is None else (level,):
-            _forget(conn, source_uri, one)
+    for one in LEVELS if level is None else (level,):
+        _forget(conn, source_uri, one)
 
 
 def _forget(conn: Connection, source_uri: str, level: str) -> None:
@@ -154,8 +149,3 @@ def _forget(conn: Connection, source_uri: str, level: str) -> None:
         )
     )
     conn.execute(delete(videos).where(leaving))
-
-
-def count_labels(db_url: str) -> int:
-    with engine_for(db_url).connect() as conn:
-        return conn.execute(select(func.count()).select_from(labels)).scalar_one()

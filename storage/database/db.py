@@ -1,4 +1,13 @@
-"""Database access: engines for SQLite (embedded default) and PostgreSQL, and Alembic migrations."""
+"""Database access: engines for SQLite (embedded default) and PostgreSQL, the unit of work, and Alembic
+migrations.
+
+The functions of `storage.database` take a Connection and never commit: the task that owns a unit of work
+opens it (`transaction`) and passes it down, so that what belongs together commits together. Only what
+spans many transactions takes the Engine (the run lock, the chunk writer's threads).
+
+Migrations run at deploy time (`vtag db upgrade`, which every `vtag` command also runs at its start, and
+the Airflow images' init step), never inside a task: work checks the schema is current (`require_current`).
+"""
 
 import threading
 from collections.abc import Iterator
@@ -45,13 +54,10 @@ def engine_for(url: str) -> Engine:
 
 
 @contextmanager
-def transaction(db: "str | Connection") -> Iterator[Connection]:
-    """A connection in a transaction: the caller's own when given a Connection (the caller commits or rolls
-    back the whole unit of work), else a new one on the URL's engine, committed on clean exit."""
-    if isinstance(db, Connection):
-        yield db
-        return
-    with engine_for(db).begin() as conn:
+def transaction(url: str) -> Iterator[Connection]:
+    """One unit of work: a connection in a transaction, committed on clean exit, rolled back on an error,
+    and returned to the pool either way (before the caller's error handling runs)."""
+    with engine_for(url).begin() as conn:
         yield conn
 
 
@@ -74,7 +80,7 @@ def _sqlite_pragmas(dbapi_connection, _record):
     cursor.close()
 
 
-def _alembic_config(engine: Engine):
+def _alembic_config(engine: Engine | None):
     from alembic.config import Config
 
     config = Config()
@@ -90,10 +96,9 @@ def upgrade(url: str, revision: str = "head") -> None:
     """Migrate to `revision`; a database already there costs one query. Concurrent callers are safe:
     one thread at a time here, and on PostgreSQL an advisory lock in env.py across processes."""
     from alembic import command
-    from alembic.script import ScriptDirectory
 
     config = _alembic_config(engine_for(url))
-    if revision == "head" and current_revision(url) == ScriptDirectory.from_config(config).get_current_head():
+    if revision == "head" and current_revision(url) == head_revision():
         return
     with _migrating:
         command.upgrade(config, revision)
@@ -104,6 +109,28 @@ def downgrade(url: str, revision: str) -> None:
 
     with _migrating:
         command.downgrade(_alembic_config(engine_for(url)), revision)
+
+
+class SchemaOutOfDate(VtagError):
+    pass
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
+
+
+def require_current(url: str) -> None:
+    """Refuse to work on a database whose schema is not the code's: one query. Tasks call it instead of
+    migrating, so that a schema change happens once, at deploy time, and never under a running night."""
+    current, head = current_revision(url), head_revision()
+    if current != head:
+        state = "has no vtag schema" if current is None else f"is at schema revision {current}"
+        raise SchemaOutOfDate(
+            f"the database {engine_for(url).url.render_as_string(hide_password=True)} {state}, this release "
+            f"needs {head}: run `vtag db upgrade --db <url>` (the Airflow image's init step runs it)"
+        )
 
 
 def current_revision(url: str) -> str | None:

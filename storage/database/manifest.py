@@ -1,14 +1,14 @@
 """The ingest manifest: which shards were converted, from what content, to where, and which failed.
 
-Each function takes a database URL (and writes in a transaction of its own) or a Connection whose caller
-owns the transaction: ingest writes a shard's succeeded row in the same transaction as its catalogue rows.
+Each function works in its caller's transaction: ingest writes a shard's succeeded row in the same
+transaction as its catalogue rows.
 """
 
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, select, update
 
-from storage.database.db import transaction, upsert_insert, utcnow
+from storage.database.db import upsert_insert, utcnow
 from storage.database.schema import ingested_shards as t
 from storage.objectstore import ObjectInfo
 
@@ -20,34 +20,32 @@ class ShardFailure:
     offset: int | None = None
 
 
-def _upsert(db: str | Connection, source: ObjectInfo, dest: str, values: dict) -> None:
-    with transaction(db) as conn:
-        insert = upsert_insert(conn)
-        row = {
-            "source_uri": source.uri,
-            "dest_uri": dest,
-            "size_bytes": source.size,
-            "fingerprint": source.fingerprint,
-            **values,
-        }
-        statement = insert(t).values(**row)
-        statement = statement.on_conflict_do_update(
-            index_elements=["source_uri", "dest_uri"],
-            set_={k: statement.excluded[k] for k in row if k not in ("source_uri", "dest_uri")},
-        )
-        conn.execute(statement)
+def _upsert(conn: Connection, source: ObjectInfo, dest: str, values: dict) -> None:
+    insert = upsert_insert(conn)
+    row = {
+        "source_uri": source.uri,
+        "dest_uri": dest,
+        "size_bytes": source.size,
+        "fingerprint": source.fingerprint,
+        **values,
+    }
+    statement = insert(t).values(**row)
+    statement = statement.on_conflict_do_update(
+        index_elements=["source_uri", "dest_uri"],
+        set_={k: statement.excluded[k] for k in row if k not in ("source_uri", "dest_uri")},
+    )
+    conn.execute(statement)
 
 
-def _update(db: str | Connection, source_uri: str, dest: str, values: dict) -> None:
+def _update(conn: Connection, source_uri: str, dest: str, values: dict) -> None:
     statement = update(t).where(t.c.source_uri == source_uri, t.c.dest_uri == dest).values(**values)
-    with transaction(db) as conn:
-        conn.execute(statement)
+    conn.execute(statement)
 
 
-def mark_running(db: str | Connection, source: ObjectInfo, dest: str) -> None:
+def mark_running(conn: Connection, source: ObjectInfo, dest: str) -> None:
     """Start (or restart) the shard's row; the outcome is written over it by mark_succeeded/mark_failed."""
     _upsert(
-        db,
+        conn,
         source,
         dest,
         {
@@ -65,7 +63,7 @@ def mark_running(db: str | Connection, source: ObjectInfo, dest: str) -> None:
 
 
 def mark_succeeded(
-    db: str | Connection,
+    conn: Connection,
     source: ObjectInfo,
     dest: str,
     *,
@@ -76,7 +74,7 @@ def mark_succeeded(
     checksum: str,
 ) -> None:
     _update(
-        db,
+        conn,
         source.uri,
         dest,
         {
@@ -91,9 +89,9 @@ def mark_succeeded(
     )
 
 
-def mark_failed(db: str | Connection, source: ObjectInfo, dest: str, failure: ShardFailure) -> None:
+def mark_failed(conn: Connection, source: ObjectInfo, dest: str, failure: ShardFailure) -> None:
     _update(
-        db,
+        conn,
         source.uri,
         dest,
         {
@@ -106,11 +104,11 @@ def mark_failed(db: str | Connection, source: ObjectInfo, dest: str, failure: Sh
     )
 
 
-def mark_replaced(db: str | Connection, source_uri: str, dest: str, output_uri: str, by: str) -> None:
+def mark_replaced(conn: Connection, source_uri: str, dest: str, output_uri: str, by: str) -> None:
     """`source_uri`'s output now holds `by`'s videos: its row stops counting as converted (a rerun of it
     tries again, and is quarantined unless it replaces `by` in turn)."""
     _update(
-        db,
+        conn,
         source_uri,
         dest,
         {
@@ -123,23 +121,20 @@ def mark_replaced(db: str | Connection, source_uri: str, dest: str, output_uri: 
     )
 
 
-def output_owner(db: str | Connection, dest: str, output_uri: str) -> str | None:
+def output_owner(conn: Connection, dest: str, output_uri: str) -> str | None:
     """The source whose succeeded conversion `output_uri` holds, if any."""
     query = select(t.c.source_uri).where(t.c.dest_uri == dest, t.c.output_uri == output_uri, t.c.status == "succeeded")
-    with transaction(db) as conn:
-        return conn.execute(query.limit(1)).scalar()
+    return conn.execute(query.limit(1)).scalar()
 
 
-def succeeded(db: str | Connection, dest: str) -> dict[str, dict]:
+def succeeded(conn: Connection, dest: str) -> dict[str, dict]:
     """Succeeded rows for `dest`, by source URI."""
     query = select(t).where(t.c.dest_uri == dest, t.c.status == "succeeded")
-    with transaction(db) as conn:
-        return {row.source_uri: row._asdict() for row in conn.execute(query)}
+    return {row.source_uri: row._asdict() for row in conn.execute(query)}
 
 
-def rows(db: str | Connection, dest: str | None = None) -> list[dict]:
+def rows(conn: Connection, dest: str | None = None) -> list[dict]:
     query = select(t).order_by(t.c.dest_uri, t.c.source_uri)
     if dest is not None:
         query = query.where(t.c.dest_uri == dest)
-    with transaction(db) as conn:
-        return [row._asdict() for row in conn.execute(query)]
+    return [row._asdict() for row in conn.execute(query)]

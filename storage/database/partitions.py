@@ -8,9 +8,9 @@ into DDL.
 
 import logging
 
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import Connection, delete, exists, func, select, update
 
-from storage.database.db import engine_for, utcnow
+from storage.database.db import utcnow
 from storage.database.schema import inference_label_counts, inference_runs, model_versions, predictions
 from storage.errors import VtagError
 
@@ -65,62 +65,57 @@ class RetireError(VtagError, ValueError):
     pass
 
 
-def retire(db_url: str, model_version: int) -> int:
+def retire(conn: Connection, model_version: int) -> int:
     """Drop every prediction of a model version that is not in production (on PostgreSQL its partition,
     at once however many rows); its runs stay as history. Returns the rows dropped."""
-    with engine_for(db_url).begin() as conn:
-        version = conn.execute(
-            select(model_versions).where(model_versions.c.version == model_version).with_for_update()
-        ).first()
-        if version is None:
-            raise RetireError(f"model version {model_version} does not exist")
-        if version.status == "production":
-            raise RetireError(
-                f"model version {model_version} is in production: promote another before retiring its predictions"
-            )
-        running = (
-            conn.execute(
-                select(inference_runs.c.logical_date).where(
-                    inference_runs.c.model_version == model_version, inference_runs.c.status == "running"
-                )
-            )
-            .scalars()
-            .first()
+    version = conn.execute(
+        select(model_versions).where(model_versions.c.version == model_version).with_for_update()
+    ).first()
+    if version is None:
+        raise RetireError(f"model version {model_version} does not exist")
+    if version.status == "production":
+        raise RetireError(
+            f"model version {model_version} is in production: promote another before retiring its predictions"
         )
-        if running is not None:
-            raise RetireError(
-                f"model version {model_version} has a night in progress ({running.isoformat()}): "
-                "retire it once that night has finished"
-            )
-        rows = conn.execute(
-            select(func.count()).select_from(predictions).where(predictions.c.model_version == model_version)
-        ).scalar()
-        table = partition_name(model_version)
-        if conn.dialect.name == "postgresql" and table_exists(conn, table):
-            conn.exec_driver_sql(f"DROP TABLE {table}")
-        for (run_id,) in conn.execute(
-            select(inference_runs.c.run_id).where(
-                inference_runs.c.model_version == model_version, inference_runs.c.load_table.is_not(None)
-            )
-        ):
-            loading = load_table_name(model_version, run_id)
-            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {loading}")
-            conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=None))
+    running = (
         conn.execute(
-            delete(predictions).where(predictions.c.model_version == model_version)
-        )  # SQLite, default partition
-        runs = select(inference_runs.c.run_id).where(inference_runs.c.model_version == model_version)
-        conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id.in_(runs)))
-        conn.execute(
-            update(model_versions)
-            .where(model_versions.c.version == model_version)
-            .values(predictions_retired_at=utcnow())
+            select(inference_runs.c.logical_date).where(
+                inference_runs.c.model_version == model_version, inference_runs.c.status == "running"
+            )
         )
+        .scalars()
+        .first()
+    )
+    if running is not None:
+        raise RetireError(
+            f"model version {model_version} has a night in progress ({running.isoformat()}): "
+            "retire it once that night has finished"
+        )
+    rows = conn.execute(
+        select(func.count()).select_from(predictions).where(predictions.c.model_version == model_version)
+    ).scalar()
+    table = partition_name(model_version)
+    if conn.dialect.name == "postgresql" and table_exists(conn, table):
+        conn.exec_driver_sql(f"DROP TABLE {table}")
+    for (run_id,) in conn.execute(
+        select(inference_runs.c.run_id).where(
+            inference_runs.c.model_version == model_version, inference_runs.c.load_table.is_not(None)
+        )
+    ):
+        loading = load_table_name(model_version, run_id)
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {loading}")
+        conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=None))
+    conn.execute(delete(predictions).where(predictions.c.model_version == model_version))  # SQLite, default partition
+    runs = select(inference_runs.c.run_id).where(inference_runs.c.model_version == model_version)
+    conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id.in_(runs)))
+    conn.execute(
+        update(model_versions).where(model_versions.c.version == model_version).values(predictions_retired_at=utcnow())
+    )
     log.info("retired model version %d: %d prediction rows dropped", model_version, rows)
     return rows
 
 
-def versions_with_predictions(db_url: str) -> list[dict]:
+def versions_with_predictions(conn: Connection) -> list[dict]:
     """Model versions that have run and whose predictions were not retired, newest first."""
     query = (
         select(model_versions.c.version, model_versions.c.status)
@@ -130,5 +125,4 @@ def versions_with_predictions(db_url: str) -> list[dict]:
         )
         .order_by(model_versions.c.version.desc())
     )
-    with engine_for(db_url).connect() as conn:
-        return [row._asdict() for row in conn.execute(query)]
+    return [row._asdict() for row in conn.execute(query)]

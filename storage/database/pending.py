@@ -3,9 +3,8 @@ names (`known_videos`), whose earlier scores it forgets first (`forget`)."""
 
 from datetime import datetime
 
-from sqlalchemy import and_, delete, exists, func, select
+from sqlalchemy import Connection, and_, delete, exists, func, select
 
-from storage.database.db import engine_for
 from storage.database.schema import predictions, videos
 
 
@@ -24,7 +23,7 @@ def _pending(model_version: int, until: datetime, level: str, exclude_run: int |
 
 
 def pending_files(
-    db_url: str, model_version: int, until: datetime, level: str, exclude_run: int | None = None
+    conn: Connection, model_version: int, until: datetime, level: str, exclude_run: int | None = None
 ) -> list[tuple[str, int]]:
     """(Parquet URI, videos pending there) in URI order: what a night's plan cuts into parts."""
     query = (
@@ -33,12 +32,11 @@ def pending_files(
         .group_by(videos.c.parquet_uri)
         .order_by(videos.c.parquet_uri)
     )
-    with engine_for(db_url).connect() as conn:
-        return [(uri, count) for uri, count in conn.execute(query)]
+    return [(uri, count) for uri, count in conn.execute(query)]
 
 
 def pending_videos(
-    db_url: str,
+    conn: Connection,
     model_version: int,
     until: datetime,
     level: str,
@@ -54,27 +52,24 @@ def pending_videos(
         .where(condition)
         .order_by(videos.c.parquet_uri, videos.c.video_id)
     )
-    with engine_for(db_url).connect() as conn:
-        return [tuple(row) for row in conn.execute(query)]
+    return [tuple(row) for row in conn.execute(query)]
 
 
-def known_videos(db_url: str, ids: list[str], level: str) -> dict[str, str]:
-    with engine_for(db_url).connect() as conn:
-        found = {}
-        for start in range(0, len(ids), 5000):
-            query = select(videos.c.video_id, videos.c.parquet_uri).where(
-                videos.c.level == level, videos.c.video_id.in_(ids[start : start + 5000])
-            )
-            found.update(dict(conn.execute(query).all()))
-        return found
+def known_videos(conn: Connection, ids: list[str], level: str) -> dict[str, str]:
+    found = {}
+    for start in range(0, len(ids), 5000):
+        query = select(videos.c.video_id, videos.c.parquet_uri).where(
+            videos.c.level == level, videos.c.video_id.in_(ids[start : start + 5000])
+        )
+        found.update(dict(conn.execute(query).all()))
+    return found
 
 
-def forget(db_url: str, model_version: int, ids: list[str]) -> None:
+def forget(conn: Connection, model_version: int, ids: list[str]) -> None:
     """Drop this model's predictions of these videos, so that they are scored again."""
-    with engine_for(db_url).begin() as conn:
-        for start in range(0, len(ids), 5000):
-            conn.execute(
-                delete(predictions).where(
-                    predictions.c.model_version == model_version, predictions.c.video_id.in_(ids[start : start + 5000])
-                )
+    for start in range(0, len(ids), 5000):
+        conn.execute(
+            delete(predictions).where(
+                predictions.c.model_version == model_version, predictions.c.video_id.in_(ids[start : start + 5000])
             )
+        )

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import Connection, Engine, and_, delete, func, select, update
 from sqlalchemy import column as sa_column
 from sqlalchemy import table as sa_table
 
-from storage.database.db import engine_for
 from storage.database.partitions import PARTITION_LOCK, load_table_name, partition_name, table_exists
 from storage.database.run_locks import RunLockHolder
 from storage.database.runs import RowsLost, SupersededTry, refresh_run_totals, this_try
@@ -161,7 +160,7 @@ def check_chunk(conn, run_id: int, model_version: int, target: str, ids: list[st
 
 
 def write_chunk(
-    db_url: str,
+    engine: Engine,
     run_id: int,
     model_version: int,
     part: int,
@@ -177,7 +176,7 @@ def write_chunk(
     chunk's transaction, the try when it commits). Every video gets its k rows, or is left whole to
     another run that scored it at the same time (it then leaves the part's total), or the chunk fails."""
     table, k = prediction_table(run_id, model_version, ids, top_labels, top_scores), top_labels.shape[1]
-    with engine_for(db_url).begin() as conn:
+    with engine.begin() as conn:
         if lock is not None:
             lock.check(conn)
         written = insert_bulk(conn, table, target)
@@ -221,7 +220,7 @@ class ChunkWriter:
 
     def __init__(
         self,
-        db_url: str,
+        engine: Engine,
         run_id: int,
         model_version: int,
         part: int,
@@ -232,8 +231,8 @@ class ChunkWriter:
     ):
         from concurrent.futures import ThreadPoolExecutor
 
-        writers = 2 if engine_for(db_url).dialect.name == "postgresql" else 1
-        self._args, self._lock, self._limit = (db_url, run_id, model_version, part, target, attempt), lock, 2 * writers
+        writers = 2 if engine.dialect.name == "postgresql" else 1
+        self._args, self._lock, self._limit = (engine, run_id, model_version, part, target, attempt), lock, 2 * writers
         self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="vtag-writer")
         self._pending: list = []
         self._label_counts = label_counts
@@ -281,7 +280,7 @@ class ChunkWriter:
 
 
 def drop_run_rows(
-    db_url: str,
+    conn: Connection,
     run_id: int,
     model_version: int,
     level: str,
@@ -293,40 +292,36 @@ def drop_run_rows(
     """Drop what an earlier try of a part wrote for this run into `table`: the rows of the videos in its
     file range, or of the given videos (a targeted part, which shares its files with the night's other rows)."""
     target = sa_table(table, *(sa_column(c) for c in COLUMNS))
-    with engine_for(db_url).begin() as conn:
-        of_run = and_(target.c.model_version == model_version, target.c.run_id == run_id)
-        if uri_range is not None:
-            in_range = select(videos.c.video_id).where(
-                videos.c.level == level, videos.c.parquet_uri.between(*uri_range)
-            )
-            conn.execute(delete(target).where(of_run, target.c.video_id.in_(in_range)))
-        for start in range(0, len(ids or []), 5000):
-            conn.execute(delete(target).where(of_run, target.c.video_id.in_(ids[start : start + 5000])))
+    of_run = and_(target.c.model_version == model_version, target.c.run_id == run_id)
+    if uri_range is not None:
+        in_range = select(videos.c.video_id).where(videos.c.level == level, videos.c.parquet_uri.between(*uri_range))
+        conn.execute(delete(target).where(of_run, target.c.video_id.in_(in_range)))
+    for start in range(0, len(ids or []), 5000):
+        conn.execute(delete(target).where(of_run, target.c.video_id.in_(ids[start : start + 5000])))
 
 
-def finalize_load(db_url: str, run_id: int) -> None:
+def finalize_load(conn: Connection, run_id: int) -> None:
     """Make a loaded night's rows the version's partition: index the load table (sorted builds) and
     attach it; if a partition appeared meanwhile (another night of the version), merge into it."""
-    with engine_for(db_url).begin() as conn:
-        run = conn.execute(select(inference_runs).where(inference_runs.c.run_id == run_id).with_for_update()).first()
-        if run is None or not run.load_table or conn.dialect.name != "postgresql":
-            return
-        table, partition = load_table_name(run.model_version, run_id), partition_name(run.model_version)
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
-        if table_exists(conn, partition):
-            _merge_load(conn, run, table)
-        else:
-            # The same definitions as the partitioned indexes, so that ATTACH adopts them instead of building.
-            conn.exec_driver_sql(f"ALTER TABLE {table} ADD PRIMARY KEY (video_id, model_version, rank)")
-            conn.exec_driver_sql(f"CREATE INDEX ON {table} (model_version, label_id, score DESC, video_id)")
-            conn.exec_driver_sql(f"CREATE INDEX ON {table} USING brin (run_id)")
-            conn.exec_driver_sql(f"ALTER TABLE {table} RENAME TO {partition}")
-            conn.exec_driver_sql(
-                f"ALTER TABLE predictions ATTACH PARTITION {partition} FOR VALUES IN ({int(run.model_version)})"
-            )
-        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")  # merged (an attached one was renamed)
-        conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=None))
-        log.info("run %d: its rows are now in %s", run_id, partition)
+    run = conn.execute(select(inference_runs).where(inference_runs.c.run_id == run_id).with_for_update()).first()
+    if run is None or not run.load_table or conn.dialect.name != "postgresql":
+        return
+    table, partition = load_table_name(run.model_version, run_id), partition_name(run.model_version)
+    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+    if table_exists(conn, partition):
+        _merge_load(conn, run, table)
+    else:
+        # The same definitions as the partitioned indexes, so that ATTACH adopts them instead of building.
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD PRIMARY KEY (video_id, model_version, rank)")
+        conn.exec_driver_sql(f"CREATE INDEX ON {table} (model_version, label_id, score DESC, video_id)")
+        conn.exec_driver_sql(f"CREATE INDEX ON {table} USING brin (run_id)")
+        conn.exec_driver_sql(f"ALTER TABLE {table} RENAME TO {partition}")
+        conn.exec_driver_sql(
+            f"ALTER TABLE predictions ATTACH PARTITION {partition} FOR VALUES IN ({int(run.model_version)})"
+        )
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")  # merged (an attached one was renamed)
+    conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=None))
+    log.info("run %d: its rows are now in %s", run_id, partition)
 
 
 def _merge_load(conn, run, table: str) -> None:

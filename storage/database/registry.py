@@ -1,8 +1,8 @@
 """The model registry: model versions, their evaluations, and which one is in production."""
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
-from storage.database.db import engine_for, utcnow
+from storage.database.db import utcnow
 from storage.database.schema import evaluations, model_versions
 from storage.errors import VtagError
 
@@ -12,7 +12,7 @@ class RegistryError(VtagError, ValueError):
 
 
 def register(
-    db_url: str,
+    conn: Connection,
     *,
     level: str,
     preset: str,
@@ -27,42 +27,41 @@ def register(
 ) -> int:
     """Record a trained model; registering the same checkpoint again returns its existing version.
     `checkpoint_sha256` is the content the version stands for: loads of its checkpoint verify it."""
-    with engine_for(db_url).begin() as conn:
-        existing = conn.execute(
-            select(model_versions.c.version, model_versions.c.checkpoint_sha256).where(
-                model_versions.c.checkpoint_uri == checkpoint_uri
+    existing = conn.execute(
+        select(model_versions.c.version, model_versions.c.checkpoint_sha256).where(
+            model_versions.c.checkpoint_uri == checkpoint_uri
+        )
+    ).first()
+    if existing is not None:
+        if existing.checkpoint_sha256 and checkpoint_sha256 and existing.checkpoint_sha256 != checkpoint_sha256:
+            raise RegistryError(
+                f"{checkpoint_uri} is model version {existing.version} with sha256 "
+                f"{existing.checkpoint_sha256}, but now holds sha256 {checkpoint_sha256}: "
+                "it changed since it was registered"
             )
-        ).first()
-        if existing is not None:
-            if existing.checkpoint_sha256 and checkpoint_sha256 and existing.checkpoint_sha256 != checkpoint_sha256:
-                raise RegistryError(
-                    f"{checkpoint_uri} is model version {existing.version} with sha256 "
-                    f"{existing.checkpoint_sha256}, but now holds sha256 {checkpoint_sha256}: "
-                    "it changed since it was registered"
-                )
-            return existing.version
-        return conn.execute(
-            insert(model_versions)
-            .values(
-                level=level,
-                preset=preset,
-                checkpoint_uri=checkpoint_uri,
-                config=config,
-                data_uri=data_uri,
-                train_split=train_split,
-                epochs=epochs,
-                steps=steps,
-                status="trained",
-                run_id=run_id,
-                created_at=utcnow(),
-                checkpoint_sha256=checkpoint_sha256,
-            )
-            .returning(model_versions.c.version)
-        ).scalar_one()
+        return existing.version
+    return conn.execute(
+        insert(model_versions)
+        .values(
+            level=level,
+            preset=preset,
+            checkpoint_uri=checkpoint_uri,
+            config=config,
+            data_uri=data_uri,
+            train_split=train_split,
+            epochs=epochs,
+            steps=steps,
+            status="trained",
+            run_id=run_id,
+            created_at=utcnow(),
+            checkpoint_sha256=checkpoint_sha256,
+        )
+        .returning(model_versions.c.version)
+    ).scalar_one()
 
 
 def record_evaluation(
-    db_url: str,
+    conn: Connection,
     version: int,
     *,
     split: str,
@@ -73,57 +72,52 @@ def record_evaluation(
     seconds: float,
     plot_uri: str | None,
 ) -> int:
-    with engine_for(db_url).begin() as conn:
-        return conn.execute(
-            insert(evaluations)
-            .values(
-                model_version=version,
-                split=split,
-                data_uri=data_uri,
-                pattern=pattern,
-                hit_at_one=metrics["hit_at_one"],
-                perr=metrics["perr"],
-                gap=metrics["gap"],
-                map=metrics["map"],
-                videos=videos,
-                seconds=seconds,
-                plot_uri=plot_uri,
-                evaluated_at=utcnow(),
-            )
-            .returning(evaluations.c.id)
-        ).scalar_one()
+    return conn.execute(
+        insert(evaluations)
+        .values(
+            model_version=version,
+            split=split,
+            data_uri=data_uri,
+            pattern=pattern,
+            hit_at_one=metrics["hit_at_one"],
+            perr=metrics["perr"],
+            gap=metrics["gap"],
+            map=metrics["map"],
+            videos=videos,
+            seconds=seconds,
+            plot_uri=plot_uri,
+            evaluated_at=utcnow(),
+        )
+        .returning(evaluations.c.id)
+    ).scalar_one()
 
 
-def version_by_checkpoint(db_url: str, checkpoint_uri: str) -> int | None:
-    with engine_for(db_url).connect() as conn:
-        return conn.execute(
-            select(model_versions.c.version).where(model_versions.c.checkpoint_uri == checkpoint_uri)
-        ).scalar()
+def version_by_checkpoint(conn: Connection, checkpoint_uri: str) -> int | None:
+    return conn.execute(
+        select(model_versions.c.version).where(model_versions.c.checkpoint_uri == checkpoint_uri)
+    ).scalar()
 
 
-def version_by_sha256(db_url: str, checkpoint_sha256: str) -> int | None:
+def version_by_sha256(conn: Connection, checkpoint_sha256: str) -> int | None:
     """The first version registered with exactly these checkpoint bytes."""
-    with engine_for(db_url).connect() as conn:
-        return conn.execute(
-            select(func.min(model_versions.c.version)).where(model_versions.c.checkpoint_sha256 == checkpoint_sha256)
-        ).scalar()
+    return conn.execute(
+        select(func.min(model_versions.c.version)).where(model_versions.c.checkpoint_sha256 == checkpoint_sha256)
+    ).scalar()
 
 
-def get_version(db_url: str, version: int) -> dict:
+def get_version(conn: Connection, version: int) -> dict:
     """The version's row as a dict of its columns; `checkpoint_sha256` is None for a version registered
     before its content was recorded (unverified)."""
-    with engine_for(db_url).connect() as conn:
-        row = conn.execute(select(model_versions).where(model_versions.c.version == version)).first()
+    row = conn.execute(select(model_versions).where(model_versions.c.version == version)).first()
     if row is None:
         raise RegistryError(f"model version {version} does not exist")
     return row._asdict()
 
 
-def production(db_url: str, level: str) -> dict | None:
-    with engine_for(db_url).connect() as conn:
-        row = conn.execute(
-            select(model_versions).where(model_versions.c.level == level, model_versions.c.status == "production")
-        ).first()
+def production(conn: Connection, level: str) -> dict | None:
+    row = conn.execute(
+        select(model_versions).where(model_versions.c.level == level, model_versions.c.status == "production")
+    ).first()
     return row._asdict() if row else None
 
 
@@ -148,57 +142,52 @@ def _latest_evaluation(conn, version: int, split: str, data_uri: str | None = No
     return conn.execute(query.order_by(evaluations.c.id.desc()).limit(1)).first()
 
 
-def promote_if_better(db_url: str, version: int, split: str = "validate") -> tuple[bool, str]:
+def promote_if_better(conn: Connection, version: int, split: str = "validate") -> tuple[bool, str]:
     """Promote `version` to production if its GAP on `split` is at least the production model's GAP on
     the very same evaluation set (data, split, file pattern). Raises NeedsEvaluation when production
     was never scored on that set."""
-    with engine_for(db_url).begin() as conn:
-        candidate = conn.execute(
-            select(model_versions).where(model_versions.c.version == version).with_for_update()
-        ).first()
-        if candidate is None:
-            raise RegistryError(f"model version {version} does not exist")
-        mine = _latest_evaluation(conn, version, split)
-        if mine is None:
-            raise RegistryError(f"model version {version} has no evaluation on split {split!r}")
-        current = conn.execute(
-            select(model_versions)
-            .where(model_versions.c.level == candidate.level, model_versions.c.status == "production")
-            .with_for_update()
-        ).first()
-        if current is not None and current.version == version:
-            return True, f"version {version} is already in production"
-        theirs = (
-            _latest_evaluation(conn, current.version, split, mine.data_uri, mine.pattern)
-            if current is not None
-            else None
+    candidate = conn.execute(
+        select(model_versions).where(model_versions.c.version == version).with_for_update()
+    ).first()
+    if candidate is None:
+        raise RegistryError(f"model version {version} does not exist")
+    mine = _latest_evaluation(conn, version, split)
+    if mine is None:
+        raise RegistryError(f"model version {version} has no evaluation on split {split!r}")
+    current = conn.execute(
+        select(model_versions)
+        .where(model_versions.c.level == candidate.level, model_versions.c.status == "production")
+        .with_for_update()
+    ).first()
+    if current is not None and current.version == version:
+        return True, f"version {version} is already in production"
+    theirs = (
+        _latest_evaluation(conn, current.version, split, mine.data_uri, mine.pattern) if current is not None else None
+    )
+    if current is not None and theirs is None:
+        raise NeedsEvaluation(current.version, current.checkpoint_uri, mine.data_uri, split, mine.pattern)
+    if theirs is not None and mine.gap < theirs.gap:
+        conn.execute(update(model_versions).where(model_versions.c.version == version).values(status="rejected"))
+        return (
+            False,
+            f"version {version} GAP {mine.gap:.4f} < production version {current.version} GAP {theirs.gap:.4f}",
         )
-        if current is not None and theirs is None:
-            raise NeedsEvaluation(current.version, current.checkpoint_uri, mine.data_uri, split, mine.pattern)
-        if theirs is not None and mine.gap < theirs.gap:
-            conn.execute(update(model_versions).where(model_versions.c.version == version).values(status="rejected"))
-            return (
-                False,
-                f"version {version} GAP {mine.gap:.4f} < production version {current.version} GAP {theirs.gap:.4f}",
-            )
-        if current is not None:
-            conn.execute(
-                update(model_versions).where(model_versions.c.version == current.version).values(status="archived")
-            )
+    if current is not None:
         conn.execute(
-            update(model_versions)
-            .where(model_versions.c.version == version)
-            .values(status="production", promoted_at=utcnow())
+            update(model_versions).where(model_versions.c.version == current.version).values(status="archived")
         )
-        before = (
-            f"production version {current.version} GAP {theirs.gap:.4f}"
-            if theirs is not None
-            else "no production model"
-        )
-        return True, f"version {version} GAP {mine.gap:.4f} promoted ({before})"
+    conn.execute(
+        update(model_versions)
+        .where(model_versions.c.version == version)
+        .values(status="production", promoted_at=utcnow())
+    )
+    before = (
+        f"production version {current.version} GAP {theirs.gap:.4f}" if theirs is not None else "no production model"
+    )
+    return True, f"version {version} GAP {mine.gap:.4f} promoted ({before})"
 
 
-def versions_with_latest_evaluation(db_url: str) -> list[dict]:
+def versions_with_latest_evaluation(conn: Connection) -> list[dict]:
     """Every model version with its most recent evaluation (if any), newest version first."""
     latest = (
         select(evaluations.c.model_version, func.max(evaluations.c.id).label("id"))
@@ -227,5 +216,4 @@ def versions_with_latest_evaluation(db_url: str) -> list[dict]:
         )
         .order_by(model_versions.c.version.desc())
     )
-    with engine_for(db_url).connect() as conn:
-        return [row._asdict() for row in conn.execute(query)]
+    return [row._asdict() for row in conn.execute(query)]

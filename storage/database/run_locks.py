@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from storage.database.db import engine_for
+from sqlalchemy import Engine
+
 from storage.errors import VtagError
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def _file_run_lock(path: Path, what: str, timeout_s: float):
 
 
 @contextmanager
-def run_lock(db_url: str, logical_date: datetime, model_version: int, part: int | None = None, *, timeout_s: float):
+def run_lock(engine: Engine, logical_date: datetime, model_version: int, part: int | None = None, *, timeout_s: float):
     """Held while a run of (logical date, model version), or one part of it, scores and writes.
 
     The whole night (`part` None: planning, or a `vtag infer` run) takes the night's lock exclusively;
@@ -196,8 +197,8 @@ def run_lock(db_url: str, logical_date: datetime, model_version: int, part: int 
 
     PostgreSQL: session advisory locks on a connection of their own, released when the run ends or its
     process dies (the server drops them with the connection). SQLite: a file lock beside the database,
-    which every run and part shares (SQLite takes one writer at a time anyway)."""
-    engine = engine_for(db_url)
+    which every run and part shares (SQLite takes one writer at a time anyway). It takes the engine, not
+    a caller's connection: the lock outlives the run's many transactions."""
     what = _night_label(logical_date, model_version, part)
     if engine.dialect.name == "postgresql":
         night = _lock_key(logical_date, model_version)

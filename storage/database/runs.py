@@ -10,9 +10,9 @@ part or night succeeds only when its counters add up (`shortfall`).
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, select, update
 
-from storage.database.db import engine_for, utcnow
+from storage.database.db import utcnow
 from storage.database.partitions import ensure_partition, load_table_name, partition_name, table_exists
 from storage.database.run_locks import LostRunLock
 from storage.database.schema import inference_label_counts, inference_parts, inference_runs, model_versions, predictions
@@ -29,7 +29,12 @@ class SupersededTry(LostRunLock):
 
 
 def start_run(
-    db_url: str, logical_date: datetime, model_version: int, top_k: int, airflow_run_id: str | None, clear: bool = True
+    conn: Connection,
+    logical_date: datetime,
+    model_version: int,
+    top_k: int,
+    airflow_run_id: str | None,
+    clear: bool = True,
 ) -> int:
     """The run of (logical date, model version), emptied of its earlier rows and parts unless `clear` is
     False: a rerun replaces, never duplicates. Call it holding the night's run_lock.
@@ -40,153 +45,142 @@ def start_run(
     into a table with the primary key and the label index ran at 56,000 rows/s at a tenth of the full
     size here, and falls as the indexes outgrow memory, where a table without them takes rows several
     times as fast and the indexes are built once, sorted (benchmarks/scale.py)."""
-    with engine_for(db_url).begin() as conn:
-        run = conn.execute(
-            select(inference_runs.c.run_id, inference_runs.c.load_table)
-            .where(inference_runs.c.logical_date == logical_date, inference_runs.c.model_version == model_version)
-            .with_for_update()
-        ).first()
-        values = {
-            "top_k": top_k,
-            "status": "running",
-            "videos_total": 0,
-            "videos_done": 0,
-            "rows_written": 0,
-            "error": None,
-            "airflow_run_id": airflow_run_id,
-            "started_at": utcnow(),
-            "finished_at": None,
-        }
-        conn.execute(
-            update(model_versions)
-            .where(model_versions.c.version == model_version, model_versions.c.predictions_retired_at.is_not(None))
-            .values(predictions_retired_at=None)
-        )  # scoring again after a retirement
-        if run is None:
-            run_id = conn.execute(
-                insert(inference_runs)
-                .values(logical_date=logical_date, model_version=model_version, **values)
-                .returning(inference_runs.c.run_id)
-            ).scalar_one()
-        else:
-            run_id = run.run_id
-            if clear:
-                if run.load_table:  # an earlier try of this night loaded apart: its rows go with its table
-                    table = load_table_name(model_version, run_id)
-                    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
-                conn.execute(
-                    delete(predictions).where(
-                        predictions.c.model_version == model_version, predictions.c.run_id == run_id
-                    )
-                )
-                conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id == run_id))
-                conn.execute(delete(inference_parts).where(inference_parts.c.run_id == run_id))
+    run = conn.execute(
+        select(inference_runs.c.run_id, inference_runs.c.load_table)
+        .where(inference_runs.c.logical_date == logical_date, inference_runs.c.model_version == model_version)
+        .with_for_update()
+    ).first()
+    values = {
+        "top_k": top_k,
+        "status": "running",
+        "videos_total": 0,
+        "videos_done": 0,
+        "rows_written": 0,
+        "error": None,
+        "airflow_run_id": airflow_run_id,
+        "started_at": utcnow(),
+        "finished_at": None,
+    }
+    conn.execute(
+        update(model_versions)
+        .where(model_versions.c.version == model_version, model_versions.c.predictions_retired_at.is_not(None))
+        .values(predictions_retired_at=None)
+    )  # scoring again after a retirement
+    if run is None:
+        run_id = conn.execute(
+            insert(inference_runs)
+            .values(logical_date=logical_date, model_version=model_version, **values)
+            .returning(inference_runs.c.run_id)
+        ).scalar_one()
+    else:
+        run_id = run.run_id
+        if clear:
+            if run.load_table:  # an earlier try of this night loaded apart: its rows go with its table
+                table = load_table_name(model_version, run_id)
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
             conn.execute(
-                update(inference_runs)
-                .where(inference_runs.c.run_id == run_id)
-                .values(
-                    **{
-                        k: v
-                        for k, v in values.items()
-                        if clear or k not in ("videos_total", "videos_done", "rows_written")
-                    }
-                )
+                delete(predictions).where(predictions.c.model_version == model_version, predictions.c.run_id == run_id)
             )
-        postgresql = conn.dialect.name == "postgresql"
-        if clear and postgresql and not table_exists(conn, partition_name(model_version)):
-            table, version = load_table_name(model_version, run_id), int(model_version)
-            conn.exec_driver_sql(
-                f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS, CHECK (model_version = {version}))"
+            conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id == run_id))
+            conn.execute(delete(inference_parts).where(inference_parts.c.run_id == run_id))
+        conn.execute(
+            update(inference_runs)
+            .where(inference_runs.c.run_id == run_id)
+            .values(
+                **{k: v for k, v in values.items() if clear or k not in ("videos_total", "videos_done", "rows_written")}
             )
-            conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=table))
-        else:
-            ensure_partition(conn, model_version)
-            if clear:
-                conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=None))
-        return run_id
+        )
+    postgresql = conn.dialect.name == "postgresql"
+    if clear and postgresql and not table_exists(conn, partition_name(model_version)):
+        table, version = load_table_name(model_version, run_id), int(model_version)
+        conn.exec_driver_sql(
+            f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS, CHECK (model_version = {version}))"
+        )
+        conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=table))
+    else:
+        ensure_partition(conn, model_version)
+        if clear:
+            conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=None))
+    return run_id
 
 
-def write_target(db_url: str, run_id: int, clear: bool) -> str:
+def write_target(conn: Connection, run_id: int, clear: bool) -> str:
     """Where a plan of this run writes: its load table (a first whole night), else `predictions`."""
-    with engine_for(db_url).connect() as conn:
-        load = conn.execute(select(inference_runs.c.load_table).where(inference_runs.c.run_id == run_id)).scalar()
+    load = conn.execute(select(inference_runs.c.load_table).where(inference_runs.c.run_id == run_id)).scalar()
     return load if clear and load else "predictions"
 
 
-def record_parts(db_url: str, run_id: int, parts: list[dict]) -> list[dict]:
+def record_parts(conn: Connection, run_id: int, parts: list[dict]) -> list[dict]:
     """The night's plan: one row per part (a range of Parquet files). A targeted rescoring adds its
     parts after those of the night's earlier plan; returns the parts with their numbers."""
-    with engine_for(db_url).begin() as conn:
-        first = conn.execute(
-            select(func.coalesce(func.max(inference_parts.c.part) + 1, 0)).where(inference_parts.c.run_id == run_id)
-        ).scalar()
-        numbered = [{**p, "part": first + i} for i, p in enumerate(parts)]
-        rows = [
-            {
-                "run_id": run_id,
-                "part": p["part"],
-                "first_uri": p["first_uri"],
-                "last_uri": p["last_uri"],
-                "files": p["files"],
-                "status": "planned",
-                "videos_total": p["videos"],
-                "videos_done": 0,
-                "rows_written": 0,
-                "attempts": 0,
-            }
-            for p in numbered
-        ]
-        for start in range(0, len(rows), 5000):
-            conn.execute(insert(inference_parts), rows[start : start + 5000])
-        refresh_run_totals(conn, run_id)
-        return numbered
+    first = conn.execute(
+        select(func.coalesce(func.max(inference_parts.c.part) + 1, 0)).where(inference_parts.c.run_id == run_id)
+    ).scalar()
+    numbered = [{**p, "part": first + i} for i, p in enumerate(parts)]
+    rows = [
+        {
+            "run_id": run_id,
+            "part": p["part"],
+            "first_uri": p["first_uri"],
+            "last_uri": p["last_uri"],
+            "files": p["files"],
+            "status": "planned",
+            "videos_total": p["videos"],
+            "videos_done": 0,
+            "rows_written": 0,
+            "attempts": 0,
+        }
+        for p in numbered
+    ]
+    for start in range(0, len(rows), 5000):
+        conn.execute(insert(inference_parts), rows[start : start + 5000])
+    refresh_run_totals(conn, run_id)
+    return numbered
 
 
-def start_part(db_url: str, run_id: int, part: int) -> dict:
+def start_part(conn: Connection, run_id: int, part: int) -> dict:
     """Mark a part running, its counters and label counts reset: a retry counts its videos afresh.
     Returns the part's row as it was (its `attempts` says whether an earlier try may have written)."""
-    with engine_for(db_url).begin() as conn:
-        row = conn.execute(
-            select(inference_parts)
-            .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
-            .with_for_update()
-        ).first()
-        if row is None:
-            raise LookupError(f"run {run_id} has no part {part}: was the night planned again since?")
-        conn.execute(
-            delete(inference_label_counts).where(
-                inference_label_counts.c.run_id == run_id, inference_label_counts.c.part == part
-            )
+    row = conn.execute(
+        select(inference_parts)
+        .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+        .with_for_update()
+    ).first()
+    if row is None:
+        raise LookupError(f"run {run_id} has no part {part}: was the night planned again since?")
+    conn.execute(
+        delete(inference_label_counts).where(
+            inference_label_counts.c.run_id == run_id, inference_label_counts.c.part == part
         )
-        conn.execute(
-            update(inference_parts)
-            .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
-            .values(
-                status="running",
-                videos_done=0,
-                rows_written=0,
-                error=None,
-                attempts=inference_parts.c.attempts + 1,
-                started_at=utcnow(),
-                finished_at=None,
-            )
+    )
+    conn.execute(
+        update(inference_parts)
+        .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+        .values(
+            status="running",
+            videos_done=0,
+            rows_written=0,
+            error=None,
+            attempts=inference_parts.c.attempts + 1,
+            started_at=utcnow(),
+            finished_at=None,
         )
-        # A part run again after its night had finished (cleared in the UI) reopens the night.
-        conn.execute(
-            update(inference_runs)
-            .where(inference_runs.c.run_id == run_id, inference_runs.c.status != "running")
-            .values(status="running", error=None, finished_at=None)
-        )
-        return {**row._asdict(), "attempt": row.attempts + 1}
+    )
+    # A part run again after its night had finished (cleared in the UI) reopens the night.
+    conn.execute(
+        update(inference_runs)
+        .where(inference_runs.c.run_id == run_id, inference_runs.c.status != "running")
+        .values(status="running", error=None, finished_at=None)
+    )
+    return {**row._asdict(), "attempt": row.attempts + 1}
 
 
-def set_part_total(db_url: str, run_id: int, part: int, total: int) -> None:
-    with engine_for(db_url).begin() as conn:
-        conn.execute(
-            update(inference_parts)
-            .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
-            .values(videos_total=total)
-        )
+def set_part_total(conn: Connection, run_id: int, part: int, total: int) -> None:
+    conn.execute(
+        update(inference_parts)
+        .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+        .values(videos_total=total)
+    )
 
 
 def shortfall(part: dict, rows_per_video: int) -> str | None:
@@ -206,50 +200,49 @@ def this_try(run_id: int, part: int, attempt: int):
 
 
 def finish_part(
-    db_url: str,
+    conn: Connection,
     run_id: int,
     part: int,
     label_counts: np.ndarray | None = None,
     error: str | None = None,
     attempt: int | None = None,
     rows_per_video: int | None = None,
-) -> None:
+) -> "RowsLost | None":
     """A part's outcome; a succeeded part stores how many videos got each label at each rank (a
     top_k x classes array), in the transaction that marks it done. The run's totals follow its parts.
     With `attempt`, only if that try is still the part's latest (a superseded try changes nothing).
     With `rows_per_video`, success is checked against the part's committed counters (every video
-    written, k rows each): a shortfall marks it failed and raises RowsLost."""
-    with engine_for(db_url).begin() as conn:
-        current = conn.execute(
-            select(inference_parts)
-            .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
-            .with_for_update()
-        ).first()
-        if attempt is not None and (current is None or current.attempts != attempt):
-            if error is None:
-                raise SupersededTry(f"run {run_id} part {part}: try {attempt} was superseded by a newer try")
-            return
-        missing = (
-            None if error or rows_per_video is None or current is None else shortfall(current._asdict(), rows_per_video)
-        )
-        if missing:
-            error = f"incomplete: {missing}"
-        elif error is None and label_counts is not None:
-            ranks, label_ids = np.nonzero(label_counts)
-            rows = [
-                {"run_id": run_id, "part": part, "rank": int(r) + 1, "label_id": int(label), "videos": int(n)}
-                for r, label, n in zip(ranks, label_ids, label_counts[ranks, label_ids])
-            ]
-            for start in range(0, len(rows), 20000):
-                conn.execute(insert(inference_label_counts), rows[start : start + 20000])
-        conn.execute(
-            update(inference_parts)
-            .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
-            .values(status="failed" if error else "succeeded", error=error, finished_at=utcnow())
-        )
-        refresh_run_totals(conn, run_id)
+    written, k rows each): a shortfall marks it failed and returns the RowsLost to raise once that is
+    committed (raised in the caller's transaction, it would roll the mark back)."""
+    current = conn.execute(
+        select(inference_parts)
+        .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+        .with_for_update()
+    ).first()
+    if attempt is not None and (current is None or current.attempts != attempt):
+        if error is None:
+            raise SupersededTry(f"run {run_id} part {part}: try {attempt} was superseded by a newer try")
+        return None
+    missing = (
+        None if error or rows_per_video is None or current is None else shortfall(current._asdict(), rows_per_video)
+    )
     if missing:
-        raise RowsLost(f"run {run_id} part {part}: {error}")
+        error = f"incomplete: {missing}"
+    elif error is None and label_counts is not None:
+        ranks, label_ids = np.nonzero(label_counts)
+        rows = [
+            {"run_id": run_id, "part": part, "rank": int(r) + 1, "label_id": int(label), "videos": int(n)}
+            for r, label, n in zip(ranks, label_ids, label_counts[ranks, label_ids])
+        ]
+        for start in range(0, len(rows), 20000):
+            conn.execute(insert(inference_label_counts), rows[start : start + 20000])
+    conn.execute(
+        update(inference_parts)
+        .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+        .values(status="failed" if error else "succeeded", error=error, finished_at=utcnow())
+    )
+    refresh_run_totals(conn, run_id)
+    return RowsLost(f"run {run_id} part {part}: {error}") if missing else None
 
 
 def refresh_run_totals(conn, run_id: int) -> None:
@@ -266,19 +259,17 @@ def refresh_run_totals(conn, run_id: int) -> None:
     )
 
 
-def parts_of(db_url: str, run_id: int) -> list[dict]:
-    with engine_for(db_url).connect() as conn:
-        query = select(inference_parts).where(inference_parts.c.run_id == run_id).order_by(inference_parts.c.part)
-        return [row._asdict() for row in conn.execute(query)]
+def parts_of(conn: Connection, run_id: int) -> list[dict]:
+    query = select(inference_parts).where(inference_parts.c.run_id == run_id).order_by(inference_parts.c.part)
+    return [row._asdict() for row in conn.execute(query)]
 
 
-def finish_run(db_url: str, run_id: int, error: str | None = None) -> dict:
+def finish_run(conn: Connection, run_id: int, error: str | None = None) -> dict:
     """The night's outcome; its videos and rows are the sums of its parts'."""
-    with engine_for(db_url).begin() as conn:
-        refresh_run_totals(conn, run_id)
-        conn.execute(
-            update(inference_runs)
-            .where(inference_runs.c.run_id == run_id)
-            .values(status="failed" if error else "succeeded", error=error, finished_at=utcnow())
-        )
-        return conn.execute(select(inference_runs).where(inference_runs.c.run_id == run_id)).first()._asdict()
+    refresh_run_totals(conn, run_id)
+    conn.execute(
+        update(inference_runs)
+        .where(inference_runs.c.run_id == run_id)
+        .values(status="failed" if error else "succeeded", error=error, finished_at=utcnow())
+    )
+    return conn.execute(select(inference_runs).where(inference_runs.c.run_id == run_id)).first()._asdict()

@@ -235,13 +235,11 @@ class PrivateCluster:
 # chunk's commit is followed by a pause (a slow database) so that the parent can kill it between chunks.
 _PART_WORKER = """
 import json, sys, time
-import tasks.inference as inference
 from storage.database import prediction_writes
 from storage.objectstore import S3Config
 from tasks.inference import NightPlan, tag_part
 
 work = json.loads(sys.argv[2])
-inference.CHUNK_VIDEOS = work["chunk_videos"]
 real_write = prediction_writes.write_chunk
 
 def slow_write(*args, **kwargs):
@@ -251,7 +249,7 @@ def slow_write(*args, **kwargs):
 
 prediction_writes.write_chunk = slow_write
 s3 = S3Config(**work["s3"]) if work["s3"] else None
-tag_part(sys.argv[1], NightPlan.from_dict(work["night"]), work["part"], s3=s3)
+tag_part(sys.argv[1], NightPlan.from_dict(work["night"]), work["part"], s3=s3, chunk_videos=work["chunk_videos"])
 """
 
 
