@@ -25,17 +25,17 @@ __all__ = ["MetricsAccumulator", "yt8m_metrics"]
 
 # Rows summarised at once: bounds the N x C temporaries (a sorted copy, a few masks) however
 # large the batch handed to add() or yt8m_metrics() is.
-_CHUNK_ROWS = 1024
+CHUNK_ROWS = 1024
 
 
-def yt8m_metrics(scores, labels, top_k=TOP_K):
+def yt8m_metrics(scores, labels, top_k=TOP_K, chunk_rows=CHUNK_ROWS):
     """Hit@1, PERR, GAP@top_k and mAP of N x C `scores` against multi-hot N x C `labels`.
 
     Returns a dict with float values under ``hit_at_one``, ``perr``, ``gap`` and ``map``.
     Raises ValueError when the arrays are not 2-D, differ in shape, hold no video or scores hold NaN.
     """
     num_classes = _check_batch(scores, labels, None)[0].shape[1]
-    accumulator = MetricsAccumulator(num_classes, top_k)
+    accumulator = MetricsAccumulator(num_classes, top_k, chunk_rows)
     accumulator.add(scores, labels)
     return accumulator.result()
 
@@ -49,9 +49,10 @@ class MetricsAccumulator:
     truth, also those no top_k list caught.
     """
 
-    def __init__(self, num_classes, top_k=TOP_K):
+    def __init__(self, num_classes, top_k=TOP_K, chunk_rows=CHUNK_ROWS):
         self.num_classes = _positive_int("num_classes", num_classes)
         self.top_k = _positive_int("top_k", top_k)
+        self.chunk_rows = _positive_int("chunk_rows", chunk_rows)
         self._hits = 0
         self._perr_sum = 0.0
         self._class_positives = np.zeros(self.num_classes, dtype=np.int64)
@@ -70,8 +71,8 @@ class MetricsAccumulator:
         scores, labels = _check_batch(scores, labels, self.num_classes)
         # Summarise every chunk before storing any, so a rejected batch leaves no trace.
         parts = [
-            self._summarise(scores[start : start + _CHUNK_ROWS], labels[start : start + _CHUNK_ROWS])
-            for start in range(0, len(scores), _CHUNK_ROWS)
+            self._summarise(scores[start : start + self.chunk_rows], labels[start : start + self.chunk_rows])
+            for start in range(0, len(scores), self.chunk_rows)
         ]
         for hits, perr_sum, class_positives, classes, top_scores, top_positives in parts:
             self._hits += hits

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-import model.metrics
 from model.metrics import MetricsAccumulator, yt8m_metrics
 
 KEYS = ("hit_at_one", "perr", "gap", "map")
@@ -239,13 +238,12 @@ def test_accumulator_keeps_top_k_per_video_not_n_by_c():
     assert np.concatenate(small._top_scores).shape == (3, 4)
 
 
-def test_chunking_large_batches_changes_nothing(monkeypatch):
+def test_chunking_large_batches_changes_nothing():
     rng = np.random.default_rng(8)
     labels = _random_labels(rng, 150, 25)
     scores = rng.random(labels.shape)
     expected = naive_metrics(scores, labels)
-    monkeypatch.setattr(model.metrics, "_CHUNK_ROWS", 16)
-    assert yt8m_metrics(scores, labels) == pytest.approx(expected, rel=0, abs=1e-9)
+    assert yt8m_metrics(scores, labels, chunk_rows=16) == pytest.approx(expected, rel=0, abs=1e-9)
 
 
 @pytest.mark.parametrize(
