@@ -64,10 +64,11 @@ demo: install
 	vtag query runs limit=3
 	vtag query tagged_videos limit=12
 
-# $(call airflow_run,DAG_ID,CONF): one DAG run in-process, its log kept under $(VTAG_HOME).
+# $(call airflow_run,DAG_ID,CONF): one DAG run in-process, its log kept under $(VTAG_HOME); no night deadline
+# (Airflow 3.3.2's dags test fails at the end of a run of a DAG with deadline=).
 define airflow_run
 	@echo "airflow dags test $(1) (log: $(VTAG_HOME)/$(1).log)"
-	@airflow dags test $(1) -c '$(2)' > $(VTAG_HOME)/$(1).log 2>&1 || (tail -40 $(VTAG_HOME)/$(1).log; exit 1)
+	@VTAG_NIGHT_DEADLINE= airflow dags test $(1) -c '$(2)' > $(VTAG_HOME)/$(1).log 2>&1 || (tail -40 $(VTAG_HOME)/$(1).log; exit 1)
 	@grep -E "DagRun Finished" $(VTAG_HOME)/$(1).log | sed -E 's/.*(dag_id=[^,]+).*(state=[a-z]+).*/\1 \2/'
 endef
 

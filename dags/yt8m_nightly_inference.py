@@ -5,9 +5,26 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, task
+from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference, Param, dag, task
 
 from storage.formats.yt8m_spec import FRAME, LEVELS, NUM_CLASSES, TOP_K  # constants only: cheap to parse
+from tasks.settings import night_deadline  # no heavy imports: os, re, datetime
+
+
+def _deadline() -> list[DeadlineAlert]:
+    """$VTAG_NIGHT_DEADLINE after the run was queued (scheduled, backfilled and manual runs alike);
+    empty: none. The callback runs in the triggerer, which imports it by its dotted path."""
+    interval = night_deadline()
+    if interval is None:
+        return []
+    return [
+        DeadlineAlert(
+            reference=DeadlineReference.DAGRUN_QUEUED_AT,
+            interval=interval,
+            callback=AsyncCallback("tasks.alerts.night_deadline_missed"),
+            name="night not finished",
+        )
+    ]
 
 
 @dag(
@@ -17,6 +34,7 @@ from storage.formats.yt8m_spec import FRAME, LEVELS, NUM_CLASSES, TOP_K  # const
     catchup=True,
     max_active_runs=1,  # nights in order: a night started beside another would score that one's videos again
     tags=["yt8m"],
+    deadline=_deadline() or None,
     params={
         "top_k": Param(TOP_K, type="integer", minimum=1, maximum=NUM_CLASSES, title="Labels kept per video (k)"),
         "level": Param(FRAME.name, enum=list(LEVELS), title="Level of the production model"),

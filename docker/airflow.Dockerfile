@@ -29,7 +29,10 @@ RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/wh
 
 COPY --chown=airflow:root docker/airflow_init.py /opt/vtag/airflow_init.py
 COPY --chown=airflow:root dags /opt/airflow/dags
+# the Video tags UI plugin: one shim, the pages come from the installed tasks.ui
+COPY --chown=airflow:root plugins /opt/airflow/plugins
 ENV AIRFLOW__CORE__DAGS_FOLDER=/opt/airflow/dags \
+    AIRFLOW__CORE__PLUGINS_FOLDER=/opt/airflow/plugins \
     AIRFLOW__CORE__LOAD_EXAMPLES=False \
     VTAG_HOME=/opt/airflow/vtag
 WORKDIR /opt/airflow

@@ -30,8 +30,11 @@ RUN pip install --no-cache-dir -c constraints.txt "torch==${TORCH_VERSION}" . \
     && python -c "import torch; assert torch.version.cuda, 'expected the CUDA build of torch'"
 
 COPY --chown=airflow:root dags /opt/airflow/dags
+# the Video tags UI plugin: one shim, the pages come from the installed tasks.ui
+COPY --chown=airflow:root plugins /opt/airflow/plugins
 # compute: CUDA; utility: nvidia-smi. Read by the NVIDIA Container Toolkit.
 ENV AIRFLOW__CORE__DAGS_FOLDER=/opt/airflow/dags \
+    AIRFLOW__CORE__PLUGINS_FOLDER=/opt/airflow/plugins \
     AIRFLOW__CORE__LOAD_EXAMPLES=False \
     VTAG_HOME=/opt/airflow/vtag \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility

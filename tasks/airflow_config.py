@@ -1,6 +1,8 @@
 """Resolve the database, S3 and locations the Airflow way: connections and variables, then the defaults.
 
-Imported only inside task bodies, where Airflow's Task SDK is available.
+Imported inside task bodies (Task SDK) and by the UI pages in the API server (tasks/ui), where the Task SDK's
+lookups see only environment variables: outside a task (no supervisor comms) the SDK's fallback chain skips
+the metadata database, so there we ask Airflow core's models, which read it as the API server itself does.
 """
 
 from storage.database.db import normalize_url
@@ -11,12 +13,24 @@ DB_CONN_ID = "yt8m_db"
 S3_CONN_ID = "yt8m_s3"
 
 
+def _in_task() -> bool:
+    import sys
+
+    runner = sys.modules.get("airflow.sdk.execution_time.task_runner")
+    return getattr(runner, "SUPERVISOR_COMMS", None) is not None
+
+
 def _connection(conn_id: str):
-    from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
 
     try:
-        return Connection.get(conn_id)
+        if _in_task():
+            from airflow.sdk import Connection
+
+            return Connection.get(conn_id)
+        from airflow.models.connection import Connection as CoreConnection
+
+        return CoreConnection.get_connection_from_secrets(conn_id)
     except AirflowNotFoundException:
         return None
 
@@ -44,9 +58,13 @@ def s3_config(conn_id: str = S3_CONN_ID) -> S3Config | None:
 
 
 def variable(name: str, default: str) -> str:
-    from airflow.sdk import Variable
+    if _in_task():
+        from airflow.sdk import Variable
 
-    return Variable.get(name, default=default)
+        return Variable.get(name, default=default)
+    from airflow.models.variable import Variable as CoreVariable
+
+    return CoreVariable.get(name, default_var=default)
 
 
 def raw_uri(param: str | None) -> str:

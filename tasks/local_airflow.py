@@ -78,6 +78,8 @@ def main() -> int:
     port = os.environ.get("AIRFLOW__API__PORT", "8080")
     url = f"http://localhost:{port}"
     home.mkdir(parents=True, exist_ok=True)
+    # our plugin (the Video tags pages) lives in the repository, not in AIRFLOW_HOME
+    os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(Path(__file__).resolve().parent.parent / "plugins"))
     _airflow("db", "migrate")
     from tasks import cli
 

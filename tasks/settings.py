@@ -6,6 +6,8 @@ back to these.
 
 import math
 import os
+import re
+from datetime import timedelta
 from pathlib import Path
 
 from storage.errors import UsageError
@@ -54,3 +56,23 @@ def lock_timeout_s() -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise UsageError(f"VTAG_LOCK_TIMEOUT_S must be a number of seconds (0 or more), not {raw!r}")
     return seconds
+
+
+NIGHT_DEADLINE = "6h"  # a night takes minutes to a few hours at full size; still running after 6 is stuck
+_INTERVAL = re.compile(r"(\d+)\s*([hm])")
+
+
+def night_deadline(raw: str | None = None) -> timedelta | None:
+    """How long after a nightly run was queued it must have finished ($VTAG_NIGHT_DEADLINE: "6h", "90m",
+    "1h30m"); unset: 6h; empty: no deadline."""
+    raw = os.environ.get("VTAG_NIGHT_DEADLINE", NIGHT_DEADLINE) if raw is None else raw
+    text = raw.strip().lower()
+    if not text:
+        return None
+    parts = _INTERVAL.findall(text)
+    if not parts or _INTERVAL.sub("", text).strip():
+        raise UsageError(f"VTAG_NIGHT_DEADLINE must be an interval such as 6h, 90m or 1h30m (empty: none), not {raw!r}")
+    interval = timedelta(minutes=sum(int(n) * (60 if unit == "h" else 1) for n, unit in parts))
+    if interval <= timedelta(0):
+        raise UsageError(f"VTAG_NIGHT_DEADLINE must be longer than 0, not {raw!r}")
+    return interval

@@ -214,3 +214,16 @@ Index(
     predictions.c.score.desc(),
     predictions.c.video_id,
 )
+
+night_deadline_misses = Table(
+    "night_deadline_misses",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("deadline_id", String(64), nullable=False),  # Airflow's Deadline row: one miss per deadline
+    Column("dag_id", String(250), nullable=False),
+    Column("dag_run_id", String(250), nullable=False),
+    Column("logical_date", DateTime(timezone=True)),  # None for a manual run without one
+    Column("deadline_time", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("deadline_id", name="uq_night_deadline_misses_deadline"),
+)

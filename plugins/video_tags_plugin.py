@@ -1,0 +1,20 @@
+"""The Video tags pages in Airflow's UI (Browse menu). Airflow imports every .py here as a top-level
+module, so this stays one file: the app lives in the project package (tasks/ui)."""
+
+from airflow.plugins_manager import AirflowPlugin
+
+from tasks.ui.app import PREFIX, app
+
+
+class VideoTagsPlugin(AirflowPlugin):
+    name = "video_tags"
+    fastapi_apps = [{"app": app, "url_prefix": PREFIX, "name": "Video tags"}]
+    external_views = [
+        {
+            "name": "Video tags",
+            "href": f"{PREFIX}/",
+            "url_route": "video-tags",
+            "destination": "nav",
+            "category": "browse",
+        }
+    ]
