@@ -125,6 +125,7 @@ def yt8m_nightly_inference():
         """One item per part to score, each with what every part needs to know of the night."""
         from airflow.sdk.exceptions import AirflowSkipException
 
+        from storage.formats.exports import night_folder
         from tasks import airflow_config as cfg
         from tasks.inference import NoProductionModel, count_pending, finish_night, plan_night
 
@@ -147,7 +148,7 @@ def yt8m_nightly_inference():
                 **request,
                 airflow_run_id=run_id,
                 part_videos=params["part_videos"],
-                exports_uri=f"{cfg.exports_uri().rstrip('/')}/{when:%Y-%m-%dT%H%M%S}",
+                exports_uri=night_folder(cfg.exports_uri(), when),
                 lock_timeout_s=params.get("lock_timeout_s"),
             )
         except NoProductionModel as exc:

@@ -250,7 +250,7 @@ def plan_night(
             _fail_run(db_url, run_id, f"planning: {type(exc).__name__}: {exc}")
             raise
     exports_uri = canonical_uri(
-        exports_uri or join(settings.default_exports_uri(), f"{logical_date:%Y-%m-%dT%H%M%S}_v{number}")
+        exports_uri or exports.night_folder(settings.default_exports_uri(), logical_date, number)
     )
     if not whole and parts:  # a targeted rescoring's exports, beside the night's, not over them
         exports_uri = join(exports_uri, f"rescored-part{parts[0]['part']:05d}")

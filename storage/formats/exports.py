@@ -31,6 +31,13 @@ _PICKLE_START, _PICKLE_STOP = b"\x80\x02]", b"."  # PROTO 2, EMPTY_LIST ... STOP
 _COPY_BUFFER = 1 << 20
 
 
+def night_folder(root: str, logical_date, model_version: int | None = None) -> str:
+    """Where a night's exports go under `root`: `<root>/<logical date>` (the nightly DAG), or with
+    `_v<model version>` after it (`vtag infer`'s default, beside other versions' nights)."""
+    name = f"{logical_date:%Y-%m-%dT%H%M%S}" + (f"_v{model_version}" if model_version is not None else "")
+    return join(root, name)
+
+
 def fragment_uris(exports_uri: str, part: int) -> tuple[str, str]:
     return (
         join(exports_uri, "parts", f"part-{part:05d}.csv"),

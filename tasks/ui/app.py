@@ -6,7 +6,6 @@ derives (a plot's plot_uri, the loss plot beside a checkpoint, a night's exports
 """
 
 import re
-from datetime import datetime
 from pathlib import Path
 
 from airflow.api_fastapi.core_api.security import GetUserDep
@@ -15,7 +14,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from storage.database import db, views
-from storage.formats.exports import CSV_NAME, PICKLE_NAME
+from storage.formats.exports import CSV_NAME, PICKLE_NAME, night_folder
 from storage.objectstore import StoreError, join, store_for
 from tasks import airflow_config, queries
 from tasks.ui import charts
@@ -88,12 +87,15 @@ def _plots(model: dict) -> dict[str, str]:
     return plots
 
 
+def _found(row: dict | None, what: str) -> dict:
+    if row is None:
+        raise HTTPException(404, f"no {what}")
+    return row
+
+
 def _model(version: int) -> dict:
     with db.transaction(_db()) as conn:
-        model = views.model(conn, version)
-    if model is None:
-        raise HTTPException(404, f"no model version {version}")
-    return model
+        return _found(views.model(conn, version), f"model version {version}")
 
 
 @app.get("/models/{version}", response_class=HTMLResponse)
@@ -129,11 +131,8 @@ def nights_page(user: GetUserDep, page: int | None = Query(None, ge=1, descripti
 def _exports(run: dict) -> dict[str, str]:
     """name -> URI of a night's exports. The run row does not hold its exports URI: the DAG writes to
     `<yt8m_exports_uri>/<logical date>`, `vtag infer` to `<exports>/<logical date>_v<version>`; try both."""
-    root = airflow_config.exports_uri()
-    when = run["logical_date"]
-    stamp = f"{when:%Y-%m-%dT%H%M%S}" if isinstance(when, datetime) else str(when)
-    s3 = airflow_config.s3_config()
-    for folder in (join(root, stamp), join(root, f"{stamp}_v{run['model_version']}")):
+    root, when, s3 = airflow_config.exports_uri(), run["logical_date"], airflow_config.s3_config()
+    for folder in (night_folder(root, when), night_folder(root, when, run["model_version"])):
         found = {}
         for name in (CSV_NAME, PICKLE_NAME):
             uri = join(folder, name)
@@ -149,18 +148,13 @@ def _exports(run: dict) -> dict[str, str]:
 
 def _night(run_id: int) -> dict:
     with db.transaction(_db()) as conn:
-        run = views.night(conn, run_id)
-    if run is None:
-        raise HTTPException(404, f"no inference run {run_id}")
-    return run
+        return _found(views.night(conn, run_id), f"inference run {run_id}")
 
 
 @app.get("/nights/{run_id}", response_class=HTMLResponse)
 def night_page(run_id: int, user: GetUserDep):
     with db.transaction(_db()) as conn:
-        run = views.night(conn, run_id)
-        if run is None:
-            raise HTTPException(404, f"no inference run {run_id}")
+        run = _found(views.night(conn, run_id), f"inference run {run_id}")
         counts = views.rank_one_counts(conn, run_id)
         previous = views.previous_night(conn, run_id, run["model_version"], run["logical_date"])
         before = views.rank_one_counts(conn, previous) if previous else {}
