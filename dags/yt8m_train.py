@@ -7,6 +7,7 @@ import pendulum
 from airflow.sdk import Param, dag, task
 from yt8m_assets import YT8M_PARQUET
 from yt8m_params import URI_PATTERN
+from yt8m_review import PromotionReview
 
 from storage.formats.yt8m_spec import FRAME, LEVELS  # constants only: cheap to parse
 
@@ -59,11 +60,26 @@ def _optional(kind: str, title: str, **limits) -> Param:
         "train_pattern": Param("*.parquet", type="string", minLength=1, title="Train file pattern"),
         "eval_split": Param("validate", enum=["train", "validate", "test"], title="Evaluate on split"),
         "eval_pattern": Param("*.parquet", type="string", minLength=1, title="Evaluation file pattern"),
+        "require_approval": Param(
+            False,
+            type="boolean",
+            title="Require a person's approval",
+            description="Off: promote when the GAP is at least production's. On: a person approves or rejects.",
+        ),
+        "approval_timeout_hours": Param(
+            72,
+            type=["null", "number"],
+            exclusiveMinimum=0,
+            title="Approval timeout (hours)",
+            description="Unanswered after this long, the model stays unpromoted. Empty: wait for an answer.",
+        ),
     },
 )
 def yt8m_train():
     """Train a YouTube-8M model, register it, evaluate it and promote it if it is at least as good as
-    production: `train -> register -> evaluate -> promote`, each task one call into `tasks/training.py`.
+    production: `train -> register -> evaluate -> route -> promote`, each task one call into
+    `tasks/training.py`. With `require_approval`, a person decides instead:
+    `route -> prepare_review -> review -> decide` (`tasks/review.py`).
 
     **When**: each time `yt8m_ingest` updates the `yt8m_parquet` asset (new Parquet), or triggered by
     hand with the form. One run at a time.
@@ -73,13 +89,21 @@ def yt8m_train():
     CPU, video for video level), `epochs`, `batch_size`, `learning_rate`, `max_frames` (empty: the
     preset's), `resume_checkpoint` (start from those weights: fine-tuning), `checkpoint_every` (steps;
     0: epochs only), `train_split` / `train_pattern` and `eval_split` / `eval_pattern` (which files
-    train and which score).
+    train and which score), `require_approval` (a person approves or rejects the candidate instead of
+    the GAP rule) and `approval_timeout_hours` (how long the review waits; empty: until answered).
+
+    **Review**: with `require_approval`, the `review` task waits in Airflow's **Required actions**
+    (its task page, or Browse > Required Actions) showing the candidate's GAP, Hit@1, PERR and mAP
+    next to production's on the same evaluation set, with links to the Video tags Models page.
+    **Approve** makes it production (the former one archived) even with a lower GAP; **Reject** marks
+    it `rejected`; no answer in time leaves it `trained`, unpromoted (`model_reviews` records each).
+    While a review waits, the next run (a new ingest) queues behind it.
 
     **Reads** `<data>/<level>/<train_split>/` and `<data>/<level>/<eval_split>/`. **Writes** checkpoints,
     the loss plot and the evaluation plot to `<yt8m_models_uri>/<run id>/` (`last.pt`, `epoch-NNN.pt`,
     `final-stepNNNNNNN.pt`, the one registered); rows in `model_versions` (status `trained`, then
-    `production`, the former production `archived`, or `rejected`) and `evaluations` in the `yt8m_db`
-    database.
+    `production`, the former production `archived`, or `rejected`), `evaluations` and `model_reviews` in
+    the `yt8m_db` database.
 
     **Rerun**: clearing `train` continues from the run folder's last checkpoint (its 2 retries do the
     same), so a crash loses at most `checkpoint_every` steps; registering the same checkpoint again is
@@ -141,6 +165,11 @@ def yt8m_train():
             version=registered["version"],
         )
 
+    @task.branch
+    def route(params: dict) -> str:
+        """`promote` by the GAP rule, or, with `require_approval`, `prepare_review` for a person to decide."""
+        return "prepare_review" if params["require_approval"] else "promote"
+
     @task
     def promote(evaluation: dict) -> dict:
         """Make the version production if its GAP is at least production's on the same evaluation set
@@ -150,7 +179,46 @@ def yt8m_train():
 
         return training.promote(cfg.db_url(), evaluation["version"], evaluation["split"], cfg.s3_config())
 
-    promote(evaluate(register(train())))
+    @task
+    def prepare_review(evaluation: dict, params: dict, run_id: str) -> dict:
+        """Record a pending review: the candidate's evaluation next to production's on the same set
+        (production scored there first if it never was); returns the subject and body `review` shows."""
+        from tasks import airflow_config as cfg
+        from tasks import review
+
+        hours = params["approval_timeout_hours"]
+        return review.request_review(
+            cfg.db_url(),
+            evaluation["version"],
+            evaluation["split"],
+            run_id=run_id,
+            timeout=timedelta(hours=hours) if hours else None,
+            s3=cfg.s3_config(),
+            pages_url=cfg.ui_url(),
+        )
+
+    answer = PromotionReview(
+        task_id="review",
+        subject="{{ ti.xcom_pull(task_ids='prepare_review')['subject'] }}",
+        body="{{ ti.xcom_pull(task_ids='prepare_review')['body'] }}",
+        doc_md="Waits for a person to **Approve** or **Reject** the candidate (Required actions), at most "
+        "`approval_timeout_hours`; returns the decision and who took it.",
+    )
+
+    @task
+    def decide(prepared: dict, answer: dict) -> dict:
+        """Act on the answer: approved makes the version production (the former one archived), rejected
+        marks it `rejected`, timed out leaves it `trained`; the review row records it."""
+        from tasks import airflow_config as cfg
+        from tasks import review
+
+        return review.record_answer(cfg.db_url(), prepared["review_id"], answer["decision"], answer["by"])
+
+    evaluated = evaluate(register(train()))
+    prepared = prepare_review(evaluated)
+    evaluated >> route() >> [promote(evaluated), prepared]
+    prepared >> answer
+    decide(prepared, answer.output)
 
 
 yt8m_train()

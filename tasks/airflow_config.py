@@ -57,6 +57,14 @@ def s3_config(conn_id: str = S3_CONN_ID) -> S3Config | None:
     return S3Config(endpoint, conn.login or None, conn.password or None, extra.get("region_name"))
 
 
+def ui_url() -> str:
+    """The Airflow UI's base URL (`[api] base_url`), for links in what tasks write for people to read;
+    empty when unset: links then start at the UI's root."""
+    from airflow.configuration import conf
+
+    return (conf.get("api", "base_url", fallback="") or "").rstrip("/")
+
+
 def variable(name: str, default: str) -> str:
     if _in_task():
         from airflow.sdk import Variable

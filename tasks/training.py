@@ -2,7 +2,8 @@
 
 A model's way to production: `train_model` writes checkpoints and returns the final one's URI, sha256
 and figures; `register_model` records it as a model version (status `trained`); `evaluate_model`
-scores a version and records the evaluation; `promote` makes it production if it is at least as good.
+scores a version and records the evaluation; `promote` makes it production if it is at least as good
+(tasks/review.py: or a person decides).
 `train_and_register` is the first two in one, for `vtag train`.
 """
 
@@ -191,13 +192,12 @@ def ensure_registered(db_url: str, checkpoint_uri: str, s3: S3Config | None = No
         )
 
 
-def promote(db_url: str, version: int, split: str = "validate", s3: S3Config | None = None) -> dict:
-    """Promote if at least as good as production on the same evaluation set, scoring production on
-    it first when it never was."""
-    db.require_current(db_url)
+def with_production_scored(db_url: str, s3: S3Config | None, decide, *args, **kwargs):
+    """`decide(conn, *args, **kwargs)` in one transaction; when it needs production's evaluation on the candidate's
+    set (registry.NeedsEvaluation), production is scored on that set first and `decide` runs again."""
     try:
         with db.transaction(db_url) as conn:
-            promoted, reason = registry.promote_if_better(conn, version, split)
+            return decide(conn, *args, **kwargs)
     except registry.NeedsEvaluation as need:
         evaluate_model(
             need.checkpoint_uri,
@@ -208,7 +208,14 @@ def promote(db_url: str, version: int, split: str = "validate", s3: S3Config | N
             s3=s3,
             version=need.version,
         )
-        with db.transaction(db_url) as conn:
-            promoted, reason = registry.promote_if_better(conn, version, split)
+    with db.transaction(db_url) as conn:
+        return decide(conn, *args, **kwargs)
+
+
+def promote(db_url: str, version: int, split: str = "validate", s3: S3Config | None = None) -> dict:
+    """Promote if at least as good as production on the same evaluation set, scoring production on
+    it first when it never was."""
+    db.require_current(db_url)
+    promoted, reason = with_production_scored(db_url, s3, registry.promote_if_better, version, split)
     log.info(reason)
     return {"version": version, "promoted": promoted, "reason": reason}

@@ -1,6 +1,8 @@
 """Shared fixtures: real data from ../shared, a PostgreSQL database, a moto S3 server, an Airflow home."""
 
+import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -152,6 +154,41 @@ def airflow_db():
         pytest.fail(f"airflow db migrate failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     yield _AIRFLOW_HOME
     shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def airflow_api(airflow_db, tmp_path_factory):
+    """Airflow's real API app (plugins, the Video tags pages, the REST API) in process, and the headers of an
+    admin's token. One per session: Airflow caches the app and its plugins per process, so the plugins
+    folder, passwords and JWT secret are set before its first import."""
+    passwords = tmp_path_factory.mktemp("auth") / "passwords.json"
+    login = {"username": "admin", "password": secrets.token_urlsafe(16)}
+    passwords.write_text(json.dumps({login["username"]: login["password"]}))
+    env = {
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(40),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from airflow import plugins_manager, settings
+    from airflow.api_fastapi.app import create_app
+    from fastapi.testclient import TestClient
+
+    settings.PLUGINS_FOLDER = env["AIRFLOW__CORE__PLUGINS_FOLDER"]
+    # Earlier tests in this process (a DagBag, dag.test) loaded the plugins without ours: load them again.
+    for cached in (plugins_manager._get_plugins, plugins_manager._get_ui_plugins, plugins_manager.get_fastapi_plugins):
+        cached.cache_clear()
+    test_client = TestClient(create_app())
+    token = test_client.post("/auth/token", json=login)
+    assert token.status_code == 201, token.text
+    yield test_client, {"Authorization": f"Bearer {token.json()['access_token']}"}
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture

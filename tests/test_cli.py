@@ -3,7 +3,7 @@
 import pytest
 from sqlalchemy import inspect
 
-from storage.database.db import current_revision, engine_for
+from storage.database.db import current_revision, engine_for, head_revision
 from tests.shards import flip_byte, record_offsets
 from tests.support.cli import vtag
 
@@ -52,8 +52,8 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
 def test_db_migrations_up_and_down(empty_db_url):
     db_url = empty_db_url
     assert current_revision(db_url) is None
-    assert vtag("db", "upgrade", "--db", db_url).stdout.strip() == "0007"
-    assert current_revision(db_url) == "0007"
+    assert vtag("db", "upgrade", "--db", db_url).stdout.strip() == head_revision()
+    assert current_revision(db_url) == head_revision()
     tables = {
         "ingested_shards",
         "model_versions",
@@ -70,4 +70,4 @@ def test_db_migrations_up_and_down(empty_db_url):
     engine_for(db_url).dispose()
     assert not tables & set(inspect(engine_for(db_url)).get_table_names())
     assert vtag("db", "upgrade", "--db", db_url).returncode == 0
-    assert vtag("db", "current", "--db", db_url).stdout.strip() == "0007"
+    assert vtag("db", "current", "--db", db_url).stdout.strip() == head_revision()

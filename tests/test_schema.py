@@ -199,13 +199,16 @@ def test_tasks_check_the_schema_and_never_migrate_it(empty_db_url, tmp_path):
     from tasks.ingest import ingest
 
     (tmp_path / "raw").mkdir()
-    with pytest.raises(db.SchemaOutOfDate, match=r"has no vtag schema, this release needs 0007: run `vtag db upgrade"):
+    head = db.head_revision()
+    with pytest.raises(
+        db.SchemaOutOfDate, match=rf"has no vtag schema, this release needs {head}: run `vtag db upgrade"
+    ):
         ingest(str(tmp_path / "raw"), str(tmp_path / "parquet"), empty_db_url)
     assert db.current_revision(empty_db_url) is None
     assert not (tmp_path / "parquet").exists()
 
     db.upgrade(empty_db_url, "0005")  # the release before: a deployment that upgraded the code, not the schema
-    with pytest.raises(db.SchemaOutOfDate, match=r"is at schema revision 0005, this release needs 0007"):
+    with pytest.raises(db.SchemaOutOfDate, match=rf"is at schema revision 0005, this release needs {head}"):
         run_inference(empty_db_url, datetime(2030, 1, 1, tzinfo=UTC))
     assert db.current_revision(empty_db_url) == "0005"
 

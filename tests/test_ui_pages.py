@@ -2,9 +2,7 @@
 refused without a token, and with one showing what the database and object store hold."""
 
 import json
-import os
 import re
-import secrets
 from pathlib import Path
 
 import pytest
@@ -14,42 +12,12 @@ from tasks import queries
 from tasks.inference import run_inference
 from tests.worlds import NIGHT, build_world, row
 
-ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["/video-tags/", "/video-tags/models", "/video-tags/nights", "/video-tags/tags?video=x"]
 
 
-@pytest.fixture(scope="module")
-def client(airflow_db, tmp_path_factory):
-    """One API app per module: Airflow caches the app and its plugins per process, so the plugins folder,
-    passwords and JWT secret are set before its first import."""
-    passwords = tmp_path_factory.mktemp("auth") / "passwords.json"
-    login = {"username": "admin", "password": secrets.token_urlsafe(16)}
-    passwords.write_text(json.dumps({login["username"]: login["password"]}))
-    env = {
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(40),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    from airflow import plugins_manager, settings
-    from airflow.api_fastapi.app import create_app
-    from fastapi.testclient import TestClient
-
-    settings.PLUGINS_FOLDER = env["AIRFLOW__CORE__PLUGINS_FOLDER"]
-    # Earlier tests in this process (a DagBag, dag.test) loaded the plugins without ours: load them again.
-    for cached in (plugins_manager._get_plugins, plugins_manager._get_ui_plugins, plugins_manager.get_fastapi_plugins):
-        cached.cache_clear()
-    test_client = TestClient(create_app())
-    token = test_client.post("/auth/token", json=login)
-    assert token.status_code == 201, token.text
-    yield test_client, {"Authorization": f"Bearer {token.json()['access_token']}"}
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+@pytest.fixture
+def client(airflow_api):
+    return airflow_api
 
 
 @pytest.fixture

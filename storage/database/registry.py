@@ -1,6 +1,8 @@
 """The model registry: model versions, their evaluations, and which one is in production."""
 
-from sqlalchemy import Connection, func, insert, select, update
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Row, func, insert, select, update
 
 from storage.database.db import utcnow
 from storage.database.schema import evaluations, model_versions
@@ -142,47 +144,78 @@ def _latest_evaluation(conn, version: int, split: str, data_uri: str | None = No
     return conn.execute(query.order_by(evaluations.c.id.desc()).limit(1)).first()
 
 
-def promote_if_better(conn: Connection, version: int, split: str = "validate") -> tuple[bool, str]:
-    """Promote `version` to production if its GAP on `split` is at least the production model's GAP on
-    the very same evaluation set (data, split, file pattern). Raises NeedsEvaluation when production
-    was never scored on that set."""
-    candidate = conn.execute(
-        select(model_versions).where(model_versions.c.version == version).with_for_update()
-    ).first()
+@dataclass(frozen=True)
+class Standing:
+    """A candidate next to production on the candidate's evaluation set: the rows a promotion compares."""
+
+    candidate: Row
+    evaluation: Row  # the candidate's latest evaluation on the split
+    production: Row | None  # None: no production model at the candidate's level
+    production_evaluation: Row | None  # production's latest on the very same data, split and pattern
+
+    def is_production(self) -> bool:
+        return self.production is not None and self.production.version == self.candidate.version
+
+
+def standing(conn: Connection, version: int, split: str = "validate", *, lock: bool = False) -> Standing:
+    """Where `version` stands against production on its latest evaluation of `split`. Raises
+    NeedsEvaluation when production was never scored on that set. `lock` holds both rows (FOR UPDATE on
+    PostgreSQL) until the caller's transaction ends, for a promotion decided on them."""
+
+    def rows(query):
+        return conn.execute(query.with_for_update() if lock else query)
+
+    candidate = rows(select(model_versions).where(model_versions.c.version == version)).first()
     if candidate is None:
         raise RegistryError(f"model version {version} does not exist")
     mine = _latest_evaluation(conn, version, split)
     if mine is None:
         raise RegistryError(f"model version {version} has no evaluation on split {split!r}")
-    current = conn.execute(
-        select(model_versions)
-        .where(model_versions.c.level == candidate.level, model_versions.c.status == "production")
-        .with_for_update()
+    current = rows(
+        select(model_versions).where(model_versions.c.level == candidate.level, model_versions.c.status == "production")
     ).first()
-    if current is not None and current.version == version:
-        return True, f"version {version} is already in production"
-    theirs = (
-        _latest_evaluation(conn, current.version, split, mine.data_uri, mine.pattern) if current is not None else None
-    )
-    if current is not None and theirs is None:
-        raise NeedsEvaluation(current.version, current.checkpoint_uri, mine.data_uri, split, mine.pattern)
-    if theirs is not None and mine.gap < theirs.gap:
-        conn.execute(update(model_versions).where(model_versions.c.version == version).values(status="rejected"))
-        return (
-            False,
-            f"version {version} GAP {mine.gap:.4f} < production version {current.version} GAP {theirs.gap:.4f}",
-        )
-    if current is not None:
-        conn.execute(
-            update(model_versions).where(model_versions.c.version == current.version).values(status="archived")
-        )
+    theirs = None
+    if current is not None and current.version != version:
+        theirs = _latest_evaluation(conn, current.version, split, mine.data_uri, mine.pattern)
+        if theirs is None:
+            raise NeedsEvaluation(current.version, current.checkpoint_uri, mine.data_uri, split, mine.pattern)
+    return Standing(candidate, mine, current, theirs)
+
+
+def make_production(conn: Connection, version: int, current: int | None) -> None:
+    """`version` becomes its level's production model; `current` (the production it replaces) is archived."""
+    if current is not None and current != version:
+        conn.execute(update(model_versions).where(model_versions.c.version == current).values(status="archived"))
     conn.execute(
         update(model_versions)
         .where(model_versions.c.version == version)
         .values(status="production", promoted_at=utcnow())
     )
+
+
+def reject(conn: Connection, version: int) -> None:
+    conn.execute(update(model_versions).where(model_versions.c.version == version).values(status="rejected"))
+
+
+def promote_if_better(conn: Connection, version: int, split: str = "validate") -> tuple[bool, str]:
+    """Promote `version` to production if its GAP on `split` is at least the production model's GAP on
+    the very same evaluation set (data, split, file pattern). Raises NeedsEvaluation when production
+    was never scored on that set."""
+    now = standing(conn, version, split, lock=True)
+    if now.is_production():
+        return True, f"version {version} is already in production"
+    mine, theirs = now.evaluation, now.production_evaluation
+    if theirs is not None and mine.gap < theirs.gap:
+        reject(conn, version)
+        return (
+            False,
+            f"version {version} GAP {mine.gap:.4f} < production version {now.production.version} GAP {theirs.gap:.4f}",
+        )
+    make_production(conn, version, now.production.version if now.production is not None else None)
     before = (
-        f"production version {current.version} GAP {theirs.gap:.4f}" if theirs is not None else "no production model"
+        f"production version {now.production.version} GAP {theirs.gap:.4f}"
+        if theirs is not None
+        else "no production model"
     )
     return True, f"version {version} GAP {mine.gap:.4f} promoted ({before})"
 

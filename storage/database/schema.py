@@ -104,6 +104,27 @@ evaluations = Table(
     Index("ix_evaluations_model_split", "model_version", "split"),
 )
 
+model_reviews = Table(
+    "model_reviews",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model_version", Integer, ForeignKey("model_versions.version"), nullable=False),
+    Column("run_id", String(256), nullable=False),  # the yt8m_train run that asked
+    Column("evaluation_id", Integer, ForeignKey("evaluations.id"), nullable=False),  # what the reviewer saw
+    Column("production_version", Integer, ForeignKey("model_versions.version")),  # None: no production model
+    Column("production_evaluation_id", Integer, ForeignKey("evaluations.id")),
+    Column("requested_at", DateTime(timezone=True), nullable=False),
+    Column("deadline_at", DateTime(timezone=True)),  # None: waits until someone answers
+    Column("decision", String(16)),  # None while it waits
+    Column("decided_by", String(256)),
+    Column("decided_at", DateTime(timezone=True)),
+    CheckConstraint(
+        "decision IS NULL OR decision IN ('approved', 'rejected', 'timed_out')", name="ck_model_reviews_decision"
+    ),
+    UniqueConstraint("model_version", "run_id", name="uq_model_reviews_version_run"),
+    Index("ix_model_reviews_pending", "decision", "model_version"),
+)
+
 labels = Table(
     "labels",
     metadata,

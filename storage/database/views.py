@@ -2,12 +2,14 @@
 
 from sqlalchemy import Connection, func, select
 
+from storage.database import reviews
 from storage.database.schema import (
     evaluations,
     inference_label_counts,
     inference_parts,
     inference_runs,
     labels,
+    model_reviews,
     model_versions,
 )
 
@@ -30,7 +32,11 @@ def models(conn: Connection, limit: int = 200) -> list[dict]:
     rows = conn.execute(
         select(*(model_versions.c[c] for c in MODEL_COLUMNS)).order_by(model_versions.c.version.desc()).limit(limit)
     ).all()
-    return [{**row._mapping, "evaluation": _latest_evaluation(conn, row.version)} for row in rows]
+    latest_reviews = reviews.latest_by_version(conn, [row.version for row in rows])
+    return [
+        {**row._mapping, "evaluation": _latest_evaluation(conn, row.version), "review": latest_reviews.get(row.version)}
+        for row in rows
+    ]
 
 
 def model(conn: Connection, version: int) -> dict | None:
@@ -44,7 +50,10 @@ def model(conn: Connection, version: int) -> dict | None:
         .where(evaluations.c.model_version == version)
         .order_by(evaluations.c.evaluated_at.desc(), evaluations.c.id.desc())
     ).all()
-    return {**row._mapping, "evaluations": [dict(e._mapping) for e in evals]}
+    asked = conn.execute(
+        select(model_reviews).where(model_reviews.c.model_version == version).order_by(model_reviews.c.id.desc())
+    ).all()
+    return {**row._mapping, "evaluations": [dict(e._mapping) for e in evals], "reviews": [r._asdict() for r in asked]}
 
 
 RUN_COLUMNS = (
