@@ -17,7 +17,7 @@ TRAIN_CONF := {"data": "$(PARQUET)", "level": "frame", "preset": "small", "max_f
 INFER_CONF := {"top_k": 20}
 VOCABULARY ?= $(CURDIR)/../shared/yt8m/vocabulary.csv
 
-.PHONY: install tools lint demo test airflow-db airflow bench real-video constraints clean
+.PHONY: install tools lint demo test airflow-db airflow screenshots bench real-video constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -85,6 +85,10 @@ lint: install
 
 test: install tools lint
 	$(BIN)/python -m pytest -q
+
+# The README's screenshots (docs/screenshots/): the browser tests of the Video tags pages and the approval.
+screenshots: install tools
+	VTAG_TEST_OUTPUT=$(CURDIR)/docs/screenshots $(BIN)/python -m pytest -q tests/test_ui_browser.py
 
 bench: install
 	$(BIN)/python -m benchmarks.ingest_throughput

@@ -78,6 +78,9 @@ def main() -> int:
     port = os.environ.get("AIRFLOW__API__PORT", "8080")
     url = f"http://localhost:{port}"
     home.mkdir(parents=True, exist_ok=True)
+    # Task runners reach the API server's execution API at this URL, which defaults to port 8080 whatever
+    # AIRFLOW__API__PORT says: on another port every task would fail with "connection refused".
+    os.environ.setdefault("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", f"{url}/execution/")
     # our plugin (the Video tags pages) lives in the repository, not in AIRFLOW_HOME
     os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(Path(__file__).resolve().parent.parent / "plugins"))
     _airflow("db", "migrate")

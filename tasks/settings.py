@@ -59,20 +59,21 @@ def lock_timeout_s() -> float:
 
 
 NIGHT_DEADLINE = "6h"  # a night takes minutes to a few hours at full size; still running after 6 is stuck
-_INTERVAL = re.compile(r"(\d+)\s*([hm])")
+_INTERVAL = re.compile(r"(\d+)\s*([hms])")
+_SECONDS = {"h": 3600, "m": 60, "s": 1}
 
 
 def night_deadline(raw: str | None = None) -> timedelta | None:
     """How long after a nightly run was queued it must have finished ($VTAG_NIGHT_DEADLINE: "6h", "90m",
-    "1h30m"); unset: 6h; empty: no deadline."""
+    "1h30m", "45s"); unset: 6h; empty: no deadline."""
     raw = os.environ.get("VTAG_NIGHT_DEADLINE", NIGHT_DEADLINE) if raw is None else raw
     text = raw.strip().lower()
     if not text:
         return None
     parts = _INTERVAL.findall(text)
     if not parts or _INTERVAL.sub("", text).strip():
-        raise UsageError(f"VTAG_NIGHT_DEADLINE must be an interval such as 6h, 90m or 1h30m (empty: none), not {raw!r}")
-    interval = timedelta(minutes=sum(int(n) * (60 if unit == "h" else 1) for n, unit in parts))
+        raise UsageError(f"VTAG_NIGHT_DEADLINE must be an interval such as 6h, 90m, 1h30m or 45s (empty: none), not {raw!r}")
+    interval = timedelta(seconds=sum(int(n) * _SECONDS[unit] for n, unit in parts))
     if interval <= timedelta(0):
         raise UsageError(f"VTAG_NIGHT_DEADLINE must be longer than 0, not {raw!r}")
     return interval

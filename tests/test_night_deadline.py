@@ -15,7 +15,13 @@ from tests.support.db import in_transaction
 
 @pytest.mark.parametrize(
     ("raw", "interval"),
-    [("6h", timedelta(hours=6)), ("90m", timedelta(minutes=90)), ("1h30m", timedelta(minutes=90)), ("", None)],
+    [
+        ("6h", timedelta(hours=6)),
+        ("90m", timedelta(minutes=90)),
+        ("1h30m", timedelta(minutes=90)),
+        ("45s", timedelta(seconds=45)),
+        ("", None),
+    ],
 )
 def test_night_deadline_parses_hours_and_minutes(raw, interval):
     assert night_deadline(raw) == interval

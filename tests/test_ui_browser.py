@@ -1,0 +1,270 @@
+"""The product's window in headless Chromium against a real local Airflow (`make airflow`: API server,
+scheduler, DAG processor, triggerer): the Video tags pages, the human gate on promotion, the night's deadline.
+
+One Airflow for the module. Its VTAG_HOME is filled first through our own task functions (synthetic shards
+ingested, a TINY model trained, evaluated and promoted, one night scored into the DAG's export folder), so
+the pages have real rows and files to show; the figures the pages show are checked against the database.
+Screenshots of each page go to $VTAG_TEST_OUTPUT (`make screenshots` regenerates docs/screenshots), else
+to the test's tmp_path; their paths are printed.
+"""
+
+import re
+import time
+from datetime import UTC, datetime
+from urllib.parse import quote
+
+import pytest
+
+from storage.database import registry, reviews
+from storage.formats.exports import night_folder
+from tasks import queries, settings
+from tasks.inference import run_inference
+from tests.airflow_stack import wait_for
+from tests.support.airflow_ui import CHROMIUM_ARGS, chromium, local_airflow, log_in, new_page, screenshot_dir
+from tests.support.db import in_transaction, migrated
+from tests.worlds import NIGHT, build_world, inference_shards, row
+
+pytestmark = pytest.mark.stack
+
+NIGHT_DEADLINE = "20s"  # the nightly DAG's, in this Airflow: a queued run misses it within the test
+
+
+def _seed(vtag_home) -> dict:
+    """A production model and one night in the stores and database the local Airflow will use."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VTAG_HOME", str(vtag_home))
+        for name in ("VTAG_DB_URL", "VTAG_EXPORTS_URI", "VTAG_MODELS_URI"):
+            env.delenv(name, raising=False)
+        db_url = migrated(settings.default_db_url())
+        world = build_world(inference_shards(vtag_home / "raw"), vtag_home, db_url)
+        exports = night_folder(settings.default_exports_uri(), NIGHT)
+        run_inference(db_url, NIGHT, top_k=5, exports_uri=exports)
+    run_id = row(db_url, "SELECT MAX(run_id) FROM inference_runs")[0]
+    return {**world, "run_id": run_id}
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui")
+    seeded = _seed(root / "vtag")
+    with local_airflow(root, VTAG_NIGHT_DEADLINE=NIGHT_DEADLINE) as running:
+        yield running, seeded
+
+
+@pytest.fixture(scope="module")
+def browser(airflow):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        launched = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(airflow, browser):
+    running, _ = airflow
+    opened = new_page(browser)
+    log_in(opened, running)
+    yield opened
+    opened.context.close()
+
+
+def _shot(page, tmp_path, name: str) -> None:
+    path = screenshot_dir(tmp_path) / name
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+
+
+def test_pages_refuse_a_browser_that_has_not_logged_in(airflow, browser):
+    running, seeded = airflow
+    context = browser.new_context()
+    try:
+        anonymous = context.new_page()
+        gap = row(seeded["db"], f"SELECT gap FROM evaluations WHERE model_version = {seeded['version']}")[0]
+        for path in ("/video-tags/", "/video-tags/models", f"/video-tags/models/{seeded['version']}"):
+            response = anonymous.goto(running.url + path)
+            assert response.status == 401, (path, response.status)
+            assert f"{gap:.4f}" not in anonymous.content() and "Not authenticated" in anonymous.content()
+    finally:
+        context.close()
+
+
+def test_a_user_reaches_the_pages_and_sees_what_the_database_holds(airflow, page, tmp_path):
+    from playwright.sync_api import expect
+
+    running, seeded = airflow
+    db_url, version, run_id = seeded["db"], seeded["version"], seeded["run_id"]
+
+    # As a user finds it: Browse -> Video tags, the plugin's pages inside Airflow's own frame.
+    page.get_by_role("button", name="Browse").click()
+    page.get_by_role("menuitem", name="Video tags").click()
+    page.wait_for_url(re.compile(r"/plugin/video-tags"))
+    frame = page.frame_locator("iframe")
+    frame.get_by_role("link", name="Models").first.click()
+    expect(frame.get_by_role("heading", name="Models")).to_be_visible()
+    _shot(page, tmp_path, "nav.png")
+
+    page.goto(f"{running.url}/video-tags/models")
+    gap = row(db_url, f"SELECT gap FROM evaluations WHERE model_version = {version} ORDER BY id DESC")[0]
+    registry_row = page.locator("table").nth(1).locator("tr", has=page.locator(f'a[href$="/models/{version}"]'))
+    expect(registry_row).to_contain_text("production")
+    expect(registry_row.locator("td.gap")).to_have_text(f"{gap:.4f}")
+    _shot(page, tmp_path, "models.png")
+
+    page.goto(f"{running.url}/video-tags/models/{version}")
+    expect(page.locator("td.gap").first).to_have_text(f"{gap:.4f}")
+    images = page.locator("img")
+    expect(images).to_have_count(2)  # the evaluation's precision/recall plot and the loss curve
+    for image in images.all():
+        image.scroll_into_view_if_needed()
+        wait_for(lambda image=image: image.evaluate("i => i.complete && i.naturalWidth > 0"), 30, "a plot to load")
+    _shot(page, tmp_path, "model.png")
+
+    page.goto(f"{running.url}/video-tags/nights")
+    expect(page.locator(f'a[href$="/nights/{run_id}"]')).to_be_visible()
+    _shot(page, tmp_path, "nights.png")
+
+    done, total = row(db_url, f"SELECT videos_done, videos_total FROM inference_runs WHERE run_id = {run_id}")
+    page.goto(f"{running.url}/video-tags/nights/{run_id}")
+    expect(page.locator(".videos")).to_have_text(f"{done}/{total}")
+    assert total > 0 and page.locator("svg rect").count() > 0
+    expect(page.get_by_role("link", name="predictions.csv")).to_be_visible()
+    _shot(page, tmp_path, "night.png")
+
+    video = row(db_url, "SELECT MIN(video_id) FROM predictions")[0]
+    _, expected = queries.run(db_url, "video_top_labels", {"video_id": video, "k": 50})
+    page.goto(f"{running.url}/video-tags/tags?video={quote(video)}")
+    assert _table(page) == [[str(value) for value in r] for r in expected] and expected
+    _shot(page, tmp_path, "tags_video.png")
+
+    label = expected[0][1]
+    _, top = queries.run(db_url, "label_top_videos", {"label_id": label, "limit": 50})
+    page.goto(f"{running.url}/video-tags/tags?label={label}")
+    assert _table(page) == [[str(value) for value in r] for r in top] and top
+    _shot(page, tmp_path, "tags_label.png")
+
+
+def _table(page) -> list[list[str]]:
+    """The result table's cells as the browser renders them."""
+    return page.locator("table").last.evaluate(
+        "t => [...t.querySelectorAll('tr')].slice(1).map(r => [...r.querySelectorAll('td')].map(c => c.innerText))"
+    )
+
+
+def _train_for_review(rest, parquet: str, **conf) -> str:
+    """Trigger yt8m_train with require_approval; returns its run id once `review` waits for a person."""
+    body = {"logical_date": None, "conf": {"data": parquet, "preset": "small", "epochs": 1, "batch_size": 8,
+            "max_frames": 20, "require_approval": True, **conf}}  # fmt: skip
+    run_id = rest.ok("POST", "/dags/yt8m_train/dagRuns", body)["dag_run_id"]
+
+    def waiting():
+        states = _states(rest, "yt8m_train", run_id)
+        assert "failed" not in states.values() and "upstream_failed" not in states.values(), states
+        return states.get("review") == "awaiting_input"
+
+    wait_for(waiting, 300, f"yt8m_train {run_id} to ask for a review", every=2)
+    return run_id
+
+
+def _states(rest, dag_id: str, run_id: str) -> dict:
+    found = rest.ok("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances")
+    return {ti["task_id"]: ti["state"] for ti in found["task_instances"]}
+
+
+def _answer_in_the_ui(page, running, run_id: str, option: str, expected: list[str], shot: str | None, tmp_path):
+    """Open the run's review in Required actions, check it shows `expected`, and click `option`."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{running.url}/dags/yt8m_train/runs/{quote(run_id, safe='')}/tasks/review/required_actions")
+    button = page.get_by_test_id(f"hitl-option-{option}")
+    expect(button).to_be_enabled()
+    for text in expected:
+        expect(page.get_by_text(text).first).to_be_visible()
+    if shot:
+        _shot(page, tmp_path, shot)
+    button.click()
+
+
+def _finished(rest, dag_id: str, run_id: str, seconds: float = 180) -> dict:
+    def done():
+        run = rest.ok("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}")
+        return run if run["state"] in ("success", "failed") else None
+
+    run = wait_for(done, seconds, f"{dag_id} {run_id} to finish", every=2)
+    assert run["state"] == "success", _states(rest, dag_id, run_id)
+    return run
+
+
+def _version_of_run(db_url: str, run_id: str) -> int:
+    return row(db_url, f"SELECT version FROM model_versions WHERE run_id = '{run_id}'")[0]
+
+
+def test_a_person_approves_one_candidate_and_rejects_another_in_the_ui(airflow, page, tmp_path):
+    from playwright.sync_api import expect
+
+    running, seeded = airflow
+    rest, db_url = running.rest(), seeded["db"]
+    production = seeded["version"]
+    production_gap = row(db_url, f"SELECT gap FROM evaluations WHERE model_version = {production} ORDER BY id")[0]
+
+    approved_run = _train_for_review(rest, seeded["parquet"])
+    candidate = _version_of_run(db_url, approved_run)
+    asked = in_transaction(db_url, reviews.latest_by_version, [candidate])[candidate]
+    gap = row(db_url, f"SELECT gap FROM evaluations WHERE id = {asked['evaluation_id']}")[0]
+    page.goto(f"{running.url}/video-tags/models")
+    expect(page.locator("a.pending").first).to_have_text("awaiting review")
+    shown = [f"Promote model version {candidate} to production?", f"{gap:.4f}", f"{production_gap:.4f}"]
+    _answer_in_the_ui(page, running, approved_run, "Approve", shown, "review.png", tmp_path)
+    _finished(rest, "yt8m_train", approved_run)
+    assert in_transaction(db_url, registry.production, "frame")["version"] == candidate
+    assert in_transaction(db_url, registry.get_version, production)["status"] == "archived"
+    decided = in_transaction(db_url, reviews.review, asked["id"])
+    assert (decided["decision"], decided["decided_by"]) == ("approved", running.user)
+
+    rejected_run = _train_for_review(rest, seeded["parquet"])
+    rejected = _version_of_run(db_url, rejected_run)
+    _answer_in_the_ui(page, running, rejected_run, "Reject", [f"model version {rejected}"], None, tmp_path)
+    _finished(rest, "yt8m_train", rejected_run)
+    assert in_transaction(db_url, registry.get_version, rejected)["status"] == "rejected"
+    assert in_transaction(db_url, registry.production, "frame")["version"] == candidate
+    assert in_transaction(db_url, reviews.latest_by_version, [rejected])[rejected]["decided_by"] == running.user
+
+    page.goto(f"{running.url}/video-tags/models/{candidate}")
+    expect(page.get_by_text(f"approved by {running.user}")).to_be_visible()
+    _shot(page, tmp_path, "model_reviewed.png")
+
+
+def test_a_night_still_queued_at_its_deadline_is_recorded(airflow):
+    """The DAG's DeadlineAlert in a real scheduler and triggerer: the nightly DAG paused (as an operator
+    might), a run triggered stays queued past VTAG_NIGHT_DEADLINE, and the callback records the miss."""
+    running, seeded = airflow
+    rest = running.rest()
+    rest.ok("PATCH", "/dags/yt8m_nightly_inference", {"is_paused": True})
+    queued_at = datetime.now(UTC)
+    run_id = rest.ok("POST", "/dags/yt8m_nightly_inference/dagRuns", {"logical_date": queued_at.isoformat()})[
+        "dag_run_id"
+    ]
+    started = time.monotonic()
+
+    miss = wait_for(
+        lambda: _deadline_miss(seeded["db"], run_id), 180, f"a deadline miss recorded for {run_id}", every=2
+    )
+    print(f"deadline miss recorded {time.monotonic() - started:.0f} s after the trigger ({NIGHT_DEADLINE} deadline)")
+    assert miss["dag_id"] == "yt8m_nightly_inference"
+    deadline_time = miss["deadline_time"] if miss["deadline_time"].tzinfo else miss["deadline_time"].replace(tzinfo=UTC)
+    assert (
+        abs((deadline_time - queued_at).total_seconds() - settings.night_deadline(NIGHT_DEADLINE).total_seconds()) < 15
+    )
+    assert rest.ok("GET", f"/dags/yt8m_nightly_inference/dagRuns/{quote(run_id, safe='')}")["state"] == "queued"
+
+
+def _deadline_miss(db_url: str, run_id: str) -> dict | None:
+    from sqlalchemy import select
+
+    from storage.database.db import engine_for
+    from storage.database.schema import night_deadline_misses
+
+    with engine_for(db_url).connect() as conn:
+        found = conn.execute(select(night_deadline_misses).where(night_deadline_misses.c.dag_run_id == run_id)).first()
+    return found._asdict() if found else None
