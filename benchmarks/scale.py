@@ -1,6 +1,6 @@
 """Every stage of the pipeline at fractions of YouTube-8M's real size, up to the whole 2nd edition.
 
-    python -m benchmarks.scale [--sizes 1,10,100] [--stages shards,catalogue,pending,rescore,queries,plan]
+    python -m benchmarks.scale [--sizes 1,10,100] [--stages shards,catalogue,pending,rescore,queries,pages,plan]
                                [--pg postgresql://postgres@127.0.0.1:5432/postgres] [--work DIR] [--json FILE]
 
 The shape is the real one, scaled: 3,844 shards in each of train, validate and test; 3,888,919 /
@@ -593,6 +593,45 @@ def stage_queries(db_url: str, size: Size, run_id: int) -> dict:
     }
 
 
+def stage_pages(db_url: str, size: Size, run_id: int) -> dict:
+    """The Video tags pages' own queries (storage/database/views.py) on the full tables; the Tags page is
+    `video_top_labels` / `label_top_videos`, timed in the queries stage."""
+    from storage.database import db, views
+
+    with db.transaction(db_url) as conn:
+        night = views.night(conn, run_id)
+        version, when = night["model_version"], night["logical_date"]
+        calls = {
+            "models (registry, latest evaluations and reviews)": (views.models,),
+            "model (one version)": (views.model, version),
+            "nights (first page)": (views.nights,),
+            "night (a run and its parts)": (views.night, run_id),
+            "previous_night": (views.previous_night, run_id, version, when),
+            "rank_one_counts": (views.rank_one_counts, run_id),
+            "label_names (top 20)": (views.label_names, list(range(20))),
+        }
+        figures = {}
+        for name, (function, *args) in calls.items():
+            function(conn, *args)  # warm: a page is read again and again
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                result = function(conn, *args)
+                times.append(time.perf_counter() - started)
+            figures[name] = {
+                "runs": len(times),
+                "median_ms": statistics.median(times) * 1000,
+                "p95_ms": max(times) * 1000,  # of 5 runs: the slowest
+                "rows": len(result) if hasattr(result, "__len__") else 1,
+                "plan": "SQLAlchemy Core, see storage/database/views.py",
+            }
+    return {
+        "items": size.total_videos,
+        "seconds": sum(f["median_ms"] for f in figures.values()) / 1000,
+        "figures": figures,
+    }
+
+
 def _plan_summary(lines: list[str]) -> str:
     """The plan's nodes, one word each, top down: enough to see index or sequential scans."""
     nodes = []
@@ -709,7 +748,7 @@ def _print_stage(stage: str, sizes: list[Size], results: list[dict]) -> None:
                 print(f"    {key}: {value:,.3f}" if isinstance(value, float) else f"    {key}: {value:,}")
 
 
-STAGES = ("shards", "catalogue", "pending", "bulk", "rescore", "queries", "plan")
+STAGES = ("shards", "catalogue", "pending", "bulk", "rescore", "queries", "pages", "plan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -753,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if "shards" in stages:
                     results["shards"].append(_in_child(stage_shards, db_url, str(work), size))
-                if set(stages) & {"catalogue", "pending", "bulk", "rescore", "queries"}:
+                if set(stages) & {"catalogue", "pending", "bulk", "rescore", "queries", "pages"}:
                     results.setdefault("fill", []).append(_in_child(stage_fill, db_url, size))
                 if "catalogue" in stages:
                     results["catalogue"].append(_in_child(stage_catalogue, db_url, size))
@@ -762,13 +801,15 @@ def main(argv: list[str] | None = None) -> int:
                 if "bulk" in stages:
                     results["bulk"].append(_in_child(stage_bulk_write, db_url, size, args.bulk_videos))
                 run_id = None
-                if "rescore" in stages or "queries" in stages:
+                if set(stages) & {"rescore", "queries", "pages"}:
                     capped = args.rescore_parts if size.percent >= 100 else None
                     rescore = _in_child(stage_rescore, db_url, str(work), size, capped)
                     run_id = rescore["figures"].pop("run_id")
                     results.setdefault("rescore", []).append(rescore)
                 if "queries" in stages:
                     results["queries"].append(_in_child(stage_queries, db_url, size, run_id))
+                if "pages" in stages:
+                    results["pages"].append(_in_child(stage_pages, db_url, size, run_id))
                 if "plan" in stages:
                     results["plan"].append(_in_child(stage_training_plan, size))
             finally:
