@@ -18,16 +18,20 @@ from tests.support.db import in_transaction
 pytestmark = pytest.mark.airflow
 
 
-def test_train_dag_writes_model_versions_and_evaluations(dagbag, tmp_path, monkeypatch, dag_db_url):
-    db_url = dag_db_url
+@pytest.fixture
+def train_conf(tmp_path, monkeypatch, dag_db_url) -> dict:
+    """Ingested synthetic shards and the run conf of a small model trained on them in seconds."""
     monkeypatch.setenv("VTAG_MODELS_URI", str(tmp_path / "models"))
     synth(str(tmp_path / "raw"), SynthConfig("frame", "train", shards=2, videos_per_shard=16, num_labels=10))
     synth(str(tmp_path / "raw"), SynthConfig("frame", "validate", shards=1, videos_per_shard=12, num_labels=10))
     parquet = str(tmp_path / "parquet")
-    assert not ingest(str(tmp_path / "raw"), parquet, db_url).failed
+    assert not ingest(str(tmp_path / "raw"), parquet, dag_db_url).failed
+    return {"data": parquet, "preset": "small", "epochs": 2, "batch_size": 8, "max_frames": 30}
 
+
+def test_train_dag_writes_model_versions_and_evaluations(dagbag, tmp_path, dag_db_url, train_conf):
+    db_url, conf = dag_db_url, train_conf
     dag = dagbag.get_dag("yt8m_train")
-    conf = {"data": parquet, "preset": "small", "epochs": 2, "batch_size": 8, "max_frames": 30}
     run = dag.test(run_conf=conf)
     assert run.state == "success", {ti.task_id: ti.state for ti in run.get_task_instances()}
 
@@ -137,17 +141,11 @@ def _reviewed_run(dag, conf: dict, api, answer: str | None):
     return run, reviewer.detail
 
 
-def test_a_person_approves_rejects_or_lets_a_review_time_out(dagbag, tmp_path, monkeypatch, dag_db_url, airflow_api):
+def test_a_person_approves_rejects_or_lets_a_review_time_out(dagbag, dag_db_url, train_conf, airflow_api):
     """Approve promotes even a worse model (the former production archived), Reject marks it rejected,
     no answer in time leaves it trained; each review row records what was shown and who decided."""
-    db_url = dag_db_url
-    monkeypatch.setenv("VTAG_MODELS_URI", str(tmp_path / "models"))
-    synth(str(tmp_path / "raw"), SynthConfig("frame", "train", shards=2, videos_per_shard=16, num_labels=10))
-    synth(str(tmp_path / "raw"), SynthConfig("frame", "validate", shards=1, videos_per_shard=12, num_labels=10))
-    parquet = str(tmp_path / "parquet")
-    assert not ingest(str(tmp_path / "raw"), parquet, db_url).failed
+    db_url, conf = dag_db_url, train_conf
     dag = dagbag.get_dag("yt8m_train")
-    conf = {"data": parquet, "preset": "small", "epochs": 2, "batch_size": 8, "max_frames": 30}
     assert dag.test(run_conf=conf).state == "success"  # the automatic rule: version 1 in production
     worse = {**conf, "learning_rate": 1e-7, "epochs": 1}
 
