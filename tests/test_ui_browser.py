@@ -47,7 +47,8 @@ def _seed(vtag_home) -> dict:
 def airflow(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
     seeded = _seed(root / "vtag")
-    with local_airflow(root, VTAG_NIGHT_DEADLINE=NIGHT_DEADLINE) as running:
+    # No schedules: a scheduled night of today would become the seeded night's "night before" on its page.
+    with local_airflow(root, VTAG_NIGHT_DEADLINE=NIGHT_DEADLINE, VTAG_NIGHTLY_CRON="", VTAG_INGEST_CRON="") as running:
         yield running, seeded
 
 
@@ -241,22 +242,26 @@ def test_a_night_still_queued_at_its_deadline_is_recorded(airflow):
     running, seeded = airflow
     rest = running.rest()
     rest.ok("PATCH", "/dags/yt8m_nightly_inference", {"is_paused": True})
-    queued_at = datetime.now(UTC)
-    run_id = rest.ok("POST", "/dags/yt8m_nightly_inference/dagRuns", {"logical_date": queued_at.isoformat()})[
-        "dag_run_id"
-    ]
-    started = time.monotonic()
-
-    miss = wait_for(
-        lambda: _deadline_miss(seeded["db"], run_id), 180, f"a deadline miss recorded for {run_id}", every=2
-    )
-    print(f"deadline miss recorded {time.monotonic() - started:.0f} s after the trigger ({NIGHT_DEADLINE} deadline)")
-    assert miss["dag_id"] == "yt8m_nightly_inference"
-    deadline_time = miss["deadline_time"] if miss["deadline_time"].tzinfo else miss["deadline_time"].replace(tzinfo=UTC)
-    assert (
-        abs((deadline_time - queued_at).total_seconds() - settings.night_deadline(NIGHT_DEADLINE).total_seconds()) < 15
-    )
-    assert rest.ok("GET", f"/dags/yt8m_nightly_inference/dagRuns/{quote(run_id, safe='')}")["state"] == "queued"
+    run_id = None
+    try:
+        queued_at = datetime.now(UTC)
+        body = {"logical_date": queued_at.isoformat()}
+        run_id = rest.ok("POST", "/dags/yt8m_nightly_inference/dagRuns", body)["dag_run_id"]
+        started = time.monotonic()
+        miss = wait_for(lambda: _deadline_miss(seeded["db"], run_id), 180, f"a deadline miss for {run_id}", every=2)
+        print(
+            f"deadline miss recorded {time.monotonic() - started:.0f} s after the trigger ({NIGHT_DEADLINE} deadline)"
+        )
+        assert miss["dag_id"] == "yt8m_nightly_inference"
+        deadline_time = miss["deadline_time"]
+        deadline_time = deadline_time if deadline_time.tzinfo else deadline_time.replace(tzinfo=UTC)
+        expected = settings.night_deadline(NIGHT_DEADLINE).total_seconds()
+        assert abs((deadline_time - queued_at).total_seconds() - expected) < 15, (deadline_time, queued_at)
+        assert rest.ok("GET", f"/dags/yt8m_nightly_inference/dagRuns/{quote(run_id, safe='')}")["state"] == "queued"
+    finally:  # as found: the DAG unpaused, without this run (marked failed: it was never meant to score)
+        if run_id is not None:
+            rest.ok("PATCH", f"/dags/yt8m_nightly_inference/dagRuns/{quote(run_id, safe='')}", {"state": "failed"})
+        rest.ok("PATCH", "/dags/yt8m_nightly_inference", {"is_paused": False})
 
 
 def _deadline_miss(db_url: str, run_id: str) -> dict | None:
