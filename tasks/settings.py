@@ -72,7 +72,9 @@ def night_deadline(raw: str | None = None) -> timedelta | None:
         return None
     parts = _INTERVAL.findall(text)
     if not parts or _INTERVAL.sub("", text).strip():
-        raise UsageError(f"VTAG_NIGHT_DEADLINE must be an interval such as 6h, 90m, 1h30m or 45s (empty: none), not {raw!r}")
+        raise UsageError(
+            f"VTAG_NIGHT_DEADLINE must be an interval such as 6h, 90m, 1h30m or 45s (empty: none), not {raw!r}"
+        )
     interval = timedelta(seconds=sum(int(n) * _SECONDS[unit] for n, unit in parts))
     if interval <= timedelta(0):
         raise UsageError(f"VTAG_NIGHT_DEADLINE must be longer than 0, not {raw!r}")
