@@ -59,8 +59,13 @@ def _airflow_processes(airflow_home: Path) -> list[str]:
 
 def local_env(airflow_home: Path, vtag_home: Path, **extra: str) -> dict[str, str]:
     """The environment `make airflow` gives Airflow, under these homes, on a free port."""
+    # As from a fresh shell: no Airflow settings of the test process (its in-process API app's passwords
+    # file and JWT secret, connections) leak into this Airflow.
+    inherited = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_"))
+    }
     env = {
-        **os.environ,
+        **inherited,
         "AIRFLOW_HOME": str(airflow_home),
         "VTAG_HOME": str(vtag_home),
         "AIRFLOW__API__PORT": str(free_port()),
@@ -70,8 +75,7 @@ def local_env(airflow_home: Path, vtag_home: Path, **extra: str) -> dict[str, st
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         **extra,
     }
-    for name in ("VTAG_DB_URL", "AIRFLOW_CONN_YT8M_DB", "AIRFLOW__CORE__EXECUTION_API_SERVER_URL"):
-        env.pop(name, None)
+    env.pop("VTAG_DB_URL", None)
     return env
 
 
