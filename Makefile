@@ -17,7 +17,7 @@ TRAIN_CONF := {"data": "$(PARQUET)", "level": "frame", "preset": "small", "max_f
 INFER_CONF := {"top_k": 20}
 VOCABULARY ?= $(CURDIR)/../shared/yt8m/vocabulary.csv
 
-.PHONY: install tools lint demo test airflow-db airflow screenshots bench real-video constraints clean
+.PHONY: install tools lint demo test airflow-db airflow screenshots bench gpu-check real-video constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -89,6 +89,14 @@ test: install tools lint
 # The README's screenshots (docs/screenshots/): the browser tests of the Video tags pages and the approval.
 screenshots: install tools
 	VTAG_TEST_OUTPUT=$(CURDIR)/docs/screenshots $(BIN)/python -m pytest -q tests/test_ui_browser.py
+
+# One prepared GPU run (benchmarks/gpu_check.py): within 8 minutes on a CUDA machine, versions, each precision
+# policy's dtypes and training rate, loader, inference, a profile, torchrun; one JSON file. GPU_PYTHON: a
+# Python of your own whose torch has CUDA (the venv's then goes unused).
+GPU_PYTHON ?=
+gpu-check:
+	$(if $(GPU_PYTHON),,$(MAKE) --no-print-directory install)
+	$(or $(GPU_PYTHON),$(BIN)/python) -m benchmarks.gpu_check --out $(CURDIR)/gpu-check.json
 
 bench: install
 	$(BIN)/python -m benchmarks.ingest_throughput

@@ -1,7 +1,7 @@
 """Inference videos/s, and prediction rows/s into PostgreSQL: our bulk path against plain ORM inserts.
 
     python -m benchmarks.inference_throughput [--pg postgresql://postgres@127.0.0.1:5432/postgres]
-    python -m benchmarks.inference_throughput --device cuda --batch-size 4096   # on a GPU, bf16
+    python -m benchmarks.inference_throughput --device cuda --batch-size 4096   # on a GPU, its default precision
 
 Inference: forward passes under torch.inference_mode on batches already on the device, 300-frame
 videos, for the seed config and the small preset. Database: a scratch database is created in the
@@ -26,7 +26,7 @@ from sqlalchemy.orm import registry as orm_registry
 from benchmarks.common import random_videos, seconds_per_steps
 from model.attention_lstm import build_model
 from model.config import load_config
-from model.train import autocast_for
+from model.precision import precision_for
 from storage.database import db, partitions, prediction_writes, runs
 from storage.database.db import engine_for
 from storage.database.schema import inference_runs, model_versions, videos
@@ -35,10 +35,11 @@ from storage.formats.yt8m_spec import MAX_FRAMES, TOP_K, dequantize
 from tasks.inference import CHUNK_VIDEOS
 
 
-def inference_rate(preset: str, device: torch.device, batch_size: int, steps: int) -> float:
-    model = build_model(load_config(preset)).to(device).eval()
+def inference_rate(preset: str, device: torch.device, batch_size: int, steps: int, precision_name: str = "") -> float:
+    precision = precision_for(precision_name, device)
+    model = precision.apply(build_model(load_config(preset)).to(device).eval(), device)
     rgb, audio, mask = random_videos(batch_size, device)
-    autocast = autocast_for(device)
+    autocast = precision.autocast(device)
 
     def forward():
         with torch.inference_mode(), autocast:

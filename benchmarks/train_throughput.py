@@ -1,7 +1,8 @@
 """Training throughput at the seed config, and the Parquet loader's rate, on one device.
 
     python -m benchmarks.train_throughput                      # CPU: a few steps of 8 videos
-    python -m benchmarks.train_throughput --device cuda --batch-size 1024 --steps 20   # one GPU, bf16
+    python -m benchmarks.train_throughput --device cuda --batch-size 1024 --steps 20   # one GPU, its default precision
+    python -m benchmarks.train_throughput --device cuda --precision fp16 ...          # another policy (model/precision.py)
 
 Videos have 300 frames (YouTube-8M's cap), so the figure is the worst case per video. The loader is
 measured alone, in this process (one worker), on frame-level Parquet written by ingest; training
@@ -19,19 +20,22 @@ import torch
 from benchmarks.common import random_videos, seconds_per_steps
 from model.attention_lstm import build_model, loss_fn
 from model.config import load_config
-from model.data import ParquetBatches, find_row_groups
-from model.train import autocast_for, make_optimizer
+from model.data import ParquetBatches, find_row_groups, loader
+from model.precision import precision_for
+from model.train import make_optimizer
 from storage.formats.yt8m_spec import MAX_FRAMES, NUM_CLASSES, dequantize
 from storage.objectstore import LocalStore
 from tasks.ingest import convert_shard
 from tasks.synth import SynthConfig, synth
 
 
-def loader_rate(parquet: str, batch_size: int, batches: int) -> tuple[float, float]:
+def loader_rate(parquet: str, batch_size: int, batches: int, workers: int = 1) -> tuple[float, float]:
+    """videos/s and frames a video of the training loader over `parquet`'s train split: in this process with
+    one worker, through DataLoader worker processes (model.data.loader) with more."""
     groups = find_row_groups(parquet, "frame", "train")
-    dataset = ParquetBatches(groups, "frame", batch_size, NUM_CLASSES, MAX_FRAMES, workers=1, drop_last=False)
+    dataset = ParquetBatches(groups, "frame", batch_size, NUM_CLASSES, MAX_FRAMES, workers=workers, drop_last=False)
     started, videos, frames = time.perf_counter(), 0, 0
-    for i, batch in enumerate(dataset):
+    for i, batch in enumerate(dataset if workers == 1 else loader(dataset, workers, pin_memory=False)):
         videos += len(batch["ids"])
         frames += int(batch["mask"].sum())
         if i + 1 >= batches:
@@ -39,28 +43,42 @@ def loader_rate(parquet: str, batch_size: int, batches: int) -> tuple[float, flo
     return videos / (time.perf_counter() - started), frames / max(1, videos)
 
 
-def training_rate(device: torch.device, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
+def training_step(device: torch.device, batch_size: int, precision_name: str = ""):
+    """(step, model, precision): `step(rgb, audio, mask)` is one seed-config training step on a batch of at
+    most `batch_size` videos already on the device, as model/train.py takes it (the policy's autocast and
+    GradScaler)."""
     config = load_config("seed")
     torch.manual_seed(0)
-    model = build_model(config).to(device).train()
+    precision = precision_for(precision_name, device)
+    model = precision.apply(build_model(config).to(device).train(), device)
     optimizer = make_optimizer(model, config)
-    rgb, audio, mask = random_videos(batch_size, device)
+    scaler = precision.grad_scaler(device)
     labels = torch.zeros(batch_size, config.num_classes, device=device)
     labels[torch.arange(batch_size), torch.randint(0, config.num_classes, (batch_size,))] = 1
-    autocast = autocast_for(device)
+    autocast = precision.autocast(device)
+
+    def step(rgb, audio, mask):
+        with autocast:
+            logits = model(dequantize(rgb.float()), dequantize(audio.float()), mask)
+        loss = loss_fn(logits, labels[: len(mask)])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step, model, precision
+
+
+def training_rate(
+    device: torch.device, batch_size: int, steps: int, warmup: int, precision_name: str = ""
+) -> tuple[float, float]:
+    """videos/s of seed-config steps on one batch of full 300-frame videos (the worst case), peak GiB."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
-
-    def step():
-        with autocast:
-            logits = model(dequantize(rgb.float()), dequantize(audio.float()), mask)
-        loss = loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    elapsed = seconds_per_steps(device, step, warmup, steps)
+    step, _, _ = training_step(device, batch_size, precision_name)
+    videos = random_videos(batch_size, device)
+    elapsed = seconds_per_steps(device, lambda: step(*videos), warmup, steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return batch_size * steps / elapsed, peak
 
@@ -73,6 +91,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--loader-batch-size", type=int, default=256)
     parser.add_argument("--loader-videos", type=int, default=1024)
+    parser.add_argument("--precision", default="", help="a policy of model/precision.py; empty: the device's default")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="vtag-bench-train-") as work:
@@ -89,11 +108,12 @@ def main() -> None:
         f"loader, one worker: {rate:,.0f} videos/s (batches of {args.loader_batch_size}, {frames:.0f} frames a video on average)"
     )
     device = torch.device(args.device)
-    videos_per_s, peak = training_rate(device, args.batch_size, args.steps, args.warmup)
+    videos_per_s, peak = training_rate(device, args.batch_size, args.steps, args.warmup, args.precision)
+    policy = precision_for(args.precision, device).name
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
         f"training, seed config (embedding 512, BiLSTM 1024, head 8192/4096), {MAX_FRAMES}-frame videos, "
-        f"batch {args.batch_size}{', bf16' if device.type == 'cuda' else ''} on {name}: {videos_per_s:,.1f} videos/s"
+        f"batch {args.batch_size}, precision {policy} on {name}: {videos_per_s:,.1f} videos/s"
         + (f", peak GPU memory {peak:.1f} GiB" if device.type == "cuda" else "")
     )
 

@@ -27,6 +27,9 @@ class AttentionPooledBiLSTM(nn.Module):
         # Not in the seed. Pooled LSTM outputs start out tiny (~0.05), and the head then needs hundreds
         # of steps to scale them up; normalising them lets a small model learn in a CPU demo's budget.
         self.norm = nn.LayerNorm(2 * config.lstm_size, elementwise_affine=False) if config.pool_norm else nn.Identity()
+        # Set by the precision policy (model/precision.py): run the LSTM in fp32 even under autocast, whose
+        # cuDNN wrapper would otherwise cast it to fp16 (even under bf16 autocast).
+        self.lstm_fp32 = False
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """frames (B, T, in_dim) float, mask (B, T) bool -> (B, 2 * lstm_size)."""
@@ -34,7 +37,11 @@ class AttentionPooledBiLSTM(nn.Module):
         embedded = torch.tanh(self.embed(frames))
         # Packing keeps padded frames out of both directions (cuDNN runs packed sequences natively).
         packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        outputs, _ = self.lstm(packed)
+        if self.lstm_fp32:
+            with torch.autocast(frames.device.type, enabled=False):
+                outputs, _ = self.lstm(packed.to(torch.float32))
+        else:
+            outputs, _ = self.lstm(packed)
         outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=frames.shape[1])
         outputs = self.dropout(outputs)
         scores = self.attention(outputs).squeeze(-1).float().masked_fill(~mask, float("-inf"))

@@ -11,6 +11,8 @@ from storage.formats.yt8m_spec import FRAME, LEVELS, MAX_FRAMES, NUM_CLASSES, VI
 
 PRESETS_FILE = Path(__file__).with_name("presets.toml")
 OPTIMIZERS = ("rmsprop_centered", "adam")
+# The policies of model/precision.py (named here so that a config is checked without importing torch).
+PRECISIONS = ("fp32", "lstm-fp32", "fp16", "bf16")
 ARCHITECTURE_FIELDS = ("level", "embedding_size", "lstm_size", "head_sizes", "pool_norm", "hidden_size", "num_classes")
 
 
@@ -44,6 +46,9 @@ class Config:
     rmsprop_eps: float = 1e-6
     seed: int = 0
     num_workers: int = 2
+    # model/precision.py's policy for training and inference; empty: the device's default (lstm-fp32 on
+    # CUDA, fp32 on a CPU). Not architecture: the same weights run under any policy.
+    precision: str = ""
 
     def validate(self) -> "Config":
         def need(ok: bool, message: str):
@@ -51,6 +56,10 @@ class Config:
                 raise ConfigError(f"preset {self.preset!r}: {message}")
 
         need(self.level in LEVELS, f"level must be frame or video, not {self.level!r}")
+        need(
+            self.precision == "" or self.precision in PRECISIONS,
+            f"unknown precision {self.precision!r}: choose one of {precision_choices()}",
+        )
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         for name in ("embedding_size", "lstm_size", "hidden_size", "num_classes", "batch_size", "epochs", "max_frames"):
             need(
@@ -109,6 +118,10 @@ class Config:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**values)
+
+
+def precision_choices() -> str:
+    return ", ".join(PRECISIONS) + " (or empty: the device's default)"
 
 
 def _integer(value) -> bool:

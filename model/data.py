@@ -1,14 +1,18 @@
 """Streaming batches from the Parquet layout, on local disk or S3, for training and evaluation.
 
-An epoch's order is a plan computed from Parquet metadata alone: row groups shuffled across shards,
-rows shuffled within each row group, row groups dealt to DataLoader workers (and DDP ranks). The plan
-is deterministic for (seed, epoch), so a resumed run skips exactly the batches it had trained on
-without reading them. The plan is numpy arrays (WorkerPlan, 8 bytes a video), and reading keeps one file
-open and one row group in memory per worker. Features travel as uint8 and are dequantized on the device.
+An epoch's order is a plan computed from Parquet metadata and the small num_frames column alone: row
+groups shuffled across shards, rows shuffled within each row group, row groups dealt to DataLoader workers
+(and DDP ranks); at frame level, videos of similar length are then batched together within windows of a
+few batches (length bucketing), so that batches carry little padding. The plan is deterministic for
+(seed, epoch), so a resumed run skips exactly the batches it had trained on without reading them. The
+plan is numpy arrays (WorkerPlan, 8 bytes a video), and reading keeps one file open and the row groups of
+one window (one row group without bucketing) in memory per worker. Features travel as uint8 and are
+dequantized on the device.
 """
 
 import multiprocessing
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -34,35 +38,68 @@ class RowGroup:
     # file is still that content, so a file replaced mid-run fails the run instead of feeding it rows
     # the plan never counted. None: not pinned.
     fingerprint: str | None = None
+    # Frame level: each row's frame count, capped at MAX_FRAMES (uint16), for length bucketing; None when
+    # not read (video level, or find_row_groups(lengths=False)).
+    num_frames: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+
+# Batches per length-sorted window (see plan_epoch). The padded-frame fraction falls about as 1/window
+# (YouTube-8M's lengths: 14% unbucketed, 4% at 8, 2% at 16), and a worker holds one window's row groups
+# (window x batch_size videos) instead of one row group: 8 is about what DataLoader's prefetch of
+# 4 batches per worker holds already. 1 turns bucketing off.
+BUCKET_WINDOW = 8
+READ_THREADS = 16  # files whose footers (and frame counts) find_row_groups reads at once
 
 
 def find_row_groups(
-    data_uri: str, level: str, split: str, pattern: str = "*.parquet", s3: S3Config | None = None
+    data_uri: str,
+    level: str,
+    split: str,
+    pattern: str = "*.parquet",
+    s3: S3Config | None = None,
+    lengths: bool | None = None,
 ) -> list[RowGroup]:
-    """Row groups of the split's files under `<data>/<level>/<split>/`, after checking each file's schema."""
+    """Row groups of the split's files under `<data>/<level>/<split>/`, after checking each file's schema.
+
+    At frame level, unless `lengths` is False, also reads each row group's num_frames column for
+    plan_epoch's length bucketing: one small column chunk per row group, never the features (on S3 one
+    ranged GET per row group on top of the footer's: ~35,000 for the 3.9 M-video train split, ~54,000
+    at 6.1 M videos, ~4 bytes a video before snappy), held as 2 bytes a video (12 MB at 6.1 M)."""
+    lengths = level_spec(level).per_frame and lengths is not False  # video level has no num_frames
     folder = f"{data_uri.rstrip('/')}/{level}/{split}"
     store = store_for(folder, s3)
     try:
         files = store.list(folder, pattern)
     except StoreError as exc:
         raise DataError(f"cannot read split {split!r}: {exc}") from None
+    # One file after another would be one round trip after another: ~54,000 of them at full size on S3.
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        per_file = pool.map(lambda info: _file_row_groups(store, info, level, lengths), files)
+        groups = [group for file_groups in per_file for group in file_groups]
+    if sum(g.rows for g in groups) == 0:
+        raise DataError(f"no videos in {folder} (pattern {pattern!r}): the split is empty")
+    return groups
+
+
+def _file_row_groups(store, info, level: str, lengths: bool) -> list[RowGroup]:
+    """One file's row groups, its schema checked, with each group's frame counts when `lengths`."""
     groups = []
-    for info in files:
-        with store.open_read(info.uri, fingerprint=info.fingerprint) as f:
-            metadata = pq.ParquetFile(f).metadata
-            schema = metadata.schema.to_arrow_schema()
+    with store.open_read(info.uri, fingerprint=info.fingerprint) as f:
+        reader = pq.ParquetFile(f)
+        metadata = reader.metadata
+        schema = metadata.schema.to_arrow_schema()
         expected = SCHEMAS[level]
         if not schema.remove_metadata().equals(expected):
             raise DataError(
                 f"{info.uri}: not the {level}-level layout: columns {schema.names} "
                 f"({', '.join(str(t) for t in schema.types)}), expected {expected.names}"
             )
-        groups += [
-            RowGroup(info.uri, i, metadata.row_group(i).num_rows, info.fingerprint)
-            for i in range(metadata.num_row_groups)
-        ]
-    if sum(g.rows for g in groups) == 0:
-        raise DataError(f"no videos in {folder} (pattern {pattern!r}): the split is empty")
+        for i in range(metadata.num_row_groups):
+            frames = None
+            if lengths:
+                column = reader.read_row_group(i, columns=["num_frames"]).column(0).to_numpy()
+                frames = np.clip(column, 0, MAX_FRAMES).astype(np.uint16)
+            groups.append(RowGroup(info.uri, i, metadata.row_group(i).num_rows, info.fingerprint, frames))
     return groups
 
 
@@ -72,11 +109,14 @@ class WorkerPlan:
     into the dataset's row groups) and `row` (row within that group). Batch i is the slice
     [i * batch_size, (i + 1) * batch_size); only the last may be shorter (drop_last and DDP trimming are
     applied by cutting the arrays). Eight bytes a video: 3.9 M videos plan in ~31 MB, shared copy-on-write
-    by forked DataLoader workers (numpy arrays are not touched by refcounting, unlike lists of tuples)."""
+    by forked DataLoader workers (numpy arrays are not touched by refcounting, unlike lists of tuples).
+    `window`: batches per length-bucketed window, whose rows mix the window's row groups (1: a row
+    group's rows are contiguous)."""
 
     group: np.ndarray
     row: np.ndarray
     batch_size: int
+    window: int = 1
 
     def __len__(self) -> int:
         return -(-len(self.group) // self.batch_size)
@@ -85,6 +125,12 @@ class WorkerPlan:
         """Batch i as (group indices, rows), views into the plan."""
         span = slice(i * self.batch_size, (i + 1) * self.batch_size)
         return self.group[span], self.row[span]
+
+    def window_rest(self, i: int, after: bool = True) -> np.ndarray:
+        """The row groups of batch i's window from batch i + 1 on (after=False: from batch i on), a view:
+        what a reader keeps while it loads batch i."""
+        end = (i // self.window + 1) * self.window * self.batch_size
+        return self.group[(i + after) * self.batch_size : end]
 
     @property
     def nbytes(self) -> int:
@@ -101,6 +147,8 @@ def plan_epoch(
     drop_last: bool,
     rank: int = 0,
     world: int = 1,
+    max_frames: int = MAX_FRAMES,
+    bucket_window: int = BUCKET_WINDOW,
 ) -> list[WorkerPlan]:
     """For this rank, each worker's batches (a WorkerPlan per worker).
 
@@ -110,6 +158,14 @@ def plan_epoch(
     contract (checkpoints record only (seed, epoch, batches done), so it must not change). Every rank gets
     the same number of batches (DDP steps in lockstep), trimmed to the smallest. Cost: per row group in
     Python, per video only in numpy.
+
+    Length bucketing (shuffled plans whose groups carry num_frames, i.e. frame level, and
+    bucket_window > 1): each worker's videos, in the order above, are cut into windows of bucket_window
+    batches' worth, each window sorted by frame count (capped at max_frames; a stable sort, so equal
+    lengths keep their random order), cut into batches, and its full batches shuffled. The windows
+    permute videos within a worker's kept ones, so the epoch is the same set of videos, the same batch
+    counts, and the draws above are untouched; the window shuffles draw from their own generator,
+    seeded by (seed, epoch, rank, worker).
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(groups)) if shuffle else np.arange(len(groups))
@@ -133,10 +189,12 @@ def plan_epoch(
             for worker_groups in dealt(r):
                 for g in worker_groups:
                     rng.permutation(groups[g].rows)
+    bucketed = shuffle and bucket_window > 1 and all(g.num_frames is not None for g in groups)
     plans = []
-    for worker_groups, n, count in zip(mine, videos, counts):
+    for worker, (worker_groups, n, count) in enumerate(zip(mine, videos, counts)):
         keep = min(n, count * batch_size)
         group, row = np.empty(keep, np.int32), np.empty(keep, np.int32)
+        length = np.empty(keep if bucketed else 0, np.uint16)
         start = 0
         for g in worker_groups:  # every group's permutation is drawn, kept or not, to keep the RNG stream
             rows = groups[g].rows
@@ -145,9 +203,32 @@ def plan_epoch(
             if stop > start:
                 group[start:stop] = g
                 row[start:stop] = perm[: stop - start] if shuffle else np.arange(stop - start)
+                if bucketed:
+                    length[start:stop] = groups[g].num_frames[row[start:stop]]
             start += rows
-        plans.append(WorkerPlan(group, row, batch_size))
+        if bucketed:
+            windows = np.random.default_rng([seed, epoch, rank, worker, _BUCKET_STREAM])
+            _bucket(group, row, np.minimum(length, max_frames), batch_size, bucket_window, windows)
+        plans.append(WorkerPlan(group, row, batch_size, bucket_window if bucketed else 1))
     return plans
+
+
+_BUCKET_STREAM = 1  # keeps the window shuffles' generator apart from any other seeded by (seed, epoch, ...)
+
+
+def _bucket(
+    group: np.ndarray, row: np.ndarray, length: np.ndarray, batch_size: int, window: int, rng: np.random.Generator
+) -> None:
+    """Sort each window of `window` batches by length and shuffle its full batches, in place; a short last
+    batch stays last (WorkerPlan's batches are slices, and only the last may be short)."""
+    span = window * batch_size
+    for start in range(0, len(group), span):
+        stop = min(start + span, len(group))
+        order = start + np.argsort(length[start:stop], kind="stable")
+        full = (stop - start) // batch_size
+        batches = rng.permutation(full)
+        order[: full * batch_size] = order[: full * batch_size].reshape(full, batch_size)[batches].ravel()
+        group[start:stop], row[start:stop] = group[order], row[order]
 
 
 def _round_robin(lengths: list[int], steps: int) -> tuple[list[int], int]:
@@ -181,14 +262,33 @@ def plan_nbytes(plan: "ParquetBatches | list[WorkerPlan]") -> int:
     return sum(p.nbytes for p in plans)
 
 
+def padded_fraction(plans: list[WorkerPlan], groups: list[RowGroup], max_frames: int = MAX_FRAMES) -> float:
+    """The share of the plan's frame slots that are padding: each batch is padded to its longest video
+    (capped at max_frames), as _PaddedFrames does. From the plan and the groups' num_frames alone."""
+    padded = slots = 0
+    for plan in plans:
+        for i in range(len(plan)):
+            group, row = plan.batch(i)
+            lengths = np.fromiter(
+                (min(max_frames, int(groups[g].num_frames[r])) for g, r in zip(group.tolist(), row.tolist())),
+                np.int64,
+                len(group),
+            )
+            width = max(1, int(lengths.max()))
+            slots += width * len(lengths)
+            padded += width * len(lengths) - int(lengths.sum())
+    return padded / max(1, slots)
+
+
 class ParquetBatches(IterableDataset):
     """Batches of one epoch, as dicts of CPU tensors: frame level `rgb`, `audio` (uint8, B x T x dim),
     `mask` (bool, B x T); video level `mean_rgb`, `mean_audio` (float32); both `labels` (uint8 multi-hot,
     B x classes) and `ids`.
 
     `plans` (a WorkerPlan per DataLoader worker, public numpy arrays; `plan_nbytes(dataset)` sums them) and
-    `skip` (batches each worker skips) describe the epoch. Streams: one Parquet file open and one row
-    group's columns held at a time per worker, whatever the number of files."""
+    `skip` (batches each worker skips) describe the epoch; `bucket_window` is plan_epoch's. Streams: one
+    Parquet file open at a time per worker, whatever the number of files, and the columns of the row
+    groups still to be used in the current window (one row group's without bucketing)."""
 
     def __init__(
         self,
@@ -206,23 +306,27 @@ class ParquetBatches(IterableDataset):
         rank: int = 0,
         world: int = 1,
         s3: S3Config | None = None,
+        bucket_window: int = BUCKET_WINDOW,
     ):
         super().__init__()
         self.groups, self.level, self.num_classes, self.max_frames, self.s3 = groups, level, num_classes, max_frames, s3
-        plans = plan_epoch(groups, batch_size, seed, epoch, max(1, workers), shuffle, drop_last, rank, world)
+        plans = plan_epoch(
+            groups, batch_size, seed, epoch, max(1, workers), shuffle, drop_last, rank, world, max_frames, bucket_window
+        )
         skip, after = _round_robin([len(p) for p in plans], skip_batches)
         # A new DataLoader starts its round robin at worker 0: rotate the plans so that worker 0 serves
         # the one that was next, and a resumed epoch yields the very batches the uninterrupted one would.
         self.plans, self.skip = plans[after:] + plans[:after], skip[after:] + skip[:after]
         self.skip_total = sum(skip)
         self._file: tuple[str, object, pq.ParquetFile] | None = None  # (uri, stream, reader): the one open file
-        self._cached: tuple[int, dict] | None = None
+        self._cached: dict[int, dict] = {}  # row group -> its columns, while the window still uses it
+        self._ahead: list[np.ndarray] = []  # row groups the plans' current windows use after this batch
 
     def __len__(self) -> int:
         return sum(len(p) - s for p, s in zip(self.plans, self.skip))
 
     def __getstate__(self) -> dict:  # to spawned workers: no open file, no cached columns
-        return {**self.__dict__, "_file": None, "_cached": None}
+        return {**self.__dict__, "_file": None, "_cached": {}}
 
     def __iter__(self):
         info = get_worker_info()
@@ -234,7 +338,7 @@ class ParquetBatches(IterableDataset):
                 yield from self._interleave(plans, skips)
                 return
             for i in range(skips[0], len(plans[0])):
-                yield self._load(*plans[0].batch(i))
+                yield self._batch(plans[0], i)
         except (StoreError, DataError) as exc:
             if info is None:
                 raise
@@ -242,21 +346,27 @@ class ParquetBatches(IterableDataset):
             yield WorkerFailure(exc)
         finally:  # end of the epoch (or the iterator dropped): nothing stays open or held
             self._close()
-            self._cached = None
+            self._cached = {}
 
     def _interleave(self, plans: list[WorkerPlan], skips: list[int]):
         next_batch = list(skips)
         active = [w for w in range(len(plans)) if next_batch[w] < len(plans[w])]
         while active:
             for w in list(active):
-                yield self._load(*plans[w].batch(next_batch[w]))
+                # The other workers' windows are still under way: keep their groups too.
+                others = [plans[v].window_rest(next_batch[v], after=False) for v in active if v != w]
+                yield self._batch(plans[w], next_batch[w], others)
                 next_batch[w] += 1
                 if next_batch[w] >= len(plans[w]):
                     active.remove(w)
 
+    def _batch(self, plan: WorkerPlan, i: int, others: list[np.ndarray] = ()) -> dict:
+        self._ahead = [plan.window_rest(i), *others]
+        return self._load(*plan.batch(i))
+
     def _parquet(self, uri: str, fingerprint: str | None = None) -> pq.ParquetFile:
         """The file's reader; opening it closes the one open before. One open file is enough: a worker's
-        plan reads a row group whole before the next (its rows are contiguous in the plan), and the next
+        reader reads a row group whole, once (once a window with bucketing: see _columns), and the next
         is in the same file only when it follows in file order (shuffle=False, e.g. inference over a
         night's files), where the file is still the open one. A shuffled plan jumps between random files,
         where a cache of a few would hit about never and opening costs one footer read per 32 MiB row
@@ -280,12 +390,16 @@ class ParquetBatches(IterableDataset):
             reader.close()
             stream.close()
 
-    def _columns(self, group_index: int) -> dict:
-        """The row group's columns as numpy, cached while consecutive batches use the same group."""
-        if self._cached is not None and self._cached[0] == group_index:
-            return self._cached[1]
+    def _columns(self, group_index: int, upcoming: np.ndarray) -> dict:
+        """The row group's columns as numpy, cached while the rest of the batch (`upcoming`, this run
+        included) or of its window uses them: one group at a time without bucketing, as the plan keeps a
+        group's rows together; a window's groups with it, each read once a window."""
+        if group_index in self._cached:
+            return self._cached[group_index]
+        # Groups done with can go before this one is read.
+        keep = [upcoming, *self._ahead]
+        self._cached = {g: c for g, c in self._cached.items() if any((used == g).any() for used in keep)}
         group = self.groups[group_index]
-        self._cached = None  # the previous group's columns can go before this one is read
         table = self._parquet(group.uri, group.fingerprint).read_row_group(group.index)
         columns = {"id": table.column("id").to_pylist(), "labels": table.column("labels").to_pylist()}
         level = level_spec(self.level)
@@ -296,21 +410,22 @@ class ParquetBatches(IterableDataset):
                 columns[name] = (offsets, np.frombuffer(array.buffers()[2], np.uint8))
             else:
                 columns[name] = array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), dim)
-        self._cached = (group_index, columns)
+        self._cached[group_index] = columns
         return columns
 
     def _load(self, group: np.ndarray, row: np.ndarray) -> dict:
-        """The batch's videos. Its rows come in runs of the same row group (the plan keeps a group's rows
-        together), and each run's group is read once: a frame-level batch first copies its videos' frames
-        out of each group, then pads them to the longest, so no group is read twice for one batch and the
-        one open file is not reopened (a batch of 1024 spans several 32 MiB row groups)."""
+        """The batch's videos, in runs of the same row group (long runs without bucketing, as the plan
+        keeps a group's rows together). A frame-level batch first copies its videos' frames out of each
+        group, then pads them to the longest, so that a group's columns can go once the batch and its
+        window are done with them: no group is read twice for one batch (a batch of 1024 spans several
+        32 MiB row groups) nor, with bucketing, for one window."""
         size = len(group)
         labels = np.zeros((size, self.num_classes), np.uint8)
         ids = []
         features = _PaddedFrames(size, self.max_frames) if level_spec(self.level).per_frame else _MeanFeatures(size)
         cuts = [0, *(np.flatnonzero(group[1:] != group[:-1]) + 1).tolist(), size]
         for start, stop in zip(cuts[:-1], cuts[1:]):
-            columns = self._columns(int(group[start]))
+            columns = self._columns(int(group[start]), group[start:])
             for i, r in enumerate(row[start:stop].tolist(), start):
                 ids.append(columns["id"][r])
                 labels[i, columns["labels"][r]] = 1

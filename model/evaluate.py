@@ -1,5 +1,6 @@
 """Scoring a checkpoint on a split with YouTube-8M's metrics, streamed batch by batch."""
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,9 +13,12 @@ from model.attention_lstm import build_model
 from model.config import Config
 from model.data import ParquetBatches, RowGroup, find_row_groups, loader, to_device
 from model.metrics import MetricsAccumulator
-from model.train import autocast_for, forward, pick_device
+from model.precision import precision_for
+from model.train import forward, pick_device
 from storage.formats.yt8m_spec import TOP_K
 from storage.objectstore import S3Config, store_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,13 +46,17 @@ def load_model(
 def predict(
     model: torch.nn.Module, config: Config, batches, device: torch.device
 ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
-    """(ids, sigmoid scores float32 B x C, multi-hot labels uint8) for each batch, without gradients."""
-    autocast = autocast_for(device)
+    """(ids, sigmoid scores float32 B x C, multi-hot labels uint8) for each batch, without gradients, in the
+    config's precision policy (a checkpoint's config: the policy it trained in if one was named, else the
+    device's default)."""
+    precision = precision_for(config.precision, device)
+    precision.apply(model, device)
+    log.info("scoring in %s", precision.summary(model, device))
     with torch.inference_mode():
         for batch in batches:
             labels = batch["labels"].numpy()
             moved = to_device(batch, device)
-            with autocast:
+            with precision.autocast(device):
                 logits = forward(model, moved, config.level)
             yield batch["ids"], torch.sigmoid(logits.float()).cpu().numpy(), labels
 
@@ -90,7 +98,7 @@ def evaluate(
 ) -> Evaluation:
     dev = pick_device(device)
     model, config = load_model(checkpoint_uri, dev, s3, sha256=sha256)
-    groups = find_row_groups(data_uri, config.level, split, pattern, s3)
+    groups = find_row_groups(data_uri, config.level, split, pattern, s3, lengths=False)  # read in order: no buckets
     batches = predict_row_groups(model, config, groups, dev, batch_size or min(config.batch_size, 256), s3)
     accumulator = MetricsAccumulator(config.num_classes, top_k=TOP_K)
     hits_at = np.zeros(TOP_K)

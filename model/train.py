@@ -1,4 +1,5 @@
-"""Training: one loop for CPU, one CUDA GPU (bf16 autocast, cuDNN LSTM) and several GPUs (torchrun/DDP).
+"""Training: one loop for CPU, one CUDA GPU (cuDNN LSTM) and several GPUs (torchrun/DDP), in the config's
+precision policy (model/precision.py: the device's default unless `Config.precision` names one).
 
 `train` is a short sequence of named steps: find the state to start from (`starting_state`), build the
 run (`build_run`, which restores that state), train epoch after epoch (`train_epoch`, `end_epoch`)
@@ -7,7 +8,6 @@ model, optimizer, scheduler, RNG, config and the run's `Position` (epoch, batche
 run whose output already holds one continues from it bit for bit, losing only the work since then.
 """
 
-import contextlib
 import logging
 import math
 import os
@@ -20,7 +20,8 @@ from torch import nn
 from model import checkpoint
 from model.attention_lstm import build_model, loss_fn
 from model.config import Config
-from model.data import DataError, ParquetBatches, find_row_groups, loader, to_device
+from model.data import BUCKET_WINDOW, DataError, ParquetBatches, find_row_groups, loader, to_device
+from model.precision import Precision, precision_for
 from storage.errors import VtagError
 from storage.formats.yt8m_spec import level_spec
 from storage.objectstore import S3Config, join, store_for
@@ -66,6 +67,8 @@ class Run:
     rank: int
     world: int
     data: dict  # what it trains on, recorded in checkpoints: uri, split, pattern, world, workers
+    precision: Precision  # what each part computes in (model/precision.py)
+    scaler: torch.amp.GradScaler  # enabled only when the precision needs one (fp16)
     position: Position = field(default_factory=Position)
     # step_loss: per video, each step; epoch_loss: each epoch's mean; epoch_end_step: the step it ended at
     history: dict = field(default_factory=lambda: {"step_loss": [], "epoch_loss": [], "epoch_end_step": []})
@@ -88,11 +91,6 @@ def pick_device(device: str | None = None) -> torch.device:
     if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on a GPU (cuDNN LSTM included); full precision elsewhere. Reusable across `with`s."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -140,7 +138,14 @@ def train(
     rank, world = _distributed()
     if rank == 0:
         checkpoint.sweep_temporaries(out_uri, config.epochs, s3)
-    data = {"uri": data_uri, "split": split, "pattern": pattern, "world": world, "workers": config.num_workers}
+    data = {
+        "uri": data_uri,
+        "split": split,
+        "pattern": pattern,
+        "world": world,
+        "workers": config.num_workers,
+        "bucket_window": BUCKET_WINDOW if level_spec(config.level).per_frame else 1,  # shapes each epoch's order
+    }
     run = build_run(config, state, pick_device(device), rank, world, data)
     policy = CheckpointPolicy(out_uri, s3, every=checkpoint_every)
 
@@ -195,9 +200,14 @@ def build_run(config: Config, state: dict | None, device: torch.device, rank: in
     model = build_model(config).to(device)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_decay_epochs), config.lr_decay)
-    run = Run(config, model, model, optimizer, scheduler, device, rank, world, data)
+    precision = precision_for(config.precision, device)
+    precision.apply(model, device)
+    scaler = precision.grad_scaler(device)
+    run = Run(config, model, model, optimizer, scheduler, device, rank, world, data, precision, scaler)
     if state is not None:
         restore(run, state)
+    if rank == 0:
+        log.info("training in %s", precision.summary(model, device))
     if world > 1:
         run.net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
@@ -213,8 +223,19 @@ def restore(run: Run, state: dict) -> None:
     run.model.load_state_dict(state["model"])
     if "optimizer" not in state:
         return
+    # A run stopped mid-epoch resumes into the rest of that epoch's plan: only the same plan continues it.
+    # Checkpoints from before length bucketing planned without it (window 1).
+    saved_window = state.get("data", {}).get("bucket_window", 1)
+    if state["batches_done"] and saved_window != run.data["bucket_window"]:
+        raise DataError(
+            f"the checkpoint stopped {state['batches_done']} batches into epoch {state['epoch']} of a plan with "
+            f"length-bucket window {saved_window}, this run plans with {run.data['bucket_window']}: resume from "
+            "a checkpoint taken at an epoch's end (epoch-NNN.pt), or train anew"
+        )
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("grad_scaler"):  # empty when the run had no scaler; ignored by a disabled one
+        run.scaler.load_state_dict(state["grad_scaler"])
     run.position = Position(state["epoch"], state["batches_done"], state["step"])
     run.history = state["history"]
     torch.set_rng_state(state["rng"])
@@ -231,6 +252,7 @@ def snapshot(run: Run) -> dict:
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
+        "grad_scaler": run.scaler.state_dict(),
         "epoch": run.position.epoch,
         "batches_done": run.position.batches_done,
         "step": run.position.step,
@@ -259,6 +281,7 @@ def epoch_batches(run: Run, groups: list, s3: S3Config | None) -> ParquetBatches
         rank=run.rank,
         world=run.world,
         s3=s3,
+        bucket_window=run.data["bucket_window"],
     )
     if len(batches) == 0 and run.position.batches_done == 0:
         raise DataError(
@@ -275,16 +298,24 @@ def train_epoch(
     config, position = run.config, run.position
     report = _EpochReport(run, len(batches), show_bar)
     run.net.train()
-    autocast = autocast_for(run.device)
     losses = []
     for batch in loader(batches, config.num_workers, pin_memory=run.device.type == "cuda"):
         batch = to_device(batch, run.device)
-        with autocast:
+        with run.precision.autocast(run.device):
             logits = forward(run.net, batch, config.level)
         loss = loss_fn(logits, batch["labels"])
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
+        # Without a scaler (every policy but fp16) these are loss.backward() and optimizer.step(). With one,
+        # step() unscales the gradients and skips the step if any is inf or nan; gradient clipping, if it is
+        # ever added, goes after run.scaler.unscale_(run.optimizer), on the true gradients.
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        scale = run.scaler.get_scale()  # 1.0 without a scaler
+        run.scaler.update()
+        if run.scaler.get_scale() < scale and run.rank == 0:
+            # The summed loss gives large gradients: from GradScaler's initial 2^16 the first few steps
+            # overflow fp16 and are skipped while the scale backs off, then one every 2000 steps it tries higher.
+            log.info("step %d skipped: fp16 gradients overflowed at loss scale %g", position.step + 1, scale)
         position.step += 1
         position.batches_done += 1
         size = batch["labels"].shape[0]

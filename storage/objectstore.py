@@ -326,7 +326,13 @@ class S3Store(ObjectStore):
                 aws_secret_access_key=c.secret_access_key or None,
                 region_name=c.region_name or None,
                 # Retries with backoff on throttling, 5xx and dropped connections.
-                config=Config(retries={"max_attempts": 10, "mode": "standard"}, connect_timeout=10, read_timeout=60),
+                # More connections than botocore's 10: find_row_groups reads 16 files' footers at once.
+                config=Config(
+                    retries={"max_attempts": 10, "mode": "standard"},
+                    connect_timeout=10,
+                    read_timeout=60,
+                    max_pool_connections=32,
+                ),
             )
         return self._client
 

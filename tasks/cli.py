@@ -6,6 +6,7 @@ import os
 import sys
 from datetime import UTC, datetime
 
+from model.config import PRECISIONS
 from storage.formats.yt8m_spec import LEVELS
 from tasks import settings
 
@@ -66,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int)
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="what each part computes in (docs/model.md#precision; default: lstm-fp32 on a GPU, fp32 on a CPU)",
+    )
     p.add_argument("--split", default="train", help="split to train on (default train)")
     p.add_argument("--pattern", default="*.parquet", help="glob on the split's file names")
     p.add_argument("--resume", metavar="CHECKPOINT_URI", help="start from this checkpoint's weights (fine-tuning)")
@@ -205,6 +211,7 @@ def _train(args) -> int:
         "max_frames": args.max_frames,
         "num_workers": args.workers,
         "seed": args.seed,
+        "precision": args.precision,
     }
     result = train_and_register(
         args.data or settings.default_parquet_uri(),

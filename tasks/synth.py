@@ -1,9 +1,17 @@
 """Synthetic YouTube-8M shards in exactly Google's format, with labels learnable from the features.
 
 Each label of a small pool drawn from the real vocabulary's range owns an rgb and an audio pattern.
-A video draws 1-7 labels (3 on average) and 1-300 frames; about half its frames carry the pattern of
+A video draws 1-7 labels (3 on average) and 120-300 frames; about half its frames carry the pattern of
 one of its labels on top of noise, the rest are noise alone. Features are quantized as Google's
 extractor does (storage.formats.yt8m_spec.quantize).
+
+Frame counts follow YouTube-8M's documented facts, not measured ones (the real frame-level data is not
+at hand, only video level, which has no frame counts): videos are 120-500 s long, features are taken
+at 1 frame per second, and readers cap a video at 300 frames (../shared/reference/yt8m_reference.md
+gives the rate and the cap; the 120-500 s range is the dataset's selection rule). Durations are drawn
+uniformly over 120-500 s, an assumption within that range, so 53% of videos hit the 300 cap and the
+others spread evenly over 120-299 frames (257 frames a video on average). That mix is what padding and
+length bucketing in model.data are measured on.
 """
 
 import string
@@ -29,6 +37,7 @@ from storage.objectstore import S3Config, join, store_for
 
 _ID_ALPHABET = string.digits + string.ascii_letters
 _SPLIT_ID_BASE = {"train": 0, "validate": 4_000_000, "test": 8_000_000}
+SHORTEST_SECONDS, LONGEST_SECONDS = 120, 500  # YouTube-8M's range of video durations; 1 frame a second
 
 
 @dataclass(frozen=True)
@@ -72,9 +81,14 @@ def _video_id(n: int) -> str:
     return "".join(reversed(chars))
 
 
+def draw_num_frames(rng: np.random.Generator, size: int | None = None) -> np.ndarray:
+    """Frame counts of `size` videos (one without): a duration in whole seconds, capped at MAX_FRAMES."""
+    return np.minimum(MAX_FRAMES, rng.integers(SHORTEST_SECONDS, LONGEST_SECONDS + 1, size))
+
+
 def _synth_video(rng: np.random.Generator, vocab: _Vocabulary):
     """(label ids, quantized rgb frames, quantized audio frames) of one video."""
-    num_frames = int(rng.integers(120, MAX_FRAMES + 1) if rng.random() < 0.7 else rng.integers(1, MAX_FRAMES + 1))
+    num_frames = int(draw_num_frames(rng))
     k = min(1 + int(rng.binomial(6, 1 / 3)), num_frames)
     picks = rng.choice(len(vocab.labels), size=k, replace=False)
     rgb = rng.normal(0.0, 0.6, size=(num_frames, RGB_DIM)).astype(np.float32)

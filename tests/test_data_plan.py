@@ -266,7 +266,7 @@ def test_one_dataset_over_many_files_streams_them_one_at_a_time(tmp_path, monkey
     assert [i for b in batches for i in b["ids"]] == ids  # every video once, in file order
     assert batches[-1]["mean_rgb"].shape == (len(ids) % 7, 1024)
     assert counting.opened == 40 and counting.most == 1 and counting.open == 0  # nothing left open at the end
-    assert dataset._cached is None
+    assert dataset._cached == {}
 
     shuffled = ParquetBatches(groups, "video", 7, 10, seed=2, workers=3)
     batches = list(shuffled)
@@ -314,18 +314,21 @@ def _frame_files(folder, files: int, rows_per_group: list[int]) -> list[RowGroup
 def test_frame_batches_read_each_row_group_once_and_are_the_videos(tmp_path, monkeypatch):
     groups = _frame_files(tmp_path, files=4, rows_per_group=[5, 4, 6])
     tables = {uri: pq.read_table(uri).to_pylist() for uri in {g.uri for g in groups}}
-    reads = []
+    reads, held = [], []
     real_columns = ParquetBatches._columns
 
-    def counted(self, group_index):
-        if self._cached is None or self._cached[0] != group_index:
+    def counted(self, group_index, upcoming):
+        if group_index not in self._cached:
             reads.append(group_index)
-        return real_columns(self, group_index)
+        columns = real_columns(self, group_index, upcoming)
+        held.append(len(self._cached))
+        return columns
 
     monkeypatch.setattr(ParquetBatches, "_columns", counted)
     dataset = ParquetBatches(groups, "frame", 8, 10, max_frames=6, seed=4, workers=1, drop_last=False)
     batches = list(dataset)
     assert sorted(reads) == list(range(len(groups)))  # every row group read once in the epoch (one worker)
+    assert max(held) == 1  # unbucketed (no lengths): one row group's columns held at a time
     served = [(plan.group, plan.row) for plan in dataset.plans]
     flat = np.concatenate([g for g, _ in served]), np.concatenate([r for _, r in served])
     assert sum(len(b["ids"]) for b in batches) == len(flat[0]) == sum(g.rows for g in groups)

@@ -82,6 +82,20 @@ def test_resumed_run_takes_the_same_next_step(parquet, tmp_path):
     assert checkpoint.load(str(tmp_path / "interrupted" / "last.pt"))["step"] == 9
 
 
+def test_a_run_stopped_mid_epoch_resumes_only_into_the_same_plan(parquet, tmp_path):
+    """A checkpoint taken mid-epoch before length bucketing (its plan had no windows) would continue into
+    another epoch order, repeating some videos and skipping others: refused, naming the way out."""
+    config = _tiny(epochs=3)
+    out = str(tmp_path / "run")
+    train(config, parquet, out, progress=False, max_steps=4)
+    state = checkpoint.load(f"{out}/last.pt")
+    assert state["data"]["bucket_window"] == 8 and state["batches_done"] == 4
+    state["data"].pop("bucket_window")  # as written before bucketing
+    checkpoint.save(f"{out}/last.pt", state)
+    with pytest.raises(DataError, match=r"stopped 4 batches into epoch 0 of a plan with length-bucket window 1, "):
+        train(config, parquet, out, progress=False, max_steps=9)
+
+
 def test_fine_tuning_starts_from_the_weights(parquet, tmp_path):
     first = train(_tiny(epochs=1), parquet, str(tmp_path / "a"), progress=False)
     tuned = train(_tiny(epochs=1), parquet, str(tmp_path / "b"), progress=False, resume=first.checkpoint_uri)
