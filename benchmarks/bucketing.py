@@ -16,13 +16,10 @@ import argparse
 import numpy as np
 import torch
 
-from benchmarks.common import seconds_per_steps
-from model.attention_lstm import build_model, loss_fn
+from benchmarks.common import seconds_per_steps, videos_of_lengths
+from benchmarks.train_throughput import training_step
 from model.config import load_config
 from model.data import BUCKET_WINDOW, RowGroup, WorkerPlan, padded_fraction, plan_epoch
-from model.precision import precision_for
-from model.train import make_optimizer
-from storage.formats.yt8m_spec import AUDIO_DIM, RGB_DIM, dequantize
 from tasks.synth import draw_num_frames
 
 ROWS_PER_GROUP = 130
@@ -50,42 +47,18 @@ def step_times(
 ) -> dict[str, float]:
     """Each plan's median over `rounds` of its batches' mean step time (batch lengths as given), on one model;
     the plans take turns each round, so that a busy machine slows them alike."""
-    config = load_config(preset)
-    torch.manual_seed(0)
-    model = build_model(config).to(device).train()
-    precision = precision_for(config.precision, device)  # as training runs it (fp32 on a CPU)
-    precision.apply(model, device)
-    optimizer = make_optimizer(model, config)
-    autocast = precision.autocast(device)
+    batch_size = max(len(x) for lengths in plans.values() for x in lengths)
+    step, _, _ = training_step(device, batch_size, None, preset)  # as training runs it (fp32 on a CPU)
     generator = torch.Generator().manual_seed(0)
-
-    def batch(video_lengths: np.ndarray) -> list[torch.Tensor]:
-        size, width = len(video_lengths), int(video_lengths.max())
-        mask = torch.arange(width)[None, :] < torch.as_tensor(video_lengths)[:, None]
-        rgb = torch.randint(0, 256, (size, width, RGB_DIM), dtype=torch.uint8, generator=generator)
-        audio = torch.randint(0, 256, (size, width, AUDIO_DIM), dtype=torch.uint8, generator=generator)
-        labels = torch.zeros(size, config.num_classes)
-        labels[torch.arange(size), torch.randint(0, config.num_classes, (size,), generator=generator)] = 1
-        return [t.to(device) for t in (rgb * mask[..., None], audio * mask[..., None], mask, labels)]
-
-    def step(batch):
-        rgb, audio, mask, labels = batch
-        with autocast:
-            logits = model(dequantize(rgb.float()), dequantize(audio.float()), mask)
-        loss = loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    batches = {name: [batch(x) for x in lengths] for name, lengths in plans.items()}
+    batches = {name: [videos_of_lengths(x, device, generator) for x in lengths] for name, lengths in plans.items()}
     for name in batches:
         for _ in range(warmup):
-            step(batches[name][0])
+            step(*batches[name][0])
     times = {name: [] for name in batches}
     for _ in range(rounds):
         for name, steps in batches.items():
             pending = iter(steps)
-            seconds = seconds_per_steps(device, lambda pending=pending: step(next(pending)), 0, len(steps))
+            seconds = seconds_per_steps(device, lambda pending=pending: step(*next(pending)), 0, len(steps))
             times[name].append(seconds / len(steps))
     return {name: float(np.median(t)) for name, t in times.items()}
 

@@ -55,6 +55,16 @@ def random_videos(batch_size: int, device: torch.device) -> tuple[torch.Tensor, 
     return rgb, audio, torch.ones(batch_size, MAX_FRAMES, dtype=torch.bool, device=device)
 
 
+def videos_of_lengths(lengths: np.ndarray, device: torch.device, generator: torch.Generator) -> tuple:
+    """(rgb, audio, mask) of videos with these frame counts, as the loader sends a batch: uint8 features of
+    random content, zero past each video's end, as wide as its longest video, on the device."""
+    size, width = len(lengths), int(lengths.max())
+    mask = torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]
+    rgb = torch.randint(0, 256, (size, width, RGB_DIM), dtype=torch.uint8, generator=generator)
+    audio = torch.randint(0, 256, (size, width, AUDIO_DIM), dtype=torch.uint8, generator=generator)
+    return tuple(t.to(device) for t in (rgb * mask[..., None], audio * mask[..., None], mask))
+
+
 def seconds_per_steps(device: torch.device, step: Callable[[], object], warmup: int, steps: int) -> float:
     """Wall time of `steps` calls after `warmup` ones, waiting for the GPU to finish its queue."""
     for _ in range(warmup):

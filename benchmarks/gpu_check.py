@@ -26,16 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.bucketing import ROWS_PER_GROUP, batch_lengths, realistic_groups
+from benchmarks.common import videos_of_lengths
 from benchmarks.inference_throughput import inference_rate
 from benchmarks.train_throughput import loader_rate, training_step
 from model.config import load_config
 from model.data import BUCKET_WINDOW, plan_epoch
 from model.precision import POLICIES, precision_for
-from storage.formats.yt8m_spec import AUDIO_DIM, MAX_FRAMES, RGB_DIM
+from storage.formats.yt8m_spec import MAX_FRAMES
 from tasks.synth import SynthConfig, synth
 
 TRAINING_TARGET, INFERENCE_TARGET = 3_000, 10_000  # videos/s on one H100-class GPU
@@ -57,19 +57,11 @@ def environment(device: torch.device) -> dict:
 
 
 def realistic_batches(batch_size: int, count: int, device: torch.device, seed: int = 0) -> list[tuple]:
-    """`count` batches as the trainer's bucketed plan cuts YouTube-8M's lengths: (rgb, audio, mask) on the
-    device, uint8 features of random content, each batch as wide as its longest video."""
+    """`count` batches as the trainer's bucketed plan cuts YouTube-8M's lengths (common.videos_of_lengths)."""
     groups = realistic_groups(max(2 * batch_size * count * BUCKET_WINDOW, 10 * ROWS_PER_GROUP), seed)
     plan = plan_epoch(groups, batch_size, seed, 0, 1, True, True, 0, 1, MAX_FRAMES)[0]
-    rng = np.random.default_rng(seed)
-    batches = []
-    for lengths in batch_lengths(plan, groups, count, MAX_FRAMES):
-        width = int(lengths.max())
-        mask = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None]).to(device)
-        rgb = torch.from_numpy(rng.integers(0, 256, (len(lengths), width, RGB_DIM), dtype=np.uint8)).to(device)
-        audio = torch.from_numpy(rng.integers(0, 256, (len(lengths), width, AUDIO_DIM), dtype=np.uint8)).to(device)
-        batches.append((rgb, audio, mask))
-    return batches
+    generator = torch.Generator().manual_seed(seed)
+    return [videos_of_lengths(x, device, generator) for x in batch_lengths(plan, groups, count, MAX_FRAMES)]
 
 
 def _synchronize(device: torch.device) -> None:

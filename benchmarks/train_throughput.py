@@ -43,13 +43,13 @@ def loader_rate(parquet: str, batch_size: int, batches: int, workers: int = 1) -
     return videos / (time.perf_counter() - started), frames / max(1, videos)
 
 
-def training_step(device: torch.device, batch_size: int, precision_name: str = ""):
-    """(step, model, precision): `step(rgb, audio, mask)` is one seed-config training step on a batch of at
+def training_step(device: torch.device, batch_size: int, precision_name: str | None = "", preset: str = "seed"):
+    """(step, model, precision): `step(rgb, audio, mask)` is one training step of `preset` on a batch of at
     most `batch_size` videos already on the device, as model/train.py takes it (the policy's autocast and
-    GradScaler)."""
-    config = load_config("seed")
+    GradScaler; None: the preset's own policy)."""
+    config = load_config(preset)
     torch.manual_seed(0)
-    precision = precision_for(precision_name, device)
+    precision = precision_for(config.precision if precision_name is None else precision_name, device)
     model = precision.apply(build_model(config).to(device).train(), device)
     optimizer = make_optimizer(model, config)
     scaler = precision.grad_scaler(device)

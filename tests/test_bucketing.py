@@ -21,6 +21,7 @@ from model.data import (
 )
 from storage.formats.parquet_layout import FRAME_SCHEMA
 from tasks.synth import draw_num_frames
+from tests.support.reads import count_group_reads
 
 
 def _groups(seed: int, n: int, max_rows: int = 40) -> list[RowGroup]:
@@ -208,17 +209,7 @@ def test_find_row_groups_reads_the_lengths_at_frame_level(tmp_path):
 def test_bucketed_batches_are_the_videos_and_read_each_group_once_a_window(tmp_path, monkeypatch):
     lengths = _frame_split(tmp_path, files=6, rows_per_group=[9, 7, 8])
     groups = find_row_groups(str(tmp_path), "frame", "train")
-    reads, held = [], []
-    real_columns = ParquetBatches._columns
-
-    def counted(self, group_index, upcoming):
-        if group_index not in self._cached:
-            reads.append(group_index)
-        columns = real_columns(self, group_index, upcoming)
-        held.append(len(self._cached))
-        return columns
-
-    monkeypatch.setattr(ParquetBatches, "_columns", counted)
+    reads, held = count_group_reads(monkeypatch)
     dataset = ParquetBatches(groups, "frame", 4, 10, max_frames=10, seed=1, workers=1, bucket_window=3)
     (plan,) = dataset.plans
     batches = list(dataset)

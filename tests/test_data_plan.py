@@ -12,6 +12,7 @@ import pytest
 from model import data
 from model.data import ParquetBatches, RowGroup, WorkerPlan, _round_robin, loader, plan_epoch, plan_nbytes
 from storage.formats.parquet_layout import FRAME_SCHEMA, VIDEO_SCHEMA
+from tests.support.reads import count_group_reads
 
 # --- the reference: the list-of-tuples plan as it was before the numpy one, kept verbatim -------------------
 
@@ -314,17 +315,7 @@ def _frame_files(folder, files: int, rows_per_group: list[int]) -> list[RowGroup
 def test_frame_batches_read_each_row_group_once_and_are_the_videos(tmp_path, monkeypatch):
     groups = _frame_files(tmp_path, files=4, rows_per_group=[5, 4, 6])
     tables = {uri: pq.read_table(uri).to_pylist() for uri in {g.uri for g in groups}}
-    reads, held = [], []
-    real_columns = ParquetBatches._columns
-
-    def counted(self, group_index, upcoming):
-        if group_index not in self._cached:
-            reads.append(group_index)
-        columns = real_columns(self, group_index, upcoming)
-        held.append(len(self._cached))
-        return columns
-
-    monkeypatch.setattr(ParquetBatches, "_columns", counted)
+    reads, held = count_group_reads(monkeypatch)
     dataset = ParquetBatches(groups, "frame", 8, 10, max_frames=6, seed=4, workers=1, drop_last=False)
     batches = list(dataset)
     assert sorted(reads) == list(range(len(groups)))  # every row group read once in the epoch (one worker)
