@@ -9,6 +9,7 @@ from yt8m_assets import YT8M_PARQUET
 from yt8m_params import URI_PATTERN
 from yt8m_review import PromotionReview
 
+from model.config import presets  # reads model/presets.toml; no torch: cheap to parse
 from storage.formats.yt8m_spec import FRAME, LEVELS  # constants only: cheap to parse
 
 
@@ -34,7 +35,7 @@ def _optional(kind: str, title: str, **limits) -> Param:
         "level": Param(FRAME.name, enum=list(LEVELS), title="Level"),
         "preset": Param(
             "",
-            enum=["", "seed", "small", "video"],
+            enum=["", *presets()],
             title="Model preset",
             description="Empty: seed on a GPU and small on a CPU for frame level, video for video level.",
         ),

@@ -68,22 +68,26 @@ class AttentionLSTM(nn.Module):
 
 
 class VideoMLP(nn.Module):
-    """Video level: L2-normalised mean_rgb and mean_audio (as Google's starter feeds its models),
-    one hidden layer with batch norm and dropout, logits for every class."""
+    """Video level: L2-normalised mean_rgb and mean_audio (as Google's starter feeds its models), input
+    dropout, one hidden layer with batch norm and dropout, logits for every class. hidden_size 0: the
+    starter's logistic regression, a single linear layer."""
 
     def __init__(self, config: Config):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(RGB_DIM + AUDIO_DIM, config.hidden_size),
-            nn.BatchNorm1d(config.hidden_size),
-            nn.ReLU(),
-            nn.Dropout(config.drop_rate),
-            nn.Linear(config.hidden_size, config.num_classes),
-        )
+        self.input_dropout = nn.Dropout(config.input_drop_rate)  # parameter-free: not in the state dict
+        layers = []
+        width = RGB_DIM + AUDIO_DIM
+        if config.hidden_size:
+            layers.append(nn.Linear(width, config.hidden_size))
+            layers += [nn.BatchNorm1d(config.hidden_size)] if config.batch_norm else []
+            layers += [nn.ReLU(), nn.Dropout(config.drop_rate)]
+            width = config.hidden_size
+        layers.append(nn.Linear(width, config.num_classes))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, mean_rgb: torch.Tensor, mean_audio: torch.Tensor) -> torch.Tensor:
         features = torch.cat([F.normalize(mean_rgb, dim=1), F.normalize(mean_audio, dim=1)], dim=1)
-        return self.net(features)
+        return self.net(self.input_dropout(features))
 
 
 # A video has about 3 of 3862 labels: starting every logit at that prior (log(3/3862) ~ -7) spares

@@ -6,6 +6,7 @@ epoch-NNN.pt, any other), a content-addressed copy beside it (`registered/sha256
 registry keeps the sha256 of that content and every load of a version's checkpoint checks it.
 """
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -190,6 +191,10 @@ def config_of(state: dict, uri: str) -> Config:
 
 def check_architecture(state: dict, config: Config, uri: str) -> None:
     theirs = state.get("architecture")
+    if isinstance(theirs, dict):
+        # A field added to the architecture since the checkpoint was written held its default then.
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        theirs = {**{k: defaults[k] for k in config.architecture() if k not in theirs}, **theirs}
     if theirs != config.architecture():
         raise CheckpointError(f"{uri} holds another architecture: {theirs} (this run: {config.architecture()})")
 

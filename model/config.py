@@ -11,9 +11,19 @@ from storage.formats.yt8m_spec import FRAME, LEVELS, MAX_FRAMES, NUM_CLASSES, VI
 
 PRESETS_FILE = Path(__file__).with_name("presets.toml")
 OPTIMIZERS = ("rmsprop_centered", "adam")
+LR_SCHEDULES = ("step", "cosine")
 # The policies of model/precision.py (named here so that a config is checked without importing torch).
 PRECISIONS = ("fp32", "lstm-fp32", "fp16", "bf16")
-ARCHITECTURE_FIELDS = ("level", "embedding_size", "lstm_size", "head_sizes", "pool_norm", "hidden_size", "num_classes")
+ARCHITECTURE_FIELDS = (
+    "level",
+    "embedding_size",
+    "lstm_size",
+    "head_sizes",
+    "pool_norm",
+    "hidden_size",
+    "batch_norm",
+    "num_classes",
+)
 
 
 class ConfigError(VtagError, ValueError):
@@ -30,9 +40,11 @@ class Config:
     head_sizes: tuple[int, ...] = (8192, 4096)
     max_frames: int = MAX_FRAMES
     pool_norm: bool = False  # LayerNorm on each modality's pooled vector (not in the seed)
-    # MLP (video level)
+    # MLP (video level); hidden_size 0: no hidden layer (logistic regression, the starter's baseline)
     hidden_size: int = 2048
+    batch_norm: bool = True  # on the hidden layer (the starter's MLP has none)
     drop_rate: float = 0.5
+    input_drop_rate: float = 0.0  # dropout on the video-level input features
     num_classes: int = NUM_CLASSES
     # training
     batch_size: int = 1024
@@ -40,6 +52,8 @@ class Config:
     learning_rate: float = 1e-3
     lr_decay_epochs: tuple[int, ...] = (5,)
     lr_decay: float = 0.1
+    # step: x lr_decay after each of lr_decay_epochs; cosine: from learning_rate towards 0 over the epochs
+    lr_schedule: str = "step"
     weight_decay: float = 8e-4
     optimizer: str = "rmsprop_centered"
     rmsprop_rho: float = 0.95
@@ -60,12 +74,20 @@ class Config:
             self.precision == "" or self.precision in PRECISIONS,
             f"unknown precision {self.precision!r}: choose one of {precision_choices()}",
         )
+        need(
+            self.lr_schedule in LR_SCHEDULES,
+            f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}",
+        )
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
-        for name in ("embedding_size", "lstm_size", "hidden_size", "num_classes", "batch_size", "epochs", "max_frames"):
+        for name in ("embedding_size", "lstm_size", "num_classes", "batch_size", "epochs", "max_frames"):
             need(
                 _integer(getattr(self, name)) and getattr(self, name) >= 1,
                 f"{name} must be a positive integer, not {getattr(self, name)!r}",
             )
+        need(
+            _integer(self.hidden_size) and self.hidden_size >= (0 if self.level == VIDEO.name else 1),
+            f"hidden_size must be a positive integer (0 at video level: no hidden layer), not {self.hidden_size!r}",
+        )
         need(
             self.max_frames <= MAX_FRAMES,
             f"max_frames must be at most {MAX_FRAMES} (YouTube-8M's cap), not {self.max_frames}",
@@ -78,6 +100,7 @@ class Config:
         # misleading message) and surface steps later as a diverged loss or a traceback in the optimizer.
         for name, ok, expected in (
             ("drop_rate", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+            ("input_drop_rate", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
             ("learning_rate", lambda v: v > 0, "> 0 and finite"),
             ("lr_decay", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
             ("weight_decay", lambda v: v >= 0, ">= 0 and finite"),
@@ -101,10 +124,13 @@ class Config:
         """What a checkpoint's weights depend on: a checkpoint only loads into an equal architecture."""
         arch = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
         if self.level == FRAME.name:
-            arch.pop("hidden_size")
+            unused = ("hidden_size", "batch_norm")
         else:
-            for name in ("embedding_size", "lstm_size", "head_sizes", "pool_norm"):
-                arch.pop(name)
+            unused = ("embedding_size", "lstm_size", "head_sizes", "pool_norm") + (
+                ("batch_norm",) if self.hidden_size == 0 else ()
+            )
+        for name in unused:
+            arch.pop(name)
         return arch
 
     def to_dict(self) -> dict:

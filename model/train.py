@@ -108,6 +108,13 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     )
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once an epoch. Cosine runs from learning_rate to 0 at the end of the last epoch."""
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_decay_epochs), config.lr_decay)
+
+
 def forward(model: nn.Module, batch: dict, level: str) -> torch.Tensor:
     return model(*(batch[name] for name in level_spec(level).model_inputs))
 
@@ -199,7 +206,7 @@ def build_run(config: Config, state: dict | None, device: torch.device, rank: in
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
     optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_decay_epochs), config.lr_decay)
+    scheduler = make_scheduler(optimizer, config)
     precision = precision_for(config.precision, device)
     precision.apply(model, device)
     scaler = precision.grad_scaler(device)

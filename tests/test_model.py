@@ -64,6 +64,40 @@ def test_video_level_mlp_shapes():
     assert model(torch.randn(4, 1024), torch.randn(4, 128)).shape == (4, 20)
 
 
+def _video(**overrides) -> Config:
+    return load_config("video", "video", overrides={"hidden_size": 32, "num_classes": 20, **overrides})
+
+
+def test_video_level_variants_are_the_starters_models():
+    layers = lambda model: [type(m).__name__ for m in model.net]  # noqa: E731
+    assert layers(build_model(_video())) == ["Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"]
+    assert layers(build_model(_video(batch_norm=False))) == ["Linear", "ReLU", "Dropout", "Linear"]
+    logistic = build_model(_video(hidden_size=0))
+    assert layers(logistic) == ["Linear"] and logistic.net[0].in_features == 1024 + 128
+    assert logistic(torch.randn(3, 1024), torch.randn(3, 128)).shape == (3, 20)
+    # batch_norm is part of the weights' architecture only where there is a hidden layer to normalise.
+    assert _video(batch_norm=False).architecture() != _video().architecture()
+    assert _video(hidden_size=0, batch_norm=False).architecture() == _video(hidden_size=0).architecture()
+    with pytest.raises(ConfigError, match="hidden_size must be a positive integer"):
+        _tiny(hidden_size=0)
+
+
+def test_input_dropout_acts_in_training_only_and_holds_no_weights():
+    torch.manual_seed(0)
+    plain, dropped = build_model(_video()), build_model(_video(input_drop_rate=0.5))
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # loads either way, as fine-tuning needs
+    dropped.load_state_dict(plain.state_dict())
+    rgb, audio = torch.randn(8, 1024), torch.randn(8, 128)
+    plain.eval(), dropped.eval()
+    assert torch.equal(plain(rgb, audio), dropped(rgb, audio))
+    dropped.train(), plain.train()
+    features = []
+    dropped.net[0].register_forward_hook(lambda module, args, out: features.append(args[0]))
+    dropped(rgb, audio)
+    zeroed = (features[0] == 0).float().mean().item()
+    assert 0.4 < zeroed < 0.6
+
+
 def test_dequantize_matches_reference():
     q = torch.tensor([0, 128, 255], dtype=torch.uint8)
     assert torch.allclose(dequantize(q.float()), q.double().mul(4 / 255).add(4 / 512 - 2).float())
@@ -76,6 +110,8 @@ def test_dequantize_matches_reference():
         ({"learning_rate": 0.0}, "learning_rate must be > 0"),
         ({"max_frames": 301}, "max_frames must be at most 300"),
         ({"drop_rate": 1.0}, "drop_rate must be in"),
+        ({"input_drop_rate": -0.1}, "input_drop_rate must be in"),
+        ({"lr_schedule": "linear"}, "lr_schedule must be one of step, cosine, not 'linear'"),
     ],
 )
 def test_bad_config_values_are_named(overrides, message):

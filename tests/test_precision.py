@@ -77,7 +77,10 @@ def logged_runs(parquet, tmp_path_factory) -> tuple[dict, list[str]]:
     root = tmp_path_factory.mktemp("precision-runs")
     results, handler, logger = {}, _Lines(), logging.getLogger("model.train")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    # setLevel, not `logger.level =`: it also clears the logger's cache of isEnabledFor answers, which an
+    # earlier test run at WARNING leaves saying no to INFO.
+    level = logger.level
+    logger.setLevel(logging.INFO)
     try:
         for name in PRECISIONS:
             result = train(_config(precision=name), parquet, str(root / name), progress=False, max_steps=4)

@@ -96,6 +96,29 @@ def test_a_run_stopped_mid_epoch_resumes_only_into_the_same_plan(parquet, tmp_pa
         train(config, parquet, out, progress=False, max_steps=9)
 
 
+def test_video_recipe_cosine_schedule_and_input_dropout_resume_exactly(parquet, tmp_path):
+    """The video preset's recipe: the cosine schedule's state and input dropout's draws survive a restart."""
+    overrides = {"hidden_size": 16, "epochs": 3, "batch_size": 16, "num_workers": 0, "input_drop_rate": 0.3}
+    config = load_config("video", "video", {**overrides, "lr_schedule": "cosine"})
+    interrupted, straight = str(tmp_path / "interrupted"), str(tmp_path / "straight")
+    train(config, parquet, interrupted, progress=False, max_steps=5)  # 4 batches an epoch: stops in epoch 2
+    train(config, parquet, interrupted, progress=False)
+    train(config, parquet, straight, progress=False)
+    resumed, uninterrupted = checkpoint.load(f"{interrupted}/last.pt"), checkpoint.load(f"{straight}/last.pt")
+    assert all(torch.equal(resumed["model"][k], uninterrupted["model"][k]) for k in uninterrupted["model"])
+    lr = lambda epoch: checkpoint.load(f"{straight}/epoch-{epoch:03d}.pt")["scheduler"]["_last_lr"][0]  # noqa: E731
+    assert lr(1) == pytest.approx(1e-3 * 0.75) and lr(2) == pytest.approx(1e-3 * 0.25) and lr(3) == pytest.approx(0)
+
+    # A checkpoint written before batch_norm was an architecture field held the default (on) and still loads.
+    state = checkpoint.load(f"{straight}/last.pt")
+    assert state["architecture"].pop("batch_norm") is True
+    checkpoint.check_architecture(state, load_config("video", "video", overrides), "old.pt")
+    with pytest.raises(CheckpointError, match="old.pt holds another architecture"):
+        checkpoint.check_architecture(
+            state, load_config("video", "video", {**overrides, "batch_norm": False}), "old.pt"
+        )
+
+
 def test_fine_tuning_starts_from_the_weights(parquet, tmp_path):
     first = train(_tiny(epochs=1), parquet, str(tmp_path / "a"), progress=False)
     tuned = train(_tiny(epochs=1), parquet, str(tmp_path / "b"), progress=False, resume=first.checkpoint_uri)
