@@ -1,5 +1,6 @@
 """Scoring a checkpoint on a split with YouTube-8M's metrics, streamed batch by batch."""
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -31,12 +32,19 @@ class Evaluation:
 
 
 def load_model(
-    checkpoint_uri: str, device: torch.device, s3: S3Config | None = None, sha256: str | None = None
+    checkpoint_uri: str,
+    device: torch.device,
+    s3: S3Config | None = None,
+    sha256: str | None = None,
+    precision: str | None = None,
 ) -> tuple[torch.nn.Module, Config]:
     """The checkpoint's model in eval mode. Pass a model version's `sha256` (registry column
-    checkpoint_sha256) to refuse weights that changed since it was registered (CheckpointChangedError)."""
+    checkpoint_sha256) to refuse weights that changed since it was registered (CheckpointChangedError), and
+    `precision` to score in another policy than the checkpoint's config names (the weights are the same)."""
     state = checkpoint.load(checkpoint_uri, s3, sha256=sha256)
     config = checkpoint.config_of(state, checkpoint_uri)
+    if precision is not None:
+        config = dataclasses.replace(config, precision=precision).validate()
     checkpoint.check_architecture(state, config, checkpoint_uri)
     model = build_model(config)
     model.load_state_dict(state["model"])
@@ -95,9 +103,10 @@ def evaluate(
     device: str | None = None,
     batch_size: int | None = None,
     sha256: str | None = None,
+    precision: str | None = None,
 ) -> Evaluation:
     dev = pick_device(device)
-    model, config = load_model(checkpoint_uri, dev, s3, sha256=sha256)
+    model, config = load_model(checkpoint_uri, dev, s3, sha256=sha256, precision=precision)
     groups = find_row_groups(data_uri, config.level, split, pattern, s3, lengths=False)  # read in order: no buckets
     batches = predict_row_groups(model, config, groups, dev, batch_size or min(config.batch_size, 256), s3)
     accumulator = MetricsAccumulator(config.num_classes, top_k=TOP_K)

@@ -14,6 +14,14 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
+def _precision_arg(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help=f"what each part computes in (docs/model.md#precision; default: {default})",
+    )
+
+
 def _db_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
@@ -67,11 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int)
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--seed", type=int)
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="what each part computes in (docs/model.md#precision; default: lstm-fp32 on a GPU, fp32 on a CPU)",
-    )
+    _precision_arg(p, "lstm-fp32 on a GPU, fp32 on a CPU")
     p.add_argument("--split", default="train", help="split to train on (default train)")
     p.add_argument("--pattern", default="*.parquet", help="glob on the split's file names")
     p.add_argument("--resume", metavar="CHECKPOINT_URI", help="start from this checkpoint's weights (fine-tuning)")
@@ -90,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="*.parquet")
     p.add_argument("--promote", action="store_true", help="promote to production if its GAP is at least production's")
     p.add_argument("--json", action="store_true", help="end with one JSON line: hit_at_one, perr, gap, map")
+    _precision_arg(p, "the checkpoint's, else lstm-fp32 on a GPU and fp32 on a CPU")
     _db_arg(p)
 
     p = sub.add_parser("infer", help="score videos and write each one's top-k labels to the database")
@@ -123,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="score the night in parts of about N videos (default 250000), as the DAG's mapped tasks do",
     )
+    _precision_arg(p, "the checkpoint's, else lstm-fp32 on a GPU and fp32 on a CPU")
     p.add_argument(
         "--lock-timeout",
         type=float,
@@ -241,7 +247,12 @@ def _evaluate(args) -> int:
     from tasks.training import evaluate_model, promote
 
     result = evaluate_model(
-        args.checkpoint, args.data or settings.default_parquet_uri(), args.db, split=args.split, pattern=args.pattern
+        args.checkpoint,
+        args.data or settings.default_parquet_uri(),
+        args.db,
+        split=args.split,
+        pattern=args.pattern,
+        precision=args.precision,
     )
     metrics = {k: result[k] for k in ("hit_at_one", "perr", "gap", "map")}
     print(
@@ -274,6 +285,7 @@ def _infer(args) -> int:
         exports_uri=args.exports,
         progress=sys.stderr.isatty(),
         lock_timeout_s=args.lock_timeout,
+        precision=args.precision,
         **parts,
     )
     if args.dry_run:

@@ -376,14 +376,16 @@ def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return labels.numpy(), values.numpy()
 
 
-def load_scorer(checkpoint_uri: str, s3: S3Config | None = None, sha256: str | None = None):
+def load_scorer(
+    checkpoint_uri: str, s3: S3Config | None = None, sha256: str | None = None, precision: str | None = None
+):
     """(model, config, device) on the best device here; with `sha256`, refuses a checkpoint whose content is
-    no longer the one registered."""
+    no longer the one registered; `precision`: another policy than the checkpoint's (model/precision.py)."""
     from model.evaluate import load_model
     from model.train import pick_device
 
     device = pick_device()
-    model, config = load_model(checkpoint_uri, device, s3, sha256=sha256)
+    model, config = load_model(checkpoint_uri, device, s3, sha256=sha256, precision=precision)
     return model, config, device
 
 
@@ -638,9 +640,11 @@ def run_inference(
     progress: bool = False,
     lock_timeout_s: float | None = None,
     chunk_videos: int = CHUNK_VIDEOS,
+    precision: str | None = None,
 ) -> InferenceReport:
     """Score what the model has not scored up to `logical_date` (or the given videos) and store the
-    top k: the whole night in this process, its parts one after another. Waits at most `lock_timeout_s`
+    top k: the whole night in this process, its parts one after another, in `precision` if given (else
+    the checkpoint's policy). Waits at most `lock_timeout_s`
     (default: tasks.settings.lock_timeout_s()) for another run of the same night to let go."""
     request = {
         "top_k": top_k,
@@ -654,7 +658,7 @@ def run_inference(
     if dry_run:
         return InferenceReport(None, *count_pending(db_url, logical_date, **request), 0)
     logical_date, version = _resolve_request(db_url, logical_date, top_k, level, model_version, checkpoint_uri, s3)
-    scorer = load_scorer(version["checkpoint_uri"], s3, version["checkpoint_sha256"])
+    scorer = load_scorer(version["checkpoint_uri"], s3, version["checkpoint_sha256"], precision)
     # Two runs of the same night at once (a task's retry while a lost try still runs, `vtag infer`
     # beside the DAG) would share one run: the later start would empty the earlier one's rows under it.
     # They take turns instead, the later replacing the run.

@@ -114,6 +114,7 @@ def evaluate_model(
     pattern: str = "*.parquet",
     s3: S3Config | None = None,
     version: int | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Score a model version (`version`, or the one `checkpoint_uri` is registered as, registered now if
     it is not), write an `evaluations` row and a plot beside the checkpoint. What is scored is the
@@ -127,7 +128,13 @@ def evaluate_model(
     with db.transaction(db_url) as conn:
         registered = registry.get_version(conn, version)
     evaluation = evaluate(
-        registered["checkpoint_uri"], data_uri, split, pattern, s3, sha256=registered["checkpoint_sha256"]
+        registered["checkpoint_uri"],
+        data_uri,
+        split,
+        pattern,
+        s3,
+        sha256=registered["checkpoint_sha256"],
+        precision=precision,
     )
     beside = canonical_uri(checkpoint_uri) if checkpoint_uri else registered["checkpoint_uri"]
     plot_uri = plot(
