@@ -14,7 +14,12 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
-def _precision_arg(parser: argparse.ArgumentParser, default: str) -> None:
+DEVICE_PRECISION = "lstm-fp32 on a GPU, fp32 on a CPU"
+
+
+def _precision_arg(parser: argparse.ArgumentParser, scoring: bool) -> None:
+    """Training defaults to the device's policy; scoring to the checkpoint's, which defaults to the device's."""
+    default = f"the checkpoint's, else {DEVICE_PRECISION}" if scoring else DEVICE_PRECISION
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -75,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int)
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--seed", type=int)
-    _precision_arg(p, "lstm-fp32 on a GPU, fp32 on a CPU")
+    _precision_arg(p, scoring=False)
     p.add_argument("--split", default="train", help="split to train on (default train)")
     p.add_argument("--pattern", default="*.parquet", help="glob on the split's file names")
     p.add_argument("--resume", metavar="CHECKPOINT_URI", help="start from this checkpoint's weights (fine-tuning)")
@@ -94,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="*.parquet")
     p.add_argument("--promote", action="store_true", help="promote to production if its GAP is at least production's")
     p.add_argument("--json", action="store_true", help="end with one JSON line: hit_at_one, perr, gap, map")
-    _precision_arg(p, "the checkpoint's, else lstm-fp32 on a GPU and fp32 on a CPU")
+    _precision_arg(p, scoring=True)
     _db_arg(p)
 
     p = sub.add_parser("infer", help="score videos and write each one's top-k labels to the database")
@@ -128,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="score the night in parts of about N videos (default 250000), as the DAG's mapped tasks do",
     )
-    _precision_arg(p, "the checkpoint's, else lstm-fp32 on a GPU and fp32 on a CPU")
+    _precision_arg(p, scoring=True)
     p.add_argument(
         "--lock-timeout",
         type=float,
