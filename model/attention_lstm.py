@@ -6,6 +6,8 @@ AttentionLSTM, per modality (rgb 1024-d, audio 128-d, separate weights): Linear 
 bidirectional LSTM, dropout, attention pooling with a softmax over the video's real frames only.
 Head: concat -> Linear 8192 + ReLU -> Linear 4096 + tanh -> Linear num_classes (logits).
 See ../shared/reference/yt8m_reference.md section 3.
+
+VideoEnsemble: `ensemble_size` VideoMLPs trained side by side, each on its own loss, scored together.
 """
 
 import torch
@@ -90,18 +92,48 @@ class VideoMLP(nn.Module):
         return self.net(self.input_dropout(features))
 
 
+class VideoEnsemble(nn.Module):
+    """Independently initialised VideoMLPs in one model and one checkpoint. In training mode the forward
+    gives each member's logits, stacked (members, B, C), and loss_fn sums each member's own loss, so the
+    members learn as separate runs would (averaging logits before the loss would train one wide model).
+    In eval mode it gives the logits of the members' mean probability: the ensemble's prediction."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.members = nn.ModuleList(VideoMLP(config) for _ in range(config.ensemble_size))
+
+    def forward(self, mean_rgb: torch.Tensor, mean_audio: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([member(mean_rgb, mean_audio) for member in self.members]).float()
+        if self.training:
+            return logits
+        # logit(mean p) = log(mean p) - log(mean (1 - p)), from log-sigmoids: exact where p rounds to 0 or 1.
+        return torch.logsumexp(F.logsigmoid(logits), 0) - torch.logsumexp(F.logsigmoid(-logits), 0)
+
+
 # A video has about 3 of 3862 labels: starting every logit at that prior (log(3/3862) ~ -7) spares
 # the first steps of training from doing nothing but pushing thousands of logits down.
 PRIOR_LOGIT = -7.0
 
 
 def build_model(config: Config) -> nn.Module:
-    model = AttentionLSTM(config) if config.level == FRAME.name else VideoMLP(config)
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    nn.init.constant_(last.bias, PRIOR_LOGIT)
+    if config.level == FRAME.name:
+        model = AttentionLSTM(config)
+    else:
+        model = VideoMLP(config) if config.ensemble_size == 1 else VideoEnsemble(config)
+    for output in _output_layers(model):
+        nn.init.constant_(output.bias, PRIOR_LOGIT)
     return model
 
 
+def _output_layers(model: nn.Module) -> list[nn.Linear]:
+    """The last Linear of the model, or of each ensemble member."""
+    networks = list(model.members) if isinstance(model, VideoEnsemble) else [model]
+    return [[m for m in net.modules() if isinstance(m, nn.Linear)][-1] for net in networks]
+
+
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sigmoid cross-entropy summed over classes and batch, as the seed trains."""
-    return F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum")
+    """Sigmoid cross-entropy summed over classes and batch, as the seed trains. An ensemble's stacked
+    logits (members, B, C): the members' mean of it, so the loss per video reads as one model's."""
+    logits = logits.float()
+    members = logits.shape[0] if logits.dim() == 3 else 1
+    return F.binary_cross_entropy_with_logits(logits, labels.expand_as(logits), reduction="sum") / members

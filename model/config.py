@@ -22,6 +22,7 @@ ARCHITECTURE_FIELDS = (
     "pool_norm",
     "hidden_size",
     "batch_norm",
+    "ensemble_size",
     "num_classes",
 )
 
@@ -45,6 +46,8 @@ class Config:
     batch_norm: bool = True  # on the hidden layer (the starter's MLP has none)
     drop_rate: float = 0.5
     input_drop_rate: float = 0.0  # dropout on the video-level input features
+    # MLPs trained side by side, each on its own loss, their probabilities averaged (video level only)
+    ensemble_size: int = 1
     num_classes: int = NUM_CLASSES
     # training
     batch_size: int = 1024
@@ -89,6 +92,14 @@ class Config:
             f"hidden_size must be a positive integer (0 at video level: no hidden layer), not {self.hidden_size!r}",
         )
         need(
+            _integer(self.ensemble_size) and self.ensemble_size >= 1,
+            f"ensemble_size must be a positive integer, not {self.ensemble_size!r}",
+        )
+        need(
+            self.ensemble_size == 1 or self.level == VIDEO.name,
+            f"ensemble_size applies to video level only (frame level trains one AttentionLSTM), not {self.ensemble_size}",
+        )
+        need(
             self.max_frames <= MAX_FRAMES,
             f"max_frames must be at most {MAX_FRAMES} (YouTube-8M's cap), not {self.max_frames}",
         )
@@ -124,7 +135,7 @@ class Config:
         """What a checkpoint's weights depend on: a checkpoint only loads into an equal architecture."""
         arch = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
         if self.level == FRAME.name:
-            unused = ("hidden_size", "batch_norm")
+            unused = ("hidden_size", "batch_norm", "ensemble_size")
         else:
             unused = ("embedding_size", "lstm_size", "head_sizes", "pool_norm") + (
                 ("batch_norm",) if self.hidden_size == 0 else ()

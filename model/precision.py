@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from model.attention_lstm import AttentionLSTM, AttentionPooledBiLSTM, VideoMLP
+from model.attention_lstm import AttentionLSTM, AttentionPooledBiLSTM, VideoEnsemble, VideoMLP
 from model.config import PRECISIONS, ConfigError, precision_choices
 from storage.formats.yt8m_spec import AUDIO_DIM, RGB_DIM
 
@@ -124,6 +124,8 @@ def _parts(model: nn.Module) -> dict[str, list[nn.Module]]:
         }
     if isinstance(model, VideoMLP):
         return {"mlp": [model.net]}
+    if isinstance(model, VideoEnsemble):
+        return {"mlp": [member.net for member in model.members]}
     raise TypeError(f"no precision report for {type(model).__name__}")
 
 

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from torch import nn
 
-from model.attention_lstm import AttentionLSTM, build_model
+from model.attention_lstm import AttentionLSTM, build_model, loss_fn
 from model.config import Config, ConfigError, load_config
 from storage.formats.yt8m_spec import dequantize
 
@@ -65,7 +66,9 @@ def test_video_level_mlp_shapes():
 
 
 def _video(**overrides) -> Config:
-    return load_config("video", "video", overrides={"hidden_size": 32, "num_classes": 20, **overrides})
+    return load_config(
+        "video", "video", overrides={"hidden_size": 32, "num_classes": 20, "ensemble_size": 1, **overrides}
+    )
 
 
 def test_video_level_variants_are_the_starters_models():
@@ -130,3 +133,41 @@ def test_default_preset_depends_on_level_and_device():
     assert load_config(None, "frame", cuda=True).preset == "seed"
     assert load_config(None, "frame", cuda=False).preset == "small"
     assert load_config(None, "video").preset == "video"
+
+
+def test_video_ensemble_trains_members_apart_and_scores_their_mean_probability():
+    torch.manual_seed(0)
+    ensemble = build_model(_video(ensemble_size=3))
+    single = build_model(_video(ensemble_size=1))
+    assert [type(m).__name__ for m in ensemble.members] == ["VideoMLP"] * 3
+    first, second = (m.net[0].weight for m in ensemble.members[:2])
+    assert not torch.equal(first, second)  # independently initialised
+    assert all(m.net[-1].bias.eq(-7.0).all() for m in ensemble.members)  # each starts at the label prior
+    assert _video(ensemble_size=3).architecture() != _video(ensemble_size=1).architecture()
+    assert _video(ensemble_size=3).architecture() == _video(ensemble_size=3).architecture()
+    assert sum(p.numel() for p in ensemble.parameters()) == 3 * sum(p.numel() for p in single.parameters())
+
+    rgb, audio = torch.randn(5, 1024), torch.randn(5, 128)
+    stacked = ensemble.train()(rgb, audio)
+    assert stacked.shape == (3, 5, 20)
+    labels = (torch.rand(5, 20) < 0.2).float()
+    # Each member's own loss, averaged: the gradient a member gets is that of a run of its own.
+    assert torch.allclose(loss_fn(stacked, labels), sum(loss_fn(s, labels) for s in stacked) / 3)
+
+    ensemble.eval()
+    members = torch.stack([m(rgb, audio) for m in ensemble.members])
+    expected = torch.logit(torch.sigmoid(members.double()).mean(0)).float()
+    assert torch.allclose(ensemble(rgb, audio), expected, atol=1e-4)
+    # Members certain either way (p rounds to 0 or 1 in float32) still give finite, ordered logits.
+    for member, bias in zip(ensemble.members, (60.0, -60.0, 0.0)):
+        nn.init.zeros_(member.net[-1].weight), nn.init.constant_(member.net[-1].bias, bias)
+    extreme = ensemble(rgb, audio)
+    assert torch.isfinite(extreme).all()
+    assert torch.allclose(torch.sigmoid(extreme), torch.full_like(extreme, (1 + 0 + 0.5) / 3), atol=1e-6)
+
+
+def test_ensemble_size_is_checked():
+    with pytest.raises(ConfigError, match="ensemble_size must be a positive integer, not 0"):
+        _video(ensemble_size=0)
+    with pytest.raises(ConfigError, match="ensemble_size applies to video level only"):
+        _tiny(ensemble_size=2)

@@ -96,9 +96,17 @@ def test_a_run_stopped_mid_epoch_resumes_only_into_the_same_plan(parquet, tmp_pa
         train(config, parquet, out, progress=False, max_steps=9)
 
 
-def test_video_recipe_cosine_schedule_and_input_dropout_resume_exactly(parquet, tmp_path):
-    """The video preset's recipe: the cosine schedule's state and input dropout's draws survive a restart."""
-    overrides = {"hidden_size": 16, "epochs": 3, "batch_size": 16, "num_workers": 0, "input_drop_rate": 0.3}
+def test_video_recipe_schedule_input_dropout_and_ensemble_resume_exactly(parquet, tmp_path):
+    """The video preset's recipe: the cosine schedule's state, input dropout's draws and every ensemble
+    member's weights and batch norm statistics survive a restart."""
+    overrides = {
+        "hidden_size": 16,
+        "epochs": 3,
+        "batch_size": 16,
+        "num_workers": 0,
+        "input_drop_rate": 0.3,
+        "ensemble_size": 2,
+    }
     config = load_config("video", "video", {**overrides, "lr_schedule": "cosine"})
     interrupted, straight = str(tmp_path / "interrupted"), str(tmp_path / "straight")
     train(config, parquet, interrupted, progress=False, max_steps=5)  # 4 batches an epoch: stops in epoch 2
@@ -106,12 +114,19 @@ def test_video_recipe_cosine_schedule_and_input_dropout_resume_exactly(parquet, 
     train(config, parquet, straight, progress=False)
     resumed, uninterrupted = checkpoint.load(f"{interrupted}/last.pt"), checkpoint.load(f"{straight}/last.pt")
     assert all(torch.equal(resumed["model"][k], uninterrupted["model"][k]) for k in uninterrupted["model"])
+    assert "members.1.net.1.running_mean" in uninterrupted["model"]
     lr = lambda epoch: checkpoint.load(f"{straight}/epoch-{epoch:03d}.pt")["scheduler"]["_last_lr"][0]  # noqa: E731
     assert lr(1) == pytest.approx(1e-3 * 0.75) and lr(2) == pytest.approx(1e-3 * 0.25) and lr(3) == pytest.approx(0)
 
     # A checkpoint written before batch_norm was an architecture field held the default (on) and still loads.
     state = checkpoint.load(f"{straight}/last.pt")
     assert state["architecture"].pop("batch_norm") is True
+    checkpoint.check_architecture(state, load_config("video", "video", overrides), "old.pt")
+    # One written before ensembles held a single MLP: it loads as ensemble_size 1, and only so.
+    assert state["architecture"].pop("ensemble_size") == 2
+    with pytest.raises(CheckpointError, match="old.pt holds another architecture"):
+        checkpoint.check_architecture(state, load_config("video", "video", overrides), "old.pt")
+    overrides["ensemble_size"] = 1
     checkpoint.check_architecture(state, load_config("video", "video", overrides), "old.pt")
     with pytest.raises(CheckpointError, match="old.pt holds another architecture"):
         checkpoint.check_architecture(
