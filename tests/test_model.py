@@ -158,7 +158,7 @@ def test_video_ensemble_trains_members_apart_and_scores_their_mean_probability()
     members = torch.stack([m(rgb, audio) for m in ensemble.members])
     expected = torch.logit(torch.sigmoid(members.double()).mean(0)).float()
     assert torch.allclose(ensemble(rgb, audio), expected, atol=1e-4)
-    # Members certain either way (p rounds to 0 or 1 in float32) still give finite, ordered logits.
+    # Members certain either way (p rounds to 0 or 1 in float32) still give finite logits of the mean.
     for member, bias in zip(ensemble.members, (60.0, -60.0, 0.0)):
         nn.init.zeros_(member.net[-1].weight), nn.init.constant_(member.net[-1].bias, bias)
     extreme = ensemble(rgb, audio)
