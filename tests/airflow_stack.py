@@ -150,7 +150,7 @@ class AirflowStack:
         if run["state"] != "success":
             raise AssertionError(
                 f"{dag_id} run {run_id} {run['state']}: {self.task_states(dag_id, run_id)}\n{self.log_tails()}\n"
-                f"{self.task_logs(dag_id, run_id)}"
+                f"{task_logs(self.home, dag_id, run_id)}"
             )
         return run
 
@@ -158,11 +158,11 @@ class AirflowStack:
         tis = self.rest.ok("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
         return {f"{ti['task_id']}[{ti['map_index']}]": ti["state"] for ti in tis}
 
-    def task_logs(self, dag_id: str, run_id: str, chars: int = 4000) -> str:
-        folder = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
-        return "\n".join(
-            f"--- {p} ---\n{p.read_text(errors='replace')[-chars:]}" for p in sorted(folder.rglob("*.log"))
-        )
+
+def task_logs(airflow_home: Path, dag_id: str, run_id: str, chars: int = 4000) -> str:
+    """The tail of each task log of one DAG run, as Airflow's file task handler wrote them."""
+    folder = airflow_home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
+    return "\n".join(f"--- {p} ---\n{p.read_text(errors='replace')[-chars:]}" for p in sorted(folder.rglob("*.log")))
 
 
 @dataclass

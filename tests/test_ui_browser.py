@@ -1,5 +1,6 @@
 """The product's window in headless Chromium against a real local Airflow (`make airflow`: API server,
-scheduler, DAG processor, triggerer): the Video tags pages, the human gate on promotion, the night's deadline.
+scheduler, DAG processor, triggerer): the Video tags pages, the human gate on promotion, the night's
+deadline, and Airflow's own trigger form setting the nightly DAG's k.
 
 One Airflow for the module. Its VTAG_HOME is filled first through our own task functions (synthetic shards
 ingested, a TINY model trained, evaluated and promoted, one night scored into the DAG's export folder), so
@@ -153,7 +154,7 @@ def _table(page) -> list[list[str]]:
     )
 
 
-def _train_for_review(rest, parquet: str, **conf) -> str:
+def _train_for_review(running, rest, parquet: str, **conf) -> str:
     """Trigger yt8m_train with require_approval; returns its run id once `review` waits for a person."""
     body = {"logical_date": None, "conf": {"data": parquet, "preset": "small", "epochs": 1, "batch_size": 8,
             "max_frames": 20, "require_approval": True, **conf}}  # fmt: skip
@@ -161,7 +162,8 @@ def _train_for_review(rest, parquet: str, **conf) -> str:
 
     def waiting():
         states = _states(rest, "yt8m_train", run_id)
-        assert "failed" not in states.values() and "upstream_failed" not in states.values(), states
+        failed = {"failed", "upstream_failed"} & set(states.values())
+        assert not failed, f"{states}\n{running.run_report('yt8m_train', run_id)}"
         return states.get("review") == "awaiting_input"
 
     wait_for(waiting, 300, f"yt8m_train {run_id} to ask for a review", every=2)
@@ -187,13 +189,13 @@ def _answer_in_the_ui(page, running, run_id: str, option: str, expected: list[st
     button.click()
 
 
-def _finished(rest, dag_id: str, run_id: str, seconds: float = 180) -> dict:
+def _finished(running, rest, dag_id: str, run_id: str, seconds: float = 180) -> dict:
     def done():
         run = rest.ok("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}")
         return run if run["state"] in ("success", "failed") else None
 
     run = wait_for(done, seconds, f"{dag_id} {run_id} to finish", every=2)
-    assert run["state"] == "success", _states(rest, dag_id, run_id)
+    assert run["state"] == "success", f"{_states(rest, dag_id, run_id)}\n{running.run_report(dag_id, run_id)}"
     return run
 
 
@@ -209,7 +211,7 @@ def test_a_person_approves_one_candidate_and_rejects_another_in_the_ui(airflow, 
     production = seeded["version"]
     production_gap = row(db_url, f"SELECT gap FROM evaluations WHERE model_version = {production} ORDER BY id")[0]
 
-    approved_run = _train_for_review(rest, seeded["parquet"])
+    approved_run = _train_for_review(running, rest, seeded["parquet"])
     candidate = _version_of_run(db_url, approved_run)
     asked = in_transaction(db_url, reviews.latest_by_version, [candidate])[candidate]
     gap = row(db_url, f"SELECT gap FROM evaluations WHERE id = {asked['evaluation_id']}")[0]
@@ -217,16 +219,16 @@ def test_a_person_approves_one_candidate_and_rejects_another_in_the_ui(airflow, 
     expect(page.locator("a.pending").first).to_have_text("awaiting review")
     shown = [f"Promote model version {candidate} to production?", f"{gap:.4f}", f"{production_gap:.4f}"]
     _answer_in_the_ui(page, running, approved_run, "Approve", shown, "review.png", tmp_path)
-    _finished(rest, "yt8m_train", approved_run)
+    _finished(running, rest, "yt8m_train", approved_run)
     assert in_transaction(db_url, registry.production, "frame")["version"] == candidate
     assert in_transaction(db_url, registry.get_version, production)["status"] == "archived"
     decided = in_transaction(db_url, reviews.review, asked["id"])
     assert (decided["decision"], decided["decided_by"]) == ("approved", running.user)
 
-    rejected_run = _train_for_review(rest, seeded["parquet"])
+    rejected_run = _train_for_review(running, rest, seeded["parquet"])
     rejected = _version_of_run(db_url, rejected_run)
     _answer_in_the_ui(page, running, rejected_run, "Reject", [f"model version {rejected}"], None, tmp_path)
-    _finished(rest, "yt8m_train", rejected_run)
+    _finished(running, rest, "yt8m_train", rejected_run)
     assert in_transaction(db_url, registry.get_version, rejected)["status"] == "rejected"
     assert in_transaction(db_url, registry.production, "frame")["version"] == candidate
     assert in_transaction(db_url, reviews.latest_by_version, [rejected])[rejected]["decided_by"] == running.user
@@ -273,3 +275,64 @@ def _deadline_miss(db_url: str, run_id: str) -> dict | None:
     with engine_for(db_url).connect() as conn:
         found = conn.execute(select(night_deadline_misses).where(night_deadline_misses.c.dag_run_id == run_id)).first()
     return found._asdict() if found else None
+
+
+def _required_but_empty(rest, dag_id: str) -> list[str]:
+    """The UI's rule for blocking the trigger form: a param whose schema has a type without "null" and
+    whose value is None or ""."""
+    details = rest.ok("GET", f"/dags/{dag_id}/details")
+    blocked = []
+    for name, param in (details.get("params") or {}).items():
+        kind = (param.get("schema") or {}).get("type")
+        if kind and not (isinstance(kind, list) and "null" in kind) and param.get("value") in (None, ""):
+            blocked.append(name)
+    return blocked
+
+
+def test_the_trigger_form_sets_k_for_a_night(airflow, browser, tmp_path):
+    """Airflow's trigger dialog for yt8m_nightly_inference: the params form shows k's default, takes 7,
+    and the run it starts carries top_k 7 (checked through the REST API with the same login). Last in
+    the module: the run is marked failed straight away, so that it scores nothing behind another test."""
+    from playwright.sync_api import expect
+
+    running, _ = airflow
+    dag_id, top_k = "yt8m_nightly_inference", 7  # not the param's default (20)
+    rest = running.rest()
+    screenshot = screenshot_dir(tmp_path) / "trigger_form_top_k.png"
+    page = new_page(browser, height=1500)  # tall: the whole form in one shot
+    try:
+        log_in(page, running)
+        page.goto(f"{running.url}/dags/{dag_id}")
+        page.get_by_test_id("trigger-dag-button").click()
+        dialog = page.get_by_role("dialog")
+        expect(dialog).to_contain_text(f"Trigger Dag - {dag_id}")
+        field = dialog.get_by_label("Labels kept per video (k)")
+        expect(field).to_have_value("20")  # the param's default, rendered from the DAG
+        field.fill(str(top_k))
+        expect(field).to_have_value(str(top_k))
+        page.screenshot(path=str(screenshot), full_page=True)
+        print(f"screenshot of the filled trigger form: {screenshot}")
+
+        submit = dialog.get_by_test_id("trigger-dag-submit")
+        try:
+            expect(submit).to_be_enabled(timeout=10_000)
+        except AssertionError:
+            pytest.fail(
+                f"the Trigger button stays disabled after setting k (see {screenshot}); params the form "
+                f"takes as required (a type without 'null') and finds empty: {_required_but_empty(rest, dag_id)}"
+            )
+        with page.expect_response(
+            lambda r: r.request.method == "POST" and r.url.endswith(f"/dags/{dag_id}/dagRuns")
+        ) as posted:
+            submit.click()
+        assert posted.value.status == 200, posted.value.text()
+        run_id = posted.value.json()["dag_run_id"]
+        page.wait_for_url(re.compile(r"/runs/"))  # the UI moves on to the new run
+    finally:
+        page.context.close()
+    rest.ok("PATCH", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}", {"state": "failed"})
+
+    runs = rest.ok("GET", f"/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
+    ours = [run for run in runs if (run.get("conf") or {}).get("top_k") == top_k]
+    assert [run["dag_run_id"] for run in ours] == [run_id], runs
+    assert ours[0]["run_type"] == "manual" and ours[0]["triggered_by"] == "ui", ours[0]

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.airflow_stack import AirflowRest, processes_with_env, wait_for
+from tests.airflow_stack import AirflowRest, processes_with_env, task_logs, wait_for
 from tests.support.env import BIN, REPO, free_port
 
+NOTEWORTHY = re.compile(r"\b(error|critical|exception|traceback|killed|zombie|heartbeat)\b", re.IGNORECASE)
 UP_LINE = re.compile(r"Airflow is up at (?P<url>http://\S+)\s+\(login: (?P<user>\S+) / (?P<password>\S+)\)")
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -50,6 +51,14 @@ class LocalAirflow:
         rest = AirflowRest(self.url, self.user, self.password)
         rest.token()
         return rest
+
+    def run_report(self, dag_id: str, run_id: str, lines: int = 80) -> str:
+        """Why a run ended as it did: the components' log lines (standalone.log interleaves scheduler,
+        triggerer, DAG processor and API server) that name the run or an error, then its task logs."""
+        standalone = self.airflow_home / "standalone.log"
+        text = standalone.read_text(errors="replace") if standalone.exists() else ""
+        picked = [line for line in text.splitlines() if run_id in line or NOTEWORTHY.search(line)]
+        return "\n".join(["--- standalone.log ---", *picked[-lines:], task_logs(self.airflow_home, dag_id, run_id)])
 
 
 def _airflow_processes(airflow_home: Path) -> list[str]:
