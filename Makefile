@@ -17,7 +17,7 @@ TRAIN_CONF := {"data": "$(PARQUET)", "level": "frame", "preset": "small", "max_f
 INFER_CONF := {"top_k": 20}
 VOCABULARY ?= $(CURDIR)/../shared/yt8m/vocabulary.csv
 
-.PHONY: install tools lint demo test airflow-db airflow screenshots bench gpu-check real-video constraints clean
+.PHONY: install tools lint demo test airflow-db airflow screenshots bench gpu-check real-video real-video-tuning constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -103,26 +103,43 @@ bench: install
 	$(BIN)/python -m benchmarks.parquet_layout
 	$(BIN)/python -m benchmarks.train_throughput
 
-# The video-level model on the 150 real shards in ../shared, split three ways: train on validate0000-0099,
-# tune on 0100-0129, report on 0130-0149 (never tuned on). The default recipe (`video`) and the two
-# baselines of Google's starter, each trained and scored on the same videos in the same run.
+# The video-level model on the 150 real shards in ../shared, split three ways by shard: train on
+# validate0000-0099, tune on 0100-0129, report on 0130-0149, ingested into a Parquet root of their own that
+# no training run is pointed at. `real-video-tuning` is how the recipe was chosen (train on 0000-0099, score
+# 0100-0129); `real-video` is what we report: the default recipe (`video`) and the two baselines of Google's
+# starter, each trained on 0000-0129 with what tuning chose and scored on the held-out shards, in one run
+# (the baselines first: they take minutes, the eight-MLP ensemble most of the run).
 REAL := $(VTAG_HOME)/real
 REAL_DB := sqlite:///$(REAL)/vtag.db
-REAL_PRESETS := video starter-mlp starter-logistic
-real-video: install
-	vtag ingest --src $(CURDIR)/../shared/yt8m/video_level --dest $(REAL)/parquet --db $(REAL_DB)
-	@for preset in $(REAL_PRESETS); do \
-		echo "training $$preset on validate0000-0099:"; \
-		vtag train --data $(REAL)/parquet --level video --split validate --pattern 'validate00??.parquet' \
-			--preset $$preset --out $(REAL)/models/$$preset --db $(REAL_DB) || exit 1; \
-	done
+REAL_SHARDS := $(CURDIR)/../shared/yt8m/video_level
+REAL_PRESETS := starter-logistic starter-mlp video
+
+$(REAL)/.ingested: | install
+	mkdir -p $(REAL)
+	vtag ingest --src $(REAL_SHARDS) --pattern 'validate00??.tfrecord' --dest $(REAL)/train --db $(REAL_DB)
+	vtag ingest --src $(REAL_SHARDS) --pattern 'validate01[0-2]?.tfrecord' --dest $(REAL)/train --db $(REAL_DB)
+	vtag ingest --src $(REAL_SHARDS) --pattern 'validate01[34]?.tfrecord' --dest $(REAL)/held-out --db $(REAL_DB)
+	touch $@
+
+# $(call real_video,MODELS,TRAIN_PATTERN,EVAL_DATA,EVAL_PATTERN,LABEL): each preset trained and scored.
+define real_video
 	@set -o pipefail; for preset in $(REAL_PRESETS); do \
-		for split in 'tuning validate01[0-2]?.parquet' 'held-out validate01[34]?.parquet'; do \
-			set -- $$split; printf '%-16s %-8s ' $$preset $$1; \
-			vtag evaluate --checkpoint $(REAL)/models/$$preset/last.pt --data $(REAL)/parquet --split validate \
-				--pattern "$$2" --db $(REAL_DB) | grep '^model version' || exit 1; \
-		done; \
+		echo "training $$preset on $(2):"; \
+		vtag train --data $(REAL)/train --level video --split validate --pattern '$(2)' \
+			--preset $$preset --out $(REAL)/$(1)/$$preset --db $(REAL_DB) || exit 1; \
+	done; \
+	for preset in $(REAL_PRESETS); do \
+		printf '%-16s %-8s ' $$preset $(5); \
+		vtag evaluate --checkpoint $(REAL)/$(1)/$$preset/last.pt --data $(3) --split validate \
+			--pattern '$(4)' --db $(REAL_DB) | grep '^model version' || exit 1; \
 	done
+endef
+
+real-video-tuning: install $(REAL)/.ingested
+	$(call real_video,tuning-models,validate00??.parquet,$(REAL)/train,validate01[0-2]?.parquet,tuning)
+
+real-video: install $(REAL)/.ingested
+	$(call real_video,held-out-models,*.parquet,$(REAL)/held-out,*.parquet,held-out)
 
 constraints:
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -iE '^(torch|vtag)[=@ ]'; } > constraints.tmp
