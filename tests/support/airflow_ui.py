@@ -23,7 +23,7 @@ import pytest
 from tests.airflow_stack import AirflowRest, processes_with_env, task_logs, wait_for
 from tests.support.env import BIN, REPO, free_port
 
-NOTEWORTHY = re.compile(r"\b(error|critical|exception|traceback|killed|zombie|heartbeat)\b", re.IGNORECASE)
+NOTEWORTHY = re.compile(r"\b(error|critical|exception|traceback|killed|zombie)\b", re.IGNORECASE)
 UP_LINE = re.compile(r"Airflow is up at (?P<url>http://\S+)\s+\(login: (?P<user>\S+) / (?P<password>\S+)\)")
 CHROMIUM_ARGS = [
     "--headless=new",
