@@ -72,10 +72,11 @@ def page(airflow, browser):
     opened.context.close()
 
 
-def _shot(page, tmp_path, name: str) -> None:
+def _shot(page, tmp_path, name: str):
     path = screenshot_dir(tmp_path) / name
     page.screenshot(path=str(path), full_page=True)
     print(f"screenshot: {path}")
+    return path
 
 
 def test_pages_refuse_a_browser_that_has_not_logged_in(airflow, browser):
@@ -289,7 +290,7 @@ def _required_but_empty(rest, dag_id: str) -> list[str]:
     return blocked
 
 
-def test_the_trigger_form_sets_k_for_a_night(airflow, browser, tmp_path):
+def test_the_trigger_form_sets_k_for_a_night(airflow, page, tmp_path):
     """Airflow's trigger dialog for yt8m_nightly_inference: the params form shows k's default, takes 7,
     and the run it starts carries top_k 7 (checked through the REST API with the same login). Last in
     the module: the run is marked failed straight away, so that it scores nothing behind another test."""
@@ -298,38 +299,32 @@ def test_the_trigger_form_sets_k_for_a_night(airflow, browser, tmp_path):
     running, _ = airflow
     dag_id, top_k = "yt8m_nightly_inference", 7  # not the param's default (20)
     rest = running.rest()
-    screenshot = screenshot_dir(tmp_path) / "trigger_form_top_k.png"
-    page = new_page(browser, height=1500)  # tall: the whole form in one shot
-    try:
-        log_in(page, running)
-        page.goto(f"{running.url}/dags/{dag_id}")
-        page.get_by_test_id("trigger-dag-button").click()
-        dialog = page.get_by_role("dialog")
-        expect(dialog).to_contain_text(f"Trigger Dag - {dag_id}")
-        field = dialog.get_by_label("Labels kept per video (k)")
-        expect(field).to_have_value("20")  # the param's default, rendered from the DAG
-        field.fill(str(top_k))
-        expect(field).to_have_value(str(top_k))
-        page.screenshot(path=str(screenshot), full_page=True)
-        print(f"screenshot of the filled trigger form: {screenshot}")
+    page.set_viewport_size({"width": 1280, "height": 1500})  # tall: the whole dialog in one shot
+    page.goto(f"{running.url}/dags/{dag_id}")
+    page.get_by_test_id("trigger-dag-button").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text(f"Trigger Dag - {dag_id}")
+    field = dialog.get_by_label("Labels kept per video (k)")
+    expect(field).to_have_value("20")  # the param's default, rendered from the DAG
+    field.fill(str(top_k))
+    expect(field).to_have_value(str(top_k))
+    screenshot = _shot(page, tmp_path, "trigger_form_top_k.png")
 
-        submit = dialog.get_by_test_id("trigger-dag-submit")
-        try:
-            expect(submit).to_be_enabled(timeout=10_000)
-        except AssertionError:
-            pytest.fail(
-                f"the Trigger button stays disabled after setting k (see {screenshot}); params the form "
-                f"takes as required (a type without 'null') and finds empty: {_required_but_empty(rest, dag_id)}"
-            )
-        with page.expect_response(
-            lambda r: r.request.method == "POST" and r.url.endswith(f"/dags/{dag_id}/dagRuns")
-        ) as posted:
-            submit.click()
-        assert posted.value.status == 200, posted.value.text()
-        run_id = posted.value.json()["dag_run_id"]
-        page.wait_for_url(re.compile(r"/runs/"))  # the UI moves on to the new run
-    finally:
-        page.context.close()
+    submit = dialog.get_by_test_id("trigger-dag-submit")
+    try:
+        expect(submit).to_be_enabled(timeout=10_000)
+    except AssertionError:
+        pytest.fail(
+            f"the Trigger button stays disabled after setting k (see {screenshot}); params the form "
+            f"takes as required (a type without 'null') and finds empty: {_required_but_empty(rest, dag_id)}"
+        )
+    with page.expect_response(
+        lambda r: r.request.method == "POST" and r.url.endswith(f"/dags/{dag_id}/dagRuns")
+    ) as posted:
+        submit.click()
+    assert posted.value.status == 200, posted.value.text()
+    run_id = posted.value.json()["dag_run_id"]
+    page.wait_for_url(re.compile(r"/runs/"))  # the UI moves on to the new run
     rest.ok("PATCH", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}", {"state": "failed"})
 
     runs = rest.ok("GET", f"/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]

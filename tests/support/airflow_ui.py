@@ -168,9 +168,9 @@ def screenshot_dir(tmp_path: Path) -> Path:
     return out
 
 
-def new_page(browser, height: int = 1100):
+def new_page(browser):
     """A page in a context of its own (cookies, so logins, not shared); closing `page.context` ends both."""
-    page = browser.new_context(viewport={"width": 1280, "height": height}).new_page()
+    page = browser.new_context(viewport={"width": 1280, "height": 1100}).new_page()
     page.set_default_timeout(UI_TIMEOUT_MS)
     page.set_default_navigation_timeout(UI_TIMEOUT_MS)
     return page
