@@ -7,7 +7,8 @@ bidirectional LSTM, dropout, attention pooling with a softmax over the video's r
 Head: concat -> Linear 8192 + ReLU -> Linear 4096 + tanh -> Linear num_classes (logits).
 See ../shared/reference/yt8m_reference.md section 3.
 
-VideoEnsemble: `ensemble_size` VideoMLPs trained side by side, each on its own loss, scored together.
+VideoEnsemble: `ensemble_size` VideoMLPs (chained or not) trained side by side, each on its own loss,
+scored together.
 """
 
 import torch
@@ -72,30 +73,49 @@ class AttentionLSTM(nn.Module):
 class VideoMLP(nn.Module):
     """Video level: L2-normalised mean_rgb and mean_audio (as Google's starter feeds its models), input
     dropout, one hidden layer with batch norm and dropout, logits for every class. hidden_size 0: the
-    starter's logistic regression, a single linear layer."""
+    starter's logistic regression, a single linear layer.
+
+    chain_size > 0 chains a second stage on (Wang et al., "The Monkeytyping Solution to the YouTube-8M
+    Video Understanding Challenge", 2017): an MLP like the first that reads the features and the first
+    stage's probabilities, projected to chain_size units, so it can use which labels go together. Both
+    stages learn from the labels (training mode gives their logits stacked, (2, B, C)); the second scores.
+    """
 
     def __init__(self, config: Config):
         super().__init__()
         self.input_dropout = nn.Dropout(config.input_drop_rate)  # parameter-free: not in the state dict
-        layers = []
-        width = RGB_DIM + AUDIO_DIM
-        if config.hidden_size:
-            layers.append(nn.Linear(width, config.hidden_size))
-            layers += [nn.BatchNorm1d(config.hidden_size)] if config.batch_norm else []
-            layers += [nn.ReLU(), nn.Dropout(config.drop_rate)]
-            width = config.hidden_size
-        layers.append(nn.Linear(width, config.num_classes))
-        self.net = nn.Sequential(*layers)
+        self.net = _mlp(RGB_DIM + AUDIO_DIM, config)
+        chain = config.chain_size
+        self.chain_projection = nn.Linear(config.num_classes, chain) if chain else None
+        self.chained = _mlp(RGB_DIM + AUDIO_DIM + chain, config) if chain else None
 
     def forward(self, mean_rgb: torch.Tensor, mean_audio: torch.Tensor) -> torch.Tensor:
         features = torch.cat([F.normalize(mean_rgb, dim=1), F.normalize(mean_audio, dim=1)], dim=1)
-        return self.net(self.input_dropout(features))
+        features = self.input_dropout(features)
+        logits = self.net(features)
+        if self.chained is None:
+            return logits
+        projected = self.chain_projection(torch.sigmoid(logits))
+        chained = self.chained(torch.cat([features, projected.to(features.dtype)], dim=1))
+        return torch.stack([logits, chained]) if self.training else chained
+
+
+def _mlp(width: int, config: Config) -> nn.Sequential:
+    layers = []
+    if config.hidden_size:
+        layers.append(nn.Linear(width, config.hidden_size))
+        layers += [nn.BatchNorm1d(config.hidden_size)] if config.batch_norm else []
+        layers += [nn.ReLU(), nn.Dropout(config.drop_rate)]
+        width = config.hidden_size
+    layers.append(nn.Linear(width, config.num_classes))
+    return nn.Sequential(*layers)
 
 
 class VideoEnsemble(nn.Module):
     """Independently initialised VideoMLPs in one model and one checkpoint. In training mode the forward
-    gives each member's logits, stacked (members, B, C), and loss_fn averages the members' own losses, so the
-    members learn as separate runs would (averaging logits before the loss would train one wide model).
+    gives each member's logits, stacked (members, B, C), or (members, stages, B, C) when chained, and loss_fn
+    averages the members' own losses, so the members learn as separate runs would (averaging logits before
+    the loss would train one wide model).
     In eval mode it gives the logits of the members' mean probability: the ensemble's prediction."""
 
     def __init__(self, config: Config):
@@ -128,14 +148,17 @@ def build_model(config: Config) -> nn.Module:
 
 
 def _output_layers(model: nn.Module) -> list[nn.Linear]:
-    """The last Linear of the model, or of each ensemble member."""
+    """The last Linear of each stage of the model, or of each ensemble member's."""
     networks = list(model.members) if isinstance(model, VideoEnsemble) else [model]
-    return [[m for m in net.modules() if isinstance(m, nn.Linear)][-1] for net in networks]
+    chained = [net for net in networks if getattr(net, "chained", None) is not None]
+    stages = [stage for net in chained for stage in (net.net, net.chained)] or networks
+    return [[m for m in stage.modules() if isinstance(m, nn.Linear)][-1] for stage in stages]
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, stages: int = 1) -> torch.Tensor:
     """Sigmoid cross-entropy summed over classes and batch, as the seed trains. An ensemble's stacked
-    logits (members, B, C): the members' mean of it, so the loss per video reads as one model's."""
+    logits (members, B, C): the members' mean of it, so the loss per video reads as one model's. Chained
+    stages (config.stages, the dimension before B) are summed: each stage learns from the labels in full."""
     logits = logits.float()
-    members = logits.shape[0] if logits.dim() == 3 else 1
+    members = logits[..., 0, 0].numel() // stages
     return F.binary_cross_entropy_with_logits(logits, labels.expand_as(logits), reduction="sum") / members

@@ -23,6 +23,7 @@ ARCHITECTURE_FIELDS = (
     "hidden_size",
     "batch_norm",
     "ensemble_size",
+    "chain_size",
     "num_classes",
 )
 
@@ -48,6 +49,8 @@ class Config:
     input_drop_rate: float = 0.0  # dropout on the video-level input features
     # MLPs trained side by side, each on its own loss, their probabilities averaged (video level only)
     ensemble_size: int = 1
+    # > 0: each MLP chains a second stage on its first's probabilities, projected to this many units
+    chain_size: int = 0
     num_classes: int = NUM_CLASSES
     # training
     batch_size: int = 1024
@@ -96,6 +99,14 @@ class Config:
             f"ensemble_size must be a positive integer, not {self.ensemble_size!r}",
         )
         need(
+            _integer(self.chain_size) and self.chain_size >= 0,
+            f"chain_size must be an integer >= 0 (0: no second stage), not {self.chain_size!r}",
+        )
+        need(
+            self.chain_size == 0 or self.level == VIDEO.name,
+            f"chain_size applies to video level only (a second stage on the MLP), not {self.chain_size}",
+        )
+        need(
             self.ensemble_size == 1 or self.level == VIDEO.name,
             f"ensemble_size applies to video level only (frame level trains one AttentionLSTM), not {self.ensemble_size}",
         )
@@ -131,11 +142,16 @@ class Config:
         )
         return self
 
+    @property
+    def stages(self) -> int:
+        """The stages each model (each ensemble member) stacks in its training output."""
+        return 2 if self.chain_size else 1
+
     def architecture(self) -> dict:
         """What a checkpoint's weights depend on: a checkpoint only loads into an equal architecture."""
         arch = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
         if self.level == FRAME.name:
-            unused = ("hidden_size", "batch_norm", "ensemble_size")
+            unused = ("hidden_size", "batch_norm", "ensemble_size", "chain_size")
         else:
             unused = ("embedding_size", "lstm_size", "head_sizes", "pool_norm") + (
                 ("batch_norm",) if self.hidden_size == 0 else ()

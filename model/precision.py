@@ -122,10 +122,9 @@ def _parts(model: nn.Module) -> dict[str, list[nn.Module]]:
             "lstm": [t.lstm for t in towers],
             "head": [model.head],
         }
-    if isinstance(model, VideoMLP):
-        return {"mlp": [model.net]}
-    if isinstance(model, VideoEnsemble):
-        return {"mlp": [member.net for member in model.members]}
+    if isinstance(model, (VideoMLP, VideoEnsemble)):
+        mlps = model.members if isinstance(model, VideoEnsemble) else [model]
+        return {"mlp": [stage for mlp in mlps for stage in (mlp.net, mlp.chained) if stage is not None]}
     raise TypeError(f"no precision report for {type(model).__name__}")
 
 

@@ -310,7 +310,7 @@ def train_epoch(
         batch = to_device(batch, run.device)
         with run.precision.autocast(run.device):
             logits = forward(run.net, batch, config.level)
-        loss = loss_fn(logits, batch["labels"])
+        loss = loss_fn(logits, batch["labels"], config.stages)
         run.optimizer.zero_grad(set_to_none=True)
         # Without a scaler (every policy but fp16) these are loss.backward() and optimizer.step(). With one,
         # step() unscales the gradients and skips the step if any is inf or nan; gradient clipping, if it is

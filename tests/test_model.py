@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.attention_lstm import AttentionLSTM, build_model, loss_fn
@@ -67,7 +68,9 @@ def test_video_level_mlp_shapes():
 
 def _video(**overrides) -> Config:
     return load_config(
-        "video", "video", overrides={"hidden_size": 32, "num_classes": 20, "ensemble_size": 1, **overrides}
+        "video",
+        "video",
+        overrides={"hidden_size": 32, "num_classes": 20, "ensemble_size": 1, "chain_size": 0, **overrides},
     )
 
 
@@ -164,6 +167,44 @@ def test_video_ensemble_trains_members_apart_and_scores_their_mean_probability()
     extreme = ensemble(rgb, audio)
     assert torch.isfinite(extreme).all()
     assert torch.allclose(torch.sigmoid(extreme), torch.full_like(extreme, (1 + 0 + 0.5) / 3), atol=1e-6)
+
+
+def test_chained_mlp_trains_both_stages_and_scores_with_the_second():
+    torch.manual_seed(0)
+    chained = build_model(_video(chain_size=8))
+    assert chained.chain_projection.in_features == 20 and chained.chained[0].in_features == 1024 + 128 + 8
+    assert chained.net[-1].bias.eq(-7.0).all() and chained.chained[-1].bias.eq(-7.0).all()
+    assert _video(chain_size=8).architecture() != _video().architecture()
+    rgb, audio = torch.randn(5, 1024), torch.randn(5, 128)
+    labels = (torch.rand(5, 20) < 0.2).float()
+
+    stages = chained.train()(rgb, audio)
+    assert stages.shape == (2, 5, 20)
+    # Each stage learns from the labels in full: the loss is the two stages' losses summed.
+    assert torch.allclose(loss_fn(stages, labels, stages=2), loss_fn(stages[0], labels) + loss_fn(stages[1], labels))
+    loss_fn(stages, labels, stages=2).backward()
+    assert chained.net[0].weight.grad.abs().sum() > 0 and chained.chain_projection.weight.grad.abs().sum() > 0
+
+    chained.eval()
+    features = torch.cat([F.normalize(rgb, dim=1), F.normalize(audio, dim=1)], dim=1)
+    first = chained.net(features)
+    second = chained.chained(torch.cat([features, chained.chain_projection(torch.sigmoid(first))], dim=1))
+    assert torch.allclose(chained(rgb, audio), second, atol=1e-5)  # scoring: the second stage's logits
+
+    # In an ensemble: (members, stages, B, C), members averaged and stages summed.
+    ensemble = build_model(_video(chain_size=8, ensemble_size=3)).train()
+    stacked = ensemble(rgb, audio)
+    assert stacked.shape == (3, 2, 5, 20)
+    expected = sum(loss_fn(member, labels, stages=2) for member in stacked) / 3
+    assert torch.allclose(loss_fn(stacked, labels, stages=2), expected)
+    assert ensemble.eval()(rgb, audio).shape == (5, 20)
+
+
+def test_chain_size_is_checked():
+    with pytest.raises(ConfigError, match="chain_size must be an integer >= 0 .0: no second stage., not -1"):
+        _video(chain_size=-1)
+    with pytest.raises(ConfigError, match="chain_size applies to video level only"):
+        _tiny(chain_size=8)
 
 
 def test_ensemble_size_is_checked():

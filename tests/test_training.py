@@ -106,6 +106,7 @@ def test_video_recipe_schedule_input_dropout_and_ensemble_resume_exactly(parquet
         "num_workers": 0,
         "input_drop_rate": 0.3,
         "ensemble_size": 2,
+        "chain_size": 4,
     }
     config = load_config("video", "video", {**overrides, "lr_schedule": "cosine"})
     interrupted, straight = str(tmp_path / "interrupted"), str(tmp_path / "straight")
@@ -114,7 +115,7 @@ def test_video_recipe_schedule_input_dropout_and_ensemble_resume_exactly(parquet
     train(config, parquet, straight, progress=False)
     resumed, uninterrupted = checkpoint.load(f"{interrupted}/last.pt"), checkpoint.load(f"{straight}/last.pt")
     assert all(torch.equal(resumed["model"][k], uninterrupted["model"][k]) for k in uninterrupted["model"])
-    assert "members.1.net.1.running_mean" in uninterrupted["model"]
+    assert {"members.1.net.1.running_mean", "members.1.chained.1.running_mean"} <= set(uninterrupted["model"])
     lr = lambda epoch: checkpoint.load(f"{straight}/epoch-{epoch:03d}.pt")["scheduler"]["_last_lr"][0]  # noqa: E731
     assert lr(1) == pytest.approx(1e-3 * 0.75) and lr(2) == pytest.approx(1e-3 * 0.25) and lr(3) == pytest.approx(0)
 
@@ -122,11 +123,12 @@ def test_video_recipe_schedule_input_dropout_and_ensemble_resume_exactly(parquet
     state = checkpoint.load(f"{straight}/last.pt")
     assert state["architecture"].pop("batch_norm") is True
     checkpoint.check_architecture(state, load_config("video", "video", overrides), "old.pt")
-    # One written before ensembles held a single MLP: it loads as ensemble_size 1, and only so.
-    assert state["architecture"].pop("ensemble_size") == 2
+    # One written before ensembles held a single MLP: it loads as ensemble_size 1, and only so; before
+    # chaining, as chain_size 0.
+    assert state["architecture"].pop("ensemble_size") == 2 and state["architecture"].pop("chain_size") == 4
     with pytest.raises(CheckpointError, match="old.pt holds another architecture"):
         checkpoint.check_architecture(state, load_config("video", "video", overrides), "old.pt")
-    overrides["ensemble_size"] = 1
+    overrides.update(ensemble_size=1, chain_size=0)
     checkpoint.check_architecture(state, load_config("video", "video", overrides), "old.pt")
     with pytest.raises(CheckpointError, match="old.pt holds another architecture"):
         checkpoint.check_architecture(
