@@ -108,7 +108,7 @@ bench: install
 # no training run is pointed at. `real-video-tuning` is how the recipe was chosen (train on 0000-0099, score
 # 0100-0129); `real-video` is what we report: the default recipe (`video`) and the two baselines of Google's
 # starter, each trained on 0000-0129 with what tuning chose and scored on the held-out shards, in one run
-# (the baselines first: they take minutes, the eight-MLP ensemble most of the run).
+# (the baselines first: they take minutes, the four chained MLPs most of the run).
 REAL := $(VTAG_HOME)/real
 REAL_DB := sqlite:///$(REAL)/vtag.db
 REAL_SHARDS := $(CURDIR)/../shared/yt8m/video_level
