@@ -99,6 +99,10 @@ class VideoMLP(nn.Module):
         chained = self.chained(torch.cat([features, projected.to(features.dtype)], dim=1))
         return torch.stack([logits, chained]) if self.training else chained
 
+    def stages(self) -> list[nn.Sequential]:
+        """The first stage, and the chained second where there is one."""
+        return [self.net] if self.chained is None else [self.net, self.chained]
+
 
 def _mlp(width: int, config: Config) -> nn.Sequential:
     layers = []
@@ -150,8 +154,7 @@ def build_model(config: Config) -> nn.Module:
 def _output_layers(model: nn.Module) -> list[nn.Linear]:
     """The last Linear of each stage of the model, or of each ensemble member's."""
     networks = list(model.members) if isinstance(model, VideoEnsemble) else [model]
-    chained = [net for net in networks if getattr(net, "chained", None) is not None]
-    stages = [stage for net in chained for stage in (net.net, net.chained)] or networks
+    stages = [stage for net in networks for stage in (net.stages() if isinstance(net, VideoMLP) else [net])]
     return [[m for m in stage.modules() if isinstance(m, nn.Linear)][-1] for stage in stages]
 
 

@@ -124,7 +124,7 @@ def _parts(model: nn.Module) -> dict[str, list[nn.Module]]:
         }
     if isinstance(model, (VideoMLP, VideoEnsemble)):
         mlps = model.members if isinstance(model, VideoEnsemble) else [model]
-        return {"mlp": [stage for mlp in mlps for stage in (mlp.net, mlp.chained) if stage is not None]}
+        return {"mlp": [stage for mlp in mlps for stage in mlp.stages()]}
     raise TypeError(f"no precision report for {type(model).__name__}")
 
 
