@@ -17,7 +17,7 @@ TRAIN_CONF := {"data": "$(PARQUET)", "level": "frame", "preset": "small", "max_f
 INFER_CONF := {"top_k": 20}
 VOCABULARY ?= $(CURDIR)/../shared/yt8m/vocabulary.csv
 
-.PHONY: install tools lint demo test airflow-db airflow screenshots bench gpu-check real-video real-video-tuning constraints clean
+.PHONY: install tools lint demo test airflow-db airflow screenshots bench gpu-bundle gpu-check real-video real-video-tuning constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -90,13 +90,21 @@ test: install tools lint
 screenshots: install tools
 	VTAG_TEST_OUTPUT=$(CURDIR)/docs/screenshots $(BIN)/python -m pytest -q tests/test_ui_browser.py
 
-# One prepared GPU run (benchmarks/gpu_check.py): within 8 minutes on a CUDA machine, versions, each precision
-# policy's dtypes and training rate, loader, inference, a profile, torchrun; one JSON file. GPU_PYTHON: a
-# Python of your own whose torch has CUDA (the venv's then goes unused).
+# The one prepared GPU run (docs/benchmarks.md#on-a-lent-gpu-machine). Here, with a network: `make gpu-bundle`
+# downloads the wheels it needs beyond the lent machine's image into .gpu-bundle/ (at most 40 MiB; carry it).
+# There, with that machine's own Python and no network: `make gpu-check GPU_PYTHON=python3 GPU_OUT=$OUT` (or
+# `python3 -m benchmarks.gpu_run --out-dir $OUT`) makes an environment from the bundle and runs
+# benchmarks/gpu_check.py within 9 minutes, writing gpu-check.json and gpu-check.txt into GPU_OUT. Without
+# GPU_PYTHON the project's venv runs it.
+GPU_BUNDLE ?= $(CURDIR)/.gpu-bundle
+GPU_OUT ?= $(CURDIR)/gpu-check
 GPU_PYTHON ?=
+gpu-bundle:
+	$(PYTHON) -m benchmarks.gpu_bundle --out $(GPU_BUNDLE)
+
 gpu-check:
 	$(if $(GPU_PYTHON),,$(MAKE) --no-print-directory install)
-	$(or $(GPU_PYTHON),$(BIN)/python) -m benchmarks.gpu_check --out $(CURDIR)/gpu-check.json
+	$(or $(GPU_PYTHON),$(BIN)/python) -m benchmarks.gpu_run --bundle $(GPU_BUNDLE) --out-dir $(GPU_OUT)
 
 bench: install
 	$(BIN)/python -m benchmarks.ingest_throughput

@@ -61,8 +61,12 @@ class Precision:
                 module.lstm_fp32 = self.lstm_fp32
         if device.type == "cuda":
             # What the fp32 parts run on: TF32 keeps fp32's range with a 10-bit mantissa, several times faster.
-            torch.backends.cuda.matmul.fp32_precision = "tf32"
-            torch.backends.cudnn.rnn.fp32_precision = "tf32"
+            if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+                torch.backends.cuda.matmul.fp32_precision = "tf32"
+                torch.backends.cudnn.rnn.fp32_precision = "tf32"
+            else:  # before torch 2.9 (this path must run on a GPU image's older torch too)
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
         return model
 
     def describe(self, model: nn.Module, device: torch.device) -> dict[str, str]:
