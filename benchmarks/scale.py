@@ -342,8 +342,9 @@ def stage_catalogue(db_url: str, size: Size) -> dict:
         with db.transaction(db_url) as conn:
             assert manifest.output_owner(conn, dest, out) is None
             assert not catalog.ingested_elsewhere(conn, ids, level="frame", source_uri=source.uri)
+            fingerprints = [f"{i:032x}" for i in range(per_shard)]
             catalog.record_videos(
-                conn, ids, labels, split="train", level="frame", source_uri=source.uri, parquet_uri=out
+                conn, ids, labels, fingerprints, split="train", level="frame", source_uri=source.uri, parquet_uri=out
             )
             manifest.mark_succeeded(
                 conn,

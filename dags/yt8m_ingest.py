@@ -1,11 +1,11 @@
 """The yt8m_ingest DAG: wiring only. Its documentation (shown in the Airflow UI) is the DAG function's docstring."""
 
-import os
-
 import pendulum
 from airflow.sdk import Param, dag, task
 from yt8m_assets import YT8M_PARQUET
 from yt8m_params import URI_PATTERN
+
+from tasks.settings import schedule  # no heavy imports
 
 # Names a batch in the UI by its first and last shard, e.g. "train0000.tfrecord .. train0011.tfrecord (12 shards)".
 _BATCH_NAME = (
@@ -24,7 +24,7 @@ def _shards(batch: list[dict]) -> list:
 
 @dag(
     dag_id="yt8m_ingest",
-    schedule=os.environ.get("VTAG_INGEST_CRON", "0 1 * * *") or None,  # before the nightly inference at 02:00
+    schedule=schedule("VTAG_INGEST_CRON", "0 1 * * *"),  # before the nightly inference at 02:00
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -1,14 +1,13 @@
 """The yt8m_nightly_inference DAG: wiring only. Its documentation (shown in the Airflow UI) is the DAG
 function's docstring."""
 
-import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference, Param, dag, task
 
 from storage.formats.yt8m_spec import FRAME, LEVELS, NUM_CLASSES, TOP_K  # constants only: cheap to parse
-from tasks.settings import night_deadline  # no heavy imports: os, re, datetime
+from tasks.settings import night_deadline, schedule, start_date  # no heavy imports: os, re, datetime
 
 
 def _deadline() -> list[DeadlineAlert]:
@@ -29,8 +28,8 @@ def _deadline() -> list[DeadlineAlert]:
 
 @dag(
     dag_id="yt8m_nightly_inference",
-    schedule=os.environ.get("VTAG_NIGHTLY_CRON", "0 2 * * *") or None,  # empty: manual and backfill runs only
-    start_date=pendulum.parse(os.environ.get("VTAG_NIGHTLY_START", "2026-11-01T00:00:00Z")),
+    schedule=schedule("VTAG_NIGHTLY_CRON", "0 2 * * *"),  # empty: manual and backfill runs only
+    start_date=start_date("VTAG_NIGHTLY_START", "2026-11-01T00:00:00Z"),
     catchup=True,
     max_active_runs=1,  # nights in order: a night started beside another would score that one's videos again
     tags=["yt8m"],

@@ -147,7 +147,7 @@ def yt8m_train():
         from tasks import airflow_config as cfg
         from tasks import training
 
-        return training.register_model(cfg.db_url(), trained, run_id=run_id)
+        return training.register_model(cfg.db_url(), trained, run_id=run_id, s3=cfg.s3_config())
 
     @task
     def evaluate(registered: dict, params: dict) -> dict:

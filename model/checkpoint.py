@@ -7,12 +7,17 @@ registry keeps the sha256 of that content and every load of a version's checkpoi
 """
 
 import dataclasses
+import fcntl
 import hashlib
 import io
 import logging
 import os
 import re
 import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 
 import torch
 
@@ -30,7 +35,7 @@ FINAL_NAME = re.compile(r"final-step\d{7,}\.pt")
 REGISTERED_NAME = re.compile(r"sha256-(?P<prefix>[0-9a-f]{16})\.pt")
 # What a training run publishes into its folder (evaluation plots are not swept: an evaluation may be
 # writing one), and LocalStore.publish's hidden temporary of each.
-RUN_FILE = re.compile(r"last\.pt|epoch-\d{3,}\.pt|final-step\d{7,}\.pt|loss\.png")
+RUN_FILE = re.compile(r"last\.pt|epoch-\d{3,}\.pt|final-step\d{7,}(\.pt|-loss\.png)|loss\.png")
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,43 @@ class CheckpointChangedError(CheckpointError):
         self.uri, self.expected, self.found = uri, expected, found
 
 
+class FolderInUse(CheckpointError):
+    """Another run is training into the same folder: two writers would mix their checkpoints."""
+
+
+LOCK_NAME = ".vtag-train.lock"  # a dot file: listings, sweeps and registrations never see it
+
+
+@contextmanager
+def one_writer(out_uri: str, s3: S3Config | None = None) -> Iterator[None]:
+    """Hold a local training folder for one run: a second run into it is refused in one line naming the
+    holder. The lock is the kernel's (flock), so a run that dies, however, releases it; the file keeps who
+    held it last. An S3 folder is not locked (the DAG gives each run a folder of its own)."""
+    if not isinstance(store_for(out_uri, s3), LocalStore):
+        yield
+        return
+    folder = LocalStore.path(out_uri)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write the training folder {out_uri}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise FolderInUse(
+                f"{out_uri} is being trained into by {holder}: one run writes a training folder at a time "
+                "(wait for it to end, or train into another folder)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC".encode(), 0)  # fmt: skip
+        yield
+    finally:
+        os.close(fd)
+
+
 def epoch_uri(out_uri: str, epoch: int) -> str:
     return join(out_uri, f"epoch-{epoch:03d}.pt")
 
@@ -58,6 +100,12 @@ def epoch_uri(out_uri: str, epoch: int) -> str:
 def final_uri(out_uri: str, step: int) -> str:
     """The immutable checkpoint of a run's end: model versions point at it, never at last.pt."""
     return join(out_uri, f"final-step{step:07d}.pt")
+
+
+def loss_plot_uri(checkpoint_uri: str) -> str:
+    """The loss curve of exactly this checkpoint's training, under the checkpoint's own key (a model
+    version's checkpoint never changes, so neither does its curve): `final-step0000120-loss.png`."""
+    return checkpoint_uri.removesuffix(".pt") + "-loss.png"
 
 
 def save(uri: str, state: dict, s3: S3Config | None = None) -> str:
@@ -197,6 +245,29 @@ def check_architecture(state: dict, config: Config, uri: str) -> None:
         theirs = {**{k: defaults[k] for k in config.architecture() if k not in theirs}, **theirs}
     if theirs != config.architecture():
         raise CheckpointError(f"{uri} holds another architecture: {theirs} (this run: {config.architecture()})")
+
+
+def model_of(state: dict, config: Config, uri: str) -> torch.nn.Module:
+    """The checkpoint's model, built and loaded once its checks pass: the architecture its config names,
+    every tensor of the shape that architecture has, every weight finite. Each failure is one line naming
+    the file, before anything is registered or scored."""
+    from model.attention_lstm import build_model
+
+    check_architecture(state, config, uri)
+    weights = state.get("model")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{uri}: no model weights in it")
+    model = build_model(config)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, KeyError) as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3]) or str(exc)
+        raise CheckpointError(f"{uri}: its weights do not fit its architecture: {detail}") from None
+    bad = [n for n, t in weights.items() if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(f"{uri}: non-finite (NaN or infinite) weights in {', '.join(bad[:3])}{more}")
+    return model
 
 
 def latest(out_uri: str, s3: S3Config | None = None) -> str | None:

@@ -1,6 +1,7 @@
 """Scoring a checkpoint on a split with YouTube-8M's metrics, streamed batch by batch."""
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -10,7 +11,6 @@ import numpy as np
 import torch
 
 from model import checkpoint
-from model.attention_lstm import build_model
 from model.config import Config
 from model.data import ParquetBatches, RowGroup, find_row_groups, loader, to_device
 from model.metrics import MetricsAccumulator
@@ -29,6 +29,32 @@ class Evaluation:
     seconds: float
     precision_at_k: list[float]  # k = 1..TOP_K (20), over all videos
     recall_at_k: list[float]
+    set_fingerprint: str  # VideoSet: the exact videos scored
+
+
+class VideoSet:
+    """The exact videos an evaluation scored, as one sha256 (the evaluation's `set_fingerprint`): how many,
+    their ids, and the content of the files they were read from. The ids count as a set: an order-free sum
+    of each id's sha256 (as a hash of the sorted ids would, in constant memory); the content as each file's
+    name and store fingerprint, so a shard rewritten with new features under the same ids is another set.
+    Two evaluations compare only on equal fingerprints."""
+
+    def __init__(self, groups: list[RowGroup]):
+        self.files = sorted({(g.uri.rsplit("/", 1)[-1], g.fingerprint or "") for g in groups})
+        self.count, self.ids_sum = 0, 0
+
+    def add(self, ids) -> None:
+        for video_id in ids:
+            digest = hashlib.sha256(str(video_id).encode("utf-8", "surrogatepass")).digest()
+            self.ids_sum = (self.ids_sum + int.from_bytes(digest, "big")) % 2**256
+        self.count += len(ids)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(f"{self.count}\n".encode())
+        digest.update(self.ids_sum.to_bytes(32, "big"))
+        for name, fingerprint in self.files:
+            digest.update(f"\n{name}\t{fingerprint}".encode())
+        return digest.hexdigest()
 
 
 def load_model(
@@ -45,10 +71,7 @@ def load_model(
     config = checkpoint.config_of(state, checkpoint_uri)
     if precision is not None:
         config = dataclasses.replace(config, precision=precision).validate()
-    checkpoint.check_architecture(state, config, checkpoint_uri)
-    model = build_model(config)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), config
+    return checkpoint.model_of(state, config, checkpoint_uri).to(device).eval(), config
 
 
 def predict(
@@ -110,11 +133,13 @@ def evaluate(
     groups = find_row_groups(data_uri, config.level, split, pattern, s3, lengths=False)  # read in order: no buckets
     batches = predict_row_groups(model, config, groups, dev, batch_size or min(config.batch_size, 256), s3)
     accumulator = MetricsAccumulator(config.num_classes, top_k=TOP_K)
+    video_set = VideoSet(groups)
     hits_at = np.zeros(TOP_K)
     positives = 0
     started = time.perf_counter()
-    for _ids, scores, labels in batches:
+    for ids, scores, labels in batches:
         accumulator.add(scores, labels)
+        video_set.add(ids)
         top = np.argsort(-scores, axis=1, kind="stable")[:, :TOP_K]
         hits_at += np.take_along_axis(labels, top, axis=1).sum(axis=0)
         positives += int(labels.sum())
@@ -127,6 +152,7 @@ def evaluate(
         seconds=seconds,
         precision_at_k=(cumulative / (videos * np.arange(1, TOP_K + 1))).tolist(),
         recall_at_k=(cumulative / max(1, positives)).tolist(),
+        set_fingerprint=video_set.fingerprint(),
     )
 
 

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -141,44 +142,46 @@ def train(
     """
     config.validate()
     groups = find_row_groups(data_uri, config.level, split, pattern, s3)
-    state = starting_state(config, out_uri, resume, s3)
     rank, world = _distributed()
-    if rank == 0:
-        checkpoint.sweep_temporaries(out_uri, config.epochs, s3)
-    data = {
-        "uri": data_uri,
-        "split": split,
-        "pattern": pattern,
-        "world": world,
-        "workers": config.num_workers,
-        "bucket_window": BUCKET_WINDOW if level_spec(config.level).per_frame else 1,  # shapes each epoch's order
-    }
-    run = build_run(config, state, pick_device(device), rank, world, data)
-    policy = CheckpointPolicy(out_uri, s3, every=checkpoint_every)
+    # rank 0 writes every file of the folder: it alone holds it, from before it reads the folder's last.pt
+    with checkpoint.one_writer(out_uri, s3) if rank == 0 else nullcontext():
+        state = starting_state(config, out_uri, resume, s3)
+        if rank == 0:
+            checkpoint.sweep_temporaries(out_uri, config.epochs, s3)
+        data = {
+            "uri": data_uri,
+            "split": split,
+            "pattern": pattern,
+            "world": world,
+            "workers": config.num_workers,
+            "bucket_window": BUCKET_WINDOW if level_spec(config.level).per_frame else 1,  # shapes each epoch's order
+        }
+        run = build_run(config, state, pick_device(device), rank, world, data)
+        policy = CheckpointPolicy(out_uri, s3, every=checkpoint_every)
 
-    def reached_max_steps() -> bool:
-        return max_steps is not None and run.position.step >= max_steps
+        def reached_max_steps() -> bool:
+            return max_steps is not None and run.position.step >= max_steps
 
-    run.started = time.perf_counter()
-    while run.position.epoch < config.epochs and not reached_max_steps():
-        batches = epoch_batches(run, groups, s3)
-        losses = train_epoch(run, batches, policy, max_steps, progress and rank == 0)
-        if reached_max_steps() and run.position.batches_done < len(batches) + batches.skip_total:
-            policy.stopped_mid_epoch(run)
-            break
-        end_epoch(run, losses)
-        policy.epoch_ended(run)
-        log.info("epoch %d: mean loss per video %.4f", run.position.epoch, run.history["epoch_loss"][-1])
-    final_uri, sha256 = policy.publish_final(run)
-    return TrainResult(
-        final_uri,
-        run.position.epoch,
-        run.position.step,
-        run.videos_per_second() * world,
-        run.history,
-        sha256,
-        rank,
-    )
+        run.started = time.perf_counter()
+        while run.position.epoch < config.epochs and not reached_max_steps():
+            batches = epoch_batches(run, groups, s3)
+            losses = train_epoch(run, batches, policy, max_steps, progress and rank == 0)
+            if reached_max_steps() and run.position.batches_done < len(batches) + batches.skip_total:
+                policy.stopped_mid_epoch(run)
+                break
+            end_epoch(run, losses)
+            policy.epoch_ended(run)
+            log.info("epoch %d: mean loss per video %.4f", run.position.epoch, run.history["epoch_loss"][-1])
+        final_uri, sha256 = policy.publish_final(run)
+        return TrainResult(
+            final_uri,
+            run.position.epoch,
+            run.position.step,
+            run.videos_per_second() * world,
+            run.history,
+            sha256,
+            rank,
+        )
 
 
 def starting_state(config: Config, out_uri: str, resume: str | None, s3: S3Config | None) -> dict | None:
@@ -377,7 +380,11 @@ class CheckpointPolicy:
     def publish_final(self, run: Run) -> tuple[str, str]:
         """The final checkpoint's URI and sha256 (empty on ranks other than 0)."""
         uri = checkpoint.final_uri(self.out_uri, run.position.step)
-        return uri, (_publish_final(uri, snapshot(run), self.s3) if run.rank == 0 else "")
+        if run.rank != 0:
+            return uri, ""
+        sha256 = _publish_final(uri, snapshot(run), self.s3)
+        plot_losses(run.history, checkpoint.loss_plot_uri(uri), self.s3)  # the version's, never rewritten
+        return uri, sha256
 
     def _save(self, run: Run, epoch: int | None) -> None:
         if run.rank != 0:
@@ -386,7 +393,7 @@ class CheckpointPolicy:
         if epoch is not None:
             checkpoint.save(checkpoint.epoch_uri(self.out_uri, epoch), state, self.s3)
             checkpoint.prune(self.out_uri, epoch, self.s3)
-        _plot_losses(run.history, self.out_uri, self.s3)
+        plot_losses(run.history, join(self.out_uri, checkpoint.LOSS_PLOT), self.s3)  # the run's, as it goes
         checkpoint.save(join(self.out_uri, checkpoint.LAST), state, self.s3)
 
 
@@ -445,7 +452,8 @@ def _distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
-def _plot_losses(history: dict, out_uri: str, s3: S3Config | None) -> None:
+def plot_losses(history: dict, uri: str, s3: S3Config | None = None) -> str:
+    """The loss per video at each step and each epoch's mean, from a checkpoint's `history`, written to `uri`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -461,10 +469,10 @@ def _plot_losses(history: dict, out_uri: str, s3: S3Config | None) -> None:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    uri = join(out_uri, "loss.png")
     with store_for(uri, s3).publish(uri) as path:
         fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
+    return uri
 
 
 def _progress(total: int, description: str, enabled: bool):

@@ -162,6 +162,8 @@ class LocalStore(ObjectStore):
             raise StoreError(f"no such file: {uri}") from None
         except PermissionError:
             raise StoreError(f"cannot read file (permission denied): {uri}") from None
+        except IsADirectoryError:
+            raise StoreError(f"{uri} is a folder, not a file") from None
         if fingerprint is not None:
             # Writers publish by rename, so the open file keeps the content it had at this check.
             found = f"mtime_ns={os.fstat(stream.fileno()).st_mtime_ns}"
@@ -297,7 +299,8 @@ class _S3RangeReader(io.RawIOBase):
                         pass
                 self._body = None
                 if attempt == self._attempts - 1:
-                    raise
+                    uri = f"s3://{self._bucket}/{self._key}"
+                    raise StoreError(f"reading {uri} failed {self._attempts} times at byte {self._pos}") from None
                 time.sleep(min(8.0, 0.5 * 2**attempt))  # let a flapping endpoint come back
         return 0
 
@@ -338,7 +341,7 @@ class S3Store(ObjectStore):
 
     @contextmanager
     def _errors(self, uri: str):
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
         try:
             yield
@@ -353,7 +356,12 @@ class S3Store(ObjectStore):
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
                 raise StoreError(f"S3 refused {uri}: {code}") from None
-            raise
+            # anything else an endpoint answers (404 for a bucket, 501 for a call it lacks: not S3, or not all of it)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+            message = exc.response.get("Error", {}).get("Message", "") or str(exc)
+            raise StoreError(f"the S3 endpoint answered {status} {code} for {uri}: {message}") from None
+        except BotoCoreError as exc:
+            raise StoreError(f"S3 failed for {uri}: {exc}") from None
 
     def list(self, uri: str, pattern: str = "*") -> list[ObjectInfo]:
         bucket, prefix = split_s3_uri(uri)

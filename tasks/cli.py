@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_arg(p, scoring=True)
     p.add_argument(
         "--lock-timeout",
-        type=float,
+        type=_lock_timeout_arg,
         default=None,
         metavar="SECONDS",
         help="wait at most this long for another run of the same night (default $VTAG_LOCK_TIMEOUT_S or 600)",
@@ -406,6 +406,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from storage.errors import VtagError
 
     return VtagError, OperationalError
+
+
+def _lock_timeout_arg(value: str) -> float:
+    """argparse type for --lock-timeout: checked as $VTAG_LOCK_TIMEOUT_S is."""
+    from storage.errors import UsageError
+
+    try:
+        return settings.lock_timeout_s(value, "--lock-timeout")
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--lock-timeout ")) from None
 
 
 def _iso_date(value: str) -> datetime:

@@ -26,7 +26,7 @@ import numpy as np
 from storage.database import db, partitions, pending, prediction_writes, registry, run_locks, runs
 from storage.errors import VtagError
 from storage.formats import exports
-from storage.formats.yt8m_spec import NUM_CLASSES, TOP_K
+from storage.formats.yt8m_spec import NUL_REFUSED, NUM_CLASSES, TOP_K
 from storage.objectstore import S3Config, StoreError, canonical_uri, join, store_for
 from tasks import settings
 
@@ -96,7 +96,7 @@ class NightPlan:
 
 def _lock_timeout(seconds: float | None) -> float:
     """The caller's limit on waiting for another run's lock, else the deployment's ($VTAG_LOCK_TIMEOUT_S)."""
-    return settings.lock_timeout_s() if seconds is None else seconds
+    return settings.lock_timeout_s(seconds, "lock_timeout_s")
 
 
 def _model_version(conn, level: str, version: int | None) -> dict:
@@ -151,6 +151,8 @@ def _resolve_request(
 
 
 def _known(conn, video_ids: list[str], level: str) -> dict[str, str]:
+    if nul := [v for v in video_ids if "\x00" in v]:
+        raise InferenceError(f"video id {nul[0]!r} holds a NUL byte ({NUL_REFUSED})")
     known = pending.known_videos(conn, video_ids, level)
     missing = [v for v in video_ids if v not in known]
     if missing:
@@ -224,9 +226,19 @@ def plan_night(
 ) -> NightPlan:
     """Start the night's run and cut what it must score into parts. A whole night replaces the run's
     earlier rows; a targeted one (video ids, file pattern) adds to them. `locked`: the caller holds
-    the night's run_lock; otherwise this waits for it at most `lock_timeout_s` (default: settings)."""
+    the night's run_lock; otherwise this waits for it at most `lock_timeout_s` (default: settings).
+    Everything a caller gave is checked before the run's row exists: a refused request leaves no row."""
+    if not (isinstance(part_videos, int) and part_videos >= 1):
+        raise InferenceError(f"part_videos must be a whole number of videos, at least 1, not {part_videos!r}")
     logical_date, version = _resolve_request(db_url, logical_date, top_k, level, model_version, checkpoint_uri, s3)
     number, level = version["version"], version["level"]
+    try:  # a URI no store serves fails now, not after the night has scored
+        exports_uri = canonical_uri(
+            exports_uri or exports.night_folder(settings.default_exports_uri(), logical_date, number)
+        )
+        store_for(exports_uri, s3)
+    except StoreError as exc:
+        raise InferenceError(f"exports: {exc}") from None
     video_ids = sorted(set(video_ids)) if video_ids else None
     if video_ids:
         with db.transaction(db_url) as conn:
@@ -249,9 +261,6 @@ def plan_night(
         except BaseException as exc:  # never leave the night looking as if it were running
             _fail_run(db_url, run_id, f"planning: {type(exc).__name__}: {exc}")
             raise
-    exports_uri = canonical_uri(
-        exports_uri or exports.night_folder(settings.default_exports_uri(), logical_date, number)
-    )
     if not whole and parts:  # a targeted rescoring's exports, beside the night's, not over them
         exports_uri = join(exports_uri, f"rescored-part{parts[0]['part']:05d}")
     log.info(
@@ -600,7 +609,9 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
         uris = exports.join_night(plan.exports_uri, ours, s3)
         with db.transaction(db_url) as conn:  # the night's rows become the version's with its success
             prediction_writes.finalize_load(conn, plan.run_id)
-            run = runs.finish_run(conn, plan.run_id)
+            # a targeted rescoring's exports hold its videos alone: the night's own stay the ones served
+            whole = not (plan.video_ids or plan.shard_pattern)
+            run = runs.finish_run(conn, plan.run_id, exports_uri=plan.exports_uri if whole else None)
             parts = [p for p in runs.parts_of(conn, plan.run_id) if p["part"] in ours]  # less what another night kept
     except BaseException as exc:
         _fail_run(db_url, plan.run_id, f"finishing: {type(exc).__name__}: {exc}")

@@ -15,6 +15,7 @@ quarantined unless the caller asks to replace the first. A video id appears once
 within a shard or already ingested from another shard, the shard is quarantined naming both.
 """
 
+import hashlib
 import itertools
 import logging
 from collections import defaultdict
@@ -347,6 +348,8 @@ def _convert(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, rep
 class _ShardVideos:
     ids: list[str] = field(default_factory=list)
     labels: list[list[int]] = field(default_factory=list)
+    # each video's content (its whole record: features and labels), what its predictions were scored from
+    fingerprints: list[str] = field(default_factory=list)
     records: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (record index, byte offset)
 
 
@@ -374,6 +377,7 @@ def _write_parquet(path, level: str, split: str, records, shard: ObjectInfo) -> 
             writer.add(video)
             videos.ids.append(video.id)
             videos.labels.append(video.labels)
+            videos.fingerprints.append(hashlib.blake2b(record.data, digest_size=16).hexdigest())
     finally:
         writer.close()
     return videos
@@ -398,9 +402,8 @@ def _record(conn, shard: ObjectInfo, dest: str, result: dict, videos: _ShardVide
     out, level = result["output_uri"], result["level"]
     replaced = _taken_over(manifest.output_owner(conn, dest, out), shard, out, replace)
     if replaced is not None:
-        catalog.forget_shard(conn, replaced, level)
         manifest.mark_replaced(conn, replaced, dest, out, by=shard.uri)
-    elsewhere = catalog.ingested_elsewhere(conn, videos.ids, level=level, source_uri=shard.uri)
+    elsewhere = catalog.ingested_elsewhere(conn, videos.ids, level=level, source_uri=shard.uri, replacing=replaced)
     if elsewhere:
         video_id = min(elsewhere, key=lambda i: videos.records[i][0])
         index, offset = videos.records[video_id]
@@ -411,9 +414,19 @@ def _record(conn, shard: ObjectInfo, dest: str, result: dict, videos: _ShardVide
             offset,
             f"video id {video_id!r} is already ingested at {level} level from {elsewhere[video_id]}{more}",
         )
-    catalog.record_videos(
-        conn, videos.ids, videos.labels, split=result["split"], level=level, source_uri=shard.uri, parquet_uri=out
+    stale = catalog.record_videos(
+        conn,
+        videos.ids,
+        videos.labels,
+        videos.fingerprints,
+        split=result["split"],
+        level=level,
+        source_uri=shard.uri,
+        parquet_uri=out,
+        replacing=replaced,
     )
+    if stale:
+        log.info("%s: %d videos changed or left: their predictions dropped, to be scored again", shard.uri, stale)
     manifest.mark_succeeded(conn, shard, dest, **{k: v for k, v in result.items() if k != "source_uri"})
 
 

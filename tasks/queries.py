@@ -8,7 +8,7 @@ from sqlalchemy import text
 
 from storage.database import db
 from storage.errors import VtagError
-from storage.formats.yt8m_spec import NUM_CLASSES
+from storage.formats.yt8m_spec import NUL_REFUSED, NUM_CLASSES
 
 QUERIES = Path(__file__).resolve().parent.parent / "sql" / "queries"
 
@@ -47,6 +47,8 @@ def _value(name: str, kind: str, raw):
     """A parameter as its declared type, within its range, or a QueryError naming it: a value the
     database would refuse (LIMIT -1, a number beyond bigint) must not reach it as a traceback."""
     if kind == "text":
+        if "\x00" in str(raw):
+            raise QueryError(f"parameter {name} holds a NUL byte ({NUL_REFUSED})")
         return raw
     low, high = RANGES.get(name, (0, INTEGER_COLUMN))
     wanted = f"an integer from {low} to {high}" if kind == "integer" else "a finite number"

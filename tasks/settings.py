@@ -7,7 +7,7 @@ back to these.
 import math
 import os
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from storage.errors import UsageError
@@ -44,18 +44,47 @@ def default_exports_uri() -> str:
 LOCK_TIMEOUT_S = 600.0  # a night's parts take minutes; a try still holding the lock after 10 is likely hung
 
 
-def lock_timeout_s() -> float:
-    """How long a run waits for the lock of a night another run holds ($VTAG_LOCK_TIMEOUT_S, seconds)."""
-    raw = os.environ.get("VTAG_LOCK_TIMEOUT_S")
-    if not raw:
-        return LOCK_TIMEOUT_S
+def lock_timeout_s(raw: str | float | None = None, name: str = "") -> float:
+    """How long a run waits for the lock of a night another run holds, in seconds: `raw` (a flag's or a
+    param's value, checked as `name`), else $VTAG_LOCK_TIMEOUT_S, else 600. A finite number, 0 or more."""
+    if raw is None:
+        raw, name = os.environ.get("VTAG_LOCK_TIMEOUT_S"), "VTAG_LOCK_TIMEOUT_S"
+        if not raw:
+            return LOCK_TIMEOUT_S
     try:
         seconds = float(raw)
-    except ValueError:
+    except (TypeError, ValueError):
         seconds = float("nan")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise UsageError(f"VTAG_LOCK_TIMEOUT_S must be a number of seconds (0 or more), not {raw!r}")
+    if not math.isfinite(seconds) or seconds < 0 or isinstance(raw, bool):
+        raise UsageError(f"{name} must be a number of seconds (0 or more), not {raw!r}")
     return seconds
+
+
+# Airflow's schedule presets, besides cron expressions.
+SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
+
+
+def schedule(name: str, default: str) -> str | None:
+    """$`name` as a DAG's schedule: a cron expression or one of Airflow's presets; set empty, None (manual
+    and backfill runs only). Checked where the DAG file is parsed, so that a bad value names its variable."""
+    raw = os.environ.get(name, default).strip()
+    if not raw:
+        return None
+    from croniter import croniter  # Airflow's own cron parser
+
+    if raw not in SCHEDULE_PRESETS and not croniter.is_valid(raw):
+        raise UsageError(f"{name} must be a cron expression such as '0 2 * * *' (or empty: no schedule), not {raw!r}")
+    return raw
+
+
+def start_date(name: str, default: str) -> datetime:
+    """$`name` as a DAG's start date: ISO 8601, UTC when it names no zone."""
+    raw = os.environ.get(name) or default
+    try:
+        when = datetime.fromisoformat(raw.strip())
+    except ValueError:
+        raise UsageError(f"{name} must be an ISO 8601 date such as 2026-11-01, not {raw!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 NIGHT_DEADLINE = "6h"  # a night takes minutes to a few hours at full size; still running after 6 is stuck

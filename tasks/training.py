@@ -9,9 +9,10 @@ scores a version and records the evaluation; `promote` makes it production if it
 
 import logging
 import os
+import uuid
 
 from storage.database import db, registry
-from storage.objectstore import S3Config, canonical_uri, join
+from storage.objectstore import S3Config, canonical_uri, join, store_for
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,14 @@ def train_model(
     }
 
 
-def register_model(db_url: str, trained: dict, *, run_id: str | None = None) -> dict:
-    """Record `trained` (train_model's result) as a model version with status `trained`; again, the
-    same checkpoint is the same version. Returns `trained` with its `version`."""
+def register_model(db_url: str, trained: dict, *, run_id: str | None = None, s3: S3Config | None = None) -> dict:
+    """Record `trained` (train_model's result) as a model version with status `trained`, with the loss curve
+    training drew for its final checkpoint; again, the same checkpoint is the same version. Returns
+    `trained` with its `version`."""
+    from model.checkpoint import loss_plot_uri
+
     db.require_current(db_url)
+    loss_plot = loss_plot_uri(trained["checkpoint_uri"])  # training drew it beside the final checkpoint
     with db.transaction(db_url) as conn:
         version = registry.register(
             conn,
@@ -89,6 +94,7 @@ def register_model(db_url: str, trained: dict, *, run_id: str | None = None) -> 
             steps=trained["steps"],
             run_id=run_id,
             checkpoint_sha256=trained["checkpoint_sha256"],
+            loss_plot_uri=loss_plot if store_for(loss_plot, s3).exists(loss_plot) else None,
         )
     log.info("model version %d: %s", version, trained["checkpoint_uri"])
     return {**trained, "version": version}
@@ -102,7 +108,7 @@ def train_and_register(data_uri: str, out_uri: str, level: str, db_url: str, **t
     trained = train_model(data_uri, out_uri, level, **train_options)
     if trained["rank"] != 0:
         return {**trained, "version": None}
-    return register_model(db_url, trained)
+    return register_model(db_url, trained, s3=train_options.get("s3"))
 
 
 def evaluate_model(
@@ -117,8 +123,10 @@ def evaluate_model(
     precision: str | None = None,
 ) -> dict:
     """Score a model version (`version`, or the one `checkpoint_uri` is registered as, registered now if
-    it is not), write an `evaluations` row and a plot beside the checkpoint. What is scored is the
-    version's own checkpoint, its sha256 verified: the evaluation belongs to exactly those weights."""
+    it is not), write an `evaluations` row and a plot beside the checkpoint, under a name of this evaluation's
+    own (`eval-v<version>-<split>-<12 hex>.png`: another version's or evaluation's never replaces it). What
+    is scored is the version's own checkpoint, its sha256 verified: the evaluation belongs to exactly those
+    weights; the row records the exact videos scored (set_fingerprint), what promotion compares on."""
     from model.evaluate import evaluate, plot
 
     data_uri = canonical_uri(data_uri)
@@ -137,9 +145,8 @@ def evaluate_model(
         precision=precision,
     )
     beside = canonical_uri(checkpoint_uri) if checkpoint_uri else registered["checkpoint_uri"]
-    plot_uri = plot(
-        evaluation, f"model version {version} on {split}", join(beside.rsplit("/", 1)[0], f"eval-{split}.png"), s3
-    )
+    name = f"eval-v{version}-{split}-{uuid.uuid4().hex[:12]}.png"
+    plot_uri = plot(evaluation, f"model version {version} on {split}", join(beside.rsplit("/", 1)[0], name), s3)
     with db.transaction(db_url) as conn:
         registry.record_evaluation(
             conn,
@@ -151,6 +158,7 @@ def evaluate_model(
             videos=evaluation.videos,
             seconds=evaluation.seconds,
             plot_uri=plot_uri,
+            set_fingerprint=evaluation.set_fingerprint,
         )
     return {
         **evaluation.metrics,
@@ -180,10 +188,19 @@ def ensure_registered(db_url: str, checkpoint_uri: str, s3: S3Config | None = No
         version = registry.version_by_sha256(conn, sha256)
     if version is not None:  # these very weights are a version already (last.pt as its run's final checkpoint)
         return version
+    # Checked before anything is copied or registered: a version is only ever weights that load and are finite.
+    state = checkpoint.load(checkpoint_uri, s3, sha256=sha256)
+    config = checkpoint.config_of(state, checkpoint_uri)
+    checkpoint.model_of(state, config, checkpoint_uri)
     frozen_uri = checkpoint.freeze(checkpoint_uri, sha256, fingerprint, s3)
-    state = checkpoint.load(frozen_uri, s3, sha256=sha256)
-    config = checkpoint.config_of(state, frozen_uri)
     data = state.get("data", {})
+    loss_plot = None
+    if state.get("history", {}).get("step_loss"):  # drawn from this checkpoint's own history, under its key
+        from model.train import plot_losses
+
+        loss_plot = checkpoint.loss_plot_uri(frozen_uri)
+        if not store_for(loss_plot, s3).exists(loss_plot):
+            plot_losses(state["history"], loss_plot, s3)
     with db.transaction(db_url) as conn:
         return registry.register(
             conn,
@@ -196,6 +213,7 @@ def ensure_registered(db_url: str, checkpoint_uri: str, s3: S3Config | None = No
             epochs=state.get("epoch", 0),
             steps=state.get("step", 0),
             checkpoint_sha256=sha256,
+            loss_plot_uri=loss_plot,
         )
 
 

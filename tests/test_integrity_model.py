@@ -202,7 +202,7 @@ def test_temporaries_of_a_save_killed_mid_write_are_removed_by_the_next_run(parq
     with caplog.at_level(logging.INFO, logger="model.checkpoint"):
         train(load_config("small", overrides={**TINY, "epochs": 1}), parquet, str(out), progress=False)
     hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
-    assert hidden == [".notes.k1ll3d00.tmp"]  # not a name a run writes: left alone
+    assert hidden == [".notes.k1ll3d00.tmp", ".vtag-train.lock"]  # not a name a run writes: left alone; the lock
     swept = [r.getMessage() for r in caplog.records if "leftover(s) of killed checkpoint saves" in r.getMessage()]
     assert len(swept) == 1 and left[0] in swept[0] and ".epoch-002.pt.k1ll3d00.tmp" in swept[0]
     assert swept[0].startswith(f"removed 2 leftover(s) of killed checkpoint saves in {out}")

@@ -26,7 +26,7 @@ def _version(conn, name: str, gap: float | None, *, data_uri: str = "/data") -> 
         metrics = {"gap": gap, "hit_at_one": gap + 0.1, "perr": gap - 0.1, "map": gap - 0.05}
         registry.record_evaluation(
             conn, version, split="validate", data_uri=data_uri, pattern="*.parquet", metrics=metrics,
-            videos=1000, seconds=1.0, plot_uri=None,
+            videos=1000, seconds=1.0, plot_uri=None, set_fingerprint=f"the videos of {data_uri}",
         )  # fmt: skip
     return version
 
@@ -89,7 +89,8 @@ def test_a_review_needs_production_scored_on_the_same_set(db_url):
 
     production, candidate = in_transaction(db_url, worlds_apart)
     with pytest.raises(
-        registry.NeedsEvaluation, match=rf"production version {production} has no evaluation on /new-data"
+        registry.NeedsEvaluation,
+        match=rf"production version {production} has no evaluation on the candidate's set \(/new-data validate",
     ):
         in_transaction(db_url, reviews.request, candidate, run_id="run-1", split="validate", deadline_at=None)
 

@@ -14,6 +14,10 @@ finish_night; a night that ends failed is run again for the same logical date. S
 - `two_tries_part`: two tries of one part at once (a try presumed lost and its retry, separate pools);
 - `two_tries_night`: two whole runs of the night at once (`vtag infer` beside the DAG's run).
 
+Once, after the first new shard was scored, a shard already scored is rewritten under the same name and
+ids with other features and ingested again: that night must score exactly its videos again (issue 29's
+lineage), besides whatever else it has to do.
+
 After every failed try and every night the invariants are checked in SQL (`check_night`), and a broken one
 fails the test naming the night, the video or run, and the counts. The size is fixed (NIGHTS, FAULTS,
 ARRIVALS), not a wall clock; the schedule comes from a seed, printed first: VTAG_SOAK_SEED=<seed> replays it.
@@ -89,12 +93,14 @@ def check_night(
     expected_videos: set[str],
     catalogue: int,
     csv_path: str | None,
+    superseded: dict[int, int] | None = None,
 ) -> Checked:
-    """Every invariant of a finished night, in SQL; raises AssertionError naming each break."""
+    """Every invariant of a finished night, in SQL; raises AssertionError naming each break. `superseded`:
+    {run: its rows dropped since because their videos' content changed}."""
     broken, checked = [], Checked()
     _check_predictions(db_url, k, broken, checked)
     _check_nothing_lost(db_url, production_version, until, catalogue, broken, checked)
-    _check_runs(db_url, broken, checked)
+    _check_runs(db_url, broken, checked, superseded or {})
     scored = _check_tonight(db_url, run_id, production_version, expected_videos, broken, checked)
     if csv_path is not None:
         _check_export(csv_path, run_id, scored, broken, checked)
@@ -145,8 +151,9 @@ def unscored_videos(db_url: str, version: int, until: datetime) -> set[str]:
     }
 
 
-def _check_runs(db_url, broken, checked) -> None:
-    """Every run of every night so far: succeeded, rows_written = videos_done x k = the rows it has stored."""
+def _check_runs(db_url, broken, checked, superseded: dict[int, int]) -> None:
+    """Every run of every night so far: succeeded, rows_written = videos_done x k = the rows it has stored,
+    less those of videos whose content changed since (`superseded`)."""
     runs = rows(
         db_url,
         "SELECT r.run_id, r.logical_date, r.model_version, r.status, r.top_k, r.videos_total, r.videos_done, "
@@ -154,10 +161,11 @@ def _check_runs(db_url, broken, checked) -> None:
         "AND p.model_version = r.model_version) FROM inference_runs r ORDER BY r.run_id",
     )
     for run, date, version, status, k, total, done, written, load_table, error, stored in runs:
-        if (status, done, written, stored, load_table) != ("succeeded", total, done * k, written, None):
+        kept = written - superseded.get(run, 0)
+        if (status, done, written, stored, load_table) != ("succeeded", total, done * k, kept, None):
             broken.append(
                 f"run {run} ({date:%Y-%m-%d}, model version {version}): {status}, {done}/{total} videos, "
-                f"rows_written {written} (videos_done x k = {done * k}), {stored} rows stored"
+                f"rows_written {written} (videos_done x k = {done * k}), {stored} rows stored ({kept} expected)"
                 f"{', load table ' + load_table if load_table else ''}{': ' + error if error else ''}"
             )
     left = [
@@ -262,6 +270,7 @@ class Night:
     arrival: int | None  # the new shard ingested before this night, if any
     promotion: bool  # a new model version promoted before this night
     fault: str | None
+    changed_shard: bool = False  # an earlier arrival rewritten with other content, same ids, before this night
 
     @property
     def label(self) -> str:
@@ -277,8 +286,10 @@ def soak_schedule(rng: random.Random) -> list[Night]:
     kinds = [kind for kind, n in FAULTS.items() for _ in range(n)]
     faulted = dict(zip(rng.sample(working, len(kinds)), kinds))
     arrival_of = {n: i for i, n in enumerate(arrivals)}
+    changed = rng.randrange(arrivals[0] + 1, NIGHTS)  # an arrival scored before it can change
     return [
-        Night(n, NIGHT + timedelta(days=n), arrival_of.get(n), n == promotion, faulted.get(n)) for n in range(NIGHTS)
+        Night(n, NIGHT + timedelta(days=n), arrival_of.get(n), n == promotion, faulted.get(n), n == changed)
+        for n in range(NIGHTS)
     ]
 
 
@@ -302,6 +313,7 @@ class Soak:
     checkpoint: str
     catalogue: int = VIDEOS
     faults: Counter = field(default_factory=Counter)
+    superseded: Counter = field(default_factory=Counter)  # run -> its rows of videos whose content changed
     checked: Checked = field(default_factory=Checked)
     failed_tries: int = 0
     reruns: int = 0
@@ -367,6 +379,36 @@ def arrive(soak: Soak, night: Night) -> None:
         converted
     )
     soak.catalogue += ARRIVAL_VIDEOS
+
+
+def change_a_shard(soak: Soak) -> set[str]:
+    """An arrival already scored, rewritten under its name and ids with other features (each video's first
+    frame shifted), ingested again; returns its videos, which must lose their predictions and be pending."""
+    from storage.formats.tf_example import SequenceExample
+    from storage.formats.tfrecord import read_records, write_records
+
+    path = sorted(soak.raw.glob("test*.tfrecord"))[0]
+    with open(path, "rb") as f:
+        records = [r.data for r in read_records(f, str(path))]
+    changed = []
+    for data in records:
+        record = SequenceExample.FromString(data)
+        first = record.feature_lists.feature_list["rgb"].feature[0].bytes_list
+        first.value[0] = bytes((b + 37) % 256 for b in first.value[0])
+        changed.append(record.SerializeToString())
+    with open(path, "wb") as f:
+        write_records(f, changed)
+    ids = {v for (v,) in rows(soak.db_url, "SELECT video_id FROM videos WHERE source_uri = :s", s=str(path))}
+    assert (
+        len(ids) == ARRIVAL_VIDEOS
+        and not unscored_videos(soak.db_url, soak.version, NIGHT + timedelta(days=NIGHTS)) & ids
+    )
+    dropped = "SELECT run_id, COUNT(*) FROM predictions WHERE video_id IN :ids GROUP BY run_id"
+    for run, n in rows(soak.db_url, dropped, ids=tuple(ids)):  # the rows this ingest must drop
+        soak.superseded[run] += n
+    converted = ingest(str(soak.raw), soak.parquet, soak.db_url, s3=soak.s3)
+    assert not converted.failed and [c["source_uri"] for c in converted.converted] == [str(path)], converted
+    return ids
 
 
 def promote_new_version(soak: Soak) -> None:
@@ -638,7 +680,9 @@ def soak_night(soak: Soak, night: Night) -> None:
         arrive(soak, night)
     if night.promotion:
         promote_new_version(soak)
+    changed = change_a_shard(soak) if night.changed_shard else set()
     expected = unscored_videos(soak.db_url, soak.version, night.logical_date)  # what the night must score
+    assert changed <= expected, f"{night.label}: changed videos {sorted(changed - expected)} still count as scored"
     exports = str(soak.home / "exports" / f"{night.logical_date:%Y-%m-%dT%H%M%S}")
     if night.fault == "two_tries_night":
         finished = two_runs_at_once(soak, night, exports)
@@ -656,6 +700,7 @@ def soak_night(soak: Soak, night: Night) -> None:
             expected_videos=expected,
             catalogue=soak.catalogue,
             csv_path=csv_path,
+            superseded=soak.superseded,
         )
     )
     events = [
@@ -664,6 +709,7 @@ def soak_night(soak: Soak, night: Night) -> None:
             (f"+{ARRIVAL_VIDEOS} videos", night.arrival is not None),
             (f"model version {soak.version} promoted", night.promotion),
             (night.fault, night.fault),
+            (f"a shard changed: its {len(changed)} videos scored again", changed),
         )
         if on
     ]

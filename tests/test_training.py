@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -166,7 +167,7 @@ def test_train_evaluate_register_promote(parquet, tmp_path, db_url):
     )
     evaluation = evaluate_model(trained["checkpoint_uri"], parquet, db_url)
     assert evaluation["videos"] == 16 and set(evaluation) >= {"hit_at_one", "perr", "gap", "map", "plot_uri"}
-    assert 0.0 <= evaluation["gap"] <= 1.0 and (tmp_path / "v1" / "eval-validate.png").is_file()
+    assert 0.0 <= evaluation["gap"] <= 1.0 and Path(evaluation["plot_uri"]).is_file()
     assert promote(db_url, trained["version"])["promoted"]
     assert in_transaction(db_url, registry.production, "frame")["version"] == trained["version"]
 
@@ -186,25 +187,27 @@ def test_train_evaluate_register_promote(parquet, tmp_path, db_url):
     assert in_transaction(db_url, registry.production, "frame")["version"] == trained["version"]
     assert in_transaction(db_url, registry.get_version, worse["version"])["status"] == "rejected"
 
-    # Scored on another evaluation set, a candidate is compared with production scored on that set too.
+    # Another pattern that selects the same file is the same set: production's evaluation on it serves,
+    # no second scoring (test_integrity_results.py: a grown set has production scored again).
     third = train_and_register(
         parquet, str(tmp_path / "v3"), "frame", db_url, preset="small", overrides=TINY, progress=False
     )
     evaluate_model(third["checkpoint_uri"], parquet, db_url, pattern="validate0000.parquet")
-    promote(db_url, third["version"])
+    outcome = promote(db_url, third["version"])
     from sqlalchemy import text
 
     from storage.database.db import engine_for
 
     with engine_for(db_url).connect() as conn:
-        patterns = (
-            conn.execute(
-                text("SELECT pattern FROM evaluations WHERE model_version = :v ORDER BY id"), {"v": trained["version"]}
-            )
-            .scalars()
-            .all()
-        )
-    assert patterns == ["*.parquet", "validate0000.parquet"]
+        sets = conn.execute(
+            text("SELECT model_version, pattern, set_fingerprint FROM evaluations WHERE model_version IN (:a, :b)"),
+            {"a": trained["version"], "b": third["version"]},
+        ).all()
+    assert sorted((v, p) for v, p, _ in sets) == [
+        (trained["version"], "*.parquet"),
+        (third["version"], "validate0000.parquet"),
+    ]
+    assert len({f for _, _, f in sets}) == 1 and f"production version {trained['version']} GAP" in outcome["reason"]
     assert trained["checkpoint_uri"].endswith(f"final-step{trained['steps']:07d}.pt")
 
 

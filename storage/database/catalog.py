@@ -6,9 +6,9 @@ import csv
 from sqlalchemy import Connection, delete, exists, select
 
 from storage.database.db import upsert_insert, utcnow
-from storage.database.schema import labels, video_labels, videos
+from storage.database.schema import labels, predictions, video_labels, videos
 from storage.errors import VtagError
-from storage.formats.yt8m_spec import LEVELS, NUM_CLASSES
+from storage.formats.yt8m_spec import LEVELS, NUL_REFUSED, NUM_CLASSES
 from storage.objectstore import S3Config, store_for
 
 VOCABULARY_COLUMNS = (
@@ -48,31 +48,11 @@ def load_vocabulary(conn: Connection, uri: str, s3: S3Config | None = None) -> i
     if missing:
         raise VocabularyError(f"{uri}: not a YouTube-8M vocabulary (missing columns {', '.join(missing)})")
     rows, first_line_of = [], {}
-    for row in reader:
-        line = reader.line_num
-        try:
-            label_id = int(row["Index"])
-            rows.append(
-                {
-                    "label_id": label_id,
-                    "name": row["Name"] or "",
-                    "knowledge_graph_id": row["KnowledgeGraphId"] or None,
-                    "train_video_count": int(row["TrainVideoCount"]) if row["TrainVideoCount"] else None,
-                    "vertical1": row["Vertical1"] or None,
-                    "vertical2": row["Vertical2"] or None,
-                    "vertical3": row["Vertical3"] or None,
-                    "wiki_url": row["WikiUrl"] or None,
-                }
-            )
-        except (ValueError, TypeError) as exc:  # TypeError: a short line leaves columns None
-            raise VocabularyError(f"{uri}, line {line}: {exc}") from None
-        if not 0 <= label_id < NUM_CLASSES:
-            raise VocabularyError(f"{uri}, line {line}: Index {label_id} outside 0..{NUM_CLASSES - 1}")
-        if label_id in first_line_of:
-            raise VocabularyError(
-                f"{uri}, line {line}: Index {label_id} already given on line {first_line_of[label_id]}"
-            )
-        first_line_of[label_id] = line
+    try:
+        for row in reader:
+            _vocabulary_row(row, reader.line_num, uri, rows, first_line_of)
+    except csv.Error as exc:  # a field past csv's limit (131,072 characters), a broken quote
+        raise VocabularyError(f"{uri}, line {reader.line_num + 1}: {exc}") from None  # the line it could not finish
     if not rows:
         raise VocabularyError(f"{uri}: no labels in it")
     statement = upsert_insert(conn)(labels)
@@ -83,18 +63,52 @@ def load_vocabulary(conn: Connection, uri: str, s3: S3Config | None = None) -> i
     return len(rows)
 
 
+def _vocabulary_row(row: dict, line: int, uri: str, rows: list[dict], first_line_of: dict[int, int]) -> None:
+    """One line of vocabulary.csv checked and appended to `rows`."""
+    nul = next((column for column, value in row.items() if isinstance(value, str) and "\x00" in value), None)
+    if nul is not None:
+        raise VocabularyError(f"{uri}, line {line}: column {nul} holds a NUL byte ({NUL_REFUSED})")
+    try:
+        label_id = int(row["Index"])
+        rows.append(
+            {
+                "label_id": label_id,
+                "name": row["Name"] or "",
+                "knowledge_graph_id": row["KnowledgeGraphId"] or None,
+                "train_video_count": int(row["TrainVideoCount"]) if row["TrainVideoCount"] else None,
+                "vertical1": row["Vertical1"] or None,
+                "vertical2": row["Vertical2"] or None,
+                "vertical3": row["Vertical3"] or None,
+                "wiki_url": row["WikiUrl"] or None,
+            }
+        )
+    except (ValueError, TypeError) as exc:  # TypeError: a short line leaves columns None
+        raise VocabularyError(f"{uri}, line {line}: {exc}") from None
+    if not 0 <= label_id < NUM_CLASSES:
+        raise VocabularyError(f"{uri}, line {line}: Index {label_id} outside 0..{NUM_CLASSES - 1}")
+    if label_id in first_line_of:
+        raise VocabularyError(f"{uri}, line {line}: Index {label_id} already given on line {first_line_of[label_id]}")
+    first_line_of[label_id] = line
+
+
 def record_videos(
     conn: Connection,
     ids: list[str],
     labels_of: list[list[int]],
+    fingerprints: list[str],
     *,
     split: str,
     level: str,
     source_uri: str,
     parquet_uri: str,
-) -> None:
-    """Make the catalogue hold exactly a converted shard's videos and their ground truth. An id another shard of the level holds is refused by the
-    primary key: check with `ingested_elsewhere` first to name that shard."""
+    replacing: str | None = None,
+) -> int:
+    """Make the catalogue hold exactly a converted shard's videos, each with its content's fingerprint, and
+    their ground truth; `replacing`: the other source whose videos this shard's output takes over. A video
+    whose content changed since it was last ingested here (or there), or that left the shard, loses its
+    predictions of every model version in this transaction, so that the views stop showing them and every
+    model scores it again; an unchanged one keeps them. Returns how many lost them. An id another shard of
+    the level holds is refused by the primary key: check with `ingested_elsewhere` first to name that shard."""
     now = utcnow()
     rows = [
         {
@@ -104,10 +118,17 @@ def record_videos(
             "source_uri": source_uri,
             "parquet_uri": parquet_uri,
             "ingested_at": now,
+            "content_fingerprint": fingerprint,
         }
-        for i in ids
+        for i, fingerprint in zip(ids, fingerprints)
     ]
-    _forget(conn, source_uri, level)
+    before = _forget(conn, source_uri, level)
+    if replacing is not None:
+        before.update(_forget(conn, replacing, level))
+    now_held = dict(zip(ids, fingerprints))
+    # NULL: ingested before fingerprints were recorded, so its content is not known to be the same
+    stale = [i for i, fingerprint in before.items() if fingerprint is None or now_held.get(i) != fingerprint]
+    _drop_predictions(conn, stale)
     for start in range(0, len(rows), 5000):
         conn.execute(videos.insert(), rows[start : start + 5000])
         # The other level's row of a video shares its ground truth: the newest shard's labels win.
@@ -115,30 +136,47 @@ def record_videos(
     truth = [{"video_id": i, "label_id": label} for i, ls in zip(ids, labels_of) for label in set(ls)]
     for start in range(0, len(truth), 20000):
         conn.execute(video_labels.insert(), truth[start : start + 20000])
+    return len(stale)
 
 
-def ingested_elsewhere(conn: Connection, ids: list[str], *, level: str, source_uri: str) -> dict[str, str]:
-    """Those of `ids` the catalogue holds at `level` from another shard than `source_uri`: id -> that shard."""
+def ingested_elsewhere(
+    conn: Connection, ids: list[str], *, level: str, source_uri: str, replacing: str | None = None
+) -> dict[str, str]:
+    """Those of `ids` the catalogue holds at `level` from another shard than `source_uri` (and than
+    `replacing`, the source whose output it takes over): id -> that shard."""
     found = {}
     for start in range(0, len(ids), 5000):
         query = select(videos.c.video_id, videos.c.source_uri).where(
             videos.c.level == level,
             videos.c.video_id.in_(ids[start : start + 5000]),
-            videos.c.source_uri != source_uri,
+            videos.c.source_uri.not_in([source_uri, replacing or source_uri]),
         )
         found.update(conn.execute(query).all())
     return found
 
 
 def forget_shard(conn: Connection, source_uri: str, level: str | None = None) -> None:
-    """A shard's videos (of `level`, or both) leave the catalogue with the ground truth no other row shares:
-    a quarantined or replaced shard has no Parquet left to score them from."""
+    """A shard's videos (of `level`, or both) leave the catalogue with the ground truth no other row shares
+    and their predictions of every model version (the views with them), in the caller's transaction: a
+    quarantined shard has no Parquet left to score them from, nor labels to show for them."""
+    departed = {}
     for one in LEVELS if level is None else (level,):
-        _forget(conn, source_uri, one)
+        departed.update(_forget(conn, source_uri, one))
+    _drop_predictions(conn, list(departed))
 
 
-def _forget(conn: Connection, source_uri: str, level: str) -> None:
+def _drop_predictions(conn: Connection, ids: list[str]) -> None:
+    """Every model version's predictions of these videos (the primary key leads with the id: one index probe
+    per partition and id)."""
+    for start in range(0, len(ids), 5000):
+        conn.execute(delete(predictions).where(predictions.c.video_id.in_(ids[start : start + 5000])))
+
+
+def _forget(conn: Connection, source_uri: str, level: str) -> dict[str, str | None]:
+    """Remove a shard's videos of `level` and the ground truth no other row shares; returns what they were:
+    {video id: content fingerprint}."""
     leaving = (videos.c.source_uri == source_uri) & (videos.c.level == level)
+    gone = dict(conn.execute(select(videos.c.video_id, videos.c.content_fingerprint).where(leaving)).all())
     other = videos.alias("other")
     still_held = select(other.c.video_id).where(
         other.c.video_id == video_labels.c.video_id, ~((other.c.source_uri == source_uri) & (other.c.level == level))
@@ -149,3 +187,4 @@ def _forget(conn: Connection, source_uri: str, level: str) -> None:
         )
     )
     conn.execute(delete(videos).where(leaving))
+    return gone

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from storage.errors import VtagError
 
@@ -37,20 +37,34 @@ def normalize_url(url: str) -> str:
     return url
 
 
+SUPPORTED = "sqlite:///path or postgresql://user@host/db"
+
+
 @cache
 def engine_for(url: str) -> Engine:
     try:
         parsed = make_url(normalize_url(url))
     except ArgumentError:
-        raise DatabaseURLError(f"not a database URL: {url!r} (expected sqlite:///path or postgresql://...)") from None
-    if parsed.get_backend_name() == "sqlite":
+        raise DatabaseURLError(f"not a database URL: {url!r} (expected {SUPPORTED})") from None
+    shown = parsed.render_as_string(hide_password=True)
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise DatabaseURLError(f"{shown}: {backend} databases are not supported (use {SUPPORTED})")
+    if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(parsed.database).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DatabaseURLError(f"{shown}: cannot create its folder {folder}: {exc.strerror or exc}") from None
         # Mapped ingest tasks write the manifest at once: wait for the lock rather than fail.
         engine = create_engine(parsed, connect_args={"timeout": 60})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(parsed, pool_pre_ping=True)
+    try:
+        return create_engine(parsed, pool_pre_ping=True)
+    except (NoSuchModuleError, ImportError) as exc:  # a driver named that is not installed (postgresql+pg8000)
+        raise DatabaseURLError(f"{shown}: its driver is not installed ({exc}); use {SUPPORTED}") from None
 
 
 @contextmanager
@@ -92,27 +106,60 @@ def _alembic_config(engine: Engine | None):
 _migrating = threading.Lock()  # Alembic's context is process-global: one migration at a time
 
 
+class SchemaOutOfDate(VtagError):
+    pass
+
+
+class MigrationError(VtagError, ValueError):
+    """A migration that cannot be run as asked (a revision that does not exist)."""
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Migrate to `revision`; a database already there costs one query. Concurrent callers are safe:
     one thread at a time here, and on PostgreSQL an advisory lock in env.py across processes."""
     from alembic import command
 
     config = _alembic_config(engine_for(url))
-    if revision == "head" and current_revision(url) == head_revision():
+    current = current_revision(url)
+    if revision == "head" and current == head_revision():
         return
-    with _migrating:
+    _refuse_unknown(url, current)
+    with _migrating, _migration_errors(revision):
         command.upgrade(config, revision)
 
 
 def downgrade(url: str, revision: str) -> None:
     from alembic import command
 
-    with _migrating:
+    _refuse_unknown(url, current_revision(url))
+    with _migrating, _migration_errors(revision):
         command.downgrade(_alembic_config(engine_for(url)), revision)
 
 
-class SchemaOutOfDate(VtagError):
-    pass
+@contextmanager
+def _migration_errors(revision: str) -> Iterator[None]:
+    from alembic.util import CommandError
+
+    try:
+        yield
+    except CommandError as exc:
+        raise MigrationError(f"schema revision {revision!r}: {exc}") from None
+
+
+def known_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    return {script.revision for script in ScriptDirectory.from_config(_alembic_config(None)).walk_revisions()}
+
+
+def _refuse_unknown(url: str, current: str | None) -> None:
+    """A database a newer release migrated: this one knows neither its schema nor the way back from it."""
+    if current is not None and current not in known_revisions():
+        raise SchemaOutOfDate(
+            f"the database {engine_for(url).url.render_as_string(hide_password=True)} is at schema revision "
+            f"{current}, newer than this release knows (its newest is {head_revision()}): use the release "
+            "that migrated it, or a newer one"
+        )
 
 
 def head_revision() -> str:
@@ -125,6 +172,7 @@ def require_current(url: str) -> None:
     """Refuse to work on a database whose schema is not the code's: one query. Tasks call it instead of
     migrating, so that a schema change happens once, at deploy time, and never under a running night."""
     current, head = current_revision(url), head_revision()
+    _refuse_unknown(url, current)
     if current != head:
         state = "has no vtag schema" if current is None else f"is at schema revision {current}"
         raise SchemaOutOfDate(

@@ -26,9 +26,11 @@ def register(
     steps: int,
     run_id: str | None = None,
     checkpoint_sha256: str | None = None,
+    loss_plot_uri: str | None = None,
 ) -> int:
     """Record a trained model; registering the same checkpoint again returns its existing version.
-    `checkpoint_sha256` is the content the version stands for: loads of its checkpoint verify it."""
+    `checkpoint_sha256` is the content the version stands for: loads of its checkpoint verify it;
+    `loss_plot_uri` its own loss curve (model.checkpoint.loss_plot_uri)."""
     existing = conn.execute(
         select(model_versions.c.version, model_versions.c.checkpoint_sha256).where(
             model_versions.c.checkpoint_uri == checkpoint_uri
@@ -57,6 +59,7 @@ def register(
             run_id=run_id,
             created_at=utcnow(),
             checkpoint_sha256=checkpoint_sha256,
+            loss_plot_uri=loss_plot_uri,
         )
         .returning(model_versions.c.version)
     ).scalar_one()
@@ -73,6 +76,7 @@ def record_evaluation(
     videos: int,
     seconds: float,
     plot_uri: str | None,
+    set_fingerprint: str | None = None,
 ) -> int:
     return conn.execute(
         insert(evaluations)
@@ -89,6 +93,7 @@ def record_evaluation(
             seconds=seconds,
             plot_uri=plot_uri,
             evaluated_at=utcnow(),
+            set_fingerprint=set_fingerprint,
         )
         .returning(evaluations.c.id)
     ).scalar_one()
@@ -124,10 +129,14 @@ def production(conn: Connection, level: str) -> dict | None:
 
 
 class NeedsEvaluation(RegistryError):
-    """The production model has no evaluation on the candidate's evaluation set: GAPs would not compare."""
+    """The production model has no evaluation on the candidate's evaluation set (the same videos, the same
+    content: the evaluation's set_fingerprint): GAPs would not compare."""
 
     def __init__(self, version: int, checkpoint_uri: str, data_uri: str, split: str, pattern: str):
-        super().__init__(f"production version {version} has no evaluation on {data_uri} {split} {pattern}")
+        super().__init__(
+            f"production version {version} has no evaluation on the candidate's set ({data_uri} {split} {pattern} "
+            "as it is now: the data changed while they were scored?)"
+        )
         self.version, self.checkpoint_uri, self.data_uri, self.split, self.pattern = (
             version,
             checkpoint_uri,
@@ -137,10 +146,11 @@ class NeedsEvaluation(RegistryError):
         )
 
 
-def _latest_evaluation(conn, version: int, split: str, data_uri: str | None = None, pattern: str | None = None):
+def _latest_evaluation(conn, version: int, split: str, set_fingerprint: str | None = None):
+    """The version's newest evaluation on `split`; with `set_fingerprint`, its newest on exactly that set."""
     query = select(evaluations).where(evaluations.c.model_version == version, evaluations.c.split == split)
-    if data_uri is not None:
-        query = query.where(evaluations.c.data_uri == data_uri, evaluations.c.pattern == pattern)
+    if set_fingerprint is not None:
+        query = query.where(evaluations.c.set_fingerprint == set_fingerprint)
     return conn.execute(query.order_by(evaluations.c.id.desc()).limit(1)).first()
 
 
@@ -151,7 +161,7 @@ class Standing:
     candidate: Row
     evaluation: Row  # the candidate's latest evaluation on the split
     production: Row | None  # None: no production model at the candidate's level
-    production_evaluation: Row | None  # production's latest on the very same data, split and pattern
+    production_evaluation: Row | None  # production's latest on the very same videos and content
 
     def is_production(self) -> bool:
         return self.production is not None and self.production.version == self.candidate.version
@@ -159,7 +169,8 @@ class Standing:
 
 def standing(conn: Connection, version: int, split: str = "validate", *, lock: bool = False) -> Standing:
     """Where `version` stands against production on its latest evaluation of `split`. Raises
-    NeedsEvaluation when production was never scored on that set. `lock` holds both rows (FOR UPDATE on
+    NeedsEvaluation when production was never scored on that set: the same videos with the same content
+    (set_fingerprint; an evaluation from before it was recorded matches none). `lock` holds both rows (FOR UPDATE on
     PostgreSQL) until the caller's transaction ends, for a promotion decided on them."""
 
     def rows(query):
@@ -176,7 +187,7 @@ def standing(conn: Connection, version: int, split: str = "validate", *, lock: b
     ).first()
     theirs = None
     if current is not None and current.version != version:
-        theirs = _latest_evaluation(conn, current.version, split, mine.data_uri, mine.pattern)
+        theirs = _latest_evaluation(conn, current.version, split, mine.set_fingerprint or "")
         if theirs is None:
             raise NeedsEvaluation(current.version, current.checkpoint_uri, mine.data_uri, split, mine.pattern)
     return Standing(candidate, mine, current, theirs)
@@ -199,25 +210,27 @@ def reject(conn: Connection, version: int) -> None:
 
 def promote_if_better(conn: Connection, version: int, split: str = "validate") -> tuple[bool, str]:
     """Promote `version` to production if its GAP on `split` is at least the production model's GAP on
-    the very same evaluation set (data, split, file pattern). Raises NeedsEvaluation when production
-    was never scored on that set."""
+    the very same evaluation set (the same videos with the same content). Raises NeedsEvaluation when
+    production was never scored on that set."""
     now = standing(conn, version, split, lock=True)
     if now.is_production():
         return True, f"version {version} is already in production"
     mine, theirs = now.evaluation, now.production_evaluation
+    on = f"on the same {mine.videos:,} {split} videos"
     if theirs is not None and mine.gap < theirs.gap:
         reject(conn, version)
         return (
             False,
-            f"version {version} GAP {mine.gap:.4f} < production version {now.production.version} GAP {theirs.gap:.4f}",
+            f"version {version} GAP {mine.gap:.4f} < production version {now.production.version} "
+            f"GAP {theirs.gap:.4f} {on}",
         )
     make_production(conn, version, now.production.version if now.production is not None else None)
-    before = (
-        f"production version {now.production.version} GAP {theirs.gap:.4f}"
-        if theirs is not None
-        else "no production model"
+    if theirs is None:
+        return True, f"version {version} GAP {mine.gap:.4f} on {mine.videos:,} {split} videos promoted (no production model)"  # fmt: skip
+    return True, (
+        f"version {version} GAP {mine.gap:.4f} promoted (production version {now.production.version} "
+        f"GAP {theirs.gap:.4f} {on})"
     )
-    return True, f"version {version} GAP {mine.gap:.4f} promoted ({before})"
 
 
 def versions_with_latest_evaluation(conn: Connection) -> list[dict]:

@@ -264,12 +264,14 @@ def parts_of(conn: Connection, run_id: int) -> list[dict]:
     return [row._asdict() for row in conn.execute(query)]
 
 
-def finish_run(conn: Connection, run_id: int, error: str | None = None) -> dict:
-    """The night's outcome; its videos and rows are the sums of its parts'."""
+def finish_run(conn: Connection, run_id: int, error: str | None = None, exports_uri: str | None = None) -> dict:
+    """The night's outcome; its videos and rows are the sums of its parts'. `exports_uri`: the folder this
+    run's exports were just written to, which its pages serve from then on."""
     refresh_run_totals(conn, run_id)
+    exports = {"exports_uri": exports_uri} if exports_uri else {}
     conn.execute(
         update(inference_runs)
         .where(inference_runs.c.run_id == run_id)
-        .values(status="failed" if error else "succeeded", error=error, finished_at=utcnow())
+        .values(status="failed" if error else "succeeded", error=error, finished_at=utcnow(), **exports)
     )
     return conn.execute(select(inference_runs).where(inference_runs.c.run_id == run_id)).first()._asdict()

@@ -73,6 +73,7 @@ model_versions = Table(
     Column("promoted_at", DateTime(timezone=True)),
     Column("predictions_retired_at", DateTime(timezone=True)),
     Column("checkpoint_sha256", String(64)),  # NULL: registered before migration 0006, never verified
+    Column("loss_plot_uri", String(1024)),  # the version's own loss curve; NULL: registered before 0009
     CheckConstraint("status IN ('trained', 'production', 'archived', 'rejected')", name="ck_model_versions_status"),
     CheckConstraint("level IN ('frame', 'video')", name="ck_model_versions_level"),
     # At most one production model per level, whatever the code does.
@@ -101,6 +102,8 @@ evaluations = Table(
     Column("plot_uri", String(1024)),
     Column("seconds", Float, nullable=False),
     Column("evaluated_at", DateTime(timezone=True), nullable=False),
+    # the exact videos scored (model/evaluate.py VideoSet); NULL: before migration 0009, matches nothing
+    Column("set_fingerprint", String(64)),
     Index("ix_evaluations_model_split", "model_version", "split"),
 )
 
@@ -149,6 +152,8 @@ videos = Table(
     Column("source_uri", String(1024), nullable=False),
     Column("parquet_uri", String(1024), nullable=False),
     Column("ingested_at", DateTime(timezone=True), nullable=False),
+    # blake2b-128 of the video's record: what its predictions were scored from; NULL before migration 0009
+    Column("content_fingerprint", String(32)),
     Index("ix_videos_ingested_at", "ingested_at"),
     Index("ix_videos_source_uri", "source_uri"),
     Index("ix_videos_level_parquet_uri", "level", "parquet_uri"),  # a part selects its videos by file range
@@ -179,6 +184,7 @@ inference_runs = Table(
     Column(
         "load_table", String(64)
     ),  # a first whole night loading apart (PostgreSQL): see storage.database.runs.start_run
+    Column("exports_uri", String(1024)),  # where this run wrote its exports; NULL: a run before migration 0009
     UniqueConstraint("logical_date", "model_version", name="uq_inference_runs_date_model"),
     CheckConstraint("status IN ('running', 'succeeded', 'failed')", name="ck_inference_runs_status"),
 )

@@ -13,7 +13,17 @@ from storage.database.schema import (
     model_versions,
 )
 
-MODEL_COLUMNS = ("version", "level", "preset", "data_uri", "status", "created_at", "promoted_at", "checkpoint_uri")
+MODEL_COLUMNS = (
+    "version",
+    "level",
+    "preset",
+    "data_uri",
+    "status",
+    "created_at",
+    "promoted_at",
+    "checkpoint_uri",
+    "loss_plot_uri",
+)
 EVAL_COLUMNS = ("split", "gap", "hit_at_one", "perr", "map", "videos", "plot_uri", "evaluated_at")
 
 
@@ -68,6 +78,7 @@ RUN_COLUMNS = (
     "finished_at",
     "error",
     "top_k",
+    "exports_uri",
 )
 
 

@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 
 from storage.errors import VtagError
 from storage.formats.tf_example import Features, SequenceExample
-from storage.formats.yt8m_spec import FRAME, MAX_ID_LENGTH, NUM_CLASSES, VIDEO
+from storage.formats.yt8m_spec import FRAME, MAX_ID_LENGTH, NUL_REFUSED, NUM_CLASSES, VIDEO
 
 
 class RecordDecodeError(VtagError, ValueError):
@@ -65,6 +65,8 @@ def _context(context, require_labels: bool):
         raise RecordDecodeError("field 'id' is not ASCII") from None
     if not video_id:
         raise RecordDecodeError("field 'id' is empty")
+    if "\x00" in video_id:
+        raise RecordDecodeError(f"video id {video_id!r} holds a NUL byte ({NUL_REFUSED})")
     if len(video_id) > MAX_ID_LENGTH:
         raise RecordDecodeError(
             f"video id {video_id[:MAX_ID_LENGTH]!r}... is {len(video_id)} characters, "

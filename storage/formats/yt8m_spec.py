@@ -18,6 +18,9 @@ TOP_K = 20  # GAP@20, and the labels a video keeps in Google's inference CSV
 # Google's ids are 4 characters (test split) to 11 (YouTube ids); the catalogue's columns are this wide, and
 # decoders refuse a longer id: SQLite would store it as is and PostgreSQL refuse it mid-transaction.
 MAX_ID_LENGTH = 32
+# Text with a NUL byte: PostgreSQL's text types refuse it mid-transaction, SQLite stores it; every input that
+# reaches a text column (ids, vocabulary fields, query parameters) is refused on both, with this reason.
+NUL_REFUSED = "PostgreSQL cannot store one, so neither database takes it"
 
 # Google's feature extractor clips features to [QUANTIZE_MIN, QUANTIZE_MAX] and spreads them over 0..255.
 QUANTIZE_MIN, QUANTIZE_MAX = -2.0, 2.0

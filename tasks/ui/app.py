@@ -7,9 +7,11 @@ derives (a plot's plot_uri, the loss plot beside a checkpoint, a night's exports
 
 import re
 from pathlib import Path
+from typing import Annotated
 
 from airflow.api_fastapi.core_api.security import GetUserDep
 from fastapi import FastAPI, HTTPException, Query
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -24,6 +26,9 @@ NIGHTS_PER_PAGE = 50
 TOP_LABELS = 20
 TAG_ROWS = 50
 LOSS_PLOT = "loss.png"  # model/train.py writes it beside the checkpoints
+
+# A version or run id in a path: beyond the integer columns it can name nothing (422, never the database's 500).
+RowId = Annotated[int, PathParam(ge=1, le=queries.INTEGER_COLUMN)]
 
 app = FastAPI(title="Video tags")
 templates = Environment(
@@ -76,8 +81,12 @@ def models_page(user: GetUserDep):
 
 
 def _plots(model: dict) -> dict[str, str]:
-    """name -> URI of the version's plots: its evaluations' plot_uri and the loss plot beside its checkpoint."""
+    """name -> URI of the version's plots: its evaluations' plot_uri and its own loss curve (loss_plot_uri);
+    a version registered before that was recorded shows its training folder's loss.png, if any."""
     plots = {uri.rsplit("/", 1)[-1]: uri for uri in (e["plot_uri"] for e in model["evaluations"]) if uri}
+    if model.get("loss_plot_uri"):
+        plots[LOSS_PLOT] = model["loss_plot_uri"]
+        return plots
     loss = join(model["checkpoint_uri"].rsplit("/", 1)[0], LOSS_PLOT)
     try:
         if store_for(loss, airflow_config.s3_config()).exists(loss):
@@ -99,13 +108,13 @@ def _model(version: int) -> dict:
 
 
 @app.get("/models/{version}", response_class=HTMLResponse)
-def model_page(version: int, user: GetUserDep):
+def model_page(version: RowId, user: GetUserDep):
     model = _model(version)
     return _page("model.html", f"Model version {version}", m=model, plots=sorted(_plots(model)))
 
 
 @app.get("/models/{version}/plots/{name}")
-def model_plot(version: int, name: str, user: GetUserDep):
+def model_plot(version: RowId, name: str, user: GetUserDep):
     plots = _plots(_model(version))
     if name not in plots:
         raise HTTPException(404, f"model version {version} has no plot {name!r} (it has: {', '.join(plots)})")
@@ -119,7 +128,10 @@ def _duration(run: dict):
 
 
 @app.get("/nights", response_class=HTMLResponse)
-def nights_page(user: GetUserDep, page: int | None = Query(None, ge=1, description="show runs older than this run_id")):
+def nights_page(
+    user: GetUserDep,
+    page: int | None = Query(None, ge=1, le=queries.INTEGER_COLUMN, description="show runs older than this run_id"),
+):
     with db.transaction(_db()) as conn:
         runs = views.nights(conn, before=page, limit=NIGHTS_PER_PAGE)
     for run in runs:
@@ -129,10 +141,12 @@ def nights_page(user: GetUserDep, page: int | None = Query(None, ge=1, descripti
 
 
 def _exports(run: dict) -> dict[str, str]:
-    """name -> URI of a night's exports. The run row does not hold its exports URI: the DAG writes to
-    `<yt8m_exports_uri>/<logical date>`, `vtag infer` to `<exports>/<logical date>_v<version>`; try both."""
+    """name -> URI of a night's exports, in the folder its run row records. A run from before that was
+    recorded: where the DAG writes (`<yt8m_exports_uri>/<logical date>`), then where `vtag infer` does
+    (`<exports>/<logical date>_v<version>`)."""
     root, when, s3 = airflow_config.exports_uri(), run["logical_date"], airflow_config.s3_config()
-    for folder in (night_folder(root, when), night_folder(root, when, run["model_version"])):
+    folders = [run["exports_uri"]] if run.get("exports_uri") else [night_folder(root, when), night_folder(root, when, run["model_version"])]  # fmt: skip
+    for folder in folders:
         found = {}
         for name in (CSV_NAME, PICKLE_NAME):
             uri = join(folder, name)
@@ -152,7 +166,7 @@ def _night(run_id: int) -> dict:
 
 
 @app.get("/nights/{run_id}", response_class=HTMLResponse)
-def night_page(run_id: int, user: GetUserDep):
+def night_page(run_id: RowId, user: GetUserDep):
     with db.transaction(_db()) as conn:
         run = _found(views.night(conn, run_id), f"inference run {run_id}")
         counts = views.rank_one_counts(conn, run_id)
@@ -175,7 +189,7 @@ def night_page(run_id: int, user: GetUserDep):
 
 
 @app.get("/nights/{run_id}/exports/{name}")
-def night_export(run_id: int, name: str, user: GetUserDep):
+def night_export(run_id: RowId, name: str, user: GetUserDep):
     found = _exports(_night(run_id))
     if name not in found:
         raise HTTPException(404, f"inference run {run_id} has no export {name!r} (it has: {', '.join(found)})")

@@ -1,0 +1,399 @@
+"""Issue 29: every stored result stays true to what produced it, on SQLite and PostgreSQL.
+
+1. Lineage: a shard rewritten under the same ids has its changed videos scored again; a shard replaced by
+   one with other ids takes its departed videos' predictions out of the views with it.
+2. Evaluations name their set: a promotion on grown data compares both versions on the same videos.
+3. Artifacts per version: two versions from one training folder keep their own evaluation and loss plots.
+4. Runs are true: two runs of one date each serve their own exports; a refused request leaves no run row;
+   a checkpoint that does not load, or holds NaN, is never registered.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from sqlalchemy import text
+
+from model import checkpoint
+from model.checkpoint import CheckpointError
+from model.data import RowGroup
+from model.evaluate import VideoSet
+from storage.database import registry, views
+from storage.database.db import engine_for
+from storage.formats.exports import CSV_NAME, night_folder
+from tasks.inference import InferenceError, count_pending, run_inference
+from tasks.ingest import ingest
+from tasks.queries import QueryError
+from tasks.queries import run as run_query
+from tasks.training import evaluate_model, promote, train_and_register
+from tests.shards import frame_record, write_shard
+from tests.support.cli import vtag
+from tests.support.db import in_transaction, migrated
+from tests.support.env import REPO
+from tests.worlds import NIGHT, TINY, TINY_TRAIN_OPTIONS, VIDEOS, build_world, count, rows, vtag_train_args
+
+K = 3
+
+
+@pytest.fixture
+def world(raw_shards, tiny_checkpoint, tmp_path, db_url):
+    return build_world(raw_shards, tmp_path, db_url, checkpoint=tiny_checkpoint)
+
+
+def _shard(path, videos: dict[str, int]):
+    """A frame-level shard of four-frame videos, {id: fill byte}: a fill is the video's content."""
+    return write_shard(path, [frame_record(video_id, labels=(1, 3), frames=4, fill=fill) for video_id, fill in videos.items()])  # fmt: skip
+
+
+def _scored(db_url, prefix: str) -> list[str]:
+    found = rows(db_url, "SELECT DISTINCT video_id FROM predictions WHERE video_id LIKE :p", p=f"{prefix}%")
+    return sorted(r[0] for r in found)
+
+
+def _served(db_url, prefix: str) -> list[str]:
+    """The videos the production views show labels for (tagged_videos and video_top_labels read this view)."""
+    found = rows(db_url, "SELECT DISTINCT video_id FROM production_labels WHERE video_id LIKE :p", p=f"{prefix}%")
+    return sorted(r[0] for r in found)
+
+
+# --- 1. lineage ----------------------------------------------------------------------------------------
+
+
+def test_a_changed_shard_is_scored_again_and_a_replaced_shards_departed_videos_leave(world, tmp_path):
+    db_url, parquet = world["db"], world["parquet"]
+    extra, other = tmp_path / "extra", tmp_path / "other"
+    _shard(extra / "train0100.tfrecord", {"c0": 10, "c1": 11, "c2": 12, "c3": 13})
+    assert not ingest(str(extra), parquet, db_url).failed
+    first = run_inference(db_url, NIGHT, top_k=K, exports_uri=str(tmp_path / "n1"))
+    assert first.videos == VIDEOS + 4 and _served(db_url, "c") == ["c0", "c1", "c2", "c3"]
+
+    # The same name, the same ids: c0 and c1 now hold other features, c2 and c3 the same.
+    _shard(extra / "train0100.tfrecord", {"c0": 90, "c1": 91, "c2": 12, "c3": 13})
+    report = ingest(str(extra), parquet, db_url)
+    assert len(report.converted) == 1 and not report.failed
+    assert _scored(db_url, "c") == ["c2", "c3"]  # the changed ones lost their stale predictions...
+    night = NIGHT + timedelta(days=1)
+    assert count_pending(db_url, night) == (world["version"], 2)  # ...and are pending for the model again
+    second = run_inference(db_url, night, top_k=K, exports_uri=str(tmp_path / "n2"))
+    assert second.videos == 2 and _served(db_url, "c") == ["c0", "c1", "c2", "c3"]
+
+    # Replaced from another folder by a shard of other ids: c0..c3 leave the catalogue, the predictions
+    # and the views in one transaction; d0 and d1 are pending.
+    _shard(other / "train0100.tfrecord", {"d0": 20, "d1": 21})
+    assert not ingest(str(other), parquet, db_url, replace=True).failed
+    assert count(db_url, "SELECT COUNT(*) FROM videos WHERE video_id LIKE 'c%'") == 0
+    assert _scored(db_url, "c") == [] and _served(db_url, "c") == []
+    assert count_pending(db_url, night + timedelta(days=1)) == (world["version"], 2)
+    assert count(db_url, "SELECT COUNT(DISTINCT video_id) FROM predictions") == VIDEOS  # the others kept theirs
+
+
+# --- 2. evaluations name their set ----------------------------------------------------------------------
+
+
+def test_the_set_fingerprint_is_the_ids_and_the_files_content():
+    groups = [
+        RowGroup("/p/validate0000.parquet", 0, 3, "mtime=1"),
+        RowGroup("/p/validate0001.parquet", 0, 2, "mtime=2"),
+    ]
+
+    def fingerprint(batches, files=groups):
+        video_set = VideoSet(files)
+        for ids in batches:
+            video_set.add(ids)
+        return video_set.fingerprint()
+
+    same = fingerprint([["a", "b", "c"], ["d", "e"]])
+    assert fingerprint([["e", "d"], ["c", "a", "b"]]) == same  # the ids as a set, in any order
+    assert fingerprint([["a", "b", "c"], ["d"]]) != same
+    assert fingerprint([["a", "b", "c"], ["d", "x"]]) != same
+    rewritten = [groups[0], RowGroup("/p/validate0001.parquet", 0, 2, "mtime=3")]
+    assert fingerprint([["a", "b", "c"], ["d", "e"]], rewritten) != same  # the same ids, other content
+
+
+def test_a_promotion_on_grown_data_compares_both_versions_on_the_same_videos(world, tmp_path):
+    db_url, parquet = world["db"], world["parquet"]
+    production = world["version"]
+    before = in_transaction(db_url, views.model, production)["evaluations"]
+    assert [e["videos"] for e in before] == [10]
+
+    grown = tmp_path / "grown"
+    _shard(grown / "validate0100.tfrecord", {f"g{i}": 40 + i for i in range(6)})
+    assert not ingest(str(grown), parquet, db_url).failed
+    state = checkpoint.load(world["checkpoint"])
+    state["model"] = {name: t + 0.01 if t.is_floating_point() else t for name, t in state["model"].items()}
+    candidate_uri = str(tmp_path / "candidate" / "final-step0000001.pt")
+    checkpoint.save(candidate_uri, state)
+
+    scored = evaluate_model(candidate_uri, parquet, db_url)
+    assert scored["videos"] == 16
+    outcome = promote(db_url, scored["version"])
+    after = in_transaction(db_url, views.model, production)["evaluations"]
+    assert [e["videos"] for e in after] == [16, 10]  # production scored again, on the grown set
+    sets = rows(db_url, "SELECT model_version, set_fingerprint FROM evaluations WHERE videos = 16")
+    assert {v for v, _ in sets} == {production, scored["version"]} and len({f for _, f in sets}) == 1
+    gaps = f"GAP {scored['gap']:.4f}", f"production version {production} GAP {after[0]['gap']:.4f}"
+    assert all(g in outcome["reason"] for g in gaps) and "on the same 16 validate videos" in outcome["reason"]
+
+
+# --- 3. artifacts per version ---------------------------------------------------------------------------
+
+
+def test_two_versions_from_one_training_folder_keep_their_own_plots(raw_shards, tmp_path, db_url):
+    from tasks.ui.app import _plots
+
+    parquet = str(tmp_path / "parquet")
+    assert not ingest(str(raw_shards), parquet, db_url).failed
+    out = tmp_path / "run"
+    trained = train_and_register(parquet, str(out), "frame", db_url, preset="small", overrides={**TINY, "epochs": 2}, progress=False)  # fmt: skip
+    first = evaluate_model(trained["checkpoint_uri"], parquet, db_url)
+    first_plot = open(first["plot_uri"], "rb").read()
+    second = evaluate_model(str(out / "epoch-001.pt"), parquet, db_url)  # another version, the same folder
+    assert second["version"] != first["version"] and second["plot_uri"] != first["plot_uri"]
+    assert open(first["plot_uri"], "rb").read() == first_plot  # not overwritten by the second
+
+    models = {v: in_transaction(db_url, views.model, v) for v in (first["version"], second["version"])}
+    losses = {v: m["loss_plot_uri"] for v, m in models.items()}
+    assert losses[first["version"]] == str(out / f"final-step{trained['steps']:07d}-loss.png")
+    assert losses[second["version"]].startswith(str(out / "registered" / "sha256-"))
+    assert open(losses[first["version"]], "rb").read() != open(losses[second["version"]], "rb").read()
+    for version, model in models.items():  # each page shows its own pictures
+        plots = _plots(model)
+        assert plots["loss.png"] == losses[version]
+        assert set(plots.values()) == {losses[version], (first if version == first["version"] else second)["plot_uri"]}
+
+
+# --- 4. runs are true -----------------------------------------------------------------------------------
+
+
+def test_two_runs_of_one_date_each_serve_their_own_exports(world, tmp_path, monkeypatch):
+    from tasks.ui.app import _exports
+
+    root = tmp_path / "exports"
+    monkeypatch.setenv("VTAG_EXPORTS_URI", str(root))
+    dag_folder, cli_folder = night_folder(str(root), NIGHT), night_folder(str(root), NIGHT, world["version"])
+    first = run_inference(world["db"], NIGHT, top_k=K, exports_uri=dag_folder)  # as the DAG writes
+    assert _exports(in_transaction(world["db"], views.night, first.run_id))[CSV_NAME] == f"{dag_folder}/{CSV_NAME}"
+    again = run_inference(world["db"], NIGHT, top_k=K, exports_uri=cli_folder)  # as `vtag infer` writes
+    assert again.run_id == first.run_id  # one night of one version is one run row
+    night = in_transaction(world["db"], views.night, again.run_id)
+    assert night["exports_uri"] == cli_folder
+    assert _exports(night)[CSV_NAME] == f"{cli_folder}/{CSV_NAME}"  # the latest run's, not the DAG folder's
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"exports_uri": "garbage://x/y"}, r"exports: unsupported URI scheme 'garbage'"),
+        ({"part_videos": 0}, r"part_videos must be a whole number of videos, at least 1, not 0"),
+        ({"video_ids": ["a\x00b"]}, r"video id 'a\\x00b' holds a NUL byte \(PostgreSQL cannot store one"),
+    ],
+)
+def test_a_refused_night_leaves_no_run_row(world, bad, message):
+    with pytest.raises(InferenceError, match=message):
+        run_inference(world["db"], NIGHT, top_k=K, **bad)
+    assert count(world["db"], "SELECT COUNT(*) FROM inference_runs") == 0
+
+
+@pytest.mark.parametrize("damage", ["nan", "shape"])
+def test_a_checkpoint_that_does_not_load_or_holds_nan_is_never_registered(tiny_checkpoint, tmp_path, db_url, damage):
+    state = checkpoint.load(tiny_checkpoint)
+    name = next(n for n, t in state["model"].items() if t.is_floating_point() and t.dim() == 2)
+    tensor = state["model"][name]
+    state["model"][name] = tensor.clone().fill_(float("nan")) if damage == "nan" else torch.zeros(tensor.shape[0] + 1, tensor.shape[1])  # fmt: skip
+    bad = str(tmp_path / "bad" / "epoch-001.pt")
+    checkpoint.save(bad, state)
+    expected = (
+        "non-finite .* weights in" if damage == "nan" else "its weights do not fit its architecture: size mismatch"
+    )
+    with pytest.raises(CheckpointError, match=rf"{bad}: {expected} .*{name}"):
+        evaluate_model(bad, str(tmp_path), db_url)
+    assert in_transaction(db_url, registry.versions_with_latest_evaluation) == []
+    assert not (tmp_path / "bad" / "registered").exists()  # nothing copied for it either
+
+
+def test_a_night_page_of_a_run_before_exports_were_recorded_still_finds_them(world, tmp_path, monkeypatch):
+    """Runs from before migration 0009 have no exports_uri: the pages look where the DAG and the CLI write."""
+    from tasks.ui.app import _exports
+
+    root = tmp_path / "exports"
+    monkeypatch.setenv("VTAG_EXPORTS_URI", str(root))
+    folder = night_folder(str(root), NIGHT, world["version"])
+    report = run_inference(world["db"], NIGHT, top_k=K, exports_uri=folder)
+    night = {**in_transaction(world["db"], views.night, report.run_id), "exports_uri": None}
+    assert _exports(night)[CSV_NAME] == f"{folder}/{CSV_NAME}"
+    shutil.rmtree(root)
+    assert _exports(night) == {}
+
+
+@pytest.fixture(scope="module")
+def parquet_for_cli(raw_shards, tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("results-parquet")
+    assert not ingest(str(raw_shards), str(root / "parquet"), migrated(f"sqlite:///{root / 'ingest.db'}")).failed
+    return str(root / "parquet")
+
+
+def test_one_training_folder_has_one_writer(parquet_for_cli, tmp_path, sqlite_url):
+    parquet = parquet_for_cli
+    out = tmp_path / "run"
+    holding = "import sys, time\nfrom model.checkpoint import one_writer\nwith one_writer(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n"  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", holding, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = vtag(*vtag_train_args(parquet, out, sqlite_url, *TINY_TRAIN_OPTIONS, "--epochs", "1"))
+        assert result.returncode == 2
+        assert result.stderr.strip() == (
+            f"vtag train: error: {out} is being trained into by pid {holder.pid} on {socket.gethostname()} since "
+            + result.stderr.split(" since ", 1)[1].split(": one run", 1)[0]
+            + ": one run writes a training folder at a time (wait for it to end, or train into another folder)"
+        )
+        assert sorted(p.name for p in out.iterdir()) == [".vtag-train.lock"]  # nothing of the refused run
+    finally:
+        holder.kill()
+        holder.wait()
+    result = vtag(*vtag_train_args(parquet, out, sqlite_url, *TINY_TRAIN_OPTIONS, "--epochs", "1"))
+    assert result.returncode == 0, result.stderr  # a dead holder holds nothing
+
+
+def test_a_training_folder_that_is_a_file_is_one_line(parquet_for_cli, tmp_path, sqlite_url):
+    out = tmp_path / "a-file"
+    out.write_text("not a folder")
+    result = vtag(*vtag_train_args(parquet_for_cli, out, sqlite_url, *TINY_TRAIN_OPTIONS, "--epochs", "1"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"vtag train: error: cannot write the training folder {out}: File exists"
+
+
+# --- 5. one line for every input ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["models", "--db", "garbage://x"], "vtag models: error: garbage://x: garbage databases are not supported (use sqlite:///path or postgresql://user@host/db)"),
+        (["models", "--db", "mysql://u@h/d"], "vtag models: error: mysql://u@h/d: mysql databases are not supported (use sqlite:///path or postgresql://user@host/db)"),
+        (["infer", "--production", "--dry-run", "--lock-timeout", "nan"], "vtag infer: error: argument --lock-timeout: must be a number of seconds (0 or more), not 'nan'"),
+        (["infer", "--production", "--dry-run", "--lock-timeout", "-1"], "vtag infer: error: argument --lock-timeout: must be a number of seconds (0 or more), not '-1'"),
+        (["infer", "--production", "--dry-run", "--lock-timeout", "inf"], "vtag infer: error: argument --lock-timeout: must be a number of seconds (0 or more), not 'inf'"),
+    ],
+)  # fmt: skip
+def test_bad_flags_are_one_line(args, line, tmp_path):
+    result = vtag(*args, env_home=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == line, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_migrations_and_homes_are_one_line(tmp_path, db_url):
+    result = vtag("db", "downgrade", "nosuch", "--db", db_url)
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "vtag db: error: schema revision 'nosuch': Can't locate revision identified by 'nosuch'",
+    )
+    with engine_for(db_url).begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    for args in (["models"], ["db", "upgrade"], ["db", "downgrade", "-1"]):
+        result = vtag(*args, "--db", db_url)
+        assert result.returncode == 2, result.stderr
+        assert "is at schema revision 0099, newer than this release knows (its newest is 0009)" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    result = vtag("models", env_home=home)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"vtag models: error: sqlite:///{home}/vtag.db: cannot create its folder {home}: File exists"
+    )
+
+
+def test_bad_vocabularies_and_nul_bytes_are_one_line_on_both_databases(tmp_path, db_url):
+    header = "Index,TrainVideoCount,KnowledgeGraphId,Name,WikiUrl,Vertical1,Vertical2,Vertical3\n"
+    cases = {
+        "folder": (None, "is a folder, not a file"),
+        "big.csv": (header + "0,1,/m/x," + "a" * 2_000_000 + ",u,Arts,,\n", "line 2: field larger than field limit (131072)"),
+        "nul.csv": (header + "0,1,/m/x,Ga\x00me,u,Arts,,\n", "line 2: column Name holds a NUL byte (PostgreSQL cannot store one, so neither database takes it)"),
+    }  # fmt: skip
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.mkdir() if content is None else path.write_text(content)
+        result = vtag("vocabulary", path, "--db", db_url)
+        assert (
+            result.returncode == 2
+            and result.stderr.strip() == f"vtag vocabulary: error: {path}{', ' if content else ' '}{message}"
+        )
+    assert count(db_url, "SELECT COUNT(*) FROM labels") == 0
+
+    _shard(tmp_path / "raw" / "train0000.tfrecord", {"ok1": 1, "bad\x00id": 2})
+    report = ingest(str(tmp_path / "raw"), str(tmp_path / "parquet"), db_url)
+    assert "video id 'bad\\x00id' holds a NUL byte" in report.failed[str(tmp_path / "raw" / "train0000.tfrecord")]
+    assert count(db_url, "SELECT COUNT(*) FROM videos") == 0
+    with pytest.raises(QueryError, match="parameter video_id holds a NUL byte"):
+        run_query(db_url, "video_top_labels", {"video_id": "a\x00b", "k": "3"})
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("VTAG_NIGHTLY_CRON", "every night", "VTAG_NIGHTLY_CRON must be a cron expression such as '0 2 * * *' (or empty: no schedule), not 'every night'"),
+        ("VTAG_NIGHTLY_START", "yesterday", "VTAG_NIGHTLY_START must be an ISO 8601 date such as 2026-11-01, not 'yesterday'"),
+        ("VTAG_INGEST_CRON", "99 99 * * *", "VTAG_INGEST_CRON must be a cron expression such as '0 2 * * *' (or empty: no schedule), not '99 99 * * *'"),
+    ],
+)  # fmt: skip
+def test_a_bad_schedule_variable_names_itself_where_the_dag_is_parsed(variable, value, message):
+    dag = "yt8m_ingest" if "INGEST" in variable else "yt8m_nightly_inference"
+    env = {**os.environ, variable: value, "PYTHONPATH": f"{REPO / 'dags'}{os.pathsep}{REPO}"}
+    result = subprocess.run([sys.executable, "-c", f"import {dag}"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == f"storage.errors.UsageError: {message}"
+
+
+class _Answers(BaseHTTPRequestHandler):
+    """Not S3: every request answered with the server's status and an S3-style error body."""
+
+    status = 501
+
+    def _answer(self):
+        body = f"<Error><Code>{self.status}</Code><Message>not here</Message></Error>".encode()
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("status", [404, 501])
+def test_an_s3_endpoint_that_answers_404_or_501_is_one_line(status, tmp_path):
+    handler = type("Answers", (_Answers,), {"status": status})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        result = vtag("ingest", "--src", "s3://raw/shards", "--dest", tmp_path / "parquet", env=env, env_home=tmp_path)
+    finally:
+        server.shutdown()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith(f"vtag ingest: error: the S3 endpoint answered {status} "), result.stderr
+    assert "s3://raw/shards" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.airflow
+def test_the_pages_answer_ids_beyond_the_integer_columns_with_422(airflow_api):
+    client, auth = airflow_api
+    huge = 2**64
+    for page in (f"/video-tags/models/{huge}", f"/video-tags/models/{huge}/plots/loss.png", f"/video-tags/nights/{huge}",
+                 f"/video-tags/nights/{huge}/exports/predictions.csv", f"/video-tags/nights?page={huge}", "/video-tags/models/0"):  # fmt: skip
+        assert client.get(page, headers=auth).status_code == 422, page
