@@ -26,14 +26,15 @@ CONSTRAINTS = REPO / "constraints.txt"
 IMAGE_PACKAGES = ("torch", "numpy", "pyarrow", "pandas", "matplotlib", "PyYAML", "pip")
 # What the check's import closure needs beyond the image, {distribution: the module it is imported as}
 # (tests/test_gpu_check.py proves it covers the closure): the database layer, migrations and their
-# templates, TFRecord checksums, tf.train.Example decoding, and the progress bar the CLI's training
-# imports. protobuf and tqdm are on the image too, at versions nobody has read: the locked ones travel
-# (0.4 MiB) so that decoding runs on what the tests ran.
+# templates, TFRecord checksums, each video's content fingerprint, tf.train.Example decoding, and the
+# progress bar the CLI's training imports. protobuf, tqdm and xxhash are on the image too, at versions
+# nobody has read: the locked ones travel (0.5 MiB) so that the run uses what the tests ran.
 BUNDLE_MODULES = {
     "SQLAlchemy": "sqlalchemy",
     "alembic": "alembic",
     "Mako": "mako",
     "google-crc32c": "google_crc32c",
+    "xxhash": "xxhash",
     "protobuf": "google.protobuf",
     "tqdm": "tqdm",
 }

@@ -15,13 +15,13 @@ quarantined unless the caller asks to replace the first. A video id appears once
 within a shard or already ingested from another shard, the shard is quarantined naming both.
 """
 
-import hashlib
 import itertools
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import google_crc32c
+import xxhash
 from sqlalchemy.exc import SQLAlchemyError
 
 from storage.database import catalog, db, manifest
@@ -377,7 +377,7 @@ def _write_parquet(path, level: str, split: str, records, shard: ObjectInfo) -> 
             writer.add(video)
             videos.ids.append(video.id)
             videos.labels.append(video.labels)
-            videos.fingerprints.append(hashlib.blake2b(record.data, digest_size=16).hexdigest())
+            videos.fingerprints.append(xxhash.xxh3_128_hexdigest(record.data))
     finally:
         writer.close()
     return videos

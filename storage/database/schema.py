@@ -152,7 +152,7 @@ videos = Table(
     Column("source_uri", String(1024), nullable=False),
     Column("parquet_uri", String(1024), nullable=False),
     Column("ingested_at", DateTime(timezone=True), nullable=False),
-    # blake2b-128 of the video's record: what its predictions were scored from; NULL before migration 0009
+    # xxh3-128 (xxhash) of the video's record: what its predictions were scored from; NULL before migration 0009
     Column("content_fingerprint", String(32)),
     Index("ix_videos_ingested_at", "ingested_at"),
     Index("ix_videos_source_uri", "source_uri"),

@@ -1,6 +1,6 @@
 """Each stored result names what produced it.
 
-`videos.content_fingerprint`: blake2b-128 of the video's record as last ingested. A shard converted again
+`videos.content_fingerprint`: xxh3-128 (xxhash) of the video's record as last ingested. A shard converted again
   drops the predictions of the videos whose fingerprint changed or that left it (every version's), so that
   they are scored again; NULL for videos ingested before, which count as changed.
 `evaluations.set_fingerprint`: the exact videos an evaluation scored (their ids and the content of the files
