@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             run_section(policies, name, budget, 45, policy_training, device, args.preset, name, args.batch_size, args.steps)  # fmt: skip
         report["training"] = {"default_policy": precision_for("", device).name, "policies": policies}
         rates = [p["videos_per_s"] for p in policies.values() if "videos_per_s" in p]
-        product = report["product"] if "returncode" in report["product"].get("ingest", {}) else {}
+        product = report["product"]  # a skipped or failed section has no "ingest"
         parquet = product["parquet"] if product.get("ingest", {}).get("returncode") == 0 else None
         if parquet:
             run_section(report, "loader", budget, 30, loader_rates, parquet, 128, 24, max(rates, default=0))

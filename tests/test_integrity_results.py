@@ -19,13 +19,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
 from model import checkpoint
 from model.checkpoint import CheckpointError
 from model.data import RowGroup
 from model.evaluate import VideoSet
-from storage.database import registry, views
+from storage.database import catalog, partitions, registry, schema, views
 from storage.database.db import engine_for
 from storage.formats.exports import CSV_NAME, night_folder
 from tasks.inference import InferenceError, count_pending, run_inference
@@ -397,3 +397,32 @@ def test_the_pages_answer_ids_beyond_the_integer_columns_with_422(airflow_api):
     for page in (f"/video-tags/models/{huge}", f"/video-tags/models/{huge}/plots/loss.png", f"/video-tags/nights/{huge}",
                  f"/video-tags/nights/{huge}/exports/predictions.csv", f"/video-tags/nights?page={huge}", "/video-tags/models/0"):  # fmt: skip
         assert client.get(page, headers=auth).status_code == 422, page
+
+
+def test_a_changed_video_loses_the_predictions_of_its_level_only(db_url):
+    """A video has a row at each level; a frame-level shard changed is no reason to rescore the video level."""
+
+    def world(conn):
+        versions = {}
+        for level in ("frame", "video"):
+            versions[level] = registry.register(
+                conn, level=level, preset="p", checkpoint_uri=f"/m/{level}.pt", config={}, data_uri="/d",
+                train_split="train", epochs=1, steps=1,
+            )  # fmt: skip
+            partitions.ensure_partition(conn, versions[level])
+            source, out = f"/raw/{level}/train0000.tfrecord", f"/pq/{level}/train0000.parquet"
+            catalog.record_videos(conn, ["v1"], [[1]], ["a"], split="train", level=level, source_uri=source, parquet_uri=out)  # fmt: skip
+            conn.execute(
+                insert(schema.predictions),
+                [{"video_id": "v1", "model_version": versions[level], "rank": 1, "label_id": 1, "score": 0.5, "run_id": 1}],
+            )  # fmt: skip
+        return versions
+
+    versions = in_transaction(db_url, world)
+    changed = in_transaction(
+        db_url, catalog.record_videos, ["v1"], [[1]], ["b"], split="train", level="frame",
+        source_uri="/raw/frame/train0000.tfrecord", parquet_uri="/pq/frame/train0000.parquet",
+    )  # fmt: skip
+    assert changed == 1
+    left = rows(db_url, "SELECT model_version FROM predictions WHERE video_id = 'v1'")
+    assert [v for (v,) in left] == [versions["video"]]

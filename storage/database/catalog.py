@@ -6,7 +6,7 @@ import csv
 from sqlalchemy import Connection, delete, exists, select
 
 from storage.database.db import upsert_insert, utcnow
-from storage.database.schema import labels, predictions, video_labels, videos
+from storage.database.schema import labels, model_versions, predictions, video_labels, videos
 from storage.errors import VtagError
 from storage.formats.yt8m_spec import LEVELS, NUL_REFUSED, NUM_CLASSES
 from storage.objectstore import S3Config, store_for
@@ -106,8 +106,8 @@ def record_videos(
     """Make the catalogue hold exactly a converted shard's videos, each with its content's fingerprint, and
     their ground truth; `replacing`: the other source whose videos this shard's output takes over. A video
     whose content changed since it was last ingested here (or there), or that left the shard, loses its
-    predictions of every model version in this transaction, so that the views stop showing them and every
-    model scores it again; an unchanged one keeps them. Returns how many lost them. An id another shard of
+    predictions by every model version of the level in this transaction, so that the views stop showing
+    them and every such model scores it again; an unchanged one keeps them. Returns how many lost them. An id another shard of
     the level holds is refused by the primary key: check with `ingested_elsewhere` first to name that shard."""
     now = utcnow()
     rows = [
@@ -128,7 +128,7 @@ def record_videos(
     now_held = dict(zip(ids, fingerprints))
     # NULL: ingested before fingerprints were recorded, so its content is not known to be the same
     stale = [i for i, fingerprint in before.items() if fingerprint is None or now_held.get(i) != fingerprint]
-    _drop_predictions(conn, stale)
+    _drop_predictions(conn, stale, level)
     for start in range(0, len(rows), 5000):
         conn.execute(videos.insert(), rows[start : start + 5000])
         # The other level's row of a video shares its ground truth: the newest shard's labels win.
@@ -149,7 +149,7 @@ def ingested_elsewhere(
         query = select(videos.c.video_id, videos.c.source_uri).where(
             videos.c.level == level,
             videos.c.video_id.in_(ids[start : start + 5000]),
-            videos.c.source_uri.not_in([source_uri, replacing or source_uri]),
+            videos.c.source_uri.not_in([uri for uri in (source_uri, replacing) if uri is not None]),
         )
         found.update(conn.execute(query).all())
     return found
@@ -157,19 +157,23 @@ def ingested_elsewhere(
 
 def forget_shard(conn: Connection, source_uri: str, level: str | None = None) -> None:
     """A shard's videos (of `level`, or both) leave the catalogue with the ground truth no other row shares
-    and their predictions of every model version (the views with them), in the caller's transaction: a
-    quarantined shard has no Parquet left to score them from, nor labels to show for them."""
-    departed = {}
+    and their predictions by every model version of that level (the views with them), in the caller's
+    transaction: a quarantined shard has no Parquet left to score them from, nor labels to show for them."""
     for one in LEVELS if level is None else (level,):
-        departed.update(_forget(conn, source_uri, one))
-    _drop_predictions(conn, list(departed))
+        _drop_predictions(conn, list(_forget(conn, source_uri, one)), one)
 
 
-def _drop_predictions(conn: Connection, ids: list[str]) -> None:
-    """Every model version's predictions of these videos (the primary key leads with the id: one index probe
-    per partition and id)."""
+def _drop_predictions(conn: Connection, ids: list[str], level: str) -> None:
+    """The predictions of these videos by every model version of `level` (a video has a row at each level,
+    and a model scores one level's content; the primary key leads with the id: one index probe per
+    partition and id)."""
+    of_level = select(model_versions.c.version).where(model_versions.c.level == level)
     for start in range(0, len(ids), 5000):
-        conn.execute(delete(predictions).where(predictions.c.video_id.in_(ids[start : start + 5000])))
+        conn.execute(
+            delete(predictions).where(
+                predictions.c.video_id.in_(ids[start : start + 5000]), predictions.c.model_version.in_(of_level)
+            )
+        )
 
 
 def _forget(conn: Connection, source_uri: str, level: str) -> dict[str, str | None]:

@@ -1,7 +1,7 @@
 """Each stored result names what produced it.
 
 `videos.content_fingerprint`: xxh3-128 (xxhash) of the video's record as last ingested. A shard converted again
-  drops the predictions of the videos whose fingerprint changed or that left it (every version's), so that
+  drops the predictions of the videos whose fingerprint changed or that left it (every version's of that level), so that
   they are scored again; NULL for videos ingested before, which count as changed.
 `evaluations.set_fingerprint`: the exact videos an evaluation scored (their ids and the content of the files
   they were read from; model/evaluate.py `VideoSet`): promotion compares two versions only on equal ones.
