@@ -6,8 +6,8 @@
 Inference: forward passes under torch.inference_mode on batches already on the device, 300-frame
 videos, for the seed config and the small preset. Database: a scratch database is created in the
 given server and dropped afterwards; the bulk path is storage.database.prediction_writes.ChunkWriter, as
-inference uses it (COPY on two connections, a staging fallback for rows another run wrote, run
-progress, one transaction a chunk); the baseline adds one ORM object per row and flushes it (one
+inference uses it (COPY on two connections into a part's table, run progress, one transaction a chunk;
+publishing the night is apart: benchmarks/scale.py's bulk-write stage measures it); the baseline adds one ORM object per row and flushes it (one
 INSERT a row), committing at the end.
 Targets (issue 4): bulk >= 10x the ORM path and >= 200,000 rows/s; on one H100 >= 10,000 videos/s.
 """
@@ -27,7 +27,7 @@ from benchmarks.common import random_videos, seconds_per_steps
 from model.attention_lstm import build_model
 from model.config import load_config
 from model.precision import precision_for
-from storage.database import db, partitions, prediction_writes, runs
+from storage.database import db, prediction_writes, runs
 from storage.database.db import engine_for
 from storage.database.schema import inference_runs, model_versions, videos
 from storage.database.schema import predictions as predictions_table
@@ -123,11 +123,11 @@ def bulk_rate(url: str, ids: list[str], version: int, run: int, k: int, chunk: i
     labels = np.argsort(rng.random((len(ids), 64)), axis=1)[:, :k].astype(np.int64)
     scores = np.sort(rng.random((len(ids), k)), axis=1)[:, ::-1]
     with engine_for(url).begin() as conn:
-        partitions.ensure_partition(conn, version)  # an indexed partition, as every night after a version's first
         runs.record_parts(conn, run, [{"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}])
         attempt = runs.start_part(conn, run, 0)["attempt"]
+        target = prediction_writes.create_part_table(conn, version, run, 0)  # where a night's part writes
     started = time.perf_counter()
-    writer = prediction_writes.ChunkWriter(engine_for(url), run, version, 0, attempt=attempt)
+    writer = prediction_writes.ChunkWriter(engine_for(url), run, version, 0, target, attempt=attempt)
     for start in range(0, len(ids), chunk):
         writer.submit(ids[start : start + chunk], labels[start : start + chunk], scores[start : start + chunk])
     writer.close()

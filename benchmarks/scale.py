@@ -422,10 +422,10 @@ def _stand_in_scores(seed: int = 0):
 
 def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
     """The bulk path alone (storage.database.prediction_writes.ChunkWriter: COPY on two connections, chunks of
-    2,000 videos x 20 rows, a transaction each), for every video (or the first `limit`), into the table
-    that already holds the production model's rows, both ways a night writes:
-    - indexed: into a version's partition with its indexes (every night after a version's first);
-    - load: a version's first whole night, into its load table, then indexed and attached (finalize_load).
+    2,000 videos x 20 rows, a transaction each), for every video (or the first `limit`), into a part's
+    table, then published (prediction_writes.publish) beside the production model's rows, both ways:
+    - indexed: into a version's partition that exists, with its indexes (every night after a version's first);
+    - load: a version's first whole night, its part table indexed and attached as the version's partition.
     Each version is retired afterwards (its partition dropped)."""
     import numpy as np
 
@@ -456,11 +456,10 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
             if mode == "indexed":
                 partitions.ensure_partition(conn, version)
             run = runs.start_run(conn, NIGHT + timedelta(days=30), version, K, None)
-            target = runs.write_target(conn, run, clear=True)
-            assert (target == "predictions") == (mode == "indexed")
             part = {"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}
             runs.record_parts(conn, run, [part])
             attempt = runs.start_part(conn, run, 0)["attempt"]
+            target = prediction_writes.create_part_table(conn, version, run, 0)
         started = time.perf_counter()
         writer = prediction_writes.ChunkWriter(engine_for(db_url), run, version, 0, target=target, attempt=attempt)
         for start in range(0, len(ids), 2000):
@@ -469,7 +468,8 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
         rows = writer.close()
         seconds = time.perf_counter() - started
         with engine_for(db_url).begin() as conn:
-            _, indexing = _timed(prediction_writes.finalize_load, conn, run)
+            runs.finish_part(conn, run, 0, rows_per_video=K)
+            _, indexing = _timed(prediction_writes.publish, conn, run, version, "frame", [0], K, replace_any=False)
             runs.finish_run(conn, run)
         with engine_for(db_url).begin() as conn:
             dropped, retiring = _timed(partitions.retire, conn, version)
@@ -477,14 +477,14 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
         figures.update(
             {
                 f"{mode}: rows/s": rows / seconds,
-                f"{mode}: index and attach (s)": indexing,
-                f"{mode}: rows/s, indexes included": rows / (seconds + indexing),
+                f"{mode}: publish (s)": indexing,
+                f"{mode}: rows/s, publish included": rows / (seconds + indexing),
                 f"{mode}: retire the version (s)": retiring,
             }
         )
     return {
         "items": rows,
-        "seconds": rows / figures["load: rows/s, indexes included"],
+        "seconds": rows / figures["load: rows/s, publish included"],
         "figures": {"rows written each way": rows, **figures},
     }
 

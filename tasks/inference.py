@@ -18,7 +18,7 @@ import fnmatch
 import logging
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 
 import numpy as np
@@ -78,7 +78,6 @@ class NightPlan:
     parts: list[dict]
     video_ids: list[str] | None = None
     shard_pattern: str | None = None
-    table: str = "predictions"  # or the night's load table (a version's first whole night, PostgreSQL)
     rows_per_video: int | None = None  # top_k, or fewer when the model has fewer classes; None: top_k
     checkpoint_sha256: str | None = None  # the version's registered content, checked when a part loads it
 
@@ -91,7 +90,12 @@ class NightPlan:
 
     @classmethod
     def from_dict(cls, values: dict) -> "NightPlan":
+        known = {f.name for f in fields(cls)}  # a plan of an older release may carry what this one dropped
+        values = {k: v for k, v in values.items() if k in known}
         return cls(**{**values, "logical_date": datetime.fromisoformat(values["logical_date"])})
+
+    def part_table(self, part: int) -> str:
+        return partitions.part_table_name(self.model_version, self.run_id, part)
 
 
 def _lock_timeout(seconds: float | None) -> float:
@@ -224,8 +228,9 @@ def plan_night(
     locked: bool = False,
     lock_timeout_s: float | None = None,
 ) -> NightPlan:
-    """Start the night's run and cut what it must score into parts. A whole night replaces the run's
-    earlier rows; a targeted one (video ids, file pattern) adds to them. `locked`: the caller holds
+    """Start the night's run and cut what it must score into parts. A whole night's rows, once published,
+    replace the run's earlier ones; a targeted one (video ids, file pattern) adds to them (the given
+    videos' earlier scores by the version replaced, when it publishes). `locked`: the caller holds
     the night's run_lock; otherwise this waits for it at most `lock_timeout_s` (default: settings).
     Everything a caller gave is checked before the run's row exists: a refused request leaves no row."""
     if not (isinstance(part_videos, int) and part_videos >= 1):
@@ -250,27 +255,17 @@ def plan_night(
         else run_locks.run_lock(db.engine_for(db_url), logical_date, number, timeout_s=_lock_timeout(lock_timeout_s))
     ):
         with db.transaction(db_url) as conn:
-            if video_ids:
-                pending.forget(conn, number, video_ids)
             run_id = runs.start_run(conn, logical_date, number, top_k, airflow_run_id, clear=whole)
         try:
             with db.transaction(db_url) as conn:
                 files = _pending_files(conn, number, logical_date, level, run_id, video_ids, shard_pattern)
                 parts = runs.record_parts(conn, run_id, cut_parts(files, part_videos))
-                table = runs.write_target(conn, run_id, clear=whole)
         except BaseException as exc:  # never leave the night looking as if it were running
             _fail_run(db_url, run_id, f"planning: {type(exc).__name__}: {exc}")
             raise
     if not whole and parts:  # a targeted rescoring's exports, beside the night's, not over them
         exports_uri = join(exports_uri, f"rescored-part{parts[0]['part']:05d}")
-    log.info(
-        "run %d: %d videos in %d files, %d parts, into %s",
-        run_id,
-        sum(p["videos"] for p in parts),
-        len(files),
-        len(parts),
-        table,
-    )
+    log.info("run %d: %d videos in %d files, %d parts", run_id, sum(p["videos"] for p in parts), len(files), len(parts))
     return NightPlan(
         run_id,
         number,
@@ -282,7 +277,6 @@ def plan_night(
         parts,
         video_ids,
         shard_pattern,
-        table,
         _rows_per_video(version, top_k),
         version["checkpoint_sha256"],
     )
@@ -316,10 +310,9 @@ class PartReport:
     rows_written: int = 0
 
 
-def _part_videos(conn, plan: NightPlan, part: dict, first_try: bool) -> dict[str, set[str]]:
-    """The videos this part scores, by Parquet file, after dropping what an earlier try of it wrote."""
+def _part_videos(conn, plan: NightPlan, part: dict) -> dict[str, set[str]]:
+    """The videos this part scores, by Parquet file."""
     uri_range = (part["first_uri"], part["last_uri"])
-    drop = {"table": plan.table}
     if plan.video_ids:
         wanted = [
             (v, uri)
@@ -327,18 +320,10 @@ def _part_videos(conn, plan: NightPlan, part: dict, first_try: bool) -> dict[str
             if uri_range[0] <= uri <= uri_range[1]
         ]
     else:
-        if not first_try and not plan.shard_pattern:  # a whole night's part owns its file range in this run
-            prediction_writes.drop_run_rows(
-                conn, plan.run_id, plan.model_version, plan.level, uri_range=uri_range, **drop
-            )
         wanted = pending.pending_videos(
             conn, plan.model_version, plan.logical_date, plan.level, exclude_run=plan.run_id, uri_range=uri_range
         )
         wanted = [(v, uri) for v, uri in wanted if _matches(uri, plan.shard_pattern)]
-    if plan.video_ids or plan.shard_pattern:  # a targeted part shares its files with the run's other rows
-        prediction_writes.drop_run_rows(
-            conn, plan.run_id, plan.model_version, plan.level, ids=[v for v, _ in wanted], **drop
-        )
     by_file: dict[str, set[str]] = {}
     for video, uri in wanted:
         by_file.setdefault(uri, set()).add(video)
@@ -438,9 +423,8 @@ def tag_part(
         try:
             # The earlier try's rows go with the part's new total: a failure between them leaves neither.
             with db.transaction(db_url) as conn:
-                by_file = _part_videos(
-                    conn, plan, part, first_try=before["attempts"] == 0 and before["status"] == "planned"
-                )
+                prediction_writes.create_part_table(conn, plan.model_version, plan.run_id, number)
+                by_file = _part_videos(conn, plan, part)
                 runs.set_part_total(conn, plan.run_id, number, sum(len(v) for v in by_file.values()))
             if score_batches is None:
                 model, config, device = scorer or load_scorer(plan.checkpoint_uri, s3, plan.checkpoint_sha256)
@@ -514,8 +498,7 @@ def _write_part(
     chunk_videos: int,
 ) -> PartReport:
     """Rows in chunks, export fragments and label counts from (ids, scores) batches; the part succeeds
-    only if every video it had to score was written with its k rows (or left whole to a run that
-    scored it at the same time)."""
+    only if every video it had to score was written with its k rows."""
     top_k, csv_top = min(plan.top_k, num_classes), max(plan.top_k, CSV_TOP)
     report = PartReport(number)
     label_counts = np.zeros((top_k, num_classes), np.int64)
@@ -524,8 +507,8 @@ def _write_part(
         plan.run_id,
         plan.model_version,
         number,
+        plan.part_table(number),
         lock,
-        plan.table,
         attempt,
         label_counts=label_counts,
     )
@@ -584,8 +567,10 @@ def _write_part(
 
 
 def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> InferenceReport:
-    """Close the night: if every part succeeded, join their export fragments and mark the run
-    succeeded; otherwise mark it failed, naming the parts, and raise."""
+    """Close the night: if every part succeeded, join their export fragments, then publish the parts' rows
+    and mark the run succeeded in one transaction; otherwise mark it failed, naming the parts, and raise.
+    A night that fails here (exports unwritable, a row that would not land) publishes nothing: what the
+    views served before stays served."""
     ours = sorted(p["part"] for p in plan.parts)
     with db.transaction(db_url) as conn:
         parts = [p for p in runs.parts_of(conn, plan.run_id) if p["part"] in ours]
@@ -608,11 +593,13 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
     try:
         uris = exports.join_night(plan.exports_uri, ours, s3)
         with db.transaction(db_url) as conn:  # the night's rows become the version's with its success
-            prediction_writes.finalize_load(conn, plan.run_id)
+            prediction_writes.publish(
+                conn, plan.run_id, plan.model_version, plan.level, ours, plan.k, replace_any=bool(plan.video_ids)
+            )
             # a targeted rescoring's exports hold its videos alone: the night's own stay the ones served
             whole = not (plan.video_ids or plan.shard_pattern)
             run = runs.finish_run(conn, plan.run_id, exports_uri=plan.exports_uri if whole else None)
-            parts = [p for p in runs.parts_of(conn, plan.run_id) if p["part"] in ours]  # less what another night kept
+            parts = [p for p in runs.parts_of(conn, plan.run_id) if p["part"] in ours]  # less what was left out
     except BaseException as exc:
         _fail_run(db_url, plan.run_id, f"finishing: {type(exc).__name__}: {exc}")
         raise

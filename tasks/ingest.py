@@ -325,6 +325,7 @@ def _convert(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, rep
             # The file goes out after every row is written and before the commit; the transaction ends (and
             # its connection, with any lock, is released) before a failed commit takes the file back.
             with db.transaction(db_url) as conn:
+                recorded_from = db.utcnow()
                 with out_store.publish(out) as tmp_path:
                     videos = _write_parquet(tmp_path, level, split, itertools.chain([first], records), shard)
                     result = {
@@ -336,6 +337,7 @@ def _convert(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, rep
                         "checksum": f"crc32c:{stream.crc:08x}",
                     }
                     _record(conn, shard, dest, result, videos, replace)
+                catalog.stamp_arrival(conn, shard.uri, level, since=recorded_from)
                 published = True
         except BaseException:
             if published:

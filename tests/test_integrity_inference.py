@@ -18,7 +18,7 @@ from tasks.inference import NonFiniteScores, finish_night, plan_night, run_infer
 from tests.support.cli import vtag
 from tests.support.db import in_transaction
 from tests.support.env import REPO
-from tests.worlds import NIGHT, VIDEOS, build_world, count, row, rows, stored_rows
+from tests.worlds import NIGHT, VIDEOS, build_world, count, row, rows, served_rows, stored_rows
 
 
 @pytest.fixture
@@ -95,7 +95,9 @@ def test_rows_lost_to_a_conflicting_row_fail_the_night_instead_of_succeeding(wor
     message = str(failure.value)
     assert "\n" not in message and f"{victim} (run 999 holds 1 rows, ranks 3..3)" in message
     run = _run(db_url, first.run_id)
-    assert run["status"] == "failed" and victim in run["error"] and run["rows_written"] == stored_rows(db_url) - 1
+    assert run["status"] == "failed" and victim in run["error"]
+    # nothing of the failed rerun is served: the first night's rows stay, less the victim's, beside the stray one
+    assert served_rows(db_url) == VIDEOS * k - k + 1 and stored_rows(db_url) - served_rows(db_url) == run["rows_written"]
     assert count(db_url, "SELECT COUNT(*) FROM predictions WHERE video_id = :v", v=victim) == 1  # never mixed
 
     with engine_for(db_url).begin() as conn:  # the stray row removed, the rerun is exact
@@ -122,18 +124,18 @@ def test_a_part_whose_counters_fall_short_cannot_make_the_night_succeed(world):
 
 
 def test_two_nights_scoring_the_same_videos_at_once_leave_each_video_to_one(world):
-    """Both nights plan the same 50 videos before either writes (a `vtag infer` beside the DAG): the
-    first to write keeps them, the other leaves them whole and its counts say so, on both write paths
-    (chunks into the partition, and on PostgreSQL a version's first night merging its load table)."""
+    """Both nights plan the same 50 videos before either publishes (a `vtag infer` beside the DAG): the
+    first to publish keeps them, the other leaves them whole and its counts say so (on PostgreSQL the
+    first becomes the version's partition, the second is inserted beside it)."""
     db_url, k = world["db"], 2
     a = plan_night(db_url, NIGHT, top_k=k, exports_uri=world["exports"] + "/a")
     b = plan_night(db_url, NIGHT + timedelta(days=1), top_k=k, exports_uri=world["exports"] + "/b")
     assert sum(p["videos"] for p in a.parts) == sum(p["videos"] for p in b.parts) == VIDEOS
     for part in a.parts:
         tag_part(db_url, a, part)
+    for part in b.parts:  # both score every video: neither has published yet
+        assert tag_part(db_url, b, part).videos == part["videos"]
     finish_night(db_url, a)
-    for part in b.parts:
-        tag_part(db_url, b, part)
     report_b = finish_night(db_url, b)
 
     assert report_b.videos == 0 and report_b.rows_written == 0
@@ -155,20 +157,20 @@ def test_two_nights_scoring_the_same_videos_at_once_leave_each_video_to_one(worl
         count(db_url, "SELECT COALESCE(SUM(videos), 0) FROM inference_label_counts WHERE run_id = :r", r=b.run_id) == 0
     )
 
-    # Rescoring three videos twice at once, now that the version's rows sit in their partition.
+    # Rescoring three videos twice at once, now that the version's rows sit in their partition: each asked
+    # for them to be scored again, so the one published last replaces the other's, never beside it.
     some = [r[0] for r in rows(db_url, "SELECT video_id FROM videos ORDER BY video_id LIMIT 3")]
     c = plan_night(db_url, NIGHT + timedelta(days=2), top_k=k, video_ids=some, exports_uri=world["exports"] + "/c")
     d = plan_night(db_url, NIGHT + timedelta(days=3), top_k=k, video_ids=some, exports_uri=world["exports"] + "/d")
     tag_part(db_url, c, c.parts[0])
-    assert tag_part(db_url, d, d.parts[0]).videos == 0  # all three written by c meanwhile
-    finish_night(db_url, c), finish_night(db_url, d)
+    tag_part(db_url, d, d.parts[0])
+    assert count(db_url, "SELECT COUNT(*) FROM predictions WHERE run_id = :r", r=a.run_id) == VIDEOS * k  # not yet
+    finish_night(db_url, c)
     assert count(db_url, "SELECT COUNT(*) FROM predictions WHERE run_id = :r", r=c.run_id) == 3 * k
-    assert {key: _run(db_url, d.run_id)[key] for key in ("status", "videos_done", "rows_written")} == {
-        "status": "succeeded",
-        "videos_done": 0,
-        "rows_written": 0,
-    }
-    assert count(db_url, "SELECT COUNT(*) FROM predictions") == VIDEOS * k
+    finish_night(db_url, d)
+    assert count(db_url, "SELECT COUNT(*) FROM predictions WHERE run_id = :r", r=c.run_id) == 0
+    assert count(db_url, "SELECT COUNT(*) FROM predictions WHERE run_id = :r", r=d.run_id) == 3 * k
+    assert count(db_url, "SELECT COUNT(*) FROM predictions") == VIDEOS * k == stored_rows(db_url)
 
 
 # --- 2. the run lock waits a bounded time ----------------------------------------------------------

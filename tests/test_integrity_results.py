@@ -4,8 +4,10 @@
    one with other ids takes its departed videos' predictions out of the views with it.
 2. Evaluations name their set: a promotion on grown data compares both versions on the same videos.
 3. Artifacts per version: two versions from one training folder keep their own evaluation and loss plots.
-4. Runs are true: two runs of one date each serve their own exports; a refused request leaves no run row;
-   a checkpoint that does not load, or holds NaN, is never registered.
+4. Runs are true: a night is served only once it has succeeded (a rerun whose exports fail leaves the
+   served rows as they were; a video changed while the night scored it is not published from its old
+   content); two runs of one date each serve their own exports; a refused request leaves no run row; a
+   checkpoint that does not load, or holds NaN, is never registered.
 """
 
 import os
@@ -37,7 +39,7 @@ from tests.shards import frame_record, write_shard
 from tests.support.cli import vtag
 from tests.support.db import in_transaction, migrated
 from tests.support.env import REPO
-from tests.worlds import NIGHT, TINY, TINY_TRAIN_OPTIONS, VIDEOS, build_world, count, rows, vtag_train_args
+from tests.worlds import NIGHT, TINY, TINY_TRAIN_OPTIONS, VIDEOS, build_world, count, rows, stored_rows, vtag_train_args
 
 K = 3
 
@@ -185,6 +187,91 @@ def test_two_runs_of_one_date_each_serve_their_own_exports(world, tmp_path, monk
     night = in_transaction(world["db"], views.night, again.run_id)
     assert night["exports_uri"] == cli_folder
     assert _exports(night)[CSV_NAME] == f"{cli_folder}/{CSV_NAME}"  # the latest run's, not the DAG folder's
+
+
+def _labels_served(db_url) -> list[tuple]:
+    return [tuple(r) for r in rows(db_url, "SELECT video_id, rank, label_id, score, model_version FROM production_labels ORDER BY video_id, rank")]  # fmt: skip
+
+
+def test_a_rerun_that_fails_writing_its_exports_leaves_the_served_rows_as_they_were(world, monkeypatch):
+    """S3 down when the rerun of a night joins its exports: the rerun has scored every video, and none of
+    its rows is served; the first try's stay, exactly. Its retry then replaces them, without duplicates."""
+    from storage.objectstore import StoreError
+    from tasks import inference
+
+    db_url = world["db"]
+    run_inference(db_url, NIGHT, top_k=K, exports_uri=world["exports"])
+    before = _labels_served(db_url)
+    assert len(before) == VIDEOS * K
+
+    def s3_down(exports_uri, parts, s3=None):
+        raise StoreError(f"{exports_uri}/predictions.csv: could not upload (503 Service Unavailable)")
+
+    real_join = inference.exports.join_night
+    monkeypatch.setattr(inference.exports, "join_night", s3_down)
+    with pytest.raises(StoreError, match="503"):
+        run_inference(db_url, NIGHT, top_k=2, exports_uri=world["exports"])  # the rerun, asking for 2 labels each
+    run = rows(db_url, "SELECT status, error, videos_done FROM inference_runs")
+    assert [(r[0], r[2]) for r in run] == [("failed", VIDEOS)] and "503" in run[0][1]  # scored all, published none
+    assert _labels_served(db_url) == before
+
+    monkeypatch.setattr(inference.exports, "join_night", real_join)
+    retry = run_inference(db_url, NIGHT, top_k=2, exports_uri=world["exports"])
+    after = _labels_served(db_url)
+    assert retry.rows_written == len(after) == VIDEOS * 2 and {r[1] for r in after} == {1, 2}
+    assert stored_rows(db_url) == VIDEOS * 2  # no part table left, nothing twice
+
+
+def test_a_night_is_served_only_once_it_has_succeeded(world, tmp_path):
+    """Neither a version's first night (on PostgreSQL the one that becomes its partition) nor a later one
+    (inserted into it) shows a row before it has succeeded."""
+    from tasks.inference import finish_night, plan_night, tag_part
+
+    db_url = world["db"]
+    for n in range(2):  # two files: two parts
+        _shard(tmp_path / "extra" / f"train010{n}.tfrecord", {f"c{i}": 10 + i for i in range(15 * n, 15 * n + 15)})
+    nights = []
+    for shards, night in ((None, NIGHT), ("extra", NIGHT + timedelta(days=1))):
+        if shards:
+            assert not ingest(str(tmp_path / shards), world["parquet"], db_url).failed
+        served = _labels_served(db_url)
+        plan = plan_night(db_url, night, top_k=K, exports_uri=str(tmp_path / night.isoformat()), part_videos=15)
+        assert len(plan.parts) > 1
+        for part in plan.parts:
+            tag_part(db_url, plan, part)
+            assert _labels_served(db_url) == served  # nothing of this night yet
+        nights.append(finish_night(db_url, plan).videos)
+        assert len(_labels_served(db_url)) == stored_rows(db_url) == (len(served) // K + nights[-1]) * K
+    assert nights == [VIDEOS, 30] and _served(db_url, "c") == sorted(f"c{i}" for i in range(30))
+
+
+def test_a_shard_changed_while_a_night_scores_it_is_not_published_from_the_old_content(world, tmp_path):
+    """The part scored c0..c3, then a re-ingest changed c0 and c1 before the night published: their rows,
+    scored from the old content, are left out (and out of the night's counts); c2 and c3, unchanged, are
+    published; the next night scores c0 and c1 from their new content."""
+    from tasks.inference import finish_night, plan_night, tag_part
+
+    db_url, parquet = world["db"], world["parquet"]
+    extra = tmp_path / "extra"
+    _shard(extra / "train0100.tfrecord", {"c0": 10, "c1": 11, "c2": 12, "c3": 13})
+    assert not ingest(str(extra), parquet, db_url).failed
+    plan = plan_night(db_url, NIGHT + timedelta(days=1), top_k=K, exports_uri=world["exports"])
+    for part in plan.parts:
+        tag_part(db_url, plan, part)
+    _shard(extra / "train0100.tfrecord", {"c0": 90, "c1": 91, "c2": 12, "c3": 13})
+    assert not ingest(str(extra), parquet, db_url).failed
+    report = finish_night(db_url, plan)
+
+    assert _scored(db_url, "c") == ["c2", "c3"]
+    assert report.videos == VIDEOS + 2 and report.rows_written == (VIDEOS + 2) * K
+    run = rows(db_url, "SELECT status, videos_total, videos_done, rows_written FROM inference_runs")
+    assert [tuple(r) for r in run] == [("succeeded", VIDEOS + 2, VIDEOS + 2, (VIDEOS + 2) * K)]
+    counted = count(db_url, "SELECT SUM(videos) FROM inference_label_counts WHERE rank = 1")
+    assert counted == VIDEOS + 2  # the label counts are those of the rows published
+    night = NIGHT + timedelta(days=2)
+    assert count_pending(db_url, night) == (world["version"], 2)
+    assert run_inference(db_url, night, top_k=K, exports_uri=str(tmp_path / "n2")).videos == 2
+    assert _served(db_url, "c") == ["c0", "c1", "c2", "c3"]
 
 
 @pytest.mark.parametrize(

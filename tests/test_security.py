@@ -404,19 +404,19 @@ def test_queries_bind_parameters_against_injection(raw_shards, tiny_checkpoint, 
 
 # Identifiers that may be formatted into SQL, each from a constant of its module (file: expressions).
 SQL_IDENTIFIERS = {
-    # COLUMNS: the predictions table's column names; table, partition, loading: partition_name() or
-    # load_table_name(), a constant prefix and ints; target: one of those or 'predictions'; version and
-    # int(run.model_version): ints; mode: '' or '_shared' (run_lock's advisory lock functions)
+    # COLUMNS: the predictions table's column names; table, partition, tables[0]: partition_name() or
+    # part_table_name(), a constant prefix and ints, or names run_tables() matched to PART_TABLE; target:
+    # one matched to PART_TABLE; version: an int; mode: '' or '_shared' (run_lock's advisory lock functions)
     "storage/database/run_locks.py": {"mode"},
-    "storage/database/partitions.py": {"table", "version", "loading"},
-    "storage/database/runs.py": {"table", "version"},
+    "storage/database/partitions.py": {"table", "version"},
     "storage/database/prediction_writes.py": {
         "', '.join(COLUMNS)",
         "columns",
         "table",
+        "tables[0]",
         "partition",
         "target",
-        "int(run.model_version)",
+        "version",
     },
     "sql/migrations/versions/0003_predictions.py": {"ANALYST_ROLE", "', '.join(READABLE)"},
     "sql/migrations/versions/0004_analyst_reads_predictions_only.py": {"ANALYST_ROLE", "', '.join(INTERNAL)"},
@@ -481,7 +481,8 @@ def test_sql_is_never_built_from_values(report):
 
     assert isinstance(prediction_writes.COLUMNS, tuple) and all(c.isidentifier() for c in prediction_writes.COLUMNS)
     assert partitions.partition_name("3") == "predictions_v3"
-    assert partitions.load_table_name(3, "12") == "predictions_v3_run12"
+    assert partitions.part_table_name(3, "12", 0) == "predictions_v3_run12_part0"
+    assert not partitions.PART_TABLE.fullmatch("predictions_v3_run1; DROP TABLE predictions")
     with pytest.raises(ValueError):
         partitions.partition_name("1; DROP TABLE predictions")
     for migration, names in (

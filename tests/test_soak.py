@@ -27,7 +27,6 @@ import csv
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import threading
@@ -52,7 +51,7 @@ from tasks.training import evaluate_model, promote
 from tests.support.db import in_transaction, migrated
 from tests.support.env import SHARED
 from tests.support.faults import FlakyProxy, PrivateCluster, kill_part_worker_after, start_part_worker
-from tests.worlds import NIGHT, VIDEOS, build_world, count, rows
+from tests.worlds import NIGHT, VIDEOS, build_world, count, part_tables, rows
 
 NIGHTS = 16
 K = 3
@@ -70,7 +69,6 @@ FAULTS = {
     "two_tries_night": 1,
 }
 KILL_WRITE_DELAY_S = 1.0  # the killed worker's pause after each commit: the kill lands before its part ends
-_LOAD_TABLE = re.compile(r"predictions(_v\d+_run\d+)?")
 
 
 # --- the checks ------------------------------------------------------------------------------------------
@@ -168,11 +166,7 @@ def _check_runs(db_url, broken, checked, superseded: dict[int, int]) -> None:
                 f"rows_written {written} (videos_done x k = {done * k}), {stored} rows stored ({kept} expected)"
                 f"{', load table ' + load_table if load_table else ''}{': ' + error if error else ''}"
             )
-    left = [
-        t
-        for (t,) in rows(db_url, "SELECT tablename FROM pg_tables WHERE tablename ~ '^predictions_v[0-9]+_run[0-9]+$'")
-    ]
-    broken += [f"load table {t} left behind by a finished night" for t in left]
+    broken += [f"part table {t} left behind by a finished night" for t in part_tables(db_url)]
     checked.facts += len(runs)
 
 
@@ -232,18 +226,20 @@ def check_between_tries(db_url: str, night: str, plan) -> Checked:
     """After a failed try (of a part, or of the night's finish): each chunk all or nothing (k rows per
     stored video), the parts' counters equal to the rows they left, and the run not shown succeeded, so
     that a retry starts from bookkeeping that tells the truth."""
-    assert _LOAD_TABLE.fullmatch(plan.table), plan.table  # formatted into the SQL below
-    # A first night's load table becomes the version's partition once the night is finishing.
-    table = plan.table if count(db_url, "SELECT to_regclass(:t)::text", t=plan.table) else "predictions"
+    # The run's part tables, or, once the night has published them, `predictions`.
+    tables = [t for t in part_tables(db_url) if t.startswith(f"predictions_v{plan.model_version}_run{plan.run_id}_")]
     of_run = {"run": plan.run_id, "v": plan.model_version}
-    partial = rows(
-        db_url,
-        f"SELECT video_id, COUNT(*) FROM {table} WHERE run_id = :run AND model_version = :v "
-        "GROUP BY video_id HAVING COUNT(*) <> :k ORDER BY video_id",
-        k=plan.top_k,
-        **of_run,
-    )
-    stored = count(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :run AND model_version = :v", **of_run)
+    partial, stored = [], 0
+    for table in tables or ["predictions"]:
+        partial += rows(
+            db_url,
+            f"SELECT video_id, COUNT(*) FROM {table} WHERE run_id = :run AND model_version = :v "
+            "GROUP BY video_id HAVING COUNT(*) <> :k ORDER BY video_id",
+            k=plan.top_k,
+            **of_run,
+        )
+        stored += count(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :run AND model_version = :v", **of_run)
+    table = ", ".join(tables) or "predictions"
     counted = count(
         db_url, "SELECT COALESCE(SUM(rows_written), 0) FROM inference_parts WHERE run_id = :run", run=plan.run_id
     )

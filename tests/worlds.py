@@ -106,10 +106,23 @@ def rows(db_url, sql, **params):
         return conn.execute(text(sql), params).all()
 
 
+def part_tables(db_url) -> list[str]:
+    """The part tables nights have written and not published (storage.database.partitions.part_table_name)."""
+    from storage.database.partitions import PART_TABLE
+
+    listing = (
+        "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+        if db_url.startswith("postgresql")
+        else "SELECT name FROM sqlite_master WHERE type = 'table'"
+    )
+    return sorted(t for (t,) in rows(db_url, listing) if PART_TABLE.fullmatch(t))
+
+
+def served_rows(db_url) -> int:
+    """Prediction rows the views can show: those nights that succeeded have published."""
+    return count(db_url, "SELECT COUNT(*) FROM predictions")
+
+
 def stored_rows(db_url) -> int:
-    """Prediction rows committed so far: in `predictions`, and in a night's load table (a version's first
-    whole night on PostgreSQL loads apart and is attached as its partition when the night finishes)."""
-    total = count(db_url, "SELECT COUNT(*) FROM predictions")
-    for (table,) in rows(db_url, "SELECT load_table FROM inference_runs WHERE load_table IS NOT NULL"):
-        total += count(db_url, f"SELECT COUNT(*) FROM {table}")
-    return total
+    """Prediction rows committed so far: published ones and those in nights' part tables, not yet published."""
+    return served_rows(db_url) + sum(count(db_url, f"SELECT COUNT(*) FROM {t}") for t in part_tables(db_url))

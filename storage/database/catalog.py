@@ -2,8 +2,9 @@
 
 import codecs
 import csv
+from datetime import datetime
 
-from sqlalchemy import Connection, delete, exists, select
+from sqlalchemy import Connection, delete, exists, select, update
 
 from storage.database.db import upsert_insert, utcnow
 from storage.database.schema import labels, model_versions, predictions, video_labels, videos
@@ -107,9 +108,23 @@ def record_videos(
     their ground truth; `replacing`: the other source whose videos this shard's output takes over. A video
     whose content changed since it was last ingested here (or there), or that left the shard, loses its
     predictions by every model version of the level in this transaction, so that the views stop showing
-    them and every such model scores it again; an unchanged one keeps them. Returns how many lost them. An id another shard of
-    the level holds is refused by the primary key: check with `ingested_elsewhere` first to name that shard."""
+    them and every such model scores it again; an unchanged one keeps them, and its `ingested_at` (the time
+    its content arrived: what a night's publish compares with the time it scored it). Returns how many lost
+    them. An id another shard of the level holds is refused by the primary key: check with
+    `ingested_elsewhere` first to name that shard."""
     now = utcnow()
+    before = _forget(conn, source_uri, level)
+    if replacing is not None:
+        before.update(_forget(conn, replacing, level))
+    now_held = dict(zip(ids, fingerprints))
+    # NULL: ingested before fingerprints were recorded, so its content is not known to be the same
+    stale = [i for i, (fingerprint, _) in before.items() if fingerprint is None or now_held.get(i) != fingerprint]
+    _drop_predictions(conn, stale, level)
+    unchanged = {
+        i: arrived
+        for i, (fingerprint, arrived) in before.items()
+        if fingerprint is not None and now_held.get(i) == fingerprint
+    }
     rows = [
         {
             "video_id": i,
@@ -117,18 +132,11 @@ def record_videos(
             "level": level,
             "source_uri": source_uri,
             "parquet_uri": parquet_uri,
-            "ingested_at": now,
+            "ingested_at": unchanged.get(i, now),
             "content_fingerprint": fingerprint,
         }
         for i, fingerprint in zip(ids, fingerprints)
     ]
-    before = _forget(conn, source_uri, level)
-    if replacing is not None:
-        before.update(_forget(conn, replacing, level))
-    now_held = dict(zip(ids, fingerprints))
-    # NULL: ingested before fingerprints were recorded, so its content is not known to be the same
-    stale = [i for i, fingerprint in before.items() if fingerprint is None or now_held.get(i) != fingerprint]
-    _drop_predictions(conn, stale, level)
     for start in range(0, len(rows), 5000):
         conn.execute(videos.insert(), rows[start : start + 5000])
         # The other level's row of a video shares its ground truth: the newest shard's labels win.
@@ -137,6 +145,18 @@ def record_videos(
     for start in range(0, len(truth), 20000):
         conn.execute(video_labels.insert(), truth[start : start + 20000])
     return len(stale)
+
+
+def stamp_arrival(conn: Connection, source_uri: str, level: str, since: datetime) -> None:
+    """The shard's videos recorded at or after `since` (new or changed content; unchanged ones kept their
+    time) arrive now. Called once the shard's Parquet is out and before the commit, so that a night's part
+    whose try started before the file changed (and may have read the old one) is seen to be older than the
+    content, and its rows of these videos are not published (machines' clocks kept in step, as by NTP)."""
+    conn.execute(
+        update(videos)
+        .where(videos.c.source_uri == source_uri, videos.c.level == level, videos.c.ingested_at >= since)
+        .values(ingested_at=utcnow())
+    )
 
 
 def ingested_elsewhere(
@@ -176,11 +196,16 @@ def _drop_predictions(conn: Connection, ids: list[str], level: str) -> None:
         )
 
 
-def _forget(conn: Connection, source_uri: str, level: str) -> dict[str, str | None]:
+def _forget(conn: Connection, source_uri: str, level: str) -> dict[str, tuple[str | None, datetime]]:
     """Remove a shard's videos of `level` and the ground truth no other row shares; returns what they were:
-    {video id: content fingerprint}."""
+    {video id: (content fingerprint, ingested_at)}."""
     leaving = (videos.c.source_uri == source_uri) & (videos.c.level == level)
-    gone = dict(conn.execute(select(videos.c.video_id, videos.c.content_fingerprint).where(leaving)).all())
+    gone = {
+        video: (fingerprint, arrived)
+        for video, fingerprint, arrived in conn.execute(
+            select(videos.c.video_id, videos.c.content_fingerprint, videos.c.ingested_at).where(leaving)
+        )
+    }
     other = videos.alias("other")
     still_held = select(other.c.video_id).where(
         other.c.video_id == video_labels.c.video_id, ~((other.c.source_uri == source_uri) & (other.c.level == level))

@@ -1,12 +1,14 @@
-"""The tables predictions live in: a PostgreSQL partition per model version (created on a version's
-first run), the load table a version's first whole night fills before it becomes that partition, and
-retirement, which drops a version's predictions at once.
+"""The tables predictions live in: a PostgreSQL partition per model version (created when a version's
+first night is published), the part tables a night's parts write into until the night succeeds and
+publishes them (storage/database/prediction_writes.py, `publish`), and retirement, which drops a
+version's predictions at once.
 
 Table names are built only here, from constant prefixes and ints, so that they are safe to format
 into DDL.
 """
 
 import logging
+import re
 
 from sqlalchemy import Connection, delete, exists, func, select, update
 
@@ -25,9 +27,35 @@ def partition_name(model_version: int) -> str:
     return f"predictions_v{int(model_version)}"
 
 
-def load_table_name(model_version: int, run_id: int) -> str:
-    """The table a version's first full night loads into before it becomes the version's partition."""
-    return f"predictions_v{int(model_version)}_run{int(run_id)}"
+def part_table_name(model_version: int, run_id: int, part: int) -> str:
+    """The table one part of a night writes its rows into, seen by no query until the night publishes it."""
+    return f"predictions_v{int(model_version)}_run{int(run_id)}_part{int(part)}"
+
+
+PART_TABLE = re.compile(r"predictions_v\d+_run\d+(_part\d+)?")  # _part-less: a load table of releases before
+
+
+def run_tables(conn, model_version: int, run_id: int | None = None) -> list[str]:
+    """The part tables (and older releases' load tables) of a version's runs, or of one run, that exist."""
+    prefix = f"predictions_v{int(model_version)}_run{'' if run_id is None else int(run_id)}"
+    if conn.dialect.name == "postgresql":
+        names = conn.exec_driver_sql(
+            "SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = current_schema()::regnamespace "
+            "AND starts_with(relname, %s)",
+            (prefix,),
+        ).scalars()
+    else:
+        names = conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, ?) = ?", (len(prefix), prefix)
+        ).scalars()
+    found = [n for n in names if PART_TABLE.fullmatch(n)]
+    # ..._run1 is a prefix of ..._run12: keep the run's own tables only
+    return sorted(n for n in found if run_id is None or re.fullmatch(re.escape(prefix) + r"(_part\d+)?", n))
+
+
+def drop_run_tables(conn, model_version: int, run_id: int | None = None) -> None:
+    for table in run_tables(conn, model_version, run_id):
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
 
 
 def table_exists(conn, table: str) -> bool:
@@ -97,14 +125,8 @@ def retire(conn: Connection, model_version: int) -> int:
     table = partition_name(model_version)
     if conn.dialect.name == "postgresql" and table_exists(conn, table):
         conn.exec_driver_sql(f"DROP TABLE {table}")
-    for (run_id,) in conn.execute(
-        select(inference_runs.c.run_id).where(
-            inference_runs.c.model_version == model_version, inference_runs.c.load_table.is_not(None)
-        )
-    ):
-        loading = load_table_name(model_version, run_id)
-        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {loading}")
-        conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=None))
+    drop_run_tables(conn, model_version)  # the rows of nights that never published
+    conn.execute(update(inference_runs).where(inference_runs.c.model_version == model_version).values(load_table=None))
     conn.execute(delete(predictions).where(predictions.c.model_version == model_version))  # SQLite, default partition
     runs = select(inference_runs.c.run_id).where(inference_runs.c.model_version == model_version)
     conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id.in_(runs)))

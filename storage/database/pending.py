@@ -1,9 +1,9 @@
 """Which videos a model has yet to score: what a night plans, and the videos a targeted rescoring
-names (`known_videos`), whose earlier scores it forgets first (`forget`)."""
+names (`known_videos`), whose earlier scores its rows replace when it publishes."""
 
 from datetime import datetime
 
-from sqlalchemy import Connection, and_, delete, exists, func, select
+from sqlalchemy import Connection, and_, exists, func, select
 
 from storage.database.schema import predictions, videos
 
@@ -63,13 +63,3 @@ def known_videos(conn: Connection, ids: list[str], level: str) -> dict[str, str]
         )
         found.update(dict(conn.execute(query).all()))
     return found
-
-
-def forget(conn: Connection, model_version: int, ids: list[str]) -> None:
-    """Drop this model's predictions of these videos, so that they are scored again."""
-    for start in range(0, len(ids), 5000):
-        conn.execute(
-            delete(predictions).where(
-                predictions.c.model_version == model_version, predictions.c.video_id.in_(ids[start : start + 5000])
-            )
-        )

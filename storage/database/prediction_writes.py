@@ -1,30 +1,40 @@
-"""The bulk write path of predictions, and deletes of a run's rows.
+"""The bulk write path of predictions, and the publishing of a night's rows.
 
-Rows go in chunks, each chunk and the run's progress in one transaction, so a run is all-or-nothing
-per chunk. PostgreSQL takes them with COPY (through a staging table when two runs scored the same
-video at once, so they never collide); SQLite with executemany. Every chunk counts the rows the
-database took: each video gets its k rows, or is left whole to the run that wrote it first, or the
-chunk fails (`check_chunk`), and a part or night succeeds only when its counters add up
-(`storage.database.runs.shortfall`). A version's first whole night loads into a table of its own, which
-`finalize_load` makes the version's partition.
+A night's parts never write where anyone reads: each part writes its rows into a table of its own
+(`storage.database.partitions.part_table_name`, no index, so COPY runs at full speed), in chunks, each
+chunk and the part's progress in one transaction. Only a night that succeeded (every part, and its
+exports) publishes them (`publish`): in one transaction, its rows replace what an earlier try of the
+night had published, videos another night published meanwhile stay that night's, and videos whose
+content changed after the part scored them (or that left the catalogue) are not published at all and
+stay pending. A failed night's rows are never served; its part tables wait for its retry or rerun.
+
+PostgreSQL takes rows with COPY, SQLite with executemany. A part succeeds only when its counters add up
+(`storage.database.runs.shortfall`); a version's first night, on PostgreSQL, becomes the version's
+partition whole (its part tables indexed once, sorted, and attached) instead of being inserted row by row.
 """
 
 import io
 import logging
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-from sqlalchemy import Connection, Engine, and_, delete, func, select, update
+from sqlalchemy import Column, Connection, Engine, MetaData, Table, delete, exists, func, select, update
 from sqlalchemy import column as sa_column
 from sqlalchemy import table as sa_table
 
-from storage.database.partitions import PARTITION_LOCK, load_table_name, partition_name, table_exists
+from storage.database.partitions import (
+    PART_TABLE,
+    PARTITION_LOCK,
+    ensure_partition,
+    part_table_name,
+    partition_name,
+    table_exists,
+)
 from storage.database.run_locks import RunLockHolder
 from storage.database.runs import RowsLost, SupersededTry, refresh_run_totals, this_try
-from storage.database.schema import inference_label_counts, inference_parts, inference_runs, videos
+from storage.database.schema import inference_label_counts, inference_parts, predictions, videos
 
 COLUMNS = ("video_id", "model_version", "rank", "label_id", "score", "run_id")
 
@@ -60,58 +70,39 @@ def tuples(table: pa.Table) -> list[tuple]:
     return list(zip(*(column.to_pylist() for column in table.columns)))
 
 
-def insert_bulk(conn, table: pa.Table, target: str = "predictions") -> int:
-    """Insert prediction rows in the connection's transaction by the fastest path of its database, into
-    `predictions` or a night's load table (PostgreSQL); returns the rows the database took.
-
-    A video another run of the model already holds rows of is skipped whole (two nights scoring it at
-    once: whichever wrote first keeps it), never mixed with this run's ranks; `check_chunk` then tells
-    such videos from rows really lost. Only uniqueness conflicts are skipped: a NULL or a bad value
-    fails the chunk, where SQLite's INSERT OR IGNORE used to drop the row silently."""
+def create_part_table(conn: Connection, model_version: int, run_id: int, part: int) -> str:
+    """A part's table, empty (a try starts afresh: whatever an earlier try wrote goes with the old one)."""
+    table = part_table_name(model_version, run_id, part)
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
     if conn.dialect.name == "postgresql":
-        if target != "predictions" and not re.fullmatch(r"predictions_v\d+_run\d+", target):
-            raise ValueError(f"not a table predictions are written to: {target!r}")  # it is formatted into COPY
-        return _copy_postgresql(conn.connection.driver_connection.cursor(), table, target)
+        # LIKE the partitioned table and CHECKed to its version: what ATTACH takes as a partition unscanned
+        version = int(model_version)
+        conn.exec_driver_sql(
+            f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS, CHECK (model_version = {version}))"
+        )
+    else:
+        Table(table, MetaData(), *(Column(c.name, c.type, nullable=False) for c in predictions.columns)).create(conn)
+    return table
+
+
+def insert_bulk(conn, table: pa.Table, target: str) -> int:
+    """Insert prediction rows into a part's table in the connection's transaction, by the fastest path of
+    its database; returns the rows the database took."""
+    if not PART_TABLE.fullmatch(target):
+        raise ValueError(f"not a table predictions are written to: {target!r}")  # it is formatted into SQL
+    if conn.dialect.name == "postgresql":
+        cursor = conn.connection.driver_connection.cursor()
+        cursor.copy_expert(f"COPY {target} ({', '.join(COLUMNS)}) FROM STDIN WITH (FORMAT csv)", _csv(table))
+        return table.num_rows  # COPY takes every row or fails
     before = conn.connection.driver_connection.total_changes
-    conn.exec_driver_sql(
-        f"INSERT INTO predictions ({', '.join(COLUMNS)}) SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS ("
-        "SELECT 1 FROM predictions p WHERE p.video_id = ?1 AND p.model_version = ?2 AND p.run_id <> ?6) "
-        "ON CONFLICT DO NOTHING",
-        tuples(table),
-    )
+    conn.exec_driver_sql(f"INSERT INTO {target} ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)", tuples(table))
     return conn.connection.driver_connection.total_changes - before
-
-
-def _copy_postgresql(cursor, table: pa.Table, target: str) -> int:
-    """COPY straight into the table; only if a row is already there (another run scored the same video
-    at the same time) go again through a staging table, skipping that run's videos whole, 40% slower."""
-    import psycopg2.errors
-
-    columns = ", ".join(COLUMNS)
-    cursor.execute("SAVEPOINT vtag_copy")
-    try:
-        cursor.copy_expert(f"COPY {target} ({columns}) FROM STDIN WITH (FORMAT csv)", _csv(table))
-        cursor.execute("RELEASE SAVEPOINT vtag_copy")
-        return table.num_rows
-    except psycopg2.errors.UniqueViolation:
-        cursor.execute("ROLLBACK TO SAVEPOINT vtag_copy")
-    cursor.execute("CREATE TEMP TABLE IF NOT EXISTS predictions_stage (LIKE predictions) ON COMMIT DELETE ROWS")
-    cursor.copy_expert(f"COPY predictions_stage ({columns}) FROM STDIN WITH (FORMAT csv)", _csv(table))
-    cursor.execute(
-        f"INSERT INTO {target} ({columns}) SELECT {columns} FROM predictions_stage s WHERE NOT EXISTS ("
-        f"SELECT 1 FROM {target} p WHERE p.video_id = s.video_id AND p.model_version = s.model_version "
-        "AND p.run_id <> s.run_id) ON CONFLICT DO NOTHING"
-    )
-    written = cursor.rowcount
-    cursor.execute("TRUNCATE predictions_stage")
-    return written
 
 
 @dataclass(frozen=True)
 class ChunkWritten:
     rows: int  # rows the database took
-    videos: int  # videos whose rows this run wrote
-    scored_elsewhere: tuple[str, ...] = ()  # videos another run of the model wrote at the same time, left to it
+    videos: int
 
 
 def _few(items, limit: int = 5) -> str:
@@ -119,17 +110,16 @@ def _few(items, limit: int = 5) -> str:
     return ", ".join(map(str, items[:limit])) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def check_chunk(conn, run_id: int, model_version: int, target: str, ids: list[str], k: int) -> tuple[str, ...]:
-    """After a chunk's insert took fewer rows than it had: the videos left to another run, each holding
-    that run's whole top ranks (1..m, one run), or RowsLost naming the videos that would be incomplete or
-    mixed. Costs one indexed read of the chunk's videos, and only when rows were skipped."""
-    stored = sa_table(target, *(sa_column(c) for c in COLUMNS))
+def held_elsewhere(conn, run_id: int, model_version: int, ids: list[str], k: int) -> tuple[str, ...]:
+    """Of videos whose rows did not all land in `predictions`: those another run holds whole (its top
+    ranks 1..m), left to it, or RowsLost naming the videos that would be incomplete or mixed."""
+    stored = predictions.c
     held: dict[str, dict[int, tuple[int, int, int]]] = {}
     for start in range(0, len(ids), 5000):
         query = (
-            select(stored.c.video_id, stored.c.run_id, func.count(), func.min(stored.c.rank), func.max(stored.c.rank))
-            .where(stored.c.model_version == model_version, stored.c.video_id.in_(ids[start : start + 5000]))
-            .group_by(stored.c.video_id, stored.c.run_id)
+            select(stored.video_id, stored.run_id, func.count(), func.min(stored.rank), func.max(stored.rank))
+            .where(stored.model_version == model_version, stored.video_id.in_(ids[start : start + 5000]))
+            .group_by(stored.video_id, stored.run_id)
         )
         for video, run, n, low, high in conn.execute(query):
             held.setdefault(video, {})[run] = (n, low, high)
@@ -153,8 +143,8 @@ def check_chunk(conn, run_id: int, model_version: int, target: str, ids: list[st
         )
     if lost:
         raise RowsLost(
-            f"run {run_id}: {len(lost)} of {len(ids)} videos of a chunk would be stored incompletely in {target}, "
-            f"{k} rows each expected: {_few(lost, 3)}; nothing of the chunk was written"
+            f"run {run_id}: {len(lost)} of {len(ids)} videos would be stored incompletely, {k} rows each "
+            f"expected: {_few(lost, 3)}; nothing of the night was published"
         )
     return tuple(elsewhere)
 
@@ -171,42 +161,30 @@ def write_chunk(
     top_scores: np.ndarray,
     lock: RunLockHolder | None = None,
 ) -> ChunkWritten:
-    """One chunk of a part's predictions and the part's progress, all or nothing; with `lock`, only while
-    the run's lock is still held, and only while this is the part's latest try (both checked inside the
-    chunk's transaction, the try when it commits). Every video gets its k rows, or is left whole to
-    another run that scored it at the same time (it then leaves the part's total), or the chunk fails."""
+    """One chunk of a part's predictions into its table, and the part's progress, all or nothing; with
+    `lock`, only while the run's lock is still held, and only while this is the part's latest try (both
+    checked inside the chunk's transaction, the try when it commits)."""
     table, k = prediction_table(run_id, model_version, ids, top_labels, top_scores), top_labels.shape[1]
     with engine.begin() as conn:
         if lock is not None:
             lock.check(conn)
         written = insert_bulk(conn, table, target)
-        elsewhere = () if written == table.num_rows else check_chunk(conn, run_id, model_version, target, ids, k)
-        videos = len(ids) - len(elsewhere)
-        if written != videos * k:  # e.g. a video twice in the chunk
+        if written != len(ids) * k:
             raise RowsLost(
-                f"run {run_id} part {part}: the database took {written} rows for {videos} videos x {k}; "
+                f"run {run_id} part {part}: the database took {written} rows for {len(ids)} videos x {k}; "
                 "nothing of the chunk was written"
             )
         progressed = conn.execute(
             update(inference_parts)
             .where(this_try(run_id, part, attempt))
             .values(
-                videos_done=inference_parts.c.videos_done + videos,
+                videos_done=inference_parts.c.videos_done + len(ids),
                 rows_written=inference_parts.c.rows_written + written,
-                videos_total=inference_parts.c.videos_total - len(elsewhere),
             )
         )
         if progressed.rowcount != 1:
             raise SupersededTry(f"run {run_id} part {part}: try {attempt} was superseded by a newer try; stopping")
-    if elsewhere:
-        log.info(
-            "run %d part %d: %d videos were scored by another run at the same time and stay its: %s",
-            run_id,
-            part,
-            len(elsewhere),
-            _few(elsewhere),
-        )
-    return ChunkWritten(written, videos, elsewhere)
+    return ChunkWritten(written, len(ids))
 
 
 class ChunkWriter:
@@ -215,8 +193,7 @@ class ChunkWriter:
     232-261k with two, measured here), one on SQLite (its writers take turns anyway). At most
     `writers * 2` chunks wait, so memory stays bounded; the first failure is raised.
 
-    With `label_counts` (a top_k x classes array), it counts each written video's labels at each rank
-    there, so that a part's counts are those of the rows it wrote, not of videos left to another run."""
+    With `label_counts` (a top_k x classes array), it counts each written video's labels at each rank."""
 
     def __init__(
         self,
@@ -224,8 +201,8 @@ class ChunkWriter:
         run_id: int,
         model_version: int,
         part: int,
+        target: str,
         lock: RunLockHolder | None = None,
-        target: str = "predictions",
         attempt: int = 1,
         label_counts: np.ndarray | None = None,
     ):
@@ -237,23 +214,18 @@ class ChunkWriter:
         self._pending: list = []
         self._label_counts = label_counts
         self.rows_written = self.videos_written = 0
-        self.scored_elsewhere: list[str] = []
 
     def submit(self, ids: list[str], top_labels: np.ndarray, top_scores: np.ndarray) -> None:
         if len(self._pending) >= self._limit:
             self._collect(*self._pending.pop(0))
         future = self._pool.submit(write_chunk, *self._args, ids, top_labels, top_scores, self._lock)
-        self._pending.append((future, ids, top_labels))
+        self._pending.append((future, top_labels))
 
-    def _collect(self, future, ids: list[str], top_labels: np.ndarray) -> None:
+    def _collect(self, future, top_labels: np.ndarray) -> None:
         written = future.result()
         self.rows_written += written.rows
         self.videos_written += written.videos
-        self.scored_elsewhere += written.scored_elsewhere
         if self._label_counts is not None:
-            if written.scored_elsewhere:
-                gone = set(written.scored_elsewhere)
-                top_labels = top_labels[[i for i, v in enumerate(ids) if v not in gone]]
             for rank in range(self._label_counts.shape[0]):
                 self._label_counts[rank] += np.bincount(top_labels[:, rank], minlength=self._label_counts.shape[1])
 
@@ -279,102 +251,190 @@ class ChunkWriter:
         return self.rows_written
 
 
-def drop_run_rows(
-    conn: Connection,
-    run_id: int,
-    model_version: int,
-    level: str,
-    *,
-    table: str = "predictions",
-    uri_range: tuple[str, str] | None = None,
-    ids: list[str] | None = None,
-) -> None:
-    """Drop what an earlier try of a part wrote for this run into `table`: the rows of the videos in its
-    file range, or of the given videos (a targeted part, which shares its files with the night's other rows)."""
-    target = sa_table(table, *(sa_column(c) for c in COLUMNS))
-    of_run = and_(target.c.model_version == model_version, target.c.run_id == run_id)
-    if uri_range is not None:
-        in_range = select(videos.c.video_id).where(videos.c.level == level, videos.c.parquet_uri.between(*uri_range))
-        conn.execute(delete(target).where(of_run, target.c.video_id.in_(in_range)))
-    for start in range(0, len(ids or []), 5000):
-        conn.execute(delete(target).where(of_run, target.c.video_id.in_(ids[start : start + 5000])))
+def _rows_of(table: str):
+    return sa_table(table, *(sa_column(c) for c in COLUMNS))
 
 
-def finalize_load(conn: Connection, run_id: int) -> None:
-    """Make a loaded night's rows the version's partition: index the load table (sorted builds) and
-    attach it; if a partition appeared meanwhile (another night of the version), merge into it."""
-    run = conn.execute(select(inference_runs).where(inference_runs.c.run_id == run_id).with_for_update()).first()
-    if run is None or not run.load_table or conn.dialect.name != "postgresql":
-        return
-    table, partition = load_table_name(run.model_version, run_id), partition_name(run.model_version)
-    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
-    if table_exists(conn, partition):
-        _merge_load(conn, run, table)
+@dataclass(frozen=True)
+class Published:
+    videos: int
+    rows: int
+    changed: tuple[str, ...]  # scored, then changed or gone from the catalogue: not published, pending again
+    elsewhere: tuple[str, ...]  # published meanwhile by another night of the version, left to it
+
+
+def publish(
+    conn: Connection, run_id: int, model_version: int, level: str, parts: list[int], k: int, replace_any: bool
+) -> Published:
+    """Make the rows the given parts of a night wrote the version's, in the caller's transaction (the one
+    that marks the night succeeded). Each video's rows replace those this run published before (with
+    `replace_any`, a targeted rescoring: those of any run of the version); a video another night of the
+    version published meanwhile stays that night's; a video whose catalogue row is gone or newer than the
+    start of the try that scored it is left out, so that the next night scores its new content. Videos
+    left out leave their part's counts. A part without its table (published already) is skipped."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))  # publishes take turns
+    tables = {
+        p: part_table_name(model_version, run_id, p)
+        for p in parts
+        if _exists(conn, part_table_name(model_version, run_id, p))
+    }
+    started = dict(
+        conn.execute(
+            select(inference_parts.c.part, inference_parts.c.started_at).where(
+                inference_parts.c.run_id == run_id, inference_parts.c.part.in_(list(tables))
+            )
+        ).all()
+    )
+    changed: list[str] = []
+    for part, table in tables.items():
+        stale = _changed_since(conn, table, level, started[part])
+        _leave_part(conn, run_id, part, table, stale, drop_rows=True)
+        changed += stale
+    if _first_night(conn, model_version, replace_any):
+        _attach_as_partition(conn, model_version, list(tables.values()))
+        elsewhere: list[str] = []
     else:
-        # The same definitions as the partitioned indexes, so that ATTACH adopts them instead of building.
-        conn.exec_driver_sql(f"ALTER TABLE {table} ADD PRIMARY KEY (video_id, model_version, rank)")
-        conn.exec_driver_sql(f"CREATE INDEX ON {table} (model_version, label_id, score DESC, video_id)")
-        conn.exec_driver_sql(f"CREATE INDEX ON {table} USING brin (run_id)")
-        conn.exec_driver_sql(f"ALTER TABLE {table} RENAME TO {partition}")
-        conn.exec_driver_sql(
-            f"ALTER TABLE predictions ATTACH PARTITION {partition} FOR VALUES IN ({int(run.model_version)})"
-        )
-    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")  # merged (an attached one was renamed)
-    conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=None))
-    log.info("run %d: its rows are now in %s", run_id, partition)
-
-
-def _merge_load(conn, run, table: str) -> None:
-    """Move a loaded night into the version's partition that another night of the version created
-    meanwhile (rare: two first nights at once). A video that night already holds whole stays its and
-    leaves this night's counts (parts, label counts); anything else that does not land fails the night
-    (the transaction rolls back, the load table stays, a rerun writes exactly)."""
-    columns, version = ", ".join(COLUMNS), int(run.model_version)
-    conn.exec_driver_sql(
-        f"INSERT INTO predictions ({columns}) SELECT {columns} FROM {table} l WHERE NOT EXISTS ("
-        "SELECT 1 FROM predictions p WHERE p.model_version = l.model_version AND p.video_id = l.video_id) "
-        "ON CONFLICT DO NOTHING"
-    )
-    # Only this rare path reads the load table again: the videos whose rows did not all land.
-    skipped = conn.exec_driver_sql(
-        f"SELECT l.video_id, COUNT(*) FROM {table} l LEFT JOIN predictions p ON p.model_version = l.model_version "
-        "AND p.video_id = l.video_id AND p.rank = l.rank AND p.run_id = l.run_id "
-        "GROUP BY l.video_id HAVING COUNT(p.video_id) < COUNT(*)"
-    ).all()
-    if not skipped:
-        return
-    k = skipped[0][1]
-    elsewhere = check_chunk(conn, run.run_id, version, "predictions", [v for v, _ in skipped], k)
-    conn.exec_driver_sql("CREATE TEMP TABLE vtag_elsewhere (video_id varchar(32) PRIMARY KEY) ON COMMIT DROP")
-    conn.exec_driver_sql("INSERT INTO vtag_elsewhere SELECT unnest(%s::varchar[])", (list(elsewhere),))
-    # Each video leaves the part whose file range holds it (a whole night's parts own disjoint ranges).
-    bound = {"run": int(run.run_id), "version": version, "k": int(k)}
-    conn.exec_driver_sql(
-        "UPDATE inference_parts t SET videos_total = t.videos_total - x.n, videos_done = t.videos_done - x.n, "
-        "rows_written = t.rows_written - x.n * %(k)s FROM (SELECT ip.part, COUNT(*) AS n FROM vtag_elsewhere e "
-        "JOIN videos v ON v.video_id = e.video_id AND v.level = (SELECT level FROM model_versions WHERE version = %(version)s) "
-        "JOIN inference_parts ip ON ip.run_id = %(run)s AND v.parquet_uri BETWEEN ip.first_uri AND ip.last_uri "
-        "GROUP BY ip.part) x WHERE t.run_id = %(run)s AND t.part = x.part",
-        bound,
-    )
-    conn.exec_driver_sql(
-        "UPDATE inference_label_counts c SET videos = c.videos - x.n FROM (SELECT ip.part, l.rank, l.label_id, COUNT(*) AS n "
-        "FROM vtag_elsewhere e JOIN videos v ON v.video_id = e.video_id AND v.level = (SELECT level FROM model_versions "
-        "WHERE version = %(version)s) JOIN inference_parts ip ON ip.run_id = %(run)s AND v.parquet_uri BETWEEN ip.first_uri "
-        f"AND ip.last_uri JOIN {table} l ON l.video_id = e.video_id GROUP BY ip.part, l.rank, l.label_id) x "
-        "WHERE c.run_id = %(run)s AND c.part = x.part AND c.rank = x.rank AND c.label_id = x.label_id",
-        bound,
-    )
+        ensure_partition(conn, model_version)
+        elsewhere = []
+        for part, table in tables.items():
+            elsewhere += _insert_part(conn, run_id, model_version, part, table, k, replace_any)
+            conn.exec_driver_sql(f"DROP TABLE {table}")
     conn.execute(
         delete(inference_label_counts).where(
-            inference_label_counts.c.run_id == run.run_id, inference_label_counts.c.videos <= 0
+            inference_label_counts.c.run_id == run_id, inference_label_counts.c.videos <= 0
         )
     )
-    refresh_run_totals(conn, run.run_id)
-    log.info(
-        "run %d: %d videos were scored by another night of model version %d at the same time and stay its: %s",
-        run.run_id,
-        len(elsewhere),
-        version,
-        _few(elsewhere),
+    refresh_run_totals(conn, run_id)
+    done = conn.execute(
+        select(
+            func.coalesce(func.sum(inference_parts.c.videos_done), 0),
+            func.coalesce(func.sum(inference_parts.c.rows_written), 0),
+        ).where(inference_parts.c.run_id == run_id, inference_parts.c.part.in_(list(tables)))
+    ).first()
+    for what, ids in (
+        ("changed or left the catalogue after it was scored", changed),
+        ("published by another night of the version meanwhile", elsewhere),
+    ):
+        if ids:
+            log.info("run %d: %d videos %s, not published by this night: %s", run_id, len(ids), what, _few(ids))
+    return Published(int(done[0]), int(done[1]), tuple(changed), tuple(elsewhere))
+
+
+def _exists(conn, table: str) -> bool:
+    if conn.dialect.name == "postgresql":
+        return table_exists(conn, table)
+    return (
+        conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).first()
+        is not None
     )
+
+
+def _changed_since(conn, table: str, level: str, started) -> list[str]:
+    """The videos of a part's table whose catalogue row is gone, or newer than the try that scored them
+    (ingest keeps a video's ingested_at while its content stays the same)."""
+    rows = _rows_of(table)
+    current = exists().where(
+        videos.c.video_id == rows.c.video_id, videos.c.level == level, videos.c.ingested_at <= started
+    )
+    return list(conn.execute(select(rows.c.video_id).where(rows.c.rank == 1, ~current)).scalars())
+
+
+def _leave_part(conn, run_id: int, part: int, table: str, ids: list[str], drop_rows: bool) -> None:
+    """These videos leave the part's counts (videos, rows, label counts), and with `drop_rows` its table."""
+    rows = _rows_of(table)
+    counts = inference_label_counts.c
+    for start in range(0, len(ids), 5000):
+        some = ids[start : start + 5000]
+        by_label = conn.execute(
+            select(rows.c.rank, rows.c.label_id, func.count())
+            .where(rows.c.video_id.in_(some))
+            .group_by(rows.c.rank, rows.c.label_id)
+        ).all()
+        for rank, label, n in by_label:
+            conn.execute(
+                update(inference_label_counts)
+                .where(counts.run_id == run_id, counts.part == part, counts.rank == rank, counts.label_id == label)
+                .values(videos=counts.videos - n)
+            )
+        conn.execute(
+            update(inference_parts)
+            .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+            .values(
+                videos_total=inference_parts.c.videos_total - len(some),
+                videos_done=inference_parts.c.videos_done - len(some),
+                rows_written=inference_parts.c.rows_written - sum(n for _, _, n in by_label),
+            )
+        )
+        if drop_rows:
+            conn.execute(delete(rows).where(rows.c.video_id.in_(some)))
+
+
+def _first_night(conn, model_version: int, replace_any: bool) -> bool:
+    """Whether this night becomes the version's partition whole: PostgreSQL, a whole night, no partition yet
+    and no stray row of the version in the default partition."""
+    if conn.dialect.name != "postgresql" or replace_any or table_exists(conn, partition_name(model_version)):
+        return False
+    stray = conn.exec_driver_sql(
+        "SELECT 1 FROM predictions_default WHERE model_version = %s LIMIT 1", (int(model_version),)
+    ).first()
+    return stray is None
+
+
+def _attach_as_partition(conn, model_version: int, tables: list[str]) -> None:
+    """The night's part tables become the version's partition: one renamed, or several gathered into one
+    (a single sequential write), then indexed (sorted builds, faster than inserting into indexes) and
+    attached."""
+    partition, version = partition_name(model_version), int(model_version)
+    if len(tables) == 1:
+        conn.exec_driver_sql(f"ALTER TABLE {tables[0]} RENAME TO {partition}")
+    else:
+        conn.exec_driver_sql(
+            f"CREATE TABLE {partition} (LIKE predictions INCLUDING DEFAULTS, CHECK (model_version = {version}))"
+        )
+        for table in tables:
+            conn.exec_driver_sql(f"INSERT INTO {partition} SELECT * FROM {table}")
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+    # The same definitions as the partitioned indexes, so that ATTACH adopts them instead of building.
+    conn.exec_driver_sql(f"ALTER TABLE {partition} ADD PRIMARY KEY (video_id, model_version, rank)")
+    conn.exec_driver_sql(f"CREATE INDEX ON {partition} (model_version, label_id, score DESC, video_id)")
+    conn.exec_driver_sql(f"CREATE INDEX ON {partition} USING brin (run_id)")
+    conn.exec_driver_sql(f"ALTER TABLE predictions ATTACH PARTITION {partition} FOR VALUES IN ({version})")
+    log.info("model version %d: its first night's rows are now its partition %s", version, partition)
+
+
+def _insert_part(conn, run_id: int, model_version: int, part: int, table: str, k: int, replace_any: bool) -> list[str]:
+    """A part's rows into `predictions`, in place of the rows they replace; returns the videos left to the
+    night that published them meanwhile (they leave the part's counts)."""
+    rows, stored = _rows_of(table), predictions.c
+    replaced = stored.video_id.in_(select(rows.c.video_id).where(rows.c.rank == 1))
+    if not replace_any:
+        replaced = replaced & (stored.run_id == run_id)
+    conn.execute(delete(predictions).where(stored.model_version == model_version, replaced))
+    columns = ", ".join(COLUMNS)
+    version = int(model_version)
+    # In the order of the primary key: index pages are then filled one after another, not at random.
+    inserted = conn.exec_driver_sql(
+        f"INSERT INTO predictions ({columns}) SELECT {columns} FROM {table} l WHERE NOT EXISTS ("
+        f"SELECT 1 FROM predictions p WHERE p.model_version = {version} AND p.video_id = l.video_id) "
+        "ORDER BY l.video_id, l.rank ON CONFLICT DO NOTHING"
+    ).rowcount
+    expected = conn.execute(select(func.count()).select_from(rows)).scalar()
+    if inserted == expected:
+        return []
+    skipped = list(
+        conn.execute(
+            select(rows.c.video_id).where(
+                rows.c.rank == 1,
+                ~exists().where(
+                    stored.model_version == model_version,
+                    stored.video_id == rows.c.video_id,
+                    stored.rank == 1,
+                    stored.run_id == run_id,
+                ),
+            )
+        ).scalars()
+    )
+    elsewhere = list(held_elsewhere(conn, run_id, model_version, skipped, k))
+    _leave_part(conn, run_id, part, table, elsewhere, drop_rows=False)
+    return elsewhere

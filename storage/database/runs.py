@@ -13,9 +13,9 @@ import numpy as np
 from sqlalchemy import Connection, and_, delete, func, insert, select, update
 
 from storage.database.db import utcnow
-from storage.database.partitions import ensure_partition, load_table_name, partition_name, table_exists
+from storage.database.partitions import drop_run_tables
 from storage.database.run_locks import LostRunLock
-from storage.database.schema import inference_label_counts, inference_parts, inference_runs, model_versions, predictions
+from storage.database.schema import inference_label_counts, inference_parts, inference_runs, model_versions
 from storage.errors import VtagError
 
 
@@ -36,17 +36,14 @@ def start_run(
     airflow_run_id: str | None,
     clear: bool = True,
 ) -> int:
-    """The run of (logical date, model version), emptied of its earlier rows and parts unless `clear` is
-    False: a rerun replaces, never duplicates. Call it holding the night's run_lock.
+    """The run of (logical date, model version), its earlier parts, counts and unpublished rows forgotten
+    unless `clear` is False. Call it holding the night's run_lock.
 
-    On PostgreSQL, a whole night of a version that has no partition yet (its first night: a full
-    rescore after a promotion) loads into a table of its own without indexes, which finish_night
-    indexes and attaches as the version's partition (`storage.database.prediction_writes.finalize_load`): COPY
-    into a table with the primary key and the label index ran at 56,000 rows/s at a tenth of the full
-    size here, and falls as the indexes outgrow memory, where a table without them takes rows several
-    times as fast and the indexes are built once, sorted (benchmarks/scale.py)."""
+    Nothing served changes here: the rows an earlier try of the night published stay visible until this
+    one publishes its own in their place (`storage.database.prediction_writes.publish`), so a rerun that
+    fails leaves the night's served rows as they were."""
     run = conn.execute(
-        select(inference_runs.c.run_id, inference_runs.c.load_table)
+        select(inference_runs.c.run_id)
         .where(inference_runs.c.logical_date == logical_date, inference_runs.c.model_version == model_version)
         .with_for_update()
     ).first()
@@ -60,6 +57,7 @@ def start_run(
         "airflow_run_id": airflow_run_id,
         "started_at": utcnow(),
         "finished_at": None,
+        "load_table": None,  # releases before part tables loaded a first night here
     }
     conn.execute(
         update(model_versions)
@@ -67,47 +65,23 @@ def start_run(
         .values(predictions_retired_at=None)
     )  # scoring again after a retirement
     if run is None:
-        run_id = conn.execute(
+        return conn.execute(
             insert(inference_runs)
             .values(logical_date=logical_date, model_version=model_version, **values)
             .returning(inference_runs.c.run_id)
         ).scalar_one()
-    else:
-        run_id = run.run_id
-        if clear:
-            if run.load_table:  # an earlier try of this night loaded apart: its rows go with its table
-                table = load_table_name(model_version, run_id)
-                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
-            conn.execute(
-                delete(predictions).where(predictions.c.model_version == model_version, predictions.c.run_id == run_id)
-            )
-            conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id == run_id))
-            conn.execute(delete(inference_parts).where(inference_parts.c.run_id == run_id))
-        conn.execute(
-            update(inference_runs)
-            .where(inference_runs.c.run_id == run_id)
-            .values(
-                **{k: v for k, v in values.items() if clear or k not in ("videos_total", "videos_done", "rows_written")}
-            )
-        )
-    postgresql = conn.dialect.name == "postgresql"
-    if clear and postgresql and not table_exists(conn, partition_name(model_version)):
-        table, version = load_table_name(model_version, run_id), int(model_version)
-        conn.exec_driver_sql(
-            f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS, CHECK (model_version = {version}))"
-        )
-        conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=table))
-    else:
-        ensure_partition(conn, model_version)
-        if clear:
-            conn.execute(update(inference_runs).where(inference_runs.c.run_id == run_id).values(load_table=None))
+    run_id = run.run_id
+    if clear:
+        drop_run_tables(conn, model_version, run_id)
+        conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id == run_id))
+        conn.execute(delete(inference_parts).where(inference_parts.c.run_id == run_id))
+    kept = () if clear else ("videos_total", "videos_done", "rows_written", "load_table")
+    conn.execute(
+        update(inference_runs)
+        .where(inference_runs.c.run_id == run_id)
+        .values(**{k: v for k, v in values.items() if k not in kept})
+    )
     return run_id
-
-
-def write_target(conn: Connection, run_id: int, clear: bool) -> str:
-    """Where a plan of this run writes: its load table (a first whole night), else `predictions`."""
-    load = conn.execute(select(inference_runs.c.load_table).where(inference_runs.c.run_id == run_id)).scalar()
-    return load if clear and load else "predictions"
 
 
 def record_parts(conn: Connection, run_id: int, parts: list[dict]) -> list[dict]:
