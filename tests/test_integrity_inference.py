@@ -97,7 +97,9 @@ def test_rows_lost_to_a_conflicting_row_fail_the_night_instead_of_succeeding(wor
     run = _run(db_url, first.run_id)
     assert run["status"] == "failed" and victim in run["error"]
     # nothing of the failed rerun is served: the first night's rows stay, less the victim's, beside the stray one
-    assert served_rows(db_url) == VIDEOS * k - k + 1 and stored_rows(db_url) - served_rows(db_url) == run["rows_written"]
+    assert (
+        served_rows(db_url) == VIDEOS * k - k + 1 and stored_rows(db_url) - served_rows(db_url) == run["rows_written"]
+    )
     assert count(db_url, "SELECT COUNT(*) FROM predictions WHERE video_id = :v", v=victim) == 1  # never mixed
 
     with engine_for(db_url).begin() as conn:  # the stray row removed, the rerun is exact
