@@ -124,6 +124,7 @@ REAL_PRESETS := starter-logistic starter-mlp video
 
 $(REAL)/.ingested: | install
 	mkdir -p $(REAL)
+	vtag db upgrade --db $(REAL_DB) > /dev/null
 	vtag ingest --src $(REAL_SHARDS) --pattern 'validate00??.tfrecord' --dest $(REAL)/train --db $(REAL_DB)
 	vtag ingest --src $(REAL_SHARDS) --pattern 'validate01[0-2]?.tfrecord' --dest $(REAL)/train --db $(REAL_DB)
 	vtag ingest --src $(REAL_SHARDS) --pattern 'validate01[34]?.tfrecord' --dest $(REAL)/held-out --db $(REAL_DB)

@@ -118,13 +118,14 @@ def policy_training(device: torch.device, preset: str, name: str, batch_size: in
 
 
 def product_path(work: Path, budget: "Budget", preset: str, videos: int, batch_size: int) -> dict:
-    """synth -> ingest -> train -> evaluate --promote -> infer --production, each a `vtag` subprocess on a
+    """db upgrade -> synth -> ingest -> train -> evaluate --promote -> infer --production, each a `vtag` subprocess on a
     SQLite database under `work`; a step that would start with too little budget left, or after a failed one,
     is skipped with the reason. Returns each step's command, exit status, seconds, figures and output tail."""
     raw, parquet, models, exports = (str(work / name) for name in ("raw", "parquet", "models", "exports"))
     db = ["--db", f"sqlite:///{work / 'vtag.db'}"]
     shards = 4
     steps = {
+        "db upgrade": (5, ["db", "upgrade", *db]),  # the deploy step: no other command migrates this database
         "synth": (20, ["synth", "--out", raw, "--level", "frame", "--split", "train", "--shards", str(shards),
                        "--videos-per-shard", str(max(1, videos // shards)), "--seed", "7"]),
         "synth validate": (10, ["synth", "--out", raw, "--level", "frame", "--split", "validate",
@@ -204,11 +205,13 @@ def profile_step(device: torch.device, preset: str, batch_size: int) -> str:
 
 def torchrun(parquet: str, work: Path, preset: str, gpus: int, batch_size: int, timeout: float) -> dict:
     """`vtag train` of `preset` under torchrun, one process a GPU, one epoch of the product path's Parquet."""
+    db = f"sqlite:///{work / 'ddp.db'}"
+    subprocess.run([sys.executable, "-m", "tasks.cli", "db", "upgrade", "--db", db], check=True, capture_output=True)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(max(1, gpus)),
         "-m", "tasks.cli", "train", "--data", parquet, "--level", "frame", "--preset", preset,
         "--epochs", "1", "--batch-size", str(batch_size), "--workers", "2",
-        "--out", str(work / "ddp"), "--db", f"sqlite:///{work / 'ddp.db'}",
+        "--out", str(work / "ddp"), "--db", db,
     ]  # fmt: skip
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, timeout=max(1, timeout))

@@ -44,8 +44,9 @@ from storage.formats.yt8m_spec import NUM_CLASSES
 SPLITS = {"train": 3_888_919, "validate": 1_112_356, "test": 1_133_323}
 SHARDS_PER_SPLIT = 3_844
 K = 20
-BEFORE = datetime(2030, 1, 1, tzinfo=UTC)  # when everything but tonight's videos arrived
-NIGHT = datetime(2030, 1, 2, 2, 0, tzinfo=UTC)  # the night being measured
+# In the past: a night publishes only videos whose content arrived before the part that scored them started.
+BEFORE = datetime(2026, 1, 1, tzinfo=UTC)  # when everything but tonight's videos arrived
+NIGHT = datetime(2026, 1, 2, 2, 0, tzinfo=UTC)  # the night being measured
 NEW_TONIGHT = 100  # one video in 100 arrived today: the production model has not scored it yet
 PARQUET = "s3://yt8m/parquet/frame"
 

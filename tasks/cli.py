@@ -397,6 +397,19 @@ def _db(args) -> int:
     return 0
 
 
+def _schema_on_entry(url: str) -> None:
+    """The embedded SQLite under VTAG_HOME is the command line's own: migrated on entry, so that it needs no
+    set-up. Any other database has a deploy step that migrates it (`vtag db upgrade`, the Airflow image's
+    init): here it is only checked, so that an analyst's newer `vtag` never changes a schema under running
+    workers. One line names the revision it is at and the way forward; nothing is changed."""
+    from storage.database import db
+
+    if settings.is_embedded_db(url):
+        db.upgrade(url)
+    else:
+        db.require_current(url)
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that get one clear line instead of a traceback: ours (VtagError: bad input, a missing or changed
     object, a refused request) and a database that cannot be reached. Anything else is a bug: its traceback
@@ -450,11 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command]
     try:
         if hasattr(args, "db") and args.command != "db" and os.environ.get("RANK", "0") == "0":
-            # The command line is a deployment of its own: it migrates on entry, so the embedded SQLite
-            # needs no set-up. Under torchrun, rank 0 alone talks to the database.
-            from storage.database import db
-
-            db.upgrade(args.db)
+            _schema_on_entry(args.db)  # under torchrun, rank 0 alone talks to the database
         return handler(args)
     except _user_errors() as exc:
         if args.verbose:  # the whole story for a bug report; otherwise one line

@@ -17,8 +17,27 @@ def vtag_home() -> Path:
     return Path(os.environ.get("VTAG_HOME") or Path.home() / ".vtag").resolve()
 
 
+def embedded_db_url() -> str:
+    """The SQLite file under VTAG_HOME: the command line's own database, which it migrates itself."""
+    return f"sqlite:///{vtag_home() / 'vtag.db'}"
+
+
 def default_db_url() -> str:
-    return os.environ.get("VTAG_DB_URL") or f"sqlite:///{vtag_home() / 'vtag.db'}"
+    return os.environ.get("VTAG_DB_URL") or embedded_db_url()
+
+
+def is_embedded_db(url: str) -> bool:
+    """Whether `url` names the embedded SQLite file, however spelled (a relative path, `..`, a link)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return False
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return False
+    return Path(parsed.database).resolve() == vtag_home() / "vtag.db"
 
 
 def default_raw_uri() -> str:

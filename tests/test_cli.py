@@ -3,7 +3,7 @@
 import pytest
 from sqlalchemy import inspect
 
-from storage.database.db import current_revision, engine_for, head_revision
+from storage.database.db import current_revision, engine_for, head_revision, known_revisions
 from tests.shards import flip_byte, record_offsets
 from tests.support.cli import vtag
 
@@ -47,6 +47,42 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_only_the_embedded_database_is_migrated_on_entry(empty_db_url, tmp_path):
+    """Issue 28: an analyst's newer `vtag` pointed at a deployed database never migrates it: a database at
+    an older revision, or without our schema, gets one line and is left as it was; the embedded SQLite
+    file under VTAG_HOME is the command line's own and is migrated on entry, however its URL is spelled."""
+    from storage.database.db import downgrade, upgrade
+
+    older = sorted(known_revisions())[-2]
+    upgrade(empty_db_url, older)
+    shown = engine_for(empty_db_url).url.render_as_string(hide_password=True)
+    for args in (["models"], ["query", "runs"], ["infer", "--production", "--dry-run"]):
+        result = vtag(*args, "--db", empty_db_url, env_home=tmp_path / "analyst")
+        assert (result.returncode, result.stderr.strip()) == (
+            2,
+            f"vtag {args[0]}: error: the database {shown} is at schema revision {older}, this release needs "
+            f"{head_revision()}: run `vtag db upgrade --db <url>` (the Airflow image's init step runs it)",
+        )
+    assert current_revision(empty_db_url) == older  # left unchanged
+    assert vtag("db", "upgrade", "--db", empty_db_url).returncode == 0  # the way forward named
+    assert vtag("models", "--db", empty_db_url).returncode == 0
+
+    bare = f"sqlite:///{tmp_path / 'bare.db'}"
+    result = vtag("models", "--db", bare, env_home=tmp_path / "analyst")
+    assert result.returncode == 2 and "has no vtag schema, this release needs" in result.stderr
+    assert current_revision(bare) is None
+
+    home = tmp_path / "home"
+    assert vtag("models", env_home=home).returncode == 0  # the embedded default
+    assert current_revision(f"sqlite:///{home / 'vtag.db'}") == head_revision()
+    (home / "sub").mkdir()
+    downgrade(f"sqlite:///{home / 'vtag.db'}", older)
+    assert (
+        vtag("models", "--db", f"sqlite:///{home}/sub/../vtag.db", env_home=home).returncode == 0
+    )  # spelled otherwise
+    assert current_revision(f"sqlite:///{home / 'vtag.db'}") == head_revision()
 
 
 def test_db_migrations_up_and_down(empty_db_url):

@@ -46,7 +46,7 @@ def _catalogue(db_url: str) -> tuple[int, int, dict[str, int]]:
 
 
 def test_worker_sigkilled_mid_parquet_write_then_retried(tmp_path, report):
-    raw, dest, db_url = tmp_path / "raw", tmp_path / "parquet", f"sqlite:///{tmp_path / 'vtag.db'}"
+    raw, dest, db_url = tmp_path / "raw", tmp_path / "parquet", migrated(f"sqlite:///{tmp_path / 'vtag.db'}")
     # ~45 MB a shard: its Parquet reaches the temporary in pieces over some 100 ms, time enough to catch it.
     synth(str(raw), SynthConfig("frame", "train", shards=3, videos_per_shard=200, seed=11))
     source = _source_videos(raw)

@@ -298,7 +298,9 @@ def test_non_finite_or_out_of_range_floats_are_refused(name, value):
 @pytest.mark.parametrize("value", ["inf", "nan", "0", "-0.5"])
 def test_cli_train_refuses_a_bad_learning_rate_in_one_line(parquet, tmp_path, value):
     result = vtag(
-        *vtag_train_args(parquet, tmp_path / "m", f"sqlite:///{tmp_path / 'vtag.db'}", "--learning-rate", value)
+        *vtag_train_args(
+            parquet, tmp_path / "m", migrated(f"sqlite:///{tmp_path / 'vtag.db'}"), "--learning-rate", value
+        )
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [

@@ -5,8 +5,9 @@ The functions of `storage.database` take a Connection and never commit: the task
 opens it (`transaction`) and passes it down, so that what belongs together commits together. Only what
 spans many transactions takes the Engine (the run lock, the chunk writer's threads).
 
-Migrations run at deploy time (`vtag db upgrade`, which every `vtag` command also runs at its start, and
-the Airflow images' init step), never inside a task: work checks the schema is current (`require_current`).
+Migrations run at deploy time (`vtag db upgrade`, and the Airflow images' init step), never inside a task:
+work checks the schema is current (`require_current`). The one exception is the command line's embedded
+SQLite file under VTAG_HOME, which every `vtag` command migrates on entry (tasks/cli.py).
 """
 
 import threading
