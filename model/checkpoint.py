@@ -26,6 +26,7 @@ from storage.errors import VtagError
 from storage.objectstore import LocalStore, S3Config, join, store_for
 
 FORMAT = "vtag-checkpoint-1"
+WEIGHTS_FORMAT = "vtag-weights-1"  # an inference artifact: config and weights, no training state
 LAST = "last.pt"
 LOSS_PLOT = "loss.png"
 REGISTERED = "registered"
@@ -113,16 +114,78 @@ def save(uri: str, state: dict, s3: S3Config | None = None) -> str:
     return uri
 
 
-def save_hashed(uri: str, state: dict, s3: S3Config | None = None) -> str:
-    """Publish the checkpoint; returns the sha256 of the bytes published (hashed from the local file
-    before it becomes visible, so no second read of a 1 GB object)."""
+def save_hashed(uri: str, state: dict, s3: S3Config | None = None, kind: str = FORMAT) -> str:
+    """Publish the checkpoint (or, with `kind` WEIGHTS_FORMAT, an inference artifact); returns the sha256
+    of the bytes published (hashed from the local file before it becomes visible, so no second read of a
+    1 GB object)."""
     with store_for(uri, s3).publish(uri) as path:
         # Into a file object, not a path: given a path, torch names the archive inside after the file
         # (here publish's random temporary), and equal states would hash differently.
         with open(path, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+            torch.save({**state, "format": kind}, f)
         with open(path, "rb") as f:
             return _sha256_stream(f)
+
+
+def weights_uri(checkpoint_uri: str) -> str:
+    """The inference artifact of exactly this (immutable) checkpoint, under its key: `final-step0000120.weights.pt`."""
+    return checkpoint_uri.removesuffix(".pt") + ".weights.pt"
+
+
+def publish_weights(checkpoint_uri: str, state: dict, s3: S3Config | None = None) -> tuple[str, str]:
+    """Write a version's inference artifact beside its checkpoint: the config and weights of `state` (the
+    checkpoint's, already checked by `model_of`), without the optimizer state and history that make a
+    checkpoint several times larger. Returns (URI, sha256). One already there is kept if it holds these
+    weights (a version registered again), refused if it holds others."""
+    uri = weights_uri(checkpoint_uri)
+    if store_for(uri, s3).exists(uri):
+        sha256 = sha256_of(uri, s3)
+        existing = load_weights(uri, s3, sha256)
+        if not same_weights(existing.get("model", {}), state["model"]):
+            raise CheckpointError(
+                f"{uri} exists with other weights than {checkpoint_uri}'s: move it away to register it"
+            )
+        return uri, sha256
+    artifact = {k: state[k] for k in ("config", "architecture", "model") if k in state}
+    return uri, save_hashed(uri, artifact, s3, kind=WEIGHTS_FORMAT)
+
+
+def same_weights(theirs: dict, mine: dict) -> bool:
+    return theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k].cpu()) for k in mine)
+
+
+def load_weights(uri: str, s3: S3Config | None = None, sha256: str | None = None) -> dict:
+    """An inference artifact's state, read once: hashed while it is read (checked against `sha256`, the
+    registry's, before anything is unpickled) and memory-mapped, so that its tensors are the file's pages
+    instead of a copy. A local file is hashed and mapped through the one open descriptor (a file renamed
+    over it meanwhile changes neither); an object in S3 is streamed into a local temporary first."""
+    import tempfile
+
+    store = store_for(uri, s3)
+    if isinstance(store, LocalStore):
+        try:
+            f = open(LocalStore.path(uri), "rb")
+        except FileNotFoundError:
+            raise CheckpointError(f"no inference artifact at {uri}") from None
+        with f:
+            _check_sha256(uri, _sha256_stream(f), sha256)
+            return _parse_file(f"/proc/self/fd/{f.fileno()}", uri, WEIGHTS_FORMAT)
+    if not store.exists(uri):
+        raise CheckpointError(f"no inference artifact at {uri}")
+    with tempfile.NamedTemporaryFile(prefix="vtag-weights-", suffix=".pt") as local:
+        digest = hashlib.sha256()
+        with store.open_read(uri) as source:
+            while chunk := source.read(HASH_CHUNK):
+                digest.update(chunk)
+                local.write(chunk)
+        local.flush()
+        _check_sha256(uri, digest.hexdigest(), sha256)
+        return _parse_file(local.name, uri, WEIGHTS_FORMAT)
+
+
+def _check_sha256(uri: str, found: str, expected: str | None) -> None:
+    if expected is not None and found != expected:
+        raise CheckpointChangedError(uri, expected, found)
 
 
 def _sha256_stream(stream) -> str:
@@ -147,8 +210,9 @@ def is_immutable(uri: str) -> bool:
     return bool(FINAL_NAME.fullmatch(name) or (REGISTERED_NAME.fullmatch(name) and folder.endswith(f"/{REGISTERED}")))
 
 
-def registered_uri(uri: str, sha256: str) -> str:
-    return join(uri.rsplit("/", 1)[0], REGISTERED, f"sha256-{sha256[:16]}.pt")
+def registered_uri(registry_uri: str, sha256: str) -> str:
+    """A registered copy's place: the models store's own registry folder, never beside the file given."""
+    return join(registry_uri, f"sha256-{sha256[:16]}.pt")
 
 
 def content(uri: str, s3: S3Config | None = None) -> tuple[str, str]:
@@ -161,13 +225,14 @@ def content(uri: str, s3: S3Config | None = None) -> tuple[str, str]:
     return sha256, info.fingerprint
 
 
-def freeze(uri: str, sha256: str, fingerprint: str, s3: S3Config | None = None) -> str:
+def freeze(uri: str, sha256: str, fingerprint: str, registry_uri: str, s3: S3Config | None = None) -> str:
     """A URI whose content cannot change holding the bytes hashed by `content`: `uri` itself if it is
-    immutable, else a content-addressed copy beside it, made unless it is already there."""
+    immutable, else a content-addressed copy in `registry_uri` (the models store's `registered/` folder),
+    made unless it is already there. Call it only once the checkpoint has been validated."""
     if is_immutable(uri):
         return uri
-    store = store_for(uri, s3)
-    frozen = registered_uri(uri, sha256)
+    frozen = registered_uri(registry_uri, sha256)
+    store = store_for(frozen, s3)
     if store.exists(frozen):
         found = sha256_of(frozen, s3)
         if found != sha256:
@@ -179,7 +244,7 @@ def freeze(uri: str, sha256: str, fingerprint: str, s3: S3Config | None = None) 
     with store.publish(frozen) as path:
         # The pinned fingerprint: a training run that rewrote `uri` since it was hashed fails the copy
         # (ObjectChangedError) instead of copying other bytes under this hash.
-        with store.open_read(uri, fingerprint=fingerprint) as source, open(path, "wb") as target:
+        with store_for(uri, s3).open_read(uri, fingerprint=fingerprint) as source, open(path, "wb") as target:
             shutil.copyfileobj(source, target, HASH_CHUNK)
         with open(path, "rb") as copied:
             if (found := _sha256_stream(copied)) != sha256:
@@ -219,14 +284,24 @@ def _read(uri: str, s3: S3Config | None) -> bytes:
 
 
 def _parse(data: bytes, uri: str) -> dict:
+    return _parse_file(io.BytesIO(data), uri, FORMAT)
+
+
+def _parse_file(source, uri: str, kind: str) -> dict:
+    """torch.load, weights only (no code from the file runs), memory-mapped when `source` is a path; every
+    failure one line of ours, never torch's advice to load it unrestricted."""
+    what = "vtag checkpoint" if kind == FORMAT else "vtag inference artifact"
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=isinstance(source, str))
     except Exception as exc:
-        raise CheckpointError(f"{uri} is not a vtag checkpoint: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{uri} is not a vtag checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})"
-        )
+        if "Weights only load failed" in str(exc):
+            reason = "it holds Python objects besides tensors and plain data, refused: loading them would run code from the file"
+        else:
+            reason = f"not a PyTorch file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        raise CheckpointError(f"{uri} is not a {what}: {reason}") from None
+    if not isinstance(state, dict) or state.get("format") != kind:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise CheckpointError(f"{uri} is not a {what} (format {found!r}, expected {kind!r})")
     return state
 
 
@@ -247,19 +322,24 @@ def check_architecture(state: dict, config: Config, uri: str) -> None:
         raise CheckpointError(f"{uri} holds another architecture: {theirs} (this run: {config.architecture()})")
 
 
-def model_of(state: dict, config: Config, uri: str) -> torch.nn.Module:
+def model_of(state: dict, config: Config, uri: str, assign: bool = False) -> torch.nn.Module:
     """The checkpoint's model, built and loaded once its checks pass: the architecture its config names,
     every tensor of the shape that architecture has, every weight finite. Each failure is one line naming
-    the file, before anything is registered or scored."""
+    the file, before anything is registered or scored. `assign`: the model's parameters become the
+    state's tensors (built without memory of its own first: a memory-mapped artifact is not copied)."""
     from model.attention_lstm import build_model
 
     check_architecture(state, config, uri)
     weights = state.get("model")
     if not isinstance(weights, dict):
         raise CheckpointError(f"{uri}: no model weights in it")
-    model = build_model(config)
+    if assign:
+        with torch.device("meta"):
+            model = build_model(config)
+    else:
+        model = build_model(config)
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(weights, assign=assign)
     except (RuntimeError, TypeError, KeyError) as exc:
         detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3]) or str(exc)
         raise CheckpointError(f"{uri}: its weights do not fit its architecture: {detail}") from None

@@ -63,15 +63,23 @@ def load_model(
     s3: S3Config | None = None,
     sha256: str | None = None,
     precision: str | None = None,
+    weights: tuple[str, str] | None = None,
 ) -> tuple[torch.nn.Module, Config]:
     """The checkpoint's model in eval mode. Pass a model version's `sha256` (registry column
     checkpoint_sha256) to refuse weights that changed since it was registered (CheckpointChangedError), and
-    `precision` to score in another policy than the checkpoint's config names (the weights are the same)."""
-    state = checkpoint.load(checkpoint_uri, s3, sha256=sha256)
-    config = checkpoint.config_of(state, checkpoint_uri)
+    `precision` to score in another policy than the checkpoint's config names (the weights are the same).
+    `weights`: the version's inference artifact (URI, sha256), read instead of the checkpoint: its weights
+    alone, memory-mapped, hashed as they are read."""
+    if weights is not None:
+        uri = weights[0]
+        state = checkpoint.load_weights(uri, s3, sha256=weights[1])
+    else:
+        uri = checkpoint_uri
+        state = checkpoint.load(checkpoint_uri, s3, sha256=sha256)
+    config = checkpoint.config_of(state, uri)
     if precision is not None:
         config = dataclasses.replace(config, precision=precision).validate()
-    return checkpoint.model_of(state, config, checkpoint_uri).to(device).eval(), config
+    return checkpoint.model_of(state, config, uri, assign=weights is not None).to(device).eval(), config
 
 
 def predict(

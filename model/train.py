@@ -404,16 +404,12 @@ def _publish_final(uri: str, state: dict, s3: S3Config | None) -> str:
     if not store_for(uri, s3).exists(uri):
         return checkpoint.save_hashed(uri, state, s3)
     existing, sha256 = checkpoint.load_hashed(uri, s3)
-    if not _same_weights(existing.get("model", {}), state["model"]):
+    if not checkpoint.same_weights(existing.get("model", {}), state["model"]):
         raise checkpoint.CheckpointError(
             f"{uri} already holds other weights than this run's at step {state['step']}: a final checkpoint "
             "is never overwritten; train into a new folder"
         )
     return sha256
-
-
-def _same_weights(theirs: dict, mine: dict) -> bool:
-    return theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k].cpu()) for k in mine)
 
 
 class _EpochReport:

@@ -80,6 +80,12 @@ class NightPlan:
     shard_pattern: str | None = None
     rows_per_video: int | None = None  # top_k, or fewer when the model has fewer classes; None: top_k
     checkpoint_sha256: str | None = None  # the version's registered content, checked when a part loads it
+    weights_uri: str | None = None  # its inference artifact, which parts load instead when it has one
+    weights_sha256: str | None = None
+
+    @property
+    def weights(self) -> tuple[str, str] | None:
+        return (self.weights_uri, self.weights_sha256) if self.weights_uri else None
 
     @property
     def k(self) -> int:
@@ -279,6 +285,8 @@ def plan_night(
         shard_pattern,
         _rows_per_video(version, top_k),
         version["checkpoint_sha256"],
+        version["weights_uri"],
+        version["weights_sha256"],
     )
 
 
@@ -371,15 +379,20 @@ def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_scorer(
-    checkpoint_uri: str, s3: S3Config | None = None, sha256: str | None = None, precision: str | None = None
+    checkpoint_uri: str,
+    s3: S3Config | None = None,
+    sha256: str | None = None,
+    precision: str | None = None,
+    weights: tuple[str, str] | None = None,
 ):
-    """(model, config, device) on the best device here; with `sha256`, refuses a checkpoint whose content is
+    """(model, config, device) on the best device here, from the version's inference artifact `weights`
+    (URI, sha256) when it has one, else its checkpoint; with `sha256`, refuses a checkpoint whose content is
     no longer the one registered; `precision`: another policy than the checkpoint's (model/precision.py)."""
     from model.evaluate import load_model
     from model.train import pick_device
 
     device = pick_device()
-    model, config = load_model(checkpoint_uri, device, s3, sha256=sha256, precision=precision)
+    model, config = load_model(checkpoint_uri, device, s3, sha256=sha256, precision=precision, weights=weights)
     return model, config, device
 
 
@@ -427,7 +440,9 @@ def tag_part(
                 by_file = _part_videos(conn, plan, part)
                 runs.set_part_total(conn, plan.run_id, number, sum(len(v) for v in by_file.values()))
             if score_batches is None:
-                model, config, device = scorer or load_scorer(plan.checkpoint_uri, s3, plan.checkpoint_sha256)
+                model, config, device = scorer or load_scorer(
+                    plan.checkpoint_uri, s3, plan.checkpoint_sha256, weights=plan.weights
+                )
                 batches, num_classes = _score(model, config, by_file, device, s3, batch_size), config.num_classes
             else:
                 num_classes = MAX_K
@@ -656,7 +671,8 @@ def run_inference(
     if dry_run:
         return InferenceReport(None, *count_pending(db_url, logical_date, **request), 0)
     logical_date, version = _resolve_request(db_url, logical_date, top_k, level, model_version, checkpoint_uri, s3)
-    scorer = load_scorer(version["checkpoint_uri"], s3, version["checkpoint_sha256"], precision)
+    weights = (version["weights_uri"], version["weights_sha256"]) if version["weights_uri"] else None
+    scorer = load_scorer(version["checkpoint_uri"], s3, version["checkpoint_sha256"], precision, weights)
     # Two runs of the same night at once (a task's retry while a lost try still runs, `vtag infer`
     # beside the DAG) would share one run: the later start would empty the earlier one's rows under it.
     # They take turns instead, the later replacing the run.

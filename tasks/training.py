@@ -13,6 +13,7 @@ import uuid
 
 from storage.database import db, registry
 from storage.objectstore import S3Config, canonical_uri, join, store_for
+from tasks import settings
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,13 @@ def register_model(db_url: str, trained: dict, *, run_id: str | None = None, s3:
     """Record `trained` (train_model's result) as a model version with status `trained`, with the loss curve
     training drew for its final checkpoint; again, the same checkpoint is the same version. Returns
     `trained` with its `version`."""
-    from model.checkpoint import loss_plot_uri
+    from model import checkpoint
 
     db.require_current(db_url)
-    loss_plot = loss_plot_uri(trained["checkpoint_uri"])  # training drew it beside the final checkpoint
+    loss_plot = checkpoint.loss_plot_uri(trained["checkpoint_uri"])  # training drew it beside the final checkpoint
+    state = checkpoint.load(trained["checkpoint_uri"], s3, sha256=trained["checkpoint_sha256"] or None)
+    weights = checkpoint.publish_weights(trained["checkpoint_uri"], state, s3)
+    del state  # a seed-size checkpoint's optimizer state is a gigabyte
     with db.transaction(db_url) as conn:
         version = registry.register(
             conn,
@@ -95,6 +99,7 @@ def register_model(db_url: str, trained: dict, *, run_id: str | None = None, s3:
             run_id=run_id,
             checkpoint_sha256=trained["checkpoint_sha256"],
             loss_plot_uri=loss_plot if store_for(loss_plot, s3).exists(loss_plot) else None,
+            weights=weights,
         )
     log.info("model version %d: %s", version, trained["checkpoint_uri"])
     return {**trained, "version": version}
@@ -170,11 +175,15 @@ def evaluate_model(
     }
 
 
-def ensure_registered(db_url: str, checkpoint_uri: str, s3: S3Config | None = None) -> int:
+def ensure_registered(
+    db_url: str, checkpoint_uri: str, s3: S3Config | None = None, registry_uri: str | None = None
+) -> int:
     """The model version of the checkpoint's current content; a checkpoint trained elsewhere is
-    registered on first use. A version never points at a file training rewrites: a checkpoint under such
-    a name (last.pt, epoch-NNN.pt, any but a run's final one) is registered as its immutable copy
-    (checkpoint.freeze), so a later run into the same folder cannot change the version's weights."""
+    registered on first use, with its inference artifact. A version never points at a file training
+    rewrites: a checkpoint under such a name (last.pt, epoch-NNN.pt, any but a run's final one) is
+    registered as its immutable copy (checkpoint.freeze) in `registry_uri` (default: the models store's
+    `registered/` folder), so a later run into the same folder cannot change the version's weights.
+    Nothing is written anywhere before the file has been validated as a checkpoint."""
     from model import checkpoint
 
     checkpoint_uri = canonical_uri(checkpoint_uri)
@@ -192,7 +201,9 @@ def ensure_registered(db_url: str, checkpoint_uri: str, s3: S3Config | None = No
     state = checkpoint.load(checkpoint_uri, s3, sha256=sha256)
     config = checkpoint.config_of(state, checkpoint_uri)
     checkpoint.model_of(state, config, checkpoint_uri)
-    frozen_uri = checkpoint.freeze(checkpoint_uri, sha256, fingerprint, s3)
+    registry_uri = canonical_uri(registry_uri or join(settings.default_models_uri(), checkpoint.REGISTERED))
+    frozen_uri = checkpoint.freeze(checkpoint_uri, sha256, fingerprint, registry_uri, s3)
+    weights = checkpoint.publish_weights(frozen_uri, state, s3)
     data = state.get("data", {})
     loss_plot = None
     if state.get("history", {}).get("step_loss"):  # drawn from this checkpoint's own history, under its key
@@ -214,6 +225,7 @@ def ensure_registered(db_url: str, checkpoint_uri: str, s3: S3Config | None = No
             steps=state.get("step", 0),
             checkpoint_sha256=sha256,
             loss_plot_uri=loss_plot,
+            weights=weights,
         )
 
 

@@ -28,6 +28,8 @@ os.environ.update(
     }
 )
 os.environ.pop("VTAG_DB_URL", None)
+# The embedded defaults of this session (its models store's registered/ copies among them), never the user's.
+os.environ["VTAG_HOME"] = tempfile.mkdtemp(prefix="vtag-home-")
 # Airflow 3.3.2's dag.test() fails at the end of a run of a DAG with deadline= (research for issue 12): the
 # nightly DAG's deadline is tested by tests/test_night_deadline.py, off elsewhere.
 os.environ["VTAG_NIGHT_DEADLINE"] = ""

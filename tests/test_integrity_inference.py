@@ -309,9 +309,18 @@ def test_query_parameters_at_their_bounds_run(world):
 # --- what a night reads is what was registered and planned ------------------------------------------
 
 
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_a_night_refuses_weights_changed_since_their_version_was_registered(
     raw_shards, tiny_checkpoint, tmp_path, db_url
 ):
+    """A night reads the version's inference artifact (its weights alone), hashed as it reads it: a tampered
+    one is refused in one line, the command line's way and the DAG's. A version registered before artifacts
+    existed loads from its checkpoint, whose content is checked the same way."""
     from model.checkpoint import CheckpointError
     from storage.database import registry
 
@@ -320,20 +329,29 @@ def test_a_night_refuses_weights_changed_since_their_version_was_registered(
     own.write_bytes(Path(tiny_checkpoint).read_bytes())
     world = build_world(raw_shards, tmp_path, db_url, checkpoint=str(own))
     version = in_transaction(db_url, registry.get_version, world["version"])
-    registered = Path(version["checkpoint_uri"])
+    registered, artifact = Path(version["checkpoint_uri"]), Path(version["weights_uri"])
     assert registered != own and registered.read_bytes() == own.read_bytes() and len(version["checkpoint_sha256"]) == 64
+    assert artifact == registered.with_suffix(".weights.pt") and len(version["weights_sha256"]) == 64
+    assert artifact.stat().st_size < registered.stat().st_size  # no optimizer state, no history
 
-    tampered = bytearray(registered.read_bytes())
-    tampered[len(tampered) // 2] ^= 0xFF
-    registered.write_bytes(bytes(tampered))
-    changed = f"{registered} changed since it was registered"
+    _flip_a_byte(artifact)
+    changed = f"{artifact} changed since it was registered"
     with pytest.raises(CheckpointError, match=changed):  # the command line's way: the night in one process
         run_inference(db_url, NIGHT, top_k=3, exports_uri=world["exports"])
+    result = vtag("infer", "--production", "--top-k", "3", "--exports", world["exports"], "--db", db_url)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and changed in result.stderr
     plan = plan_night(db_url, NIGHT + timedelta(days=1), top_k=3, exports_uri=world["exports"])
-    assert plan.checkpoint_sha256 == version["checkpoint_sha256"]
+    assert (plan.checkpoint_sha256, plan.weights_sha256) == (version["checkpoint_sha256"], version["weights_sha256"])
     with pytest.raises(CheckpointError, match=changed):  # the DAG's way: each part loads the model itself
         tag_part(db_url, plan, plan.parts[0])
     assert stored_rows(db_url) == 0
+
+    with engine_for(db_url).begin() as conn:  # as a version registered before migration 0010
+        conn.execute(text("UPDATE model_versions SET weights_uri = NULL, weights_sha256 = NULL"))
+    assert run_inference(db_url, NIGHT, top_k=3, exports_uri=world["exports"]).videos == VIDEOS  # from its checkpoint
+    _flip_a_byte(registered)
+    with pytest.raises(CheckpointError, match=f"{registered} changed since it was registered"):
+        run_inference(db_url, NIGHT + timedelta(days=2), top_k=3, exports_uri=world["exports"])
 
 
 def test_a_parquet_file_replaced_while_a_part_reads_it_fails_the_part_and_its_retry_reads_the_new_file(

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import boto3
 import pyarrow.parquet as pq
@@ -24,6 +25,7 @@ from model.train import train
 from storage.database import db, registry
 from storage.database.db import engine_for
 from storage.objectstore import ObjectChangedError
+from tasks import settings
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote, train_and_register
@@ -86,7 +88,7 @@ def test_a_version_of_a_mutable_checkpoint_keeps_its_weights(parquet, tmp_path, 
     scored = evaluate_model(str(out / "epoch-001.pt"), parquet, db_url)
     assert promote(db_url, scored["version"])["promoted"]
     version = in_transaction(db_url, registry.production, "frame")
-    copy = out / "registered" / f"sha256-{version['checkpoint_sha256'][:16]}.pt"
+    copy = Path(settings.default_models_uri()) / "registered" / f"sha256-{version['checkpoint_sha256'][:16]}.pt"
     assert version["version"] == scored["version"] != first["version"]
     assert version["checkpoint_uri"] == scored["checkpoint_uri"] == str(copy)
     assert _sha256(copy) == _sha256(out / "epoch-001.pt") == version["checkpoint_sha256"]

@@ -18,6 +18,7 @@ import sys
 import threading
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +29,9 @@ from model.checkpoint import CheckpointError
 from model.data import RowGroup
 from model.evaluate import VideoSet
 from storage.database import catalog, partitions, registry, schema, views
-from storage.database.db import engine_for
+from storage.database.db import engine_for, head_revision
 from storage.formats.exports import CSV_NAME, night_folder
+from tasks import settings
 from tasks.inference import InferenceError, count_pending, run_inference
 from tasks.ingest import ingest
 from tasks.queries import QueryError
@@ -163,7 +165,7 @@ def test_two_versions_from_one_training_folder_keep_their_own_plots(raw_shards, 
     models = {v: in_transaction(db_url, views.model, v) for v in (first["version"], second["version"])}
     losses = {v: m["loss_plot_uri"] for v, m in models.items()}
     assert losses[first["version"]] == str(out / f"final-step{trained['steps']:07d}-loss.png")
-    assert losses[second["version"]].startswith(str(out / "registered" / "sha256-"))
+    assert losses[second["version"]].startswith(str(Path(settings.default_models_uri()) / "registered" / "sha256-"))
     assert open(losses[first["version"]], "rb").read() != open(losses[second["version"]], "rb").read()
     for version, model in models.items():  # each page shows its own pictures
         plots = _plots(model)
@@ -386,7 +388,10 @@ def test_bad_migrations_and_homes_are_one_line(tmp_path, db_url):
     for args in (["models"], ["db", "upgrade"], ["db", "downgrade", "-1"]):
         result = vtag(*args, "--db", db_url)
         assert result.returncode == 2, result.stderr
-        assert "is at schema revision 0099, newer than this release knows (its newest is 0009)" in result.stderr
+        assert (
+            f"is at schema revision 0099, newer than this release knows (its newest is {head_revision()})"
+            in result.stderr
+        )
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     home = tmp_path / "home-is-a-file"
     home.write_text("")

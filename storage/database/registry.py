@@ -27,10 +27,12 @@ def register(
     run_id: str | None = None,
     checkpoint_sha256: str | None = None,
     loss_plot_uri: str | None = None,
+    weights: tuple[str, str] | None = None,
 ) -> int:
     """Record a trained model; registering the same checkpoint again returns its existing version.
     `checkpoint_sha256` is the content the version stands for: loads of its checkpoint verify it;
-    `loss_plot_uri` its own loss curve (model.checkpoint.loss_plot_uri)."""
+    `loss_plot_uri` its own loss curve (model.checkpoint.loss_plot_uri); `weights` (URI, sha256) its
+    inference artifact (model.checkpoint.publish_weights), recorded on an existing version that lacks one."""
     existing = conn.execute(
         select(model_versions.c.version, model_versions.c.checkpoint_sha256).where(
             model_versions.c.checkpoint_uri == checkpoint_uri
@@ -42,6 +44,12 @@ def register(
                 f"{checkpoint_uri} is model version {existing.version} with sha256 "
                 f"{existing.checkpoint_sha256}, but now holds sha256 {checkpoint_sha256}: "
                 "it changed since it was registered"
+            )
+        if weights is not None:
+            conn.execute(
+                update(model_versions)
+                .where(model_versions.c.version == existing.version, model_versions.c.weights_uri.is_(None))
+                .values(weights_uri=weights[0], weights_sha256=weights[1])
             )
         return existing.version
     return conn.execute(
@@ -60,6 +68,8 @@ def register(
             created_at=utcnow(),
             checkpoint_sha256=checkpoint_sha256,
             loss_plot_uri=loss_plot_uri,
+            weights_uri=weights[0] if weights else None,
+            weights_sha256=weights[1] if weights else None,
         )
         .returning(model_versions.c.version)
     ).scalar_one()

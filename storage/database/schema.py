@@ -74,6 +74,9 @@ model_versions = Table(
     Column("predictions_retired_at", DateTime(timezone=True)),
     Column("checkpoint_sha256", String(64)),  # NULL: registered before migration 0006, never verified
     Column("loss_plot_uri", String(1024)),  # the version's own loss curve; NULL: registered before 0009
+    # Its inference artifact (weights and config only) and that file's sha256; NULL: registered before 0010
+    Column("weights_uri", String(1024)),
+    Column("weights_sha256", String(64)),
     CheckConstraint("status IN ('trained', 'production', 'archived', 'rejected')", name="ck_model_versions_status"),
     CheckConstraint("level IN ('frame', 'video')", name="ck_model_versions_level"),
     # At most one production model per level, whatever the code does.
