@@ -64,7 +64,7 @@ def main() -> None:
     _run(env, "ingest", "--src", raw, "--dest", parquet)
     train = _run(env, "train", "--data", parquet, "--level", "video", "--preset", "video", "--epochs", 1, "--out", out)  # fmt: skip
     print(f"  vtag train --preset video, 1 epoch: {train['seconds']:.0f} s, peak RSS {train['peak_rss_mb']:,.0f} MB")
-    final = max(out.glob("final-step*.pt"), key=lambda p: p.name)
+    final = max((p for p in out.glob("final-step*.pt") if not p.name.endswith(".weights.pt")), key=lambda p: p.name)
     _run(env, "evaluate", "--checkpoint", final, "--data", parquet, "--promote")
     db = work / "home" / "vtag.db"
     with sqlite3.connect(db) as conn:
@@ -80,7 +80,7 @@ def main() -> None:
                 conn.execute("UPDATE model_versions SET weights_uri = NULL, weights_sha256 = NULL")
                 conn.execute("DELETE FROM predictions")
                 conn.execute("DELETE FROM inference_label_counts")
-        night = _run(env, "infer", "--production", "--logical-date", f"2026-01-0{day}T02:00:00")
+        night = _run(env, "infer", "--production", "--level", "video", "--logical-date", f"2026-01-0{day}T02:00:00")
         model_bytes = sizes["artifact" if source == "artifact" else "checkpoint"]
         figures[source] = {k: night[k] for k in ("seconds", "peak_rss_mb", "rchar")}
         print(

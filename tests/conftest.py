@@ -36,6 +36,13 @@ os.environ["VTAG_NIGHT_DEADLINE"] = ""
 sys.path.insert(0, str(REPO / "dags"))  # Airflow puts the DAGs folder on sys.path; DAG files import yt8m_assets
 
 
+@pytest.fixture(autouse=True)
+def _own_models_store(tmp_path, monkeypatch):
+    """Each test its own models store: checkpoints registered as copies land in its `registered/`
+    folder, so that a test that alters one never meets another test's."""
+    monkeypatch.setenv("VTAG_MODELS_URI", str(tmp_path / "vtag-models"))
+
+
 @pytest.fixture(scope="session")
 def yt8m_dir() -> Path:
     path = SHARED / "yt8m"
