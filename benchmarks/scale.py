@@ -516,6 +516,7 @@ def stage_rescore(db_url: str, work: str, size: Size, max_parts: int | None) -> 
         "parts: score stand-in, top k, COPY, fragments (s)": parts,
         "rows/s": rows / parts,
         "peak RSS after the first part (MB)": rss[0],
+        "peak RSS after the last part (MB)": rss[-1],
         "run_id": plan.run_id,
     }
     if len(run_parts) == len(plan.parts):
@@ -523,8 +524,9 @@ def stage_rescore(db_url: str, work: str, size: Size, max_parts: int | None) -> 
         assert report.videos == size.total_videos and report.rows_written == rows == size.total_videos * K
         figures.update(
             {
-                "finish_night: join exports (s)": finishing,
+                "finish_night: join exports, publish the rows (s)": finishing,
                 "exports (GB)": sum(Path(u).stat().st_size for u in report.exports) / 1e9,
+                "peak RSS after finish_night (MB)": _peak_rss_mb(),
             }
         )
         parts += finishing
