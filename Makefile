@@ -76,7 +76,7 @@ endef
 # The nightly DAG starts today here, so that a first start does not catch up on every night since November.
 airflow: install
 	mkdir -p $(VTAG_HOME)
-	VTAG_NIGHTLY_START=$$(date -u +%Y-%m-%d) $(BIN)/python -m tasks.local_airflow
+	VTAG_NIGHTLY_START=$$(date -u +%Y-%m-%d) $(BIN)/python -m airflow_glue.local_airflow
 
 # ruff (pinned in the dev extras, configured in pyproject.toml): lint and format are checked before the tests.
 lint: install

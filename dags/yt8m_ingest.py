@@ -93,8 +93,8 @@ def yt8m_ingest():
     def list_pending_shards(params: dict) -> list[list[dict]]:
         """Cut the shards not converted yet (or changed) into contiguous batches, one mapped
         `convert_batch` each."""
+        from airflow_glue import config as cfg
         from storage.objectstore import canonical_uri
-        from tasks import airflow_config as cfg
         from tasks.ingest import list_pending, plan_batches
 
         # Canonical here, so that the batches, the manifest and the asset event all spell dest one way.
@@ -116,7 +116,7 @@ def yt8m_ingest():
         only those)."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from tasks import airflow_config as cfg
+        from airflow_glue import config as cfg
         from tasks import ingest
 
         report = ingest.convert_batch(
@@ -143,7 +143,7 @@ def yt8m_ingest():
         batch failed; skipped when nothing did, so that training does not start for nothing."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from tasks import airflow_config as cfg
+        from airflow_glue import config as cfg
         from tasks.ingest import summary
 
         planned = [shard for batch in batches for shard in _shards(batch)]

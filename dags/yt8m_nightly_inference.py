@@ -20,7 +20,7 @@ def _deadline() -> list[DeadlineAlert]:
         DeadlineAlert(
             reference=DeadlineReference.DAGRUN_QUEUED_AT,
             interval=interval,
-            callback=AsyncCallback("tasks.alerts.night_deadline_missed"),
+            callback=AsyncCallback("airflow_glue.alerts.night_deadline_missed"),
             name="night not finished",
         )
     ]
@@ -124,8 +124,8 @@ def yt8m_nightly_inference():
         """One item per part to score, each with what every part needs to know of the night."""
         from airflow.sdk.exceptions import AirflowSkipException
 
+        from airflow_glue import config as cfg
         from storage.formats.exports import night_folder
-        from tasks import airflow_config as cfg
         from tasks.inference import NoProductionModel, count_pending, finish_night, plan_night
 
         when = logical_date or pendulum.now("UTC")  # a manual run may have no logical date in Airflow 3
@@ -173,7 +173,7 @@ def yt8m_nightly_inference():
     def tag_part(work: dict, params: dict | None = None) -> dict:
         """Score one part of the night (its Parquet files) and write its rows and export fragments;
         a retry redoes only this part."""
-        from tasks import airflow_config as cfg
+        from airflow_glue import config as cfg
         from tasks.inference import NightPlan, tag_part
 
         part = work["part"]
@@ -196,7 +196,7 @@ def yt8m_nightly_inference():
         failed naming the parts that failed."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from tasks import airflow_config as cfg
+        from airflow_glue import config as cfg
         from tasks.inference import NightPlan, finish_night
 
         if not work:
@@ -217,7 +217,7 @@ def yt8m_nightly_inference():
     def retire_old_predictions(params: dict) -> list[int]:
         """Drop the predictions of all but the newest `keep_prediction_versions` model versions
         (production always stays); nothing when the param is empty or on a dry run."""
-        from tasks import airflow_config as cfg
+        from airflow_glue import config as cfg
         from tasks.inference import retire_old_versions
 
         if params["keep_prediction_versions"] is None or params["dry_run"]:

@@ -117,8 +117,8 @@ def yt8m_train():
     def train(params: dict, run_id: str, triggering_asset_events=None) -> dict:
         """Train on the GPU pool into a folder named after the DAG run; returns the final checkpoint's
         URI, sha256 and figures (epochs, steps, videos/s, final loss)."""
+        from airflow_glue import config as cfg
         from storage.objectstore import join
-        from tasks import airflow_config as cfg
         from tasks import training
 
         event_dest = None
@@ -144,7 +144,7 @@ def yt8m_train():
     @task
     def register(trained: dict, run_id: str) -> dict:
         """Record the final checkpoint as a model version (status `trained`) with this DAG run's id."""
-        from tasks import airflow_config as cfg
+        from airflow_glue import config as cfg
         from tasks import training
 
         return training.register_model(cfg.db_url(), trained, run_id=run_id, s3=cfg.s3_config())
@@ -153,7 +153,7 @@ def yt8m_train():
     def evaluate(registered: dict, params: dict) -> dict:
         """Score the version on `eval_split` / `eval_pattern` (its checkpoint's sha256 verified) and
         record the evaluation; the plot goes beside the checkpoint."""
-        from tasks import airflow_config as cfg
+        from airflow_glue import config as cfg
         from tasks import training
 
         return training.evaluate_model(
@@ -175,7 +175,7 @@ def yt8m_train():
     def promote(evaluation: dict) -> dict:
         """Make the version production if its GAP is at least production's on the same evaluation set
         (production is scored on it first if it never was); otherwise it is `rejected`."""
-        from tasks import airflow_config as cfg
+        from airflow_glue import config as cfg
         from tasks import training
 
         return training.promote(cfg.db_url(), evaluation["version"], evaluation["split"], cfg.s3_config())
@@ -184,7 +184,7 @@ def yt8m_train():
     def prepare_review(evaluation: dict, params: dict, run_id: str) -> dict:
         """Record a pending review: the candidate's evaluation next to production's on the same set
         (production scored there first if it never was); returns the subject and body `review` shows."""
-        from tasks import airflow_config as cfg
+        from airflow_glue import config as cfg
         from tasks import review
 
         hours = params["approval_timeout_hours"]
@@ -210,7 +210,7 @@ def yt8m_train():
     def decide(prepared: dict, answer: dict) -> dict:
         """Act on the answer: approved makes the version production (the former one archived), rejected
         marks it `rejected`, timed out leaves it `trained`; the review row records it."""
-        from tasks import airflow_config as cfg
+        from airflow_glue import config as cfg
         from tasks import review
 
         return review.record_answer(cfg.db_url(), prepared["review_id"], answer["decision"], answer["by"])

@@ -15,6 +15,7 @@ USER 50000
 WORKDIR /opt/vtag
 COPY --chown=airflow:root pyproject.toml constraints.txt README.md ./
 COPY --chown=airflow:root tasks ./tasks
+COPY --chown=airflow:root airflow_glue ./airflow_glue
 COPY --chown=airflow:root storage ./storage
 COPY --chown=airflow:root model ./model
 COPY --chown=airflow:root sql ./sql
@@ -29,7 +30,7 @@ RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/wh
 
 COPY --chown=airflow:root docker/airflow_init.py /opt/vtag/airflow_init.py
 COPY --chown=airflow:root dags /opt/airflow/dags
-# the Video tags UI plugin: one shim, the pages come from the installed tasks.ui
+# the Video tags UI plugin: one shim, the pages come from the installed airflow_glue.ui
 COPY --chown=airflow:root plugins /opt/airflow/plugins
 ENV AIRFLOW__CORE__DAGS_FOLDER=/opt/airflow/dags \
     AIRFLOW__CORE__PLUGINS_FOLDER=/opt/airflow/plugins \

@@ -9,7 +9,7 @@ which comes from docker/.env:
    simple_auth_manager_passwords_file, JSON {"user": "password"}), on a volume the API server mounts;
 3. `airflow db migrate` (Airflow's metadata database);
 4. `vtag db upgrade` (our database, VTAG_DB_URL);
-5. the connections `yt8m_db` and `yt8m_s3` and the variables `yt8m_*_uri` that tasks/airflow_config.py
+5. the connections `yt8m_db` and `yt8m_s3` and the variables `yt8m_*_uri` that airflow_glue/config.py
    reads, overwritten each time (docker/.env is their source of truth), and the pool `gpu` that
    training and nightly inference run in.
 
@@ -38,7 +38,7 @@ SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "MINIO_ROOT_PASSWORD",
 }
 
-# tasks/airflow_config.py's variable -> the environment variable (tasks/settings.py's) that holds its value.
+# airflow_glue/config.py's variable -> the environment variable (tasks/settings.py's) that holds its value.
 VARIABLES = {
     "yt8m_raw_uri": "VTAG_RAW_URI",
     "yt8m_parquet_uri": "VTAG_PARQUET_URI",
@@ -97,7 +97,7 @@ def connections(env: dict[str, str]) -> dict[str, dict]:
     """`airflow connections import` JSON: the database of VTAG_DB_URL and the S3 endpoint of AWS_*."""
     from sqlalchemy.engine import make_url
 
-    from tasks.airflow_config import DB_CONN_ID, S3_CONN_ID
+    from airflow_glue.config import DB_CONN_ID, S3_CONN_ID
 
     url = make_url(env["VTAG_DB_URL"])
     if url.get_backend_name() == "postgresql":
@@ -109,7 +109,7 @@ def connections(env: dict[str, str]) -> dict[str, dict]:
             "login": url.username,
             "password": url.password,
         }
-    else:  # tasks/airflow_config.py takes any other database as a sqlalchemy_url extra
+    else:  # airflow_glue/config.py takes any other database as a sqlalchemy_url extra
         db = {"conn_type": "generic", "extra": json.dumps({"sqlalchemy_url": env["VTAG_DB_URL"]})}
     s3 = {
         "conn_type": "aws",

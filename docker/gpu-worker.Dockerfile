@@ -21,6 +21,7 @@ USER 50000
 WORKDIR /opt/vtag
 COPY --chown=airflow:root pyproject.toml constraints.txt README.md ./
 COPY --chown=airflow:root tasks ./tasks
+COPY --chown=airflow:root airflow_glue ./airflow_glue
 COPY --chown=airflow:root storage ./storage
 COPY --chown=airflow:root model ./model
 COPY --chown=airflow:root sql ./sql
@@ -30,7 +31,7 @@ RUN pip install --no-cache-dir -c constraints.txt "torch==${TORCH_VERSION}" . \
     && python -c "import torch; assert torch.version.cuda, 'expected the CUDA build of torch'"
 
 COPY --chown=airflow:root dags /opt/airflow/dags
-# the Video tags UI plugin: one shim, the pages come from the installed tasks.ui
+# the Video tags UI plugin: one shim, the pages come from the installed airflow_glue.ui
 COPY --chown=airflow:root plugins /opt/airflow/plugins
 # compute: CUDA; utility: nvidia-smi. Read by the NVIDIA Container Toolkit.
 ENV AIRFLOW__CORE__DAGS_FOLDER=/opt/airflow/dags \

@@ -35,9 +35,8 @@ HASH_CHUNK = 8 * 1024 * 1024
 FINAL_NAME = re.compile(r"final-step\d{7,}\.pt")
 REGISTERED_NAME = re.compile(r"sha256-(?P<prefix>[0-9a-f]{16})\.pt")
 # What a training run publishes into its folder (evaluation plots are not swept: an evaluation may be
-# writing one), and LocalStore.publish's hidden temporary of each.
-RUN_FILE = re.compile(r"last\.pt|epoch-\d{3,}\.pt|final-step\d{7,}(\.pt|-loss\.png)|loss\.png")
-TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+# writing one), whose temporaries a killed save leaves.
+RUN_FILE = re.compile(r"last\.pt|epoch-\d{3,}\.pt|final-step\d{7,}(\.pt|\.weights\.pt|-loss\.png)|loss\.png")
 
 log = logging.getLogger(__name__)
 
@@ -362,31 +361,13 @@ def prune(out_uri: str, newest_epoch: int, s3: S3Config | None = None) -> None:
         store_for(old, s3).delete(old)
 
 
-def sweep_temporaries(out_uri: str, epochs: int, s3: S3Config | None = None) -> list[str]:
-    """Remove what saves killed mid-write left in a run's folder (LocalStore.publish's hidden temporaries;
-    on S3 the dead writers' local folders and incomplete uploads). Only while no other writer of the
-    folder is alive: at the start of a run, by rank 0."""
-    store = store_for(out_uri, s3)
-    names = {LAST, LOSS_PLOT, *(epoch_uri(out_uri, e).rsplit("/", 1)[-1] for e in range(1, epochs + 1))}
-    if isinstance(store, LocalStore):
-        names = _killed_save_names(out_uri)
-    removed = [path for name in sorted(names) for path in store.remove_stale_temporaries(join(out_uri, name))]
+def sweep_temporaries(out_uri: str, s3: S3Config | None = None) -> list[str]:
+    """Remove what saves killed mid-write left in a run's folder (the store's temporaries of any of the
+    run's files, whatever epoch or step it was saving). Only while no other writer of the folder is
+    alive: at the start of a run, by rank 0."""
+    removed = store_for(out_uri, s3).remove_stale_temporaries_in(out_uri, RUN_FILE)
     if removed:
         log.warning(
             "removed %d leftover(s) of killed checkpoint saves in %s: %s", len(removed), out_uri, ", ".join(removed)
         )
     return removed
-
-
-def _killed_save_names(out_uri: str) -> set[str]:
-    """The run's file names that have a hidden temporary beside them in the local folder: every one,
-    whatever epoch or step it was saving (store.list hides dot files, hence the listing here)."""
-    try:
-        entries = os.listdir(LocalStore.path(out_uri))
-    except (FileNotFoundError, NotADirectoryError):
-        return set()
-    return {
-        match["name"]
-        for entry in entries
-        if (match := TEMPORARY.fullmatch(entry)) and RUN_FILE.fullmatch(match["name"])
-    }

@@ -147,7 +147,7 @@ def train(
     with checkpoint.one_writer(out_uri, s3) if rank == 0 else nullcontext():
         state = starting_state(config, out_uri, resume, s3)
         if rank == 0:
-            checkpoint.sweep_temporaries(out_uri, config.epochs, s3)
+            checkpoint.sweep_temporaries(out_uri, s3)
         data = {
             "uri": data_uri,
             "split": split,

@@ -1,9 +1,9 @@
 """The Video tags pages in Airflow's UI (Browse menu). Airflow imports every .py here as a top-level
-module, so this stays one file: the app lives in the project package (tasks/ui)."""
+module, so this stays one file: the app lives in the project package (airflow_glue/ui)."""
 
 from airflow.plugins_manager import AirflowPlugin
 
-from tasks.ui.app import PREFIX, app
+from airflow_glue.ui.app import PREFIX, app
 
 
 class VideoTagsPlugin(AirflowPlugin):

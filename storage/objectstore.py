@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -124,8 +125,17 @@ class ObjectStore(ABC):
         no other writer of `uri` is alive (a retry of the same task, which runs after its try died)."""
         return []
 
+    def remove_stale_temporaries_in(self, folder_uri: str, name: "re.Pattern[str]") -> "list[str]":
+        """As remove_stale_temporaries, for every object directly under `folder_uri` whose name matches
+        `name`, whatever it is called (a run's epoch checkpoints, however many there were)."""
+        return []
+
     def exists(self, uri: str) -> bool:
         return self.info(uri) is not None
+
+
+# LocalStore.publish's hidden temporary of an object `name`: mkstemp's names, exactly.
+_PUBLISH_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
 
 
 class LocalStore(ObjectStore):
@@ -194,18 +204,24 @@ class LocalStore(ObjectStore):
             tmp_path.unlink(missing_ok=True)
 
     def remove_stale_temporaries(self, uri: str) -> "list[str]":
-        # A writer SIGKILLed inside publish() never reaches its `finally`: its hidden temporary stays.
         final = self.path(uri)
-        temporary = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkstemp's names, exactly
+        return self._remove_temporaries(final.parent, lambda name: name == final.name)
+
+    def remove_stale_temporaries_in(self, folder_uri: str, name: "re.Pattern[str]") -> "list[str]":
+        return self._remove_temporaries(self.path(folder_uri), name.fullmatch)
+
+    @staticmethod
+    def _remove_temporaries(folder: Path, of) -> "list[str]":
+        # A writer SIGKILLed inside publish() never reaches its `finally`: its hidden temporary stays.
         try:
-            names = os.listdir(final.parent)
-        except FileNotFoundError:
+            entries = os.listdir(folder)
+        except (FileNotFoundError, NotADirectoryError):
             return []
         removed = []
-        for name in names:
-            if temporary.fullmatch(name):
-                (final.parent / name).unlink(missing_ok=True)
-                removed.append(str(final.parent / name))
+        for entry in entries:
+            if (match := _PUBLISH_TEMPORARY.fullmatch(entry)) and of(match["name"]):
+                (folder / entry).unlink(missing_ok=True)
+                removed.append(str(folder / entry))
         return removed
 
     def delete(self, uri: str) -> None:
@@ -310,34 +326,65 @@ class _S3RangeReader(io.RawIOBase):
         super().close()
 
 
+# What boto3 reads from the environment when a field of S3Config is empty: a client made under other values
+# is another client.
+AWS_ENVIRONMENT = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+def s3_client(config: S3Config):
+    """The process's boto3 client for this configuration, made on first use. A client is thread-safe and
+    holds the connection pool, so every store, file switch and download of a process shares one instead
+    of paying for a client and new connections each time (a session is not thread-safe: made under the
+    lock). Keyed by process too: a forked child makes its own rather than share its parent's sockets."""
+    key = (os.getpid(), config, tuple(os.environ.get(name) for name in AWS_ENVIRONMENT))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = _new_client(config)
+    return client
+
+
+def _new_client(c: S3Config):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=c.endpoint_url or None,
+        aws_access_key_id=c.access_key_id or None,
+        aws_secret_access_key=c.secret_access_key or None,
+        region_name=c.region_name or None,
+        # Retries with backoff on throttling, 5xx and dropped connections.
+        # More connections than botocore's 10: find_row_groups reads 16 files' footers at once.
+        config=Config(
+            retries={"max_attempts": 10, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+            max_pool_connections=32,
+        ),
+    )
+
+
 class S3Store(ObjectStore):
     def __init__(self, config: S3Config | None = None):
         self.config = config or S3Config()
-        self._client = None
 
     @property
     def client(self):
-        if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            c = self.config
-            self._client = boto3.session.Session().client(
-                "s3",
-                endpoint_url=c.endpoint_url or None,
-                aws_access_key_id=c.access_key_id or None,
-                aws_secret_access_key=c.secret_access_key or None,
-                region_name=c.region_name or None,
-                # Retries with backoff on throttling, 5xx and dropped connections.
-                # More connections than botocore's 10: find_row_groups reads 16 files' footers at once.
-                config=Config(
-                    retries={"max_attempts": 10, "mode": "standard"},
-                    connect_timeout=10,
-                    read_timeout=60,
-                    max_pool_connections=32,
-                ),
-            )
-        return self._client
+        return s3_client(self.config)
 
     @contextmanager
     def _errors(self, uri: str):
@@ -416,20 +463,37 @@ class S3Store(ObjectStore):
     def remove_stale_temporaries(self, uri: str) -> "list[str]":
         """A writer SIGKILLed inside publish() leaves its local temporary folder (named after its pid) and,
         killed mid-upload, an incomplete multipart upload of `uri`, which S3 keeps (and bills) forever."""
+        bucket, key = split_s3_uri(uri)
+        return self._remove_temporaries(uri, bucket, key, lambda found: found == key)
+
+    def remove_stale_temporaries_in(self, folder_uri: str, name: "re.Pattern[str]") -> "list[str]":
+        bucket, prefix = split_s3_uri(folder_uri)
+        prefix = prefix.rstrip("/") + "/"
+        return self._remove_temporaries(
+            folder_uri,
+            bucket,
+            prefix,
+            lambda found: "/" not in found[len(prefix) :] and bool(name.fullmatch(found[len(prefix) :])),
+        )
+
+    def _remove_temporaries(self, uri: str, bucket: str, prefix: str, of) -> "list[str]":
         removed = []
         for folder in Path(tempfile.gettempdir()).glob(f"{_PUBLISH_PREFIX}*-*"):
             pid = folder.name[len(_PUBLISH_PREFIX) :].split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(str(folder))
-        bucket, key = split_s3_uri(uri)
         try:
             with self._errors(uri):
-                uploads = self.client.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])
+                uploads = self.client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
                 for upload in uploads:
-                    if upload["Key"] == key:
-                        self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
-                        removed.append(f"{uri} (incomplete multipart upload {upload['UploadId']})")
+                    if of(upload["Key"]):
+                        self.client.abort_multipart_upload(
+                            Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                        removed.append(
+                            f"s3://{bucket}/{upload['Key']} (incomplete multipart upload {upload['UploadId']})"
+                        )
         except (
             StoreError
         ) as exc:  # e.g. no s3:ListBucketMultipartUploads permission: a leftover costs storage, not correctness

@@ -1,6 +1,6 @@
 """Embedded defaults, overridable from the environment, so a new user runs everything at once.
 
-Under Airflow the DAGs resolve connections and variables first (tasks/airflow_config.py) and fall
+Under Airflow the DAGs resolve connections and variables first (airflow_glue/config.py) and fall
 back to these.
 """
 

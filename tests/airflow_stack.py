@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from tasks.local_airflow import stop_group
+from airflow_glue.local_airflow import stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

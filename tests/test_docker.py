@@ -269,9 +269,9 @@ def _source_text() -> str:
 
 def test_environment_names_are_ones_the_code_reads(stack):
     source = _source_text()
-    from tasks import airflow_config
+    from airflow_glue import config as airflow_config
 
-    variables_read = set(re.findall(r"variable\(\"(\w+)\"", (REPO / "tasks" / "airflow_config.py").read_text()))
+    variables_read = set(re.findall(r"variable\(\"(\w+)\"", (REPO / "airflow_glue" / "config.py").read_text()))
     names = {name for service in stack["services"] for name in env_of(stack, service)}
     for instruction, args in dockerfile_instructions(DOCKERFILES["cpu"]) + dockerfile_instructions(DOCKERFILES["gpu"]):
         if instruction == "ENV":
@@ -312,17 +312,17 @@ def test_airflow_config_keys_exist(stack):
 
 
 def test_connections_and_variables_the_code_needs_are_provided(stack, monkeypatch):
-    """airflow-init's connections and variables, resolved through tasks/airflow_config.py as tasks do."""
+    """airflow-init's connections and variables, resolved through airflow_glue/config.py as tasks do."""
     from airflow.sdk import Connection
 
-    from tasks import airflow_config
+    from airflow_glue import config as airflow_config
 
     env = env_of(stack, "airflow-init")
     init = load_init_module()
     connections = init.connections(env)
     assert set(connections) == {airflow_config.DB_CONN_ID, airflow_config.S3_CONN_ID}
     variables = init.variables(env)
-    assert set(variables) == set(re.findall(r"variable\(\"(\w+)\"", (REPO / "tasks" / "airflow_config.py").read_text()))
+    assert set(variables) == set(re.findall(r"variable\(\"(\w+)\"", (REPO / "airflow_glue" / "config.py").read_text()))
 
     def as_connection(conn_id):
         return Connection(conn_id=conn_id, **connections[conn_id])

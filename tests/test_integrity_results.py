@@ -150,7 +150,7 @@ def test_a_promotion_on_grown_data_compares_both_versions_on_the_same_videos(wor
 
 
 def test_two_versions_from_one_training_folder_keep_their_own_plots(raw_shards, tmp_path, db_url):
-    from tasks.ui.app import _plots
+    from airflow_glue.ui.app import _plots
 
     parquet = str(tmp_path / "parquet")
     assert not ingest(str(raw_shards), parquet, db_url).failed
@@ -177,7 +177,7 @@ def test_two_versions_from_one_training_folder_keep_their_own_plots(raw_shards, 
 
 
 def test_two_runs_of_one_date_each_serve_their_own_exports(world, tmp_path, monkeypatch):
-    from tasks.ui.app import _exports
+    from airflow_glue.ui.app import _exports
 
     root = tmp_path / "exports"
     monkeypatch.setenv("VTAG_EXPORTS_URI", str(root))
@@ -309,7 +309,7 @@ def test_a_checkpoint_that_does_not_load_or_holds_nan_is_never_registered(tiny_c
 
 def test_a_night_page_of_a_run_before_exports_were_recorded_still_finds_them(world, tmp_path, monkeypatch):
     """Runs from before migration 0009 have no exports_uri: the pages look where the DAG and the CLI write."""
-    from tasks.ui.app import _exports
+    from airflow_glue.ui.app import _exports
 
     root = tmp_path / "exports"
     monkeypatch.setenv("VTAG_EXPORTS_URI", str(root))

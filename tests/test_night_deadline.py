@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from airflow_glue.alerts import night_deadline_missed
 from storage.database import alerts
 from storage.errors import UsageError
-from tasks.alerts import night_deadline_missed
 from tasks.settings import night_deadline
 from tests.support.db import in_transaction
 
@@ -50,7 +50,7 @@ def test_the_dag_alerts_when_the_night_is_not_done_in_time(monkeypatch, airflow_
     (alert,) = dag.deadline
     assert alert.reference is DeadlineReference.DAGRUN_QUEUED_AT
     assert alert.interval == timedelta(minutes=90)
-    assert alert.callback.path == "tasks.alerts.night_deadline_missed"
+    assert alert.callback.path == "airflow_glue.alerts.night_deadline_missed"
 
     monkeypatch.setenv("VTAG_NIGHT_DEADLINE", "")
     dag = DagBag(dag_folder=str(REPO / "dags" / "yt8m_nightly_inference.py")).get_dag("yt8m_nightly_inference")
@@ -58,7 +58,7 @@ def test_the_dag_alerts_when_the_night_is_not_done_in_time(monkeypatch, airflow_
 
 
 def test_the_callback_logs_and_records_one_miss_per_deadline(db_url, monkeypatch, caplog):
-    monkeypatch.setenv("VTAG_DB_URL", db_url)  # no yt8m_db connection here: tasks.airflow_config falls back to it
+    monkeypatch.setenv("VTAG_DB_URL", db_url)  # no yt8m_db connection here: airflow_glue.config falls back to it
     if db_url.startswith("postgresql"):
         monkeypatch.setenv("AIRFLOW_CONN_YT8M_DB", db_url.replace("postgresql+psycopg2://", "postgresql://"))
     due = datetime(2030, 1, 2, 8, 0, tzinfo=UTC)
@@ -70,7 +70,7 @@ def test_the_callback_logs_and_records_one_miss_per_deadline(db_url, monkeypatch
         },
         "deadline": {"id": "0199a0c4-0000-7000-8000-000000000001", "deadline_time": due.isoformat()},
     }
-    with caplog.at_level(logging.ERROR, logger="tasks.alerts"):
+    with caplog.at_level(logging.ERROR, logger="airflow_glue.alerts"):
         assert asyncio.run(night_deadline_missed(context=context)) is True
     assert "scheduled__2030-01-02T02:00:00+00:00" in caplog.text and "missed its deadline" in caplog.text
     assert asyncio.run(night_deadline_missed(context=context)) is False  # the same deadline again: one row

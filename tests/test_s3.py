@@ -138,3 +138,35 @@ def test_a_killed_writers_leftovers_are_removed_by_the_retry(s3, tmp_path):
     finally:
         alive.rmdir()
         client.abort_multipart_upload(Bucket=bucket, Key="parquet/frame/train/train0001.parquet", UploadId=other)
+
+
+def test_one_client_per_process_and_configuration(s3, monkeypatch):
+    """Issue 28: every store of a process shares its configuration's boto3 client (and connection pool);
+    another configuration, other AWS_* credentials or a forked child get a client of their own."""
+    import os
+
+    config, bucket = s3
+    uri = f"s3://{bucket}/x/obj.bin"
+    first = store_for(uri, config).client
+    assert store_for(uri, config).client is first and S3Store(config).client is first
+    with store_for(uri, config).publish(uri) as path:
+        path.write_bytes(b"shared")
+    assert store_for(uri, config).open_read(uri).read() == b"shared"
+    assert store_for(uri, S3Config(endpoint_url=config.endpoint_url)).client is not first
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
+    assert store_for(uri, config).client is not first
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    assert store_for(uri, config).client is first
+
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: its own client, which works
+        try:
+            same = store_for(uri, config).client is first
+            body = store_for(uri, config).open_read(uri).read()
+            os.write(write, b"same" if same else body)
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    assert os.read(read, 100) == b"shared"

@@ -177,7 +177,7 @@ def test_dag_files_hold_no_credentials_urls_or_hosts(report):
             if isinstance(n, (ast.Import, ast.ImportFrom))
             for a in n.names
         }
-        # Connections and variables are resolved in one place, tasks/airflow_config.py, never in a DAG file.
+        # Connections and variables are resolved in one place, airflow_glue/config.py, never in a DAG file.
         assert not names & {"Connection", "BaseHook", "Variable", "create_engine", "boto3"}, path.name
         read = set()
         for node in ast.walk(tree):
@@ -187,7 +187,7 @@ def test_dag_files_hold_no_credentials_urls_or_hosts(report):
                 read.add(ast.unparse(node.slice))
         assert read <= DAG_ENVIRONMENT, (path.name, read)
         if "db_url" in source or "s3_config" in source:  # a task that reaches a service gets it from airflow_config
-            assert "from tasks import airflow_config as cfg" in source and not re.search(r"db_url=(?!cfg\.)", source)
+            assert "from airflow_glue import config as cfg" in source and not re.search(r"db_url=(?!cfg\.)", source)
     report.checked(
         f"{len(dag_files)} DAG files: no credential, no connection URL (only the asset URIs {sorted(ASSET_URIS)}), "
         "no host or port, no Connection/Variable/engine/boto3 of their own, environment read only for "

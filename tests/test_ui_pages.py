@@ -115,13 +115,13 @@ def test_tags_pages_match_the_shared_queries(client, night):
 
 def test_connections_resolve_from_the_metadata_db_outside_a_task(client, monkeypatch):
     """In the API server the Task SDK's lookup skips the metadata database (no supervisor comms):
-    tasks.airflow_config must still find a connection defined there, as the pages need it."""
+    airflow_glue.config must still find a connection defined there, as the pages need it."""
     from airflow.models.connection import Connection
     from airflow.sdk import Connection as SdkConnection
     from airflow.sdk.exceptions import AirflowNotFoundException
     from airflow.utils.session import create_session
 
-    from tasks import airflow_config
+    from airflow_glue import config as airflow_config
 
     monkeypatch.delenv("AIRFLOW_CONN_YT8M_DB", raising=False)
     with create_session() as session:

@@ -1,4 +1,4 @@
-"""Read-only queries of the Video tags pages (tasks/ui): each one limited and served by an index."""
+"""Read-only queries of the Video tags pages (airflow_glue/ui): each one limited and served by an index."""
 
 from sqlalchemy import Connection, func, select
 

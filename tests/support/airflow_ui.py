@@ -1,6 +1,6 @@
 """A local Airflow as `make airflow` runs it, and headless Chromium logged in to it, for the browser tests.
 
-`local_airflow` starts `python -m tasks.local_airflow` (airflow standalone: API server, scheduler, DAG
+`local_airflow` starts `python -m airflow_glue.local_airflow` (airflow standalone: API server, scheduler, DAG
 processor, triggerer, with our DAGs and plugins) with its own AIRFLOW_HOME and VTAG_HOME on a free port,
 yields its URL and login, and afterwards checks that every process it started is gone. `logged_in` opens
 a page signed in through the real login form. Chromium: $VTAG_CHROMIUM, else Debian's `chromium`.
@@ -97,7 +97,7 @@ def local_airflow(root: Path, **extra_env: str):
     log_path = root / "local_airflow.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tasks.local_airflow"],
+            [sys.executable, "-m", "airflow_glue.local_airflow"],
             cwd=REPO,
             env=local_env(airflow_home, vtag_home, **extra_env),
             stdout=log,
@@ -113,7 +113,7 @@ def local_airflow(root: Path, **extra_env: str):
 
     def up():
         if proc.poll() is not None:
-            raise RuntimeError(f"tasks.local_airflow exited with {proc.returncode}:\n{log_tail()}")
+            raise RuntimeError(f"airflow_glue.local_airflow exited with {proc.returncode}:\n{log_tail()}")
         return UP_LINE.search(log_path.read_text(errors="replace"))
 
     try:
@@ -141,7 +141,7 @@ def _stop(proc: subprocess.Popen, airflow_home: Path, log_tail) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
-        pytest.fail(f"tasks.local_airflow did not exit within 90 s of SIGTERM:\n{log_tail()}")
+        pytest.fail(f"airflow_glue.local_airflow did not exit within 90 s of SIGTERM:\n{log_tail()}")
     try:
         wait_for(lambda: not _airflow_processes(airflow_home), 60, "Airflow processes gone", every=1)
     except TimeoutError:
@@ -151,7 +151,7 @@ def _stop(proc: subprocess.Popen, airflow_home: Path, log_tail) -> None:
                 os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
             except OSError:
                 pass
-        pytest.fail("processes left running after tasks.local_airflow stopped:\n" + "\n".join(left))
+        pytest.fail("processes left running after airflow_glue.local_airflow stopped:\n" + "\n".join(left))
 
 
 def chromium() -> str:

@@ -1,7 +1,7 @@
 """Nights that missed their deadline.
 
 `night_deadline_misses`: one row per Airflow deadline of a `yt8m_nightly_inference` run that passed
-  before the run finished (the DAG's DeadlineAlert callback, tasks/alerts.py, writes it from the
+  before the run finished (the DAG's DeadlineAlert callback, airflow_glue/alerts.py, writes it from the
   triggerer); unique per deadline, so a callback run twice records one miss.
 
 Revision ID: 0007

@@ -1,4 +1,4 @@
-"""A local Airflow on the embedded defaults, for the UI: `make airflow` (python -m tasks.local_airflow).
+"""A local Airflow on the embedded defaults, for the UI: `make airflow` (python -m airflow_glue.local_airflow).
 
 Runs `airflow standalone` (API server, scheduler, DAG processor, triggerer) in its own process group
 with our DAGs, migrates its metadata and our database (`vtag db upgrade`), creates the `gpu` pool, unpauses the yt8m DAGs once parsed,

@@ -1,6 +1,6 @@
 """The nightly DAG's deadline callback: log the miss as an ERROR and record it in the database.
 
-Airflow's triggerer imports it by dotted path (`AsyncCallback("tasks.alerts.night_deadline_missed")`)
+Airflow's triggerer imports it by dotted path (`AsyncCallback("airflow_glue.alerts.night_deadline_missed")`)
 and awaits it with a small context: {"dag_run": <the run as the REST API shows it>, "deadline": {"id",
 "deadline_time"}}.
 """
@@ -43,7 +43,7 @@ def record_miss(db_url: str, context: dict) -> bool:
 
 
 def _db_url() -> str:
-    from tasks import airflow_config
+    from airflow_glue import config as airflow_config
 
     return airflow_config.db_url()
 

@@ -15,11 +15,12 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from airflow_glue import config as airflow_config
+from airflow_glue.ui import charts
 from storage.database import db, views
 from storage.formats.exports import CSV_NAME, PICKLE_NAME, night_folder
 from storage.objectstore import StoreError, join, store_for
-from tasks import airflow_config, queries
-from tasks.ui import charts
+from tasks import queries
 
 PREFIX = "/video-tags"
 NIGHTS_PER_PAGE = 50

@@ -1,6 +1,6 @@
 """Resolve the database, S3 and locations the Airflow way: connections and variables, then the defaults.
 
-Imported inside task bodies (Task SDK) and by the UI pages in the API server (tasks/ui), where the Task SDK's
+Imported inside task bodies (Task SDK) and by the UI pages in the API server (airflow_glue/ui), where the Task SDK's
 lookups see only environment variables: outside a task (no supervisor comms) the SDK's fallback chain skips
 the metadata database, so there we ask Airflow core's models, which read it as the API server itself does.
 """

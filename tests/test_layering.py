@@ -1,0 +1,43 @@
+"""The rooms of the house: `tasks/` runs without Airflow (docs/architecture.md), what needs it lives in
+`airflow_glue/`."""
+
+import subprocess
+import sys
+
+from tests.support.env import REPO
+
+WITHOUT_AIRFLOW = """
+import importlib, importlib.abc, pkgutil, sys
+
+class NoAirflow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "airflow" or name.startswith("airflow."):
+            raise ModuleNotFoundError(f"No module named {name!r} (Airflow absent)", name=name)
+        return None
+
+sys.meta_path.insert(0, NoAirflow())
+package = importlib.import_module(sys.argv[1])
+names = sorted(m.name for m in pkgutil.walk_packages(package.__path__, sys.argv[1] + "."))
+for name in names:
+    importlib.import_module(name)
+print(len(names), *names)
+"""
+
+
+def test_every_tasks_module_imports_with_airflow_absent():
+    result = subprocess.run([sys.executable, "-c", WITHOUT_AIRFLOW, "tasks"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, *names = result.stdout.split()
+    assert int(count) == len(names) >= 9 and "tasks.cli" in names and "tasks.inference" in names
+
+
+def test_the_guard_catches_a_module_that_needs_airflow(tmp_path):
+    """The same script, given a package with a module that imports Airflow at module level, fails on it."""
+    package = tmp_path / "vtag_probe"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "glue.py").write_text("import airflow.sdk\n")
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_AIRFLOW, "vtag_probe"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode != 0 and "Airflow absent" in result.stderr
