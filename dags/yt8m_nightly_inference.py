@@ -126,7 +126,7 @@ def yt8m_nightly_inference():
 
         from airflow_glue import config as cfg
         from storage.formats.exports import night_folder
-        from tasks.inference import NoProductionModel, count_pending, finish_night, plan_night
+        from tasks.inference import DryRunOnly, NoProductionModel, open_night
 
         when = logical_date or pendulum.now("UTC")  # a manual run may have no logical date in Airflow 3
         request = {
@@ -135,29 +135,25 @@ def yt8m_nightly_inference():
             "model_version": params["model_version"],
             "video_ids": params["video_ids"] or None,
             "shard_pattern": params["shard_pattern"] or None,
-            "s3": cfg.s3_config(),
         }
         try:
-            if params["dry_run"]:
-                version, videos = count_pending(cfg.db_url(), when, **request)
-                raise AirflowSkipException(f"dry run: model version {version} would score {videos} videos")
-            plan = plan_night(
+            plan = open_night(
                 cfg.db_url(),
                 when,
-                **request,
+                request,
+                dry_run=params["dry_run"],
+                s3=cfg.s3_config(),
                 airflow_run_id=run_id,
                 part_videos=params["part_videos"],
                 exports_uri=night_folder(cfg.exports_uri(), when),
                 lock_timeout_s=params.get("lock_timeout_s"),
             )
-        except NoProductionModel as exc:
-            raise AirflowSkipException(str(exc)) from None  # nothing to tag with yet: not a failure
+        except (DryRunOnly, NoProductionModel) as exc:  # nothing to tag (with) yet: not a failure
+            raise AirflowSkipException(str(exc)) from None
         print(
             f"run {plan.run_id}, model version {plan.model_version}: {sum(p['videos'] for p in plan.parts)} videos "
             f"in {len(plan.parts)} parts"
         )
-        if not plan.parts:  # nothing new tonight: close the run (empty exports) here, no part to wait for
-            finish_night(cfg.db_url(), plan, cfg.s3_config())
         night = {**plan.as_dict(), "parts": []}
         return [{"night": night, "part": part} for part in plan.parts]
 

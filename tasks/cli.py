@@ -107,12 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--checkpoint", metavar="URI", help="score with this checkpoint")
     which.add_argument("--production", action="store_true", help="score with the production model")
     which.add_argument("--model-version", type=int, metavar="N", help="score with this registered version")
-    p.add_argument(
-        "--data",
-        default=None,
-        metavar="URI",
-        help="accepted for symmetry with train/evaluate; videos are found through the catalogue ingest fills",
-    )
     p.add_argument("--level", choices=list(LEVELS), default="frame", help="with --production (default frame)")
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument(

@@ -311,6 +311,32 @@ def count_pending(
     return version["version"], sum(n for _, n in files)
 
 
+class DryRunOnly(Exception):
+    """Not an error: a dry run's finding (what a night would score), for the DAG to show as a skip."""
+
+
+def open_night(
+    db_url: str,
+    logical_date: datetime,
+    request: dict,
+    *,
+    dry_run: bool = False,
+    s3: S3Config | None = None,
+    **planning,
+) -> NightPlan:
+    """The nightly DAG's first task in one call: `plan_night(request, **planning)`, a night with nothing to
+    score finished at once (its run closed, empty exports: no part to wait for); with `dry_run`, only
+    count_pending, told by DryRunOnly. `request`: what count_pending and plan_night share (top_k, level,
+    model_version, video_ids, shard_pattern)."""
+    if dry_run:
+        version, videos = count_pending(db_url, logical_date, s3=s3, **request)
+        raise DryRunOnly(f"dry run: model version {version} would score {videos} videos")
+    plan = plan_night(db_url, logical_date, s3=s3, **request, **planning)
+    if not plan.parts:
+        finish_night(db_url, plan, s3)
+    return plan
+
+
 @dataclass
 class PartReport:
     part: int
