@@ -57,9 +57,8 @@ def main() -> None:
     args = parser.parse_args()
 
     port = _free_port()
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
-    )  # moto accepts any
+    # moto accepts any credentials: the tests' placeholder
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     server = _moto(port)
     try:
         import boto3
