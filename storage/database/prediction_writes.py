@@ -30,6 +30,7 @@ from storage.database.partitions import (
     ensure_partition,
     part_table_name,
     partition_name,
+    run_tables,
     table_exists,
 )
 from storage.database.run_locks import RunLockHolder
@@ -274,11 +275,8 @@ def publish(
     left out leave their part's counts. A part without its table (published already) is skipped."""
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))  # publishes take turns
-    tables = {
-        p: part_table_name(model_version, run_id, p)
-        for p in parts
-        if _exists(conn, part_table_name(model_version, run_id, p))
-    }
+    present = set(run_tables(conn, model_version, run_id))  # one catalogue query, not one per part
+    tables = {p: name for p in parts if (name := part_table_name(model_version, run_id, p)) in present}
     started = dict(
         conn.execute(
             select(inference_parts.c.part, inference_parts.c.started_at).where(
@@ -319,15 +317,6 @@ def publish(
         if ids:
             log.info("run %d: %d videos %s, not published by this night: %s", run_id, len(ids), what, _few(ids))
     return Published(int(done[0]), int(done[1]), tuple(changed), tuple(elsewhere))
-
-
-def _exists(conn, table: str) -> bool:
-    if conn.dialect.name == "postgresql":
-        return table_exists(conn, table)
-    return (
-        conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).first()
-        is not None
-    )
 
 
 def _changed_since(conn, table: str, level: str, started) -> list[str]:
@@ -419,7 +408,11 @@ def _insert_part(conn, run_id: int, model_version: int, part: int, table: str, k
         f"SELECT 1 FROM predictions p WHERE p.model_version = {version} AND p.video_id = l.video_id) "
         "ORDER BY l.video_id, l.rank ON CONFLICT DO NOTHING"
     ).rowcount
-    expected = conn.execute(select(func.count()).select_from(rows)).scalar()
+    # The part's counters, checked against its committed chunks before publishing and kept in step by
+    # _leave_part: no second scan of the part's table.
+    expected = conn.execute(
+        select(inference_parts.c.rows_written).where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
+    ).scalar()
     if inserted == expected:
         return []
     skipped = list(
