@@ -1,12 +1,13 @@
 """Peak RSS and bytes read of a night with the default video model, from its inference artifact against
 from its training checkpoint (issue 25: a part's peak RSS <= 1 GB, bytes read <= 1.1x the artifact).
 
-    python -m benchmarks.inference_memory [--videos 4000] [--work DIR]
+    python -m benchmarks.inference_memory [--videos 4000] [--train-videos N] [--sources artifact,checkpoint]
+                                          [--work DIR]
 
 The product path end to end, each step a `vtag` subprocess on the embedded SQLite of a scratch VTAG_HOME:
 synthetic video-level shards, `vtag ingest`, `vtag train --preset video` (the default video model: four
-chained MLPs, about 85 M parameters, Adam; one short epoch, so that its checkpoint holds a real optimizer
-state), `vtag evaluate --promote`, then `vtag infer --production` twice on the same videos (a second
+chained MLPs, about 85 M parameters, Adam; one short epoch on `--train-videos` of them, so that its
+checkpoint holds a real optimizer state; the rest are test-split shards, scored only), `vtag evaluate --promote`, then `vtag infer --production` twice on the same videos (a second
 logical date, after `vtag retire` of the first night's rows, so both nights score every video): once as
 registered (the artifact), once with the version's artifact columns emptied, as a version registered
 before migration 0010 (the checkpoint). Peak RSS is the child's (wait4), bytes read its `/proc/self/io`
@@ -51,6 +52,8 @@ def _run(env: dict, *args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=4000, help="videos scored each night")
+    parser.add_argument("--train-videos", type=int, default=None, help="of those, trained on (default: all)")
+    parser.add_argument("--sources", default="artifact,checkpoint", help="what the nights load the model from")
     parser.add_argument("--work", help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="vtag-inference-memory-"))
@@ -58,9 +61,11 @@ def main() -> None:
     env.pop("VTAG_DB_URL", None)
     raw, parquet, out = work / "raw", work / "parquet", work / "model"
     shards = max(1, args.videos // 1000)
+    train_shards = max(1, min(shards - 1, (args.train_videos or args.videos) // 1000))
     print(f"benchmarks.inference_memory: {shards} x 1,000 video-level videos in {work}", flush=True)
-    for split, count in (("train", shards), ("validate", 1)):
-        _run(env, "synth", "--out", raw, "--level", "video", "--split", split, "--shards", count, "--videos-per-shard", 1000)  # fmt: skip
+    for split, count in (("train", train_shards), ("validate", 1), ("test", shards - train_shards - 1)):
+        if count > 0:
+            _run(env, "synth", "--out", raw, "--level", "video", "--split", split, "--shards", count, "--videos-per-shard", 1000)  # fmt: skip
     _run(env, "ingest", "--src", raw, "--dest", parquet)
     train = _run(env, "train", "--data", parquet, "--level", "video", "--preset", "video", "--epochs", 1, "--out", out)  # fmt: skip
     print(f"  vtag train --preset video, 1 epoch: {train['seconds']:.0f} s, peak RSS {train['peak_rss_mb']:,.0f} MB")
@@ -74,17 +79,18 @@ def main() -> None:
     sizes = {"checkpoint": final.stat().st_size, "artifact": Path(weights_uri).stat().st_size}
     print(f"  checkpoint {sizes['checkpoint'] / 1e6:,.0f} MB, inference artifact {sizes['artifact'] / 1e6:,.0f} MB")
     figures = {"sizes_bytes": sizes}
-    for day, source in ((1, "artifact"), (2, "checkpoint")):
+    for day, source in enumerate(args.sources.split(","), start=1):
         if source == "checkpoint":
             with sqlite3.connect(db) as conn:  # as a version registered before migration 0010, its night again
                 conn.execute("UPDATE model_versions SET weights_uri = NULL, weights_sha256 = NULL")
                 conn.execute("DELETE FROM predictions")
                 conn.execute("DELETE FROM inference_label_counts")
+                conn.execute("DELETE FROM version_hits")
         night = _run(env, "infer", "--production", "--level", "video", "--logical-date", f"2026-01-0{day}T02:00:00")
         model_bytes = sizes["artifact" if source == "artifact" else "checkpoint"]
-        figures[source] = {k: night[k] for k in ("seconds", "peak_rss_mb", "rchar")}
+        figures[source] = {k: night[k] for k in ("seconds", "peak_rss_mb", "rchar")} | {"videos": shards * 1000}
         print(
-            f"  vtag infer from the {source}: {night['seconds']:.1f} s, peak RSS {night['peak_rss_mb']:,.0f} MB, "
+            f"  vtag infer from the {source}: {night['seconds']:.1f} s ({shards * 1000 / night['seconds']:,.0f} videos/s), peak RSS {night['peak_rss_mb']:,.0f} MB, "
             f"read {night['rchar'] / 1e6:,.0f} MB ({night['rchar'] / model_bytes:.2f}x the {source})"
         )
     with sqlite3.connect(db) as conn:

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -244,15 +245,11 @@ _CATALOGUE_INDEXES = [
 def _fill_production(conn, size: Size) -> None:
     """Version 1 in production, with 20 rows for every video but tonight's, in its partition: filled
     apart, indexed, then attached (so the partition constraint is proven by a CHECK, not a scan)."""
+    from storage.database import registry
     from storage.database.partitions import partition_name
 
-    conn.exec_driver_sql(
-        "INSERT INTO model_versions (version, level, preset, checkpoint_uri, config, data_uri, train_split, epochs, "
-        "steps, status, created_at, promoted_at) VALUES "
-        "(1, 'frame', 'seed', 's3://yt8m/models/v1/final.pt', '{}', 's3://yt8m/parquet', 'train', 5, 19000, 'production', now(), now()),"
-        "(2, 'frame', 'seed', 's3://yt8m/models/v2/final.pt', '{}', 's3://yt8m/parquet', 'train', 5, 19000, 'trained', now(), NULL)"
-    )
-    conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('model_versions', 'version'), 2)")
+    assert [_register(conn, 1), _register(conn, 2)] == [1, 2]  # a fresh database: its first versions
+    registry.make_production(conn, 1, None)
     conn.exec_driver_sql(
         "INSERT INTO inference_runs (run_id, logical_date, model_version, top_k, status, videos_total, videos_done, "
         "rows_written, started_at, finished_at) VALUES (1, %s, 1, 20, 'succeeded', 0, 0, 0, now(), now())",
@@ -277,6 +274,23 @@ def _fill_production(conn, size: Size) -> None:
         "UPDATE inference_runs SET videos_total = n, videos_done = n, rows_written = n * 20 "
         "FROM (SELECT COUNT(*) AS n FROM videos WHERE ingested_at <= %s) c WHERE run_id = 1",
         (BEFORE,),
+    )
+
+
+def _register(conn, n: int) -> int:
+    """A model version as training registers one (its checkpoint is never read: the stand-in scores)."""
+    from storage.database import registry
+
+    return registry.register(
+        conn,
+        level="frame",
+        preset="seed",
+        checkpoint_uri=f"s3://yt8m/models/v{n}/final.pt",
+        config={},
+        data_uri="s3://yt8m/parquet",
+        train_split="train",
+        epochs=5,
+        steps=19000,
     )
 
 
@@ -423,14 +437,18 @@ def _stand_in_scores(seed: int = 0):
 
 def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
     """The bulk path alone (storage.database.prediction_writes.ChunkWriter: COPY on two connections, chunks of
-    2,000 videos x 20 rows, a transaction each), for every video (or the first `limit`), into a part's
-    table, then published (prediction_writes.publish) beside the production model's rows, both ways:
-    - indexed: into a version's partition that exists, with its indexes (every night after a version's first);
-    - load: a version's first whole night, its part table indexed and attached as the version's partition.
-    Each version is retired afterwards (its partition dropped)."""
+    2,000 videos x 20 rows, a transaction each, into a part's table), then published, for tonight's videos
+    (or the first `limit` of the catalogue), three ways:
+    - sorted: a normal night of the production model, published into its partition (121 M rows at 100%)
+      by prediction_writes.publish: one INSERT ... SELECT in primary-key order (the pipeline's way);
+    - unsorted: the same rows inserted in the order they were scored (the candidate it was chosen over,
+      as the chunks landed when they were written straight into the partition);
+    - load: a new version's first night: its part table indexed and attached as the version's partition.
+    The first two are deleted afterwards (the second measures against the dead index entries of the first),
+    the new version retired."""
     import numpy as np
 
-    from storage.database import partitions, prediction_writes, runs
+    from storage.database import label_counts, partitions, prediction_writes, runs
     from storage.database.db import engine_for
 
     with engine_for(db_url).begin() as conn:
@@ -438,25 +456,18 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
         ids = [
             r[0]
             for r in conn.exec_driver_sql(
-                "SELECT video_id FROM videos ORDER BY parquet_uri, video_id LIMIT %s", (limit or size.total_videos,)
+                "SELECT video_id FROM videos WHERE (%s OR ingested_at > %s) ORDER BY parquet_uri, video_id LIMIT %s",
+                (limit is not None, BEFORE, limit or size.total_videos),
             )
         ]
     rng = np.random.default_rng(0)
     labels = np.floor(NUM_CLASSES * rng.random((2000, K)) ** 3).astype(np.int32)
     scores = np.sort(rng.random((2000, K)), axis=1)[:, ::-1]
-    figures = {"rows already in the table": before}
-    for version, mode in ((3, "indexed"), (4, "load")):
+    figures = {"rows already in the table": before, "videos written each way": len(ids)}
+    for day, mode in enumerate(("sorted", "unsorted", "load"), start=30):
         with engine_for(db_url).begin() as conn:
-            conn.exec_driver_sql(
-                "INSERT INTO model_versions (version, level, preset, checkpoint_uri, config, data_uri, train_split, epochs, "
-                "steps, status, created_at) VALUES (%s, 'frame', 'seed', %s, '{}', 's3://yt8m/parquet', 'train', 5, 19000, "
-                "'trained', now())",
-                (version, f"s3://yt8m/models/v{version}/final.pt"),
-            )
-            conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('model_versions', 'version'), %s)", (version,))
-            if mode == "indexed":
-                partitions.ensure_partition(conn, version)
-            run = runs.start_run(conn, NIGHT + timedelta(days=30), version, K, None)
+            version = 1 if mode != "load" else _register(conn, 3)
+            run = runs.start_run(conn, NIGHT + timedelta(days=day), version, K, None)
             part = {"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}
             runs.record_parts(conn, run, [part])
             attempt = runs.start_part(conn, run, 0)["attempt"]
@@ -470,22 +481,39 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
         seconds = time.perf_counter() - started
         with engine_for(db_url).begin() as conn:
             runs.finish_part(conn, run, 0, rows_per_video=K)
-            _, indexing = _timed(prediction_writes.publish, conn, run, version, "frame", [0], K, replace_any=False)
+            if mode == "unsorted":
+                columns = ", ".join(prediction_writes.COLUMNS)
+                _, publishing = _timed(
+                    conn.exec_driver_sql, f"INSERT INTO predictions ({columns}) SELECT {columns} FROM {target}"
+                )
+                conn.exec_driver_sql(f"DROP TABLE {target}")
+            else:
+                _, publishing = _timed(
+                    prediction_writes.publish, conn, run, version, "frame", [0], K, replace_any=False
+                )
             runs.finish_run(conn, run)
         with engine_for(db_url).begin() as conn:
-            dropped, retiring = _timed(partitions.retire, conn, version)
+            if mode == "load":
+                dropped, removing = _timed(partitions.retire, conn, version)
+            else:
+                from storage.database.schema import predictions
+
+                night = (predictions.c.model_version == 1) & (predictions.c.run_id == run)
+                label_counts.take_off(conn, night)
+                deleted, removing = _timed(conn.execute, predictions.delete().where(night))
+                dropped = deleted.rowcount
         assert rows == dropped == len(ids) * K
         figures.update(
             {
-                f"{mode}: rows/s": rows / seconds,
-                f"{mode}: publish (s)": indexing,
-                f"{mode}: rows/s, publish included": rows / (seconds + indexing),
-                f"{mode}: retire the version (s)": retiring,
+                f"{mode}: COPY into the part's table, rows/s": rows / seconds,
+                f"{mode}: publish (s)": publishing,
+                f"{mode}: rows/s, publish included": rows / (seconds + publishing),
+                f"{mode}: remove the rows again (s)": removing,
             }
         )
     return {
         "items": rows,
-        "seconds": rows / figures["load: rows/s, publish included"],
+        "seconds": rows / figures["sorted: rows/s, publish included"],
         "figures": {"rows written each way": rows, **figures},
     }
 
@@ -555,7 +583,7 @@ def _query_params(conn, run_id: int) -> dict[str, list[dict]]:
         "run_label_counts": [{"run_id": run_id, "k": k, "limit": 100} for k in (1, 5, 20) for _ in range(3)],
         "tagged_videos": [{"limit": 12}] * 10,
         "runs": [{"limit": 10}] * 10,
-        "precision_at_k": [{"model_version": 1, "k": 5}] * 2,
+        "precision_at_k": [{"model_version": 2, "k": 5}] * 2,  # the rescore's, counted as it wrote
         "top_label_changes": [{"old_version": 1, "new_version": 2}] * 2,
     }
 
@@ -752,10 +780,43 @@ def _print_stage(stage: str, sizes: list[Size], results: list[dict]) -> None:
                 print(f"    {key}: {value:,.3f}" if isinstance(value, float) else f"    {key}: {value:,}")
 
 
-STAGES = ("shards", "catalogue", "pending", "bulk", "rescore", "queries", "pages", "plan")
+@dataclass
+class Bench:
+    """What the stages of one size share: its scratch database, work folder and options, and the run the
+    rescore made (the queries and pages read it)."""
+
+    db_url: str
+    work: str
+    size: Size
+    args: argparse.Namespace
+    run_id: int | None = None
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class Stage:
+    run: Callable[..., dict]  # in a fresh process: its figures
+    args: Callable[[Bench], tuple]
+    filled: bool = True  # needs the filled catalogue and production rows
+    after_rescore: bool = False  # reads the rescore's night
+
+
+def _rescore_args(b: Bench) -> tuple:
+    return b.db_url, b.work, b.size, b.args.rescore_parts if b.size.percent >= 100 else None
+
+
+STAGES = {
+    "shards": Stage(stage_shards, lambda b: (b.db_url, b.work, b.size), filled=False),
+    "catalogue": Stage(stage_catalogue, lambda b: (b.db_url, b.size)),
+    "pending": Stage(stage_pending, lambda b: (b.db_url, b.size)),
+    "bulk": Stage(stage_bulk_write, lambda b: (b.db_url, b.size, b.args.bulk_videos)),
+    "rescore": Stage(stage_rescore, _rescore_args),
+    "queries": Stage(stage_queries, lambda b: (b.db_url, b.size, b.run_id), after_rescore=True),
+    "pages": Stage(stage_pages, lambda b: (b.db_url, b.size, b.run_id), after_rescore=True),
+    "plan": Stage(stage_training_plan, lambda b: (b.size,), filled=False),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1,10", help="percentages of YouTube-8M, comma-separated (default 1,10)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
@@ -763,17 +824,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="folder for shards and exports (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write every figure to this file")
     parser.add_argument(
-        "--rescore-parts",
-        type=int,
-        default=None,
-        help="at 100%%, run only the first N parts of the full rescore (default: all)",
+        "--rescore-parts", type=int, default=None, help="at 100%%, run only the first N parts of the full rescore"
     )
     parser.add_argument(
-        "--bulk-videos",
-        type=int,
-        default=None,
-        help="the bulk-write stage writes this many videos x 20 rows (default: every video)",
+        "--bulk-videos", type=int, default=None, help="the bulk stage writes this many videos x 20 rows (default: all)"
     )
+    return parser
+
+
+def _run_size(bench: Bench, stages: list[str]) -> dict[str, dict]:
+    """Every chosen stage at one size, in the table's order, in a scratch database of its own; the fill
+    first if a stage needs it, the rescore if a stage reads its night."""
+    chosen = [s for s in STAGES if s in stages or (s == "rescore" and any(STAGES[t].after_rescore for t in stages))]
+    results = {}
+    if any(STAGES[s].filled for s in chosen):
+        results["fill"] = _in_child(stage_fill, bench.db_url, bench.size)
+    for name in chosen:
+        stage = STAGES[name]
+        results[name] = _in_child(stage.run, *stage.args(bench))
+        if name == "rescore":
+            bench.run_id = results[name]["figures"].pop("run_id")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     sizes = [Size(float(p)) for p in args.sizes.split(",")]
     stages = args.stages.split(",")
@@ -787,54 +862,26 @@ def main(argv: list[str] | None = None) -> int:
         f"({', '.join(f'{s.total_shards:,} shards / {s.total_videos:,} videos' for s in sizes)}); "
         f"{os.cpu_count()} CPUs; work in {work}"
     )
-    results: dict[str, list] = {s: [] for s in stages}
     earlier = _earlier(args.json, sizes)
+    measured: dict[float, dict] = {}
     try:
         for size in sizes:
             name = f"vtag_scale_{uuid.uuid4().hex[:8]}"
-            db_url = _scratch(args.pg, name)
             try:
-                if "shards" in stages:
-                    results["shards"].append(_in_child(stage_shards, db_url, str(work), size))
-                if set(stages) & {"catalogue", "pending", "bulk", "rescore", "queries", "pages"}:
-                    results.setdefault("fill", []).append(_in_child(stage_fill, db_url, size))
-                if "catalogue" in stages:
-                    results["catalogue"].append(_in_child(stage_catalogue, db_url, size))
-                if "pending" in stages:
-                    results["pending"].append(_in_child(stage_pending, db_url, size))
-                if "bulk" in stages:
-                    results["bulk"].append(_in_child(stage_bulk_write, db_url, size, args.bulk_videos))
-                run_id = None
-                if set(stages) & {"rescore", "queries", "pages"}:
-                    capped = args.rescore_parts if size.percent >= 100 else None
-                    rescore = _in_child(stage_rescore, db_url, str(work), size, capped)
-                    run_id = rescore["figures"].pop("run_id")
-                    results.setdefault("rescore", []).append(rescore)
-                if "queries" in stages:
-                    results["queries"].append(_in_child(stage_queries, db_url, size, run_id))
-                if "pages" in stages:
-                    results["pages"].append(_in_child(stage_pages, db_url, size, run_id))
-                if "plan" in stages:
-                    results["plan"].append(_in_child(stage_training_plan, size))
+                measured[size.percent] = _run_size(Bench(_scratch(args.pg, name), str(work), size, args), stages)
             finally:
                 _drop(args.pg, name)
             print(f"  {size.percent:g}% done", flush=True)
             if args.json:  # after each size, so that a later failure loses nothing measured
-                _save(args.json, earlier, {size.percent: {stage: r[-1] for stage, r in results.items() if r}})
-                earlier = _earlier(args.json, [])
+                _save(args.json, earlier, measured)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     if args.json:  # every size measured so far, this run's and earlier runs'
-        merged = _earlier(args.json, [])
-        sizes = [Size(p) for p in sorted(merged)]
-        results = {
-            stage: [merged[s.percent].get(stage) for s in sizes]
-            for stage in dict.fromkeys(k for by_stage in merged.values() for k in by_stage)
-        }
-    for stage, stage_results in results.items():
-        if any(stage_results):
-            _print_stage(stage, sizes, stage_results)
+        measured = _earlier(args.json, [])
+    shown = [Size(p) for p in sorted(measured)]
+    for stage in dict.fromkeys(k for by_stage in measured.values() for k in by_stage):
+        _print_stage(stage, shown, [measured[s.percent].get(stage) for s in shown])
     return 0
 
 

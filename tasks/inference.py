@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from storage.database import db, partitions, pending, prediction_writes, registry, run_locks, runs
+from storage.database import db, label_counts, partitions, pending, prediction_writes, registry, run_locks, runs
 from storage.errors import VtagError
 from storage.formats import exports
 from storage.formats.yt8m_spec import NUL_REFUSED, NUM_CLASSES, TOP_K
@@ -542,7 +542,7 @@ def _write_part(
     only if every video it had to score was written with its k rows."""
     top_k, csv_top = min(plan.top_k, num_classes), max(plan.top_k, CSV_TOP)
     report = PartReport(number)
-    label_counts = np.zeros((top_k, num_classes), np.int64)
+    counts = label_counts.LabelCounts(top_k, num_classes)
     chunks = prediction_writes.ChunkWriter(
         db.engine_for(db_url),
         plan.run_id,
@@ -551,7 +551,7 @@ def _write_part(
         plan.part_table(number),
         lock,
         attempt,
-        label_counts=label_counts,
+        counts=counts,
     )
     pending_ids, pending_labels, pending_scores = [], [], []
     scored: set[str] = set()
@@ -601,7 +601,7 @@ def _write_part(
             bar.close()
     report.videos = chunks.videos_written
     with db.transaction(db_url) as conn:
-        lost = runs.finish_part(conn, plan.run_id, number, label_counts, attempt=attempt, rows_per_video=top_k)
+        lost = runs.finish_part(conn, plan.run_id, number, counts, attempt=attempt, rows_per_video=top_k)
     if lost is not None:  # the part is marked failed, committed
         raise lost
     return report

@@ -169,22 +169,35 @@ def test_every_query_runs_as_written(world):
         / 50
     )
     assert rows[0][0] == 50 and rows[0][1] == pytest.approx(expected)
-    # At k = 3, against the definition itself: each video's share of true labels among its top 3, averaged
-    # over the videos with ground truth (one video's truth removed: it leaves the average).
-    with engine_for(db_url).begin() as conn:
-        conn.execute(text("DELETE FROM video_labels WHERE video_id = (SELECT MIN(video_id) FROM videos)"))
-    truth = {}
-    for video, label in _rows(db_url, "SELECT video_id, label_id FROM video_labels"):
-        truth.setdefault(video, set()).add(label)
-    top = {}
-    for video, label in _rows(db_url, "SELECT video_id, label_id FROM predictions WHERE rank <= 3"):
-        top.setdefault(video, []).append(label)
-    shares = [sum(label in truth[v] for label in labels) / 3 for v, labels in top.items() if v in truth]
-    _, rows = queries.run(db_url, "precision_at_k", {"model_version": str(world["version"]), "k": "3"})
-    assert rows[0][0] == len(shares) == 49 and rows[0][1] == pytest.approx(sum(shares) / len(shares))
-    _, rows = queries.run(db_url, "precision_at_k", {"model_version": "999", "k": "3"})  # a version without rows
-    assert rows == [(0, None)]
 
+    # At k = 3, against the definition itself: each video's share of true labels among its top 3, averaged
+    # over the videos with ground truth.
+    def by_definition():
+        truth = {}
+        for video, label in _rows(db_url, "SELECT video_id, label_id FROM video_labels"):
+            truth.setdefault(video, set()).add(label)
+        top = {}
+        for video, label in _rows(db_url, "SELECT video_id, label_id FROM predictions WHERE rank <= 3"):
+            top.setdefault(video, []).append(label)
+        shares = [sum(label in truth[v] for label in labels) / 3 for v, labels in top.items() if v in truth]
+        return len(shares), sum(shares) / len(shares)
+
+    judged, expected = by_definition()
+    _, rows = queries.run(db_url, "precision_at_k", {"model_version": str(world["version"]), "k": "3"})
+    assert rows[0][0] == judged == 50 and rows[0][1] == pytest.approx(expected)
+    # Judged as scored: a video's truth removed afterwards changes nothing until the video is scored again,
+    # when its rows replace the old ones in the totals (and it leaves the average).
+    gone = _rows(db_url, "SELECT MIN(video_id) FROM videos")[0][0]
+    with engine_for(db_url).begin() as conn:
+        conn.execute(text("DELETE FROM video_labels WHERE video_id = :v"), {"v": gone})
+    assert queries.run(db_url, "precision_at_k", {"model_version": str(world["version"]), "k": "3"})[1] == rows
+    run_inference(
+        db_url, NIGHT + timedelta(hours=1), top_k=5, video_ids=[gone], exports_uri=world["exports"] + "/again"
+    )
+    assert _rows(db_url, "SELECT DISTINCT hit FROM predictions WHERE video_id = :v", v=gone) == [(None,)]
+    judged, expected = by_definition()
+    _, rows = queries.run(db_url, "precision_at_k", {"model_version": str(world["version"]), "k": "3"})
+    assert rows[0][0] == judged == 49 and rows[0][1] == pytest.approx(expected)
     # A second model version with a different top label for some videos.
     with engine_for(db_url).begin() as conn:
         conn.execute(

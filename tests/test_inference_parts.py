@@ -170,6 +170,7 @@ def test_retiring_a_version_drops_its_predictions_only(world, db_url):
     )
     assert count(db_url, "SELECT COUNT(*) FROM inference_runs") == 2  # the runs stay as history
     assert count(db_url, "SELECT COUNT(*) FROM inference_label_counts WHERE run_id = :r", r=first.run_id) == 0
+    assert count(db_url, "SELECT COUNT(*) FROM version_hits WHERE model_version = :v", v=world["version"]) == 0
     assert retire_old_versions(db_url, keep=1) == []  # nothing left to retire
     if db_url.startswith("postgresql"):
         old, new = (partitions.partition_name(v) for v in (world["version"], world["version"] + 1))

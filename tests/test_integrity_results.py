@@ -41,7 +41,18 @@ from tests.shards import frame_record, write_shard
 from tests.support.cli import vtag
 from tests.support.db import in_transaction, migrated
 from tests.support.env import REPO
-from tests.worlds import NIGHT, TINY, TINY_TRAIN_OPTIONS, VIDEOS, build_world, count, rows, stored_rows, vtag_train_args
+from tests.worlds import (
+    NIGHT,
+    TINY,
+    TINY_TRAIN_OPTIONS,
+    VIDEOS,
+    build_world,
+    count,
+    hits_in_step,
+    rows,
+    stored_rows,
+    vtag_train_args,
+)
 
 K = 3
 
@@ -87,6 +98,7 @@ def test_a_changed_shard_is_scored_again_and_a_replaced_shards_departed_videos_l
     assert count_pending(db_url, night) == (world["version"], 2)  # ...and are pending for the model again
     second = run_inference(db_url, night, top_k=K, exports_uri=str(tmp_path / "n2"))
     assert second.videos == 2 and _served(db_url, "c") == ["c0", "c1", "c2", "c3"]
+    assert hits_in_step(db_url)  # the changed videos' old rows left the version's hit totals, their new ones joined
 
     # Replaced from another folder by a shard of other ids: c0..c3 leave the catalogue, the predictions
     # and the views in one transaction; d0 and d1 are pending.
@@ -96,6 +108,7 @@ def test_a_changed_shard_is_scored_again_and_a_replaced_shards_departed_videos_l
     assert _scored(db_url, "c") == [] and _served(db_url, "c") == []
     assert count_pending(db_url, night + timedelta(days=1)) == (world["version"], 2)
     assert count(db_url, "SELECT COUNT(DISTINCT video_id) FROM predictions") == VIDEOS  # the others kept theirs
+    hits_in_step(db_url)
 
 
 # --- 2. evaluations name their set ----------------------------------------------------------------------
@@ -222,6 +235,7 @@ def test_a_rerun_that_fails_writing_its_exports_leaves_the_served_rows_as_they_w
     after = _labels_served(db_url)
     assert retry.rows_written == len(after) == VIDEOS * 2 and {r[1] for r in after} == {1, 2}
     assert stored_rows(db_url) == VIDEOS * 2  # no part table left, nothing twice
+    assert {rank for _, rank in hits_in_step(db_url)} == {1, 2}  # the first try's ranks 3.. left the totals
 
 
 def test_a_night_is_served_only_once_it_has_succeeded(world, tmp_path):
@@ -244,6 +258,7 @@ def test_a_night_is_served_only_once_it_has_succeeded(world, tmp_path):
             assert _labels_served(db_url) == served  # nothing of this night yet
         nights.append(finish_night(db_url, plan).videos)
         assert len(_labels_served(db_url)) == stored_rows(db_url) == (len(served) // K + nights[-1]) * K
+        hits_in_step(db_url)
     assert nights == [VIDEOS, 30] and _served(db_url, "c") == sorted(f"c{i}" for i in range(30))
 
 
@@ -270,6 +285,8 @@ def test_a_shard_changed_while_a_night_scores_it_is_not_published_from_the_old_c
     assert [tuple(r) for r in run] == [("succeeded", VIDEOS + 2, VIDEOS + 2, (VIDEOS + 2) * K)]
     counted = count(db_url, "SELECT SUM(videos) FROM inference_label_counts WHERE rank = 1")
     assert counted == VIDEOS + 2  # the label counts are those of the rows published
+    judged = count(db_url, "SELECT SUM(judged) FROM inference_label_counts WHERE rank = 1")
+    assert judged == hits_in_step(db_url)[(world["version"], 1)][0] > 0  # and so are its hits
     night = NIGHT + timedelta(days=2)
     assert count_pending(db_url, night) == (world["version"], 2)
     assert run_inference(db_url, night, top_k=K, exports_uri=str(tmp_path / "n2")).videos == 2

@@ -210,6 +210,7 @@ ANALYST_READS = {
     "predictions",
     "production_labels",
     "production_versions",
+    "version_hits",
 }
 
 

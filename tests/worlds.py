@@ -126,3 +126,20 @@ def served_rows(db_url) -> int:
 def stored_rows(db_url) -> int:
     """Prediction rows committed so far: published ones and those in nights' part tables, not yet published."""
     return served_rows(db_url) + sum(count(db_url, f"SELECT COUNT(*) FROM {t}") for t in part_tables(db_url))
+
+
+def hits_in_step(db_url) -> dict:
+    """version_hits as storage.database.label_counts keeps it, checked against the served rows themselves;
+    returns it ({(version, rank): (judged, hits)}, less ranks at zero)."""
+    kept = {(v, r): (j, h) for v, r, j, h in rows(db_url, "SELECT model_version, rank, judged, hits FROM version_hits")}
+    recount = {
+        (v, r): (j, h)
+        for v, r, j, h in rows(
+            db_url,
+            "SELECT model_version, rank, COUNT(hit), SUM(CASE WHEN hit THEN 1 ELSE 0 END) FROM predictions "
+            "WHERE hit IS NOT NULL GROUP BY model_version, rank",
+        )
+    }
+    kept = {key: value for key, value in kept.items() if value != (0, 0)}  # a rank whose rows all left
+    assert kept == recount
+    return kept

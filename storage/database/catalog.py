@@ -6,6 +6,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, delete, exists, select, update
 
+from storage.database import label_counts
 from storage.database.db import upsert_insert, utcnow
 from storage.database.schema import labels, model_versions, predictions, video_labels, videos
 from storage.errors import VtagError
@@ -189,11 +190,9 @@ def _drop_predictions(conn: Connection, ids: list[str], level: str) -> None:
     partition and id)."""
     of_level = select(model_versions.c.version).where(model_versions.c.level == level)
     for start in range(0, len(ids), 5000):
-        conn.execute(
-            delete(predictions).where(
-                predictions.c.video_id.in_(ids[start : start + 5000]), predictions.c.model_version.in_(of_level)
-            )
-        )
+        these = predictions.c.video_id.in_(ids[start : start + 5000]) & predictions.c.model_version.in_(of_level)
+        label_counts.take_off(conn, these)
+        conn.execute(delete(predictions).where(these))
 
 
 def _forget(conn: Connection, source_uri: str, level: str) -> dict[str, tuple[str | None, datetime]]:

@@ -12,6 +12,7 @@ import re
 
 from sqlalchemy import Connection, delete, exists, func, select, update
 
+from storage.database import label_counts
 from storage.database.db import utcnow
 from storage.database.schema import inference_label_counts, inference_runs, model_versions, predictions
 from storage.errors import VtagError
@@ -130,6 +131,7 @@ def retire(conn: Connection, model_version: int) -> int:
     conn.execute(delete(predictions).where(predictions.c.model_version == model_version))  # SQLite, default partition
     runs = select(inference_runs.c.run_id).where(inference_runs.c.model_version == model_version)
     conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id.in_(runs)))
+    label_counts.forget_version(conn, model_version)
     conn.execute(
         update(model_versions).where(model_versions.c.version == model_version).values(predictions_retired_at=utcnow())
     )

@@ -24,6 +24,7 @@ from sqlalchemy import Column, Connection, Engine, MetaData, Table, delete, exis
 from sqlalchemy import column as sa_column
 from sqlalchemy import table as sa_table
 
+from storage.database import label_counts
 from storage.database.partitions import (
     PART_TABLE,
     PARTITION_LOCK,
@@ -35,18 +36,26 @@ from storage.database.partitions import (
 )
 from storage.database.run_locks import RunLockHolder
 from storage.database.runs import RowsLost, SupersededTry, refresh_run_totals, this_try
-from storage.database.schema import inference_label_counts, inference_parts, predictions, videos
+from storage.database.schema import inference_label_counts, inference_parts, predictions, video_labels, videos
 
-COLUMNS = ("video_id", "model_version", "rank", "label_id", "score", "run_id")
+COLUMNS = ("video_id", "model_version", "rank", "label_id", "score", "run_id", "hit")
 
 log = logging.getLogger(__name__)
 
 
 def prediction_table(
-    run_id: int, model_version: int, ids: list[str], top_labels: np.ndarray, top_scores: np.ndarray
+    run_id: int,
+    model_version: int,
+    ids: list[str],
+    top_labels: np.ndarray,
+    top_scores: np.ndarray,
+    hit: np.ma.MaskedArray | None = None,
 ) -> pa.Table:
-    """A chunk's rows, columnar: one row per (video, rank), built without a Python loop over rows."""
+    """A chunk's rows, columnar: one row per (video, rank), built without a Python loop over rows. `hit`:
+    whether each label is true (videos x k, masked where the video has no ground truth; None: unjudged)."""
     count, k = top_labels.shape
+    if hit is None:
+        hit = np.ma.masked_all((count, k), bool)
     return pa.table(
         {
             "video_id": pa.array(np.repeat(np.asarray(ids, dtype=object), k), pa.string()),
@@ -55,8 +64,24 @@ def prediction_table(
             "label_id": pa.array(top_labels.reshape(-1).astype(np.int32)),
             "score": pa.array(top_scores.reshape(-1).astype(np.float64)),
             "run_id": pa.array(np.full(count * k, run_id, np.int32)),
+            "hit": pa.array(np.ma.filled(hit, False).reshape(-1), mask=np.ma.getmaskarray(hit).reshape(-1)),
         }
     )
+
+
+def judge(conn: Connection, ids: list[str], top_labels: np.ndarray) -> np.ma.MaskedArray:
+    """Whether each of the videos' top labels is among their ground truth, as the catalogue holds it now;
+    masked for a video without any (one index range scan per video, in the chunk's transaction)."""
+    truth: dict[str, set[int]] = {}
+    for video, label in conn.execute(
+        select(video_labels.c.video_id, video_labels.c.label_id).where(video_labels.c.video_id.in_(ids))
+    ):
+        truth.setdefault(video, set()).add(label)
+    hit = np.ma.masked_all(top_labels.shape, bool)
+    for row, video in enumerate(ids):
+        if video in truth:
+            hit[row] = np.isin(top_labels[row], list(truth[video]))
+    return hit
 
 
 def _csv(table: pa.Table) -> io.BytesIO:
@@ -82,7 +107,9 @@ def create_part_table(conn: Connection, model_version: int, run_id: int, part: i
             f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS, CHECK (model_version = {version}))"
         )
     else:
-        Table(table, MetaData(), *(Column(c.name, c.type, nullable=False) for c in predictions.columns)).create(conn)
+        Table(table, MetaData(), *(Column(c.name, c.type, nullable=c.nullable) for c in predictions.columns)).create(
+            conn
+        )
     return table
 
 
@@ -96,7 +123,7 @@ def insert_bulk(conn, table: pa.Table, target: str) -> int:
         cursor.copy_expert(f"COPY {target} ({', '.join(COLUMNS)}) FROM STDIN WITH (FORMAT csv)", _csv(table))
         return table.num_rows  # COPY takes every row or fails
     before = conn.connection.driver_connection.total_changes
-    conn.exec_driver_sql(f"INSERT INTO {target} ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)", tuples(table))
+    conn.exec_driver_sql(f"INSERT INTO {target} ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?)", tuples(table))
     return conn.connection.driver_connection.total_changes - before
 
 
@@ -104,6 +131,7 @@ def insert_bulk(conn, table: pa.Table, target: str) -> int:
 class ChunkWritten:
     rows: int  # rows the database took
     videos: int
+    hit: np.ma.MaskedArray  # whether each row's label is true, masked where the video has no ground truth
 
 
 def _few(items, limit: int = 5) -> str:
@@ -165,10 +193,12 @@ def write_chunk(
     """One chunk of a part's predictions into its table, and the part's progress, all or nothing; with
     `lock`, only while the run's lock is still held, and only while this is the part's latest try (both
     checked inside the chunk's transaction, the try when it commits)."""
-    table, k = prediction_table(run_id, model_version, ids, top_labels, top_scores), top_labels.shape[1]
+    k = top_labels.shape[1]
     with engine.begin() as conn:
         if lock is not None:
             lock.check(conn)
+        hit = judge(conn, ids, top_labels)
+        table = prediction_table(run_id, model_version, ids, top_labels, top_scores, hit)
         written = insert_bulk(conn, table, target)
         if written != len(ids) * k:
             raise RowsLost(
@@ -185,7 +215,7 @@ def write_chunk(
         )
         if progressed.rowcount != 1:
             raise SupersededTry(f"run {run_id} part {part}: try {attempt} was superseded by a newer try; stopping")
-    return ChunkWritten(written, len(ids))
+    return ChunkWritten(written, len(ids), hit)
 
 
 class ChunkWriter:
@@ -194,7 +224,7 @@ class ChunkWriter:
     232-261k with two, measured here), one on SQLite (its writers take turns anyway). At most
     `writers * 2` chunks wait, so memory stays bounded; the first failure is raised.
 
-    With `label_counts` (a top_k x classes array), it counts each written video's labels at each rank."""
+    With `counts` (label_counts.LabelCounts), it counts each written video's labels and hits at each rank."""
 
     def __init__(
         self,
@@ -205,7 +235,7 @@ class ChunkWriter:
         target: str,
         lock: RunLockHolder | None = None,
         attempt: int = 1,
-        label_counts: np.ndarray | None = None,
+        counts: label_counts.LabelCounts | None = None,
     ):
         from concurrent.futures import ThreadPoolExecutor
 
@@ -213,7 +243,7 @@ class ChunkWriter:
         self._args, self._lock, self._limit = (engine, run_id, model_version, part, target, attempt), lock, 2 * writers
         self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="vtag-writer")
         self._pending: list = []
-        self._label_counts = label_counts
+        self._counts = counts
         self.rows_written = self.videos_written = 0
 
     def submit(self, ids: list[str], top_labels: np.ndarray, top_scores: np.ndarray) -> None:
@@ -226,9 +256,8 @@ class ChunkWriter:
         written = future.result()
         self.rows_written += written.rows
         self.videos_written += written.videos
-        if self._label_counts is not None:
-            for rank in range(self._label_counts.shape[0]):
-                self._label_counts[rank] += np.bincount(top_labels[:, rank], minlength=self._label_counts.shape[1])
+        if self._counts is not None:
+            self._counts.add(top_labels, written.hit)
 
     def abandon(self) -> None:
         """The caller failed: let the chunks in flight finish (their failures no longer matter)."""
@@ -298,6 +327,7 @@ def publish(
         for part, table in tables.items():
             elsewhere += _insert_part(conn, run_id, model_version, part, table, k, replace_any)
             conn.exec_driver_sql(f"DROP TABLE {table}")
+    label_counts.publish_parts(conn, run_id, model_version, list(tables))
     conn.execute(
         delete(inference_label_counts).where(
             inference_label_counts.c.run_id == run_id, inference_label_counts.c.videos <= 0
@@ -330,21 +360,22 @@ def _changed_since(conn, table: str, level: str, started) -> list[str]:
 
 
 def _leave_part(conn, run_id: int, part: int, table: str, ids: list[str], drop_rows: bool) -> None:
-    """These videos leave the part's counts (videos, rows, label counts), and with `drop_rows` its table."""
+    """These videos leave the part's counts (videos, rows, label counts and hits), and with `drop_rows` its
+    table."""
     rows = _rows_of(table)
     counts = inference_label_counts.c
     for start in range(0, len(ids), 5000):
         some = ids[start : start + 5000]
         by_label = conn.execute(
-            select(rows.c.rank, rows.c.label_id, func.count())
+            select(rows.c.rank, rows.c.label_id, func.count(), *label_counts.judged_and_hits(rows.c.hit))
             .where(rows.c.video_id.in_(some))
             .group_by(rows.c.rank, rows.c.label_id)
         ).all()
-        for rank, label, n in by_label:
+        for rank, label, n, judged, hits in by_label:
             conn.execute(
                 update(inference_label_counts)
                 .where(counts.run_id == run_id, counts.part == part, counts.rank == rank, counts.label_id == label)
-                .values(videos=counts.videos - n)
+                .values(videos=counts.videos - n, judged=counts.judged - judged, hits=counts.hits - hits)
             )
         conn.execute(
             update(inference_parts)
@@ -352,7 +383,7 @@ def _leave_part(conn, run_id: int, part: int, table: str, ids: list[str], drop_r
             .values(
                 videos_total=inference_parts.c.videos_total - len(some),
                 videos_done=inference_parts.c.videos_done - len(some),
-                rows_written=inference_parts.c.rows_written - sum(n for _, _, n in by_label),
+                rows_written=inference_parts.c.rows_written - sum(row[2] for row in by_label),
             )
         )
         if drop_rows:
@@ -399,6 +430,7 @@ def _insert_part(conn, run_id: int, model_version: int, part: int, table: str, k
     replaced = stored.video_id.in_(select(rows.c.video_id).where(rows.c.rank == 1))
     if not replace_any:
         replaced = replaced & (stored.run_id == run_id)
+    label_counts.take_off(conn, (stored.model_version == model_version) & replaced)
     conn.execute(delete(predictions).where(stored.model_version == model_version, replaced))
     columns = ", ".join(COLUMNS)
     version = int(model_version)

@@ -9,9 +9,9 @@ part or night succeeds only when its counters add up (`shortfall`).
 
 from datetime import datetime
 
-import numpy as np
 from sqlalchemy import Connection, and_, delete, func, insert, select, update
 
+from storage.database import label_counts
 from storage.database.db import utcnow
 from storage.database.partitions import drop_run_tables
 from storage.database.run_locks import LostRunLock
@@ -177,13 +177,13 @@ def finish_part(
     conn: Connection,
     run_id: int,
     part: int,
-    label_counts: np.ndarray | None = None,
+    counts: label_counts.LabelCounts | None = None,
     error: str | None = None,
     attempt: int | None = None,
     rows_per_video: int | None = None,
 ) -> "RowsLost | None":
-    """A part's outcome; a succeeded part stores how many videos got each label at each rank (a
-    top_k x classes array), in the transaction that marks it done. The run's totals follow its parts.
+    """A part's outcome; a succeeded part stores its label counts (how many videos got each label at each
+    rank, how many of them were judged and true), in the transaction that marks it done. The run's totals follow its parts.
     With `attempt`, only if that try is still the part's latest (a superseded try changes nothing).
     With `rows_per_video`, success is checked against the part's committed counters (every video
     written, k rows each): a shortfall marks it failed and returns the RowsLost to raise once that is
@@ -202,14 +202,8 @@ def finish_part(
     )
     if missing:
         error = f"incomplete: {missing}"
-    elif error is None and label_counts is not None:
-        ranks, label_ids = np.nonzero(label_counts)
-        rows = [
-            {"run_id": run_id, "part": part, "rank": int(r) + 1, "label_id": int(label), "videos": int(n)}
-            for r, label, n in zip(ranks, label_ids, label_counts[ranks, label_ids])
-        ]
-        for start in range(0, len(rows), 20000):
-            conn.execute(insert(inference_label_counts), rows[start : start + 20000])
+    elif error is None and counts is not None:
+        label_counts.store(conn, counts, run_id, part)
     conn.execute(
         update(inference_parts)
         .where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)

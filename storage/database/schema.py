@@ -10,6 +10,7 @@ storage/database/partitions.py), the views and the analysts' role live in the mi
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -219,6 +220,9 @@ inference_label_counts = Table(
     Column("rank", SmallInteger, primary_key=True),
     Column("label_id", Integer, primary_key=True),
     Column("videos", Integer, nullable=False),
+    # Of those videos, how many had ground truth when scored, and how many of these it was true for
+    Column("judged", Integer, nullable=False, server_default="0"),
+    Column("hits", Integer, nullable=False, server_default="0"),
     ForeignKeyConstraint(["run_id", "part"], ["inference_parts.run_id", "inference_parts.part"], ondelete="CASCADE"),
 )
 
@@ -231,6 +235,7 @@ predictions = Table(
     Column("label_id", Integer, nullable=False),
     Column("score", Float, nullable=False),
     Column("run_id", Integer, nullable=False),
+    Column("hit", Boolean),  # the label among the video's ground truth when scored; NULL: it had none
     # A run's rows are appended together: a BRIN index finds them at almost no cost to the bulk write.
     Index("ix_predictions_run", "run_id", postgresql_using="brin"),
     postgresql_partition_by="LIST (model_version)",
@@ -243,6 +248,16 @@ Index(
     predictions.c.label_id,
     predictions.c.score.desc(),
     predictions.c.video_id,
+)
+
+# A version's judged rows and hits at each rank over the rows it serves (storage/database/label_counts.py)
+version_hits = Table(
+    "version_hits",
+    metadata,
+    Column("model_version", Integer, primary_key=True),
+    Column("rank", SmallInteger, primary_key=True),
+    Column("judged", BigInteger, nullable=False),
+    Column("hits", BigInteger, nullable=False),
 )
 
 night_deadline_misses = Table(
