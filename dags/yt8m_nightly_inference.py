@@ -126,26 +126,26 @@ def yt8m_nightly_inference():
 
         from airflow_glue import config as cfg
         from storage.formats.exports import night_folder
-        from tasks.inference import DryRunOnly, NoProductionModel, open_night
+        from tasks.inference import DryRunOnly, NightRequest, NoProductionModel, open_night
 
         when = logical_date or pendulum.now("UTC")  # a manual run may have no logical date in Airflow 3
-        request = {
-            "top_k": params["top_k"],
-            "level": params["level"],
-            "model_version": params["model_version"],
-            "video_ids": params["video_ids"] or None,
-            "shard_pattern": params["shard_pattern"] or None,
-        }
+        request = NightRequest(
+            when,
+            top_k=params["top_k"],
+            level=params["level"],
+            model_version=params["model_version"],
+            video_ids=params["video_ids"] or None,
+            shard_pattern=params["shard_pattern"] or None,
+            exports_uri=night_folder(cfg.exports_uri(), when),
+            airflow_run_id=run_id,
+            part_videos=params["part_videos"],
+        )
         try:
             plan = open_night(
                 cfg.db_url(),
-                when,
                 request,
                 dry_run=params["dry_run"],
                 s3=cfg.s3_config(),
-                airflow_run_id=run_id,
-                part_videos=params["part_videos"],
-                exports_uri=night_folder(cfg.exports_uri(), when),
                 lock_timeout_s=params.get("lock_timeout_s"),
             )
         except (DryRunOnly, NoProductionModel) as exc:  # nothing to tag (with) yet: not a failure
