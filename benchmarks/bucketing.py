@@ -19,7 +19,7 @@ import torch
 from benchmarks.common import seconds_per_steps, videos_of_lengths
 from benchmarks.train_throughput import training_step
 from model.config import load_config
-from model.data import BUCKET_WINDOW, RowGroup, WorkerPlan, padded_fraction, plan_epoch
+from model.data import BUCKET_WINDOW, EpochSpec, RowGroup, WorkerPlan, padded_fraction, plan_epoch
 from tasks.synth import draw_num_frames
 
 ROWS_PER_GROUP = 130
@@ -84,7 +84,17 @@ def main() -> None:
     plans = {}
     for window in (1, BUCKET_WINDOW, 2 * BUCKET_WINDOW):
         plans[window] = plan_epoch(
-            groups, args.batch_size, 0, 0, 1, True, True, max_frames=max_frames, bucket_window=window
+            groups,
+            EpochSpec(
+                args.batch_size,
+                seed=0,
+                epoch=0,
+                workers=1,
+                shuffle=True,
+                drop_last=True,
+                max_frames=max_frames,
+                bucket_window=window,
+            ),
         )
         fraction = padded_fraction(plans[window], groups, max_frames)
         label = "unbucketed" if window == 1 else f"bucketed, window {window} batches"

@@ -41,7 +41,7 @@ from benchmarks.gpu_bundle import locked_versions
 from benchmarks.inference_throughput import inference_rate
 from benchmarks.train_throughput import loader_rate, training_step
 from model.config import load_config
-from model.data import BUCKET_WINDOW, plan_epoch
+from model.data import BUCKET_WINDOW, EpochSpec, plan_epoch
 from model.precision import POLICIES, precision_for
 from storage.formats.yt8m_spec import MAX_FRAMES
 
@@ -70,7 +70,7 @@ def environment(device: torch.device) -> dict:
 def realistic_batches(batch_size: int, count: int, device: torch.device, seed: int = 0) -> list[tuple]:
     """`count` batches as the trainer's bucketed plan cuts YouTube-8M's lengths (common.videos_of_lengths)."""
     groups = realistic_groups(max(2 * batch_size * count * BUCKET_WINDOW, 10 * ROWS_PER_GROUP), seed)
-    plan = plan_epoch(groups, batch_size, seed, 0, 1, True, True, 0, 1, MAX_FRAMES)[0]
+    plan = plan_epoch(groups, EpochSpec(batch_size, seed=seed, max_frames=MAX_FRAMES))[0]
     generator = torch.Generator().manual_seed(seed)
     return [videos_of_lengths(x, device, generator) for x in batch_lengths(plan, groups, count, MAX_FRAMES)]
 

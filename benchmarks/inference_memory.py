@@ -7,8 +7,7 @@ from its training checkpoint (issue 25: a part's peak RSS <= 1 GB, bytes read <=
 The product path end to end, each step a `vtag` subprocess on the embedded SQLite of a scratch VTAG_HOME:
 synthetic video-level shards, `vtag ingest`, `vtag train --preset video` (the default video model: four
 chained MLPs, about 85 M parameters, Adam; one short epoch on `--train-videos` of them, so that its
-checkpoint holds a real optimizer state; the rest are test-split shards, scored only), `vtag evaluate --promote`, then `vtag infer --production` twice on the same videos (a second
-logical date, after `vtag retire` of the first night's rows, so both nights score every video): once as
+checkpoint holds a real optimizer state; the rest are test-split shards, scored only), `vtag evaluate --promote`, then `vtag infer --production` twice on the same videos (each at its own logical date, now, after the first night's rows are deleted, so both nights score every video; the benchmark fails if a night scores fewer): once as
 registered (the artifact), once with the version's artifact columns emptied, as a version registered
 before migration 0010 (the checkpoint). Peak RSS is the child's (wait4), bytes read its `/proc/self/io`
 `rchar` (every read() it made: the model file, Parquet, Python's own imports) at exit. Memory-mapped
@@ -18,6 +17,7 @@ pages of the artifact come from the page cache and are not in `rchar`.
 import argparse
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -79,14 +79,20 @@ def main() -> None:
     sizes = {"checkpoint": final.stat().st_size, "artifact": Path(weights_uri).stat().st_size}
     print(f"  checkpoint {sizes['checkpoint'] / 1e6:,.0f} MB, inference artifact {sizes['artifact'] / 1e6:,.0f} MB")
     figures = {"sizes_bytes": sizes}
-    for day, source in enumerate(args.sources.split(","), start=1):
+    for source in args.sources.split(","):
         if source == "checkpoint":
             with sqlite3.connect(db) as conn:  # as a version registered before migration 0010, its night again
                 conn.execute("UPDATE model_versions SET weights_uri = NULL, weights_sha256 = NULL")
                 conn.execute("DELETE FROM predictions")
                 conn.execute("DELETE FROM inference_label_counts")
                 conn.execute("DELETE FROM version_hits")
-        night = _run(env, "infer", "--production", "--level", "video", "--logical-date", f"2026-01-0{day}T02:00:00")
+        # No logical date: now, after every video arrived (a fixed date before today would score none).
+        night = _run(env, "infer", "--production", "--level", "video")
+        scored = int(re.search(r"scored (\d+) videos", night["stdout"]).group(1))
+        if scored != shards * 1000:
+            raise SystemExit(
+                f"the night from the {source} scored {scored} videos, not {shards * 1000}: {night['stdout']}"
+            )
         model_bytes = sizes["artifact" if source == "artifact" else "checkpoint"]
         figures[source] = {k: night[k] for k in ("seconds", "peak_rss_mb", "rchar")} | {"videos": shards * 1000}
         print(

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import registry as orm_registry
 
 from benchmarks.common import random_videos, seconds_per_steps
-from model.attention_lstm import build_model
 from model.config import load_config
+from model.networks import build_model
 from model.precision import precision_for
 from storage.database import db, prediction_writes, runs
 from storage.database.db import engine_for
@@ -127,7 +127,9 @@ def bulk_rate(url: str, ids: list[str], version: int, run: int, k: int, chunk: i
         attempt = runs.start_part(conn, run, 0)["attempt"]
         target = prediction_writes.create_part_table(conn, version, run, 0)  # where a night's part writes
     started = time.perf_counter()
-    writer = prediction_writes.ChunkWriter(engine_for(url), run, version, 0, target, attempt=attempt)
+    writer = prediction_writes.ChunkWriter(
+        engine_for(url), prediction_writes.PartTable(run, version, 0, target, attempt)
+    )
     for start in range(0, len(ids), chunk):
         writer.submit(ids[start : start + chunk], labels[start : start + chunk], scores[start : start + chunk])
     writer.close()

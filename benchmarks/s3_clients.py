@@ -5,7 +5,7 @@ epoch and a night's part reading its files, from a real S3-compatible endpoint o
 
 Synthetic frame-level shards are ingested into s3://<bucket>/parquet (the product's ingest, SQLite
 catalogue), then each contender runs in turn, `--rounds` times: "a client a store", as before issue 28
-(each storage.objectstore.S3Store building its own client, with its own connection pool, on first
+(each storage.s3_store.S3Store building its own client, with its own connection pool, on first
 use), and "a client a process" (the code as it is). Measured: one epoch of the training loader
 (model.data.ParquetBatches, one process, batches of 64, every row group of every file: each file switch
 opens the file again through the store), and a part's reads (storage.objectstore: `info` then a read of
@@ -64,8 +64,8 @@ def main() -> None:
         import boto3
         import pyarrow.parquet as pq
 
-        from model.data import ParquetBatches, find_row_groups
-        from storage import objectstore
+        from model.data import EpochSpec, ParquetBatches, find_row_groups
+        from storage import objectstore, s3_store
         from storage.database.db import upgrade
         from storage.formats.yt8m_spec import MAX_FRAMES, NUM_CLASSES
         from tasks.ingest import ingest
@@ -89,14 +89,14 @@ def main() -> None:
         )
 
         made = {"clients": 0}
-        real_new = objectstore._new_client
+        real_new = s3_store._new_client
 
         def counted(c):
             made["clients"] += 1
             return real_new(c)
 
-        objectstore._new_client = counted
-        shared = objectstore.S3Store.client
+        s3_store._new_client = counted
+        shared = s3_store.S3Store.client
 
         def per_store(self):  # as before issue 28: each S3Store built its own on first use
             if getattr(self, "_own_client", None) is None:
@@ -104,7 +104,9 @@ def main() -> None:
             return self._own_client
 
         def epoch():
-            dataset = ParquetBatches(groups, "frame", 64, NUM_CLASSES, MAX_FRAMES, drop_last=False, s3=config)
+            dataset = ParquetBatches(
+                groups, "frame", NUM_CLASSES, EpochSpec(64, drop_last=False, max_frames=MAX_FRAMES), s3=config
+            )
             return sum(len(batch["ids"]) for batch in dataset)
 
         def part_reads():
@@ -119,14 +121,14 @@ def main() -> None:
         figures: dict[tuple[str, str], list] = {}
         for _ in range(args.rounds):
             for contender, client_of in (("a client a store", property(per_store)), ("a client a process", shared)):
-                objectstore.S3Store.client = client_of
-                objectstore._clients.clear()
+                s3_store.S3Store.client = client_of
+                s3_store._clients.clear()
                 for name, work_of in (("loader epoch", epoch), ("part's file reads", part_reads)):
                     made["clients"] = 0
                     started = time.perf_counter()
                     work_of()
                     figures.setdefault((name, contender), []).append((time.perf_counter() - started, made["clients"]))
-        objectstore.S3Store.client = shared
+        s3_store.S3Store.client = shared
         for (name, contender), runs in figures.items():
             seconds = statistics.median(s for s, _ in runs)
             print(f"  {name}, {contender}: {seconds:.3f} s median of {len(runs)}, {runs[-1][1]} clients built")

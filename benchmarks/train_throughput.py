@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import random_videos, seconds_per_steps
-from model.attention_lstm import build_model, loss_fn
 from model.config import load_config
-from model.data import ParquetBatches, find_row_groups, loader
+from model.data import EpochSpec, ParquetBatches, find_row_groups, loader
+from model.networks import build_model, loss_fn
 from model.precision import precision_for
 from model.train import make_optimizer
 from storage.formats.yt8m_spec import MAX_FRAMES, NUM_CLASSES, dequantize
@@ -33,7 +33,9 @@ def loader_rate(parquet: str, batch_size: int, batches: int, workers: int = 1) -
     """videos/s and frames a video of the training loader over `parquet`'s train split: in this process with
     one worker, through DataLoader worker processes (model.data.loader) with more."""
     groups = find_row_groups(parquet, "frame", "train")
-    dataset = ParquetBatches(groups, "frame", batch_size, NUM_CLASSES, MAX_FRAMES, workers=workers, drop_last=False)
+    dataset = ParquetBatches(
+        groups, "frame", NUM_CLASSES, EpochSpec(batch_size, workers=workers, drop_last=False, max_frames=MAX_FRAMES)
+    )
     started, videos, frames = time.perf_counter(), 0, 0
     for i, batch in enumerate(dataset if workers == 1 else loader(dataset, workers, pin_memory=False)):
         videos += len(batch["ids"])

@@ -1,9 +1,9 @@
 """The yt8m_ingest DAG: wiring only. Its documentation (shown in the Airflow UI) is the DAG function's docstring."""
 
 import pendulum
-from airflow.sdk import Param, dag, task
+import yt8m_params as form
+from airflow.sdk import dag, task
 from yt8m_assets import YT8M_PARQUET
-from yt8m_params import URI_PATTERN
 
 from tasks.settings import schedule  # no heavy imports
 
@@ -30,29 +30,15 @@ def _shards(batch: list[dict]) -> list:
     max_active_runs=1,
     tags=["yt8m"],
     params={
-        "src": Param(
-            None,
-            type=["null", "string"],
-            pattern=URI_PATTERN,
-            title="Source URI",
-            description="Folder of TFRecord shards (path, file:// or s3://). Empty: the yt8m_raw_uri variable.",
+        "src": form.location(
+            "Source URI", "Folder of TFRecord shards (path, file:// or s3://). Empty: the yt8m_raw_uri variable."
         ),
-        "dest": Param(
-            None,
-            type=["null", "string"],
-            pattern=URI_PATTERN,
-            title="Destination URI",
-            description="Root of the Parquet layout. Empty: the yt8m_parquet_uri variable.",
-        ),
-        "pattern": Param(
-            "*.tfrecord", type="string", minLength=1, title="File pattern", description="Glob on shard names."
-        ),
-        "force": Param(False, type="boolean", title="Force", description="Convert again even unchanged shards."),
-        "replace": Param(
-            False,
-            type="boolean",
-            title="Replace",
-            description="Let a shard replace the Parquet file that a shard of the same name from another "
+        "dest": form.location("Destination URI", "Root of the Parquet layout. Empty: the yt8m_parquet_uri variable."),
+        "pattern": form.file_pattern("*.tfrecord", "File pattern", "Glob on shard names."),
+        "force": form.flag("Force", "Convert again even unchanged shards."),
+        "replace": form.flag(
+            "Replace",
+            "Let a shard replace the Parquet file that a shard of the same name from another "
             "source was converted to (otherwise it is quarantined).",
         ),
     },

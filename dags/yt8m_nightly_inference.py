@@ -4,9 +4,10 @@ function's docstring."""
 from datetime import timedelta
 
 import pendulum
+import yt8m_params as form
 from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference, Param, dag, task
 
-from storage.formats.yt8m_spec import FRAME, LEVELS, NUM_CLASSES, TOP_K  # constants only: cheap to parse
+from storage.formats.yt8m_spec import NUM_CLASSES, TOP_K  # constants only: cheap to parse
 from tasks.settings import night_deadline, schedule, start_date  # no heavy imports: os, re, datetime
 
 
@@ -36,14 +37,8 @@ def _deadline() -> list[DeadlineAlert]:
     deadline=_deadline() or None,
     params={
         "top_k": Param(TOP_K, type="integer", minimum=1, maximum=NUM_CLASSES, title="Labels kept per video (k)"),
-        "level": Param(FRAME.name, enum=list(LEVELS), title="Level of the production model"),
-        "model_version": Param(
-            None,
-            type=["null", "integer"],
-            minimum=1,
-            title="Model version override",
-            description="Empty: the production model.",
-        ),
+        "level": form.level("Level of the production model"),
+        "model_version": form.optional("integer", "Model version override", "Empty: the production model.", minimum=1),
         "video_ids": Param(
             [],
             type="array",
@@ -51,11 +46,8 @@ def _deadline() -> list[DeadlineAlert]:
             title="Videos to (re)score",
             description="Empty: everything not scored yet.",
         ),
-        "shard_pattern": Param(
-            None,
-            type=["null", "string"],
-            title="Parquet file pattern",
-            description="Only videos from matching files, e.g. train00*.parquet. Empty: all.",
+        "shard_pattern": form.optional(
+            "string", "Parquet file pattern", "Only videos from matching files, e.g. train00*.parquet. Empty: all."
         ),
         "part_videos": Param(
             250_000,
@@ -64,25 +56,20 @@ def _deadline() -> list[DeadlineAlert]:
             title="Videos per part",
             description="A night is scored in parts of about this many videos, one GPU task each.",
         ),
-        "keep_prediction_versions": Param(
-            None,
-            type=["null", "integer"],
-            minimum=1,
-            title="Keep predictions of N versions",
-            description="After a good night, drop the predictions of all but the newest N "
+        "keep_prediction_versions": form.optional(
+            "integer",
+            "Keep predictions of N versions",
+            "After a good night, drop the predictions of all but the newest N "
             "model versions (production always stays). Empty: keep all.",
+            minimum=1,
         ),
-        "dry_run": Param(
-            False, type="boolean", title="Dry run", description="Count what would be scored; write nothing."
-        ),
-        "lock_timeout_s": Param(
-            None,
-            type=["null", "integer"],
+        "dry_run": form.flag("Dry run", "Count what would be scored; write nothing."),
+        "lock_timeout_s": form.optional(
+            "integer",
+            "Wait for another run (s)",
+            "How long planning and each part wait for an earlier try of the same night "
+            "that still holds its lock, then fail naming it. Empty: $VTAG_LOCK_TIMEOUT_S or 600.",
             minimum=0,
-            title="Wait for another run (s)",
-            description="How long planning and each part wait for an earlier try of the same night "
-            "that still holds its lock, then fail naming it. Empty: $VTAG_LOCK_TIMEOUT_S "
-            "or 600.",
         ),
     },
 )

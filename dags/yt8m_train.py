@@ -4,17 +4,16 @@ import re
 from datetime import timedelta
 
 import pendulum
+import yt8m_params as form
 from airflow.sdk import Param, dag, task
 from yt8m_assets import YT8M_PARQUET
-from yt8m_params import URI_PATTERN
 from yt8m_review import PromotionReview
 
 from model.config import presets  # reads model/presets.toml; no torch: cheap to parse
-from storage.formats.yt8m_spec import FRAME, LEVELS  # constants only: cheap to parse
 
 
 def _optional(kind: str, title: str, **limits) -> Param:
-    return Param(None, type=["null", kind], title=title, description="Empty: the preset's value.", **limits)
+    return form.optional(kind, title, "Empty: the preset's value.", **limits)
 
 
 @dag(
@@ -25,14 +24,10 @@ def _optional(kind: str, title: str, **limits) -> Param:
     max_active_runs=1,
     tags=["yt8m"],
     params={
-        "data": Param(
-            None,
-            type=["null", "string"],
-            pattern=URI_PATTERN,
-            title="Parquet root URI",
-            description="Empty: where the triggering ingest wrote, else the yt8m_parquet_uri variable.",
+        "data": form.location(
+            "Parquet root URI", "Empty: where the triggering ingest wrote, else the yt8m_parquet_uri variable."
         ),
-        "level": Param(FRAME.name, enum=list(LEVELS), title="Level"),
+        "level": form.level("Level"),
         "preset": Param(
             "",
             enum=["", *presets()],
@@ -43,12 +38,8 @@ def _optional(kind: str, title: str, **limits) -> Param:
         "batch_size": _optional("integer", "Batch size", minimum=1),
         "learning_rate": _optional("number", "Learning rate", exclusiveMinimum=0),
         "max_frames": _optional("integer", "Max frames", minimum=1, maximum=300),
-        "resume_checkpoint": Param(
-            None,
-            type=["null", "string"],
-            pattern=URI_PATTERN,
-            title="Resume from checkpoint",
-            description="Start from this checkpoint's weights (fine-tuning).",
+        "resume_checkpoint": form.location(
+            "Resume from checkpoint", "Start from this checkpoint's weights (fine-tuning)."
         ),
         "checkpoint_every": Param(
             1000,
@@ -57,15 +48,13 @@ def _optional(kind: str, title: str, **limits) -> Param:
             title="Checkpoint every N steps",
             description="Besides every epoch; 0: epochs only. A crash loses at most this much.",
         ),
-        "train_split": Param("train", enum=["train", "validate", "test"], title="Train on split"),
-        "train_pattern": Param("*.parquet", type="string", minLength=1, title="Train file pattern"),
-        "eval_split": Param("validate", enum=["train", "validate", "test"], title="Evaluate on split"),
-        "eval_pattern": Param("*.parquet", type="string", minLength=1, title="Evaluation file pattern"),
-        "require_approval": Param(
-            False,
-            type="boolean",
-            title="Require a person's approval",
-            description="Off: promote when the GAP is at least production's. On: a person approves or rejects.",
+        "train_split": form.split("train", "Train on split"),
+        "train_pattern": form.file_pattern("*.parquet", "Train file pattern"),
+        "eval_split": form.split("validate", "Evaluate on split"),
+        "eval_pattern": form.file_pattern("*.parquet", "Evaluation file pattern"),
+        "require_approval": form.flag(
+            "Require a person's approval",
+            "Off: promote when the GAP is at least production's. On: a person approves or rejects.",
         ),
         "approval_timeout_hours": Param(
             72,

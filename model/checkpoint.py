@@ -326,7 +326,7 @@ def model_of(state: dict, config: Config, uri: str, assign: bool = False) -> tor
     every tensor of the shape that architecture has, every weight finite. Each failure is one line naming
     the file, before anything is registered or scored. `assign`: the model's parameters become the
     state's tensors (built without memory of its own first: a memory-mapped artifact is not copied)."""
-    from model.attention_lstm import build_model
+    from model.networks import build_model
 
     check_architecture(state, config, uri)
     weights = state.get("model")

@@ -12,10 +12,11 @@ import torch
 
 from model import checkpoint
 from model.config import Config
-from model.data import ParquetBatches, RowGroup, find_row_groups, loader, to_device
+from model.data import EpochSpec, ParquetBatches, RowGroup, find_row_groups, loader, to_device
+from model.devices import pick_device
 from model.metrics import MetricsAccumulator
+from model.networks import forward
 from model.precision import precision_for
-from model.train import forward, pick_device
 from storage.formats.yt8m_spec import TOP_K
 from storage.objectstore import S3Config, store_for
 
@@ -114,12 +115,8 @@ def predict_row_groups(
     dataset = ParquetBatches(
         groups,
         config.level,
-        batch_size,
         config.num_classes,
-        config.max_frames,
-        shuffle=False,
-        drop_last=False,
-        workers=config.num_workers,
+        EpochSpec(batch_size, workers=config.num_workers, shuffle=False, drop_last=False, max_frames=config.max_frames),
         s3=s3,
     )
     return predict(model, config, loader(dataset, config.num_workers, device.type == "cuda"), device)
@@ -131,15 +128,13 @@ def evaluate(
     split: str = "validate",
     pattern: str = "*.parquet",
     s3: S3Config | None = None,
-    device: str | None = None,
-    batch_size: int | None = None,
     sha256: str | None = None,
     precision: str | None = None,
 ) -> Evaluation:
-    dev = pick_device(device)
+    dev = pick_device()
     model, config = load_model(checkpoint_uri, dev, s3, sha256=sha256, precision=precision)
     groups = find_row_groups(data_uri, config.level, split, pattern, s3, lengths=False)  # read in order: no buckets
-    batches = predict_row_groups(model, config, groups, dev, batch_size or min(config.batch_size, 256), s3)
+    batches = predict_row_groups(model, config, groups, dev, min(config.batch_size, 256), s3)
     accumulator = MetricsAccumulator(config.num_classes, top_k=TOP_K)
     video_set = VideoSet(groups)
     hits_at = np.zeros(TOP_K)

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from model.attention_lstm import AttentionLSTM, AttentionPooledBiLSTM, VideoEnsemble, VideoMLP
+from model.attention_lstm import AttentionLSTM, AttentionPooledBiLSTM
 from model.config import PRECISIONS, ConfigError, precision_choices
+from model.video_mlp import VideoEnsemble, VideoMLP
 from storage.formats.yt8m_spec import AUDIO_DIM, RGB_DIM
 
 DEFAULTS = {"cuda": "lstm-fp32"}  # any other device type: fp32

@@ -10,7 +10,6 @@ run whose output already holds one continues from it bit for bit, losing only th
 
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,9 +18,10 @@ import torch
 from torch import nn
 
 from model import checkpoint
-from model.attention_lstm import build_model, loss_fn
 from model.config import Config
-from model.data import BUCKET_WINDOW, DataError, ParquetBatches, find_row_groups, loader, to_device
+from model.data import BUCKET_WINDOW, DataError, EpochSpec, ParquetBatches, find_row_groups, loader, to_device
+from model.devices import distributed, pick_device
+from model.networks import build_model, forward, loss_fn
 from model.precision import Precision, precision_for
 from storage.errors import VtagError
 from storage.formats.yt8m_spec import level_spec
@@ -86,14 +86,6 @@ class Run:
         return self.videos_seen / elapsed if elapsed > 0 else 0.0
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     """L2 decay on every weight but the fully connected layers' biases, as the seed config has it."""
     fc_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None}
@@ -114,10 +106,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.op
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_decay_epochs), config.lr_decay)
-
-
-def forward(model: nn.Module, batch: dict, level: str) -> torch.Tensor:
-    return model(*(batch[name] for name in level_spec(level).model_inputs))
 
 
 def train(
@@ -142,7 +130,7 @@ def train(
     """
     config.validate()
     groups = find_row_groups(data_uri, config.level, split, pattern, s3)
-    rank, world = _distributed()
+    rank, world = distributed()
     # rank 0 writes every file of the folder: it alone holds it, from before it reads the folder's last.pt
     with checkpoint.one_writer(out_uri, s3) if rank == 0 else nullcontext():
         state = starting_state(config, out_uri, resume, s3)
@@ -279,19 +267,21 @@ def epoch_batches(run: Run, groups: list, s3: S3Config | None) -> ParquetBatches
     batches = ParquetBatches(
         groups,
         config.level,
-        run.per_rank_batch,
         config.num_classes,
-        config.max_frames,
-        seed=config.seed,
-        epoch=run.position.epoch,
-        shuffle=True,
-        drop_last=True,
-        skip_batches=run.position.batches_done,
-        workers=config.num_workers,
-        rank=run.rank,
-        world=run.world,
+        EpochSpec(
+            run.per_rank_batch,
+            seed=config.seed,
+            epoch=run.position.epoch,
+            workers=config.num_workers,
+            shuffle=True,
+            drop_last=True,
+            rank=run.rank,
+            world=run.world,
+            max_frames=config.max_frames,
+            bucket_window=run.data["bucket_window"],
+            skip_batches=run.position.batches_done,
+        ),
         s3=s3,
-        bucket_window=run.data["bucket_window"],
     )
     if len(batches) == 0 and run.position.batches_done == 0:
         raise DataError(
@@ -300,15 +290,38 @@ def epoch_batches(run: Run, groups: list, s3: S3Config | None) -> ParquetBatches
     return batches
 
 
+LOSS_SYNC_STEPS = 32  # steps between reads of the loss back to the host: each read waits for the GPU
+
+
+def _to_host(losses: list[torch.Tensor]) -> list[float]:
+    return torch.stack(losses).tolist()  # one copy, one wait, for all of them
+
+
 def train_epoch(
     run: Run, batches: ParquetBatches, policy: "CheckpointPolicy", max_steps: int | None, show_bar: bool
 ) -> list[float]:
     """One optimizer step per batch of `batches` (stopping at step `max_steps`); returns each step's loss
-    per video. Raises TrainingDiverged at the first loss that is not finite."""
+    per video. The losses stay on the device and are read back every LOSS_SYNC_STEPS steps (nanoGPT's
+    discipline: a read per step stalls the GPU's queue) and before every checkpoint; raises
+    TrainingDiverged at the first that is not finite, naming its step, before any checkpoint holds it."""
     config, position = run.config, run.position
     report = _EpochReport(run, len(batches), show_bar)
     run.net.train()
-    losses = []
+    losses: list[float] = []
+    unread: list[torch.Tensor] = []  # per-video losses of the steps since the last read
+
+    def read_back() -> None:
+        if not unread:
+            return
+        first = position.step - len(unread) + 1
+        for step, per_video in enumerate(_to_host(unread), start=first):
+            if not math.isfinite(per_video):
+                raise TrainingDiverged(f"loss became {per_video} at step {step}: lower the learning rate")
+            run.history["step_loss"].append(per_video)
+            losses.append(per_video)
+            report.step(len(losses), per_video)
+        unread.clear()
+
     for batch in loader(batches, config.num_workers, pin_memory=run.device.type == "cuda"):
         batch = to_device(batch, run.device)
         with run.precision.autocast(run.device):
@@ -330,15 +343,14 @@ def train_epoch(
         position.batches_done += 1
         size = batch["labels"].shape[0]
         run.videos_seen += size
-        per_video = loss.item() / size
-        if not math.isfinite(per_video):
-            raise TrainingDiverged(f"loss became {per_video} at step {position.step}: lower the learning rate")
-        run.history["step_loss"].append(per_video)
-        losses.append(per_video)
-        report.step(len(losses), per_video)
+        unread.append(loss.detach().float() / size)
+        stopping = max_steps is not None and position.step >= max_steps
+        if len(unread) >= LOSS_SYNC_STEPS or policy.saves_after(position.step) or stopping:
+            read_back()
         policy.step_done(run)
-        if max_steps is not None and position.step >= max_steps:
+        if stopping:
             break
+    read_back()
     report.close()
     return losses
 
@@ -367,8 +379,11 @@ class CheckpointPolicy:
     s3: S3Config | None
     every: int = 0
 
+    def saves_after(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
     def step_done(self, run: Run) -> None:
-        if self.every and run.position.step % self.every == 0:
+        if self.saves_after(run.position.step):
             self._save(run, epoch=None)
 
     def stopped_mid_epoch(self, run: Run) -> None:
@@ -439,13 +454,6 @@ class _EpochReport:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
 def plot_losses(history: dict, uri: str, s3: S3Config | None = None) -> str:

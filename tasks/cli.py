@@ -40,7 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtag", description="YouTube-8M video tagging pipeline")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
+    for arguments in COMMANDS:
+        arguments(sub)
+    return parser
 
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    cells = [[("" if r[c] is None else str(r[c])) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _synth_arguments(sub) -> None:
     p = sub.add_parser("synth", help="write synthetic YouTube-8M shards in Google's TFRecord format")
     p.add_argument("--out", required=True, metavar="URI")
     p.add_argument("--level", choices=list(LEVELS), default="frame")
@@ -49,7 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos-per-shard", type=int, default=100)
     p.add_argument("--num-labels", type=int, default=50, help="size of the label pool (default 50)")
     p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_synth)
 
+
+def _synth(args) -> int:
+    from tasks.synth import SynthConfig, synth
+
+    config = SynthConfig(args.level, args.split, args.shards, args.videos_per_shard, args.num_labels, args.seed)
+    for uri in synth(args.out, config):
+        print(uri)
+    return 0
+
+
+def _ingest_arguments(sub) -> None:
     p = sub.add_parser("ingest", help="convert TFRecord shards to the Parquet layout")
     p.add_argument("--src", default=None, metavar="URI", help="folder of shards (default: $VTAG_RAW_URI)")
     p.add_argument(
@@ -63,7 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="let a shard replace the Parquet file another source converted to the same name",
     )
     _db_arg(p)
+    p.set_defaults(handler=_ingest)
 
+
+def _ingest(args) -> int:
+    from tasks.ingest import ingest
+
+    src = args.src or settings.default_raw_uri()
+    dest = args.dest or settings.default_parquet_uri()
+    report = ingest(src, dest, args.db, args.pattern, args.force, replace=args.replace)
+    for result in report.converted:
+        print(f"converted {result['source_uri']} -> {result['output_uri']} ({result['rows']} videos)")
+    print(f"{len(report.converted)} converted, {report.skipped} already converted, {len(report.failed)} failed")
+    for uri, error in report.failed.items():
+        print(f"FAILED {uri}: {error}", file=sys.stderr)
+    return EXIT_FAILED if report.failed else 0
+
+
+def _train_arguments(sub) -> None:
     p = sub.add_parser("train", help="train a model on the Parquet layout and register it")
     p.add_argument(
         "--data", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)"
@@ -89,121 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, metavar="URI", help="folder for this run's checkpoints; a checkpoint there is continued"
     )
     _db_arg(p)
-
-    p = sub.add_parser("evaluate", help="score a checkpoint with YouTube-8M's metrics and record it")
-    p.add_argument("--checkpoint", required=True, metavar="URI")
-    p.add_argument(
-        "--data", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)"
-    )
-    p.add_argument("--split", default="validate")
-    p.add_argument("--pattern", default="*.parquet")
-    p.add_argument("--promote", action="store_true", help="promote to production if its GAP is at least production's")
-    p.add_argument("--json", action="store_true", help="end with one JSON line: hit_at_one, perr, gap, map")
-    _precision_arg(p, scoring=True)
-    _db_arg(p)
-
-    p = sub.add_parser("infer", help="score videos and write each one's top-k labels to the database")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", metavar="URI", help="score with this checkpoint")
-    which.add_argument("--production", action="store_true", help="score with the production model")
-    which.add_argument("--model-version", type=int, metavar="N", help="score with this registered version")
-    p.add_argument("--level", choices=list(LEVELS), default="frame", help="with --production (default frame)")
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument(
-        "--logical-date",
-        type=_iso_date,
-        default=None,
-        metavar="ISO",
-        help="score what was ingested up to then (default: now)",
-    )
-    p.add_argument("--video", action="append", metavar="ID", help="(re)score this video (repeatable)")
-    p.add_argument("--shard-pattern", metavar="GLOB", help="only videos from Parquet files matching this glob")
-    p.add_argument("--dry-run", action="store_true", help="count what would be scored, write nothing")
-    p.add_argument("--exports", metavar="URI", help="folder for the CSV and pickle exports")
-    p.add_argument(
-        "--part-videos",
-        type=int,
-        default=None,
-        metavar="N",
-        help="score the night in parts of about N videos (default 250000), as the DAG's mapped tasks do",
-    )
-    _precision_arg(p, scoring=True)
-    p.add_argument(
-        "--lock-timeout",
-        type=_lock_timeout_arg,
-        default=None,
-        metavar="SECONDS",
-        help="wait at most this long for another run of the same night (default $VTAG_LOCK_TIMEOUT_S or 600)",
-    )
-    _db_arg(p)
-
-    p = sub.add_parser("retire", help="drop the predictions of old model versions (their runs stay as history)")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument(
-        "--model-version", type=int, metavar="N", action="append", help="retire this version (repeatable)"
-    )
-    which.add_argument("--keep", type=int, metavar="N", help="retire all but the newest N versions with predictions")
-    _db_arg(p)
-
-    p = sub.add_parser("query", help="run a query from sql/queries and print a table")
-    p.add_argument("name", nargs="?", help="query name; without it, list the queries")
-    p.add_argument("params", nargs="*", metavar="NAME=VALUE")
-    _db_arg(p)
-
-    p = sub.add_parser("vocabulary", help="load the YouTube-8M label vocabulary (vocabulary.csv) into the database")
-    p.add_argument("csv", metavar="URI", help="path or URI of vocabulary.csv")
-    _db_arg(p)
-
-    p = sub.add_parser("models", help="list model versions with their latest evaluation")
-    _db_arg(p)
-
-    p = sub.add_parser("manifest", help="show the ingest manifest")
-    p.add_argument("--dest", default=None, metavar="URI", help="only shards ingested to this destination")
-    _db_arg(p)
-
-    p = sub.add_parser("db", help="database schema migrations")
-    dbsub = p.add_subparsers(dest="db_command", required=True)
-    for name, help_text in (
-        ("upgrade", "migrate to the newest schema"),
-        ("downgrade", "migrate down to REVISION"),
-        ("current", "print the schema revision"),
-    ):
-        q = dbsub.add_parser(name, help=help_text)
-        if name == "downgrade":
-            q.add_argument("revision", help="target revision, e.g. base or -1")
-        _db_arg(q)
-    return parser
-
-
-def _print_table(rows: list[dict], columns: list[str]) -> None:
-    cells = [[("" if r[c] is None else str(r[c])) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
-
-def _synth(args) -> int:
-    from tasks.synth import SynthConfig, synth
-
-    config = SynthConfig(args.level, args.split, args.shards, args.videos_per_shard, args.num_labels, args.seed)
-    for uri in synth(args.out, config):
-        print(uri)
-    return 0
-
-
-def _ingest(args) -> int:
-    from tasks.ingest import ingest
-
-    src = args.src or settings.default_raw_uri()
-    dest = args.dest or settings.default_parquet_uri()
-    report = ingest(src, dest, args.db, args.pattern, args.force, replace=args.replace)
-    for result in report.converted:
-        print(f"converted {result['source_uri']} -> {result['output_uri']} ({result['rows']} videos)")
-    print(f"{len(report.converted)} converted, {report.skipped} already converted, {len(report.failed)} failed")
-    for uri, error in report.failed.items():
-        print(f"FAILED {uri}: {error}", file=sys.stderr)
-    return EXIT_FAILED if report.failed else 0
+    p.set_defaults(handler=_train)
 
 
 def _train(args) -> int:
@@ -240,6 +168,21 @@ def _train(args) -> int:
     return 0
 
 
+def _evaluate_arguments(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a checkpoint with YouTube-8M's metrics and record it")
+    p.add_argument("--checkpoint", required=True, metavar="URI")
+    p.add_argument(
+        "--data", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)"
+    )
+    p.add_argument("--split", default="validate")
+    p.add_argument("--pattern", default="*.parquet")
+    p.add_argument("--promote", action="store_true", help="promote to production if its GAP is at least production's")
+    p.add_argument("--json", action="store_true", help="end with one JSON line: hit_at_one, perr, gap, map")
+    _precision_arg(p, scoring=True)
+    _db_arg(p)
+    p.set_defaults(handler=_evaluate)
+
+
 def _evaluate(args) -> int:
     import json
 
@@ -264,6 +207,44 @@ def _evaluate(args) -> int:
     if args.json:
         print(json.dumps(metrics))
     return 0
+
+
+def _infer_arguments(sub) -> None:
+    p = sub.add_parser("infer", help="score videos and write each one's top-k labels to the database")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", metavar="URI", help="score with this checkpoint")
+    which.add_argument("--production", action="store_true", help="score with the production model")
+    which.add_argument("--model-version", type=int, metavar="N", help="score with this registered version")
+    p.add_argument("--level", choices=list(LEVELS), default="frame", help="with --production (default frame)")
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument(
+        "--logical-date",
+        type=_iso_date,
+        default=None,
+        metavar="ISO",
+        help="score what was ingested up to then (default: now)",
+    )
+    p.add_argument("--video", action="append", metavar="ID", help="(re)score this video (repeatable)")
+    p.add_argument("--shard-pattern", metavar="GLOB", help="only videos from Parquet files matching this glob")
+    p.add_argument("--dry-run", action="store_true", help="count what would be scored, write nothing")
+    p.add_argument("--exports", metavar="URI", help="folder for the CSV and pickle exports")
+    p.add_argument(
+        "--part-videos",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score the night in parts of about N videos (default 250000), as the DAG's mapped tasks do",
+    )
+    _precision_arg(p, scoring=True)
+    p.add_argument(
+        "--lock-timeout",
+        type=_lock_timeout_arg,
+        default=None,
+        metavar="SECONDS",
+        help="wait at most this long for another run of the same night (default $VTAG_LOCK_TIMEOUT_S or 600)",
+    )
+    _db_arg(p)
+    p.set_defaults(handler=_infer)
 
 
 def _infer(args) -> int:
@@ -299,6 +280,17 @@ def _infer(args) -> int:
     return 0
 
 
+def _retire_arguments(sub) -> None:
+    p = sub.add_parser("retire", help="drop the predictions of old model versions (their runs stay as history)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--model-version", type=int, metavar="N", action="append", help="retire this version (repeatable)"
+    )
+    which.add_argument("--keep", type=int, metavar="N", help="retire all but the newest N versions with predictions")
+    _db_arg(p)
+    p.set_defaults(handler=_retire)
+
+
 def _retire(args) -> int:
     from storage.database import db, partitions
     from tasks.inference import retire_old_versions
@@ -312,6 +304,14 @@ def _retire(args) -> int:
             dropped = partitions.retire(conn, version)
         print(f"model version {version}: {dropped} prediction rows dropped")
     return 0
+
+
+def _query_arguments(sub) -> None:
+    p = sub.add_parser("query", help="run a query from sql/queries and print a table")
+    p.add_argument("name", nargs="?", help="query name; without it, list the queries")
+    p.add_argument("params", nargs="*", metavar="NAME=VALUE")
+    _db_arg(p)
+    p.set_defaults(handler=_query)
 
 
 def _query(args) -> int:
@@ -333,6 +333,13 @@ def _query(args) -> int:
     return 0
 
 
+def _vocabulary_arguments(sub) -> None:
+    p = sub.add_parser("vocabulary", help="load the YouTube-8M label vocabulary (vocabulary.csv) into the database")
+    p.add_argument("csv", metavar="URI", help="path or URI of vocabulary.csv")
+    _db_arg(p)
+    p.set_defaults(handler=_vocabulary)
+
+
 def _vocabulary(args) -> int:
     from storage.database import catalog, db
 
@@ -340,6 +347,12 @@ def _vocabulary(args) -> int:
         loaded = catalog.load_vocabulary(conn, args.csv)
     print(f"{loaded} labels loaded from {args.csv}")
     return 0
+
+
+def _models_arguments(sub) -> None:
+    p = sub.add_parser("models", help="list model versions with their latest evaluation")
+    _db_arg(p)
+    p.set_defaults(handler=_models)
 
 
 def _models(args) -> int:
@@ -370,6 +383,13 @@ def _models(args) -> int:
     return 0
 
 
+def _manifest_arguments(sub) -> None:
+    p = sub.add_parser("manifest", help="show the ingest manifest")
+    p.add_argument("--dest", default=None, metavar="URI", help="only shards ingested to this destination")
+    _db_arg(p)
+    p.set_defaults(handler=_manifest)
+
+
 def _manifest(args) -> int:
     from storage.database import db, manifest
     from storage.objectstore import canonical_uri
@@ -378,6 +398,21 @@ def _manifest(args) -> int:
         rows = manifest.rows(conn, canonical_uri(args.dest) if args.dest else None)
     _print_table(rows, ["source_uri", "status", "level", "split", "rows", "output_uri", "error"])
     return 0
+
+
+def _db_arguments(sub) -> None:
+    p = sub.add_parser("db", help="database schema migrations")
+    dbsub = p.add_subparsers(dest="db_command", required=True)
+    for name, help_text in (
+        ("upgrade", "migrate to the newest schema"),
+        ("downgrade", "migrate down to REVISION"),
+        ("current", "print the schema revision"),
+    ):
+        q = dbsub.add_parser(name, help=help_text)
+        if name == "downgrade":
+            q.add_argument("revision", help="target revision, e.g. base or -1")
+        _db_arg(q)
+    p.set_defaults(handler=_db)
 
 
 def _db(args) -> int:
@@ -434,6 +469,21 @@ def _iso_date(value: str) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+COMMANDS = [
+    _synth_arguments,
+    _ingest_arguments,
+    _train_arguments,
+    _evaluate_arguments,
+    _infer_arguments,
+    _retire_arguments,
+    _query_arguments,
+    _vocabulary_arguments,
+    _models_arguments,
+    _manifest_arguments,
+    _db_arguments,
+]  # each subcommand: its arguments, then its handler
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -442,23 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if hasattr(args, "db"):
         args.db = args.db or settings.default_db_url()
-    handler = {
-        "synth": _synth,
-        "ingest": _ingest,
-        "train": _train,
-        "evaluate": _evaluate,
-        "infer": _infer,
-        "retire": _retire,
-        "query": _query,
-        "vocabulary": _vocabulary,
-        "models": _models,
-        "manifest": _manifest,
-        "db": _db,
-    }[args.command]
     try:
         if hasattr(args, "db") and args.command != "db" and os.environ.get("RANK", "0") == "0":
             _schema_on_entry(args.db)  # under torchrun, rank 0 alone talks to the database
-        return handler(args)
+        return args.handler(args)
     except _user_errors() as exc:
         if args.verbose:  # the whole story for a bug report; otherwise one line
             logging.getLogger("vtag").exception("vtag %s failed", args.command)

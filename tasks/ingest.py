@@ -1,10 +1,11 @@
 """Ingest: convert YouTube-8M TFRecord shards into the Parquet layout, skipping what is already done.
 
-`list_pending` finds the shards to convert, `plan_batches` cuts them into a bounded number of batches
-(one mapped DAG task each), `convert_batch` converts a batch shard by shard; `ingest` runs the three
-for the command line. `converted` tells which of some shards are done and `summary` what a run
-converted, both from the manifest, so that the DAG publishes even the shards of a batch that failed.
-A bad shard is quarantined: no Parquet file, a failed manifest row naming the record and byte offset,
+A `Converter` (one destination, one database) finds the shards to convert (`pending`), converts a batch
+of them shard by shard (`convert_batch`) and tells which are done (`converted`, `summary`); `plan_batches`
+cuts the pending into a bounded number of batches (one mapped DAG task each); `ingest` runs it all for the
+command line, and the module's functions of the same names are the DAG's one-call entry points.
+`converted` and `summary` read the manifest, so that the DAG publishes even the shards of a batch that
+failed. A bad shard is quarantined: no Parquet file, a failed manifest row naming the record and byte offset,
 and the other shards go on.
 
 Integrity rules: every entry point takes src and dest through `canonical_uri` once, so one location is one
@@ -93,60 +94,6 @@ class _Crc32cReader:
         return data
 
 
-def list_pending(
-    src: str, dest: str, db_url: str, pattern: str = DEFAULT_PATTERN, force: bool = False, s3: S3Config | None = None
-) -> tuple[list[ObjectInfo], int]:
-    """Shards under `src` matching `pattern` that are not converted to `dest` in their current content.
-
-    Returns (pending, number skipped), pending sorted by URI. Raises SchemaOutOfDate when the database
-    was not migrated (`vtag db upgrade`) and StoreError (one line) when `dest` cannot be written, before
-    any shard is converted. Costs one listing of `src`, one manifest query and one
-    listing per destination folder, whatever the number of shards.
-    """
-    return _list_pending(canonical_uri(src), canonical_uri(dest), db_url, pattern, force, s3)
-
-
-def _list_pending(
-    src: str, dest: str, db_url: str, pattern: str, force: bool, s3: S3Config | None
-) -> tuple[list[ObjectInfo], int]:
-    db.require_current(db_url)
-    store_for(dest, s3).check_writable(dest)
-    shards = store_for(src, s3).list(src, pattern)
-    if force:
-        return shards, 0
-    done = _converted(shards, dest, db_url, s3)
-    pending = [shard for shard in shards if shard.uri not in done]
-    return pending, len(shards) - len(pending)
-
-
-def _canonical_shards(shards: list[ObjectInfo]) -> list[ObjectInfo]:
-    return [
-        shard if shard.uri == (uri := canonical_uri(shard.uri)) else ObjectInfo(uri, shard.size, shard.fingerprint)
-        for shard in shards
-    ]
-
-
-def converted(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None = None) -> dict[str, dict]:
-    """Manifest rows, by (canonical) source URI, of those `shards` converted to `dest` in their current content.
-
-    A shard counts as converted while its manifest row succeeded with the same size and fingerprint and
-    its Parquet file is still there.
-    """
-    return _converted(_canonical_shards(shards), canonical_uri(dest), db_url, s3)
-
-
-def _converted(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None) -> dict[str, dict]:
-    with db.transaction(db_url) as conn:
-        rows = manifest.succeeded(conn, dest)
-    unchanged = {}
-    for shard in shards:
-        row = rows.get(shard.uri)
-        if row and row["size_bytes"] == shard.size and row["fingerprint"] == shard.fingerprint:
-            unchanged[shard.uri] = row
-    present = _existing_outputs([row["output_uri"] for row in unchanged.values()], s3)
-    return {uri: row for uri, row in unchanged.items() if row["output_uri"] in present}
-
-
 def _existing_outputs(uris: list[str], s3: S3Config | None) -> set[str]:
     """Those of `uris` that exist, with one listing per folder: on S3 a HEAD per file would take minutes
     at 11,532 shards, a listing takes one request per 1,000 files."""
@@ -179,52 +126,6 @@ def plan_batches(pending: list[ObjectInfo], max_batches: int = MAX_BATCHES) -> l
     return batches
 
 
-def convert_batch(
-    shards: list[ObjectInfo],
-    dest: str,
-    db_url: str,
-    s3: S3Config | None = None,
-    force: bool = False,
-    replace: bool = False,
-) -> BatchReport:
-    """Convert `shards` one by one, logging a line per shard; one that fails never stops the others.
-
-    Shards already converted in their current content are skipped, so a retried batch redoes only the
-    rest; `force` converts them all again (a retried forced batch too: the manifest cannot tell this
-    run's conversions from earlier ones of the same content). `replace` lets a shard take over the
-    output file another source of the same name converted to (see convert_shard).
-    """
-    shards, dest = _canonical_shards(shards), canonical_uri(dest)
-    done = {} if force else _converted(shards, dest, db_url, s3)
-    return _convert_each(shards, dest, db_url, s3, done, replace)
-
-
-def _convert_each(
-    shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None, done: dict[str, dict], replace: bool
-) -> BatchReport:
-    report = BatchReport()
-    for n, shard in enumerate(shards, start=1):
-        step = f"[{n}/{len(shards)}]"
-        if shard.uri in done:
-            report.skipped += 1
-            log.info("%s %s: already converted to %s", step, shard.uri, done[shard.uri]["output_uri"])
-            continue
-        try:
-            result = _convert_shard(shard, dest, db_url, s3, replace)
-        except ShardFailedError as exc:
-            log.error("%s quarantined %s", step, exc)
-            report.failed[shard.uri] = str(exc)
-        except Exception as exc:  # the store, the disk or the database: worth a retry
-            error = f"{shard.uri}: {_describe(exc)}"
-            log.error("%s could not convert %s", step, error, exc_info=not isinstance(exc, _ENVIRONMENT_ERRORS))
-            report.failed[shard.uri] = error
-            report.retryable.add(shard.uri)
-        else:
-            report.converted.append(result)
-            log.info("%s converted %s -> %s (%d videos)", step, shard.uri, result["output_uri"], result["rows"])
-    return report
-
-
 def _describe(exc: BaseException) -> str:
     """The error in one line, naming its type: a database error's text goes on over more lines (the SQL,
     a link to SQLAlchemy's documentation) that a per-shard log line and the manifest do without."""
@@ -234,116 +135,285 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def summary(
-    planned: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None = None, max_outputs: int = MAX_EVENT_OUTPUTS
-) -> dict:
-    """What a run made of the shards it planned, read from the manifest (so that a batch that failed still
-    counts the shards it converted): {"dest", "shards" (how many converted), "rows" (their videos),
-    "outputs" (the first `max_outputs` of their Parquet URIs, in order, so the dict stays small at any size)}.
-    """
-    dest = canonical_uri(dest)
-    done = _converted(_canonical_shards(planned), dest, db_url, s3)
-    outputs = sorted(row["output_uri"] for row in done.values())
-    return {
-        "dest": dest,
-        "shards": len(done),
-        "rows": sum(row["rows"] for row in done.values()),
-        "outputs": outputs[:max_outputs],
-    }
+def _canonical_shards(shards: list[ObjectInfo]) -> list[ObjectInfo]:
+    return [
+        shard if shard.uri == (uri := canonical_uri(shard.uri)) else ObjectInfo(uri, shard.size, shard.fingerprint)
+        for shard in shards
+    ]
+
+
+class Converter:
+    """Converts shards into one destination, recording them in one database: built once with the canonical
+    destination, so that every method speaks of the same location however the caller spelled it. A shard's
+    conversion is the publish-then-commit-or-unpublish protocol: the Parquet file goes out just before the
+    transaction holding its catalogue and manifest rows commits (`_convert`, `_record`), and is taken back
+    if that commit fails (`_unpublish`); a shard bad in content is quarantined (`_quarantine`). `replace`
+    lets a shard take over the output file another source of the same name converted to."""
+
+    def __init__(self, dest: str, db_url: str, s3: S3Config | None = None, replace: bool = False):
+        self.dest, self.db_url, self.s3, self.replace = canonical_uri(dest), db_url, s3, replace
+
+    def pending(self, src: str, pattern: str = DEFAULT_PATTERN, force: bool = False) -> tuple[list[ObjectInfo], int]:
+        """Shards under `src` matching `pattern` not converted here in their current content: (pending, number
+        skipped), pending sorted by URI. Raises SchemaOutOfDate when the database was not migrated (`vtag db
+        upgrade`) and StoreError (one line) when the destination cannot be written, before any shard is
+        converted. Costs one listing of `src`, one manifest query and one listing per destination folder,
+        whatever the number of shards."""
+        src = canonical_uri(src)
+        db.require_current(self.db_url)
+        store_for(self.dest, self.s3).check_writable(self.dest)
+        shards = store_for(src, self.s3).list(src, pattern)
+        if force:
+            return shards, 0
+        done = self.converted(shards)
+        pending = [shard for shard in shards if shard.uri not in done]
+        return pending, len(shards) - len(pending)
+
+    def converted(self, shards: list[ObjectInfo]) -> dict[str, dict]:
+        """Manifest rows, by (canonical) source URI, of those `shards` converted here in their current
+        content: a succeeded row with the same size and fingerprint, whose Parquet file is still there."""
+        with db.transaction(self.db_url) as conn:
+            rows = manifest.succeeded(conn, self.dest)
+        unchanged = {}
+        for shard in _canonical_shards(shards):
+            row = rows.get(shard.uri)
+            if row and row["size_bytes"] == shard.size and row["fingerprint"] == shard.fingerprint:
+                unchanged[shard.uri] = row
+        present = _existing_outputs([row["output_uri"] for row in unchanged.values()], self.s3)
+        return {uri: row for uri, row in unchanged.items() if row["output_uri"] in present}
+
+    def convert_batch(self, shards: list[ObjectInfo], force: bool = False, done: dict | None = None) -> BatchReport:
+        """Convert `shards` one by one, logging a line per shard; one that fails never stops the others.
+
+        Shards already converted in their current content (`done`, else asked of the manifest) are skipped,
+        so a retried batch redoes only the rest; `force` converts them all again (a retried forced batch too:
+        the manifest cannot tell this run's conversions from earlier ones of the same content)."""
+        shards = _canonical_shards(shards)
+        if done is None:
+            done = {} if force else self.converted(shards)
+        report = BatchReport()
+        for n, shard in enumerate(shards, start=1):
+            step = f"[{n}/{len(shards)}]"
+            if shard.uri in done:
+                report.skipped += 1
+                log.info("%s %s: already converted to %s", step, shard.uri, done[shard.uri]["output_uri"])
+                continue
+            try:
+                result = self.convert_shard(shard)
+            except ShardFailedError as exc:
+                log.error("%s quarantined %s", step, exc)
+                report.failed[shard.uri] = str(exc)
+            except Exception as exc:  # the store, the disk or the database: worth a retry
+                error = f"{shard.uri}: {_describe(exc)}"
+                log.error("%s could not convert %s", step, error, exc_info=not isinstance(exc, _ENVIRONMENT_ERRORS))
+                report.failed[shard.uri] = error
+                report.retryable.add(shard.uri)
+            else:
+                report.converted.append(result)
+                log.info("%s converted %s -> %s (%d videos)", step, shard.uri, result["output_uri"], result["rows"])
+        return report
+
+    def summary(self, planned: list[ObjectInfo], max_outputs: int = MAX_EVENT_OUTPUTS) -> dict:
+        """What a run made of the shards it planned, read from the manifest (so that a batch that failed
+        still counts the shards it converted): {"dest", "shards" (how many converted), "rows" (their videos),
+        "outputs" (the first `max_outputs` of their Parquet URIs, in order, so the dict stays small at any
+        size)}."""
+        done = self.converted(planned)
+        outputs = sorted(row["output_uri"] for row in done.values())
+        return {
+            "dest": self.dest,
+            "shards": len(done),
+            "rows": sum(row["rows"] for row in done.values()),
+            "outputs": outputs[:max_outputs],
+        }
+
+    def convert_shard(self, shard: ObjectInfo) -> dict:
+        """Convert one shard; record the outcome in the manifest. Raises ShardFailedError for bad content, and
+        when the output file holds another source's conversion, unless `replace`: then that source's videos
+        leave the catalogue and its manifest row is no longer succeeded."""
+        (shard,) = _canonical_shards([shard])
+        with db.transaction(self.db_url) as conn:
+            manifest.mark_running(conn, shard, self.dest)
+        try:
+            return self._convert(shard)
+        except BadRecordError as exc:
+            self._quarantine(shard, ShardFailure(str(exc), exc.index, exc.offset))
+            raise ShardFailedError(str(exc)) from None
+        except (LayoutError, OutputTakenError) as exc:
+            failure = ShardFailure(f"{shard.uri}: {exc}")
+            self._quarantine(shard, failure)
+            raise ShardFailedError(failure.error) from None
+        except (
+            BaseException
+        ) as exc:  # the store, the disk or the database failed: worth a retry, but recorded meanwhile
+            with db.transaction(self.db_url) as conn:
+                manifest.mark_failed(conn, shard, self.dest, ShardFailure(f"{shard.uri}: {_describe(exc)}"))
+            raise
+
+    def _quarantine(self, shard: ObjectInfo, failure: ShardFailure) -> None:
+        """A shard that turned bad must not leave the Parquet or the videos of its earlier content behind; an
+        output another source converted to is that source's and stays."""
+        try:
+            outputs = [output_uri(self.dest, level, shard.name) for level in LEVELS]
+        except LayoutError:  # a name without a split never had an output
+            outputs = []
+        with db.transaction(self.db_url) as conn:
+            owners = {out: manifest.output_owner(conn, self.dest, out) for out in outputs}
+        for out, owner in owners.items():
+            if owner in (None, shard.uri):
+                store_for(out, self.s3).delete(out)
+        with db.transaction(self.db_url) as conn:  # its videos leave with its failed row, together
+            catalog.forget_shard(conn, shard.uri)
+            manifest.mark_failed(conn, shard, self.dest, failure)
+
+    def _convert(self, shard: ObjectInfo) -> dict:
+        """Convert one shard and publish it with its catalogue rows and manifest row; return the manifest fields."""
+        split = split_of(shard.name)
+        # The fingerprint is the content the manifest will vouch for: a shard rewritten since it was listed
+        # fails here (retryable) rather than being recorded with its old size and fingerprint.
+        with store_for(shard.uri, self.s3).open_read(shard.uri, fingerprint=shard.fingerprint) as raw:
+            stream = _Crc32cReader(raw)
+            records = read_records(stream, shard.uri, shard.size)
+            first = next(records, None)
+            if first is None:
+                raise BadRecordError(shard.uri, 0, 0, "the shard holds no records")
+            try:
+                level = detect_level(first.data)
+            except RecordDecodeError as exc:
+                raise BadRecordError(shard.uri, first.index, first.offset, str(exc)) from None
+            out = output_uri(self.dest, level, shard.name)
+            # Asked before the whole shard is read; asked again in the transaction that publishes.
+            with db.transaction(self.db_url) as conn:
+                owner = manifest.output_owner(conn, self.dest, out)
+            _taken_over(owner, shard, out, self.replace)
+            out_store = store_for(out, self.s3)
+            # An earlier try of this shard killed mid-write (SIGKILL, OOM) left its temporary behind (and on
+            # S3 maybe an incomplete upload); this try runs only once that one is dead, so nothing else writes it.
+            for stale in out_store.remove_stale_temporaries(out):
+                log.warning("removed %s, left by a killed earlier try of %s", stale, shard.uri)
+            published = False
+            try:
+                # The file goes out after every row is written and before the commit; the transaction ends (and
+                # its connection, with any lock, is released) before a failed commit takes the file back.
+                with db.transaction(self.db_url) as conn:
+                    recorded_from = db.utcnow()
+                    with out_store.publish(out) as tmp_path:
+                        videos = _write_parquet(tmp_path, level, split, itertools.chain([first], records), shard)
+                        result = {
+                            "source_uri": shard.uri,
+                            "output_uri": out,
+                            "level": level,
+                            "split": split,
+                            "rows": len(videos.ids),
+                            "checksum": f"crc32c:{stream.crc:08x}",
+                        }
+                        self._record(conn, shard, result, videos)
+                    catalog.stamp_arrival(conn, shard.uri, level, since=recorded_from)
+                    published = True
+            except BaseException:
+                if published:
+                    self._unpublish(out_store, out, shard, level)
+                raise
+        return result
+
+    def _record(self, conn, shard: ObjectInfo, result: dict, videos: "_ShardVideos") -> None:
+        """In the caller's transaction: take the output over from its earlier source if replacing, refuse ids
+        another shard of the level holds, then write the catalogue rows and the succeeded manifest row."""
+        out, level = result["output_uri"], result["level"]
+        replaced = _taken_over(manifest.output_owner(conn, self.dest, out), shard, out, self.replace)
+        if replaced is not None:
+            manifest.mark_replaced(conn, replaced, self.dest, out, by=shard.uri)
+        elsewhere = catalog.ingested_elsewhere(conn, videos.ids, level=level, source_uri=shard.uri, replacing=replaced)
+        if elsewhere:
+            video_id = min(elsewhere, key=lambda i: videos.records[i][0])
+            index, offset = videos.records[video_id]
+            more = f" (and {len(elsewhere) - 1} more ids of this shard)" if len(elsewhere) > 1 else ""
+            raise BadRecordError(
+                shard.uri,
+                index,
+                offset,
+                f"video id {video_id!r} is already ingested at {level} level from {elsewhere[video_id]}{more}",
+            )
+        stale = catalog.record_videos(
+            conn,
+            catalog.ShardVideos(videos.ids, videos.labels, videos.fingerprints),
+            split=result["split"],
+            level=level,
+            source_uri=shard.uri,
+            parquet_uri=out,
+            replacing=replaced,
+        )
+        if stale:
+            log.info("%s: %d videos changed or left: their predictions dropped, to be scored again", shard.uri, stale)
+        manifest.mark_succeeded(conn, shard, self.dest, **{k: v for k, v in result.items() if k != "source_uri"})
+
+    def _unpublish(self, out_store: ObjectStore, out: str, shard: ObjectInfo, level: str) -> None:
+        """The commit failed after the file went out: take it back, so that no file is visible without its
+        rows. Its earlier content was overwritten, so its earlier catalogue rows go too, if the database
+        lets us."""
+        try:
+            out_store.delete(out)
+        except StoreError as exc:
+            log.warning("could not take back %s after its database commit failed: %s", out, exc)
+        try:
+            with db.transaction(self.db_url) as conn:
+                catalog.forget_shard(conn, shard.uri, level)
+        except SQLAlchemyError as exc:
+            log.warning(
+                "the catalogue may still list the videos of %s, whose Parquet is gone: %s", shard.uri, _describe(exc)
+            )
+
+
+# The entry points the DAG, the command line and the tests call, each one converter's method.
+
+
+def list_pending(
+    src: str, dest: str, db_url: str, pattern: str = DEFAULT_PATTERN, force: bool = False, s3: S3Config | None = None
+) -> tuple[list[ObjectInfo], int]:
+    return Converter(dest, db_url, s3).pending(src, pattern, force)
+
+
+def converted(shards: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None = None) -> dict[str, dict]:
+    return Converter(dest, db_url, s3).converted(shards)
+
+
+def convert_batch(
+    shards: list[ObjectInfo],
+    dest: str,
+    db_url: str,
+    s3: S3Config | None = None,
+    force: bool = False,
+    replace: bool = False,
+) -> BatchReport:
+    return Converter(dest, db_url, s3, replace).convert_batch(shards, force)
 
 
 def convert_shard(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None = None, replace: bool = False) -> dict:
-    """Convert one shard; record the outcome in the manifest. Raises ShardFailedError for bad content, and
-    when the output file holds another source's conversion, unless `replace`: then that source's videos
-    leave the catalogue and its manifest row is no longer succeeded."""
-    (shard,) = _canonical_shards([shard])
-    return _convert_shard(shard, canonical_uri(dest), db_url, s3, replace)
+    return Converter(dest, db_url, s3, replace).convert_shard(shard)
 
 
-def _convert_shard(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, replace: bool) -> dict:
-    with db.transaction(db_url) as conn:
-        manifest.mark_running(conn, shard, dest)
-    try:
-        return _convert(shard, dest, db_url, s3, replace)
-    except BadRecordError as exc:
-        _quarantine(shard, dest, db_url, s3, ShardFailure(str(exc), exc.index, exc.offset))
-        raise ShardFailedError(str(exc)) from None
-    except (LayoutError, OutputTakenError) as exc:
-        failure = ShardFailure(f"{shard.uri}: {exc}")
-        _quarantine(shard, dest, db_url, s3, failure)
-        raise ShardFailedError(failure.error) from None
-    except BaseException as exc:  # the store, the disk or the database failed: worth a retry, but recorded meanwhile
-        with db.transaction(db_url) as conn:
-            manifest.mark_failed(conn, shard, dest, ShardFailure(f"{shard.uri}: {_describe(exc)}"))
-        raise
+def summary(
+    planned: list[ObjectInfo], dest: str, db_url: str, s3: S3Config | None = None, max_outputs: int = MAX_EVENT_OUTPUTS
+) -> dict:
+    return Converter(dest, db_url, s3).summary(planned, max_outputs)
 
 
-def _quarantine(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, failure: ShardFailure) -> None:
-    """A shard that turned bad must not leave the Parquet or the videos of its earlier content behind; an
-    output another source converted to is that source's and stays."""
-    try:
-        outputs = [output_uri(dest, level, shard.name) for level in LEVELS]
-    except LayoutError:  # a name without a split never had an output
-        outputs = []
-    with db.transaction(db_url) as conn:
-        owners = {out: manifest.output_owner(conn, dest, out) for out in outputs}
-    for out, owner in owners.items():
-        if owner in (None, shard.uri):
-            store_for(out, s3).delete(out)
-    with db.transaction(db_url) as conn:  # its videos leave with its failed row, together
-        catalog.forget_shard(conn, shard.uri)
-        manifest.mark_failed(conn, shard, dest, failure)
-
-
-def _convert(shard: ObjectInfo, dest: str, db_url: str, s3: S3Config | None, replace: bool) -> dict:
-    """Convert one shard and publish it with its catalogue rows and manifest row; return the manifest fields."""
-    split = split_of(shard.name)
-    # The fingerprint is the content the manifest will vouch for: a shard rewritten since it was listed
-    # fails here (retryable) rather than being recorded with its old size and fingerprint.
-    with store_for(shard.uri, s3).open_read(shard.uri, fingerprint=shard.fingerprint) as raw:
-        stream = _Crc32cReader(raw)
-        records = read_records(stream, shard.uri, shard.size)
-        first = next(records, None)
-        if first is None:
-            raise BadRecordError(shard.uri, 0, 0, "the shard holds no records")
-        try:
-            level = detect_level(first.data)
-        except RecordDecodeError as exc:
-            raise BadRecordError(shard.uri, first.index, first.offset, str(exc)) from None
-        out = output_uri(dest, level, shard.name)
-        # Asked before the whole shard is read; asked again in the transaction that publishes.
-        with db.transaction(db_url) as conn:
-            owner = manifest.output_owner(conn, dest, out)
-        _taken_over(owner, shard, out, replace)
-        out_store = store_for(out, s3)
-        # An earlier try of this shard killed mid-write (SIGKILL, OOM) left its temporary behind (and on
-        # S3 maybe an incomplete upload); this try runs only once that one is dead, so nothing else writes it.
-        for stale in out_store.remove_stale_temporaries(out):
-            log.warning("removed %s, left by a killed earlier try of %s", stale, shard.uri)
-        published = False
-        try:
-            # The file goes out after every row is written and before the commit; the transaction ends (and
-            # its connection, with any lock, is released) before a failed commit takes the file back.
-            with db.transaction(db_url) as conn:
-                recorded_from = db.utcnow()
-                with out_store.publish(out) as tmp_path:
-                    videos = _write_parquet(tmp_path, level, split, itertools.chain([first], records), shard)
-                    result = {
-                        "source_uri": shard.uri,
-                        "output_uri": out,
-                        "level": level,
-                        "split": split,
-                        "rows": len(videos.ids),
-                        "checksum": f"crc32c:{stream.crc:08x}",
-                    }
-                    _record(conn, shard, dest, result, videos, replace)
-                catalog.stamp_arrival(conn, shard.uri, level, since=recorded_from)
-                published = True
-        except BaseException:
-            if published:
-                _unpublish(out_store, out, shard, db_url, level)
-            raise
-    return result
+def ingest(
+    src: str,
+    dest: str,
+    db_url: str,
+    pattern: str = DEFAULT_PATTERN,
+    force: bool = False,
+    s3: S3Config | None = None,
+    replace: bool = False,
+) -> BatchReport:
+    """Convert every pending shard under `src` as one batch; one bad shard never stops the others. Raises
+    StoreError before converting anything when `dest` cannot be written."""
+    converter = Converter(dest, db_url, s3, replace)
+    pending, skipped = converter.pending(src, pattern, force)
+    report = converter.convert_batch(pending, done={})  # pending() just skipped the converted ones
+    report.skipped += skipped
+    return report
 
 
 @dataclass
@@ -396,72 +466,3 @@ def _taken_over(owner: str | None, shard: ObjectInfo, out: str, replace: bool) -
             "source: not converted (replace=True, `vtag ingest --replace`, replaces it)"
         )
     return owner
-
-
-def _record(conn, shard: ObjectInfo, dest: str, result: dict, videos: _ShardVideos, replace: bool) -> None:
-    """In the caller's transaction: take the output over from its earlier source if replacing, refuse ids
-    another shard of the level holds, then write the catalogue rows and the succeeded manifest row."""
-    out, level = result["output_uri"], result["level"]
-    replaced = _taken_over(manifest.output_owner(conn, dest, out), shard, out, replace)
-    if replaced is not None:
-        manifest.mark_replaced(conn, replaced, dest, out, by=shard.uri)
-    elsewhere = catalog.ingested_elsewhere(conn, videos.ids, level=level, source_uri=shard.uri, replacing=replaced)
-    if elsewhere:
-        video_id = min(elsewhere, key=lambda i: videos.records[i][0])
-        index, offset = videos.records[video_id]
-        more = f" (and {len(elsewhere) - 1} more ids of this shard)" if len(elsewhere) > 1 else ""
-        raise BadRecordError(
-            shard.uri,
-            index,
-            offset,
-            f"video id {video_id!r} is already ingested at {level} level from {elsewhere[video_id]}{more}",
-        )
-    stale = catalog.record_videos(
-        conn,
-        videos.ids,
-        videos.labels,
-        videos.fingerprints,
-        split=result["split"],
-        level=level,
-        source_uri=shard.uri,
-        parquet_uri=out,
-        replacing=replaced,
-    )
-    if stale:
-        log.info("%s: %d videos changed or left: their predictions dropped, to be scored again", shard.uri, stale)
-    manifest.mark_succeeded(conn, shard, dest, **{k: v for k, v in result.items() if k != "source_uri"})
-
-
-def _unpublish(out_store: ObjectStore, out: str, shard: ObjectInfo, db_url: str, level: str) -> None:
-    """The commit failed after the file went out: take it back, so that no file is visible without its rows.
-    Its earlier content was overwritten, so its earlier catalogue rows go too, if the database lets us."""
-    try:
-        out_store.delete(out)
-    except StoreError as exc:
-        log.warning("could not take back %s after its database commit failed: %s", out, exc)
-    try:
-        with db.transaction(db_url) as conn:
-            catalog.forget_shard(conn, shard.uri, level)
-    except SQLAlchemyError as exc:
-        log.warning(
-            "the catalogue may still list the videos of %s, whose Parquet is gone: %s", shard.uri, _describe(exc)
-        )
-
-
-def ingest(
-    src: str,
-    dest: str,
-    db_url: str,
-    pattern: str = DEFAULT_PATTERN,
-    force: bool = False,
-    s3: S3Config | None = None,
-    replace: bool = False,
-) -> BatchReport:
-    """Convert every pending shard under `src` as one batch; one bad shard never stops the others. Raises
-    StoreError before converting anything when `dest` cannot be written."""
-    src, dest = canonical_uri(src), canonical_uri(dest)
-    pending, skipped = _list_pending(src, dest, db_url, pattern, force, s3)
-    # _list_pending just skipped the converted ones: no need to ask the manifest again.
-    report = _convert_each(pending, dest, db_url, s3, done={}, replace=replace)
-    report.skipped += skipped
-    return report

@@ -58,8 +58,8 @@ def load_scorer(
     """(model, config, device) on the best device here, from the version's inference artifact `weights`
     (URI, sha256) when it has one, else its checkpoint; with `sha256`, refuses a checkpoint whose content is
     no longer the one registered; `precision`: another policy than the checkpoint's (model/precision.py)."""
+    from model.devices import pick_device
     from model.evaluate import load_model
-    from model.train import pick_device
 
     device = pick_device()
     model, config = load_model(checkpoint_uri, device, s3, sha256=sha256, precision=precision, weights=weights)
@@ -194,16 +194,10 @@ class _PartWork:
         plan = self.plan
         top_k, csv_top = min(plan.top_k, num_classes), max(plan.top_k, CSV_TOP)
         counts = label_counts.LabelCounts(top_k, num_classes)
-        chunks = prediction_writes.ChunkWriter(
-            db.engine_for(db_url),
-            plan.run_id,
-            plan.model_version,
-            self.number,
-            plan.part_table(self.number),
-            lock,
-            self.attempt,
-            counts=counts,
+        into = prediction_writes.PartTable(
+            plan.run_id, plan.model_version, self.number, plan.part_table(self.number), self.attempt
         )
+        chunks = prediction_writes.ChunkWriter(db.engine_for(db_url), into, lock, counts)
         waiting = _Chunks(chunks, how.chunk_videos)
         bar = _progress(self.total, how.progress)
         try:

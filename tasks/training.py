@@ -153,18 +153,11 @@ def evaluate_model(
     name = f"eval-v{version}-{split}-{uuid.uuid4().hex[:12]}.png"
     plot_uri = plot(evaluation, f"model version {version} on {split}", join(beside.rsplit("/", 1)[0], name), s3)
     with db.transaction(db_url) as conn:
-        registry.record_evaluation(
-            conn,
-            version,
-            split=split,
-            data_uri=data_uri,
-            pattern=pattern,
-            metrics=evaluation.metrics,
-            videos=evaluation.videos,
-            seconds=evaluation.seconds,
-            plot_uri=plot_uri,
-            set_fingerprint=evaluation.set_fingerprint,
-        )
+        record = registry.EvaluationRecord(
+            split, data_uri, pattern, evaluation.metrics, evaluation.videos, evaluation.seconds, plot_uri,
+            evaluation.set_fingerprint,
+        )  # fmt: skip
+        registry.record_evaluation(conn, version, record)
     return {
         **evaluation.metrics,
         "videos": evaluation.videos,

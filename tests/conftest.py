@@ -267,8 +267,8 @@ def report(request) -> _Report:
 
 @pytest.fixture(scope="session")
 def raw_shards(tmp_path_factory):
-    """Synthetic frame-level shards for an inference world (tests/worlds.py): 40 train and 10 validate videos."""
-    from tests.worlds import inference_shards
+    """Synthetic frame-level shards for an inference world (tests/support/worlds.py): 40 train and 10 validate videos."""
+    from tests.support.worlds import inference_shards
 
     return inference_shards(tmp_path_factory.mktemp("inference-raw"))
 
@@ -276,10 +276,10 @@ def raw_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(raw_shards, tmp_path_factory) -> str:
     """A TINY model trained once on `raw_shards`, for tests that need a production model but do not test
-    training: tests.worlds.build_world(..., checkpoint=tiny_checkpoint) registers and promotes it."""
+    training: tests.support.worlds.build_world(..., checkpoint=tiny_checkpoint) registers and promotes it."""
     from tasks.ingest import ingest
     from tasks.training import train_model
-    from tests.worlds import TINY
+    from tests.support.worlds import TINY
 
     home = tmp_path_factory.mktemp("tiny-model")
     db_url, parquet = migrated(f"sqlite:///{home / 'train.db'}"), str(home / "parquet")

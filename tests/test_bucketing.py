@@ -12,6 +12,7 @@ import pytest
 
 from model.data import (
     BUCKET_WINDOW,
+    EpochSpec,
     ParquetBatches,
     RowGroup,
     find_row_groups,
@@ -63,8 +64,33 @@ def test_bucketed_epoch_keeps_every_worker_s_videos_and_batch_counts(
     groups = _groups(seed, n)
     everyone = []
     for r in range(world):
-        plain = plan_epoch(_without_lengths(groups), batch_size, seed, epoch, workers, True, drop_last, r, world)
-        bucketed = plan_epoch(groups, batch_size, seed, epoch, workers, True, drop_last, r, world, bucket_window=window)
+        plain = plan_epoch(
+            _without_lengths(groups),
+            EpochSpec(
+                batch_size,
+                seed=seed,
+                epoch=epoch,
+                workers=workers,
+                shuffle=True,
+                drop_last=drop_last,
+                rank=r,
+                world=world,
+            ),
+        )
+        bucketed = plan_epoch(
+            groups,
+            EpochSpec(
+                batch_size,
+                seed=seed,
+                epoch=epoch,
+                workers=workers,
+                shuffle=True,
+                drop_last=drop_last,
+                rank=r,
+                world=world,
+                bucket_window=window,
+            ),
+        )
         for p, b in zip(plain, bucketed, strict=True):
             assert b.window == window and p.window == 1
             assert len(b) == len(p) and Counter(_videos([b])) == Counter(_videos([p]))  # the same videos, reordered
@@ -77,8 +103,12 @@ def test_bucketed_epoch_keeps_every_worker_s_videos_and_batch_counts(
 
 def test_windows_hold_batches_of_similar_lengths_in_a_shuffled_order():
     groups = _groups(1, 80)
-    (plan,) = plan_epoch(groups, 8, seed=1, epoch=0, workers=1, shuffle=True, drop_last=True, bucket_window=4)
-    (plain,) = plan_epoch(_without_lengths(groups), 8, seed=1, epoch=0, workers=1, shuffle=True, drop_last=True)
+    (plan,) = plan_epoch(
+        groups, EpochSpec(8, seed=1, epoch=0, workers=1, shuffle=True, drop_last=True, bucket_window=4)
+    )
+    (plain,) = plan_epoch(
+        _without_lengths(groups), EpochSpec(8, seed=1, epoch=0, workers=1, shuffle=True, drop_last=True)
+    )
     assert _videos([plan]) != _videos([plain])
     lengths = np.array([groups[g].num_frames[r] for g, r in _videos([plan])]).reshape(-1, 8)
     for window in np.array_split(lengths, range(4, len(lengths), 4)):
@@ -93,7 +123,9 @@ def test_bucketing_is_deterministic_and_differs_by_epoch_and_seed():
     groups = _groups(2, 50)
 
     def order(seed, epoch):
-        return _videos(plan_epoch(groups, 8, seed, epoch, 2, True, True))
+        return _videos(
+            plan_epoch(groups, EpochSpec(8, seed=seed, epoch=epoch, workers=2, shuffle=True, drop_last=True))
+        )
 
     assert order(4, 1) == order(4, 1)
     assert order(4, 1) != order(4, 2) and order(4, 1) != order(5, 1)
@@ -101,10 +133,22 @@ def test_bucketing_is_deterministic_and_differs_by_epoch_and_seed():
 
 def test_without_lengths_or_shuffle_or_a_window_the_plan_is_unbucketed():
     groups = _groups(3, 30)
-    plain = _videos(plan_epoch(_without_lengths(groups), 8, 3, 0, 2, True, True))
-    assert _videos(plan_epoch(groups, 8, 3, 0, 2, True, True, bucket_window=1)) == plain
-    in_order = _videos(plan_epoch(_without_lengths(groups), 8, 3, 0, 2, False, False))
-    assert _videos(plan_epoch(groups, 8, 3, 0, 2, False, False)) == in_order  # inference's order is kept
+    plain = _videos(
+        plan_epoch(_without_lengths(groups), EpochSpec(8, seed=3, epoch=0, workers=2, shuffle=True, drop_last=True))
+    )
+    assert (
+        _videos(
+            plan_epoch(groups, EpochSpec(8, seed=3, epoch=0, workers=2, shuffle=True, drop_last=True, bucket_window=1))
+        )
+        == plain
+    )
+    in_order = _videos(
+        plan_epoch(_without_lengths(groups), EpochSpec(8, seed=3, epoch=0, workers=2, shuffle=False, drop_last=False))
+    )
+    assert (
+        _videos(plan_epoch(groups, EpochSpec(8, seed=3, epoch=0, workers=2, shuffle=False, drop_last=False)))
+        == in_order
+    )  # inference's order is kept
 
 
 @pytest.mark.parametrize("workers, world, rank", [(1, 1, 0), (2, 1, 0), (3, 2, 1)])
@@ -114,7 +158,10 @@ def test_resumed_bucketed_epoch_serves_the_rest_of_the_uninterrupted_one(workers
 
     def served(skip):
         dataset = ParquetBatches(
-            groups, "frame", 6, 10, seed=8, epoch=2, skip_batches=skip, workers=workers, rank=rank, world=world
+            groups,
+            "frame",
+            10,
+            EpochSpec(6, seed=8, epoch=2, workers=workers, rank=rank, world=world, skip_batches=skip),
         )
         assert all(p.window == BUCKET_WINDOW for p in dataset.plans)
         batches = []
@@ -129,11 +176,21 @@ def test_resumed_bucketed_epoch_serves_the_rest_of_the_uninterrupted_one(workers
 def test_padding_falls_to_a_few_percent_on_youtube_8m_lengths():
     groups = _groups(9, 400, max_rows=260)  # ~45k videos, row groups of ~130 like real 32 MiB ones
     for batch_size in (32, 128):
-        plain = padded_fraction(plan_epoch(_without_lengths(groups), batch_size, 0, 0, 2, True, True), groups)
-        bucketed = padded_fraction(plan_epoch(groups, batch_size, 0, 0, 2, True, True), groups)
+        plain = padded_fraction(
+            plan_epoch(
+                _without_lengths(groups),
+                EpochSpec(batch_size, seed=0, epoch=0, workers=2, shuffle=True, drop_last=True),
+            ),
+            groups,
+        )
+        bucketed = padded_fraction(
+            plan_epoch(groups, EpochSpec(batch_size, seed=0, epoch=0, workers=2, shuffle=True, drop_last=True)), groups
+        )
         assert 0.12 < plain < 0.17  # nearly every batch has a 300-frame video; the mean is ~257
         assert bucketed < 0.05 and bucketed < plain / 3
-    capped = plan_epoch(groups, 32, 0, 0, 2, True, True, max_frames=20)  # sorted by the capped lengths
+    capped = plan_epoch(
+        groups, EpochSpec(32, seed=0, epoch=0, workers=2, shuffle=True, drop_last=True, max_frames=20)
+    )  # sorted by the capped lengths
     assert padded_fraction(capped, groups, max_frames=20) == 0.0  # every video is longer than 20 frames
 
 
@@ -157,7 +214,7 @@ def test_bucketed_plan_of_the_whole_train_split_stays_compact():
     tracemalloc.start()
     try:
         started = time.perf_counter()
-        plans = plan_epoch(groups, 1024, seed=0, epoch=3, workers=4, shuffle=True, drop_last=True)
+        plans = plan_epoch(groups, EpochSpec(1024, seed=0, epoch=3, workers=4, shuffle=True, drop_last=True))
         seconds = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -210,7 +267,7 @@ def test_bucketed_batches_are_the_videos_and_read_each_group_once_a_window(tmp_p
     lengths = _frame_split(tmp_path, files=6, rows_per_group=[9, 7, 8])
     groups = find_row_groups(str(tmp_path), "frame", "train")
     reads, held = count_group_reads(monkeypatch)
-    dataset = ParquetBatches(groups, "frame", 4, 10, max_frames=10, seed=1, workers=1, bucket_window=3)
+    dataset = ParquetBatches(groups, "frame", 10, EpochSpec(4, seed=1, workers=1, max_frames=10, bucket_window=3))
     (plan,) = dataset.plans
     batches = list(dataset)
     served = [i for b in batches for i in b["ids"]]
@@ -230,5 +287,7 @@ def test_bucketed_batches_are_the_videos_and_read_each_group_once_a_window(tmp_p
     padding = 1 - sum(int(b["mask"].sum()) for b in batches) / sum(b["mask"].numel() for b in batches)
     assert padding == pytest.approx(padded_fraction(dataset.plans, groups, max_frames=10))
 
-    resumed = ParquetBatches(groups, "frame", 4, 10, max_frames=10, seed=1, workers=1, bucket_window=3, skip_batches=4)
+    resumed = ParquetBatches(
+        groups, "frame", 10, EpochSpec(4, seed=1, workers=1, max_frames=10, bucket_window=3, skip_batches=4)
+    )
     assert [b["ids"] for b in resumed] == [b["ids"] for b in batches[4:]]

@@ -4,8 +4,8 @@ import pytest
 from sqlalchemy import inspect
 
 from storage.database.db import current_revision, engine_for, head_revision, known_revisions
-from tests.shards import flip_byte, record_offsets
 from tests.support.cli import vtag
+from tests.support.shards import flip_byte, record_offsets
 
 
 def test_synth_ingest_manifest_on_embedded_defaults(tmp_path):

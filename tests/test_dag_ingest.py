@@ -6,8 +6,8 @@ import pytest
 
 from storage.database import manifest
 from tasks.synth import SynthConfig, synth
-from tests.shards import flip_byte, record_offsets, write_tiny_shards
 from tests.support.db import in_transaction
+from tests.support.shards import flip_byte, record_offsets, write_tiny_shards
 
 pytestmark = pytest.mark.airflow
 

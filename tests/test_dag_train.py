@@ -12,7 +12,7 @@ from storage.database import registry, reviews
 from storage.database.db import engine_for
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
-from tests.airflow_stack import wait_for
+from tests.support.airflow_stack import wait_for
 from tests.support.db import in_transaction
 
 pytestmark = pytest.mark.airflow

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model import data
-from model.data import ParquetBatches, RowGroup, WorkerPlan, _round_robin, loader, plan_epoch, plan_nbytes
+from model import parquet_reader
+from model.data import EpochSpec, ParquetBatches, RowGroup, WorkerPlan, loader, plan_epoch, plan_nbytes
+from model.epoch_plan import _round_robin
 from storage.formats.parquet_layout import FRAME_SCHEMA, VIDEO_SCHEMA
 from tests.support.reads import count_group_reads
 
@@ -111,7 +112,19 @@ def test_plan_is_the_list_of_tuples_plan_batch_by_batch(
 ):
     groups = _groups(seed, n)
     expected = reference_plan_epoch(groups, batch_size, seed, epoch, workers, shuffle, drop_last, rank, world)
-    plans = plan_epoch(groups, batch_size, seed, epoch, workers, shuffle, drop_last, rank, world)
+    plans = plan_epoch(
+        groups,
+        EpochSpec(
+            batch_size,
+            seed=seed,
+            epoch=epoch,
+            workers=workers,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            rank=rank,
+            world=world,
+        ),
+    )
     assert len(plans) == len(expected) == workers
     for plan, batches in zip(plans, expected):
         assert plan.group.dtype == plan.row.dtype == np.int32
@@ -129,16 +142,18 @@ def test_dataset_serves_the_same_batches_after_skipping(
     dataset = ParquetBatches(
         groups,
         "video",
-        batch_size,
         10,
-        seed=seed,
-        epoch=epoch,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        skip_batches=skip_batches,
-        workers=workers,
-        rank=rank,
-        world=world,
+        EpochSpec(
+            batch_size,
+            seed=seed,
+            epoch=epoch,
+            workers=workers,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            rank=rank,
+            world=world,
+            skip_batches=skip_batches,
+        ),
     )
     served = []
     dataset._load = lambda group, row: served.append(list(zip(group.tolist(), row.tolist())))  # no files read
@@ -180,7 +195,7 @@ def test_plan_of_the_whole_train_split_is_compact():
     tracemalloc.start()
     try:
         started = time.perf_counter()
-        plans = plan_epoch(groups, 1024, seed=0, epoch=3, workers=4, shuffle=True, drop_last=True)
+        plans = plan_epoch(groups, EpochSpec(1024, seed=0, epoch=3, workers=4, shuffle=True, drop_last=True))
         seconds = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -196,8 +211,10 @@ def test_dataset_over_the_whole_train_split_reports_its_plan():
     groups = train_split()
     steps = []
     for rank in (0, 7):
-        dataset = ParquetBatches(groups, "frame", 256, 3862, seed=1, workers=4, rank=rank, world=8, skip_batches=100)
-        assert plan_nbytes(dataset) == sum(p.group.nbytes + p.row.nbytes for p in dataset.plans) < 100e6 / 8
+        dataset = ParquetBatches(
+            groups, "frame", 3862, EpochSpec(256, seed=1, workers=4, rank=rank, world=8, skip_batches=100)
+        )
+        assert plan_nbytes(dataset.plans) == sum(p.group.nbytes + p.row.nbytes for p in dataset.plans) < 100e6 / 8
         assert dataset.skip_total == 100
         steps.append(len(dataset) + dataset.skip_total)
     assert steps[0] == steps[1] >= VIDEOS // 8 // 256 - 8  # ranks step in lockstep
@@ -260,16 +277,18 @@ class _CountingStore:
 
 def test_one_dataset_over_many_files_streams_them_one_at_a_time(tmp_path, monkeypatch):
     groups, ids = _video_files(tmp_path, files=40, rows_per_group=[5, 3])
-    counting = _CountingStore(data.store_for)
-    monkeypatch.setattr(data, "store_for", counting)
-    dataset = ParquetBatches(groups, "video", 7, 10, shuffle=False, drop_last=False, workers=1)  # batches span files
+    counting = _CountingStore(parquet_reader.store_for)
+    monkeypatch.setattr(parquet_reader, "store_for", counting)
+    dataset = ParquetBatches(
+        groups, "video", 10, EpochSpec(7, workers=1, shuffle=False, drop_last=False)
+    )  # batches span files
     batches = list(dataset)
     assert [i for b in batches for i in b["ids"]] == ids  # every video once, in file order
     assert batches[-1]["mean_rgb"].shape == (len(ids) % 7, 1024)
     assert counting.opened == 40 and counting.most == 1 and counting.open == 0  # nothing left open at the end
     assert dataset._cached == {}
 
-    shuffled = ParquetBatches(groups, "video", 7, 10, seed=2, workers=3)
+    shuffled = ParquetBatches(groups, "video", 10, EpochSpec(7, seed=2, workers=3))
     batches = list(shuffled)
     served = [i for b in batches for i in b["ids"]]
     assert len(set(served)) == len(served) > len(ids) - 3 * 7 and set(served) <= set(ids)
@@ -279,10 +298,12 @@ def test_one_dataset_over_many_files_streams_them_one_at_a_time(tmp_path, monkey
 
 def test_worker_processes_stream_their_own_plans(tmp_path):
     groups, ids = _video_files(tmp_path, files=12, rows_per_group=[4, 6])
-    dataset = ParquetBatches(groups, "video", 8, 10, shuffle=False, drop_last=False, workers=2)
+    dataset = ParquetBatches(groups, "video", 10, EpochSpec(8, workers=2, shuffle=False, drop_last=False))
     served = [i for b in loader(dataset, 2, pin_memory=False) for i in b["ids"]]
     in_process = [
-        i for b in ParquetBatches(groups, "video", 8, 10, shuffle=False, drop_last=False, workers=2) for i in b["ids"]
+        i
+        for b in ParquetBatches(groups, "video", 10, EpochSpec(8, workers=2, shuffle=False, drop_last=False))
+        for i in b["ids"]
     ]
     assert served == in_process and sorted(served) == sorted(ids)
 
@@ -316,7 +337,7 @@ def test_frame_batches_read_each_row_group_once_and_are_the_videos(tmp_path, mon
     groups = _frame_files(tmp_path, files=4, rows_per_group=[5, 4, 6])
     tables = {uri: pq.read_table(uri).to_pylist() for uri in {g.uri for g in groups}}
     reads, held = count_group_reads(monkeypatch)
-    dataset = ParquetBatches(groups, "frame", 8, 10, max_frames=6, seed=4, workers=1, drop_last=False)
+    dataset = ParquetBatches(groups, "frame", 10, EpochSpec(8, seed=4, workers=1, drop_last=False, max_frames=6))
     batches = list(dataset)
     assert sorted(reads) == list(range(len(groups)))  # every row group read once in the epoch (one worker)
     assert max(held) == 1  # unbucketed (no lengths): one row group's columns held at a time

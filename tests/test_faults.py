@@ -22,11 +22,11 @@ from storage.database.db import engine_for
 from storage.objectstore import S3Config
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
-from tests.shards import record_offsets
 from tests.support.db import in_transaction, migrated
 from tests.support.env import BIN
 from tests.support.faults import FlakyProxy, PrivateCluster, kill_part_worker_after, start_part_worker
-from tests.worlds import NIGHT, VIDEOS, build_world, count, part_tables, row, rows, stored_rows
+from tests.support.shards import record_offsets
+from tests.support.worlds import NIGHT, VIDEOS, build_world, count, part_tables, row, rows, stored_rows
 
 
 def _source_videos(raw: Path) -> dict[str, int]:

@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from storage.database.db import engine_for
 from tasks.synth import SynthConfig, synth
-from tests.airflow_stack import AirflowStack
+from tests.support.airflow_stack import AirflowStack
 from tests.support.env import BIN, PG_ADMIN_URL, SHARED, free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.stack]

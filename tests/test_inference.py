@@ -14,11 +14,11 @@ from tasks import queries
 from tasks.inference import InferenceError, NoProductionModel, run_inference
 from tests.support.db import in_transaction
 from tests.support.env import SHARED
-from tests.worlds import NIGHT, TINY, stored_rows  # noqa: F401 (TINY, for test_dag_*)
-from tests.worlds import build_world as _world
-from tests.worlds import count as _count
-from tests.worlds import row as _row
-from tests.worlds import rows as _rows
+from tests.support.worlds import NIGHT, TINY, stored_rows  # noqa: F401 (TINY, for test_dag_*)
+from tests.support.worlds import build_world as _world
+from tests.support.worlds import count as _count
+from tests.support.worlds import row as _row
+from tests.support.worlds import rows as _rows
 
 
 @pytest.fixture

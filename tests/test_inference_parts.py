@@ -21,7 +21,7 @@ from tasks.inference import (
     tag_part,
 )
 from tests.support.db import in_transaction
-from tests.worlds import NIGHT, VIDEOS, build_world, count, rows
+from tests.support.worlds import NIGHT, VIDEOS, build_world, count, rows
 
 
 @pytest.fixture

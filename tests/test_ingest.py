@@ -14,8 +14,8 @@ from storage.objectstore import LocalStore, ObjectInfo
 from tasks import ingest as ingest_module
 from tasks.ingest import MAX_BATCHES, convert_batch, ingest, list_pending, plan_batches
 from tasks.synth import SynthConfig, synth
-from tests.shards import flip_byte, frame_record, record_offsets, video_record, write_shard, write_tiny_shards
 from tests.support.db import in_transaction
+from tests.support.shards import flip_byte, frame_record, record_offsets, video_record, write_shard, write_tiny_shards
 
 
 @pytest.fixture
@@ -275,16 +275,16 @@ def test_convert_batch_goes_on_past_failures_and_a_retry_redoes_only_the_rest(tm
     write_tiny_shards(raw, range(5))
     flip_byte(raw / "train0003.tfrecord", 30)  # bad content
     shards, _ = list_pending(str(raw), dest, sqlite_url)
-    real_convert, tried, dropped = ingest_module._convert, [], []
+    real_convert, tried, dropped = ingest_module.Converter._convert, [], []
 
-    def flaky(shard, *args):  # the store drops train0001's first read
+    def flaky(converter, shard):  # the store drops train0001's first read
         tried.append(shard.name)
         if shard.name == "train0001.tfrecord" and not dropped:
             dropped.append(shard.name)
             raise ConnectionError("connection reset by peer")
-        return real_convert(shard, *args)
+        return real_convert(converter, shard)
 
-    monkeypatch.setattr(ingest_module, "_convert", flaky)
+    monkeypatch.setattr(ingest_module.Converter, "_convert", flaky)
     first = convert_batch(shards, dest, sqlite_url)
     uri = {s.name[:-9]: s.uri for s in shards}
     assert [r["source_uri"] for r in first.converted] == [uri["train0000"], uri["train0002"], uri["train0004"]]

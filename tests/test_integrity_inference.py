@@ -18,7 +18,7 @@ from tasks.inference import NonFiniteScores, finish_night, plan_night, run_infer
 from tests.support.cli import vtag
 from tests.support.db import in_transaction
 from tests.support.env import REPO
-from tests.worlds import NIGHT, VIDEOS, build_world, count, row, rows, served_rows, stored_rows
+from tests.support.worlds import NIGHT, VIDEOS, build_world, count, row, rows, served_rows, stored_rows
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ from storage.formats.tf_example import Example
 from storage.formats.yt8m_records import MAX_ID_LENGTH
 from storage.objectstore import LocalStore
 from tasks.ingest import convert_batch, converted, ingest, list_pending, summary
-from tests.shards import frame_record, record_offsets, video_record, write_shard
 from tests.support.cli import vtag
 from tests.support.db import in_transaction
+from tests.support.shards import frame_record, record_offsets, video_record, write_shard
 
 
 def _videos(db_url) -> list[tuple]:

@@ -19,7 +19,7 @@ from sqlalchemy import text
 
 from model.checkpoint import CheckpointChangedError, CheckpointError
 from model.config import ConfigError, load_config
-from model.data import ParquetBatches, find_row_groups, loader
+from model.data import EpochSpec, ParquetBatches, find_row_groups, loader
 from model.evaluate import load_model
 from model.train import train
 from storage.database import db, registry
@@ -32,8 +32,8 @@ from tasks.training import evaluate_model, promote, train_and_register
 from tests.support.cli import vtag
 from tests.support.db import in_transaction, migrated
 from tests.support.env import REPO
-from tests.worlds import TINY as WORLD_TINY
-from tests.worlds import TINY_TRAIN_OPTIONS, vtag_train_args
+from tests.support.worlds import TINY as WORLD_TINY
+from tests.support.worlds import TINY_TRAIN_OPTIONS, vtag_train_args
 
 TINY = {**WORLD_TINY, "epochs": 2}
 
@@ -218,7 +218,7 @@ def test_a_file_replaced_after_planning_is_refused_by_name(own_parquet):
     groups = find_row_groups(own_parquet, "frame", "train")
     target = os.path.join(own_parquet, "frame", "train", "train0001.parquet")
     assert {g.fingerprint for g in groups if g.uri == target} == {f"mtime_ns={os.stat(target).st_mtime_ns}"}
-    dataset = ParquetBatches(groups, "frame", 8, 3862, max_frames=20, shuffle=False, drop_last=False)
+    dataset = ParquetBatches(groups, "frame", 3862, EpochSpec(8, shuffle=False, drop_last=False, max_frames=20))
     _replace_with_other_content(target)
     with pytest.raises(ObjectChangedError) as raised:
         list(dataset)
@@ -264,7 +264,7 @@ def test_an_object_replaced_on_s3_after_planning_is_refused(raw, s3, tmp_path):
     client.put_object(Bucket=bucket, Key=key, Body=replacement.read_bytes())  # a new version at the key
 
     dataset = ParquetBatches(
-        groups, "frame", 8, 3862, max_frames=20, shuffle=False, drop_last=False, workers=1, s3=config
+        groups, "frame", 3862, EpochSpec(8, workers=1, shuffle=False, drop_last=False, max_frames=20), s3=config
     )
     with pytest.raises(ObjectChangedError) as raised:
         list(loader(dataset, 1, pin_memory=False))

@@ -37,11 +37,11 @@ from tasks.ingest import ingest
 from tasks.queries import QueryError
 from tasks.queries import run as run_query
 from tasks.training import evaluate_model, promote, train_and_register
-from tests.shards import frame_record, write_shard
 from tests.support.cli import vtag
 from tests.support.db import in_transaction, migrated
 from tests.support.env import REPO
-from tests.worlds import (
+from tests.support.shards import frame_record, write_shard
+from tests.support.worlds import (
     NIGHT,
     TINY,
     TINY_TRAIN_OPTIONS,
@@ -520,7 +520,7 @@ def test_a_changed_video_loses_the_predictions_of_its_level_only(db_url):
             )  # fmt: skip
             partitions.ensure_partition(conn, versions[level])
             source, out = f"/raw/{level}/train0000.tfrecord", f"/pq/{level}/train0000.parquet"
-            catalog.record_videos(conn, ["v1"], [[1]], ["a"], split="train", level=level, source_uri=source, parquet_uri=out)  # fmt: skip
+            catalog.record_videos(conn, catalog.ShardVideos(["v1"], [[1]], ["a"]), split="train", level=level, source_uri=source, parquet_uri=out)  # fmt: skip
             conn.execute(
                 insert(schema.predictions),
                 [{"video_id": "v1", "model_version": versions[level], "rank": 1, "label_id": 1, "score": 0.5, "run_id": 1}],

@@ -41,3 +41,23 @@ def test_the_guard_catches_a_module_that_needs_airflow(tmp_path):
         [sys.executable, "-c", WITHOUT_AIRFLOW, "vtag_probe"], capture_output=True, text=True, cwd=tmp_path
     )
     assert result.returncode != 0 and "Airflow absent" in result.stderr
+
+
+SCORING = """
+import sys
+from tasks import night_parts
+from model import evaluate
+
+model, config, device = night_parts.load_scorer(sys.argv[1])
+print(" ".join(sorted(m for m in sys.modules if m.startswith("model."))))
+"""
+
+
+def test_scoring_does_not_import_the_training_module(tiny_checkpoint):
+    """A night's part loads and scores a model without model/train.py (the optimizer, the loop, the plots)."""
+    result = subprocess.run(
+        [sys.executable, "-c", SCORING, str(tiny_checkpoint)], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = result.stdout.split()
+    assert "model.networks" in loaded and "model.checkpoint" in loaded and "model.train" not in loaded

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention_lstm import AttentionLSTM, build_model, loss_fn
+from model.attention_lstm import AttentionLSTM
 from model.config import Config, ConfigError, load_config
+from model.networks import build_model, loss_fn
 from storage.formats.yt8m_spec import dequantize
 
 

@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from model import checkpoint
-from model.attention_lstm import build_model
 from model.config import PRECISIONS, ConfigError, load_config
 from model.evaluate import evaluate
+from model.networks import build_model
 from model.precision import POLICIES, precision_for
 from model.train import train
 from tasks.cli import main
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
 from tests.support.db import migrated
-from tests.worlds import NIGHT, TINY, TINY_TRAIN_OPTIONS, vtag_train_args
+from tests.support.worlds import NIGHT, TINY, TINY_TRAIN_OPTIONS, vtag_train_args
 
 CPU = torch.device("cpu")
 LOW_PRECISION = {"lstm-fp32": torch.bfloat16, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -7,7 +7,7 @@ from tfrecord.reader import tfrecord_loader
 from storage.formats.yt8m_records import RecordDecodeError, decode_frame_level, decode_video_level, detect_level
 from storage.formats.yt8m_spec import dequantize, quantize
 from tasks.synth import SynthConfig, synth
-from tests.shards import frame_record, video_record
+from tests.support.shards import frame_record, video_record
 
 
 def test_detects_both_levels():

@@ -24,10 +24,11 @@ def _version(conn, name: str, gap: float | None, *, data_uri: str = "/data") -> 
     )
     if gap is not None:
         metrics = {"gap": gap, "hit_at_one": gap + 0.1, "perr": gap - 0.1, "map": gap - 0.05}
-        registry.record_evaluation(
-            conn, version, split="validate", data_uri=data_uri, pattern="*.parquet", metrics=metrics,
-            videos=1000, seconds=1.0, plot_uri=None, set_fingerprint=f"the videos of {data_uri}",
+        record = registry.EvaluationRecord(
+            "validate", data_uri, "*.parquet", metrics, videos=1000, seconds=1.0,
+            set_fingerprint=f"the videos of {data_uri}",
         )  # fmt: skip
+        registry.record_evaluation(conn, version, record)
     return version
 
 

@@ -7,11 +7,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.database import manifest
-from storage.objectstore import S3Config, S3Store, StoreError, _S3RangeReader, store_for
+from storage.objectstore import S3Config, StoreError, store_for
+from storage.s3_store import S3Store, _S3RangeReader
 from tasks.ingest import ingest
 from tasks.synth import SynthConfig, synth
-from tests.shards import flip_byte, record_offsets
 from tests.support.db import in_transaction
+from tests.support.shards import flip_byte, record_offsets
 
 
 def _client(config: S3Config):

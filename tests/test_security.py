@@ -15,7 +15,7 @@ from storage.database.db import engine_for
 from tasks import cli, queries
 from tasks.inference import run_inference
 from tests.support.env import REPO
-from tests.worlds import NIGHT, build_world, count, rows
+from tests.support.worlds import NIGHT, build_world, count, rows
 
 # --- no secret in the repository ----------------------------------------------------------------------
 

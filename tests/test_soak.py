@@ -51,7 +51,7 @@ from tasks.training import evaluate_model, promote
 from tests.support.db import in_transaction, migrated
 from tests.support.env import SHARED
 from tests.support.faults import FlakyProxy, PrivateCluster, kill_part_worker_after, start_part_worker
-from tests.worlds import NIGHT, VIDEOS, build_world, count, part_tables, rows
+from tests.support.worlds import NIGHT, VIDEOS, build_world, count, part_tables, rows
 
 NIGHTS = 16
 K = 3

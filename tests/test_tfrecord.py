@@ -3,7 +3,7 @@ import io
 import pytest
 
 from storage.formats.tfrecord import BadRecordError, masked_crc, read_records, write_records
-from tests.shards import flip_byte, record_offsets, write_shard
+from tests.support.shards import flip_byte, record_offsets, write_shard
 
 
 def test_masked_crc_matches_tensorflow_definition():

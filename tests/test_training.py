@@ -12,7 +12,7 @@ import torch
 from model import checkpoint
 from model.checkpoint import CheckpointError
 from model.config import load_config
-from model.data import DataError, ParquetBatches, find_row_groups
+from model.data import DataError, EpochSpec, ParquetBatches, find_row_groups
 from model.train import train
 from storage.database import registry
 from tasks.ingest import ingest
@@ -20,8 +20,8 @@ from tasks.synth import SynthConfig, synth
 from tasks.training import evaluate_model, promote, register_model, train_and_register, train_model
 from tests.support.db import in_transaction, migrated
 from tests.support.env import BIN
-from tests.worlds import TINY as WORLD_TINY
-from tests.worlds import TINY_TRAIN_OPTIONS, vtag_train_args
+from tests.support.worlds import TINY as WORLD_TINY
+from tests.support.worlds import TINY_TRAIN_OPTIONS, vtag_train_args
 
 TINY = {**WORLD_TINY, "epochs": 2}
 
@@ -46,17 +46,19 @@ def _tiny(**overrides):
 
 def test_batches_are_padded_masked_and_deterministic(parquet):
     groups = find_row_groups(parquet, "frame", "train")
-    batches = list(ParquetBatches(groups, "frame", 8, 3862, max_frames=20, seed=3, epoch=1, workers=2))
-    again = list(ParquetBatches(groups, "frame", 8, 3862, max_frames=20, seed=3, epoch=1, workers=2))
+    batches = list(ParquetBatches(groups, "frame", 3862, EpochSpec(8, seed=3, epoch=1, workers=2, max_frames=20)))
+    again = list(ParquetBatches(groups, "frame", 3862, EpochSpec(8, seed=3, epoch=1, workers=2, max_frames=20)))
     assert [b["ids"] for b in batches] == [b["ids"] for b in again]
     assert len({i for b in batches for i in b["ids"]}) == 48  # every video once an epoch
-    other_epoch = list(ParquetBatches(groups, "frame", 8, 3862, max_frames=20, seed=3, epoch=2, workers=2))
+    other_epoch = list(ParquetBatches(groups, "frame", 3862, EpochSpec(8, seed=3, epoch=2, workers=2, max_frames=20)))
     assert [b["ids"] for b in other_epoch] != [b["ids"] for b in batches]
     batch = batches[0]
     assert batch["rgb"].dtype == torch.uint8 and batch["rgb"].shape[2] == 1024 and batch["rgb"].shape[1] <= 20
     assert batch["audio"].shape[:2] == batch["mask"].shape and batch["labels"].shape == (8, 3862)
     assert (batch["rgb"][~batch["mask"]] == 0).all() and batch["labels"].sum(1).min() >= 1
-    skipped = list(ParquetBatches(groups, "frame", 8, 3862, max_frames=20, seed=3, epoch=1, workers=2, skip_batches=3))
+    skipped = list(
+        ParquetBatches(groups, "frame", 3862, EpochSpec(8, seed=3, epoch=1, workers=2, max_frames=20, skip_batches=3))
+    )
     assert [b["ids"] for b in skipped] == [b["ids"] for b in batches[3:]]
 
 
@@ -272,3 +274,30 @@ def test_torchrun_ddp_on_cpu(parquet, tmp_path, sqlite_url):
     state = checkpoint.load(str(tmp_path / "ddp" / "last.pt"))
     assert state["data"]["world"] == 2 and state["step"] == 48 // 8  # global batch 8 = 4 a rank, 6 steps
     assert [v["version"] for v in in_transaction(sqlite_url, registry.versions_with_latest_evaluation)] == [1]
+
+
+def test_the_loss_is_read_back_in_batches_and_a_diverged_run_names_its_step(parquet, tmp_path, monkeypatch):
+    """Losses are read to the host every LOSS_SYNC_STEPS steps and before each checkpoint, and still one per
+    step in the history; a loss that is not finite stops the run naming the step it happened at, before a
+    checkpoint holds it."""
+    from model import train as training
+
+    monkeypatch.setattr(training, "LOSS_SYNC_STEPS", 2)
+    reads, to_host = [], training._to_host
+    monkeypatch.setattr(training, "_to_host", lambda losses: reads.append(len(losses)) or to_host(losses))
+    result = train(_tiny(epochs=1), parquet, str(tmp_path / "ok"), progress=False, checkpoint_every=3)
+    steps = result.steps
+    assert len(result.history["step_loss"]) == steps >= 5 and max(reads) <= 2 and sum(reads) == steps
+    assert 1 in reads  # the read before the checkpoint at step 3, one step after the last
+
+    def poisoned(logits, labels, stages=1):  # finite until step 4
+        poisoned.calls += 1
+        loss = (logits.float() * 0).sum() + 1.0
+        return loss * float("nan") if poisoned.calls == 4 else loss
+
+    poisoned.calls = 0
+    monkeypatch.setattr(training, "loss_fn", poisoned)
+    out = tmp_path / "diverged"
+    with pytest.raises(training.TrainingDiverged, match="loss became nan at step 4: lower the learning rate"):
+        train(_tiny(epochs=1), parquet, str(out), progress=False, checkpoint_every=5)
+    assert not (out / checkpoint.LAST).exists()  # step 5's checkpoint never came: the run stopped at the read

@@ -20,10 +20,10 @@ from storage.database import registry, reviews
 from storage.formats.exports import night_folder
 from tasks import queries, settings
 from tasks.inference import run_inference
-from tests.airflow_stack import wait_for
+from tests.support.airflow_stack import wait_for
 from tests.support.airflow_ui import CHROMIUM_ARGS, chromium, local_airflow, log_in, new_page, screenshot_dir
 from tests.support.db import in_transaction, migrated
-from tests.worlds import NIGHT, build_world, inference_shards, row
+from tests.support.worlds import NIGHT, build_world, inference_shards, row
 
 pytestmark = pytest.mark.stack
 

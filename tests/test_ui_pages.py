@@ -10,7 +10,7 @@ import pytest
 from storage.objectstore import join
 from tasks import queries
 from tasks.inference import run_inference
-from tests.worlds import NIGHT, build_world, row
+from tests.support.worlds import NIGHT, build_world, row
 
 PAGES = ["/video-tags/", "/video-tags/models", "/video-tags/nights", "/video-tags/tags?video=x"]
 

@@ -8,7 +8,7 @@ import pytest
 from storage.database.db import engine_for
 from tests.support.cli import vtag
 from tests.support.env import SHARED
-from tests.worlds import count, rows
+from tests.support.worlds import count, rows
 
 REAL = SHARED / "yt8m" / "vocabulary.csv"
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.attention_lstm import AttentionLSTM, VideoMLP
+from model.attention_lstm import AttentionLSTM
+from model.video_mlp import VideoMLP
 from storage.formats.parquet_layout import SCHEMAS
 from storage.formats.yt8m_spec import (
     AUDIO_DIM,

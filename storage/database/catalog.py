@@ -2,6 +2,7 @@
 
 import codecs
 import csv
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection, delete, exists, select, update
@@ -93,11 +94,18 @@ def _vocabulary_row(row: dict, line: int, uri: str, rows: list[dict], first_line
     first_line_of[label_id] = line
 
 
+@dataclass(frozen=True)
+class ShardVideos:
+    """A converted shard's videos, in its order: their ids, ground-truth labels and content fingerprints."""
+
+    ids: list[str]
+    labels: list[list[int]]
+    fingerprints: list[str]
+
+
 def record_videos(
     conn: Connection,
-    ids: list[str],
-    labels_of: list[list[int]],
-    fingerprints: list[str],
+    shard_videos: ShardVideos,
     *,
     split: str,
     level: str,
@@ -113,6 +121,7 @@ def record_videos(
     its content arrived: what a night's publish compares with the time it scored it). Returns how many lost
     them. An id another shard of the level holds is refused by the primary key: check with
     `ingested_elsewhere` first to name that shard."""
+    ids, labels_of, fingerprints = shard_videos.ids, shard_videos.labels, shard_videos.fingerprints
     now = utcnow()
     before = _forget(conn, source_uri, level)
     if replacing is not None:

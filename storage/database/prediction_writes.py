@@ -178,13 +178,20 @@ def held_elsewhere(conn, run_id: int, model_version: int, ids: list[str], k: int
     return tuple(elsewhere)
 
 
+@dataclass(frozen=True)
+class PartTable:
+    """Where a part's try writes: its run, version and part number, its table, and which try it is."""
+
+    run_id: int
+    model_version: int
+    part: int
+    table: str
+    attempt: int = 1
+
+
 def write_chunk(
     engine: Engine,
-    run_id: int,
-    model_version: int,
-    part: int,
-    target: str,
-    attempt: int,
+    into: PartTable,
     ids: list[str],
     top_labels: np.ndarray,
     top_scores: np.ndarray,
@@ -193,6 +200,7 @@ def write_chunk(
     """One chunk of a part's predictions into its table, and the part's progress, all or nothing; with
     `lock`, only while the run's lock is still held, and only while this is the part's latest try (both
     checked inside the chunk's transaction, the try when it commits)."""
+    run_id, model_version, part, target, attempt = into.run_id, into.model_version, into.part, into.table, into.attempt
     k = top_labels.shape[1]
     with engine.begin() as conn:
         if lock is not None:
@@ -229,18 +237,14 @@ class ChunkWriter:
     def __init__(
         self,
         engine: Engine,
-        run_id: int,
-        model_version: int,
-        part: int,
-        target: str,
+        into: PartTable,
         lock: RunLockHolder | None = None,
-        attempt: int = 1,
         counts: label_counts.LabelCounts | None = None,
     ):
         from concurrent.futures import ThreadPoolExecutor
 
         writers = 2 if engine.dialect.name == "postgresql" else 1
-        self._args, self._lock, self._limit = (engine, run_id, model_version, part, target, attempt), lock, 2 * writers
+        self._args, self._lock, self._limit = (engine, into), lock, 2 * writers
         self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="vtag-writer")
         self._pending: list = []
         self._counts = counts
@@ -425,41 +429,40 @@ def _attach_as_partition(conn, model_version: int, tables: list[str]) -> None:
 
 def _insert_part(conn, run_id: int, model_version: int, part: int, table: str, k: int, replace_any: bool) -> list[str]:
     """A part's rows into `predictions`, in place of the rows they replace; returns the videos left to the
-    night that published them meanwhile (they leave the part's counts)."""
+    night that published them meanwhile (they leave the part's counts and its table first, so that the
+    insert itself is a plain one: one probe per video beforehand instead of an anti-join and a conflict
+    check per row, which the publish lock makes safe: no other insert into predictions runs meanwhile)."""
     rows, stored = _rows_of(table), predictions.c
     replaced = stored.video_id.in_(select(rows.c.video_id).where(rows.c.rank == 1))
     if not replace_any:
         replaced = replaced & (stored.run_id == run_id)
     label_counts.take_off(conn, (stored.model_version == model_version) & replaced)
     conn.execute(delete(predictions).where(stored.model_version == model_version, replaced))
+    held = list(
+        conn.execute(
+            select(rows.c.video_id).where(
+                rows.c.rank == 1,
+                exists().where(
+                    stored.model_version == model_version, stored.video_id == rows.c.video_id, stored.rank == 1
+                ),
+            )
+        ).scalars()
+    )
+    elsewhere = list(held_elsewhere(conn, run_id, model_version, held, k)) if held else []
+    _leave_part(conn, run_id, part, table, elsewhere, drop_rows=True)
     columns = ", ".join(COLUMNS)
-    version = int(model_version)
-    # In the order of the primary key: index pages are then filled one after another, not at random.
+    # In the order of the primary key: its pages are filled one after another, not at random.
     inserted = conn.exec_driver_sql(
-        f"INSERT INTO predictions ({columns}) SELECT {columns} FROM {table} l WHERE NOT EXISTS ("
-        f"SELECT 1 FROM predictions p WHERE p.model_version = {version} AND p.video_id = l.video_id) "
-        "ORDER BY l.video_id, l.rank ON CONFLICT DO NOTHING"
+        f"INSERT INTO predictions ({columns}) SELECT {columns} FROM {table} ORDER BY video_id, rank"
     ).rowcount
     # The part's counters, checked against its committed chunks before publishing and kept in step by
     # _leave_part: no second scan of the part's table.
     expected = conn.execute(
         select(inference_parts.c.rows_written).where(inference_parts.c.run_id == run_id, inference_parts.c.part == part)
     ).scalar()
-    if inserted == expected:
-        return []
-    skipped = list(
-        conn.execute(
-            select(rows.c.video_id).where(
-                rows.c.rank == 1,
-                ~exists().where(
-                    stored.model_version == model_version,
-                    stored.video_id == rows.c.video_id,
-                    stored.rank == 1,
-                    stored.run_id == run_id,
-                ),
-            )
-        ).scalars()
-    )
-    elsewhere = list(held_elsewhere(conn, run_id, model_version, skipped, k))
-    _leave_part(conn, run_id, part, table, elsewhere, drop_rows=False)
+    if inserted != expected:
+        raise RowsLost(
+            f"run {run_id} part {part}: {inserted} rows published where its counters say {expected}; "
+            "nothing of the night was published"
+        )
     return elsewhere

@@ -75,35 +75,39 @@ def register(
     ).scalar_one()
 
 
-def record_evaluation(
-    conn: Connection,
-    version: int,
-    *,
-    split: str,
-    data_uri: str,
-    pattern: str,
-    metrics: dict,
-    videos: int,
-    seconds: float,
-    plot_uri: str | None,
-    set_fingerprint: str | None = None,
-) -> int:
+@dataclass(frozen=True)
+class EvaluationRecord:
+    """One evaluation of a version: what was scored (split, data, file pattern, and the exact videos as
+    `set_fingerprint`), the four metrics, how many videos, how long, and its plot."""
+
+    split: str
+    data_uri: str
+    pattern: str
+    metrics: dict  # hit_at_one, perr, gap, map
+    videos: int
+    seconds: float
+    plot_uri: str | None = None
+    set_fingerprint: str | None = None
+
+
+def record_evaluation(conn: Connection, version: int, record: EvaluationRecord) -> int:
+    metrics = record.metrics
     return conn.execute(
         insert(evaluations)
         .values(
             model_version=version,
-            split=split,
-            data_uri=data_uri,
-            pattern=pattern,
+            split=record.split,
+            data_uri=record.data_uri,
+            pattern=record.pattern,
             hit_at_one=metrics["hit_at_one"],
             perr=metrics["perr"],
             gap=metrics["gap"],
             map=metrics["map"],
-            videos=videos,
-            seconds=seconds,
-            plot_uri=plot_uri,
+            videos=record.videos,
+            seconds=record.seconds,
+            plot_uri=record.plot_uri,
             evaluated_at=utcnow(),
-            set_fingerprint=set_fingerprint,
+            set_fingerprint=record.set_fingerprint,
         )
         .returning(evaluations.c.id)
     ).scalar_one()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.airflow_stack import AirflowRest, processes_with_env, task_logs, wait_for
+from tests.support.airflow_stack import AirflowRest, processes_with_env, task_logs, wait_for
 from tests.support.env import BIN, REPO, free_port
 
 NOTEWORTHY = re.compile(r"\b(error|critical|exception|traceback|killed|zombie)\b", re.IGNORECASE)

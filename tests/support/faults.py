@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tests.support.env import BIN, REPO, free_port
-from tests.worlds import count
+from tests.support.worlds import count
 
 # The server binaries of whichever PostgreSQL major Debian installed (the newest if several).
 _INITDBS = Path("/usr/lib/postgresql").glob("*/bin/initdb")

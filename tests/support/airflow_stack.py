@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,9 +17,7 @@ from pathlib import Path
 import httpx
 
 from airflow_glue.local_airflow import stop_group
-
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from tests.support.env import BIN, REPO
 
 
 @dataclass
