@@ -529,7 +529,7 @@ def test_a_changed_video_loses_the_predictions_of_its_level_only(db_url):
 
     versions = in_transaction(db_url, world)
     changed = in_transaction(
-        db_url, catalog.record_videos, ["v1"], [[1]], ["b"], split="train", level="frame",
+        db_url, catalog.record_videos, catalog.ShardVideos(["v1"], [[1]], ["b"]), split="train", level="frame",
         source_uri="/raw/frame/train0000.tfrecord", parquet_uri="/pq/frame/train0000.parquet",
     )  # fmt: skip
     assert changed == 1

@@ -442,9 +442,7 @@ def _insert_part(conn, run_id: int, model_version: int, part: int, table: str, k
         conn.execute(
             select(rows.c.video_id).where(
                 rows.c.rank == 1,
-                exists().where(
-                    stored.model_version == model_version, stored.video_id == rows.c.video_id, stored.rank == 1
-                ),
+                exists().where(stored.model_version == model_version, stored.video_id == rows.c.video_id),
             )
         ).scalars()
     )
