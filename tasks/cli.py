@@ -6,34 +6,12 @@ import os
 import sys
 from datetime import UTC, datetime
 
-from model.config import PRECISIONS
 from storage.formats.yt8m_spec import LEVELS
 from tasks import settings
+from tasks.cli_arguments import db_arg, iso_date, lock_timeout_arg, precision_arg
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-
-
-DEVICE_PRECISION = "lstm-fp32 on a GPU, fp32 on a CPU"
-
-
-def _precision_arg(parser: argparse.ArgumentParser, scoring: bool) -> None:
-    """Training defaults to the device's policy; scoring to the checkpoint's, which defaults to the device's."""
-    default = f"the checkpoint's, else {DEVICE_PRECISION}" if scoring else DEVICE_PRECISION
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help=f"what each part computes in (docs/model.md#precision; default: {default})",
-    )
-
-
-def _db_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--db",
-        default=None,
-        metavar="URL",
-        help="SQLAlchemy database URL (default: $VTAG_DB_URL or SQLite under $VTAG_HOME)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,13 +40,16 @@ def _synth_arguments(sub) -> None:
     p.add_argument("--videos-per-shard", type=int, default=100)
     p.add_argument("--num-labels", type=int, default=50, help="size of the label pool (default 50)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--segments", action="store_true", help="frame level: rated 5-second segments, as the 3rd edition's")
     p.set_defaults(handler=_synth)
 
 
 def _synth(args) -> int:
     from tasks.synth import SynthConfig, synth
 
-    config = SynthConfig(args.level, args.split, args.shards, args.videos_per_shard, args.num_labels, args.seed)
+    config = SynthConfig(
+        args.level, args.split, args.shards, args.videos_per_shard, args.num_labels, args.seed, args.segments
+    )
     for uri in synth(args.out, config):
         print(uri)
     return 0
@@ -87,7 +68,7 @@ def _ingest_arguments(sub) -> None:
         action="store_true",
         help="let a shard replace the Parquet file another source converted to the same name",
     )
-    _db_arg(p)
+    db_arg(p)
     p.set_defaults(handler=_ingest)
 
 
@@ -122,7 +103,7 @@ def _train_arguments(sub) -> None:
     p.add_argument("--max-frames", type=int)
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--seed", type=int)
-    _precision_arg(p, scoring=False)
+    precision_arg(p, scoring=False)
     p.add_argument("--split", default="train", help="split to train on (default train)")
     p.add_argument("--pattern", default="*.parquet", help="glob on the split's file names")
     p.add_argument("--resume", metavar="CHECKPOINT_URI", help="start from this checkpoint's weights (fine-tuning)")
@@ -130,7 +111,7 @@ def _train_arguments(sub) -> None:
     p.add_argument(
         "--out", required=True, metavar="URI", help="folder for this run's checkpoints; a checkpoint there is continued"
     )
-    _db_arg(p)
+    db_arg(p)
     p.set_defaults(handler=_train)
 
 
@@ -178,8 +159,8 @@ def _evaluate_arguments(sub) -> None:
     p.add_argument("--pattern", default="*.parquet")
     p.add_argument("--promote", action="store_true", help="promote to production if its GAP is at least production's")
     p.add_argument("--json", action="store_true", help="end with one JSON line: hit_at_one, perr, gap, map")
-    _precision_arg(p, scoring=True)
-    _db_arg(p)
+    precision_arg(p, scoring=True)
+    db_arg(p)
     p.set_defaults(handler=_evaluate)
 
 
@@ -219,7 +200,7 @@ def _infer_arguments(sub) -> None:
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument(
         "--logical-date",
-        type=_iso_date,
+        type=iso_date,
         default=None,
         metavar="ISO",
         help="score what was ingested up to then (default: now)",
@@ -235,15 +216,15 @@ def _infer_arguments(sub) -> None:
         metavar="N",
         help="score the night in parts of about N videos (default 250000), as the DAG's mapped tasks do",
     )
-    _precision_arg(p, scoring=True)
+    precision_arg(p, scoring=True)
     p.add_argument(
         "--lock-timeout",
-        type=_lock_timeout_arg,
+        type=lock_timeout_arg,
         default=None,
         metavar="SECONDS",
         help="wait at most this long for another run of the same night (default $VTAG_LOCK_TIMEOUT_S or 600)",
     )
-    _db_arg(p)
+    db_arg(p)
     p.set_defaults(handler=_infer)
 
 
@@ -287,7 +268,7 @@ def _retire_arguments(sub) -> None:
         "--model-version", type=int, metavar="N", action="append", help="retire this version (repeatable)"
     )
     which.add_argument("--keep", type=int, metavar="N", help="retire all but the newest N versions with predictions")
-    _db_arg(p)
+    db_arg(p)
     p.set_defaults(handler=_retire)
 
 
@@ -310,7 +291,7 @@ def _query_arguments(sub) -> None:
     p = sub.add_parser("query", help="run a query from sql/queries and print a table")
     p.add_argument("name", nargs="?", help="query name; without it, list the queries")
     p.add_argument("params", nargs="*", metavar="NAME=VALUE")
-    _db_arg(p)
+    db_arg(p)
     p.set_defaults(handler=_query)
 
 
@@ -336,7 +317,7 @@ def _query(args) -> int:
 def _vocabulary_arguments(sub) -> None:
     p = sub.add_parser("vocabulary", help="load the YouTube-8M label vocabulary (vocabulary.csv) into the database")
     p.add_argument("csv", metavar="URI", help="path or URI of vocabulary.csv")
-    _db_arg(p)
+    db_arg(p)
     p.set_defaults(handler=_vocabulary)
 
 
@@ -351,7 +332,7 @@ def _vocabulary(args) -> int:
 
 def _models_arguments(sub) -> None:
     p = sub.add_parser("models", help="list model versions with their latest evaluation")
-    _db_arg(p)
+    db_arg(p)
     p.set_defaults(handler=_models)
 
 
@@ -386,7 +367,7 @@ def _models(args) -> int:
 def _manifest_arguments(sub) -> None:
     p = sub.add_parser("manifest", help="show the ingest manifest")
     p.add_argument("--dest", default=None, metavar="URI", help="only shards ingested to this destination")
-    _db_arg(p)
+    db_arg(p)
     p.set_defaults(handler=_manifest)
 
 
@@ -411,7 +392,7 @@ def _db_arguments(sub) -> None:
         q = dbsub.add_parser(name, help=help_text)
         if name == "downgrade":
             q.add_argument("revision", help="target revision, e.g. base or -1")
-        _db_arg(q)
+        db_arg(q)
     p.set_defaults(handler=_db)
 
 
@@ -448,25 +429,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from storage.errors import VtagError
 
     return VtagError, OperationalError
-
-
-def _lock_timeout_arg(value: str) -> float:
-    """argparse type for --lock-timeout: checked as $VTAG_LOCK_TIMEOUT_S is."""
-    from storage.errors import UsageError
-
-    try:
-        return settings.lock_timeout_s(value, "--lock-timeout")
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("--lock-timeout ")) from None
-
-
-def _iso_date(value: str) -> datetime:
-    """argparse type for --logical-date: ISO 8601, UTC when it names no zone."""
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {value!r}") from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 COMMANDS = [

@@ -446,7 +446,10 @@ def _write_parquet(path, level: str, split: str, records, shard: ObjectInfo) -> 
                     record.offset,
                     f"video id {video.id!r} repeats the id of record {earlier[0]} of this shard",
                 )
-            writer.add(video)
+            try:
+                writer.add(video)
+            except LayoutError as exc:  # segment ratings on some records only
+                raise BadRecordError(shard.uri, record.index, record.offset, str(exc)) from None
             videos.ids.append(video.id)
             videos.labels.append(video.labels)
             videos.fingerprints.append(xxhash.xxh3_128_hexdigest(record.data))

@@ -1,6 +1,8 @@
 """Synthetic YouTube-8M shards in exactly Google's format, with labels learnable from the features.
 
 Each label of a small pool drawn from the real vocabulary's range owns an rgb and an audio pattern.
+With `segments` (frame level), the pool is drawn from the 1,000 segment-rated classes and each video
+carries rated 5-second segments in Google's format; a label's pattern is then only in its segments' frames.
 A video draws 1-7 labels (3 on average) and 120-300 frames; about half its frames carry the pattern of
 one of its labels on top of noise, the rest are noise alone. Features are quantized as Google's
 extractor does (storage.formats.yt8m_spec.quantize).
@@ -29,6 +31,9 @@ from storage.formats.yt8m_spec import (
     MAX_FRAMES,
     NUM_CLASSES,
     RGB_DIM,
+    SEGMENT_CLASSES,
+    SEGMENT_FEATURES,
+    SEGMENT_FRAMES,
     VIDEO,
     dequantize,
     quantize,
@@ -48,6 +53,12 @@ class SynthConfig:
     videos_per_shard: int = 100
     num_labels: int = 50  # size of the label pool; small pools make the demo learn fast
     seed: int = 0
+    segments: bool = False  # frame level: rated 5-second segments, as the 3rd edition's validate shards
+
+    @property
+    def pool(self) -> np.ndarray:
+        """The classes labels are drawn from: every class, or the 1,000 segment-rated ones."""
+        return np.asarray(SEGMENT_CLASSES) if self.segments else np.arange(NUM_CLASSES)
 
     def validate(self) -> None:
         if self.level not in LEVELS:
@@ -57,8 +68,10 @@ class SynthConfig:
         for name in ("shards", "videos_per_shard", "num_labels"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.num_labels > NUM_CLASSES:
-            raise UsageError(f"--num-labels must be at most {NUM_CLASSES}")
+        if self.num_labels > len(self.pool):
+            raise UsageError(f"--num-labels must be at most {len(self.pool)}")
+        if self.segments and self.level != FRAME.name:
+            raise UsageError("--segments: segment ratings are frame-level features")
         if self.shards * self.videos_per_shard > 4_000_000:
             raise UsageError("at most 4,000,000 videos a split (4-character ids)")
 
@@ -66,9 +79,9 @@ class SynthConfig:
 class _Vocabulary:
     """The label pool and its patterns: shared by every split of the same seed, so they agree."""
 
-    def __init__(self, num_labels: int, seed: int):
+    def __init__(self, num_labels: int, seed: int, pool: np.ndarray):
         rng = np.random.default_rng([seed, 7])
-        self.labels = np.sort(rng.choice(NUM_CLASSES, size=num_labels, replace=False))
+        self.labels = np.sort(pool[rng.choice(len(pool), size=num_labels, replace=False)])
         self.rgb = rng.normal(0.0, 0.8, size=(num_labels, RGB_DIM)).astype(np.float32)
         self.audio = rng.normal(0.0, 0.8, size=(num_labels, AUDIO_DIM)).astype(np.float32)
 
@@ -100,10 +113,38 @@ def _synth_video(rng: np.random.Generator, vocab: _Vocabulary):
     return sorted(int(label) for label in vocab.labels[picks]), quantize(rgb), quantize(audio)
 
 
-def _frame_record(video_id: str, labels: list[int], rgb: np.ndarray, audio: np.ndarray) -> bytes:
+def _synth_segment_video(rng: np.random.Generator, vocab: _Vocabulary):
+    """A segment-rated video: each of its 1-3 labels' patterns only in two 5-second segments of its own (rated
+    1), and one more segment rated 0 for it (a rater saw it absent); every other frame is noise. Returns
+    (label ids, rgb, audio, (segment starts, labels, scores))."""
+    num_frames = int(draw_num_frames(rng))
+    picks = rng.choice(len(vocab.labels), size=1 + int(rng.binomial(2, 1 / 3)), replace=False)
+    rgb = rng.normal(0.0, 0.6, size=(num_frames, RGB_DIM)).astype(np.float32)
+    audio = rng.normal(0.0, 0.6, size=(num_frames, AUDIO_DIM)).astype(np.float32)
+    windows = iter(rng.permutation(num_frames // SEGMENT_FRAMES) * SEGMENT_FRAMES)  # distinct, on the grid
+    starts, labels, scores = [], [], []
+    for pick in picks:
+        label = int(vocab.labels[pick])
+        for score in (1.0, 1.0, 0.0):
+            start = int(next(windows))
+            if score:
+                rgb[start : start + SEGMENT_FRAMES] += vocab.rgb[pick]
+                audio[start : start + SEGMENT_FRAMES] += vocab.audio[pick]
+            starts.append(start), labels.append(label), scores.append(score)
+    truth = sorted(int(label) for label in vocab.labels[picks])
+    return truth, quantize(rgb), quantize(audio), (starts, labels, scores)
+
+
+def _frame_record(video_id: str, labels: list[int], rgb: np.ndarray, audio: np.ndarray, segments=None) -> bytes:
     record = SequenceExample()
     record.context.feature["id"].bytes_list.value.append(video_id.encode())
     record.context.feature["labels"].int64_list.value.extend(labels)
+    if segments is not None:  # Google's names and types: int64 starts and labels, float scores
+        starts, segment_labels, scores = segments
+        starts_name, labels_name, scores_name = SEGMENT_FEATURES
+        record.context.feature[starts_name].int64_list.value.extend(starts)
+        record.context.feature[labels_name].int64_list.value.extend(segment_labels)
+        record.context.feature[scores_name].float_list.value.extend(scores)
     for name, frames in zip(FRAME.feature_names, (rgb, audio)):
         feature_list = record.feature_lists.feature_list[name].feature
         for frame in frames:
@@ -128,7 +169,7 @@ _ENCODERS = {FRAME.name: _frame_record, VIDEO.name: _video_record}
 def synth(out: str, config: SynthConfig, s3: S3Config | None = None) -> list[str]:
     """Write `config.shards` shards named like Google's (`train0000.tfrecord`) under `out`; return their URIs."""
     config.validate()
-    vocab = _Vocabulary(config.num_labels, config.seed)
+    vocab = _Vocabulary(config.num_labels, config.seed, config.pool)
     encode = _ENCODERS[config.level]
     uris = []
     for shard in range(config.shards):
@@ -138,8 +179,10 @@ def synth(out: str, config: SynthConfig, s3: S3Config | None = None) -> list[str
 
         def records(rng=rng, first_id=first_id):  # consumed within this iteration; bound to be sure
             for j in range(config.videos_per_shard):
-                labels, rgb, audio = _synth_video(rng, vocab)
-                yield encode(_video_id(first_id + j), labels, rgb, audio)
+                if config.segments:
+                    yield _frame_record(_video_id(first_id + j), *_synth_segment_video(rng, vocab))
+                else:
+                    yield encode(_video_id(first_id + j), *_synth_video(rng, vocab))
 
         with store_for(uri, s3).publish(uri) as path, open(path, "wb") as f:
             write_records(f, records())

@@ -4,6 +4,7 @@ less padding on YouTube-8M's lengths, and a reader that reads each row group onc
 import time
 import tracemalloc
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -64,33 +65,9 @@ def test_bucketed_epoch_keeps_every_worker_s_videos_and_batch_counts(
     groups = _groups(seed, n)
     everyone = []
     for r in range(world):
-        plain = plan_epoch(
-            _without_lengths(groups),
-            EpochSpec(
-                batch_size,
-                seed=seed,
-                epoch=epoch,
-                workers=workers,
-                shuffle=True,
-                drop_last=drop_last,
-                rank=r,
-                world=world,
-            ),
-        )
-        bucketed = plan_epoch(
-            groups,
-            EpochSpec(
-                batch_size,
-                seed=seed,
-                epoch=epoch,
-                workers=workers,
-                shuffle=True,
-                drop_last=drop_last,
-                rank=r,
-                world=world,
-                bucket_window=window,
-            ),
-        )
+        spec = EpochSpec(batch_size, seed, epoch, workers, True, drop_last, r, world)
+        plain = plan_epoch(_without_lengths(groups), spec)
+        bucketed = plan_epoch(groups, replace(spec, bucket_window=window))
         for p, b in zip(plain, bucketed, strict=True):
             assert b.window == window and p.window == 1
             assert len(b) == len(p) and Counter(_videos([b])) == Counter(_videos([p]))  # the same videos, reordered

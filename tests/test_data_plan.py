@@ -112,19 +112,7 @@ def test_plan_is_the_list_of_tuples_plan_batch_by_batch(
 ):
     groups = _groups(seed, n)
     expected = reference_plan_epoch(groups, batch_size, seed, epoch, workers, shuffle, drop_last, rank, world)
-    plans = plan_epoch(
-        groups,
-        EpochSpec(
-            batch_size,
-            seed=seed,
-            epoch=epoch,
-            workers=workers,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            rank=rank,
-            world=world,
-        ),
-    )
+    plans = plan_epoch(groups, EpochSpec(batch_size, seed, epoch, workers, shuffle, drop_last, rank, world))
     assert len(plans) == len(expected) == workers
     for plan, batches in zip(plans, expected):
         assert plan.group.dtype == plan.row.dtype == np.int32
@@ -143,17 +131,7 @@ def test_dataset_serves_the_same_batches_after_skipping(
         groups,
         "video",
         10,
-        EpochSpec(
-            batch_size,
-            seed=seed,
-            epoch=epoch,
-            workers=workers,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            rank=rank,
-            world=world,
-            skip_batches=skip_batches,
-        ),
+        EpochSpec(batch_size, seed, epoch, workers, shuffle, drop_last, rank, world, skip_batches=skip_batches),
     )
     served = []
     dataset._load = lambda group, row: served.append(list(zip(group.tolist(), row.tolist())))  # no files read

@@ -61,3 +61,18 @@ def test_scoring_does_not_import_the_training_module(tiny_checkpoint):
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = result.stdout.split()
     assert "model.networks" in loaded and "model.checkpoint" in loaded and "model.train" not in loaded
+
+
+def test_the_one_private_airflow_detail_we_read_is_where_it_was(monkeypatch):
+    """airflow_glue.config._in_task() tells a task (connections and variables through the SDK's supervisor)
+    from the scheduler, the DAG processor and the UI (through the metadata database) by the task runner's
+    SUPERVISOR_COMMS, which Airflow sets only in a task's process. It is private: pinned here, so that an
+    Airflow that renames it fails this test instead of tasks reading connections the scheduler's way."""
+    from airflow.sdk.execution_time import task_runner
+
+    from airflow_glue import config
+
+    assert "SUPERVISOR_COMMS" in task_runner.__annotations__  # declared by the module, set in a task alone
+    assert config._in_task() is False  # here: no task
+    monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", object(), raising=False)
+    assert config._in_task() is True

@@ -116,10 +116,14 @@ def model_page(version: RowId, user: GetUserDep):
 
 @app.get("/models/{version}/plots/{name}")
 def model_plot(version: RowId, name: str, user: GetUserDep):
-    plots = _plots(_model(version))
-    if name not in plots:
-        raise HTTPException(404, f"model version {version} has no plot {name!r} (it has: {', '.join(plots)})")
-    return _stream(plots[name], name)
+    return _download(f"model version {version}", "plot", _plots(_model(version)), name)
+
+
+def _download(owner: str, kind: str, files: dict[str, str], name: str):
+    """One of `owner`'s files by name, or a 404 listing the ones it has."""
+    if name not in files:
+        raise HTTPException(404, f"{owner} has no {kind} {name!r} (it has: {', '.join(files)})")
+    return _stream(files[name], name)
 
 
 def _duration(run: dict):
@@ -191,10 +195,7 @@ def night_page(run_id: RowId, user: GetUserDep):
 
 @app.get("/nights/{run_id}/exports/{name}")
 def night_export(run_id: RowId, name: str, user: GetUserDep):
-    found = _exports(_night(run_id))
-    if name not in found:
-        raise HTTPException(404, f"inference run {run_id} has no export {name!r} (it has: {', '.join(found)})")
-    return _stream(found[name], name)
+    return _download(f"inference run {run_id}", "export", _exports(_night(run_id)), name)
 
 
 @app.get("/tags", response_class=HTMLResponse)

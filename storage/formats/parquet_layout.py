@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from storage.errors import VtagError
 from storage.formats.yt8m_records import FrameVideo, VideoFeatures
-from storage.formats.yt8m_spec import AUDIO_DIM, FRAME, LEVELS, MAX_FRAMES, RGB_DIM, VIDEO, level_spec
+from storage.formats.yt8m_spec import AUDIO_DIM, FRAME, LEVELS, MAX_FRAMES, RGB_DIM, SEGMENT_FEATURES, VIDEO, level_spec
 from storage.objectstore import join
 
 # Every column of either level (storage.formats.yt8m_spec names each level's, in order); none may be null.
@@ -31,6 +31,15 @@ SCHEMAS = {
     for level in LEVELS
 }
 FRAME_SCHEMA, VIDEO_SCHEMA = SCHEMAS[FRAME.name], SCHEMAS[VIDEO.name]
+# Version 2 of the frame-level contract: a shard with segment ratings keeps them, three list columns more
+# (a video's rated segments, in the record's order: start second, class, score). Files of shards without
+# ratings stay version 1, byte for byte the schema above; readers that name their columns read both.
+SEGMENT_COLUMN_TYPES = dict(zip(SEGMENT_FEATURES, (pa.list_(pa.int32()), pa.list_(pa.int32()), pa.list_(pa.float32()))))
+LAYOUT_VERSION_KEY = b"yt8m_layout_version"
+SEGMENT_FRAME_SCHEMA = pa.schema(
+    [*FRAME_SCHEMA, *(pa.field(name, kind, nullable=False) for name, kind in SEGMENT_COLUMN_TYPES.items())],
+    metadata={LAYOUT_VERSION_KEY: b"2"},
+)
 SPLITS = ("train", "validate", "test")
 
 # Chosen with `python -m benchmarks.parquet_layout` (README, "Parquet layout"): row groups of about 32 MiB keep
@@ -46,6 +55,7 @@ COMPRESSION = {
     "audio": "none",
     "mean_rgb": "snappy",
     "mean_audio": "snappy",
+    **dict.fromkeys(SEGMENT_FEATURES, "snappy"),
 }
 COMPRESSION_LEVEL = None
 
@@ -111,7 +121,8 @@ class _FrameColumns:
     """A row group's num_frames, rgb and audio. Frames are copied out of their records at once, so a
     row group never pins its records."""
 
-    def __init__(self, row_group_bytes: int):
+    def __init__(self, row_group_bytes: int, segments: bool = False):
+        self._segments: list[list] | None = [[], [], []] if segments else None
         self._num_frames: list[int] = []
         # Room for a full row group plus one longest video, so that the video that fills it fits.
         self._rgb = _PackedBinaryColumn(row_group_bytes + MAX_FRAMES * RGB_DIM)
@@ -122,12 +133,21 @@ class _FrameColumns:
         self._num_frames.append(video.num_frames)
         self._rgb.append(video.rgb)
         self._audio.append(video.audio)
+        if self._segments is not None:
+            for column, values in zip(
+                self._segments, (video.segments.start, video.segments.label, video.segments.score)
+            ):
+                column.append(values)
         return video.rgb.size + video.audio.size
 
     def arrays(self) -> list[pa.Array]:
-        return [pa.array(self._num_frames, pa.int32()), self._rgb.to_arrow(), self._audio.to_arrow()]
+        arrays = [pa.array(self._num_frames, pa.int32()), self._rgb.to_arrow(), self._audio.to_arrow()]
+        if self._segments is not None:
+            arrays += [pa.array(v, kind) for v, kind in zip(self._segments, SEGMENT_COLUMN_TYPES.values())]
+        return arrays
 
     def clear(self) -> None:
+        self._segments = None if self._segments is None else [[], [], []]
         self._num_frames = []
         self._rgb.clear()
         self._audio.clear()
@@ -160,7 +180,9 @@ class _VideoColumns:
 
 
 class ShardParquetWriter:
-    """Writes decoded videos of one shard into row groups of about ROW_GROUP_BYTES, streaming."""
+    """Writes decoded videos of one shard into row groups of about ROW_GROUP_BYTES, streaming. At frame
+    level the first video decides the contract's version: with segment ratings, every video of the file
+    carries them (SEGMENT_FRAME_SCHEMA); without, none does (FRAME_SCHEMA)."""
 
     def __init__(
         self,
@@ -170,28 +192,48 @@ class ShardParquetWriter:
         compression: str | dict = COMPRESSION,
         compression_level: int | dict | None = COMPRESSION_LEVEL,
     ):
-        self.level = level
-        self.schema = SCHEMAS[level]
+        self.path, self.level, self.schema = path, level, SCHEMAS[level]
         self.row_group_bytes = row_group_bytes
-        if isinstance(compression, dict):
-            compression = {name: compression[name] for name in self.schema.names}
-        if isinstance(compression_level, dict):
-            compression_level = {name: v for name, v in compression_level.items() if name in self.schema.names}
-        self._writer = pq.ParquetWriter(
-            str(path),
-            self.schema,
-            compression=compression,
-            compression_level=compression_level,
-            use_dictionary=False,  # ids are unique and labels few: dictionaries would only cost
-            write_statistics=["id", "num_frames"],
-        )
+        self._compression, self._compression_level = compression, compression_level
+        self._writer: pq.ParquetWriter | None = None  # opened by the first video, which sets the schema
         self._ids: list[str] = []
         self._labels: list[list[int]] = []
-        self._features = _FrameColumns(row_group_bytes) if level_spec(level).per_frame else _VideoColumns()
+        self._features = None
         self._buffered = 0
         self.rows_written = 0
 
+    @property
+    def segments(self) -> bool | None:
+        """Whether the file keeps segment ratings; None until its first video."""
+        return None if self._writer is None else self.schema is SEGMENT_FRAME_SCHEMA
+
+    def _open(self, segments: bool) -> None:
+        if segments:
+            self.schema = SEGMENT_FRAME_SCHEMA
+        compression, level = self._compression, self._compression_level
+        if isinstance(compression, dict):
+            compression = {name: compression[name] for name in self.schema.names}
+        if isinstance(level, dict):
+            level = {name: v for name, v in level.items() if name in self.schema.names}
+        self._writer = pq.ParquetWriter(
+            str(self.path),
+            self.schema,
+            compression=compression,
+            compression_level=level,
+            use_dictionary=False,  # ids are unique and labels few: dictionaries would only cost
+            write_statistics=["id", "num_frames"],
+        )
+        per_frame = level_spec(self.level).per_frame
+        self._features = _FrameColumns(self.row_group_bytes, segments) if per_frame else _VideoColumns()
+
     def add(self, video: FrameVideo | VideoFeatures) -> None:
+        rated = getattr(video, "segments", None) is not None
+        if self._writer is None:
+            self._open(rated)
+        elif rated != self.segments:
+            raise LayoutError(
+                f"video {video.id!r} {'has' if rated else 'has no'} segment ratings, unlike the file's first video"
+            )
         self._ids.append(video.id)
         self._labels.append(video.labels)
         self._buffered += self._features.add(video)
@@ -213,6 +255,8 @@ class ShardParquetWriter:
         self._features.clear()
 
     def close(self) -> None:
+        if self._writer is None:  # no video: an empty file of the level's first version
+            self._open(False)
         try:
             self.flush()
         finally:

@@ -1,7 +1,8 @@
 """Decoding of YouTube-8M records (google/youtube-8m readers.py) from serialized protobufs.
 
 Frame level: one SequenceExample per video, context `id`, `labels`, feature lists `rgb` (1024 uint8 a
-frame) and `audio` (128 uint8 a frame). Video level: one Example per video, `id`, `labels`,
+frame) and `audio` (128 uint8 a frame); a segment-rated record's context also holds its rated segments
+(`segment_start_times`, `segment_labels`, `segment_scores`). Video level: one Example per video, `id`, `labels`,
 `mean_rgb` (1024 floats), `mean_audio` (128 floats). Names and sizes come from storage.formats.yt8m_spec.
 """
 
@@ -12,11 +13,29 @@ from google.protobuf.message import DecodeError
 
 from storage.errors import VtagError
 from storage.formats.tf_example import Features, SequenceExample
-from storage.formats.yt8m_spec import FRAME, MAX_ID_LENGTH, NUL_REFUSED, NUM_CLASSES, VIDEO
+from storage.formats.yt8m_spec import (
+    FRAME,
+    MAX_ID_LENGTH,
+    NUL_REFUSED,
+    NUM_CLASSES,
+    SEGMENT_CLASS_SET,
+    SEGMENT_FEATURES,
+    SEGMENT_FRAMES,
+    VIDEO,
+)
 
 
 class RecordDecodeError(VtagError, ValueError):
     """The record is framed correctly but is not the YouTube-8M record it should be."""
+
+
+@dataclass(frozen=True)
+class Segments:
+    """A video's rated 5-second segments (the 3rd edition's segment-rated data), one entry each."""
+
+    start: list[int]  # its first frame, in seconds (frames are one a second), on the 5-frame grid
+    label: list[int]  # one of the 1,000 segment-rated classes
+    score: list[float]  # 1.0: the class is there; 0.0: a rater said it is not
 
 
 @dataclass
@@ -26,6 +45,7 @@ class FrameVideo:
     num_frames: int
     rgb: np.ndarray  # uint8, num_frames x 1024, still quantized (may be a view into the record)
     audio: np.ndarray  # uint8, num_frames x 128
+    segments: Segments | None = None  # None: the record carries no segment ratings
 
 
 @dataclass
@@ -187,13 +207,46 @@ def _frames_joined(message, name: str, dim: int, video_id: str) -> np.ndarray:
     return np.frombuffer(joined, np.uint8).reshape(len(frames), dim)
 
 
-def _frame_video(video_id: str, labels: list[int], rgb: np.ndarray, audio: np.ndarray) -> FrameVideo:
+def _segments(features, video_id: str, num_frames: int) -> Segments | None:
+    """The record's rated segments, checked: the three context lists together and as long as each other, each
+    segment inside the video and on the 5-frame grid, of one of the 1,000 rated classes, scored 0 or 1."""
+    present = [name for name in SEGMENT_FEATURES if name in features]
+    if not present:
+        return None
+    if len(present) != len(SEGMENT_FEATURES):
+        missing = ", ".join(name for name in SEGMENT_FEATURES if name not in present)
+        raise RecordDecodeError(f"video {video_id!r}: has {', '.join(present)} but not {missing}")
+    starts_name, labels_name, scores_name = SEGMENT_FEATURES
+    segments = Segments(
+        [int(v) for v in features[starts_name].int64_list.value],
+        [int(v) for v in features[labels_name].int64_list.value],
+        [float(v) for v in features[scores_name].float_list.value],
+    )
+    if not len(segments.start) == len(segments.label) == len(segments.score):
+        raise RecordDecodeError(
+            f"video {video_id!r}: {len(segments.start)} segment starts, {len(segments.label)} labels and "
+            f"{len(segments.score)} scores: one each per segment"
+        )
+    for start, label, score in zip(segments.start, segments.label, segments.score):
+        if start % SEGMENT_FRAMES or not 0 <= start <= num_frames - SEGMENT_FRAMES:
+            where = "not on the 5-frame grid" if start % SEGMENT_FRAMES else f"outside its {num_frames} frames"
+            raise RecordDecodeError(f"video {video_id!r}: segment at {start} s is {where}")
+        if label not in SEGMENT_CLASS_SET:
+            raise RecordDecodeError(
+                f"video {video_id!r}: segment at {start} s has label {label}, not one of the 1,000 segment-rated classes"
+            )
+        if score not in (0.0, 1.0):
+            raise RecordDecodeError(f"video {video_id!r}: segment at {start} s has score {score}, not 0 or 1")
+    return segments
+
+
+def _frame_video(video_id: str, labels: list[int], rgb: np.ndarray, audio: np.ndarray, context) -> FrameVideo:
     # Frames are quantized bytes: every value dequantizes to a finite float, so there is nothing to refuse.
     if len(audio) != len(rgb):
         raise RecordDecodeError(f"video {video_id!r}: {len(rgb)} rgb frames but {len(audio)} audio frames")
     if len(rgb) == 0:  # nothing to attend over: the model's masked softmax would turn it into NaN
         raise RecordDecodeError(f"video {video_id!r}: no frames")
-    return FrameVideo(video_id, labels, len(rgb), rgb, audio)
+    return FrameVideo(video_id, labels, len(rgb), rgb, audio, _segments(context.feature, video_id, len(rgb)))
 
 
 def _decode_canonical(data: bytes, require_labels: bool) -> FrameVideo | None:
@@ -213,7 +266,7 @@ def _decode_canonical(data: bytes, require_labels: bool) -> FrameVideo | None:
     except DecodeError:
         return None
     video_id, labels = _context(context, require_labels)
-    return _frame_video(video_id, labels, rgb, audio)
+    return _frame_video(video_id, labels, rgb, audio, context)
 
 
 def decode_frame_level(data: bytes, require_labels: bool = True) -> FrameVideo:
@@ -223,7 +276,7 @@ def decode_frame_level(data: bytes, require_labels: bool = True) -> FrameVideo:
     message = _parse(data)
     video_id, labels = _context(message.context, require_labels)
     rgb, audio = (_frames_joined(message, name, dim, video_id) for name, dim in FRAME.features)
-    return _frame_video(video_id, labels, rgb, audio)
+    return _frame_video(video_id, labels, rgb, audio, message.context)
 
 
 def _floats(features, name: str, dim: int, video_id: str) -> np.ndarray:

@@ -7,8 +7,13 @@ from storage.formats.tf_example import Example, SequenceExample
 from storage.formats.tfrecord import write_records
 
 
-def frame_record(video_id="ab12", labels=(1, 2), frames=3, fill=7, drop=()) -> bytes:
+def frame_record(video_id="ab12", labels=(1, 2), frames=3, fill=7, drop=(), segments=None) -> bytes:
+    """`segments`: {context feature name: values} of segment ratings, as Google writes them (starts and
+    labels int64, scores float), put in as given, for tests of bad ones too."""
     record = SequenceExample()
+    for name, values in (segments or {}).items():
+        kind = "float_list" if name == "segment_scores" else "int64_list"
+        getattr(record.context.feature[name], kind).value.extend(values)
     if "id" not in drop:
         record.context.feature["id"].bytes_list.value.append(video_id.encode())
     if "labels" not in drop:
