@@ -21,7 +21,7 @@ import numpy as np
 
 from storage.formats.yt8m_spec import TOP_K
 
-__all__ = ["MetricsAccumulator", "yt8m_metrics"]
+__all__ = ["MetricsAccumulator", "segment_map", "yt8m_metrics"]
 
 # Rows summarised at once: bounds the N x C temporaries (a sorted copy, a few masks) however
 # large the batch handed to add() or yt8m_metrics() is.
@@ -204,3 +204,27 @@ def _positive_int(name, value):
     if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value}")
     return value
+
+
+def segment_map(ranked: dict[int, list[str]], ratings: dict[tuple[str, int], float], top_n: int | None = None) -> float:
+    """Segment mAP@N, as Google's ``segment_eval_inference.py`` computes it from a segment submission.
+
+    `ranked`: per class, its predicted segments best first, each "video_id:start_second" (the submission's
+    `Class,Segments` rows); `ratings`: {(segment, class): score} of the rated segments, 1 positive, 0 not.
+    Each class's list is cut to its first `top_n` (None: all), then keeps only the segments rated for that
+    class; its average precision sums, over the positions i of that list holding a positive, the positives
+    up to i divided by i, and divides by all of the class's positive ratings (found or not). The mean is over
+    the submission's classes that have a positive rating.
+    """
+    positives: dict[int, int] = {}
+    for (_, label), score in ratings.items():
+        if score > 0:
+            positives[label] = positives.get(label, 0) + 1
+    precisions = []
+    for label, segments in ranked.items():
+        if not positives.get(label):
+            continue  # no positive to find: left out of the mean
+        kept = [ratings[(s, label)] > 0 for s in segments[:top_n] if (s, label) in ratings]
+        hits = np.cumsum(kept)
+        precisions.append(float((hits / np.arange(1, len(kept) + 1))[np.asarray(kept, bool)].sum()) / positives[label])
+    return float(np.mean(precisions)) if precisions else 0.0
