@@ -14,8 +14,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from model.epoch_plan import EpochSpec, WorkerPlan, _round_robin, plan_epoch
 from storage.errors import VtagError
-from storage.formats.parquet_layout import SCHEMAS
-from storage.formats.yt8m_spec import AUDIO_DIM, MAX_FRAMES, RGB_DIM, level_spec
+from storage.formats.parquet_layout import SCHEMAS, SEGMENT_FRAME_SCHEMA
+from storage.formats.yt8m_spec import AUDIO_DIM, FRAME, MAX_FRAMES, RGB_DIM, level_spec
 from storage.objectstore import S3Config, StoreError, store_for
 
 
@@ -78,7 +78,8 @@ def _file_row_groups(store, info, level: str, lengths: bool) -> list[RowGroup]:
         metadata = reader.metadata
         schema = metadata.schema.to_arrow_schema()
         expected = SCHEMAS[level]
-        if not schema.remove_metadata().equals(expected):
+        versions = (expected, SEGMENT_FRAME_SCHEMA.remove_metadata()) if level == FRAME.name else (expected,)
+        if not any(schema.remove_metadata().equals(version) for version in versions):  # v2: segment ratings too
             raise DataError(
                 f"{info.uri}: not the {level}-level layout: columns {schema.names} "
                 f"({', '.join(str(t) for t in schema.types)}), expected {expected.names}"

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from model.data import EpochSpec, ParquetBatches, find_row_groups
 from storage.formats.parquet_layout import FRAME_SCHEMA, LAYOUT_VERSION_KEY, SEGMENT_FRAME_SCHEMA
 from storage.formats.tfrecord import read_records
 from storage.formats.yt8m_records import decode_frame_level
@@ -42,6 +43,11 @@ def test_segment_rated_shards_keep_their_ratings_and_others_stay_version_1(tmp_p
     assert [(v.id, v.segments.start, v.segments.label, v.segments.score) for v in decoded] == [
         (r["id"], r["segment_start_times"], r["segment_labels"], r["segment_scores"]) for r in rows
     ]
+    # Training and scoring read version 2 as they read version 1: by their columns.
+    groups = find_row_groups(str(dest), "frame", "validate")
+    batch = next(iter(ParquetBatches(groups, "frame", NUM_CLASSES, EpochSpec(4, shuffle=False, drop_last=False))))
+    assert batch["ids"] == [v.id for v in decoded[:4]] and batch["rgb"].shape[0] == 4
+
     vocab = _Vocabulary(config.num_labels, config.seed, config.pool)
     for video in decoded:
         segments = video.segments
