@@ -31,6 +31,10 @@ class AttentionPooledBiLSTM(nn.Module):
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """frames (B, T, in_dim) float, mask (B, T) bool -> (B, 2 * lstm_size)."""
+        return self.pool(frames, mask)[0]
+
+    def pool(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the pooled outputs, the attention weights (B, T): which frames the pooling looked at)."""
         lengths = mask.sum(dim=1).clamp(min=1)
         embedded = torch.tanh(self.embed(frames))
         # Packing keeps padded frames out of both directions (cuDNN runs packed sequences natively).
@@ -44,7 +48,7 @@ class AttentionPooledBiLSTM(nn.Module):
         outputs = self.dropout(outputs)
         scores = self.attention(outputs).squeeze(-1).float().masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=1).to(outputs.dtype)
-        return self.norm(torch.bmm(weights.unsqueeze(1), outputs).squeeze(1))
+        return self.norm(torch.bmm(weights.unsqueeze(1), outputs).squeeze(1)), weights
 
 
 class AttentionLSTM(nn.Module):
@@ -63,3 +67,11 @@ class AttentionLSTM(nn.Module):
         """rgb (B, T, 1024) and audio (B, T, 128), dequantized; mask (B, T) bool -> logits (B, classes)."""
         pooled = torch.cat([self.rgb(rgb, mask), self.audio(audio, mask)], dim=1)
         return self.head(pooled)
+
+    def localise(self, rgb: torch.Tensor, audio: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, classes), attention (B, T): each frame's weight, the mean of the two modalities')."""
+        (rgb_pooled, rgb_weights), (audio_pooled, audio_weights) = (
+            self.rgb.pool(rgb, mask),
+            self.audio.pool(audio, mask),
+        )
+        return self.head(torch.cat([rgb_pooled, audio_pooled], dim=1)), (rgb_weights + audio_weights) / 2

@@ -159,6 +159,11 @@ def _evaluate_arguments(sub) -> None:
     p.add_argument("--pattern", default="*.parquet")
     p.add_argument("--promote", action="store_true", help="promote to production if its GAP is at least production's")
     p.add_argument("--json", action="store_true", help="end with one JSON line: hit_at_one, perr, gap, map")
+    p.add_argument(
+        "--segments", action="store_true", help="segment mAP@N over the split's rated segments instead (frame level)"
+    )
+    p.add_argument("--segment-method", choices=["model", "attention"], default="model", help="with --segments")
+    p.add_argument("--top-n", type=int, default=100_000, metavar="N", help="with --segments: each class's best N")
     precision_arg(p, scoring=True)
     db_arg(p)
     p.set_defaults(handler=_evaluate)
@@ -167,8 +172,18 @@ def _evaluate_arguments(sub) -> None:
 def _evaluate(args) -> int:
     import json
 
-    from tasks.training import evaluate_model, promote
+    from tasks.training import evaluate_model, evaluate_segments, promote
 
+    if args.segments:
+        where = {"split": args.split, "pattern": args.pattern}
+        found = evaluate_segments(args.checkpoint, args.data or settings.default_parquet_uri(), args.segment_method, args.top_n, **where)  # fmt: skip
+        print(
+            f"segments of {args.split} by the {found.method} method: mAP@{found.top_n} {found.map_at_n:.4f} "
+            f"({found.segments_scored} segments scored, {found.rated} rated)"
+        )
+        if args.json:
+            print(json.dumps({"segment_map": found.map_at_n, "top_n": found.top_n, "method": found.method}))
+        return 0
     result = evaluate_model(
         args.checkpoint,
         args.data or settings.default_parquet_uri(),

@@ -249,3 +249,15 @@ def promote(db_url: str, version: int, split: str = "validate", s3: S3Config | N
     promoted, reason = with_production_scored(db_url, s3, registry.promote_if_better, version, split)
     log.info(reason)
     return {"version": version, "promoted": promoted, "reason": reason}
+
+
+def evaluate_segments(checkpoint_uri: str, data_uri: str, method: str = "model", top_n: int = 100_000, **where):
+    """The checkpoint's segment mAP@N over the split's rated segments (model/segments.py); writes nothing.
+    `where`: split, pattern, s3."""
+    from model.devices import pick_device
+    from model.evaluate import load_model
+    from model.segments import evaluate_segments as evaluate
+
+    device = pick_device()
+    model, config = load_model(canonical_uri(checkpoint_uri), device, where.get("s3"))
+    return evaluate(model, config, canonical_uri(data_uri), device, method, top_n, **where)

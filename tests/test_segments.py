@@ -103,3 +103,48 @@ def test_segments_are_frame_level_features():
 
     with pytest.raises(UsageError, match="--segments: segment ratings are frame-level features"):
         synth("/tmp/unused", SynthConfig("video", segments=True))
+
+
+@pytest.fixture(scope="module")
+def rated_world(tmp_path_factory):
+    """Segment-rated train and validate shards, ingested, and a TINY frame model trained on them."""
+    from tasks.training import train_model
+    from tests.support.db import migrated
+    from tests.support.worlds import TINY
+
+    root = tmp_path_factory.mktemp("rated")
+    for split, videos in (("train", 48), ("validate", 24)):
+        config = SynthConfig("frame", split, videos_per_shard=videos, num_labels=6, seed=5, segments=True)
+        synth(str(root / "raw"), config)
+    assert not ingest(str(root / "raw"), str(root / "parquet"), migrated(f"sqlite:///{root / 'vtag.db'}")).failed
+    trained = train_model(str(root / "parquet"), str(root / "model"), "frame", preset="small", overrides={**TINY, "max_frames": 300}, progress=False)  # fmt: skip
+    return {"parquet": str(root / "parquet"), "checkpoint": trained["checkpoint_uri"]}
+
+
+@pytest.mark.parametrize("method", ["model", "attention"])
+def test_segment_map_of_a_trained_model_is_the_starters_over_its_own_submission(rated_world, method):
+    """Both ways of scoring segments score every 5-second segment of every validate video; the mAP@N they
+    report is the starter's arithmetic over the submission they built (each rated class's best N)."""
+    from model.segments import read_ratings, segment_starts
+    from tasks.training import evaluate_segments
+    from tests.test_segment_metrics import _starter_segment_map
+
+    found = evaluate_segments(rated_world["checkpoint"], rated_world["parquet"], method, top_n=40)
+    ratings = read_ratings(rated_world["parquet"], "validate", "*.parquet", None)
+    frames = pq.read_table(f"{rated_world['parquet']}/frame/validate", columns=["num_frames"]).column(0).to_pylist()
+    assert found.segments_scored == sum(len(segment_starts(n)) for n in frames) and found.rated == len(ratings)
+    assert set(found.submission) == set(SEGMENT_CLASSES) and all(len(s) == 40 for s in found.submission.values())
+    assert 0 < found.map_at_n <= 1
+    assert found.map_at_n == pytest.approx(_starter_segment_map(found.submission, ratings, top_n=40), abs=1e-12)
+
+
+def test_vtag_evaluate_segments_prints_one_line(rated_world):
+    from tests.support.cli import vtag
+
+    result = vtag("evaluate", "--checkpoint", rated_world["checkpoint"], "--data", rated_world["parquet"], "--segments",
+                  "--segment-method", "attention", "--top-n", "100")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("segments of validate by the attention method: mAP@100 0.")
+    refused = vtag("evaluate", "--checkpoint", rated_world["checkpoint"], "--data", rated_world["parquet"],
+                   "--segments", "--split", "train", "--pattern", "nothing*")  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1

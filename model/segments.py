@@ -1,0 +1,121 @@
+"""Where in a video each label is: scores for every 5-second segment from a frame-level model, and the
+segment mAP@N of Google's segment challenge over rated segments (model/metrics.py `segment_map`).
+
+Two ways to score a segment (issue 26, both measured by `vtag evaluate --segments --segment-method`):
+
+- `model`: the trained model run over the segment's 5 frames alone, as if they were a short video;
+- `attention`: the model run once over the whole video; a segment's score for a class is the video's score
+  for it times the share of the AttentionLSTM's attention (the mean of its two modalities') that falls on
+  the segment's frames, times the number of segments: the video's score where the attention is even.
+
+A video's segments start at 0, 5, 10, ... seconds while 5 frames remain (frames are one a second), as the
+starter's `inference.py --segment_labels` cuts them.
+"""
+
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from model.data import EpochSpec, ParquetBatches, find_row_groups, loader, to_device
+from model.metrics import segment_map
+from storage.errors import VtagError
+from storage.formats.yt8m_spec import FRAME, SEGMENT_CLASSES, SEGMENT_FEATURES, SEGMENT_FRAMES
+from storage.objectstore import S3Config, store_for
+
+METHODS = ("model", "attention")
+TOP_N = 100_000  # the 2019 challenge's cap: each class's best 100,000 segments count
+
+
+class SegmentError(VtagError, ValueError):
+    pass
+
+
+def segment_starts(num_frames: int) -> list[int]:
+    return list(range(0, num_frames - SEGMENT_FRAMES + 1, SEGMENT_FRAMES))
+
+
+def score_segments(model, rgb, audio, mask, method: str) -> Iterator[tuple[int, list[int], np.ndarray]]:
+    """For each video of a batch (dequantized rgb, audio, mask on the model's device): (its index in the
+    batch, its segment starts, the segments' sigmoid scores, segments x classes)."""
+    lengths = mask.sum(dim=1).tolist()
+    if method == "attention":
+        logits, attention = model.localise(rgb, audio, mask)
+        scores = torch.sigmoid(logits.float())
+    for b, length in enumerate(lengths):
+        starts = segment_starts(int(length))
+        if not starts:
+            continue
+        if method == "model":
+            index = torch.tensor(starts, device=rgb.device)[:, None] + torch.arange(SEGMENT_FRAMES, device=rgb.device)
+            seg_mask = torch.ones(len(starts), SEGMENT_FRAMES, dtype=torch.bool, device=rgb.device)
+            seg_scores = torch.sigmoid(model(rgb[b][index], audio[b][index], seg_mask).float())
+        else:
+            weights = attention[b, : len(starts) * SEGMENT_FRAMES].float().reshape(len(starts), SEGMENT_FRAMES)
+            seg_scores = scores[b][None, :] * weights.sum(dim=1, keepdim=True) * len(starts)
+        yield b, starts, seg_scores.cpu().numpy()
+
+
+@dataclass
+class SegmentEvaluation:
+    method: str
+    top_n: int
+    map_at_n: float
+    segments_scored: int
+    rated: int  # rated (segment, class) pairs in the split
+    submission: dict[int, list[str]]  # per rated class, its best segments, "video:start", best first
+
+
+def read_ratings(data_uri: str, split: str, pattern: str, s3: S3Config | None) -> dict[tuple[str, int], float]:
+    """{("video:start", class): score} of every rated segment of the split's segment-rated files."""
+    ratings: dict[tuple[str, int], float] = {}
+    for group in find_row_groups(data_uri, FRAME.name, split, pattern, s3, lengths=False):
+        with store_for(group.uri, s3).open_read(group.uri, fingerprint=group.fingerprint) as f:
+            reader = pq.ParquetFile(f)
+            if not set(SEGMENT_FEATURES) <= set(reader.schema_arrow.names):
+                continue  # a file without ratings (layout version 1)
+            table = reader.read_row_group(group.index, columns=["id", *SEGMENT_FEATURES]).to_pylist()
+        for row in table:
+            starts, labels, scores = (row[name] for name in SEGMENT_FEATURES)
+            for start, label, score in zip(starts, labels, scores):
+                ratings[(f"{row['id']}:{start}", label)] = score
+    return ratings
+
+
+def evaluate_segments(
+    model, config, data_uri: str, device, method: str = "model", top_n: int = TOP_N, **where
+) -> SegmentEvaluation:
+    """Score every segment of the split's videos, keep each rated class's best `top_n`, and compute the
+    segment mAP@N against the split's ratings. `where`: split, pattern, s3 (as find_row_groups)."""
+    if method not in METHODS:
+        raise SegmentError(f"segment method must be one of {', '.join(METHODS)}, not {method!r}")
+    if config.level != FRAME.name:
+        raise SegmentError("segments are scored by a frame-level model")
+    split, pattern, s3 = where.get("split", "validate"), where.get("pattern", "*.parquet"), where.get("s3")
+    ratings = read_ratings(data_uri, split, pattern, s3)
+    if not ratings:
+        raise SegmentError(f"no rated segments in split {split!r} of {data_uri}: ingest segment-rated shards")
+    classes = np.asarray(SEGMENT_CLASSES)
+    best: dict[int, list[tuple[float, str]]] = {int(c): [] for c in classes}  # min-heaps of (score, segment)
+    groups = find_row_groups(data_uri, FRAME.name, split, pattern, s3, lengths=False)
+    spec = EpochSpec(64, shuffle=False, drop_last=False, max_frames=config.max_frames)  # the frames it trained on
+    batches = ParquetBatches(groups, FRAME.name, config.num_classes, spec, s3)
+    scored = 0
+    with torch.inference_mode():
+        for batch in loader(batches, 0, pin_memory=False):
+            moved = to_device(batch, device)
+            for b, starts, seg_scores in score_segments(model, moved["rgb"], moved["audio"], moved["mask"], method):
+                scored += len(starts)
+                video = batch["ids"][b]
+                for row, start in enumerate(starts):
+                    for label, value in zip(classes.tolist(), seg_scores[row, classes].tolist()):
+                        heap = best[label]
+                        if len(heap) < top_n:
+                            heapq.heappush(heap, (value, f"{video}:{start}"))
+                        elif value > heap[0][0]:
+                            heapq.heapreplace(heap, (value, f"{video}:{start}"))
+    submission = {label: [s for _, s in sorted(heap, key=lambda e: (-e[0], e[1]))] for label, heap in best.items()}
+    return SegmentEvaluation(method, top_n, segment_map(submission, ratings, top_n), scored, len(ratings), submission)
