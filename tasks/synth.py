@@ -79,7 +79,8 @@ class SynthConfig:
 class _Vocabulary:
     """The label pool and its patterns: shared by every split of the same seed, so they agree."""
 
-    def __init__(self, num_labels: int, seed: int, pool: np.ndarray):
+    def __init__(self, num_labels: int, seed: int, pool: np.ndarray | None = None):
+        pool = np.arange(NUM_CLASSES) if pool is None else pool  # every class, unless segment-rated
         rng = np.random.default_rng([seed, 7])
         self.labels = np.sort(pool[rng.choice(len(pool), size=num_labels, replace=False)])
         self.rgb = rng.normal(0.0, 0.8, size=(num_labels, RGB_DIM)).astype(np.float32)

@@ -71,17 +71,20 @@ def prediction_table(
 
 def judge(conn: Connection, ids: list[str], top_labels: np.ndarray) -> np.ma.MaskedArray:
     """Whether each of the videos' top labels is among their ground truth, as the catalogue holds it now;
-    masked for a video without any (one index range scan per video, in the chunk's transaction)."""
-    truth: dict[str, set[int]] = {}
-    for video, label in conn.execute(
+    masked for a video without any (one index range scan per video, in the chunk's transaction; the
+    comparison in one vectorized pass: a per-video loop cost the full rescore about 90 s at 6.1 M videos)."""
+    row_of = {video: i for i, video in enumerate(ids)}
+    truth = conn.execute(
         select(video_labels.c.video_id, video_labels.c.label_id).where(video_labels.c.video_id.in_(ids))
-    ):
-        truth.setdefault(video, set()).add(label)
-    hit = np.ma.masked_all(top_labels.shape, bool)
-    for row, video in enumerate(ids):
-        if video in truth:
-            hit[row] = np.isin(top_labels[row], list(truth[video]))
-    return hit
+    ).all()
+    rows = np.fromiter((row_of[video] for video, _ in truth), np.int64, len(truth))
+    labels = np.fromiter((label for _, label in truth), np.int64, len(truth))
+    classes = max(int(top_labels.max(initial=0)), int(labels.max(initial=0))) + 1
+    # (row, label) pairs as one integer each: a top label is a hit when its pair is among the truth's
+    hit = np.isin(np.arange(len(ids))[:, None] * classes + top_labels, rows * classes + labels)
+    judged = np.zeros(len(ids), bool)
+    judged[rows] = True
+    return np.ma.masked_array(hit, mask=np.repeat(~judged[:, None], hit.shape[1], axis=1))
 
 
 def _csv(table: pa.Table) -> io.BytesIO:
