@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from model.data import EpochSpec, ParquetBatches, find_row_groups, loader, to_device
+from model.data import EpochSpec, ParquetBatches, RowGroup, find_row_groups, loader, to_device
 from model.metrics import segment_map
 from storage.errors import VtagError
 from storage.formats.yt8m_spec import FRAME, SEGMENT_CLASSES, SEGMENT_FEATURES, SEGMENT_FRAMES
@@ -69,16 +69,24 @@ class SegmentEvaluation:
     submission: dict[int, list[str]]  # per rated class, its best segments, "video:start", best first
 
 
-def read_ratings(data_uri: str, split: str, pattern: str, s3: S3Config | None) -> dict[tuple[str, int], float]:
-    """{("video:start", class): score} of every rated segment of the split's segment-rated files."""
+def read_ratings(groups: list[RowGroup], s3: S3Config | None) -> dict[tuple[str, int], float]:
+    """{("video:start", class): score} of every rated segment in the row groups of segment-rated files
+    (find_row_groups' list: each file opened once, pinned to the content planned)."""
     ratings: dict[tuple[str, int], float] = {}
-    for group in find_row_groups(data_uri, FRAME.name, split, pattern, s3, lengths=False):
-        with store_for(group.uri, s3).open_read(group.uri, fingerprint=group.fingerprint) as f:
+    by_file: dict[str, list[RowGroup]] = {}
+    for group in groups:
+        by_file.setdefault(group.uri, []).append(group)
+    for uri, file_groups in by_file.items():
+        with store_for(uri, s3).open_read(uri, fingerprint=file_groups[0].fingerprint) as f:
             reader = pq.ParquetFile(f)
             if not set(SEGMENT_FEATURES) <= set(reader.schema_arrow.names):
                 continue  # a file without ratings (layout version 1)
-            table = reader.read_row_group(group.index, columns=["id", *SEGMENT_FEATURES]).to_pylist()
-        for row in table:
+            rows = [
+                row
+                for group in file_groups
+                for row in reader.read_row_group(group.index, columns=["id", *SEGMENT_FEATURES]).to_pylist()
+            ]
+        for row in rows:
             starts, labels, scores = (row[name] for name in SEGMENT_FEATURES)
             for start, label, score in zip(starts, labels, scores):
                 ratings[(f"{row['id']}:{start}", label)] = score
@@ -95,12 +103,12 @@ def evaluate_segments(
     if config.level != FRAME.name:
         raise SegmentError("segments are scored by a frame-level model")
     split, pattern, s3 = where.get("split", "validate"), where.get("pattern", "*.parquet"), where.get("s3")
-    ratings = read_ratings(data_uri, split, pattern, s3)
+    groups = find_row_groups(data_uri, FRAME.name, split, pattern, s3, lengths=False)
+    ratings = read_ratings(groups, s3)
     if not ratings:
         raise SegmentError(f"no rated segments in split {split!r} of {data_uri}: ingest segment-rated shards")
-    classes = np.asarray(SEGMENT_CLASSES)
-    best: dict[int, list[tuple[float, str]]] = {int(c): [] for c in classes}  # min-heaps of (score, segment)
-    groups = find_row_groups(data_uri, FRAME.name, split, pattern, s3, lengths=False)
+    classes, labels = np.asarray(SEGMENT_CLASSES), list(SEGMENT_CLASSES)
+    best: dict[int, list[tuple[float, str]]] = {label: [] for label in labels}  # min-heaps of (score, segment)
     spec = EpochSpec(64, shuffle=False, drop_last=False, max_frames=config.max_frames)  # the frames it trained on
     batches = ParquetBatches(groups, FRAME.name, config.num_classes, spec, s3)
     scored = 0
@@ -110,8 +118,8 @@ def evaluate_segments(
             for b, starts, seg_scores in score_segments(model, moved["rgb"], moved["audio"], moved["mask"], method):
                 scored += len(starts)
                 video = batch["ids"][b]
-                for row, start in enumerate(starts):
-                    for label, value in zip(classes.tolist(), seg_scores[row, classes].tolist()):
+                for start, values in zip(starts, seg_scores[:, classes].tolist()):
+                    for label, value in zip(labels, values):
                         heap = best[label]
                         if len(heap) < top_n:
                             heapq.heappush(heap, (value, f"{video}:{start}"))

@@ -130,7 +130,7 @@ def test_segment_map_of_a_trained_model_is_the_starters_over_its_own_submission(
     from tests.test_segment_metrics import _starter_segment_map
 
     found = evaluate_segments(rated_world["checkpoint"], rated_world["parquet"], method, top_n=40)
-    ratings = read_ratings(rated_world["parquet"], "validate", "*.parquet", None)
+    ratings = read_ratings(find_row_groups(rated_world["parquet"], "frame", "validate", lengths=False), None)
     frames = pq.read_table(f"{rated_world['parquet']}/frame/validate", columns=["num_frames"]).column(0).to_pylist()
     assert found.segments_scored == sum(len(segment_starts(n)) for n in frames) and found.rated == len(ratings)
     assert set(found.submission) == set(SEGMENT_CLASSES) and all(len(s) == 40 for s in found.submission.values())
