@@ -7,8 +7,15 @@ import pendulum
 import yt8m_params as form
 from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference, Param, dag, task
 
-from storage.formats.yt8m_spec import NUM_CLASSES, TOP_K  # constants only: cheap to parse
+from storage.formats.yt8m_spec import (  # constants only: cheap to parse
+    NUM_CLASSES,
+    SEGMENT_CLASSES,
+    SEGMENT_METHODS,
+    TOP_K,
+)
 from tasks.settings import night_deadline, schedule, start_date  # no heavy imports: os, re, datetime
+
+MAX_SEGMENTS = len(SEGMENT_CLASSES)
 
 
 def _deadline() -> list[DeadlineAlert]:
@@ -56,6 +63,23 @@ def _deadline() -> list[DeadlineAlert]:
             title="Videos per part",
             description="A night is scored in parts of about this many videos, one GPU task each.",
         ),
+        "segments": Param(
+            0,
+            type="integer",
+            minimum=0,
+            maximum=MAX_SEGMENTS,
+            title="Segments kept per video",
+            description="Each video's best 5-second segments over the 1,000 segment-rated classes, with the "
+            "second each starts at (frame-level models). 0: none.",
+        ),
+        "segment_method": Param(
+            "attention",
+            type="string",
+            enum=list(SEGMENT_METHODS),
+            title="How segments are scored",
+            description="attention: the AttentionLSTM's attention over the video places its scores (one pass); "
+            "model: the model run over each segment's 5 frames alone.",
+        ),
         "keep_prediction_versions": form.optional(
             "integer",
             "Keep predictions of N versions",
@@ -85,7 +109,8 @@ def yt8m_nightly_inference():
     **Params**: `top_k` (labels kept per video), `level` (of the production model), `model_version`
     (empty: production), `video_ids` (only these, scored again; empty: everything not scored yet),
     `shard_pattern` (only videos from matching Parquet files), `part_videos` (about this many videos
-    per part, one GPU task each), `keep_prediction_versions` (after a good night, drop the predictions
+    per part, one GPU task each), `segments` and `segment_method` (each video's best 5-second segments,
+    kept in `segment_predictions`, and the starter's `segments.csv`), `keep_prediction_versions` (after a good night, drop the predictions
     of all but the newest N versions; production always stays), `dry_run` (count what would be
     scored, write nothing), `lock_timeout_s` (how long to wait for an earlier try of the same night
     that still holds its lock).
@@ -126,6 +151,8 @@ def yt8m_nightly_inference():
             exports_uri=night_folder(cfg.exports_uri(), when),
             airflow_run_id=run_id,
             part_videos=params["part_videos"],
+            segments=params.get("segments") or 0,
+            segment_method=params.get("segment_method") or "attention",
         )
         try:
             plan = open_night(

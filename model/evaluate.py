@@ -84,21 +84,29 @@ def load_model(
 
 
 def predict(
-    model: torch.nn.Module, config: Config, batches, device: torch.device
-) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    model: torch.nn.Module, config: Config, batches, device: torch.device, segments: tuple[int, str] | None = None
+) -> Iterator[tuple]:
     """(ids, sigmoid scores float32 B x C, multi-hot labels uint8) for each batch, without gradients, in the
     config's precision policy (a checkpoint's config: the policy it trained in if one was named, else the
-    device's default)."""
+    device's default). With `segments` (M, method: a frame-level model), a fourth item: each video's M best
+    segments (model.segments.TopSegments), scored in the same pass where the method allows."""
     precision = precision_for(config.precision, device)
     precision.apply(model, device)
     log.info("scoring in %s", precision.summary(model, device))
+    if segments is not None:
+        from model.segments import segment_scores, top_segments
     with torch.inference_mode():
         for batch in batches:
             labels = batch["labels"].numpy()
             moved = to_device(batch, device)
             with precision.autocast(device):
-                logits = forward(model, moved, config.level)
-            yield batch["ids"], torch.sigmoid(logits.float()).cpu().numpy(), labels
+                if segments is None:
+                    logits = forward(model, moved, config.level)
+                    yield batch["ids"], torch.sigmoid(logits.float()).cpu().numpy(), labels
+                    continue
+                scores, rated, counts = segment_scores(model, moved["rgb"], moved["audio"], moved["mask"], segments[1])
+            top = top_segments(rated, counts, config.num_classes, segments[0])
+            yield batch["ids"], scores.cpu().numpy(), labels, top
 
 
 def predict_row_groups(
@@ -108,10 +116,11 @@ def predict_row_groups(
     device: torch.device,
     batch_size: int,
     s3: S3Config | None = None,
-) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    segments: tuple[int, str] | None = None,
+) -> Iterator[tuple]:
     """`predict` over `groups` in their order, every video once (no shuffling, the last short batch kept),
     read by `config.num_workers` loader processes. The dataset and loader exist on return; reading starts
-    with the first batch asked for."""
+    with the first batch asked for. `segments`: as `predict`'s."""
     dataset = ParquetBatches(
         groups,
         config.level,
@@ -119,7 +128,7 @@ def predict_row_groups(
         EpochSpec(batch_size, workers=config.num_workers, shuffle=False, drop_last=False, max_frames=config.max_frames),
         s3=s3,
     )
-    return predict(model, config, loader(dataset, config.num_workers, device.type == "cuda"), device)
+    return predict(model, config, loader(dataset, config.num_workers, device.type == "cuda"), device, segments)
 
 
 def evaluate(

@@ -23,11 +23,13 @@ import torch
 from model.data import EpochSpec, ParquetBatches, RowGroup, find_row_groups, loader, to_device
 from model.metrics import segment_map
 from storage.errors import VtagError
+from storage.formats.segment_exports import TOP_N
+from storage.formats.segment_rows import TopSegments
 from storage.formats.yt8m_spec import FRAME, SEGMENT_CLASSES, SEGMENT_FEATURES, SEGMENT_FRAMES
+from storage.formats.yt8m_spec import SEGMENT_METHODS as METHODS
 from storage.objectstore import S3Config, store_for
 
-METHODS = ("model", "attention")
-TOP_N = 100_000  # the 2019 challenge's cap: each class's best 100,000 segments count
+SEGMENT_BATCH = 4096  # segments the `model` method scores at once
 
 
 class SegmentError(VtagError, ValueError):
@@ -38,25 +40,68 @@ def segment_starts(num_frames: int) -> list[int]:
     return list(range(0, num_frames - SEGMENT_FRAMES + 1, SEGMENT_FRAMES))
 
 
-def score_segments(model, rgb, audio, mask, method: str) -> Iterator[tuple[int, list[int], np.ndarray]]:
-    """For each video of a batch (dequantized rgb, audio, mask on the model's device): (its index in the
-    batch, its segment starts, the segments' sigmoid scores, segments x classes)."""
-    lengths = mask.sum(dim=1).tolist()
+def segment_scores(model, rgb, audio, mask, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a batch (dequantized rgb, audio, mask on the model's device): (the videos' sigmoid scores,
+    B x classes; their segments' for the rated classes the model has (`rated_classes`), B x S x R, S the
+    most segments a video of the batch has, zero past a video's own; each video's number of segments, B).
+    One pass of the model with `attention`; with `model`, a second over every segment of the batch at once
+    (in slices of SEGMENT_BATCH segments)."""
+    counts = mask.sum(dim=1) // SEGMENT_FRAMES
+    batch, most = len(counts), int(counts.max()) if len(counts) else 0
+    valid = torch.arange(most, device=mask.device)[None, :] < counts[:, None]
     if method == "attention":
         logits, attention = model.localise(rgb, audio, mask)
-        scores = torch.sigmoid(logits.float())
-    for b, length in enumerate(lengths):
-        starts = segment_starts(int(length))
-        if not starts:
-            continue
-        if method == "model":
-            index = torch.tensor(starts, device=rgb.device)[:, None] + torch.arange(SEGMENT_FRAMES, device=rgb.device)
-            seg_mask = torch.ones(len(starts), SEGMENT_FRAMES, dtype=torch.bool, device=rgb.device)
-            seg_scores = torch.sigmoid(model(rgb[b][index], audio[b][index], seg_mask).float())
-        else:
-            weights = attention[b, : len(starts) * SEGMENT_FRAMES].float().reshape(len(starts), SEGMENT_FRAMES)
-            seg_scores = scores[b][None, :] * weights.sum(dim=1, keepdim=True) * len(starts)
-        yield b, starts, seg_scores.cpu().numpy()
+        videos = torch.sigmoid(logits.float())
+        rated = videos[:, rated_classes(videos.shape[1], videos.device)]
+        share = attention[:, : most * SEGMENT_FRAMES].float().reshape(batch, most, SEGMENT_FRAMES).sum(dim=2)
+        segments = rated[:, None, :] * (share * counts[:, None])[:, :, None]
+    else:
+        videos = torch.sigmoid(model(rgb, audio, mask).float())
+        classes = rated_classes(videos.shape[1], videos.device)
+        rows, columns = valid.nonzero(as_tuple=True)
+        frames = (columns * SEGMENT_FRAMES)[:, None] + torch.arange(SEGMENT_FRAMES, device=mask.device)
+        segments = videos.new_zeros(batch, most, len(classes))
+        ones = torch.ones(SEGMENT_BATCH, SEGMENT_FRAMES, dtype=torch.bool, device=mask.device)
+        for start in range(0, len(rows), SEGMENT_BATCH):
+            r, f = rows[start : start + SEGMENT_BATCH, None], frames[start : start + SEGMENT_BATCH]
+            logits = model(rgb[r, f], audio[r, f], ones[: len(f)])
+            segments[rows[start : start + SEGMENT_BATCH], columns[start : start + SEGMENT_BATCH]] = torch.sigmoid(
+                logits.float()
+            )[:, classes]
+    return videos, segments * valid[:, :, None], counts
+
+
+def score_segments(model, rgb, audio, mask, method: str) -> Iterator[tuple[int, list[int], np.ndarray]]:
+    """For each video of a batch with at least one segment: (its index in the batch, its segment starts,
+    the segments' sigmoid scores, segments x the rated classes the model has)."""
+    _, segments, counts = segment_scores(model, rgb, audio, mask, method)
+    segments = segments.cpu().numpy()
+    for b, count in enumerate(counts.tolist()):
+        if count:
+            yield b, segment_starts(count * SEGMENT_FRAMES), segments[b, :count]
+
+
+def rated_classes(num_classes: int, device=None) -> torch.Tensor:
+    """The segment-rated classes a model of `num_classes` has, in SEGMENT_CLASSES' order."""
+    return torch.tensor([c for c in SEGMENT_CLASSES if c < num_classes], dtype=torch.long, device=device)
+
+
+def top_segments(segments: torch.Tensor, counts: torch.Tensor, num_classes: int, per_video: int) -> TopSegments:
+    """The `per_video` best (segment, class) pairs of each video (segment_scores' output, of a model of
+    `num_classes`)."""
+    batch, most, _ = segments.shape
+    classes = rated_classes(num_classes, segments.device)
+    rated = segments.masked_fill(
+        (torch.arange(most, device=segments.device)[None, :] >= counts[:, None])[:, :, None], float("-inf")
+    )
+    values, index = torch.topk(rated.reshape(batch, -1), min(per_video, most * len(classes)), dim=1)
+    present = torch.isfinite(values)
+    return TopSegments(
+        classes[index % len(classes)].cpu().numpy().astype(np.int32),
+        (index // len(classes) * SEGMENT_FRAMES).cpu().numpy().astype(np.int32),
+        values.masked_fill(~present, 0).cpu().numpy().astype(np.float32),
+        present.cpu().numpy(),
+    )
 
 
 @dataclass
@@ -107,7 +152,7 @@ def evaluate_segments(
     ratings = read_ratings(groups, s3)
     if not ratings:
         raise SegmentError(f"no rated segments in split {split!r} of {data_uri}: ingest segment-rated shards")
-    classes, labels = np.asarray(SEGMENT_CLASSES), list(SEGMENT_CLASSES)
+    labels = rated_classes(config.num_classes).tolist()
     best: dict[int, list[tuple[float, str]]] = {label: [] for label in labels}  # min-heaps of (score, segment)
     spec = EpochSpec(64, shuffle=False, drop_last=False, max_frames=config.max_frames)  # the frames it trained on
     batches = ParquetBatches(groups, FRAME.name, config.num_classes, spec, s3)
@@ -118,7 +163,7 @@ def evaluate_segments(
             for b, starts, seg_scores in score_segments(model, moved["rgb"], moved["audio"], moved["mask"], method):
                 scored += len(starts)
                 video = batch["ids"][b]
-                for start, values in zip(starts, seg_scores[:, classes].tolist()):
+                for start, values in zip(starts, seg_scores.tolist()):
                     for label, value in zip(labels, values):
                         heap = best[label]
                         if len(heap) < top_n:

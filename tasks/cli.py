@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from storage.formats.yt8m_spec import LEVELS
 from tasks import settings
-from tasks.cli_arguments import db_arg, iso_date, lock_timeout_arg, precision_arg
+from tasks.cli_arguments import db_arg, iso_date, lock_timeout_arg, precision_arg, segment_method_arg
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -162,7 +162,7 @@ def _evaluate_arguments(sub) -> None:
     p.add_argument(
         "--segments", action="store_true", help="segment mAP@N over the split's rated segments instead (frame level)"
     )
-    p.add_argument("--segment-method", choices=["model", "attention"], default="model", help="with --segments")
+    segment_method_arg(p, "model", "with --segments")
     p.add_argument("--top-n", type=int, default=100_000, metavar="N", help="with --segments: each class's best N")
     precision_arg(p, scoring=True)
     db_arg(p)
@@ -231,6 +231,14 @@ def _infer_arguments(sub) -> None:
         metavar="N",
         help="score the night in parts of about N videos (default 250000), as the DAG's mapped tasks do",
     )
+    p.add_argument(
+        "--segments",
+        type=int,
+        default=0,
+        metavar="M",
+        help="also keep each video's best M 5-second segments (frame level; default 0: none) and write segments.csv",
+    )
+    segment_method_arg(p, "attention", "with --segments")
     precision_arg(p, scoring=True)
     p.add_argument(
         "--lock-timeout",
@@ -262,6 +270,8 @@ def _infer(args) -> int:
         progress=sys.stderr.isatty(),
         lock_timeout_s=args.lock_timeout,
         precision=args.precision,
+        segments=args.segments,
+        segment_method=args.segment_method,
         **parts,
     )
     if args.dry_run:

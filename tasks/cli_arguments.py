@@ -1,13 +1,23 @@
 """The `vtag` options and argument types several subcommands share (tasks/cli.py): the database, the
-precision, a lock timeout, an ISO date."""
+precision, how segments are scored, a lock timeout, an ISO date."""
 
 import argparse
 from datetime import UTC, datetime
 
 from model.config import PRECISIONS
+from storage.formats.yt8m_spec import SEGMENT_METHODS
 from tasks import settings
 
 DEVICE_PRECISION = "lstm-fp32 on a GPU, fp32 on a CPU"
+
+
+def segment_method_arg(parser: argparse.ArgumentParser, default: str, when: str) -> None:
+    parser.add_argument(
+        "--segment-method",
+        choices=SEGMENT_METHODS,
+        default=default,
+        help=f"{when}: the model over each segment's 5 frames, or the AttentionLSTM's attention (default {default})",
+    )
 
 
 def precision_arg(parser: argparse.ArgumentParser, scoring: bool) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 
 from storage.database import db, partitions, prediction_writes, run_locks, runs
-from storage.formats import exports
+from storage.formats import exports, segment_exports
 from storage.objectstore import S3Config
 from tasks.night_parts import (
     CHUNK_VIDEOS,
@@ -136,6 +136,8 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
         raise IncompleteNight(f"run {plan.run_id}: {error}")
     try:
         uris = exports.join_night(plan.exports_uri, ours, s3)
+        if plan.segments:  # the starter's segment submission, class by class from the parts' fragments
+            uris.append(segment_exports.join_night(plan.exports_uri, ours, s3=s3))
         with db.transaction(db_url) as conn:  # the night's rows become the version's with its success
             prediction_writes.publish(
                 conn, plan.run_id, plan.model_version, plan.level, ours, plan.k, replace_any=bool(plan.video_ids)

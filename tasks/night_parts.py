@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from storage.database import db, label_counts, pending, prediction_writes, run_locks, runs
-from storage.formats import exports
+from storage.database import db, label_counts, partitions, pending, prediction_writes, run_locks, runs
+from storage.formats import exports, segment_exports
+from storage.formats.segment_rows import TopSegments
 from storage.objectstore import S3Config, StoreError, store_for
 from tasks.night_plan import MAX_K, InferenceError, NightPlan, known, lock_timeout, matches
 
@@ -81,7 +82,8 @@ def tag_part(
     `scorer`: (model, config, device), loaded here if not given;
     `lock`: the holder of the night's run_lock, which the caller holds; without it this takes the part's own.
     `score_batches(by_file, num_classes)`, given, replaces the model: benchmarks.scale measures everything
-    around the model with it."""
+    around the model with it (its batches: (ids, scores), or with the plan's segments (ids, scores,
+    TopSegments))."""
     how, number = NightOptions(**options), part["part"]
     with (
         nullcontext(lock)
@@ -100,13 +102,18 @@ def tag_part(
             # The earlier try's rows go with the part's new total: a failure between them leaves neither.
             with db.transaction(db_url) as conn:
                 prediction_writes.create_part_table(conn, plan.model_version, plan.run_id, number)
+                if plan.segments:
+                    prediction_writes.create_part_table(
+                        conn, plan.model_version, plan.run_id, number, partitions.SEGMENTS
+                    )
                 work = _PartWork(plan, number, attempt, _part_videos(conn, plan, part))
                 runs.set_part_total(conn, plan.run_id, number, work.total)
             if score_batches is None:
                 model, config, device = scorer or load_scorer(
                     plan.checkpoint_uri, s3, plan.checkpoint_sha256, how.precision, plan.weights
                 )
-                batches = _score(model, config, work.by_file, device, s3, how.batch_size)
+                segments = (plan.segments, plan.segment_method) if plan.segments else None
+                batches = _score(model, config, work.by_file, device, s3, how.batch_size, segments)
                 num_classes = config.num_classes
             else:
                 num_classes = MAX_K
@@ -140,8 +147,9 @@ def _part_videos(conn, plan: NightPlan, part: dict) -> dict[str, set[str]]:
     return by_file
 
 
-def _score(model, config, by_file: dict[str, set[str]], device, s3, batch_size: int):
-    """(ids, scores) per batch for the wanted videos, from one data loader over all the part's files."""
+def _score(model, config, by_file: dict[str, set[str]], device, s3, batch_size: int, segments=None):
+    """(ids, scores) per batch for the wanted videos, from one data loader over all the part's files; with
+    `segments` (M, method), (ids, scores, TopSegments)."""
     import pyarrow.parquet as pq
 
     from model.data import RowGroup
@@ -165,10 +173,10 @@ def _score(model, config, by_file: dict[str, set[str]], device, s3, batch_size: 
     if not groups:
         return
     wanted = set().union(*by_file.values())
-    for ids, scores, _labels in predict_row_groups(model, config, groups, device, batch_size, s3):
+    for ids, scores, _labels, *top in predict_row_groups(model, config, groups, device, batch_size, s3, segments):
         keep = [i for i, v in enumerate(ids) if v in wanted]
         if keep:
-            yield [ids[i] for i in keep], scores[keep]
+            yield [ids[i] for i in keep], scores[keep], *(t.take(keep) for t in top)
 
 
 def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -195,24 +203,37 @@ class _PartWork:
         top_k, csv_top = min(plan.top_k, num_classes), max(plan.top_k, CSV_TOP)
         counts = label_counts.LabelCounts(top_k, num_classes)
         into = prediction_writes.PartTable(
-            plan.run_id, plan.model_version, self.number, plan.part_table(self.number), self.attempt
+            plan.run_id,
+            plan.model_version,
+            self.number,
+            plan.part_table(self.number),
+            self.attempt,
+            partitions.part_table_name(plan.model_version, plan.run_id, self.number, partitions.SEGMENTS)
+            if plan.segments
+            else None,
         )
         chunks = prediction_writes.ChunkWriter(db.engine_for(db_url), into, lock, counts)
         waiting = _Chunks(chunks, how.chunk_videos)
+        segment_fragment = segment_exports.PartSegments(plan.exports_uri, self.number, s3=s3) if plan.segments else None
         bar = _progress(self.total, how.progress)
         try:
             with exports.PartExports(plan.exports_uri, self.number, top_k, s3) as fragments:
-                for ids, scores in batches:
+                for ids, scores, *top in batches:
+                    segments = self._segments(ids, top)
                     self._check_finite(ids, scores)
                     self._check_once(ids)
                     labels, top_scores = _top(scores, csv_top)
                     fragments.add(ids, labels, top_scores)
-                    waiting.add(ids, labels[:, :top_k], top_scores[:, :top_k])
+                    if segments is not None:
+                        segment_fragment.add(ids, segments)
+                    waiting.add(ids, labels[:, :top_k], top_scores[:, :top_k], segments)
                     if bar is not None:
                         bar.update(len(ids))
                 waiting.flush(everything=True)
                 rows = chunks.close()  # before the fragments are published: a failed write publishes none
                 self._check_all_scored()
+                if segment_fragment is not None:
+                    segment_fragment.write()
         except BaseException:
             chunks.abandon()
             # A scorer left suspended keeps torch's inference mode on in this thread (until it is collected,
@@ -228,6 +249,24 @@ class _PartWork:
         if lost is not None:  # the part is marked failed, committed
             raise lost
         return PartReport(self.number, chunks.videos_written, rows)
+
+    def _segments(self, ids: list[str], top: list) -> TopSegments | None:
+        """A batch's segments: there exactly when the plan asks for them, finite where present."""
+        if not self.plan.segments:
+            return None
+        if not top:
+            raise IncompleteNight(
+                f"run {self.plan.run_id} part {self.number}: the night asks for segments and the scorer gave none"
+            )
+        (segments,) = top
+        bad = (segments.present & ~np.isfinite(segments.scores)).any(axis=1)
+        if bad.any():
+            videos = [v for v, b in zip(ids, bad) if b]
+            raise NonFiniteScores(
+                f"model version {self.plan.model_version} gave NaN or infinite segment scores to {len(videos)} "
+                f"videos of a batch: {self._named(videos)}; nothing of this part counts"
+            )
+        return segments
 
     def _where(self, video: str) -> str:
         return next((uri for uri, wanted in self.by_file.items() if video in wanted), "?")
@@ -276,11 +315,14 @@ class _Chunks:
         self.ids: list[str] = []
         self.labels: list[np.ndarray] = []
         self.scores: list[np.ndarray] = []
+        self.segments: list[TopSegments] = []
 
-    def add(self, ids: list[str], labels: np.ndarray, scores: np.ndarray) -> None:
+    def add(self, ids: list[str], labels: np.ndarray, scores: np.ndarray, segments: TopSegments | None) -> None:
         self.ids.extend(ids)
         self.labels.append(labels)
         self.scores.append(scores)
+        if segments is not None:
+            self.segments.append(segments)
         if len(self.ids) >= self.size:
             self.flush()
 
@@ -288,12 +330,15 @@ class _Chunks:
         if not self.ids:
             return
         labels, scores = np.concatenate(self.labels), np.concatenate(self.scores)
+        segments = TopSegments.concat(self.segments) if self.segments else None
         end = len(self.ids) if everything else len(self.ids) - len(self.ids) % self.size
         for start in range(0, end, self.size):
             stop = min(start + self.size, end)
-            self.writer.submit(self.ids[start:stop], labels[start:stop], scores[start:stop])
+            these = segments.take(slice(start, stop)) if segments is not None else None
+            self.writer.submit(self.ids[start:stop], labels[start:stop], scores[start:stop], these)
         del self.ids[:end]
         self.labels[:], self.scores[:] = [labels[end:]], [scores[end:]]
+        self.segments[:] = [segments.take(slice(end, None))] if segments is not None else []
 
 
 def _progress(total: int, enabled: bool):

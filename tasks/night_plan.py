@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from storage.database import db, partitions, pending, registry, run_locks, runs
 from storage.errors import VtagError
 from storage.formats import exports
-from storage.formats.yt8m_spec import NUL_REFUSED, NUM_CLASSES, TOP_K
+from storage.formats.yt8m_spec import FRAME, NUL_REFUSED, NUM_CLASSES, SEGMENT_CLASSES, TOP_K
+from storage.formats.yt8m_spec import SEGMENT_METHODS as METHODS
 from storage.objectstore import S3Config, StoreError, canonical_uri, join, store_for
 from tasks import settings
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 MAX_K = NUM_CLASSES
 PART_VIDEOS = 250_000  # about 25 s of a GPU at the 10,000 videos/s target: worth a task's start-up
 MAX_PARTS = 512  # well under Airflow's [core] max_map_length (1,024)
+MAX_SEGMENTS = len(SEGMENT_CLASSES)  # a video's best segments: at most one per rated class's worth
 
 
 class InferenceError(VtagError, ValueError):
@@ -48,6 +50,8 @@ class NightRequest:
     exports_uri: str | None = None  # default: the night's folder under settings.default_exports_uri()
     airflow_run_id: str | None = None
     part_videos: int = PART_VIDEOS
+    segments: int = 0  # each video's best segments to store (frame level; 0: none), scored by segment_method
+    segment_method: str = "attention"
 
     @property
     def whole(self) -> bool:
@@ -63,6 +67,10 @@ class NightRequest:
             raise InferenceError(f"logical date {self.logical_date} has no time zone")
         if not (isinstance(self.part_videos, int) and self.part_videos >= 1):
             raise InferenceError(f"part_videos must be a whole number of videos, at least 1, not {self.part_videos!r}")
+        if not (isinstance(self.segments, int) and 0 <= self.segments <= MAX_SEGMENTS):
+            raise InferenceError(f"segments must be a whole number in 0..{MAX_SEGMENTS}, not {self.segments!r}")
+        if self.segment_method not in METHODS:
+            raise InferenceError(f"segment_method must be one of {', '.join(METHODS)}, not {self.segment_method!r}")
         if nul := [v for v in self.video_ids or () if "\x00" in v]:
             raise InferenceError(f"video id {nul[0]!r} holds a NUL byte ({NUL_REFUSED})")
         return replace(
@@ -90,6 +98,8 @@ class NightPlan:
     checkpoint_sha256: str | None = None  # the version's registered content, checked when a part loads it
     weights_uri: str | None = None  # its inference artifact, which parts load instead when it has one
     weights_sha256: str | None = None
+    segments: int = 0  # each video's best segments the parts store (NightRequest.segments)
+    segment_method: str = "attention"
 
     @property
     def weights(self) -> tuple[str, str] | None:
@@ -171,6 +181,11 @@ def resolve(db_url: str, request: NightRequest, s3: S3Config | None = None) -> R
                 f"no production model for level {request.level!r} yet: train one (yt8m_train) or name a version"
             )
         files_of = known(conn, list(request.video_ids), version["level"]) if request.video_ids else None
+    if request.segments and version["level"] != FRAME.name:
+        raise InferenceError(
+            f"segments: model version {version['version']} is a {version['level']}-level model; segments are "
+            "scored from frames, by a frame-level one"
+        )
     return Resolved(request, version, files_of)
 
 
@@ -306,6 +321,8 @@ def plan_night(
         version["checkpoint_sha256"],
         version["weights_uri"],
         version["weights_sha256"],
+        request.segments,
+        request.segment_method,
     )
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import CheckConstraint, Column, Float, Index, MetaData, String, 
 
 from storage.database import registry
 from storage.database.db import engine_for
-from storage.database.partitions import ensure_partition
+from storage.database.partitions import SEGMENTS, ensure_partition
 from storage.database.prediction_writes import create_part_table
 from storage.database.runs import start_run
 from storage.database.schema import metadata
@@ -25,13 +25,13 @@ from tests.support.db import in_transaction
 
 # Tables PostgreSQL holds that the metadata leaves out on purpose, each created outside it:
 RUNTIME_TABLES = (
-    # migration 0005: the DEFAULT partition of predictions, rows of a version without a partition of its own
-    re.compile(r"predictions_default"),
+    # migrations 0005, 0012: the DEFAULT partitions, rows of a version without a partition of its own
+    re.compile(r"(segment_)?predictions_default"),
     # storage.database.partitions.partition_name: a model version's LIST partition, made when its first run starts
-    re.compile(r"predictions_v\d+"),
+    re.compile(r"(segment_)?predictions_v\d+"),
 )
 # On both: storage.database.partitions.part_table_name, a night's part writing apart until the night publishes
-PART_TABLES = re.compile(r"predictions_v\d+_run\d+_part\d+")
+PART_TABLES = re.compile(r"(segment_)?predictions_v\d+_run\d+_part\d+")
 # Not filtered because autogenerate never reflects them: the views production_labels and production_versions
 # (it reads tables only) and the analysts' role and its grants (not schema objects).
 
@@ -82,7 +82,9 @@ def _with_runtime_tables(db_url: str) -> None:
     with engine_for(db_url).begin() as conn:
         run = start_run(conn, datetime(2026, 11, 1, 2, tzinfo=UTC), version, top_k=20, airflow_run_id=None)
         create_part_table(conn, version, run, 0)
+        create_part_table(conn, version, run, 0, SEGMENTS)
         ensure_partition(conn, version + 1)
+        ensure_partition(conn, version + 1, SEGMENTS)
 
 
 def test_schema_py_is_what_the_migrations_build(db_url):
@@ -90,9 +92,13 @@ def test_schema_py_is_what_the_migrations_build(db_url):
     diff, excluded = _diff(db_url)
     assert diff == []
     if db_url.startswith("postgresql"):  # the filter took the run-time tables, and only them
-        assert excluded == {"predictions_default", "predictions_v1_run1_part0", "predictions_v2"}
+        assert excluded == {
+            f"{table}{name}"
+            for table in ("", "segment_")
+            for name in ("predictions_default", "predictions_v1_run1_part0", "predictions_v2")
+        }
     else:
-        assert excluded == {"predictions_v1_run1_part0"}
+        assert excluded == {"predictions_v1_run1_part0", "segment_predictions_v1_run1_part0"}
 
 
 def _condition(sqltext: str) -> tuple[str, list[str]]:

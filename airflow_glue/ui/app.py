@@ -19,6 +19,7 @@ from airflow_glue import config as airflow_config
 from airflow_glue.ui import charts
 from storage.database import db, views
 from storage.formats.exports import CSV_NAME, PICKLE_NAME, night_folder
+from storage.formats.segment_exports import SUBMISSION_NAME
 from storage.objectstore import StoreError, join, store_for
 from tasks import queries
 
@@ -153,7 +154,7 @@ def _exports(run: dict) -> dict[str, str]:
     folders = [run["exports_uri"]] if run.get("exports_uri") else [night_folder(root, when), night_folder(root, when, run["model_version"])]  # fmt: skip
     for folder in folders:
         found = {}
-        for name in (CSV_NAME, PICKLE_NAME):
+        for name in (CSV_NAME, PICKLE_NAME, SUBMISSION_NAME):
             uri = join(folder, name)
             try:
                 if store_for(uri, s3).exists(uri):

@@ -9,7 +9,7 @@ from sqlalchemy import Connection, delete, exists, select, update
 
 from storage.database import label_counts
 from storage.database.db import upsert_insert, utcnow
-from storage.database.schema import labels, model_versions, predictions, video_labels, videos
+from storage.database.schema import labels, model_versions, predictions, segment_predictions, video_labels, videos
 from storage.errors import VtagError
 from storage.formats.yt8m_spec import LEVELS, NUL_REFUSED, NUM_CLASSES
 from storage.objectstore import S3Config, store_for
@@ -194,14 +194,19 @@ def forget_shard(conn: Connection, source_uri: str, level: str | None = None) ->
 
 
 def _drop_predictions(conn: Connection, ids: list[str], level: str) -> None:
-    """The predictions of these videos by every model version of `level` (a video has a row at each level,
-    and a model scores one level's content; the primary key leads with the id: one index probe per
-    partition and id)."""
+    """The predictions (and segment predictions) of these videos by every model version of `level` (a video
+    has a row at each level, and a model scores one level's content; the primary key leads with the id: one
+    index probe per partition and id)."""
     of_level = select(model_versions.c.version).where(model_versions.c.level == level)
     for start in range(0, len(ids), 5000):
-        these = predictions.c.video_id.in_(ids[start : start + 5000]) & predictions.c.model_version.in_(of_level)
+        some = ids[start : start + 5000]
+        these = predictions.c.video_id.in_(some) & predictions.c.model_version.in_(of_level)
         label_counts.take_off(conn, these)
         conn.execute(delete(predictions).where(these))
+        segments = segment_predictions.c
+        conn.execute(
+            delete(segment_predictions).where(segments.video_id.in_(some), segments.model_version.in_(of_level))
+        )
 
 
 def _forget(conn: Connection, source_uri: str, level: str) -> dict[str, tuple[str | None, datetime]]:

@@ -1,5 +1,5 @@
-"""The tables predictions live in: a PostgreSQL partition per model version (created when a version's
-first night is published), the part tables a night's parts write into until the night succeeds and
+"""The tables predictions (and segment predictions) live in: a PostgreSQL partition per model version
+(created when a version's first night is published), the part tables a night's parts write into until the night succeeds and
 publishes them (storage/database/prediction_writes.py, `publish`), and retirement, which drops a
 version's predictions at once.
 
@@ -14,44 +14,62 @@ from sqlalchemy import Connection, delete, exists, func, select, update
 
 from storage.database import label_counts
 from storage.database.db import utcnow
-from storage.database.schema import inference_label_counts, inference_runs, model_versions, predictions
+from storage.database.schema import (
+    inference_label_counts,
+    inference_runs,
+    model_versions,
+    predictions,
+    segment_predictions,
+)
 from storage.errors import VtagError
 
 log = logging.getLogger(__name__)
 
 
 PARTITION_LOCK = 0x76746167  # "vtag": serializes the creation of partitions (transaction-level)
+PREDICTIONS, SEGMENTS = "predictions", "segment_predictions"  # the tables a night writes, partitioned alike
 
 
-def partition_name(model_version: int) -> str:
+def partition_name(model_version: int, table: str = PREDICTIONS) -> str:
     """The PostgreSQL partition of a model version's rows; an int, so it is safe to format into DDL."""
-    return f"predictions_v{int(model_version)}"
+    return f"{_family(table)}_v{int(model_version)}"
 
 
-def part_table_name(model_version: int, run_id: int, part: int) -> str:
+def part_table_name(model_version: int, run_id: int, part: int, table: str = PREDICTIONS) -> str:
     """The table one part of a night writes its rows into, seen by no query until the night publishes it."""
-    return f"predictions_v{int(model_version)}_run{int(run_id)}_part{int(part)}"
+    return f"{_family(table)}_v{int(model_version)}_run{int(run_id)}_part{int(part)}"
 
 
-PART_TABLE = re.compile(r"predictions_v\d+_run\d+(_part\d+)?")  # _part-less: a load table of releases before
+def _family(table: str) -> str:
+    if table not in (PREDICTIONS, SEGMENTS):
+        raise ValueError(f"not a table nights write: {table!r}")  # it is formatted into DDL
+    return table
+
+
+# _part-less: a load table of releases before
+PART_TABLE = re.compile(r"(segment_)?predictions_v\d+_run\d+(_part\d+)?")
 
 
 def run_tables(conn, model_version: int, run_id: int | None = None) -> list[str]:
-    """The part tables (and older releases' load tables) of a version's runs, or of one run, that exist."""
-    prefix = f"predictions_v{int(model_version)}_run{'' if run_id is None else int(run_id)}"
-    if conn.dialect.name == "postgresql":
-        names = conn.exec_driver_sql(
-            "SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = current_schema()::regnamespace "
-            "AND starts_with(relname, %s)",
-            (prefix,),
-        ).scalars()
-    else:
-        names = conn.exec_driver_sql(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, ?) = ?", (len(prefix), prefix)
-        ).scalars()
-    found = [n for n in names if PART_TABLE.fullmatch(n)]
-    # ..._run1 is a prefix of ..._run12: keep the run's own tables only
-    return sorted(n for n in found if run_id is None or re.fullmatch(re.escape(prefix) + r"(_part\d+)?", n))
+    """The part tables (predictions' and segments', and older releases' load tables) of a version's runs,
+    or of one run, that exist."""
+    found = []
+    for family in (PREDICTIONS, SEGMENTS):
+        prefix = f"{family}_v{int(model_version)}_run{'' if run_id is None else int(run_id)}"
+        if conn.dialect.name == "postgresql":
+            names = conn.exec_driver_sql(
+                "SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = current_schema()::regnamespace "
+                "AND starts_with(relname, %s)",
+                (prefix,),
+            ).scalars()
+        else:
+            names = conn.exec_driver_sql(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, ?) = ?", (len(prefix), prefix)
+            ).scalars()
+        # ..._run1 is a prefix of ..._run12: keep the run's own tables only
+        own = re.compile(re.escape(prefix) + (r"\d*" if run_id is None else "") + r"(_part\d+)?")
+        found += [n for n in names if PART_TABLE.fullmatch(n) and own.fullmatch(n)]
+    return sorted(found)
 
 
 def drop_run_tables(conn, model_version: int, run_id: int | None = None) -> None:
@@ -70,12 +88,12 @@ def table_exists(conn, table: str) -> bool:
     )
 
 
-def ensure_partition(conn, model_version: int) -> None:
-    """Give the version its own partition (PostgreSQL), moving any rows of it out of the default one.
-    Serialized by a transaction lock so that two runs starting at once do not both create it."""
+def ensure_partition(conn, model_version: int, parent: str = PREDICTIONS) -> None:
+    """Give the version its own partition of `parent` (PostgreSQL), moving any rows of it out of the default
+    one. Serialized by a transaction lock so that two runs starting at once do not both create it."""
     if conn.dialect.name != "postgresql":
         return
-    table = partition_name(model_version)
+    table = partition_name(model_version, parent)
     if table_exists(conn, table):
         return
     conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
@@ -84,10 +102,10 @@ def ensure_partition(conn, model_version: int) -> None:
     version = int(model_version)
     # Created apart and attached: ATTACH checks the default partition holds no rows of this version,
     # so they move first (there are none unless rows were written without a run, e.g. by hand).
-    conn.exec_driver_sql(f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
-    conn.exec_driver_sql(f"INSERT INTO {table} SELECT * FROM predictions_default WHERE model_version = %s", (version,))
-    conn.exec_driver_sql("DELETE FROM predictions_default WHERE model_version = %s", (version,))
-    conn.exec_driver_sql(f"ALTER TABLE predictions ATTACH PARTITION {table} FOR VALUES IN ({version})")
+    conn.exec_driver_sql(f"CREATE TABLE {table} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+    conn.exec_driver_sql(f"INSERT INTO {table} SELECT * FROM {parent}_default WHERE model_version = %s", (version,))
+    conn.exec_driver_sql(f"DELETE FROM {parent}_default WHERE model_version = %s", (version,))
+    conn.exec_driver_sql(f"ALTER TABLE {parent} ATTACH PARTITION {table} FOR VALUES IN ({version})")
 
 
 class RetireError(VtagError, ValueError):
@@ -123,12 +141,14 @@ def retire(conn: Connection, model_version: int) -> int:
     rows = conn.execute(
         select(func.count()).select_from(predictions).where(predictions.c.model_version == model_version)
     ).scalar()
-    table = partition_name(model_version)
-    if conn.dialect.name == "postgresql" and table_exists(conn, table):
-        conn.exec_driver_sql(f"DROP TABLE {table}")
+    for parent in (PREDICTIONS, SEGMENTS):
+        table = partition_name(model_version, parent)
+        if conn.dialect.name == "postgresql" and table_exists(conn, table):
+            conn.exec_driver_sql(f"DROP TABLE {table}")
     drop_run_tables(conn, model_version)  # the rows of nights that never published
     conn.execute(update(inference_runs).where(inference_runs.c.model_version == model_version).values(load_table=None))
-    conn.execute(delete(predictions).where(predictions.c.model_version == model_version))  # SQLite, default partition
+    for rows in (predictions, segment_predictions):  # SQLite, default partitions
+        conn.execute(delete(rows).where(rows.c.model_version == model_version))
     runs = select(inference_runs.c.run_id).where(inference_runs.c.model_version == model_version)
     conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id.in_(runs)))
     label_counts.forget_version(conn, model_version)

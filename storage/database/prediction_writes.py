@@ -24,10 +24,11 @@ from sqlalchemy import Column, Connection, Engine, MetaData, Table, delete, exis
 from sqlalchemy import column as sa_column
 from sqlalchemy import table as sa_table
 
-from storage.database import label_counts
+from storage.database import label_counts, segment_writes
 from storage.database.partitions import (
     PART_TABLE,
     PARTITION_LOCK,
+    PREDICTIONS,
     ensure_partition,
     part_table_name,
     partition_name,
@@ -36,7 +37,15 @@ from storage.database.partitions import (
 )
 from storage.database.run_locks import RunLockHolder
 from storage.database.runs import RowsLost, SupersededTry, refresh_run_totals, this_try
-from storage.database.schema import inference_label_counts, inference_parts, predictions, video_labels, videos
+from storage.database.schema import (
+    inference_label_counts,
+    inference_parts,
+    predictions,
+    segment_predictions,
+    video_labels,
+    videos,
+)
+from storage.formats.segment_rows import TopSegments
 
 COLUMNS = ("video_id", "model_version", "rank", "label_id", "score", "run_id", "hit")
 
@@ -99,34 +108,36 @@ def tuples(table: pa.Table) -> list[tuple]:
     return list(zip(*(column.to_pylist() for column in table.columns)))
 
 
-def create_part_table(conn: Connection, model_version: int, run_id: int, part: int) -> str:
-    """A part's table, empty (a try starts afresh: whatever an earlier try wrote goes with the old one)."""
-    table = part_table_name(model_version, run_id, part)
+def create_part_table(conn: Connection, model_version: int, run_id: int, part: int, parent: str = PREDICTIONS) -> str:
+    """A part's table of `parent`'s rows (predictions, segment_predictions), empty (a try starts afresh:
+    whatever an earlier try wrote goes with the old one)."""
+    table = part_table_name(model_version, run_id, part, parent)
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
     if conn.dialect.name == "postgresql":
         # LIKE the partitioned table and CHECKed to its version: what ATTACH takes as a partition unscanned
         version = int(model_version)
         conn.exec_driver_sql(
-            f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS, CHECK (model_version = {version}))"
+            f"CREATE TABLE {table} (LIKE {parent} INCLUDING DEFAULTS, CHECK (model_version = {version}))"
         )
     else:
-        Table(table, MetaData(), *(Column(c.name, c.type, nullable=c.nullable) for c in predictions.columns)).create(
-            conn
-        )
+        columns = (predictions if parent == PREDICTIONS else segment_predictions).columns
+        Table(table, MetaData(), *(Column(c.name, c.type, nullable=c.nullable) for c in columns)).create(conn)
     return table
 
 
 def insert_bulk(conn, table: pa.Table, target: str) -> int:
-    """Insert prediction rows into a part's table in the connection's transaction, by the fastest path of
-    its database; returns the rows the database took."""
+    """Insert rows (its columns named as the target's) into a part's table in the connection's
+    transaction, by the fastest path of its database; returns the rows the database took."""
     if not PART_TABLE.fullmatch(target):
         raise ValueError(f"not a table predictions are written to: {target!r}")  # it is formatted into SQL
+    columns = ", ".join(table.column_names)  # ours (prediction_table, TopSegments.table), not a caller's
     if conn.dialect.name == "postgresql":
         cursor = conn.connection.driver_connection.cursor()
-        cursor.copy_expert(f"COPY {target} ({', '.join(COLUMNS)}) FROM STDIN WITH (FORMAT csv)", _csv(table))
+        cursor.copy_expert(f"COPY {target} ({columns}) FROM STDIN WITH (FORMAT csv)", _csv(table))
         return table.num_rows  # COPY takes every row or fails
     before = conn.connection.driver_connection.total_changes
-    conn.exec_driver_sql(f"INSERT INTO {target} ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?)", tuples(table))
+    marks = ", ".join("?" * table.num_columns)
+    conn.exec_driver_sql(f"INSERT INTO {target} ({columns}) VALUES ({marks})", tuples(table))
     return conn.connection.driver_connection.total_changes - before
 
 
@@ -190,6 +201,7 @@ class PartTable:
     part: int
     table: str
     attempt: int = 1
+    segment_table: str | None = None  # where its segment rows go, when the night writes them
 
 
 def write_chunk(
@@ -199,10 +211,11 @@ def write_chunk(
     top_labels: np.ndarray,
     top_scores: np.ndarray,
     lock: RunLockHolder | None = None,
+    segments: TopSegments | None = None,
 ) -> ChunkWritten:
-    """One chunk of a part's predictions into its table, and the part's progress, all or nothing; with
-    `lock`, only while the run's lock is still held, and only while this is the part's latest try (both
-    checked inside the chunk's transaction, the try when it commits)."""
+    """One chunk of a part's predictions (and its videos' `segments`) into its tables, and the part's
+    progress, all or nothing; with `lock`, only while the run's lock is still held, and only while this is
+    the part's latest try (both checked inside the chunk's transaction, the try when it commits)."""
     run_id, model_version, part, target, attempt = into.run_id, into.model_version, into.part, into.table, into.attempt
     k = top_labels.shape[1]
     with engine.begin() as conn:
@@ -216,12 +229,22 @@ def write_chunk(
                 f"run {run_id} part {part}: the database took {written} rows for {len(ids)} videos x {k}; "
                 "nothing of the chunk was written"
             )
+        segment_rows = 0
+        if segments is not None and into.segment_table is not None:
+            rows = segments.table(ids, model_version, run_id)
+            segment_rows = insert_bulk(conn, rows, into.segment_table)
+            if segment_rows != rows.num_rows:
+                raise RowsLost(
+                    f"run {run_id} part {part}: the database took {segment_rows} of the chunk's {rows.num_rows} "
+                    "segment rows; nothing of the chunk was written"
+                )
         progressed = conn.execute(
             update(inference_parts)
             .where(this_try(run_id, part, attempt))
             .values(
                 videos_done=inference_parts.c.videos_done + len(ids),
                 rows_written=inference_parts.c.rows_written + written,
+                segment_rows=inference_parts.c.segment_rows + segment_rows,
             )
         )
         if progressed.rowcount != 1:
@@ -253,10 +276,12 @@ class ChunkWriter:
         self._counts = counts
         self.rows_written = self.videos_written = 0
 
-    def submit(self, ids: list[str], top_labels: np.ndarray, top_scores: np.ndarray) -> None:
+    def submit(
+        self, ids: list[str], top_labels: np.ndarray, top_scores: np.ndarray, segments: TopSegments | None = None
+    ) -> None:
         if len(self._pending) >= self._limit:
             self._collect(*self._pending.pop(0))
-        future = self._pool.submit(write_chunk, *self._args, ids, top_labels, top_scores, self._lock)
+        future = self._pool.submit(write_chunk, *self._args, ids, top_labels, top_scores, self._lock, segments)
         self._pending.append((future, top_labels))
 
     def _collect(self, future, top_labels: np.ndarray) -> None:
@@ -321,18 +346,25 @@ def publish(
         ).all()
     )
     changed: list[str] = []
+    left_out: dict[int, list[str]] = {}  # by part: its videos that this night does not publish
     for part, table in tables.items():
         stale = _changed_since(conn, table, level, started[part])
         _leave_part(conn, run_id, part, table, stale, drop_rows=True)
         changed += stale
+        left_out[part] = stale
+    segments = segment_writes.Publishing(conn, run_id, model_version, present)
     if _first_night(conn, model_version, replace_any):
         _attach_as_partition(conn, model_version, list(tables.values()))
         elsewhere: list[str] = []
+        for part in tables:  # the version had no rows: none of its segments to replace
+            segments.publish_part(part, left_out[part], published=None)
     else:
         ensure_partition(conn, model_version)
         elsewhere = []
         for part, table in tables.items():
-            elsewhere += _insert_part(conn, run_id, model_version, part, table, k, replace_any)
+            theirs = _insert_part(conn, run_id, model_version, part, table, k, replace_any)
+            segments.publish_part(part, left_out[part] + theirs, published=table)
+            elsewhere += theirs
             conn.exec_driver_sql(f"DROP TABLE {table}")
     label_counts.publish_parts(conn, run_id, model_version, list(tables))
     conn.execute(

@@ -206,6 +206,7 @@ inference_parts = Table(
     Column("videos_done", Integer, nullable=False, server_default="0"),
     Column("rows_written", BigInteger, nullable=False, server_default="0"),
     Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("segment_rows", BigInteger, nullable=False, server_default="0"),  # segment_predictions' rows
     Column("error", Text),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
@@ -248,6 +249,28 @@ Index(
     predictions.c.label_id,
     predictions.c.score.desc(),
     predictions.c.video_id,
+)
+
+# Each video's best 5-second segments over the 1,000 segment-rated classes (migration 0012)
+segment_predictions = Table(
+    "segment_predictions",  # LIST-partitioned by model_version on PostgreSQL, as predictions
+    metadata,
+    Column("video_id", String(MAX_ID_LENGTH), primary_key=True),
+    Column("model_version", Integer, primary_key=True),
+    Column("rank", SmallInteger, primary_key=True),
+    Column("label_id", Integer, nullable=False),
+    Column("start_second", Integer, nullable=False),
+    Column("score", Float, nullable=False),
+    Column("run_id", Integer, nullable=False),
+    postgresql_partition_by="LIST (model_version)",
+)
+Index(
+    "ix_segment_predictions_label_score",
+    segment_predictions.c.model_version,
+    segment_predictions.c.label_id,
+    segment_predictions.c.score.desc(),
+    segment_predictions.c.video_id,
+    segment_predictions.c.start_second,
 )
 
 # A version's judged rows and hits at each rank over the rows it serves (storage/database/label_counts.py)

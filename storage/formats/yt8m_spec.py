@@ -36,6 +36,9 @@ DEQUANTIZE_OFFSET = (QUANTIZE_MAX - QUANTIZE_MIN) / 512 + QUANTIZE_MIN
 # `segment_start_times` (int64, the first frame of each rated segment, in seconds), `segment_labels`
 # (int64, its class) and `segment_scores` (float, 1: the class is there, 0: it is not).
 SEGMENT_FRAMES = 5  # a segment is 5 one-second frames; starts lie on that grid
+# How this project scores a segment (model/segments.py): the model over its 5 frames alone, or the
+# AttentionLSTM's attention over the whole video as a localiser of the video's scores.
+SEGMENT_METHODS = ("model", "attention")
 SEGMENT_FEATURES = ("segment_start_times", "segment_labels", "segment_scores")
 # The 1,000 classes segments are rated for, in the order of Google's segment_label_ids.csv (google/youtube-8m).
 # fmt: off

@@ -1,0 +1,221 @@
+"""Segment tagging in the night (issue 26 point 3): each video's best 5-second segments written through the
+parts' bulk path into `segment_predictions`, published with the night's predictions (never half, never
+twice, left out with the videos the night leaves out, retired with the version), the starter's
+`segments.csv` among the exports, and the queries that read them (point 4), on SQLite and PostgreSQL."""
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from sqlalchemy import text
+
+from storage.database import partitions
+from storage.database.db import engine_for
+from storage.formats.yt8m_spec import SEGMENT_CLASS_SET, SEGMENT_CLASSES, SEGMENT_FRAMES
+from tasks import queries
+from tasks.inference import InferenceError, NightRequest, finish_night, plan_night, run_inference, tag_part
+from tasks.synth import SynthConfig, synth
+from tests.support.db import in_transaction, migrated
+from tests.support.worlds import NIGHT, TINY, build_world, count, rows
+
+M = 3  # segments kept per video
+
+
+@pytest.fixture(scope="module")
+def rated_shards(tmp_path_factory) -> Path:
+    raw = tmp_path_factory.mktemp("segment-raw")
+    synth(str(raw), SynthConfig("frame", "train", shards=2, videos_per_shard=12, num_labels=6, seed=4, segments=True))
+    synth(str(raw), SynthConfig("frame", "validate", shards=1, videos_per_shard=8, num_labels=6, seed=4, segments=True))
+    return raw
+
+
+@pytest.fixture(scope="module")
+def segment_checkpoint(rated_shards, tmp_path_factory) -> str:
+    from tasks.ingest import ingest
+    from tasks.training import train_model
+
+    home = tmp_path_factory.mktemp("segment-model")
+    db_url, parquet = migrated(f"sqlite:///{home / 'train.db'}"), str(home / "parquet")
+    assert not ingest(str(rated_shards), parquet, db_url).failed
+    return train_model(parquet, str(home / "model"), "frame", preset="small", overrides=TINY, progress=False)[
+        "checkpoint_uri"
+    ]
+
+
+@pytest.fixture
+def world(rated_shards, segment_checkpoint, tmp_path, db_url):
+    return build_world(rated_shards, tmp_path, db_url, checkpoint=segment_checkpoint)
+
+
+def _segments(db_url) -> dict[str, list[tuple]]:
+    """{video: [(rank, label, start, score, run), ...]} of the served segment rows."""
+    found: dict[str, list[tuple]] = {}
+    for video, *rest in rows(
+        db_url,
+        "SELECT video_id, rank, label_id, start_second, score, run_id FROM segment_predictions ORDER BY video_id, rank",
+    ):
+        found.setdefault(video, []).append(tuple(rest))
+    return found
+
+
+def _videos(db_url) -> int:
+    return count(db_url, "SELECT COUNT(*) FROM videos WHERE level = 'frame'")
+
+
+def _by_hand(world, method_videos: list[str]) -> dict[str, list[tuple[int, int, float]]]:
+    """The `model` method's best M (label, start, score) of these videos, computed the plain way: the model
+    over each 5-frame window of the frames it scores (its max_frames), one window at a time."""
+    from model.data import EpochSpec, ParquetBatches, find_row_groups, to_device
+    from model.evaluate import load_model
+
+    model, config = load_model(world["checkpoint"], torch.device("cpu"))
+    groups = find_row_groups(world["parquet"], "frame", "validate", "*.parquet", None, lengths=False)
+    groups += find_row_groups(world["parquet"], "frame", "train", "*.parquet", None, lengths=False)
+    spec = EpochSpec(16, shuffle=False, drop_last=False, max_frames=config.max_frames)
+    rated = [c for c in SEGMENT_CLASSES if c < config.num_classes]
+    best = {}
+    with torch.inference_mode():
+        for batch in ParquetBatches(groups, "frame", config.num_classes, spec, None):
+            moved = to_device(batch, torch.device("cpu"))
+            for b, video in enumerate(batch["ids"]):
+                if video not in method_videos:
+                    continue
+                frames = int(moved["mask"][b].sum())
+                candidates = []
+                for start in range(0, frames - SEGMENT_FRAMES + 1, SEGMENT_FRAMES):
+                    window = slice(start, start + SEGMENT_FRAMES)
+                    logits = model(
+                        moved["rgb"][b : b + 1, window],
+                        moved["audio"][b : b + 1, window],
+                        torch.ones(1, SEGMENT_FRAMES, dtype=torch.bool),
+                    )
+                    scores = torch.sigmoid(logits.float())[0].numpy()
+                    candidates += [(float(scores[c]), c, start) for c in rated]
+                candidates.sort(key=lambda e: -e[0])
+                best[video] = [(c, s, score) for score, c, s in candidates[:M]]
+    return best
+
+
+def test_a_night_keeps_each_videos_best_segments_and_writes_the_starters_submission(world):
+    db_url = world["db"]
+    report = run_inference(db_url, NIGHT, top_k=3, exports_uri=world["exports"], segments=M, segment_method="model")
+    served = _segments(db_url)
+    assert len(served) == _videos(db_url) == report.videos
+    for segment_rows in served.values():
+        assert [r[0] for r in segment_rows] == list(range(1, M + 1))
+        assert all(r[1] in SEGMENT_CLASS_SET and r[2] % SEGMENT_FRAMES == 0 for r in segment_rows)
+        assert [r[3] for r in segment_rows] == sorted((r[3] for r in segment_rows), reverse=True)
+        assert {r[4] for r in segment_rows} == {report.run_id}
+    assert count(db_url, "SELECT SUM(segment_rows) FROM inference_parts WHERE run_id = :r", r=report.run_id) == (
+        len(served) * M
+    )
+    # The rows are the model's own: a few videos' windows scored one by one give the same segments.
+    some = sorted(served)[:3]
+    for video, expected in _by_hand(world, some).items():
+        got = [(label, start, score) for _, label, start, score, _ in served[video]]
+        assert [g[:2] for g in got] == [e[:2] for e in expected], video
+        assert np.allclose([g[2] for g in got], [e[2] for e in expected], atol=1e-5)
+
+    # segments.csv: Google's header, then per class its segments best first, as the rows rank them
+    lines = Path(world["exports"], "segments.csv").read_text().splitlines()
+    assert lines[0] == "Class,Segments" and str(Path(world["exports"], "segments.csv")) in report.exports
+    submission = {int(c): s.split() for c, s in (line.split(",") for line in lines[1:])}
+    expected: dict[int, list[str]] = {}
+    for video, label, start in rows(
+        db_url,
+        "SELECT video_id, label_id, start_second FROM segment_predictions ORDER BY label_id, score DESC, video_id, "
+        "start_second",
+    ):
+        expected.setdefault(label, []).append(f"{video}:{start}")
+    assert submission == expected
+    assert [c for c in SEGMENT_CLASSES if c in submission] == list(submission)  # in segment_label_ids' order
+    fragment = pq.ParquetFile(Path(world["exports"], "parts", "part-00000.segments.parquet"))
+    assert fragment.metadata.num_row_groups == len(expected)  # one class a row group
+
+    # the queries analysts run
+    video = some[0]
+    columns, found = queries.run(db_url, "video_segments", {"video_id": video})
+    assert columns[:4] == ["rank", "start_second", "end_second", "label_id"]
+    assert [(r[0], r[1], r[2] - r[1], r[3]) for r in found] == [
+        (r[0], r[2], SEGMENT_FRAMES, r[1]) for r in served[video]
+    ]
+    assert all(r[4] for r in found)  # the label's name (the world loads the vocabulary)
+    label = served[video][0][1]
+    _, top = queries.run(db_url, "label_top_segments", {"label_id": label, "limit": 4})
+    assert [f"{r[0]}:{r[1]}" for r in top] == expected[label][:4]
+    if db_url.startswith("postgresql"):  # a partition of the version's own, as predictions have
+        name = partitions.partition_name(world["version"], partitions.SEGMENTS)
+        assert count(db_url, "SELECT COUNT(*) FROM pg_class WHERE relname = :n", n=name) == 1
+
+
+def test_reruns_and_rescoring_replace_segments_and_retire_drops_them(world):
+    db_url = world["db"]
+    first = run_inference(db_url, NIGHT, top_k=3, exports_uri=world["exports"], segments=M)
+    before = _segments(db_url)
+    again = run_inference(db_url, NIGHT, top_k=3, exports_uri=world["exports"], segments=M)  # the same night rerun
+    assert again.run_id == first.run_id and _segments(db_url) == before
+    video = sorted(before)[0]
+    rescored = run_inference(
+        db_url, NIGHT, top_k=3, exports_uri=world["exports"] + "-rescore", video_ids=[video], segments=M
+    )
+    after = _segments(db_url)
+    assert len(after) == len(before) and {r[4] for r in after[video]} == {rescored.run_id}
+    assert [r[:4] for r in after[video]] == [r[:4] for r in before[video]]  # same model, same content
+    assert {v: s for v, s in after.items() if v != video} == {v: s for v, s in before.items() if v != video}
+    assert not [t for t in _tables(db_url) if t.startswith("segment_")]  # no part table left behind
+
+    from model import checkpoint
+    from tasks.training import evaluate_model, promote
+
+    state = checkpoint.load(world["checkpoint"])  # another version (the same weights saved again) in production
+    checkpoint.save(world["checkpoint"] + ".copy", {**state, "step": state.get("step", 0) + 1})
+    promote(db_url, evaluate_model(world["checkpoint"] + ".copy", world["parquet"], db_url)["version"])
+    in_transaction(db_url, partitions.retire, world["version"])
+    assert count(db_url, "SELECT COUNT(*) FROM segment_predictions") == 0
+    if db_url.startswith("postgresql"):
+        name = partitions.partition_name(world["version"], partitions.SEGMENTS)
+        assert count(db_url, "SELECT COUNT(*) FROM pg_class WHERE relname = :n", n=name) == 0
+
+
+def _tables(db_url) -> list[str]:
+    from storage.database import db
+
+    with db.transaction(db_url) as conn:
+        return partitions.run_tables(conn, 1) + partitions.run_tables(conn, 2)
+
+
+def test_videos_the_night_leaves_out_leave_their_segments_out_too(world):
+    db_url = world["db"]
+    plan = plan_night(db_url, NIGHT, top_k=3, exports_uri=world["exports"], segments=M)
+    for part in plan.parts:
+        tag_part(db_url, plan, part)
+    with_new_content = [v for (v,) in rows(db_url, "SELECT video_id FROM videos ORDER BY video_id LIMIT 2")]
+    with engine_for(db_url).begin() as conn:  # re-ingested meanwhile: newer than the try that scored them
+        for video in with_new_content:
+            conn.execute(
+                text("UPDATE videos SET ingested_at = :t WHERE video_id = :v"), {"t": datetime.now(UTC), "v": video}
+            )
+    finish_night(db_url, plan)
+    served = _segments(db_url)
+    assert not set(with_new_content) & set(served)
+    assert len(served) == _videos(db_url) - 2
+    assert count(db_url, "SELECT SUM(segment_rows) FROM inference_parts WHERE run_id = :r", r=plan.run_id) == (
+        len(served) * M
+    )
+
+
+@pytest.mark.parametrize(
+    "asked, message",
+    [
+        ({"segments": -1}, "segments must be a whole number in 0..1000, not -1"),
+        ({"segments": 1001}, "segments must be a whole number in 0..1000, not 1001"),
+        ({"segments": 2, "segment_method": "middle"}, "segment_method must be one of model, attention, not 'middle'"),
+    ],
+)
+def test_a_bad_segment_request_is_refused_in_one_line_before_any_run(asked, message):
+    with pytest.raises(InferenceError) as refused:
+        NightRequest(NIGHT, **asked).checked()
+    assert str(refused.value) == message
