@@ -3,6 +3,7 @@ refused without a token, and with one showing what the database and object store
 
 import json
 import re
+from html import escape as html_escape
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,25 @@ def test_tags_pages_match_the_shared_queries(client, night):
     assert _cells(by_name) == [[str(v) for v in r] for r in top]
     bad = test_client.get("/video-tags/tags?label=-5", headers=auth)
     assert bad.status_code == 200 and "parameter label_id must be" in bad.text
+
+
+def test_tags_page_shows_a_videos_segments_on_a_timeline(client, night):
+    test_client, auth = client
+    video = row(night["db"], "SELECT MIN(video_id) FROM predictions")[0]
+    html = test_client.get(f"/video-tags/tags?video={video}", headers=auth).text
+    assert "no segments" in html  # the night kept none
+    exports = join(night["exports"], "rescored")
+    run_inference(night["db"], NIGHT, top_k=5, video_ids=[video], segments=4, exports_uri=exports)
+    _, expected = queries.run(night["db"], "video_segments", {"video_id": video})
+    html = test_client.get(f"/video-tags/tags?video={video}", headers=auth).text
+    timeline = re.search(r'<svg[^>]*class="timeline".*?</svg>', html, re.S).group(0)
+    hovers = re.findall(r'<rect class="segment"[^>]*><title>(.*?)</title>', timeline)
+    assert len(expected) == 4 and sorted(hovers) == sorted(
+        html_escape(f"{name}: {start}-{end} s, score {score:.3f}") for _, start, end, _, name, score, _ in expected
+    )
+    segment_table = html.split('<table class="segments">', 1)[1].split("</table>", 1)[0]
+    cells = [re.findall(r"<td>(.*?)</td>", tr) for tr in re.findall(r"<tr>(.*?)</tr>", segment_table, re.S)[1:]]
+    assert cells == [[str(v) for v in r] for r in expected]
 
 
 def test_connections_resolve_from_the_metadata_db_outside_a_task(client, monkeypatch):

@@ -202,16 +202,28 @@ def night_export(run_id: RowId, name: str, user: GetUserDep):
 @app.get("/tags", response_class=HTMLResponse)
 def tags_page(user: GetUserDep, video: str | None = None, label: str | None = None):
     """The shared queries of sql/queries (queries.run), so the page shows what `vtag query` shows."""
-    columns, rows, error = [], [], None
+    columns, rows, error, segments = [], [], None, None
     try:
         if video:
             columns, rows = queries.run(_db(), "video_top_labels", {"video_id": video, "k": TAG_ROWS})
+            segments = _segments(video)
         elif label:
             label_id = label if re.fullmatch(r"\s*-?\d+\s*", label) else _label_id(label)
             columns, rows = queries.run(_db(), "label_top_videos", {"label_id": label_id, "limit": TAG_ROWS})
     except queries.QueryError as exc:
         error = str(exc)
-    return _page("tags.html", "Tags", video=video, label=label, columns=columns, rows=rows, error=error)
+    return _page(
+        "tags.html", "Tags", video=video, label=label, columns=columns, rows=rows, error=error, segments=segments
+    )
+
+
+def _segments(video: str) -> dict:
+    """The video's segments (sql/queries/video_segments.sql) as a table and on a timeline."""
+    columns, rows = queries.run(_db(), "video_segments", {"video_id": video})
+    found = [dict(zip(columns, r)) for r in rows]
+    for s in found:
+        s["label"] = s["label_name"] or f"label {s['label_id']}"
+    return {"columns": columns, "rows": rows, "chart": charts.timeline(found)}
 
 
 def _label_id(name: str) -> int:

@@ -31,3 +31,37 @@ def bars(rows: list[tuple[str, float]], signed: bool = False) -> str:
         )
     out.append("</svg>")
     return "".join(out)
+
+
+def timeline(segments: list[dict]) -> str:
+    """A video's segments on its time axis: one lane per label (named on the left), each segment a block
+    from its start to its end second, darker the higher its score; its exact figures on hover."""
+    if not segments:
+        return '<p class="empty">no segments: the night that scored this video kept none (its `segments` param)</p>'
+    lanes = list(dict.fromkeys(s["label"] for s in segments))
+    end = max(s["end_second"] for s in segments)
+    scale = BAR_WIDTH * 1.5 / max(end, 1)
+    top = max(s["score"] for s in segments) or 1
+    height = len(lanes) * (BAR_HEIGHT + GAP) + 16
+    width = LABEL_WIDTH + BAR_WIDTH * 1.5 + 20
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="timeline" width="{width:.0f}" height="{height}" role="img">'
+    ]
+    for i, lane in enumerate(lanes):
+        y = i * (BAR_HEIGHT + GAP)
+        out.append(f'<text x="{LABEL_WIDTH - 6}" y="{y + 12}" text-anchor="end" font-size="12">{escape(lane)}</text>')
+        out.append(f'<rect x="{LABEL_WIDTH}" y="{y}" width="{end * scale:.1f}" height="{BAR_HEIGHT}" fill="#eee"/>')
+    for s in segments:
+        y = lanes.index(s["label"]) * (BAR_HEIGHT + GAP)
+        x, length = LABEL_WIDTH + s["start_second"] * scale, (s["end_second"] - s["start_second"]) * scale
+        opacity = 0.3 + 0.7 * s["score"] / top
+        hover = f"{s['label']}: {s['start_second']}-{s['end_second']} s, score {s['score']:.3f}"
+        out.append(
+            f'<rect class="segment" x="{x:.1f}" y="{y}" width="{length:.1f}" height="{BAR_HEIGHT}" '
+            f'fill="#2e86c1" fill-opacity="{opacity:.2f}"><title>{escape(hover)}</title></rect>'
+        )
+    axis_y = len(lanes) * (BAR_HEIGHT + GAP) + 12
+    for second in range(0, end + 1, max(5, (end // 10) // 5 * 5 or 5)):
+        out.append(f'<text x="{LABEL_WIDTH + second * scale:.1f}" y="{axis_y}" font-size="10">{second}s</text>')
+    out.append("</svg>")
+    return "".join(out)
