@@ -23,7 +23,7 @@ import torch
 from model.data import EpochSpec, ParquetBatches, RowGroup, find_row_groups, loader, to_device
 from model.metrics import segment_map
 from storage.errors import VtagError
-from storage.formats.segment_exports import TOP_N
+from storage.formats.segment_exports import TOP_N, read_submission
 from storage.formats.segment_rows import TopSegments
 from storage.formats.yt8m_spec import FRAME, SEGMENT_CLASSES, SEGMENT_FEATURES, SEGMENT_FRAMES
 from storage.formats.yt8m_spec import SEGMENT_METHODS as METHODS
@@ -138,6 +138,26 @@ def read_ratings(groups: list[RowGroup], s3: S3Config | None) -> dict[tuple[str,
     return ratings
 
 
+def evaluate_submission(submission_uri: str, data_uri: str, top_n: int = TOP_N, **where) -> SegmentEvaluation:
+    """The segment mAP@N of a submission (a night's `segments.csv`, or the starter's) against the split's
+    ratings, as segment_eval_inference.py scores one: its segments that are not rated do not count."""
+    submission = read_submission(submission_uri, where.get("s3"))
+    _, ratings = _split_ratings(data_uri, **where)
+    ranked = sum(len(s) for s in submission.values())
+    return SegmentEvaluation(
+        "submission", top_n, segment_map(submission, ratings, top_n), ranked, len(ratings), submission
+    )
+
+
+def _split_ratings(data_uri: str, **where) -> tuple[list[RowGroup], dict[tuple[str, int], float]]:
+    split, pattern, s3 = where.get("split", "validate"), where.get("pattern", "*.parquet"), where.get("s3")
+    groups = find_row_groups(data_uri, FRAME.name, split, pattern, s3, lengths=False)
+    ratings = read_ratings(groups, s3)
+    if not ratings:
+        raise SegmentError(f"no rated segments in split {split!r} of {data_uri}: ingest segment-rated shards")
+    return groups, ratings
+
+
 def evaluate_segments(
     model, config, data_uri: str, device, method: str = "model", top_n: int = TOP_N, **where
 ) -> SegmentEvaluation:
@@ -147,11 +167,8 @@ def evaluate_segments(
         raise SegmentError(f"segment method must be one of {', '.join(METHODS)}, not {method!r}")
     if config.level != FRAME.name:
         raise SegmentError("segments are scored by a frame-level model")
-    split, pattern, s3 = where.get("split", "validate"), where.get("pattern", "*.parquet"), where.get("s3")
-    groups = find_row_groups(data_uri, FRAME.name, split, pattern, s3, lengths=False)
-    ratings = read_ratings(groups, s3)
-    if not ratings:
-        raise SegmentError(f"no rated segments in split {split!r} of {data_uri}: ingest segment-rated shards")
+    groups, ratings = _split_ratings(data_uri, **where)
+    s3 = where.get("s3")
     labels = rated_classes(config.num_classes).tolist()
     best: dict[int, list[tuple[float, str]]] = {label: [] for label in labels}  # min-heaps of (score, segment)
     spec = EpochSpec(64, shuffle=False, drop_last=False, max_frames=config.max_frames)  # the frames it trained on

@@ -6,6 +6,7 @@ import os
 import sys
 from datetime import UTC, datetime
 
+from storage.errors import UsageError
 from storage.formats.yt8m_spec import LEVELS
 from tasks import settings
 from tasks.cli_arguments import db_arg, iso_date, lock_timeout_arg, precision_arg, segment_method_arg
@@ -151,7 +152,7 @@ def _train(args) -> int:
 
 def _evaluate_arguments(sub) -> None:
     p = sub.add_parser("evaluate", help="score a checkpoint with YouTube-8M's metrics and record it")
-    p.add_argument("--checkpoint", required=True, metavar="URI")
+    p.add_argument("--checkpoint", metavar="URI")
     p.add_argument(
         "--data", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)"
     )
@@ -161,6 +162,11 @@ def _evaluate_arguments(sub) -> None:
     p.add_argument("--json", action="store_true", help="end with one JSON line: hit_at_one, perr, gap, map")
     p.add_argument(
         "--segments", action="store_true", help="segment mAP@N over the split's rated segments instead (frame level)"
+    )
+    p.add_argument(
+        "--submission",
+        metavar="URI",
+        help="with --segments: score this segments.csv (a night's) instead of a checkpoint",
     )
     segment_method_arg(p, "model", "with --segments")
     p.add_argument("--top-n", type=int, default=100_000, metavar="N", help="with --segments: each class's best N")
@@ -172,14 +178,23 @@ def _evaluate_arguments(sub) -> None:
 def _evaluate(args) -> int:
     import json
 
-    from tasks.training import evaluate_model, evaluate_segments, promote
+    from tasks.training import evaluate_model, evaluate_segments, evaluate_submission, promote
 
+    if args.checkpoint is None and not (args.segments and args.submission):
+        raise UsageError("give --checkpoint, or --segments with --submission")
+    if args.checkpoint is not None and args.submission is not None:
+        raise UsageError("give --checkpoint or --submission, not both")
     if args.segments:
-        where = {"split": args.split, "pattern": args.pattern}
-        found = evaluate_segments(args.checkpoint, args.data or settings.default_parquet_uri(), args.segment_method, args.top_n, **where)  # fmt: skip
+        where, data = {"split": args.split, "pattern": args.pattern}, args.data or settings.default_parquet_uri()
+        if args.submission:
+            found = evaluate_submission(args.submission, data, args.top_n, **where)
+            how = f"in {args.submission}"
+        else:
+            found = evaluate_segments(args.checkpoint, data, args.segment_method, args.top_n, **where)
+            how = f"by the {found.method} method"
         print(
-            f"segments of {args.split} by the {found.method} method: mAP@{found.top_n} {found.map_at_n:.4f} "
-            f"({found.segments_scored} segments scored, {found.rated} rated)"
+            f"segments of {args.split} {how}: mAP@{found.top_n} {found.map_at_n:.4f} "
+            f"({found.segments_scored} segments ranked, {found.rated} rated)"
         )
         if args.json:
             print(json.dumps({"segment_map": found.map_at_n, "top_n": found.top_n, "method": found.method}))

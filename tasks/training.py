@@ -261,3 +261,10 @@ def evaluate_segments(checkpoint_uri: str, data_uri: str, method: str = "model",
     device = pick_device()
     model, config = load_model(canonical_uri(checkpoint_uri), device, where.get("s3"))
     return evaluate(model, config, canonical_uri(data_uri), device, method, top_n, **where)
+
+
+def evaluate_submission(submission_uri: str, data_uri: str, top_n: int = 100_000, **where):
+    """A segment submission's mAP@N over the split's rated segments (model/segments.py); writes nothing."""
+    from model.segments import evaluate_submission as evaluate
+
+    return evaluate(canonical_uri(submission_uri), canonical_uri(data_uri), top_n, **where)

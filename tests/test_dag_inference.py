@@ -36,7 +36,7 @@ def test_nightly_dag_tags_the_videos_that_arrived(dagbag, tmp_path, monkeypatch,
     evaluate_model(trained["checkpoint_uri"], parquet, db_url)
     promote(db_url, trained["version"])
 
-    run = dag.test(logical_date=night, run_conf={"top_k": 7, "part_videos": 10})
+    run = dag.test(logical_date=night, run_conf={"top_k": 7, "part_videos": 10, "segments": 2})
     assert run.state == "success"
     states = sorted((ti.task_id, ti.map_index, ti.state) for ti in run.get_task_instances())
     assert states == [
@@ -53,8 +53,12 @@ def test_nightly_dag_tags_the_videos_that_arrived(dagbag, tmp_path, monkeypatch,
         status = conn.execute(
             text("SELECT status, videos_done, rows_written, airflow_run_id FROM inference_runs")
         ).one()
+        segments = conn.execute(text("SELECT COUNT(DISTINCT video_id), COUNT(*) FROM segment_predictions")).one()
     assert len(per_video) == 32 and {(n, named) for _, n, named in per_video} == {(7, 7)}
     assert status[:3] == ("succeeded", 32, 224) and status[3] == run.run_id
     export = tmp_path / "exports" / "2030-03-01T020000"
     assert len((export / "predictions.csv").read_text().splitlines()) == 33
-    assert len(list((export / "parts").iterdir())) == 4  # each part's own fragments
+    assert tuple(segments) == (32, 64)  # each video's best 2 segments, from both parts
+    submission = (export / "segments.csv").read_text().splitlines()
+    assert submission[0] == "Class,Segments" and sum(len(line.split(",")[1].split()) for line in submission[1:]) == 64
+    assert len(list((export / "parts").iterdir())) == 6  # each part's own fragments

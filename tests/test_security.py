@@ -208,6 +208,7 @@ ANALYST_READS = {
     "inference_parts",
     "inference_label_counts",
     "predictions",
+    "segment_predictions",
     "production_labels",
     "production_versions",
     "version_hits",
@@ -409,10 +410,15 @@ SQL_IDENTIFIERS = {
     # part_table_name(), a constant prefix and ints, or names run_tables() matched to PART_TABLE; target:
     # one matched to PART_TABLE; version: an int; mode: '' or '_shared' (run_lock's advisory lock functions)
     "storage/database/run_locks.py": {"mode"},
-    "storage/database/partitions.py": {"table", "version"},
+    # parent: family(), one of the two tables nights write; marks: "?" per column; segment_writes' columns:
+    # segment_rows.COLUMNS joined
+    "storage/database/partitions.py": {"table", "version", "parent"},
+    "storage/database/segment_writes.py": {"table", "columns"},
     "storage/database/prediction_writes.py": {
         "', '.join(COLUMNS)",
         "columns",
+        "marks",
+        "parent",
         "table",
         "tables[0]",
         "partition",
@@ -486,6 +492,11 @@ def test_sql_is_never_built_from_values(report):
     assert not partitions.PART_TABLE.fullmatch("predictions_v3_run1; DROP TABLE predictions")
     with pytest.raises(ValueError):
         partitions.partition_name("1; DROP TABLE predictions")
+    with pytest.raises(ValueError):
+        partitions.family("predictions; DROP TABLE predictions")
+    from storage.formats import segment_rows
+
+    assert all(c.isidentifier() for c in segment_rows.COLUMNS)
     for migration, names in (
         ("0003_predictions.py", ("ANALYST_ROLE", "READABLE")),
         ("0004_analyst_reads_predictions_only.py", ("ANALYST_ROLE", "INTERNAL")),

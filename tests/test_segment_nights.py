@@ -207,6 +207,52 @@ def test_videos_the_night_leaves_out_leave_their_segments_out_too(world):
     )
 
 
+def test_the_nights_submission_scores_as_the_starters_arithmetic_says(world):
+    from model.data import find_row_groups
+    from model.segments import read_ratings
+    from tasks.training import evaluate_submission
+    from tests.test_segment_metrics import _starter_segment_map
+
+    run_inference(world["db"], NIGHT, top_k=3, exports_uri=world["exports"], segments=M)
+    submission = str(Path(world["exports"], "segments.csv"))
+    found = evaluate_submission(submission, world["parquet"], top_n=10)
+    groups = find_row_groups(world["parquet"], "frame", "validate", "*.parquet", None, lengths=False)
+    ratings = read_ratings(groups, None)
+    assert found.rated == len(ratings) > 0 and found.segments_scored == _videos(world["db"]) * M
+    assert found.map_at_n == pytest.approx(_starter_segment_map(found.submission, ratings, 10))
+    # The reader and the ranking on submissions whose answer is known: the rated segments, positives first
+    # (every class's AP 1), then negatives first.
+    by_class: dict[int, list[tuple[float, str]]] = {}
+    for (segment, label), score in ratings.items():
+        by_class.setdefault(label, []).append((score, segment))
+    for first, expected in ((True, 1.0), (False, None)):
+        lines = [f"{label},{' '.join(s for _, s in sorted(rated, reverse=first))}" for label, rated in by_class.items()]
+        Path(submission).write_text("Class,Segments\n" + "\n".join(lines) + "\n")
+        found = evaluate_submission(submission, world["parquet"], top_n=10)
+        assert found.map_at_n == pytest.approx(_starter_segment_map(found.submission, ratings, 10))
+        assert found.map_at_n == pytest.approx(expected) if expected else found.map_at_n < 1
+
+
+@pytest.mark.parametrize(
+    "text_, message",
+    [
+        ("VideoId,LabelConfidencePairs\n", "line 1 is 'VideoId,LabelConfidencePairs', not the header 'Class,Segments'"),
+        ("Class,Segments\n3,a:0 b:5\n3,c:0\n", "line 3: not 'class,video:start ...' of a class not seen before"),
+        ("Class,Segments\n3,a:0 b\n", "line 2: 'b' is not a segment id (video_id:start_second)"),
+        ("Class,Segments\n3,a:0\n\x80\n", "line 3: not UTF-8 text (is it a segments.csv?)"),
+    ],
+)
+def test_a_submission_that_is_not_one_is_refused_naming_its_line(tmp_path, text_, message):
+    from storage.formats.segment_exports import SubmissionError, read_submission
+
+    path = tmp_path / "segments.csv"
+    path.write_bytes(text_.encode("latin-1"))  # \x80 alone: not UTF-8
+    with pytest.raises(SubmissionError) as refused:
+        read_submission(str(path))
+    assert str(refused.value).endswith(message) and str(path) in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     "asked, message",
     [

@@ -32,17 +32,18 @@ PREDICTIONS, SEGMENTS = "predictions", "segment_predictions"  # the tables a nig
 
 def partition_name(model_version: int, table: str = PREDICTIONS) -> str:
     """The PostgreSQL partition of a model version's rows; an int, so it is safe to format into DDL."""
-    return f"{_family(table)}_v{int(model_version)}"
+    return f"{family(table)}_v{int(model_version)}"
 
 
 def part_table_name(model_version: int, run_id: int, part: int, table: str = PREDICTIONS) -> str:
     """The table one part of a night writes its rows into, seen by no query until the night publishes it."""
-    return f"{_family(table)}_v{int(model_version)}_run{int(run_id)}_part{int(part)}"
+    return f"{family(table)}_v{int(model_version)}_run{int(run_id)}_part{int(part)}"
 
 
-def _family(table: str) -> str:
+def family(table: str) -> str:
+    """`table` if it is one of the two tables nights write (it is formatted into DDL), else ValueError."""
     if table not in (PREDICTIONS, SEGMENTS):
-        raise ValueError(f"not a table nights write: {table!r}")  # it is formatted into DDL
+        raise ValueError(f"not a table nights write: {table!r}")
     return table
 
 
@@ -93,7 +94,7 @@ def ensure_partition(conn, model_version: int, parent: str = PREDICTIONS) -> Non
     one. Serialized by a transaction lock so that two runs starting at once do not both create it."""
     if conn.dialect.name != "postgresql":
         return
-    table = partition_name(model_version, parent)
+    parent, table = family(parent), partition_name(model_version, parent)
     if table_exists(conn, table):
         return
     conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))

@@ -30,6 +30,7 @@ from storage.database.partitions import (
     PARTITION_LOCK,
     PREDICTIONS,
     ensure_partition,
+    family,
     part_table_name,
     partition_name,
     run_tables,
@@ -111,7 +112,7 @@ def tuples(table: pa.Table) -> list[tuple]:
 def create_part_table(conn: Connection, model_version: int, run_id: int, part: int, parent: str = PREDICTIONS) -> str:
     """A part's table of `parent`'s rows (predictions, segment_predictions), empty (a try starts afresh:
     whatever an earlier try wrote goes with the old one)."""
-    table = part_table_name(model_version, run_id, part, parent)
+    parent, table = family(parent), part_table_name(model_version, run_id, part, parent)
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
     if conn.dialect.name == "postgresql":
         # LIKE the partitioned table and CHECKed to its version: what ATTACH takes as a partition unscanned

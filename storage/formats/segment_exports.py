@@ -9,6 +9,7 @@ class cut to its best `top_n`, one row group per class. The night's end merges t
 class (`join_night`), holding one class's candidates from every part at a time, never the night.
 """
 
+import re
 from contextlib import ExitStack
 
 import numpy as np
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from storage.errors import VtagError
 from storage.formats.segment_rows import TopSegments
 from storage.formats.yt8m_spec import SEGMENT_CLASSES
 from storage.objectstore import S3Config, join, store_for
@@ -23,6 +25,7 @@ from storage.objectstore import S3Config, join, store_for
 SUBMISSION_NAME = "segments.csv"
 SUBMISSION_HEADER = "Class,Segments\n"
 TOP_N = 100_000  # the 2019 challenge's cap: each class's best 100,000 segments count
+_SEGMENT_ID = re.compile(r"[^\s:]+:\d+")
 _ORDER = [("label_id", "ascending"), ("score", "descending"), ("video_id", "ascending"), ("start_second", "ascending")]
 
 
@@ -104,3 +107,35 @@ def join_night(exports_uri: str, parts: list[int], top_n: int = TOP_N, s3: S3Con
                 )
                 out.write(f"{label},{segments}\n")
     return uri
+
+
+class SubmissionError(VtagError, ValueError):
+    pass
+
+
+def read_submission(uri: str, s3: S3Config | None = None) -> dict[int, list[str]]:
+    """A segment submission (`Class,Segments`, as written above or by the starter) as {class: [segment id,
+    ...] best first}; SubmissionError naming the file and line of anything else."""
+    submission: dict[int, list[str]] = {}
+    with store_for(uri, s3).open_read(uri) as f:
+        for number, raw in enumerate(f, start=1):  # bytes, line by line: a bad byte is named by its line
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise SubmissionError(f"{uri} line {number}: not UTF-8 text (is it a segments.csv?)") from None
+            _read_line(uri, number, line, submission)
+    return submission
+
+
+def _read_line(uri: str, number: int, line: str, submission: dict[int, list[str]]) -> None:
+    if number == 1:
+        if line != SUBMISSION_HEADER.strip():
+            raise SubmissionError(f"{uri}: line 1 is {line[:40]!r}, not the header {SUBMISSION_HEADER.strip()!r}")
+        return
+    label, comma, segments = line.partition(",")
+    if not comma or not label.isdigit() or int(label) in submission:
+        raise SubmissionError(f"{uri} line {number}: not 'class,video:start ...' of a class not seen before")
+    ids = segments.split()
+    if bad := next((i for i in ids if not _SEGMENT_ID.fullmatch(i)), None):
+        raise SubmissionError(f"{uri} line {number}: {bad[:60]!r} is not a segment id (video_id:start_second)")
+    submission[int(label)] = ids
