@@ -1,6 +1,6 @@
 """Every stage of the pipeline at fractions of YouTube-8M's real size, up to the whole 2nd edition.
 
-    python -m benchmarks.scale [--sizes 1,10,100] [--stages shards,catalogue,pending,rescore,queries,pages,plan]
+    python -m benchmarks.scale [--sizes 1,10,100] [--stages shards,catalogue,pending,rescore,queries,pages,segments,plan]
                                [--pg postgresql://postgres@127.0.0.1:5432/postgres] [--work DIR] [--json FILE]
 
 The shape is the real one, scaled: 3,844 shards in each of train, validate and test; 3,888,919 /
@@ -17,6 +17,8 @@ video, popular labels far more frequent than rare ones. What is built cheaply, a
   score matrix, 1,024 videos a batch) instead of the AttentionLSTM, so the figure measures everything
   around the model: the top k, label counts, export fragments, COPY on two connections into a table
   already holding the production model's rows, the night's join of the exports.
+- segments: tonight's videos scored at 5-second resolution (60 segments x 1,000 rated classes a video, from
+  a stand-in too), each video's best 5 kept in segment_predictions, against the same night without them.
 
 Each stage runs in a fresh process, so its peak RSS is its own. Per stage and size: seconds, items/s,
 peak RSS, and the growth exponent e between consecutive sizes (time ~ n^e). A scratch database is
@@ -50,6 +52,7 @@ BEFORE = datetime(2026, 1, 1, tzinfo=UTC)  # when everything but tonight's video
 NIGHT = datetime(2026, 1, 2, 2, 0, tzinfo=UTC)  # the night being measured
 NEW_TONIGHT = 100  # one video in 100 arrived today: the production model has not scored it yet
 PARQUET = "s3://yt8m/parquet/frame"
+SEGMENTS_PER_VIDEO = 60  # 5-second segments of a 300-frame video (YouTube-8M's longest; frames are seconds)
 
 
 @dataclass(frozen=True)
@@ -420,20 +423,96 @@ def stage_pending(db_url: str, size: Size) -> dict:
     }
 
 
-def _stand_in_scores(seed: int = 0):
+def _stand_in_scores(seed: int = 0, batch: int = 1024, segments: int = 0):
+    """score_batches for tag_part: a fixed random score matrix instead of a model. With `segments` (M), each
+    batch also gets its videos' best M segments, chosen by model.segments.top_segments (the night's own
+    selection, run on every batch) from a fixed random SEGMENTS_PER_VIDEO x 1,000 segment scores a video."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    matrix = rng.random((1024, NUM_CLASSES), dtype=np.float32)
+    matrix = rng.random((batch, NUM_CLASSES), dtype=np.float32)
+    if segments:
+        import torch
+
+        from model.segments import rated_classes, top_segments
+
+        rated = torch.from_numpy(rng.random((batch, SEGMENTS_PER_VIDEO, len(rated_classes(NUM_CLASSES))), np.float32))
+        counts = torch.full((batch,), SEGMENTS_PER_VIDEO)
 
     def score_batches(by_file: dict, num_classes: int):
         for uri in sorted(by_file):
             ids = sorted(by_file[uri])
-            for start in range(0, len(ids), 1024):
-                batch = ids[start : start + 1024]
-                yield batch, matrix[: len(batch)]
+            for start in range(0, len(ids), batch):
+                these = ids[start : start + batch]
+                if not segments:
+                    yield these, matrix[: len(these)]
+                else:
+                    top = top_segments(rated[: len(these)], counts[: len(these)], NUM_CLASSES, segments)
+                    yield these, matrix[: len(these)], top
 
     return score_batches
+
+
+def stage_segments(db_url: str, work: str, size: Size, per_video: int) -> dict:
+    """Tonight's videos (one in 100) scored by the production model at 5-second resolution: every video
+    SEGMENTS_PER_VIDEO segments (a 300-frame video) x the 1,000 rated classes, its best `per_video` kept,
+    written by the parts into segment_predictions beside its 20 labels and published with them, and the
+    night's segments.csv. The baseline, first, in the same run: the same night without segments (its rows
+    then removed, so that the videos are pending again). Stand-in scores (as the rescore's), in batches of
+    256 videos both times."""
+    from storage.database import label_counts, partitions
+    from storage.database.db import engine_for
+    from storage.database.schema import predictions, segment_predictions
+    from tasks.inference import finish_night, plan_night, tag_part
+
+    figures: dict = {}
+    for label, m, day in (("without segments", 0, 60), (f"with {per_video} segments a video", per_video, 61)):
+        exports = str(Path(work) / f"segments-{size.percent:g}-{m}")
+        plan = plan_night(
+            db_url, NIGHT + timedelta(days=day), top_k=K, model_version=1, exports_uri=exports, segments=m
+        )
+        score_batches = _stand_in_scores(batch=256, segments=m)
+        started = time.perf_counter()
+        for part in plan.parts:
+            tag_part(db_url, plan, part, score_batches=score_batches)
+        parts = time.perf_counter() - started
+        report, finishing = _timed(finish_night, db_url, plan)
+        videos = report.videos
+        figures[f"{label}: parts (s)"] = parts
+        figures[f"{label}: finish_night (s)"] = finishing
+        figures[f"{label}: videos/s, finish included"] = videos / (parts + finishing)
+        if m:
+            with engine_for(db_url).connect() as conn:
+                rows = conn.exec_driver_sql("SELECT COUNT(*) FROM segment_predictions").scalar()
+                table = conn.exec_driver_sql(
+                    "SELECT pg_total_relation_size(%s)", (partitions.partition_name(1, partitions.SEGMENTS),)
+                ).scalar()
+            assert rows == videos * m, (rows, videos, m)
+            figures.update(
+                {
+                    "segments scored": videos * SEGMENTS_PER_VIDEO,
+                    "segments scored/s (parts)": videos * SEGMENTS_PER_VIDEO / parts,
+                    "segment rows written": rows,
+                    "segment rows/s, finish included": rows / (parts + finishing),
+                    "segment_predictions size per night, indexes included (MB)": table / 1e6,
+                    "bytes a segment row": table / rows,
+                    "a full rescore's segment rows, projected (GB)": table / rows * size.total_videos * m / 1e9,
+                    "segments.csv (MB)": Path(exports, "segments.csv").stat().st_size / 1e6,
+                    "peak RSS (MB)": _peak_rss_mb(),
+                }
+            )
+        with engine_for(db_url).begin() as conn:  # the night's rows go: the next night scores its videos again
+            night = (predictions.c.model_version == 1) & (predictions.c.run_id == plan.run_id)
+            label_counts.take_off(conn, night)
+            conn.execute(predictions.delete().where(night))
+            conn.execute(segment_predictions.delete().where(segment_predictions.c.run_id == plan.run_id))
+        shutil.rmtree(exports)
+    return {
+        "items": videos * SEGMENTS_PER_VIDEO,
+        "seconds": figures[f"with {per_video} segments a video: parts (s)"]
+        + figures[f"with {per_video} segments a video: finish_night (s)"],
+        "figures": figures,
+    }
 
 
 _BULK_WAYS = [
@@ -824,6 +903,7 @@ STAGES = {
     "rescore": Stage(stage_rescore, _rescore_args),
     "queries": Stage(stage_queries, lambda b: (b.db_url, b.size, b.run_id), after_rescore=True),
     "pages": Stage(stage_pages, lambda b: (b.db_url, b.size, b.run_id), after_rescore=True),
+    "segments": Stage(stage_segments, lambda b: (b.db_url, b.work, b.size, b.args.segments)),
     "plan": Stage(stage_training_plan, lambda b: (b.size,), filled=False),
 }
 
@@ -837,6 +917,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, help="also write every figure to this file")
     parser.add_argument(
         "--rescore-parts", type=int, default=None, help="at 100%%, run only the first N parts of the full rescore"
+    )
+    parser.add_argument(
+        "--segments", type=int, default=5, help="the segments stage keeps each video's best N segments (default 5)"
     )
     parser.add_argument(
         "--bulk-videos", type=int, default=None, help="the bulk stage writes this many videos x 20 rows (default: all)"
