@@ -150,6 +150,45 @@ def _train(args) -> int:
     return 0
 
 
+def _finetune_arguments(sub) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune a frame-level checkpoint on a split's rated segments and register the result"
+    )
+    p.add_argument("--checkpoint", required=True, metavar="URI", help="the trained frame-level model to start from")
+    p.add_argument(
+        "--data", default=None, metavar="URI", help="root of the Parquet layout (default: $VTAG_PARQUET_URI)"
+    )
+    p.add_argument("--split", default="validate", help="whose rated segments (default validate, as Google rates)")
+    p.add_argument("--pattern", default="*.parquet")
+    p.add_argument("--out", required=True, metavar="URI", help="folder for the fine-tuned checkpoint")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=64, help="videos a step (their rated segments together)")
+    db_arg(p)
+    p.set_defaults(handler=_finetune)
+
+
+def _finetune(args) -> int:
+    from tasks.training import finetune_segments
+
+    tuned = finetune_segments(
+        args.checkpoint,
+        args.data or settings.default_parquet_uri(),
+        args.out,
+        args.db,
+        split=args.split,
+        pattern=args.pattern,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+    )
+    print(
+        f"model version {tuned['version']}: {tuned['checkpoint_uri']} (fine-tuned on the rated segments of "
+        f"{args.split}: {tuned['epochs']} epochs, {tuned['steps']} steps, last epoch's loss {tuned['final_loss']:.4f})"
+    )
+    return 0
+
+
 def _evaluate_arguments(sub) -> None:
     p = sub.add_parser("evaluate", help="score a checkpoint with YouTube-8M's metrics and record it")
     p.add_argument("--checkpoint", metavar="URI")
@@ -476,6 +515,7 @@ COMMANDS = [
     _ingest_arguments,
     _train_arguments,
     _evaluate_arguments,
+    _finetune_arguments,
     _infer_arguments,
     _retire_arguments,
     _query_arguments,

@@ -268,3 +268,15 @@ def evaluate_submission(submission_uri: str, data_uri: str, top_n: int = 100_000
     from model.segments import evaluate_submission as evaluate
 
     return evaluate(canonical_uri(submission_uri), canonical_uri(data_uri), top_n, **where)
+
+
+def finetune_segments(checkpoint_uri: str, data_uri: str, out_uri: str, db_url: str, **options) -> dict:
+    """Fine-tune a frame-level checkpoint on a split's rated segments (model/segment_finetune.py) and
+    register the result as a model version (`vtag finetune`). `options`: FinetuneSpec's fields, split,
+    pattern, s3."""
+    from model.segment_finetune import FinetuneSpec, finetune
+
+    db.require_current(db_url)
+    fields = {k: options.pop(k) for k in list(options) if k in FinetuneSpec.__dataclass_fields__}
+    tuned = finetune(canonical_uri(checkpoint_uri), canonical_uri(data_uri), canonical_uri(out_uri), FinetuneSpec(**fields), **options)  # fmt: skip
+    return register_model(db_url, tuned, s3=options.get("s3"))

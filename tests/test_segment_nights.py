@@ -265,3 +265,29 @@ def test_a_bad_segment_request_is_refused_in_one_line_before_any_run(asked, mess
     with pytest.raises(InferenceError) as refused:
         NightRequest(NIGHT, **asked).checked()
     assert str(refused.value) == message
+
+
+def test_fine_tuning_on_rated_segments_registers_a_version_nights_score_with(world, tmp_path):
+    from model import checkpoint
+    from tasks.training import finetune_segments
+
+    db_url = world["db"]
+    tuned = finetune_segments(
+        world["checkpoint"], world["parquet"], str(tmp_path / "tuned"), db_url, split="train", epochs=4,
+        learning_rate=1e-3, batch_size=8,
+    )  # fmt: skip
+    assert tuned["version"] == world["version"] + 1 and tuned["steps"] > 0
+    state, base = checkpoint.load(tuned["checkpoint_uri"]), checkpoint.load(world["checkpoint"])
+    losses = state["history"]["epoch_loss"]
+    assert len(losses) == 4 and losses[-1] < losses[0]  # it learns from the ratings
+    assert state["finetuned"]["from"] == world["checkpoint"] and not checkpoint.same_weights(
+        base["model"], state["model"]
+    )
+    assert count(db_url, "SELECT loss_plot_uri FROM model_versions WHERE version = :v", v=tuned["version"])
+    report = run_inference(
+        db_url, NIGHT, top_k=3, exports_uri=world["exports"], segments=M, model_version=tuned["version"]
+    )
+    assert (
+        report.videos == _videos(db_url)
+        and count(db_url, "SELECT COUNT(*) FROM segment_predictions") == report.videos * M
+    )
