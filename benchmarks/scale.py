@@ -471,12 +471,15 @@ def stage_segments(db_url: str, work: str, size: Size, per_video: int) -> dict:
         plan = plan_night(
             db_url, NIGHT + timedelta(days=day), top_k=K, model_version=1, exports_uri=exports, segments=m
         )
+        figures[f"{label}: peak RSS after plan_night (MB)"] = _peak_rss_mb()
         score_batches = _stand_in_scores(batch=256, segments=m)
         started = time.perf_counter()
         for part in plan.parts:
             tag_part(db_url, plan, part, score_batches=score_batches)
         parts = time.perf_counter() - started
+        figures[f"{label}: peak RSS after the parts (MB)"] = _peak_rss_mb()
         report, finishing = _timed(finish_night, db_url, plan)
+        figures[f"{label}: peak RSS after finish_night (MB)"] = _peak_rss_mb()
         videos = report.videos
         figures[f"{label}: parts (s)"] = parts
         figures[f"{label}: finish_night (s)"] = finishing
@@ -498,7 +501,6 @@ def stage_segments(db_url: str, work: str, size: Size, per_video: int) -> dict:
                     "bytes a segment row": table / rows,
                     "a full rescore's segment rows, projected (GB)": table / rows * size.total_videos * m / 1e9,
                     "segments.csv (MB)": Path(exports, "segments.csv").stat().st_size / 1e6,
-                    "peak RSS (MB)": _peak_rss_mb(),
                 }
             )
         with engine_for(db_url).begin() as conn:  # the night's rows go: the next night scores its videos again
