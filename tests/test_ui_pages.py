@@ -1,6 +1,8 @@
 """The Video tags pages in-process, through Airflow's real API app (create_app) and its simple auth manager:
 refused without a token, and with one showing what the database and object store hold."""
 
+import csv
+import io
 import json
 import re
 from html import escape as html_escape
@@ -11,7 +13,7 @@ import pytest
 from storage.objectstore import join
 from tasks import queries
 from tasks.inference import run_inference
-from tests.support.worlds import NIGHT, build_world, row
+from tests.support.worlds import NIGHT, build_world, row, rows
 
 PAGES = ["/video-tags/", "/video-tags/models", "/video-tags/nights", "/video-tags/tags?video=x"]
 
@@ -82,7 +84,7 @@ def test_night_page_shows_its_videos_and_exports(client, night):
     )
     html = test_client.get(f"/video-tags/nights/{night['run_id']}", headers=auth)
     assert html.status_code == 200, html.text
-    assert re.search(rf'class="videos">{done}/{total}<', html.text) and total > 0
+    assert re.search(rf'class="videos">{done:,}/{total:,}<', html.text) and total > 0
     assert "<svg" in html.text and "<rect" in html.text
     listing = test_client.get("/video-tags/nights", headers=auth).text
     assert f"/video-tags/nights/{night['run_id']}" in listing
@@ -93,44 +95,106 @@ def test_night_page_shows_its_videos_and_exports(client, night):
         assert test_client.get(f"/video-tags/nights/{night['run_id']}/exports/{bad}", headers=auth).status_code == 404
 
 
-def _cells(html: str) -> list[list[str]]:
-    body = html.split("<table>", 1)[1]
-    return [re.findall(r"<td>(.*?)</td>", tr) for tr in re.findall(r"<tr>(.*?)</tr>", body, re.S)[1:]]
+def _cells(html: str, table: str) -> list[list[str]]:
+    """The text of each row's cells of `<table class="data {table}">` (links and score bars as their text)."""
+    body = html.split(f'<table class="data {table}">', 1)[1].split("</table>", 1)[0]
+    return [
+        [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", tr, re.S)]
+        for tr in re.findall(r"<tr>(.*?)</tr>", body, re.S)[1:]
+    ]
 
 
-def test_tags_pages_match_the_shared_queries(client, night):
+def test_tags_pages_show_the_shared_queries_rows_for_people_with_links_both_ways(client, night):
     test_client, auth = client
-    video = row(night["db"], "SELECT MIN(video_id) FROM predictions")[0]
-    _, expected = queries.run(night["db"], "video_top_labels", {"video_id": video, "k": 50})
-    html = test_client.get(f"/video-tags/tags?video={video}", headers=auth).text
-    assert expected and _cells(html) == [[str(v) for v in r] for r in expected]
+    db_url = night["db"]
+    video = row(db_url, "SELECT MIN(video_id) FROM predictions")[0]
+    _, expected = queries.run(db_url, "video_top_labels", {"video_id": video, "k": 50})
+    opened = test_client.get(f"/video-tags/tags?video={video}", headers=auth, follow_redirects=False)
+    assert opened.status_code == 303 and opened.headers["location"] == f"/video-tags/tags/videos/{video}"
+    html = test_client.get(f"/video-tags/tags/videos/{video}", headers=auth).text
+    assert expected and _cells(html, "labels") == [
+        [str(rank), name or f"label {label}", str(label), f"{score:.3f}", str(version)]
+        for rank, label, name, score, version in expected
+    ]  # scores as people read them: 3 decimals, beside a bar
+    assert all(f'href="/video-tags/tags/labels/{r[1]}"' in html for r in expected)  # video -> its labels
+    assert f'href="/video-tags/nights/{night["run_id"]}"' in html  # the night that wrote them
+    truth = [t for (t,) in rows(db_url, "SELECT label_id FROM video_labels WHERE video_id = :v", v=video)]
+    assert truth and all(f'href="/video-tags/tags/labels/{t}"' in html.split("Ground truth", 1)[1] for t in truth)
+
     label = expected[0][1]
-    _, top = queries.run(night["db"], "label_top_videos", {"label_id": label, "limit": 50})
-    html = test_client.get(f"/video-tags/tags?label={label}", headers=auth).text
-    assert top and _cells(html) == [[str(v) for v in r] for r in top]
-    by_name = test_client.get("/video-tags/tags", params={"label": expected[0][2]}, headers=auth).text
-    assert _cells(by_name) == [[str(v) for v in r] for r in top]
+    _, top = queries.run(db_url, "label_top_videos", {"label_id": label, "limit": 50})
+    html = test_client.get(f"/video-tags/tags/labels/{label}", headers=auth).text
+    assert top and _cells(html, "top") == [[v, f"{score:.3f}", str(rank)] for v, score, rank in top]
+    assert f'href="/video-tags/tags/videos/{video}"' in html  # label -> its videos, back to ours
+    videos, judged, hits = rows(
+        db_url, f"SELECT SUM(videos), SUM(judged), SUM(hits) FROM inference_label_counts WHERE label_id = {label}"
+    )[0]
+    night_row = _cells(html, "nights")[0]
+    assert night_row[3] == f"{videos:,}" and night_row[4] == f"{judged:,}"
+    assert night_row[5] == (f"{100 * hits / judged:.1f}%" if judged else "")
+    assert "SELECT video_id, score, rank" in html  # the SQL that gives these rows, for psql
+
+    # CSV downloads hold exactly the query's rows
+    got = test_client.get(f"/video-tags/tags/labels/{label}/videos.csv", headers=auth)
+    assert got.status_code == 200 and got.headers["content-type"].startswith("text/csv")
+    assert list(csv.reader(io.StringIO(got.text))) == [["video_id", "score", "rank"]] + [
+        [v, str(score), str(rank)] for v, score, rank in top
+    ]
+    got = test_client.get(f"/video-tags/tags/videos/{video}/labels.csv", headers=auth)
+    assert list(csv.reader(io.StringIO(got.text)))[1:] == [["" if c is None else str(c) for c in r] for r in expected]
+
+    # search: a label by name, then by id, goes to its page; a prefix gives suggestions
+    name = expected[0][2]
+    by_name = test_client.get("/video-tags/tags", params={"q": name}, headers=auth, follow_redirects=False)
+    assert by_name.headers["location"] == f"/video-tags/tags/labels/{label}"
+    by_id = test_client.get("/video-tags/tags", params={"label": str(label)}, headers=auth, follow_redirects=False)
+    assert by_id.headers["location"] == f"/video-tags/tags/labels/{label}"
+    offered = test_client.get("/video-tags/tags/suggest", params={"q": name[:3].lower()}, headers=auth).json()
+    assert {"kind": "label", "id": label, "name": name} in offered or len(offered) == 20
+    assert {"kind": "video", "id": video, "name": video} in test_client.get(
+        "/video-tags/tags/suggest", params={"q": video}, headers=auth
+    ).json()
     bad = test_client.get("/video-tags/tags?label=-5", headers=auth)
     assert bad.status_code == 200 and "parameter label_id must be" in bad.text
+    assert test_client.get("/video-tags/tags/videos/nosuchvideo", headers=auth).status_code == 404
 
 
-def test_tags_page_shows_a_videos_segments_on_a_timeline(client, night):
+def test_names_holding_html_are_shown_as_text(client, night):
+    test_client, auth = client
+    db_url = night["db"]
+    video = row(db_url, "SELECT MIN(video_id) FROM predictions")[0]
+    label = row(db_url, f"SELECT label_id FROM predictions WHERE video_id = '{video}' AND rank = 1")[0]
+    from sqlalchemy import text
+
+    from storage.database.db import engine_for
+
+    with engine_for(db_url).begin() as conn:
+        conn.execute(
+            text("UPDATE labels SET name = :n WHERE label_id = :l"), {"n": "<script>alert(1)</script>&", "l": label}
+        )
+    for page in (f"/video-tags/tags/videos/{video}", f"/video-tags/tags/labels/{label}"):
+        html = test_client.get(page, headers=auth).text
+        assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;&amp;" in html, page
+
+
+def test_a_videos_page_shows_its_segments_on_a_timeline(client, night):
     test_client, auth = client
     video = row(night["db"], "SELECT MIN(video_id) FROM predictions")[0]
-    html = test_client.get(f"/video-tags/tags?video={video}", headers=auth).text
+    html = test_client.get(f"/video-tags/tags/videos/{video}", headers=auth).text
     assert "no segments" in html  # the night kept none
     exports = join(night["exports"], "rescored")
     run_inference(night["db"], NIGHT, top_k=5, video_ids=[video], segments=4, exports_uri=exports)
     _, expected = queries.run(night["db"], "video_segments", {"video_id": video})
-    html = test_client.get(f"/video-tags/tags?video={video}", headers=auth).text
+    html = test_client.get(f"/video-tags/tags/videos/{video}", headers=auth).text
     timeline = re.search(r'<svg[^>]*class="timeline".*?</svg>', html, re.S).group(0)
     hovers = re.findall(r'<rect class="segment"[^>]*><title>(.*?)</title>', timeline)
     assert len(expected) == 4 and sorted(hovers) == sorted(
         html_escape(f"{name}: {start}-{end} s, score {score:.3f}") for _, start, end, _, name, score, _ in expected
     )
-    segment_table = html.split('<table class="segments">', 1)[1].split("</table>", 1)[0]
-    cells = [re.findall(r"<td>(.*?)</td>", tr) for tr in re.findall(r"<tr>(.*?)</tr>", segment_table, re.S)[1:]]
-    assert cells == [[str(v) for v in r] for r in expected]
+    assert _cells(html, "segments") == [
+        [str(rank), str(start), str(end), html_escape(name), f"{score:.3f}"]
+        for rank, start, end, _, name, score, _ in expected
+    ]
 
 
 def test_connections_resolve_from_the_metadata_db_outside_a_task(client, monkeypatch):

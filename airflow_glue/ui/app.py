@@ -5,18 +5,21 @@ refused (401/403) before any of our code runs. Files are streamed only from URIs
 derives (a plot's plot_uri, the loss plot beside a checkpoint, a night's exports), looked up by name.
 """
 
+import csv
+import io
 import re
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 from airflow.api_fastapi.core_api.security import GetUserDep
 from fastapi import FastAPI, HTTPException, Query
 from fastapi import Path as PathParam
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from airflow_glue import config as airflow_config
-from airflow_glue.ui import charts
+from airflow_glue.ui import charts, formatting
 from storage.database import db, views
 from storage.formats.exports import CSV_NAME, PICKLE_NAME, night_folder
 from storage.formats.segment_exports import SUBMISSION_NAME
@@ -36,10 +39,12 @@ app = FastAPI(title="Video tags")
 templates = Environment(
     loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html"])
 )
+templates.filters.update(formatting.FILTERS)
 
 
 def _page(template: str, title: str, **values) -> HTMLResponse:
-    return HTMLResponse(templates.get_template(template).render(title=title, root=PREFIX, **values))
+    section = values.pop("section", None) or SECTIONS.get(template.removesuffix(".html"))
+    return HTMLResponse(templates.get_template(template).render(title=title, root=PREFIX, section=section, **values))
 
 
 def _db() -> str:
@@ -199,36 +204,122 @@ def night_export(run_id: RowId, name: str, user: GetUserDep):
     return _download(f"inference run {run_id}", "export", _exports(_night(run_id)), name)
 
 
-@app.get("/tags", response_class=HTMLResponse)
-def tags_page(user: GetUserDep, video: str | None = None, label: str | None = None):
-    """The shared queries of sql/queries (queries.run), so the page shows what `vtag query` shows."""
-    columns, rows, error, segments = [], [], None, None
-    try:
-        if video:
-            columns, rows = queries.run(_db(), "video_top_labels", {"video_id": video, "k": TAG_ROWS})
-            segments = _segments(video)
-        elif label:
-            label_id = label if re.fullmatch(r"\s*-?\d+\s*", label) else _label_id(label)
-            columns, rows = queries.run(_db(), "label_top_videos", {"label_id": label_id, "limit": TAG_ROWS})
-    except queries.QueryError as exc:
-        error = str(exc)
-    return _page(
-        "tags.html", "Tags", video=video, label=label, columns=columns, rows=rows, error=error, segments=segments
+SECTIONS = {"models": "Models", "model": "Models", "nights": "Nights", "night": "Nights"}
+
+
+def _query(name: str, params: dict) -> dict:
+    """A shared query of sql/queries run as `vtag query` runs it: its columns, rows, the SQL itself (so an
+    analyst can take it to psql) and the parameters it was given."""
+    columns, rows = queries.run(_db(), name, params)
+    return {
+        "name": name,
+        "columns": columns,
+        "rows": rows,
+        "sql": queries.available()[name].read_text(),
+        "params": params,
+    }
+
+
+def _csv(result: dict, filename: str) -> Response:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(result["columns"])
+    writer.writerows(result["rows"])
+    return Response(
+        buffer.getvalue(), media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{filename}"'}
     )
+
+
+VideoId = Annotated[str, PathParam(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")]
+LabelId = Annotated[int, PathParam(ge=0, le=queries.MAX_LABELS - 1)]
+
+
+@app.get("/tags", response_class=HTMLResponse)
+def tags_page(user: GetUserDep, q: str | None = None, video: str | None = None, label: str | None = None):
+    """Search: a video id or a label (by name or id). `video=` and `label=` open the video's or label's page."""
+    if video:
+        return RedirectResponse(f"{PREFIX}/tags/videos/{quote(video.strip(), safe='')}", status_code=303)
+    text = (q or label or "").strip()
+    if not text:
+        return _page("tags.html", "Tags", section="Tags", q="", found=[], error=None)
+    with db.transaction(_db()) as conn:
+        if re.fullmatch(r"-?\d+", text) and label is not None:
+            label_id = int(text)
+        else:
+            label_id = views.label_by_name(conn, text)
+        if label_id is None and label is None and views.video(conn, text) is not None:
+            return RedirectResponse(f"{PREFIX}/tags/videos/{quote(text, safe='')}", status_code=303)
+        found = views.suggestions(conn, text) if label_id is None else []
+    if label_id is not None:
+        if not 0 <= label_id < queries.MAX_LABELS:
+            return _page(
+                "tags.html",
+                "Tags",
+                section="Tags",
+                q=text,
+                found=[],
+                error=f"parameter label_id must be an integer from 0 to {queries.MAX_LABELS - 1}, not {text!r}",
+            )
+        return RedirectResponse(f"{PREFIX}/tags/labels/{label_id}", status_code=303)
+    error = None if found else f"no video or label matches {text!r}"
+    return _page("tags.html", "Tags", section="Tags", q=text, found=found, error=error)
+
+
+@app.get("/tags/suggest")
+def tags_suggest(user: GetUserDep, q: str = Query("", max_length=200)) -> list[dict]:
+    """What the search box offers while one types: labels by name, video ids by prefix."""
+    with db.transaction(_db()) as conn:
+        return views.suggestions(conn, q)
+
+
+def _video_page(video_id: str) -> dict:
+    with db.transaction(_db()) as conn:
+        found = views.video(conn, video_id)
+    if found is None:
+        raise HTTPException(404, f"no video {video_id!r} in the catalogue: ingest its shard, or check the id")
+    labels = _query("video_top_labels", {"video_id": video_id, "k": TAG_ROWS})
+    return {"v": found, "labels": labels, "segments": _segments(video_id)}
+
+
+@app.get("/tags/videos/{video_id}", response_class=HTMLResponse)
+def video_page(video_id: VideoId, user: GetUserDep):
+    return _page("video.html", f"Video {video_id}", section="Tags", **_video_page(video_id))
+
+
+@app.get("/tags/videos/{video_id}/labels.csv")
+def video_csv(video_id: VideoId, user: GetUserDep):
+    return _csv(_video_page(video_id)["labels"], f"video-{video_id}-labels.csv")
+
+
+def _label_page(label_id: int) -> dict:
+    with db.transaction(_db()) as conn:
+        found = views.label(conn, label_id)
+        nights = views.label_nights(conn, label_id)
+    if found is None and not nights:
+        raise HTTPException(404, f"no label {label_id}: load the vocabulary (vtag vocabulary)")
+    top = _query("label_top_videos", {"label_id": label_id, "limit": TAG_ROWS})
+    for night in nights:
+        night["precision"] = night["hits"] / night["judged"] if night["judged"] else None
+    chart = charts.bars([(f"{n['logical_date']:%Y-%m-%d} run {n['run_id']}", int(n["videos"])) for n in nights[:14]])
+    return {"label": found or {"label_id": label_id, "name": ""}, "top": top, "nights": nights, "chart": chart}
+
+
+@app.get("/tags/labels/{label_id}", response_class=HTMLResponse)
+def label_page(label_id: LabelId, user: GetUserDep):
+    values = _label_page(label_id)
+    name = values["label"]["name"] or f"label {label_id}"
+    return _page("label.html", name, section="Tags", **values)
+
+
+@app.get("/tags/labels/{label_id}/videos.csv")
+def label_csv(label_id: LabelId, user: GetUserDep):
+    return _csv(_label_page(label_id)["top"], f"label-{label_id}-videos.csv")
 
 
 def _segments(video: str) -> dict:
     """The video's segments (sql/queries/video_segments.sql) as a table and on a timeline."""
-    columns, rows = queries.run(_db(), "video_segments", {"video_id": video})
-    found = [dict(zip(columns, r)) for r in rows]
+    result = _query("video_segments", {"video_id": video})
+    found = [dict(zip(result["columns"], r)) for r in result["rows"]]
     for s in found:
         s["label"] = s["label_name"] or f"label {s['label_id']}"
-    return {"columns": columns, "rows": rows, "chart": charts.timeline(found)}
-
-
-def _label_id(name: str) -> int:
-    with db.transaction(_db()) as conn:
-        label_id = views.label_by_name(conn, name)
-    if label_id is None:
-        raise queries.QueryError(f"parameter label: no label named {name!r}")
-    return label_id
+    return {**result, "found": found, "chart": charts.timeline(found)}

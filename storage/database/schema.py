@@ -225,6 +225,7 @@ inference_label_counts = Table(
     Column("judged", Integer, nullable=False, server_default="0"),
     Column("hits", Integer, nullable=False, server_default="0"),
     ForeignKeyConstraint(["run_id", "part"], ["inference_parts.run_id", "inference_parts.part"], ondelete="CASCADE"),
+    Index("ix_inference_label_counts_label_run", "label_id", "run_id"),  # a label's nights (migration 0013)
 )
 
 predictions = Table(

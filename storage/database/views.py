@@ -11,6 +11,9 @@ from storage.database.schema import (
     labels,
     model_reviews,
     model_versions,
+    predictions,
+    video_labels,
+    videos,
 )
 
 MODEL_COLUMNS = (
@@ -130,3 +133,91 @@ def label_names(conn: Connection, label_ids: list[int]) -> dict[int, str]:
 
 def label_by_name(conn: Connection, name: str) -> int | None:
     return conn.execute(select(labels.c.label_id).where(labels.c.name == name).limit(1)).scalar()
+
+
+def label(conn: Connection, label_id: int) -> dict | None:
+    row = conn.execute(select(labels).where(labels.c.label_id == label_id)).first()
+    return dict(row._mapping) if row else None
+
+
+def label_nights(conn: Connection, label_id: int, limit: int = 30) -> list[dict]:
+    """The label over the latest `limit` succeeded nights, newest first: videos that got it (any rank of
+    their top k), and of those judged against ground truth, how many it was true for (hits / judged: the
+    label's precision that night). From the parts' counts, by the (label, run) index."""
+    c, r = inference_label_counts.c, inference_runs.c
+    rows = conn.execute(
+        select(
+            r.run_id,
+            r.logical_date,
+            r.model_version,
+            r.top_k,
+            func.sum(c.videos).label("videos"),
+            func.sum(c.judged).label("judged"),
+            func.sum(c.hits).label("hits"),
+        )  # fmt: skip
+        .join(inference_runs, r.run_id == c.run_id)
+        .where(c.label_id == label_id, r.status == "succeeded")
+        .group_by(r.run_id, r.logical_date, r.model_version, r.top_k)
+        .order_by(r.logical_date.desc(), r.run_id.desc())
+        .limit(limit)
+    ).all()
+    return [dict(row._mapping) for row in rows]
+
+
+def video(conn: Connection, video_id: str) -> dict | None:
+    """A video's catalogue rows (a video has one at each level), its ground truth with names, and the run
+    that wrote its production labels at each level."""
+    found = conn.execute(
+        select(videos.c.level, videos.c.split, videos.c.parquet_uri, videos.c.ingested_at).where(
+            videos.c.video_id == video_id
+        )
+    ).all()
+    if not found:
+        return None
+    truth = conn.execute(
+        select(video_labels.c.label_id, labels.c.name)
+        .join(labels, labels.c.label_id == video_labels.c.label_id, isouter=True)
+        .where(video_labels.c.video_id == video_id)
+        .order_by(video_labels.c.label_id)
+    ).all()
+    scored = conn.execute(
+        select(predictions.c.model_version, predictions.c.run_id, inference_runs.c.logical_date)
+        .join(model_versions, model_versions.c.version == predictions.c.model_version)
+        .join(inference_runs, inference_runs.c.run_id == predictions.c.run_id, isouter=True)
+        .where(predictions.c.video_id == video_id, predictions.c.rank == 1, model_versions.c.status == "production")
+    ).all()
+    return {
+        "video_id": video_id,
+        "levels": [dict(r._mapping) for r in found],
+        "truth": [dict(r._mapping) for r in truth],
+        "scored": [dict(r._mapping) for r in scored],
+    }
+
+
+def suggestions(conn: Connection, text: str, limit: int = 10) -> list[dict]:
+    """Labels whose name starts with (then contains) `text`, case-insensitive, and video ids starting with
+    it: what the Tags search box offers as one types."""
+    text = text.strip()
+    if not text:
+        return []
+    pattern = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    name = func.lower(labels.c.name)
+    found = []
+    for condition in (name.like(pattern + "%", escape="\\"), name.like("%" + pattern + "%", escape="\\")):
+        for label_id, label_name in conn.execute(
+            select(labels.c.label_id, labels.c.name)
+            .where(condition, labels.c.name != "")
+            .order_by(labels.c.name)
+            .limit(limit)
+        ):
+            if not any(f["kind"] == "label" and f["id"] == label_id for f in found):
+                found.append({"kind": "label", "id": label_id, "name": label_name})
+    ids = conn.execute(
+        select(videos.c.video_id)
+        .where(videos.c.video_id.startswith(text, autoescape=True))
+        .distinct()
+        .order_by(videos.c.video_id)
+        .limit(limit)
+    ).scalars()
+    found += [{"kind": "video", "id": v, "name": v} for v in ids]
+    return found[: 2 * limit]
