@@ -137,21 +137,47 @@ def test_a_user_reaches_the_pages_and_sees_what_the_database_holds(airflow, page
 
     video = row(db_url, "SELECT MIN(video_id) FROM predictions")[0]
     _, expected = queries.run(db_url, "video_top_labels", {"video_id": video, "k": 50})
-    page.goto(f"{running.url}/video-tags/tags?video={quote(video)}")
-    assert _table(page) == [[str(value) for value in r] for r in expected] and expected
+    page.goto(f"{running.url}/video-tags/tags?video={quote(video)}")  # opens the video's page
+    expect(page.get_by_role("heading", name=f"Video {video}")).to_be_visible()
+    assert expected and _table(page, "labels") == [
+        [str(rank), name or f"label {label}", str(label), f"{score:.3f}", str(version)]
+        for rank, label, name, score, version in expected
+    ]
     _shot(page, tmp_path, "tags_video.png")
 
-    label = expected[0][1]
+    # video -> label -> back to the video, by the links a person clicks
+    label, name = expected[0][1], expected[0][2]
+    page.locator("table.labels a", has_text=name).first.click()
+    expect(page.get_by_role("heading", name=name)).to_be_visible()
     _, top = queries.run(db_url, "label_top_videos", {"label_id": label, "limit": 50})
-    page.goto(f"{running.url}/video-tags/tags?label={label}")
-    assert _table(page) == [[str(value) for value in r] for r in top] and top
+    shown = [[v, f"{score:.3f}", str(rank)] for v, score, rank in top]
+    assert top and _table(page, "top", all_pages=True) == shown
     _shot(page, tmp_path, "tags_label.png")
+    # sortable: a click on "score" sorts ascending; paged: 25 rows a page when there are more
+    page.locator("table.top th", has_text="score").click()
+    assert _table(page, "top", all_pages=True) == [r for _, r in sorted(zip(top, shown), key=lambda p: p[0][1])]
+    if len(top) > 25:
+        expect(page.locator(".pager .where").first).to_contain_text(f"page 1 of 2 ({len(top)} rows)")
+        assert len(_table(page, "top")) == 25
+    page.locator("table.top a", has_text=video).first.click()
+    expect(page.get_by_role("heading", name=f"Video {video}")).to_be_visible()
+
+    # search with suggestions as one types
+    page.goto(f"{running.url}/video-tags/tags")
+    page.locator("#q").press_sequentially(name[:3])
+    wait_for(lambda: name in page.locator("#suggestions option").evaluate_all("os => os.map(o => o.value)"), 15,
+             "the label among the suggestions")  # fmt: skip
+    page.locator("#q").fill(name)
+    page.get_by_role("button", name="open").click()
+    expect(page.get_by_role("heading", name=name)).to_be_visible()
 
 
-def _table(page) -> list[list[str]]:
-    """The result table's cells as the browser renders them."""
-    return page.locator("table").last.evaluate(
-        "t => [...t.querySelectorAll('tr')].slice(1).map(r => [...r.querySelectorAll('td')].map(c => c.innerText))"
+def _table(page, kind: str, all_pages: bool = False) -> list[list[str]]:
+    """The cells of `table.data.<kind>` as the browser renders them (those shown, or all pages' rows)."""
+    return page.locator(f"table.data.{kind}").evaluate(
+        "(t, all) => [...t.querySelectorAll('tr')].slice(1).filter(r => all || r.style.display !== 'none')"
+        ".map(r => [...r.querySelectorAll('td')].map(c => c.innerText.trim()))",
+        all_pages,
     )
 
 
