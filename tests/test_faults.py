@@ -406,7 +406,7 @@ def test_a_run_that_lost_its_lock_stops_writing(pg_url, raw_shards, tiny_checkpo
 
     def terminate_the_lock_before_the_third_chunk(*args, **kwargs):
         calls["n"] += 1
-        lock = args[-1]
+        lock = args[5]  # write_chunk(engine, into, ids, labels, scores, lock, segments)
         if calls["n"] == 3:
             with engine_for(pg_url).connect() as conn:
                 conn.exec_driver_sql("SELECT pg_terminate_backend(%s, 10000)", (lock.pid,))  # waits for the exit

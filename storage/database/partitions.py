@@ -148,8 +148,8 @@ def retire(conn: Connection, model_version: int) -> int:
             conn.exec_driver_sql(f"DROP TABLE {table}")
     drop_run_tables(conn, model_version)  # the rows of nights that never published
     conn.execute(update(inference_runs).where(inference_runs.c.model_version == model_version).values(load_table=None))
-    for rows in (predictions, segment_predictions):  # SQLite, default partitions
-        conn.execute(delete(rows).where(rows.c.model_version == model_version))
+    for table_of in (predictions, segment_predictions):  # SQLite, default partitions
+        conn.execute(delete(table_of).where(table_of.c.model_version == model_version))
     runs = select(inference_runs.c.run_id).where(inference_runs.c.model_version == model_version)
     conn.execute(delete(inference_label_counts).where(inference_label_counts.c.run_id.in_(runs)))
     label_counts.forget_version(conn, model_version)
