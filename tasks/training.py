@@ -278,5 +278,6 @@ def finetune_segments(checkpoint_uri: str, data_uri: str, out_uri: str, db_url: 
 
     db.require_current(db_url)
     fields = {k: options.pop(k) for k in list(options) if k in FinetuneSpec.__dataclass_fields__}
-    tuned = finetune(canonical_uri(checkpoint_uri), canonical_uri(data_uri), canonical_uri(out_uri), FinetuneSpec(**fields), **options)  # fmt: skip
+    uris = (canonical_uri(checkpoint_uri), canonical_uri(data_uri), canonical_uri(out_uri))
+    tuned = finetune(*uris, FinetuneSpec(**fields), **options)
     return register_model(db_url, tuned, s3=options.get("s3"))

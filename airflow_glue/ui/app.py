@@ -272,48 +272,59 @@ def tags_suggest(user: GetUserDep, q: str = Query("", max_length=200)) -> list[d
         return views.suggestions(conn, q)
 
 
-def _video_page(video_id: str) -> dict:
+def _video(video_id: str) -> dict:
     with db.transaction(_db()) as conn:
         found = views.video(conn, video_id)
     if found is None:
         raise HTTPException(404, f"no video {video_id!r} in the catalogue: ingest its shard, or check the id")
-    labels = _query("video_top_labels", {"video_id": video_id, "k": TAG_ROWS})
-    return {"v": found, "labels": labels, "segments": _segments(video_id)}
+    return found
+
+
+def _video_labels(video_id: str) -> dict:
+    return _query("video_top_labels", {"video_id": video_id, "k": TAG_ROWS})
 
 
 @app.get("/tags/videos/{video_id}", response_class=HTMLResponse)
 def video_page(video_id: VideoId, user: GetUserDep):
-    return _page("video.html", f"Video {video_id}", section="Tags", **_video_page(video_id))
+    found = _video(video_id)
+    values = {"v": found, "labels": _video_labels(video_id), "segments": _segments(video_id)}
+    return _page("video.html", f"Video {video_id}", section="Tags", **values)
 
 
 @app.get("/tags/videos/{video_id}/labels.csv")
 def video_csv(video_id: VideoId, user: GetUserDep):
-    return _csv(_video_page(video_id)["labels"], f"video-{video_id}-labels.csv")
+    _video(video_id)
+    return _csv(_video_labels(video_id), f"video-{video_id}-labels.csv")
 
 
-def _label_page(label_id: int) -> dict:
+def _label(label_id: int) -> tuple[dict, list[dict]]:
+    """The label's vocabulary row and its latest nights; a 404 for a label neither knows."""
     with db.transaction(_db()) as conn:
         found = views.label(conn, label_id)
         nights = views.label_nights(conn, label_id)
     if found is None and not nights:
         raise HTTPException(404, f"no label {label_id}: load the vocabulary (vtag vocabulary)")
-    top = _query("label_top_videos", {"label_id": label_id, "limit": TAG_ROWS})
-    for night in nights:
-        night["precision"] = night["hits"] / night["judged"] if night["judged"] else None
-    chart = charts.bars([(f"{n['logical_date']:%Y-%m-%d} run {n['run_id']}", int(n["videos"])) for n in nights[:14]])
-    return {"label": found or {"label_id": label_id, "name": ""}, "top": top, "nights": nights, "chart": chart}
+    return found or {"label_id": label_id, "name": ""}, nights
+
+
+def _label_videos(label_id: int) -> dict:
+    return _query("label_top_videos", {"label_id": label_id, "limit": TAG_ROWS})
 
 
 @app.get("/tags/labels/{label_id}", response_class=HTMLResponse)
 def label_page(label_id: LabelId, user: GetUserDep):
-    values = _label_page(label_id)
-    name = values["label"]["name"] or f"label {label_id}"
-    return _page("label.html", name, section="Tags", **values)
+    found, nights = _label(label_id)
+    for night in nights:
+        night["precision"] = night["hits"] / night["judged"] if night["judged"] else None
+    chart = charts.bars([(f"{n['logical_date']:%Y-%m-%d} run {n['run_id']}", int(n["videos"])) for n in nights[:14]])
+    values = {"label": found, "top": _label_videos(label_id), "nights": nights, "chart": chart}
+    return _page("label.html", found["name"] or f"label {label_id}", section="Tags", **values)
 
 
 @app.get("/tags/labels/{label_id}/videos.csv")
 def label_csv(label_id: LabelId, user: GetUserDep):
-    return _csv(_label_page(label_id)["top"], f"label-{label_id}-videos.csv")
+    _label(label_id)
+    return _csv(_label_videos(label_id), f"label-{label_id}-videos.csv")
 
 
 def _segments(video: str) -> dict:

@@ -55,8 +55,8 @@ def run_tables(conn, model_version: int, run_id: int | None = None) -> list[str]
     """The part tables (predictions' and segments', and older releases' load tables) of a version's runs,
     or of one run, that exist."""
     found = []
-    for family in (PREDICTIONS, SEGMENTS):
-        prefix = f"{family}_v{int(model_version)}_run{'' if run_id is None else int(run_id)}"
+    for parent in (PREDICTIONS, SEGMENTS):
+        prefix = f"{parent}_v{int(model_version)}_run{'' if run_id is None else int(run_id)}"
         if conn.dialect.name == "postgresql":
             names = conn.exec_driver_sql(
                 "SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = current_schema()::regnamespace "

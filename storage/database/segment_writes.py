@@ -19,10 +19,6 @@ from storage.database.schema import inference_parts, segment_predictions
 from storage.formats.segment_rows import COLUMNS
 
 
-def part_table(model_version: int, run_id: int, part: int) -> str:
-    return part_table_name(model_version, run_id, part, SEGMENTS)
-
-
 class Publishing:
     """One publish's segment side: `present`, the run's part tables that exist (partitions.run_tables)."""
 
@@ -34,7 +30,7 @@ class Publishing:
         """The part's segment rows into `segment_predictions`, less those of `left_out` videos; `published`:
         the part's prediction table as it is published (only the videos it publishes), whose videos' older
         segments go; None for a version's first night (the version has none). Returns the rows published."""
-        table = part_table(self.model_version, self.run_id, part)
+        table = part_table_name(self.model_version, self.run_id, part, SEGMENTS)
         if table not in self.present:
             return 0  # the night wrote no segments (or this part was published already)
         conn, rows = self.conn, sa_table(table, *(sa_column(c) for c in COLUMNS))

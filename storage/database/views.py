@@ -154,7 +154,7 @@ def label_nights(conn: Connection, label_id: int, limit: int = 30) -> list[dict]
             func.sum(c.videos).label("videos"),
             func.sum(c.judged).label("judged"),
             func.sum(c.hits).label("hits"),
-        )  # fmt: skip
+        )
         .join(inference_runs, r.run_id == c.run_id)
         .where(c.label_id == label_id, r.status == "succeeded")
         .group_by(r.run_id, r.logical_date, r.model_version, r.top_k)
