@@ -139,7 +139,7 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
         if plan.segments:  # the starter's segment submission, class by class from the parts' fragments
             uris.append(segment_exports.join_night(plan.exports_uri, ours, s3=s3))
         with db.transaction(db_url) as conn:  # the night's rows become the version's with its success
-            prediction_writes.publish(
+            published = prediction_writes.publish(
                 conn, plan.run_id, plan.model_version, plan.level, ours, plan.k, replace_any=bool(plan.video_ids)
             )
             # a targeted rescoring's exports hold its videos alone: the night's own stay the ones served
@@ -148,6 +148,8 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
     except BaseException as exc:
         fail_run(db_url, plan.run_id, f"finishing: {type(exc).__name__}: {exc}")
         raise
+    if published.partition:
+        partitions.vacuum_analyze(db_url, published.partition)
     log.info(
         "run %d: %d videos, %d rows, model version %d",
         plan.run_id,

@@ -144,19 +144,68 @@ def test_exporting_a_night_keeps_memory_flat(tmp_path):
     assert large < 1.2 * small + 1_000_000
 
 
-def test_retiring_a_version_drops_its_predictions_only(world, db_url):
-    from tasks.training import evaluate_model, promote
-
-    first = run_inference(db_url, NIGHT, top_k=2, exports_uri=world["exports"])
-    # A second version (the same weights, saved again at another step: a version is its file's content) scores
-    # everything again.
+def _second_version(world) -> int:
+    """A second version: the same weights saved again at another step (a version is its file's content)."""
     from model import checkpoint
+    from tasks.training import evaluate_model
 
     state = checkpoint.load(world["checkpoint"])
     checkpoint.save(world["checkpoint"] + ".copy", {**state, "step": state.get("step", 0) + 1})
-    assert evaluate_model(world["checkpoint"] + ".copy", world["parquet"], db_url)["version"] == world["version"] + 1
+    version = evaluate_model(world["checkpoint"] + ".copy", world["parquet"], world["db"])["version"]
+    assert version == world["version"] + 1
+    return version
+
+
+def test_top_label_changes_reads_the_versions_rank_one_index_alone(raw_shards, tiny_checkpoint, tmp_path, pg_url):
+    """Each version's first night becomes its partition with the rank-1 index (migration 0014) and is vacuumed,
+    so top_label_changes reads both versions from index-only scans in video order: no heap, no sort.
+    (The planner is told to prefer indexes: with 50 videos a scan of everything costs it less.)"""
+    world = build_world(raw_shards, tmp_path, pg_url, checkpoint=tiny_checkpoint)
+    run_inference(pg_url, NIGHT, top_k=3, exports_uri=world["exports"])
+    new = _second_version(world)
+    run_inference(pg_url, NIGHT, top_k=3, model_version=new, exports_uri=world["exports"] + "/2")
+    for version in (world["version"], new):
+        table = partitions.partition_name(version)
+        assert rows(
+            pg_url,
+            "SELECT indexdef LIKE '%INCLUDE (label_id, score) WHERE (rank = 1)' FROM pg_indexes "
+            "WHERE tablename = :t AND indexdef LIKE '%(video_id, model_version)%'",
+            t=table,
+        ) == [(True,)]
+        assert count(pg_url, "SELECT relallvisible FROM pg_class WHERE relname = :t", t=table) > 0  # vacuumed
+
+    sql = queries.available()["top_label_changes"].read_text()
+    params = {"old_version": world["version"], "new_version": new}
+    from sqlalchemy import text
+
+    from storage.database.db import engine_for
+
+    with engine_for(pg_url).begin() as conn:
+        for setting in ("enable_seqscan", "enable_bitmapscan", "enable_sort", "enable_hashjoin"):
+            conn.exec_driver_sql(f"SET LOCAL {setting} = off")
+        plan = conn.execute(text("EXPLAIN (ANALYZE, FORMAT JSON) " + sql), params).scalar()[0]["Plan"]
+        nodes = []
+
+        def walk(node):
+            nodes.append(node)
+            for child in node.get("Plans", []):
+                walk(child)
+
+        walk(plan)
+        scans = [n for n in nodes if n.get("Relation Name", "").startswith("predictions")]
+        assert [
+            (n["Node Type"], n["Index Name"].endswith("video_id_model_version_label_id_score_idx")) for n in scans
+        ] == [("Index Only Scan", True)] * 2
+        assert [n["Heap Fetches"] for n in scans] == [0, 0]
+        assert not [n for n in nodes if n["Node Type"] == "Sort"]  # the index's order is the report's
+
+
+def test_retiring_a_version_drops_its_predictions_only(world, db_url):
+    from tasks.training import promote
+
+    first = run_inference(db_url, NIGHT, top_k=2, exports_uri=world["exports"])
     second = run_inference(
-        db_url, NIGHT, top_k=2, model_version=world["version"] + 1, exports_uri=world["exports"] + "/2"
+        db_url, NIGHT, top_k=2, model_version=_second_version(world), exports_uri=world["exports"] + "/2"
     )
     assert second.videos == VIDEOS and count(db_url, "SELECT COUNT(*) FROM predictions") == 2 * VIDEOS * 2
 

@@ -11,9 +11,10 @@ import logging
 import re
 
 from sqlalchemy import Connection, delete, exists, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from storage.database import label_counts
-from storage.database.db import utcnow
+from storage.database.db import engine_for, utcnow
 from storage.database.schema import (
     inference_label_counts,
     inference_runs,
@@ -107,6 +108,41 @@ def ensure_partition(conn, model_version: int, parent: str = PREDICTIONS) -> Non
     conn.exec_driver_sql(f"INSERT INTO {table} SELECT * FROM {parent}_default WHERE model_version = %s", (version,))
     conn.exec_driver_sql(f"DELETE FROM {parent}_default WHERE model_version = %s", (version,))
     conn.exec_driver_sql(f"ALTER TABLE {parent} ATTACH PARTITION {table} FOR VALUES IN ({version})")
+
+
+# The definitions of predictions' partitioned indexes (migrations 0005 and 0014), in the form a table
+# about to become a version's partition is given them: ATTACH then adopts them instead of building them.
+_PREDICTION_INDEXES = (
+    "ALTER TABLE {t} ADD PRIMARY KEY (video_id, model_version, rank)",
+    "CREATE INDEX ON {t} (model_version, label_id, score DESC, video_id)",
+    "CREATE INDEX ON {t} USING brin (run_id)",
+    # top_label_changes: each version's rank-1 rows alone, in video order (a merge join, no sort, no heap)
+    "CREATE INDEX ON {t} (video_id, model_version) INCLUDE (label_id, score) WHERE rank = 1",
+)
+_VERSION_PARTITION = re.compile(r"predictions_v\d+")
+
+
+def index_as_partition(conn, table: str) -> None:
+    """Build predictions' indexes on a version's filled table before it is attached as its partition:
+    sorted builds, much faster than inserting its rows into indexes one by one."""
+    if not _VERSION_PARTITION.fullmatch(table):
+        raise ValueError(f"not a version's partition of predictions: {table!r}")
+    for statement in _PREDICTION_INDEXES:
+        conn.exec_driver_sql(statement.format(t=table))
+
+
+def vacuum_analyze(db_url: str, table: str) -> None:
+    """VACUUM (ANALYZE) a version's partition that a night has just made whole: statistics for the planner,
+    and a visibility map that lets index-only scans (top_label_changes) skip the heap. Outside any
+    transaction, as VACUUM must run; a failure is logged, not raised: the night it follows has succeeded,
+    and autovacuum gets to the partition later anyway."""
+    if not _VERSION_PARTITION.fullmatch(table):
+        raise ValueError(f"not a version's partition of predictions: {table!r}")
+    try:
+        with engine_for(db_url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(f"VACUUM (ANALYZE) {table}")
+    except SQLAlchemyError as exc:
+        log.warning("%s: VACUUM (ANALYZE) after its first night failed, left to autovacuum: %s", table, exc)
 
 
 class RetireError(VtagError, ValueError):

@@ -31,6 +31,7 @@ from storage.database.partitions import (
     PREDICTIONS,
     ensure_partition,
     family,
+    index_as_partition,
     part_table_name,
     partition_name,
     run_tables,
@@ -324,6 +325,7 @@ class Published:
     rows: int
     changed: tuple[str, ...]  # scored, then changed or gone from the catalogue: not published, pending again
     elsewhere: tuple[str, ...]  # published meanwhile by another night of the version, left to it
+    partition: str | None = None  # the version's partition when this night became it whole
 
 
 def publish(
@@ -354,7 +356,8 @@ def publish(
         changed += stale
         left_out[part] = stale
     segments = segment_writes.Publishing(conn, run_id, model_version, present)
-    if _first_night(conn, model_version, replace_any):
+    attached = _first_night(conn, model_version, replace_any)
+    if attached:
         _attach_as_partition(conn, model_version, list(tables.values()))
         elsewhere: list[str] = []
         for part in tables:  # the version had no rows: none of its segments to replace
@@ -386,7 +389,8 @@ def publish(
     ):
         if ids:
             log.info("run %d: %d videos %s, not published by this night: %s", run_id, len(ids), what, _few(ids))
-    return Published(int(done[0]), int(done[1]), tuple(changed), tuple(elsewhere))
+    partition = partition_name(model_version) if attached else None
+    return Published(int(done[0]), int(done[1]), tuple(changed), tuple(elsewhere), partition)
 
 
 def _changed_since(conn, table: str, level: str, started) -> list[str]:
@@ -455,10 +459,7 @@ def _attach_as_partition(conn, model_version: int, tables: list[str]) -> None:
         for table in tables:
             conn.exec_driver_sql(f"INSERT INTO {partition} SELECT * FROM {table}")
             conn.exec_driver_sql(f"DROP TABLE {table}")
-    # The same definitions as the partitioned indexes, so that ATTACH adopts them instead of building.
-    conn.exec_driver_sql(f"ALTER TABLE {partition} ADD PRIMARY KEY (video_id, model_version, rank)")
-    conn.exec_driver_sql(f"CREATE INDEX ON {partition} (model_version, label_id, score DESC, video_id)")
-    conn.exec_driver_sql(f"CREATE INDEX ON {partition} USING brin (run_id)")
+    index_as_partition(conn, partition)
     conn.exec_driver_sql(f"ALTER TABLE predictions ATTACH PARTITION {partition} FOR VALUES IN ({version})")
     log.info("model version %d: its first night's rows are now its partition %s", version, partition)
 

@@ -251,6 +251,15 @@ Index(
     predictions.c.score.desc(),
     predictions.c.video_id,
 )
+# top_label_changes: two versions' rank-1 rows read side by side in video order, from this index alone.
+Index(
+    "ix_predictions_top_label",
+    predictions.c.video_id,
+    predictions.c.model_version,
+    postgresql_include=["label_id", "score"],
+    postgresql_where=text("rank = 1"),
+    sqlite_where=text("rank = 1"),
+)
 
 # Each video's best 5-second segments over the 1,000 segment-rated classes (migration 0012)
 segment_predictions = Table(
