@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.airflow_ui import NO_ROLE_USER
 from tests.support.db import migrated
 from tests.support.env import BIN, PG_ADMIN_URL, REPO, SHARED, free_port
 
@@ -172,9 +173,10 @@ def airflow_api(airflow_db, tmp_path_factory):
     folder, passwords and JWT secret are set before its first import."""
     passwords = tmp_path_factory.mktemp("auth") / "passwords.json"
     login = {"username": "admin", "password": secrets.token_urlsafe(16)}
-    passwords.write_text(json.dumps({login["username"]: login["password"]}))
+    passwords.write_text(json.dumps({login["username"]: login["password"], **NO_ROLE_USER}))
     env = {
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"admin:admin,{next(iter(NO_ROLE_USER))}:",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(40),

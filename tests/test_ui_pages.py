@@ -41,6 +41,21 @@ def test_pages_refuse_requests_without_a_valid_token(client):
         assert test_client.get(page, headers={"Authorization": "Bearer nonsense"}).status_code == 403, page
 
 
+def test_pages_refuse_a_user_without_the_viewers_dag_permissions(client, night):
+    """Logged in, but given no role: Airflow's own REST API refuses them its DAGs, and so does every page."""
+    from tests.support.airflow_ui import NO_ROLE_USER
+
+    test_client, admin = client
+    ((username, password),) = NO_ROLE_USER.items()
+    token = test_client.post("/auth/token", json={"username": username, "password": password})
+    assert token.status_code == 201, token.text
+    nobody = {"Authorization": f"Bearer {token.json()['access_token']}"}
+    assert test_client.get("/api/v2/dags", headers=nobody).status_code == 403
+    for page in PAGES + ["/video-tags/tags/suggest?q=a", f"/video-tags/nights/{night['run_id']}/progress"]:
+        assert test_client.get(page, headers=nobody).status_code == 403, page
+        assert test_client.get(page, headers=admin).status_code in (200, 404), page  # the same pages: allowed
+
+
 def test_plugin_is_listed_in_the_ui_navigation(client):
     test_client, auth = client
     plugins = test_client.get("/api/v2/plugins", headers=auth).json()["plugins"]
@@ -84,7 +99,7 @@ def test_night_page_shows_its_videos_and_exports(client, night):
     )
     html = test_client.get(f"/video-tags/nights/{night['run_id']}", headers=auth)
     assert html.status_code == 200, html.text
-    assert re.search(rf'class="videos">{done:,}/{total:,}<', html.text) and total > 0
+    assert re.search(rf'class="videos">{done:,} of {total:,}<', html.text) and total > 0
     assert "<svg" in html.text and "<rect" in html.text
     listing = test_client.get("/video-tags/nights", headers=auth).text
     assert f"/video-tags/nights/{night['run_id']}" in listing
@@ -93,6 +108,62 @@ def test_night_page_shows_its_videos_and_exports(client, night):
     assert got.status_code == 200 and got.content == Path(export).read_bytes()
     for bad in ("..%2Fpredictions.csv", "parts"):
         assert test_client.get(f"/video-tags/nights/{night['run_id']}/exports/{bad}", headers=auth).status_code == 404
+
+
+def test_a_running_nights_page_follows_its_parts(client, raw_shards, tiny_checkpoint, tmp_path, db_url, monkeypatch):
+    """While a night runs, its page and the figures the page polls (`/progress`) are its parts' committed
+    counters: parts done of total, videos and rows so far, rate, estimated finish, the deadline; the link to
+    the Airflow run that scores it. Once it has finished: its duration, no estimate."""
+    from datetime import UTC, datetime, timedelta
+
+    from tasks.inference import finish_night, plan_night, tag_part
+
+    test_client, auth = client
+    world = build_world(raw_shards, tmp_path, db_url, checkpoint=tiny_checkpoint)
+    monkeypatch.setenv("VTAG_DB_URL", db_url)
+    monkeypatch.setenv("VTAG_NIGHT_DEADLINE", "2h")
+    plan = plan_night(
+        db_url, NIGHT, top_k=5, exports_uri=world["exports"], part_videos=20, airflow_run_id="manual__2026-01-02<x>"
+    )
+    assert len(plan.parts) >= 2
+    page = f"/video-tags/nights/{plan.run_id}"
+
+    def figures():
+        got = test_client.get(page + "/progress", headers=auth)
+        assert got.status_code == 200, got.text
+        return got.json()
+
+    before = figures()
+    assert (before["status"], before["parts_done"], before["videos_done"]) == ("running", 0, 0)
+    assert before["eta"] is None and before["videos_total"] == 50 and before["parts_total"] == len(plan.parts)
+    tag_part(db_url, plan, plan.parts[0])
+    first = row(
+        db_url, f"SELECT videos_done, rows_written FROM inference_parts WHERE run_id = {plan.run_id} AND part = 0"
+    )
+    now = figures()
+    assert (now["parts_done"], now["videos_done"], now["rows_written"]) == (1, first[0], first[1]) and first[0] > 0
+    assert now["shown"]["parts"] == f"1 of {len(plan.parts)}" and now["shown"]["videos"] == f"{first[0]} of 50"
+    started = row(db_url, f"SELECT started_at FROM inference_runs WHERE run_id = {plan.run_id}")[0]
+    started = datetime.fromisoformat(str(started)).replace(tzinfo=UTC)  # stored in UTC (SQLite: without offset)
+    assert datetime.fromisoformat(now["deadline"]) == started + timedelta(hours=2)  # VTAG_NIGHT_DEADLINE
+    assert now["videos_per_s"] > 0 and datetime.fromisoformat(now["eta"]) > started
+    html = test_client.get(page, headers=auth).text
+    assert f'data-progress="parts">1 of {len(plan.parts)}<' in html and "/progress" in html  # the page polls
+    assert 'href="/dags/yt8m_nightly_inference/runs/manual__2026-01-02%3Cx%3E"' in html  # escaped in the URL
+    assert "estimated finish" in html and "written when the night finishes" in html
+
+    for part in plan.parts[1:]:
+        tag_part(db_url, plan, part)
+    finish_night(db_url, plan)
+    done = figures()
+    assert (done["status"], done["parts_done"], done["videos_done"], done["eta"]) == (
+        "succeeded",
+        len(plan.parts),
+        50,
+        None,
+    )
+    html = test_client.get(page, headers=auth).text
+    assert "estimated finish" not in html and "<th>duration</th>" in html and "/progress" not in html
 
 
 def _cells(html: str, table: str) -> list[list[str]]:

@@ -8,26 +8,28 @@ derives (a plot's plot_uri, the loss plot beside a checkpoint, a night's exports
 import csv
 import io
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
-from airflow.api_fastapi.core_api.security import GetUserDep
-from fastapi import FastAPI, HTTPException, Query
+from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
+from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from airflow_glue import config as airflow_config
-from airflow_glue.ui import charts, formatting
+from airflow_glue.ui import charts, formatting, progress
 from storage.database import db, views
 from storage.formats.exports import CSV_NAME, PICKLE_NAME, night_folder
 from storage.formats.segment_exports import SUBMISSION_NAME
 from storage.objectstore import StoreError, join, store_for
-from tasks import queries
+from tasks import queries, settings
 
 PREFIX = "/video-tags"
 NIGHTS_PER_PAGE = 50
+POLL_MS = 5000  # a running night's page asks for its figures this often
 TOP_LABELS = 20
 TAG_ROWS = 50
 LOSS_PLOT = "loss.png"  # model/train.py writes it beside the checkpoints
@@ -35,7 +37,9 @@ LOSS_PLOT = "loss.png"  # model/train.py writes it beside the checkpoints
 # A version or run id in a path: beyond the integer columns it can name nothing (422, never the database's 500).
 RowId = Annotated[int, PathParam(ge=1, le=queries.INTEGER_COLUMN)]
 
-app = FastAPI(title="Video tags")
+# What Airflow's viewers may do, on every page: read DAGs and their runs. Logged in is not enough: a user
+# the auth manager gives no such permission is refused (403), as Airflow's own UI refuses them.
+app = FastAPI(title="Video tags", dependencies=[Depends(requires_access_dag(method="GET"))])
 templates = Environment(
     loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html"])
 )
@@ -176,6 +180,32 @@ def _night(run_id: int) -> dict:
         return _found(views.night(conn, run_id), f"inference run {run_id}")
 
 
+def _progress(run: dict) -> dict:
+    """The night's progress, with each figure also as the page shows it (the page's script writes those in
+    as text while the night runs)."""
+    figures = progress.night_progress(run, settings.night_deadline())
+    shown = {
+        "status": figures["status"],
+        "parts": f"{figures['parts_done']:,} of {figures['parts_total']:,}"
+        + (f" ({figures['parts_failed']:,} failed)" if figures["parts_failed"] else ""),
+        "videos": f"{figures['videos_done']:,} of {figures['videos_total']:,}",
+        "percent": formatting.percent(figures["fraction"]),
+        "rows": formatting.count(figures["rows_written"]),
+        "rate": f"{figures['videos_per_s']:,.1f} videos/s" if figures["videos_per_s"] else "",
+        "elapsed": formatting.duration(figures["elapsed_s"]),
+        "eta": formatting.when_text(figures["eta"]),
+        "deadline": formatting.when_text(figures["deadline"]) + (" (late)" if figures["late"] else ""),
+    }
+    return {**figures, "shown": shown}
+
+
+@app.get("/nights/{run_id}/progress")
+def night_progress(run_id: RowId, user: GetUserDep) -> dict:
+    """The night page's live figures (it asks every few seconds while the night runs)."""
+    figures = _progress(_night(run_id))
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in figures.items()}
+
+
 @app.get("/nights/{run_id}", response_class=HTMLResponse)
 def night_page(run_id: RowId, user: GetUserDep):
     with db.transaction(_db()) as conn:
@@ -192,6 +222,9 @@ def night_page(run_id: RowId, user: GetUserDep):
         "night.html",
         f"Night {run_id}",
         r=run,
+        progress=_progress(run),
+        poll_ms=POLL_MS,
+        airflow_run=progress.airflow_run_path(run),
         exports=sorted(_exports(run)),
         chart=charts.bars(named),
         delta=charts.bars(deltas, signed=True),

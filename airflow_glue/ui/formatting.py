@@ -41,10 +41,8 @@ def duration(value) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def when(value, now: datetime | None = None) -> Markup:
-    """A datetime as `3 hours ago` / `in 2 days`, its exact UTC time on hover (`<time>`)."""
-    if value is None:
-        return Markup("")
+def _relative(value: datetime, now: datetime | None) -> tuple[datetime, str, str]:
+    """(value in UTC, `3 hours ago` / `in 2 days`, its exact UTC time)."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)  # SQLite keeps no offset: times are stored in UTC
     exact = value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -57,8 +55,23 @@ def when(value, now: datetime | None = None) -> Markup:
             break
     else:
         words = "seconds"
-    text = f"in {words}" if future else f"{words} ago"
+    return value, f"in {words}" if future else f"{words} ago", exact
+
+
+def when(value, now: datetime | None = None) -> Markup:
+    """A datetime as `3 hours ago` / `in 2 days`, its exact UTC time on hover (`<time>`)."""
+    if value is None:
+        return Markup("")
+    value, text, exact = _relative(value, now)
     return Markup(f'<time datetime="{escape(value.isoformat())}" title="{exact}">{escape(text)}</time>')
+
+
+def when_text(value, now: datetime | None = None) -> str:
+    """The same as plain text, the exact time in brackets (for figures a script writes into a page)."""
+    if value is None:
+        return ""
+    _, text, exact = _relative(value, now)
+    return f"{text} ({exact})"
 
 
 FILTERS = {"score": score, "count": count, "percent": percent, "duration": duration, "when": when}

@@ -161,6 +161,8 @@ videos = Table(
     Index("ix_videos_ingested_at", "ingested_at"),
     Index("ix_videos_source_uri", "source_uri"),
     Index("ix_videos_level_parquet_uri", "level", "parquet_uri"),  # a part selects its videos by file range
+    # The Tags search's id prefixes (LIKE 'abc%'): the primary key cannot serve LIKE outside the C collation.
+    Index("ix_videos_id_prefix", "video_id", postgresql_ops={"video_id": "varchar_pattern_ops"}),
 )
 
 video_labels = Table(

@@ -82,6 +82,7 @@ RUN_COLUMNS = (
     "error",
     "top_k",
     "exports_uri",
+    "airflow_run_id",
 )
 
 
@@ -212,12 +213,10 @@ def suggestions(conn: Connection, text: str, limit: int = 10) -> list[dict]:
         ):
             if not any(f["kind"] == "label" and f["id"] == label_id for f in found):
                 found.append({"kind": "label", "id": label_id, "name": label_name})
+    # Neither DISTINCT nor ORDER BY: either would make the database find every match before the first
+    # (a video has a row per level); the prefix index (migration 0015) hands over a few, sorted here.
     ids = conn.execute(
-        select(videos.c.video_id)
-        .where(videos.c.video_id.startswith(text, autoescape=True))
-        .distinct()
-        .order_by(videos.c.video_id)
-        .limit(limit)
+        select(videos.c.video_id).where(videos.c.video_id.startswith(text, autoescape=True)).limit(4 * limit)
     ).scalars()
-    found += [{"kind": "video", "id": v, "name": v} for v in ids]
+    found += [{"kind": "video", "id": v, "name": v} for v in sorted(set(ids))[:limit]]
     return found[: 2 * limit]

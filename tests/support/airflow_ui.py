@@ -8,6 +8,7 @@ a page signed in through the real login form. Chromium: $VTAG_CHROMIUM, else Deb
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -59,6 +60,10 @@ class LocalAirflow:
         text = standalone.read_text(errors="replace") if standalone.exists() else ""
         picked = [line for line in text.splitlines() if run_id in line or NOTEWORTHY.search(line)]
         return "\n".join(["--- standalone.log ---", *picked[-lines:], task_logs(self.airflow_home, dag_id, run_id)])
+
+
+# A user Airflow knows but has given no role: none of the permissions its viewers have (the simple auth manager).
+NO_ROLE_USER = {"nobody": secrets.token_urlsafe(16)}
 
 
 def _airflow_processes(airflow_home: Path) -> list[str]:
