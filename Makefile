@@ -113,9 +113,13 @@ lint: install
 test: install tools lint
 	$(BIN)/python -m pytest -q
 
-# The README's screenshots (docs/screenshots/): the browser tests of the Video tags pages and the approval.
+# The README's screenshots (docs/screenshots/<page>-<light|dark>.png): the Video tags pages over `make demo`'s
+# data (made first if $(VTAG_HOME) has none), in a local Airflow, through headless Chromium, in both themes.
+# The review flow's pictures (review.png, model_reviewed.png, nav.png) come from the browser tests:
+# VTAG_TEST_OUTPUT=docs/screenshots pytest tests/test_ui_browser.py.
 screenshots: install tools
-	VTAG_TEST_OUTPUT=$(CURDIR)/docs/screenshots $(BIN)/python -m pytest -q tests/test_ui_browser.py
+	test -f $(VTAG_HOME)/vtag.db || $(MAKE) --no-print-directory demo
+	$(BIN)/python -m tests.support.screenshots --vtag-home $(VTAG_HOME) --out $(CURDIR)/docs/screenshots
 
 # The one prepared GPU run (docs/benchmarks.md#on-a-lent-gpu-machine). Here, with a network: `make gpu-bundle`
 # downloads the wheels it needs beyond the lent machine's image into .gpu-bundle/ (at most 40 MiB; carry it).

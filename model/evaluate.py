@@ -31,6 +31,8 @@ class Evaluation:
     precision_at_k: list[float]  # k = 1..TOP_K (20), over all videos
     recall_at_k: list[float]
     set_fingerprint: str  # VideoSet: the exact videos scored
+    class_ap: np.ndarray | None = None  # each class's average precision (NaN: no positive among the videos)
+    class_positives: np.ndarray | None = None
 
 
 class VideoSet:
@@ -158,13 +160,16 @@ def evaluate(
     seconds = time.perf_counter() - started
     videos = accumulator.num_videos
     cumulative = np.cumsum(hits_at)
+    metrics, class_ap, class_positives = accumulator.result_by_class()
     return Evaluation(
-        metrics=accumulator.result(),
+        metrics=metrics,
         videos=videos,
         seconds=seconds,
         precision_at_k=(cumulative / (videos * np.arange(1, TOP_K + 1))).tolist(),
         recall_at_k=(cumulative / max(1, positives)).tolist(),
         set_fingerprint=video_set.fingerprint(),
+        class_ap=class_ap,
+        class_positives=class_positives,
     )
 
 

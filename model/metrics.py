@@ -84,16 +84,24 @@ class MetricsAccumulator:
 
     def result(self):
         """The four metrics over every video added; ValueError if none was."""
+        return self.result_by_class()[0]
+
+    def result_by_class(self):
+        """(the four metrics, each class's average precision, each class's positives): a class without a
+        positive has NaN for its AP and is left out of mAP."""
         n = self.num_videos
         if n == 0:
             raise ValueError("no videos accumulated: call add() before result()")
-        gap, mean_ap = _pooled_average_precisions(
+        gap, class_ap = _pooled_average_precisions(
             np.concatenate(self._top_classes).ravel(),
             np.concatenate(self._top_scores).ravel(),
             np.concatenate(self._top_positives).ravel(),
             self._class_positives,
         )
-        return {"hit_at_one": self._hits / n, "perr": self._perr_sum / n, "gap": gap, "map": mean_ap}
+        has_positive = ~np.isnan(class_ap)
+        mean_ap = float(class_ap[has_positive].mean()) if has_positive.any() else 0.0
+        metrics = {"hit_at_one": self._hits / n, "perr": self._perr_sum / n, "gap": gap, "map": mean_ap}
+        return metrics, class_ap, self._class_positives.copy()
 
     def _summarise(self, scores, labels):
         scores = scores.astype(np.float64)
@@ -149,7 +157,7 @@ def _highest(scores, descending, k):
 
 
 def _pooled_average_precisions(classes, scores, positives, class_positives):
-    """GAP and mAP of the pooled top_k triplets (given in pooled order).
+    """GAP and each class's AP (NaN for a class without a positive) of the pooled top_k triplets.
 
     Average precision is the sum, over ranked positions i holding a positive, of the positives
     seen up to i divided by i; the sum is divided by all positives in the ground truth.
@@ -172,10 +180,9 @@ def _pooled_average_precisions(classes, scores, positives, class_positives):
     precision_sums = np.bincount(
         classes[positives], weights=(seen_in_class / rank_in_class)[positives], minlength=len(class_positives)
     )
-    has_positive = class_positives > 0
-    if not has_positive.any():
-        return gap, 0.0
-    return gap, float((precision_sums[has_positive] / class_positives[has_positive]).mean())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        class_ap = np.where(class_positives > 0, precision_sums / class_positives, np.nan)
+    return gap, class_ap
 
 
 def _check_batch(scores, labels, num_classes):

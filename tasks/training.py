@@ -155,7 +155,7 @@ def evaluate_model(
     with db.transaction(db_url) as conn:
         record = registry.EvaluationRecord(
             split, data_uri, pattern, evaluation.metrics, evaluation.videos, evaluation.seconds, plot_uri,
-            evaluation.set_fingerprint,
+            evaluation.set_fingerprint, _class_ap(evaluation),
         )  # fmt: skip
         registry.record_evaluation(conn, version, record)
     return {
@@ -165,6 +165,17 @@ def evaluate_model(
         "plot_uri": plot_uri,
         "split": split,
         "checkpoint_uri": registered["checkpoint_uri"],
+    }
+
+
+def _class_ap(evaluation) -> dict[int, tuple[int, float]]:
+    """label_id -> (positives, average precision) of each class with a positive among the videos scored."""
+    if evaluation.class_ap is None:
+        return {}
+    return {
+        label: (int(n), float(evaluation.class_ap[label]))
+        for label, n in enumerate(evaluation.class_positives)
+        if n > 0
     }
 
 

@@ -192,6 +192,24 @@ def test_matches_naive_google_transcription(seed, n, c):
     assert yt8m_metrics(scores, labels) == pytest.approx(naive_metrics(scores, labels), rel=0, abs=1e-9)
 
 
+def test_each_classs_average_precision_is_googles_and_their_mean_is_map():
+    rng = np.random.default_rng(7)
+    labels = _random_labels(rng, 150, 40)
+    labels[:, 3] = 0  # a class without a positive: no AP, left out of mAP
+    scores = rng.normal(size=labels.shape)
+    accumulator = MetricsAccumulator(40)
+    accumulator.add(scores, labels)
+    metrics, class_ap, positives = accumulator.result_by_class()
+    predictions, actuals, naive_positives = naive_top_k_by_class(scores.tolist(), labels.tolist(), 20)
+    assert positives.tolist() == naive_positives and np.isnan(class_ap[3])
+    for c in range(40):
+        if positives[c]:
+            assert class_ap[c] == pytest.approx(naive_ap_at_n(predictions[c], actuals[c], positives[c]), abs=1e-12)
+    assert metrics["map"] == pytest.approx(np.nanmean(class_ap), abs=1e-12) == pytest.approx(
+        naive_metrics(scores, labels)["map"], abs=1e-9
+    )
+
+
 @pytest.mark.parametrize("top_k", [1, 5, 20])
 def test_matches_naive_for_other_top_k(top_k):
     rng = np.random.default_rng(10 + top_k)

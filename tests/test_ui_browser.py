@@ -23,7 +23,7 @@ from tasks.inference import run_inference
 from tests.support.airflow_stack import wait_for
 from tests.support.airflow_ui import CHROMIUM_ARGS, chromium, local_airflow, log_in, new_page, screenshot_dir
 from tests.support.db import in_transaction, migrated
-from tests.support.worlds import NIGHT, build_world, inference_shards, row
+from tests.support.worlds import NIGHT, build_world, inference_shards, row, rows
 
 pytestmark = pytest.mark.stack
 
@@ -110,7 +110,7 @@ def test_a_user_reaches_the_pages_and_sees_what_the_database_holds(airflow, page
 
     page.goto(f"{running.url}/video-tags/models")
     gap = row(db_url, f"SELECT gap FROM evaluations WHERE model_version = {version} ORDER BY id DESC")[0]
-    registry_row = page.locator("table").nth(1).locator("tr", has=page.locator(f'a[href$="/models/{version}"]'))
+    registry_row = page.locator("table.registry").locator("tr", has=page.locator(f'a[href$="/models/{version}"]'))
     expect(registry_row).to_contain_text("production")
     expect(registry_row.locator("td.gap")).to_have_text(f"{gap:.4f}")
     _shot(page, tmp_path, "models.png")
@@ -130,7 +130,7 @@ def test_a_user_reaches_the_pages_and_sees_what_the_database_holds(airflow, page
 
     done, total = row(db_url, f"SELECT videos_done, videos_total FROM inference_runs WHERE run_id = {run_id}")
     page.goto(f"{running.url}/video-tags/nights/{run_id}")
-    expect(page.locator(".videos")).to_have_text(f"{done}/{total}")
+    expect(page.locator("table.progress .videos")).to_have_text(f"{done:,} of {total:,}")
     assert total > 0 and page.locator("svg rect").count() > 0
     expect(page.get_by_role("link", name="predictions.csv")).to_be_visible()
     _shot(page, tmp_path, "night.png")
@@ -264,6 +264,9 @@ def test_a_person_approves_one_candidate_and_rejects_another_in_the_ui(airflow, 
 
     page.goto(f"{running.url}/video-tags/models/{candidate}")
     expect(page.get_by_text(f"approved by {running.user}")).to_be_visible()
+    review_row = page.locator("table.reviews tr", has=page.locator("td.who"))
+    expect(review_row.locator("td.who")).to_have_text(running.user)  # who took the decision, and when
+    expect(review_row.locator("time").last).to_have_attribute("datetime", re.compile(r"^\d{4}-\d\d-\d\dT"))
     _shot(page, tmp_path, "model_reviewed.png")
 
 
@@ -359,3 +362,45 @@ def test_the_trigger_form_sets_k_for_a_night(airflow, page, tmp_path):
     ours = [run for run in runs if (run.get("conf") or {}).get("top_k") == top_k]
     assert [run["dag_run_id"] for run in ours] == [run_id], runs
     assert ours[0]["run_type"] == "manual" and ours[0]["triggered_by"] == "ui", ours[0]
+
+
+def test_a_running_nights_page_moves_with_its_parts(airflow, page, tmp_path):
+    """Opened while a night runs, the page follows it without a reload: a part done moves the parts, videos
+    and rows shown; once the night has finished the page reloads itself with its duration and exports."""
+    from datetime import timedelta
+
+    from playwright.sync_api import expect
+
+    from tasks.inference import finish_night, plan_night, tag_part
+
+    running, seeded = airflow
+    db_url = seeded["db"]
+    videos = [r[0] for r in rows(db_url, "SELECT DISTINCT video_id FROM videos ORDER BY video_id")]
+    plan = plan_night(
+        db_url,
+        NIGHT + timedelta(days=30),  # its own date: no other test's night is its night before
+        top_k=5,
+        video_ids=videos,
+        part_videos=20,
+        exports_uri=str(tmp_path / "exports"),
+    )
+    assert len(plan.parts) >= 2
+    page.goto(f"{running.url}/video-tags/nights/{plan.run_id}")
+    progress = page.locator("table.progress")
+    expect(progress.locator("[data-progress=parts]")).to_have_text(f"0 of {len(plan.parts)}")
+    expect(progress.locator("[data-progress=status]")).to_have_text("running")
+
+    tag_part(db_url, plan, plan.parts[0])
+    first = row(db_url, f"SELECT videos_done FROM inference_parts WHERE run_id = {plan.run_id} AND part = 0")[0]
+    expect(progress.locator("[data-progress=parts]")).to_have_text(f"1 of {len(plan.parts)}", timeout=20_000)
+    expect(progress.locator(".videos")).to_have_text(f"{first:,} of {len(videos):,}")
+    expect(progress.locator("[data-progress=eta]")).to_contain_text("in ")  # an estimate, in the future
+    expect(page.locator("tr[data-part='0'] .status")).to_have_text("succeeded")
+    _shot(page, tmp_path, "night_running.png")
+
+    for part in plan.parts[1:]:
+        tag_part(db_url, plan, part)
+    finish_night(db_url, plan)
+    expect(progress.locator("[data-progress=status]")).to_have_text("succeeded", timeout=20_000)  # reloaded
+    expect(page.locator("th", has_text="duration")).to_be_visible()
+    expect(page.get_by_role("link", name="predictions.csv")).to_be_visible()

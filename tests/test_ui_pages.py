@@ -79,6 +79,56 @@ def test_models_page_shows_the_evaluated_gap(client, night):
     assert "production" in html.text
 
 
+def test_models_pages_put_a_candidate_beside_production_class_by_class(client, night):
+    """A candidate (production's weights, perturbed) evaluated on the same videos: the Models page charts both
+    versions on that yardstick, and it and the candidate's page show both evaluations side by side and name
+    the classes that gained and lost most, with the APs evaluate_model recorded for each."""
+    import torch
+
+    from model import checkpoint
+    from tasks.training import evaluate_model
+
+    test_client, auth = client
+    db_url, production = night["db"], night["version"]
+    state = checkpoint.load(night["checkpoint"])
+    torch.manual_seed(0)
+    weights = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["model"].items()}
+    checkpoint.save(night["checkpoint"] + ".candidate", {**state, "model": weights, "step": state.get("step", 0) + 7})
+    candidate = evaluate_model(night["checkpoint"] + ".candidate", night["parquet"], db_url)["version"]
+    assert candidate == production + 1
+
+    # What the pages must show, from the recorded per-class APs (their mean is each evaluation's mAP).
+    deltas = rows(
+        db_url,
+        "SELECT m.label_id, l.name, m.average_precision - t.average_precision FROM evaluation_classes m "
+        "JOIN evaluation_classes t ON t.label_id = m.label_id "
+        "JOIN evaluations em ON em.id = m.evaluation_id JOIN evaluations et ON et.id = t.evaluation_id "
+        "JOIN labels l ON l.label_id = m.label_id "
+        f"WHERE em.model_version = {candidate} AND et.model_version = {production} ORDER BY 3 DESC, 1",
+    )
+    assert deltas and any(d[2] > 0 for d in deltas) and any(d[2] < 0 for d in deltas)
+    for version in (production, candidate):
+        mean_ap, recorded = row(
+            db_url,
+            "SELECT AVG(c.average_precision), MIN(e.map) FROM evaluation_classes c JOIN evaluations e "
+            f"ON e.id = c.evaluation_id WHERE e.model_version = {version}",
+        )
+        assert mean_ap == pytest.approx(recorded, abs=1e-9)
+    best, worst = deltas[0], min(deltas, key=lambda d: (d[2], d[0]))
+
+    models = test_client.get("/video-tags/models", headers=auth).text
+    assert models.count("<polyline") == 4 and models.count("<circle") == 8  # 4 metrics x 2 versions
+    for html in (models, test_client.get(f"/video-tags/models/{candidate}", headers=auth).text):
+        gained = _cells(html, "classes gained")
+        lost = _cells(html, "classes lost")
+        assert gained[0][0] == html_escape(best[1]) and gained[0][-1] == f"{best[2]:+.3f}"
+        assert lost[0][0] == html_escape(worst[1]) and lost[0][-1] == f"{worst[2]:+.3f}"
+        assert f'href="/video-tags/tags/labels/{best[0]}"' in html
+        assert f"production, <a href=\"/video-tags/models/{production}\">version {production}</a>" in html
+    own = test_client.get(f"/video-tags/models/{production}", headers=auth).text
+    assert "Against production" not in own  # production is not compared with itself
+
+
 def test_model_plots_stream_the_stored_bytes(client, night):
     test_client, auth = client
     plot_uri = row(night["db"], f"SELECT plot_uri FROM evaluations WHERE model_version = {night['version']}")[0]

@@ -76,19 +76,53 @@ def index(user: GetUserDep):
     return _page("index.html", "Video tags")
 
 
+METRICS = [("gap", "GAP"), ("hit_at_one", "Hit@1"), ("perr", "PERR"), ("map", "mAP")]
+
+
+def _against(conn, model: dict, production: dict | None) -> dict | None:
+    """A version beside production on the same videos: both evaluations and the classes that gained and
+    lost most; None when there is nothing to compare (it is production, or they share no evaluation set)."""
+    mine = model.get("evaluation")
+    if production is None or mine is None or model["version"] == production["version"]:
+        return None
+    theirs = views.evaluation_on(conn, production["version"], mine["set_fingerprint"])
+    if theirs is None:
+        return {"production": production, "mine": mine, "theirs": None}
+    deltas = views.class_deltas(conn, mine["id"], theirs["id"])
+    return {"production": production, "mine": mine, "theirs": theirs, **deltas}
+
+
+def _history(conn, level: str, anchor: dict | None) -> str:
+    """The level's versions over time on the videos of `anchor` (production's latest evaluation)."""
+    if anchor is None or anchor.get("set_fingerprint") is None:
+        return charts.lines([], METRICS)
+    return charts.lines(views.version_history(conn, level, anchor["set_fingerprint"]), METRICS)
+
+
 @app.get("/models", response_class=HTMLResponse)
 def models_page(user: GetUserDep):
+    sides = {}
     with db.transaction(_db()) as conn:
         models = views.models(conn)
-    sides = {}
-    for level in ("frame", "video"):
-        mine = [m for m in models if m["level"] == level]
-        production = next((m for m in mine if m["status"] == "production"), None)
-        newer = [
-            m for m in mine if m["status"] != "production" and (not production or m["version"] > production["version"])
-        ]
-        sides[level] = {"production": production, "newest candidate": newer[0] if newer else None}
-    return _page("models.html", "Models", models=models, sides=sides)
+        for level in ("frame", "video"):
+            mine = [m for m in models if m["level"] == level]
+            if not mine:
+                continue
+            production = next((m for m in mine if m["status"] == "production"), None)
+            newer = [
+                m
+                for m in mine
+                if m["status"] != "production" and (not production or m["version"] > production["version"])
+            ]
+            candidate = newer[0] if newer else None
+            anchor = (production or mine[0])["evaluation"]
+            sides[level] = {
+                "production": production,
+                "candidate": candidate,
+                "against": _against(conn, candidate, production) if candidate else None,
+                "history": _history(conn, level, anchor),
+            }
+    return _page("models.html", "Models", models=models, sides=sides, metrics=METRICS)
 
 
 def _plots(model: dict) -> dict[str, str]:
@@ -120,8 +154,14 @@ def _model(version: int) -> dict:
 
 @app.get("/models/{version}", response_class=HTMLResponse)
 def model_page(version: RowId, user: GetUserDep):
-    model = _model(version)
-    return _page("model.html", f"Model version {version}", m=model, plots=sorted(_plots(model)))
+    with db.transaction(_db()) as conn:
+        model = _found(views.model(conn, version), f"model version {version}")
+        production = views.production_of(conn, model["level"])
+        model["evaluation"] = model["evaluations"][0] if model["evaluations"] else None
+        against = _against(conn, model, production)
+    return _page(
+        "model.html", f"Model version {version}", m=model, plots=sorted(_plots(model)), against=against, metrics=METRICS
+    )
 
 
 @app.get("/models/{version}/plots/{name}")

@@ -65,3 +65,52 @@ def timeline(segments: list[dict]) -> str:
         out.append(f'<text x="{LABEL_WIDTH + second * scale:.1f}" y="{axis_y}" font-size="10">{second}s</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+SERIES_COLOURS = ("#017cee", "#2f855a", "#dd6b20", "#805ad5")
+PLOT_WIDTH, PLOT_HEIGHT, MARGIN = 560, 200, 40
+
+
+def lines(points: list[dict], series: list[tuple[str, str]], x: str = "version") -> str:
+    """Metrics in [0, 1] over versions: one line per (key, name) of `series` through `points` (dicts holding
+    `x` and each key), the x axis labelled v<version>, each point's exact value on hover."""
+    if not points:
+        return '<p class="empty">no evaluations to chart</p>'
+    step = PLOT_WIDTH / max(1, len(points) - 1)
+    width, height = PLOT_WIDTH + 2 * MARGIN + 90, PLOT_HEIGHT + 2 * MARGIN
+
+    def at(i: int, value: float) -> tuple[float, float]:
+        return MARGIN + i * step, MARGIN + (1 - max(0.0, min(1.0, value))) * PLOT_HEIGHT
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="lines" width="{width}" height="{height}" role="img">']
+    for tick in (0, 0.25, 0.5, 0.75, 1):
+        _, y = at(0, tick)
+        out.append(
+            f'<line x1="{MARGIN}" x2="{MARGIN + PLOT_WIDTH}" y1="{y:.1f}" y2="{y:.1f}" stroke="#8884" stroke-width="1"/>'
+            f'<text x="{MARGIN - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{tick:g}</text>'
+        )
+    for i, point in enumerate(points):
+        px, _ = at(i, 0)
+        out.append(
+            f'<text x="{px:.1f}" y="{MARGIN + PLOT_HEIGHT + 16}" text-anchor="middle" font-size="11">'
+            f"v{escape(str(point[x]))}</text>"
+        )
+    for n, (key, name) in enumerate(series):
+        colour = SERIES_COLOURS[n % len(SERIES_COLOURS)]
+        xy = [at(i, float(p[key])) for i, p in enumerate(points)]
+        out.append(
+            f'<polyline fill="none" stroke="{colour}" stroke-width="2" '
+            f'points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in xy)}"/>'
+        )
+        for (a, b), point in zip(xy, points):
+            out.append(
+                f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3.5" fill="{colour}"><title>{escape(name)} of version '
+                f"{escape(str(point[x]))}: {float(point[key]):.4f}</title></circle>"
+            )
+        legend_y = MARGIN + n * 18
+        out.append(
+            f'<rect x="{MARGIN + PLOT_WIDTH + 16}" y="{legend_y - 9}" width="12" height="12" fill="{colour}"/>'
+            f'<text x="{MARGIN + PLOT_WIDTH + 34}" y="{legend_y + 1}" font-size="12">{escape(name)}</text>'
+        )
+    out.append("</svg>")
+    return "".join(out)

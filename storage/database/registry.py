@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Row, func, insert, select, update
 
 from storage.database.db import utcnow
-from storage.database.schema import evaluations, model_versions
+from storage.database.schema import evaluation_classes, evaluations, model_versions
 from storage.errors import VtagError
 
 
@@ -88,11 +88,12 @@ class EvaluationRecord:
     seconds: float
     plot_uri: str | None = None
     set_fingerprint: str | None = None
+    class_ap: dict[int, tuple[int, float]] | None = None  # label_id -> (positives, average precision)
 
 
 def record_evaluation(conn: Connection, version: int, record: EvaluationRecord) -> int:
     metrics = record.metrics
-    return conn.execute(
+    evaluation_id = conn.execute(
         insert(evaluations)
         .values(
             model_version=version,
@@ -111,6 +112,15 @@ def record_evaluation(conn: Connection, version: int, record: EvaluationRecord) 
         )
         .returning(evaluations.c.id)
     ).scalar_one()
+    if record.class_ap:
+        conn.execute(
+            insert(evaluation_classes),
+            [
+                {"evaluation_id": evaluation_id, "label_id": label, "positives": n, "average_precision": ap}
+                for label, (n, ap) in sorted(record.class_ap.items())
+            ],
+        )
+    return evaluation_id
 
 
 def version_by_checkpoint(conn: Connection, checkpoint_uri: str) -> int | None:

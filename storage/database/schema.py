@@ -111,6 +111,17 @@ evaluations = Table(
     Index("ix_evaluations_model_split", "model_version", "split"),
 )
 
+# Each evaluation's average precision of every class with a positive among its videos (migration 0016):
+# what a candidate gained and lost against production, class by class, on the same videos.
+evaluation_classes = Table(
+    "evaluation_classes",
+    metadata,
+    Column("evaluation_id", Integer, ForeignKey("evaluations.id", ondelete="CASCADE"), primary_key=True),
+    Column("label_id", Integer, primary_key=True),
+    Column("positives", Integer, nullable=False),
+    Column("average_precision", Float, nullable=False),
+)
+
 model_reviews = Table(
     "model_reviews",
     metadata,

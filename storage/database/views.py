@@ -4,6 +4,7 @@ from sqlalchemy import Connection, func, select
 
 from storage.database import reviews
 from storage.database.schema import (
+    evaluation_classes,
     evaluations,
     inference_label_counts,
     inference_parts,
@@ -27,7 +28,18 @@ MODEL_COLUMNS = (
     "checkpoint_uri",
     "loss_plot_uri",
 )
-EVAL_COLUMNS = ("split", "gap", "hit_at_one", "perr", "map", "videos", "plot_uri", "evaluated_at")
+EVAL_COLUMNS = (
+    "id",
+    "split",
+    "gap",
+    "hit_at_one",
+    "perr",
+    "map",
+    "videos",
+    "plot_uri",
+    "evaluated_at",
+    "set_fingerprint",
+)
 
 
 def _latest_evaluation(conn: Connection, version: int) -> dict | None:
@@ -52,6 +64,16 @@ def models(conn: Connection, limit: int = 200) -> list[dict]:
     ]
 
 
+def production_of(conn: Connection, level: str) -> dict | None:
+    """The level's production version with its latest evaluation, or None."""
+    row = conn.execute(
+        select(*(model_versions.c[c] for c in MODEL_COLUMNS)).where(
+            model_versions.c.level == level, model_versions.c.status == "production"
+        )
+    ).first()
+    return {**row._mapping, "evaluation": _latest_evaluation(conn, row.version)} if row else None
+
+
 def model(conn: Connection, version: int) -> dict | None:
     row = conn.execute(
         select(*(model_versions.c[c] for c in MODEL_COLUMNS)).where(model_versions.c.version == version)
@@ -67,6 +89,63 @@ def model(conn: Connection, version: int) -> dict | None:
         select(model_reviews).where(model_reviews.c.model_version == version).order_by(model_reviews.c.id.desc())
     ).all()
     return {**row._mapping, "evaluations": [dict(e._mapping) for e in evals], "reviews": [r._asdict() for r in asked]}
+
+
+def version_history(conn: Connection, level: str, set_fingerprint: str, limit: int = 200) -> list[dict]:
+    """The level's versions evaluated on exactly these videos (`set_fingerprint`), oldest first, each with
+    its latest evaluation there: the same yardstick for every point of the Models page's chart."""
+    rows = conn.execute(
+        select(evaluations.c.model_version.label("version"), *(evaluations.c[c] for c in EVAL_COLUMNS))
+        .join(model_versions, model_versions.c.version == evaluations.c.model_version)
+        .where(model_versions.c.level == level, evaluations.c.set_fingerprint == set_fingerprint)
+        .order_by(evaluations.c.model_version.desc(), evaluations.c.evaluated_at.desc(), evaluations.c.id.desc())
+        .limit(limit * 4)
+    ).all()
+    latest = {}
+    for row in rows:
+        latest.setdefault(row.version, dict(row._mapping))
+    return [latest[v] for v in sorted(latest)[-limit:]]
+
+
+def evaluation_on(conn: Connection, version: int, set_fingerprint: str | None) -> dict | None:
+    """A version's latest evaluation on exactly these videos, or None."""
+    if set_fingerprint is None:
+        return None
+    row = conn.execute(
+        select(*(evaluations.c[c] for c in EVAL_COLUMNS))
+        .where(evaluations.c.model_version == version, evaluations.c.set_fingerprint == set_fingerprint)
+        .order_by(evaluations.c.evaluated_at.desc(), evaluations.c.id.desc())
+        .limit(1)
+    ).first()
+    return dict(row._mapping) if row else None
+
+
+def class_deltas(conn: Connection, evaluation_id: int, baseline_id: int, n: int = 10) -> dict:
+    """Class by class, an evaluation's average precision against a baseline's (on the same videos): the `n`
+    classes that gained most and the `n` that lost most, with their names; `compared`: classes in both."""
+    mine, theirs = evaluation_classes.alias("mine"), evaluation_classes.alias("theirs")
+    delta = (mine.c.average_precision - theirs.c.average_precision).label("delta")
+    base = (
+        select(
+            mine.c.label_id,
+            labels.c.name,
+            mine.c.positives,
+            mine.c.average_precision.label("ap"),
+            theirs.c.average_precision.label("baseline_ap"),
+            delta,
+        )
+        .join(theirs, (theirs.c.label_id == mine.c.label_id) & (theirs.c.evaluation_id == baseline_id))
+        .join(labels, labels.c.label_id == mine.c.label_id, isouter=True)
+        .where(mine.c.evaluation_id == evaluation_id)
+    )
+    gained = [dict(r._mapping) for r in conn.execute(base.order_by(delta.desc(), mine.c.label_id).limit(n))]
+    lost = [dict(r._mapping) for r in conn.execute(base.order_by(delta.asc(), mine.c.label_id).limit(n))]
+    compared = conn.execute(select(func.count()).select_from(base.subquery())).scalar()
+    return {
+        "gained": [r for r in gained if r["delta"] > 0],
+        "lost": [r for r in lost if r["delta"] < 0],
+        "compared": compared,
+    }
 
 
 RUN_COLUMNS = (

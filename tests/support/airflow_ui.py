@@ -94,10 +94,11 @@ def local_env(airflow_home: Path, vtag_home: Path, **extra: str) -> dict[str, st
 
 
 @contextmanager
-def local_airflow(root: Path, **extra_env: str):
-    """`make airflow` under `root` (its `airflow` and `vtag` folders; `vtag` may be filled beforehand)."""
+def local_airflow(root: Path, vtag_home: Path | None = None, **extra_env: str):
+    """`make airflow` under `root` (its `airflow` and `vtag` folders; `vtag` may be filled beforehand), or
+    over another `vtag_home` (the demo's)."""
     started = time.monotonic()
-    airflow_home, vtag_home = root / "airflow", root / "vtag"
+    airflow_home, vtag_home = root / "airflow", vtag_home or root / "vtag"
     vtag_home.mkdir(parents=True, exist_ok=True)
     log_path = root / "local_airflow.log"
     with open(log_path, "wb") as log:
