@@ -205,8 +205,10 @@ def test_each_classs_average_precision_is_googles_and_their_mean_is_map():
     for c in range(40):
         if positives[c]:
             assert class_ap[c] == pytest.approx(naive_ap_at_n(predictions[c], actuals[c], positives[c]), abs=1e-12)
-    assert metrics["map"] == pytest.approx(np.nanmean(class_ap), abs=1e-12) == pytest.approx(
-        naive_metrics(scores, labels)["map"], abs=1e-9
+    assert (
+        metrics["map"]
+        == pytest.approx(np.nanmean(class_ap), abs=1e-12)
+        == pytest.approx(naive_metrics(scores, labels)["map"], abs=1e-9)
     )
 
 

@@ -124,7 +124,7 @@ def test_models_pages_put_a_candidate_beside_production_class_by_class(client, n
         assert gained[0][0] == html_escape(best[1]) and gained[0][-1] == f"{best[2]:+.3f}"
         assert lost[0][0] == html_escape(worst[1]) and lost[0][-1] == f"{worst[2]:+.3f}"
         assert f'href="/video-tags/tags/labels/{best[0]}"' in html
-        assert f"production, <a href=\"/video-tags/models/{production}\">version {production}</a>" in html
+        assert f'production, <a href="/video-tags/models/{production}">version {production}</a>' in html
     own = test_client.get(f"/video-tags/models/{production}", headers=auth).text
     assert "Against production" not in own  # production is not compared with itself
 
