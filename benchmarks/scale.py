@@ -733,6 +733,7 @@ def stage_pages(db_url: str, size: Size, run_id: int) -> dict:
     os.environ["AIRFLOW_CONN_YT8M_DB"] = json.dumps({"conn_type": "generic", "extra": {"sqlalchemy_url": db_url}})
     os.environ["AIRFLOW_CONN_YT8M_S3"] = json.dumps({"conn_type": "generic"})  # local exports: no S3 lookup
     os.environ["AIRFLOW_VAR_YT8M_EXPORTS_URI"] = "/nonexistent"  # found in the environment: no metadata DB asked
+    from airflow.api_fastapi.app import init_auth_manager
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
     from airflow.api_fastapi.core_api.security import get_user
     from fastapi.testclient import TestClient
@@ -740,6 +741,7 @@ def stage_pages(db_url: str, size: Size, run_id: int) -> dict:
     from airflow_glue.ui.app import app
     from storage.database.db import engine_for
 
+    init_auth_manager()  # the pages ask it whether a viewer may read DAGs, as in Airflow's API server
     app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username="bench", role="viewer")
     client = TestClient(app)
     with engine_for(db_url).connect() as conn:
