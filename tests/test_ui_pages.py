@@ -212,6 +212,7 @@ def test_a_running_nights_page_follows_its_parts(client, raw_shards, tiny_checkp
         50,
         None,
     )
+    assert done["shown"]["deadline"].startswith("met: due ")  # finished well within VTAG_NIGHT_DEADLINE
     html = test_client.get(page, headers=auth).text
     assert "estimated finish" not in html and "<th>duration</th>" in html and "/progress" not in html
 

@@ -234,9 +234,19 @@ def _progress(run: dict) -> dict:
         "rate": f"{figures['videos_per_s']:,.1f} videos/s" if figures["videos_per_s"] else "",
         "elapsed": formatting.duration(figures["elapsed_s"]),
         "eta": formatting.when_text(figures["eta"]),
-        "deadline": formatting.when_text(figures["deadline"]) + (" (late)" if figures["late"] else ""),
+        "deadline": _deadline_shown(figures),
     }
     return {**figures, "shown": shown}
+
+
+def _deadline_shown(figures: dict) -> str:
+    """While the night runs: when it is due (late if the estimate passes it); once finished: met or missed."""
+    due = figures["deadline"]
+    if due is None:
+        return ""
+    if figures["status"] == "running":
+        return formatting.when_text(due) + (" (late at this rate)" if figures["late"] else "")
+    return f"{'missed' if figures['late'] else 'met'}: due {due:%Y-%m-%d %H:%M:%S} UTC"
 
 
 @app.get("/nights/{run_id}/progress")

@@ -47,7 +47,7 @@ def night_progress(run: dict, deadline: timedelta | None, now: datetime | None =
         "videos_per_s": rate,
         "eta": eta,
         "deadline": due,
-        "late": bool(due and (eta or finished or now) > due) if due else False,
+        "late": bool(due and (eta or finished or now) > due),
         "parts": [
             {k: p[k] for k in ("part", "status", "videos_done", "videos_total", "rows_written", "attempts")}
             for p in parts

@@ -27,7 +27,7 @@ def _pages(db_url: str) -> dict[str, str]:
     if version is None or run_id is None:
         raise SystemExit(f"{db_url}: no production model or no succeeded night: run `make demo` first")
     video, label = row(db_url, "SELECT video_id, label_id FROM predictions WHERE rank = 1 ORDER BY score DESC LIMIT 1")
-    word = (row(db_url, "SELECT name FROM labels WHERE label_id = :l", l=label)[0] or "a")[:3]
+    word = (row(db_url, f"SELECT name FROM labels WHERE label_id = {int(label)}")[0] or "a")[:3]
     return {
         "models": "/video-tags/models",
         "model": f"/video-tags/models/{version}",
