@@ -9,6 +9,7 @@ Screenshots of each page go to $VTAG_TEST_OUTPUT (`make screenshots` regenerates
 to the test's tmp_path; their paths are printed.
 """
 
+import csv
 import re
 import time
 from dataclasses import replace
@@ -173,6 +174,13 @@ def test_a_user_reaches_the_pages_and_sees_what_the_database_holds(airflow, page
         for rank, label, name, score, version in expected
     ]
     _shot(page, tmp_path, "tags_video.png")
+
+    # the CSV a person downloads holds exactly the query's rows
+    with page.expect_download() as download:
+        page.get_by_role("link", name="download CSV").first.click()
+    got = list(csv.reader(open(download.value.path(), newline="")))
+    columns, _ = queries.run(db_url, "video_top_labels", {"video_id": video, "k": 50})
+    assert got[0] == columns and got[1:] == [["" if v is None else str(v) for v in r] for r in expected]
 
     # video -> label -> back to the video, by the links a person clicks
     label, name = expected[0][1], expected[0][2]
@@ -434,3 +442,23 @@ def test_a_running_nights_page_moves_with_its_parts(airflow, page, tmp_path):
     expect(progress.locator("[data-progress=status]")).to_have_text("succeeded", timeout=20_000)  # reloaded
     expect(page.locator("th", has_text="duration")).to_be_visible()
     expect(progress.locator("[data-progress=deadline]")).to_contain_text("met: due")
+
+
+def test_a_label_name_holding_markup_is_shown_as_text(airflow, page):
+    """A name with HTML and script (the vocabulary is data) on the label page and in the search's suggestions:
+    shown as its characters, never run."""
+    from playwright.sync_api import expect
+
+    running, seeded = airflow
+    db_url = seeded["db"]
+    hostile = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>Hostile'
+    label = 3861  # a label none of the fixture's videos has: no other test shows its name
+    in_transaction(db_url, lambda conn: conn.exec_driver_sql(
+        "UPDATE labels SET name = ? WHERE label_id = ?", (hostile, label)))  # fmt: skip
+    page.goto(f"{running.url}/video-tags/tags/labels/{label}")
+    expect(page.get_by_role("heading", name=hostile)).to_be_visible()
+    page.goto(f"{running.url}/video-tags/tags")
+    page.locator("#q").press_sequentially("<img")
+    wait_for(lambda: hostile in page.locator("#suggestions option").evaluate_all("os => os.map(o => o.value)"), 15,
+             "the hostile name among the suggestions")  # fmt: skip
+    assert page.evaluate("window.pwned") is None and page.locator("img[src=x]").count() == 0
