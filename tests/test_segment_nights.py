@@ -291,3 +291,73 @@ def test_fine_tuning_on_rated_segments_registers_a_version_nights_score_with(wor
         report.videos == _videos(db_url)
         and count(db_url, "SELECT COUNT(*) FROM segment_predictions") == report.videos * M
     )
+
+
+# A part of a normal night reads its few new videos from each of thousands of files: batches of 1-10 videos.
+_TINY_BATCHES = """
+import resource, sys
+import numpy as np, torch
+from model.segments import rated_classes, top_segments
+from storage.formats import segment_exports
+from storage.formats.yt8m_spec import NUM_CLASSES
+rng = np.random.default_rng(0)
+scores = torch.from_numpy(rng.random((10, 60, len(rated_classes(NUM_CLASSES))), np.float32))
+counts = torch.full((10,), 60)
+fragment = segment_exports.PartSegments(sys.argv[1], 0)
+def rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def batches(n, start):
+    for b in range(start, start + n):
+        k = 1 + b % 10
+        fragment.add([f"v{b}_{i}" for i in range(k)], top_segments(scores[:k], counts[:k], NUM_CLASSES, 5))
+batches(500, 0)
+warm = rss()
+batches(5000, 500)
+print(rss() - warm)
+"""
+
+
+def test_a_parts_segment_fragment_stays_flat_over_thousands_of_tiny_batches(tmp_path):
+    """The miss the scale benchmark found (a night's peak RSS growing with it, 1.4-5.5 GB at full size): one
+    small table kept per batch cost about 140 KB each beside the segment pass's large temporaries (+720 MB over
+    these 5,000 batches); merged every 256 batches, the fragment grows with its rows alone (about 9 MB here)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.env import REPO
+
+    grown = subprocess.run(
+        [sys.executable, "-c", _TINY_BATCHES, str(tmp_path)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert float(grown.stdout.strip()) < 100, grown.stdout  # MB of peak RSS over 5,000 more batches
+
+
+def test_a_compacted_segment_fragment_holds_every_batchs_rows(tmp_path, monkeypatch):
+    from storage.formats import segment_exports
+    from storage.formats.segment_rows import TopSegments
+
+    rng = np.random.default_rng(1)
+    batches = []
+    for b in range(40):
+        k = 1 + b % 4
+        top = TopSegments(
+            rng.choice(SEGMENT_CLASSES[:30], (k, 3)).astype(np.int32),
+            (rng.integers(0, 20, (k, 3)) * SEGMENT_FRAMES).astype(np.int32),
+            rng.random((k, 3)).astype(np.float32),
+            rng.random((k, 3)) > 0.2,
+        )
+        batches.append(([f"v{b}_{i}" for i in range(k)], top))
+    written = {}
+    for every in (1_000_000, 7):  # never compacted; compacted every 7 batches
+        monkeypatch.setattr(segment_exports, "COMPACT_EVERY", every)
+        fragment = segment_exports.PartSegments(str(tmp_path / str(every)), 0)
+        for ids, top in batches:
+            fragment.add(ids, top)
+        written[every] = pq.read_table(fragment.write()).to_pylist()
+    assert written[7] == written[1_000_000] and len(written[7]) == sum(t.rows for _, t in batches)

@@ -33,20 +33,35 @@ def fragment_uri(exports_uri: str, part: int) -> str:
     return join(exports_uri, "parts", f"part-{part:05d}.segments.parquet")
 
 
+COMPACT_EVERY = 256  # batches
+
+
 class PartSegments:
     """One part's segment fragment, gathered as the part scores and published (atomically) by `write`."""
 
     def __init__(self, exports_uri: str, part: int, top_n: int = TOP_N, s3: S3Config | None = None):
         self.uri, self.top_n, self.s3 = fragment_uri(exports_uri, part), top_n, s3
-        self._tables: list[pa.Table] = []
+        self._tables: list[pa.Table] = []  # compacted, one per COMPACT_EVERY batches
+        self._recent: list[pa.Table] = []
 
     def add(self, ids: list[str], top: TopSegments) -> None:
         rows = top.table(ids, 0, 0)
-        self._tables.append(rows.select(["label_id", "score", "video_id", "start_second"]))
+        self._recent.append(rows.select(["label_id", "score", "video_id", "start_second"]))
+        if len(self._recent) >= COMPACT_EVERY:
+            self._compact()
+
+    def _compact(self) -> None:
+        # A part over thousands of files gets batches of a few videos each (a night's new videos are spread
+        # over every shard): kept as one small table a batch, they cost some 40 KB each whatever their rows
+        # (measured: 12,000 batches of 1-10 videos, +500 MB), so they are merged into one as they come.
+        if self._recent:
+            self._tables.append(pa.concat_tables(self._recent).combine_chunks())
+            self._recent = []
 
     def write(self) -> str:
         store = store_for(self.uri, self.s3)
         store.remove_stale_temporaries(self.uri)
+        self._compact()
         rows = _sorted(pa.concat_tables(self._tables) if self._tables else _empty())
         self._tables = []
         with store.publish(self.uri) as path, pq.ParquetWriter(path, rows.schema) as writer:
