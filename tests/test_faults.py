@@ -476,7 +476,9 @@ def test_a_part_sigkilled_mid_write_is_retried_alone(pg_url, raw_shards, tiny_ch
     assert sorted(exported) == sorted(per_video)  # each video once: the dead try's fragment was replaced
     partition = partitions.partition_name(world["version"])  # the part tables became the version's partition
     assert part_tables(pg_url) == []
-    assert count(pg_url, "SELECT COUNT(*) FROM pg_indexes WHERE tablename = :t", t=partition) == 3
+    assert (
+        count(pg_url, "SELECT COUNT(*) FROM pg_indexes WHERE tablename = :t", t=partition) == 4
+    )  # key, label, run, rank-1
     assert count(pg_url, "SELECT COUNT(*) FROM pg_inherits WHERE inhrelid = to_regclass(:t)", t=partition) == 1
     fragments = sorted(p.name for p in (Path(world["exports"]) / "parts").iterdir())
     assert fragments == [f"part-0000{i}.{kind}" for i in range(3) for kind in ("csv", "pickle-items")], fragments
