@@ -13,6 +13,7 @@ from storage.database import db, label_counts, partitions, pending, prediction_w
 from storage.formats import exports, segment_exports
 from storage.formats.segment_rows import TopSegments
 from storage.objectstore import S3Config, StoreError, store_for
+from tasks import native_memory
 from tasks.night_plan import MAX_K, InferenceError, NightPlan, known, lock_timeout, matches
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ def tag_part(
     around the model with it (its batches: (ids, scores), or with the plan's segments (ids, scores,
     TopSegments))."""
     how, number = NightOptions(**options), part["part"]
+    if plan.segments:  # the segment pass's large temporaries must not grow the heap with the night
+        native_memory.keep_large_blocks_mapped()
     with (
         nullcontext(lock)
         if lock is not None

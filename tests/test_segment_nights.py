@@ -361,3 +361,16 @@ def test_a_compacted_segment_fragment_holds_every_batchs_rows(tmp_path, monkeypa
             fragment.add(ids, top)
         written[every] = pq.read_table(fragment.write()).to_pylist()
     assert written[7] == written[1_000_000] and len(written[7]) == sum(t.rows for _, t in batches)
+
+
+def test_glibcs_mmap_threshold_can_be_fixed_here():
+    """A part with segments fixes glibc's mmap threshold (tasks/native_memory.py: the night's RSS grew with the
+    night otherwise, measured by the scale benchmark's segments stage); the call takes effect on this glibc."""
+    import subprocess
+    import sys
+
+    from tests.support.env import REPO
+
+    check = "from tasks import native_memory; print(native_memory.keep_large_blocks_mapped())"
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"
