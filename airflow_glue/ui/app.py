@@ -21,7 +21,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from airflow_glue import config as airflow_config
 from airflow_glue.ui import charts, formatting, progress
-from storage.database import db, views
+from storage.database import db, registry, views
 from storage.formats.exports import CSV_NAME, PICKLE_NAME, night_folder
 from storage.formats.segment_exports import SUBMISSION_NAME
 from storage.objectstore import StoreError, join, store_for
@@ -85,7 +85,11 @@ def _against(conn, model: dict, production: dict | None) -> dict | None:
     mine = model.get("evaluation")
     if production is None or mine is None or model["version"] == production["version"]:
         return None
-    theirs = views.evaluation_on(conn, production["version"], mine["set_fingerprint"])
+    theirs = (
+        views.latest_evaluation(conn, production["version"], mine["set_fingerprint"])
+        if mine["set_fingerprint"]
+        else None
+    )
     if theirs is None:
         return {"production": production, "mine": mine, "theirs": None}
     deltas = views.class_deltas(conn, mine["id"], theirs["id"])
@@ -156,7 +160,7 @@ def _model(version: int) -> dict:
 def model_page(version: RowId, user: GetUserDep):
     with db.transaction(_db()) as conn:
         model = _found(views.model(conn, version), f"model version {version}")
-        production = views.production_of(conn, model["level"])
+        production = registry.production(conn, model["level"])
         model["evaluation"] = model["evaluations"][0] if model["evaluations"] else None
         against = _against(conn, model, production)
     return _page(

@@ -42,13 +42,12 @@ EVAL_COLUMNS = (
 )
 
 
-def _latest_evaluation(conn: Connection, version: int) -> dict | None:
-    row = conn.execute(
-        select(*(evaluations.c[c] for c in EVAL_COLUMNS))
-        .where(evaluations.c.model_version == version)
-        .order_by(evaluations.c.evaluated_at.desc(), evaluations.c.id.desc())
-        .limit(1)
-    ).first()
+def latest_evaluation(conn: Connection, version: int, set_fingerprint: str | None = None) -> dict | None:
+    """A version's latest evaluation (with `set_fingerprint`, on exactly those videos), or None."""
+    query = select(*(evaluations.c[c] for c in EVAL_COLUMNS)).where(evaluations.c.model_version == version)
+    if set_fingerprint is not None:
+        query = query.where(evaluations.c.set_fingerprint == set_fingerprint)
+    row = conn.execute(query.order_by(evaluations.c.evaluated_at.desc(), evaluations.c.id.desc()).limit(1)).first()
     return dict(row._mapping) if row else None
 
 
@@ -59,19 +58,9 @@ def models(conn: Connection, limit: int = 200) -> list[dict]:
     ).all()
     latest_reviews = reviews.latest_by_version(conn, [row.version for row in rows])
     return [
-        {**row._mapping, "evaluation": _latest_evaluation(conn, row.version), "review": latest_reviews.get(row.version)}
+        {**row._mapping, "evaluation": latest_evaluation(conn, row.version), "review": latest_reviews.get(row.version)}
         for row in rows
     ]
-
-
-def production_of(conn: Connection, level: str) -> dict | None:
-    """The level's production version with its latest evaluation, or None."""
-    row = conn.execute(
-        select(*(model_versions.c[c] for c in MODEL_COLUMNS)).where(
-            model_versions.c.level == level, model_versions.c.status == "production"
-        )
-    ).first()
-    return {**row._mapping, "evaluation": _latest_evaluation(conn, row.version)} if row else None
 
 
 def model(conn: Connection, version: int) -> dict | None:
@@ -105,19 +94,6 @@ def version_history(conn: Connection, level: str, set_fingerprint: str, limit: i
     for row in rows:
         latest.setdefault(row.version, dict(row._mapping))
     return [latest[v] for v in sorted(latest)[-limit:]]
-
-
-def evaluation_on(conn: Connection, version: int, set_fingerprint: str | None) -> dict | None:
-    """A version's latest evaluation on exactly these videos, or None."""
-    if set_fingerprint is None:
-        return None
-    row = conn.execute(
-        select(*(evaluations.c[c] for c in EVAL_COLUMNS))
-        .where(evaluations.c.model_version == version, evaluations.c.set_fingerprint == set_fingerprint)
-        .order_by(evaluations.c.evaluated_at.desc(), evaluations.c.id.desc())
-        .limit(1)
-    ).first()
-    return dict(row._mapping) if row else None
 
 
 def class_deltas(conn: Connection, evaluation_id: int, baseline_id: int, n: int = 10) -> dict:
