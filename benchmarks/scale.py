@@ -253,10 +253,10 @@ _CATALOGUE_INDEXES = [
 
 
 def _fill_production(conn, size: Size) -> None:
-    """Version 1 in production, with 20 rows for every video but tonight's, in its partition: filled
+    """Version 1 in production, with 20 rows for every video but tonight's, in its partition's base: filled
     apart, indexed, then attached (so the partition constraint is proven by a CHECK, not a scan)."""
     from storage.database import registry
-    from storage.database.partitions import index_as_partition, partition_name
+    from storage.database.partitions import attach_version, base_name, index_as_layer, layer_definition
 
     assert [_register(conn, 1), _register(conn, 2)] == [1, 2]  # a fresh database: its first versions
     registry.make_production(conn, 1, None)
@@ -266,8 +266,8 @@ def _fill_production(conn, size: Size) -> None:
         (BEFORE,),
     )
     conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('inference_runs', 'run_id'), 1)")
-    table = partition_name(1)
-    conn.exec_driver_sql(f"CREATE TABLE {table} (LIKE predictions INCLUDING DEFAULTS)")
+    table = base_name(1)
+    conn.exec_driver_sql(f"CREATE TABLE {table} ({layer_definition(1)})")
     conn.exec_driver_sql(
         f"""
         INSERT INTO {table} (video_id, model_version, rank, label_id, score, run_id)
@@ -275,9 +275,8 @@ def _fill_production(conn, size: Size) -> None:
         FROM videos v, generate_series(1, {K}) r WHERE v.ingested_at <= %s""",
         (BEFORE,),
     )
-    conn.exec_driver_sql(f"ALTER TABLE {table} ADD CHECK (model_version = 1)")
-    index_as_partition(conn, table)
-    conn.exec_driver_sql(f"ALTER TABLE predictions ATTACH PARTITION {table} FOR VALUES IN (1)")
+    index_as_layer(conn, table)
+    attach_version(conn, 1)
     conn.exec_driver_sql(
         "UPDATE inference_runs SET videos_total = n, videos_done = n, rows_written = n * 20 "
         "FROM (SELECT COUNT(*) AS n FROM videos WHERE ingested_at <= %s) c WHERE run_id = 1",
@@ -523,30 +522,48 @@ def stage_segments(db_url: str, work: str, size: Size, per_video: int) -> dict:
 
 
 _BULK_WAYS = [
-    ("unsorted", "unsorted, 1st"),
-    ("sorted", "sorted, 1st"),
-    ("unsorted", "unsorted, 2nd"),
-    ("sorted", "sorted, 2nd"),
+    ("base", "into the base, 1st"),
+    ("layer", "layer, 1st"),
+    ("base", "into the base, 2nd"),
+    ("layer", "layer, 2nd"),
     ("load", "load"),
 ]
+
+
+def _lookups_ms(conn, ids: list[str]) -> list[float]:
+    """A video's rows of the production model, one query each, in milliseconds."""
+    times = []
+    for video in ids:
+        started = time.perf_counter()
+        conn.exec_driver_sql(
+            "SELECT rank, label_id, score FROM predictions WHERE model_version = 1 AND video_id = %s ORDER BY rank",
+            (video,),
+        ).all()
+        times.append((time.perf_counter() - started) * 1000)
+    return times
 
 
 def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
     """The bulk path alone (storage.database.prediction_writes.ChunkWriter: COPY on two connections, chunks of
     2,000 videos x 20 rows, a transaction each, into a part's table), then published, for tonight's videos
     (or the first `limit` of the catalogue), three ways:
-    - sorted: a normal night of the production model, published into its partition (121 M rows at 100%)
-      by prediction_writes.publish: a probe per video, then one INSERT ... SELECT in primary-key order
-      (the pipeline's way);
-    - unsorted: the same rows in one bare INSERT ... SELECT in the order they were scored (the candidate:
-      as the chunks landed when they were written straight into the partition, with no check at all);
+    - layer: a normal night of the production model (121 M rows at 100%), published by
+      prediction_writes.publish as a layer of its own: a probe per video, one sorted INSERT ... SELECT into
+      the night's table, its indexes built, attached (the pipeline's way);
+    - into the base: the same rows in one sorted INSERT ... SELECT into the version's base, through its
+      indexes (the candidate: the pipeline's way before, less its probes);
     - load: a new version's first night: its part table indexed and attached as the version's partition.
-    The first two run twice, alternating (unsorted, sorted, unsorted, sorted), so that neither has the cache
-    to itself; each night's rows are deleted again afterwards, the new version retired."""
+    The first two run twice, alternating (base, layer, base, layer), so that neither has the cache to itself.
+    With both layers in place, single-video lookups of old and new videos; then the layers merged into the
+    base (partitions.merge_layers, and the base's VACUUM), lookups again, and every night's rows deleted
+    again, the new version retired."""
+    import random
+
     import numpy as np
 
     from storage.database import label_counts, partitions, prediction_writes, runs
     from storage.database.db import engine_for
+    from storage.database.schema import predictions
 
     with engine_for(db_url).begin() as conn:
         before = conn.exec_driver_sql("SELECT COUNT(*) FROM predictions").scalar()
@@ -557,10 +574,12 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
                 (limit is not None, BEFORE, limit or size.total_videos),
             )
         ]
+        old = [r[0] for r in conn.exec_driver_sql("SELECT video_id FROM videos TABLESAMPLE SYSTEM (1) LIMIT 2000")]
     rng = np.random.default_rng(0)
     labels = np.floor(NUM_CLASSES * rng.random((2000, K)) ** 3).astype(np.int32)
     scores = np.sort(rng.random((2000, K)), axis=1)[:, ::-1]
     figures = {"rows already in the table": before, "videos written each way": len(ids)}
+    layer_runs = []
     for day, (mode, label) in enumerate(_BULK_WAYS, start=30):
         with engine_for(db_url).begin() as conn:
             version = 1 if mode != "load" else _register(conn, 3)
@@ -579,23 +598,29 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
         seconds = time.perf_counter() - started
         with engine_for(db_url).begin() as conn:
             runs.finish_part(conn, run, 0, rows_per_video=K)
-            if mode == "unsorted":
+            if mode == "base":
                 columns = ", ".join(prediction_writes.COLUMNS)
                 _, publishing = _timed(
-                    conn.exec_driver_sql, f"INSERT INTO predictions ({columns}) SELECT {columns} FROM {target}"
+                    conn.exec_driver_sql,
+                    f"INSERT INTO {partitions.base_name(1)} ({columns}) SELECT {columns} FROM {target} "
+                    "ORDER BY video_id, rank",
                 )
                 conn.exec_driver_sql(f"DROP TABLE {target}")
             else:
-                _, publishing = _timed(
+                published, publishing = _timed(
                     prediction_writes.publish, conn, run, version, "frame", [0], K, replace_any=False
                 )
             runs.finish_run(conn, run)
+        if mode != "base":
+            _, vacuum = _timed(partitions.vacuum_analyze, db_url, published.filled)  # as finish_night does
+            publishing += vacuum
         with engine_for(db_url).begin() as conn:
             if mode == "load":
                 dropped, removing = _timed(partitions.retire, conn, version)
+            elif mode == "layer":  # kept until the merge below
+                layer_runs.append(run)
+                dropped, removing = rows, None
             else:
-                from storage.database.schema import predictions
-
                 night = (predictions.c.model_version == 1) & (predictions.c.run_id == run)
                 label_counts.take_off(conn, night)
                 deleted, removing = _timed(conn.execute, predictions.delete().where(night))
@@ -606,12 +631,40 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
                 f"{label}: COPY into the part's table, rows/s": rows / seconds,
                 f"{label}: publish (s)": publishing,
                 f"{label}: rows/s, publish included": rows / (seconds + publishing),
-                f"{label}: remove the rows again (s)": removing,
             }
         )
+        if removing is not None:
+            figures[f"{label}: remove the rows again (s)"] = removing
+    sample = random.Random(0).sample(ids, min(1000, len(ids))) + old[:1000]
+    with engine_for(db_url).connect() as conn:
+        assert partitions.layers(conn, 1) == layer_runs
+        _lookups_ms(conn, sample[:100])  # warm the connection and the plan
+        with_layers = _lookups_ms(conn, sample)
+    with engine_for(db_url).begin() as conn:
+        merged, merging = _timed(partitions.merge_layers, conn, 1)
+    _, vacuum = _timed(partitions.vacuum_analyze, db_url, partitions.base_name(1))
+    with engine_for(db_url).connect() as conn:
+        merged_lookups = _lookups_ms(conn, sample)
+    with engine_for(db_url).begin() as conn:
+        nights = (predictions.c.model_version == 1) & predictions.c.run_id.in_(layer_runs)
+        label_counts.take_off(conn, nights)
+        deleted, removing = _timed(conn.execute, predictions.delete().where(nights))
+    assert merged == deleted.rowcount == len(layer_runs) * rows
+    figures.update(
+        {
+            "lookups with 2 layers: median ms": float(np.median(with_layers)),
+            "lookups with 2 layers: p95 ms": float(np.percentile(with_layers, 95)),
+            "merge of the 2 layers into the base (s)": merging,
+            "merge: rows/s": merged / merging,
+            "VACUUM (ANALYZE) of the base after the merge (s)": vacuum,
+            "lookups after the merge: median ms": float(np.median(merged_lookups)),
+            "lookups after the merge: p95 ms": float(np.percentile(merged_lookups, 95)),
+            "the 2 layers' rows removed again from the base (s)": removing,
+        }
+    )
     return {
         "items": rows,
-        "seconds": rows / figures["sorted, 2nd: rows/s, publish included"],
+        "seconds": rows / figures["layer, 2nd: rows/s, publish included"],
         "figures": {"rows written each way": rows, **figures},
     }
 

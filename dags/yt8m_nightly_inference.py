@@ -123,7 +123,9 @@ def yt8m_nightly_inference():
 
     **Tasks**: `plan_night` cuts what the night must score into parts (ranges of Parquet files);
     `tag_part` scores each part as a mapped task in the `gpu` pool, on whichever GPU worker is free;
-    `finish_night` joins the parts' exports and closes the run; `retire_old_predictions` applies
+    `finish_night` joins the parts' exports, publishes the night's rows and closes the run;
+    `merge_night_layers` merges a version's later nights into its base once more than
+    `$VTAG_NIGHT_LAYERS` (7) wait as layers of their own; `retire_old_predictions` applies
     `keep_prediction_versions`.
 
     **Rerun and backfill**: a retried part redoes only itself; rerunning a date (clear the run)
@@ -223,6 +225,17 @@ def yt8m_nightly_inference():
             "exports": report.exports,
         }
 
+    @task(trigger_rule="none_failed")  # also after a quiet night: the layers of earlier nights may be due
+    def merge_night_layers() -> dict[str, int]:
+        """Merge the later nights' layers of each model version's predictions into its base once it has
+        more than `$VTAG_NIGHT_LAYERS` (7) of them; the night's rows were already served when it finished."""
+        from airflow_glue import config as cfg
+        from tasks.inference import merge_night_layers
+
+        merged = merge_night_layers(cfg.db_url())
+        print(f"rows merged into their version's base: {merged or 'none due'}")
+        return {str(version): rows for version, rows in merged.items()}
+
     @task(trigger_rule="none_failed")  # also after a quiet night (no part, finish skipped)
     def retire_old_predictions(params: dict) -> list[int]:
         """Drop the predictions of all but the newest `keep_prediction_versions` model versions
@@ -239,7 +252,7 @@ def yt8m_nightly_inference():
     work = plan_night()
     # A mapped task's doc is its doc_md argument alone (Airflow skips the docstring there): pass it on.
     parts = tag_part.override(doc_md=tag_part.function.__doc__).expand(work=work)
-    parts >> finish_night(work) >> retire_old_predictions()
+    parts >> finish_night(work) >> merge_night_layers() >> retire_old_predictions()
 
 
 yt8m_nightly_inference()

@@ -366,6 +366,32 @@ def _retire(args) -> int:
     return 0
 
 
+def _merge_arguments(sub) -> None:
+    p = sub.add_parser(
+        "merge-nights",
+        help="merge the later nights' layers of each model version's predictions into its base (PostgreSQL)",
+    )
+    p.add_argument(
+        "--at-most",
+        type=int,
+        metavar="N",
+        help="merge a version's layers when it has more than N (default: $VTAG_NIGHT_LAYERS or 7; 0: all now)",
+    )
+    db_arg(p)
+    p.set_defaults(handler=_merge)
+
+
+def _merge(args) -> int:
+    from tasks.inference import merge_night_layers
+
+    merged = merge_night_layers(args.db, args.at_most)
+    for version, rows in merged.items():
+        print(f"model version {version}: {rows} rows of its later nights merged into its base")
+    if not merged:
+        print("no model version has more later nights than that as layers of their own")
+    return 0
+
+
 def _query_arguments(sub) -> None:
     p = sub.add_parser("query", help="run a query from sql/queries and print a table")
     p.add_argument("name", nargs="?", help="query name; without it, list the queries")
@@ -518,6 +544,7 @@ COMMANDS = [
     _finetune_arguments,
     _infer_arguments,
     _retire_arguments,
+    _merge_arguments,
     _query_arguments,
     _vocabulary_arguments,
     _models_arguments,

@@ -46,6 +46,7 @@ from tasks.night_plan import (
     plan_night,
     resolve,
 )
+from tasks.settings import night_layers
 
 __all__ = [
     "CHUNK_VIDEOS",
@@ -148,8 +149,8 @@ def finish_night(db_url: str, plan: NightPlan, s3: S3Config | None = None) -> In
     except BaseException as exc:
         fail_run(db_url, plan.run_id, f"finishing: {type(exc).__name__}: {exc}")
         raise
-    if published.partition:
-        partitions.vacuum_analyze(db_url, published.partition)
+    if published.filled:
+        partitions.vacuum_analyze(db_url, published.filled)
     log.info(
         "run %d: %d videos, %d rows, model version %d",
         plan.run_id,
@@ -220,3 +221,21 @@ def retire_old_versions(db_url: str, keep: int) -> list[int]:
         with db.transaction(db_url) as conn:
             partitions.retire(conn, version)
     return retired
+
+
+def merge_night_layers(db_url: str, at_most: int | None = None) -> dict[int, int]:
+    """Merge the later nights of every version that has more than `at_most` of them as layers of their own
+    (tasks.settings.night_layers: $VTAG_NIGHT_LAYERS, 7) into its base, one version a transaction; the rows
+    stay served throughout. Off the night's path: the nights' rows were published when they finished.
+    Returns {version: rows merged}."""
+    at_most = night_layers(at_most, "at_most")
+    db.require_current(db_url)
+    with db.transaction(db_url) as conn:
+        versions = [v["version"] for v in partitions.versions_with_predictions(conn)]
+        due = [v for v in versions if len(partitions.layers(conn, v)) > at_most]
+    merged = {}
+    for version in due:
+        with db.transaction(db_url) as conn:
+            merged[version] = partitions.merge_layers(conn, version)
+        partitions.vacuum_analyze(db_url, partitions.base_name(version))
+    return merged

@@ -79,6 +79,26 @@ def lock_timeout_s(raw: str | float | None = None, name: str = "") -> float:
     return seconds
 
 
+NIGHT_LAYERS = 7  # a week of later nights: a lookup probes at most 8 indexes of a version before they merge
+
+
+def night_layers(raw: str | int | None = None, name: str = "") -> int:
+    """How many later nights of a version may stay layers of their own before they are merged into its
+    base (storage/database/partitions.py): `raw` (a flag's value, checked as `name`), else
+    $VTAG_NIGHT_LAYERS, else 7. 0 merges every night's layer right after it."""
+    if raw is None:
+        raw, name = os.environ.get("VTAG_NIGHT_LAYERS"), "VTAG_NIGHT_LAYERS"
+        if not raw:
+            return NIGHT_LAYERS
+    try:
+        layers = int(raw)
+    except (TypeError, ValueError):
+        layers = -1
+    if layers < 0 or isinstance(raw, bool):
+        raise UsageError(f"{name} must be a whole number of nights (0 or more), not {raw!r}")
+    return layers
+
+
 # Airflow's schedule presets, besides cron expressions.
 SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
 

@@ -41,6 +41,7 @@ def test_nightly_dag_tags_the_videos_that_arrived(dagbag, tmp_path, monkeypatch,
     states = sorted((ti.task_id, ti.map_index, ti.state) for ti in run.get_task_instances())
     assert states == [
         ("finish_night", -1, "success"),
+        ("merge_night_layers", -1, "success"),
         ("plan_night", -1, "success"),
         ("retire_old_predictions", -1, "success"),
         ("tag_part", 0, "success"),

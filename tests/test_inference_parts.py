@@ -157,7 +157,7 @@ def _second_version(world) -> int:
 
 
 def test_top_label_changes_reads_the_versions_rank_one_index_alone(raw_shards, tiny_checkpoint, tmp_path, pg_url):
-    """Each version's first night becomes its partition with the rank-1 index (migration 0014) and is vacuumed,
+    """Each version's first night becomes its partition's base with the rank-1 index (migration 0014), vacuumed,
     so top_label_changes reads both versions from index-only scans in video order: no heap, no sort.
     (The planner is told to prefer indexes: with 50 videos a scan of everything costs it less.)"""
     world = build_world(raw_shards, tmp_path, pg_url, checkpoint=tiny_checkpoint)
@@ -165,7 +165,7 @@ def test_top_label_changes_reads_the_versions_rank_one_index_alone(raw_shards, t
     new = _second_version(world)
     run_inference(pg_url, NIGHT, top_k=3, model_version=new, exports_uri=world["exports"] + "/2")
     for version in (world["version"], new):
-        table = partitions.partition_name(version)
+        table = partitions.base_name(version)
         assert rows(
             pg_url,
             "SELECT indexdef LIKE '%INCLUDE (label_id, score) WHERE (rank = 1)' FROM pg_indexes "

@@ -27,8 +27,10 @@ from tests.support.db import in_transaction
 RUNTIME_TABLES = (
     # migrations 0005, 0012: the DEFAULT partitions, rows of a version without a partition of its own
     re.compile(r"(segment_)?predictions_default"),
-    # storage.database.partitions.partition_name: a model version's LIST partition, made when its first run starts
+    # storage.database.partitions.partition_name: a model version's LIST partition, made when its first run starts,
+    # and predictions' layers of it (base_name, layer_name: migration 0017)
     re.compile(r"(segment_)?predictions_v\d+"),
+    re.compile(r"predictions_v\d+_(base|night\d+)"),
 )
 # On both: storage.database.partitions.part_table_name, a night's part writing apart until the night publishes
 PART_TABLES = re.compile(r"(segment_)?predictions_v\d+_run\d+_part\d+")
@@ -96,7 +98,7 @@ def test_schema_py_is_what_the_migrations_build(db_url):
             f"{table}{name}"
             for table in ("", "segment_")
             for name in ("predictions_default", "predictions_v1_run1_part0", "predictions_v2")
-        }
+        } | {"predictions_v2_base"}
     else:
         assert excluded == {"predictions_v1_run1_part0", "segment_predictions_v1_run1_part0"}
 

@@ -411,8 +411,25 @@ SQL_IDENTIFIERS = {
     # one matched to PART_TABLE; version: an int; mode: '' or '_shared' (run_lock's advisory lock functions)
     "storage/database/run_locks.py": {"mode"},
     # parent: family(), one of the two tables nights write; marks: "?" per column; segment_writes' columns:
-    # segment_rows.COLUMNS joined
-    "storage/database/partitions.py": {"table", "version", "parent"},
+    # segment_rows.COLUMNS joined; partitions' columns: the schema's column names; base_name(), layer_name(),
+    # layer_definition(): constant text and ints; runs: the ints layers() parsed; base, layer: base_name(),
+    # layer_name() or an int; definition: layer_definition() or a constant and an int
+    "storage/database/partitions.py": {
+        "table",
+        "version",
+        "parent",
+        "partition",
+        "columns",
+        "', '.join(map(str, runs))",
+        "int(run_id)",
+        "base_name(version)",
+        "partition_name(model_version)",
+        "partition_name(version)",
+        "layer_name(model_version, run_id)",
+        "layer_name(version, run)",
+        "layer_definition(model_version, run_id)",
+        "layer_definition(version)",
+    },
     "storage/database/segment_writes.py": {"table", "columns"},
     "storage/database/prediction_writes.py": {
         "', '.join(COLUMNS)",
@@ -424,6 +441,10 @@ SQL_IDENTIFIERS = {
         "partition",
         "target",
         "version",
+        "base",
+        "layer",
+        "definition",
+        "layer_definition(version)",
     },
     "sql/migrations/versions/0003_predictions.py": {"ANALYST_ROLE", "', '.join(READABLE)"},
     "sql/migrations/versions/0004_analyst_reads_predictions_only.py": {"ANALYST_ROLE", "', '.join(INTERNAL)"},
@@ -433,6 +454,8 @@ SQL_IDENTIFIERS = {
         "COLUMNS",
         "int(version)",
     },
+    # names of pg_class matched to a fixed pattern, an int parsed from one, and the column names
+    "sql/migrations/versions/0017_night_layers.py": {"COLUMNS", "base", "layer", "partition", "table", "version"},
 }
 SQL_TEXT = re.compile(
     r"\b(?:SELECT|INSERT\s+(?:OR\s+\w+\s+)?INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|CREATE\s+(?:TABLE|VIEW|INDEX|ROLE|"
@@ -490,8 +513,18 @@ def test_sql_is_never_built_from_values(report):
     assert partitions.partition_name("3") == "predictions_v3"
     assert partitions.part_table_name(3, "12", 0) == "predictions_v3_run12_part0"
     assert not partitions.PART_TABLE.fullmatch("predictions_v3_run1; DROP TABLE predictions")
-    with pytest.raises(ValueError):
-        partitions.partition_name("1; DROP TABLE predictions")
+    assert (partitions.base_name("3"), partitions.layer_name(3, "12")) == (
+        "predictions_v3_base",
+        "predictions_v3_night12",
+    )
+    for unsafe in (
+        partitions.partition_name,
+        partitions.base_name,
+        lambda bad: partitions.layer_name(3, bad),
+        lambda bad: partitions.layer_definition(3, bad),
+    ):
+        with pytest.raises(ValueError):
+            unsafe("1; DROP TABLE predictions")
     with pytest.raises(ValueError):
         partitions.family("predictions; DROP TABLE predictions")
     from storage.formats import segment_rows

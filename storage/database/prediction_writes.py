@@ -9,8 +9,10 @@ content changed after the part scored them (or that left the catalogue) are not 
 stay pending. A failed night's rows are never served; its part tables wait for its retry or rerun.
 
 PostgreSQL takes rows with COPY, SQLite with executemany. A part succeeds only when its counters add up
-(`storage.database.runs.shortfall`); a version's first night, on PostgreSQL, becomes the version's
-partition whole (its part tables indexed once, sorted, and attached) instead of being inserted row by row.
+(`storage.database.runs.shortfall`). On PostgreSQL no night inserts into large indexes: a version's
+first night becomes the version's partition whole (its base: its part tables indexed once, sorted, and
+attached), and each later night a layer of it (storage/database/partitions.py), merged into the base
+later, off the night's path.
 """
 
 import io
@@ -29,9 +31,15 @@ from storage.database.partitions import (
     PART_TABLE,
     PARTITION_LOCK,
     PREDICTIONS,
+    attach_layer,
+    attach_version,
+    base_name,
+    create_layer,
     ensure_partition,
     family,
-    index_as_partition,
+    index_as_layer,
+    layer_definition,
+    layer_name,
     part_table_name,
     partition_name,
     run_tables,
@@ -116,14 +124,24 @@ def create_part_table(conn: Connection, model_version: int, run_id: int, part: i
     parent, table = family(parent), part_table_name(model_version, run_id, part, parent)
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
     if conn.dialect.name == "postgresql":
-        # LIKE the partitioned table and CHECKed to its version: what ATTACH takes as a partition unscanned
+        # LIKE the partitioned table and CHECKed to its version (and base layer): what ATTACH takes unscanned
         version = int(model_version)
-        conn.exec_driver_sql(
-            f"CREATE TABLE {table} (LIKE {parent} INCLUDING DEFAULTS, CHECK (model_version = {version}))"
+        definition = (
+            layer_definition(version)
+            if parent == PREDICTIONS
+            else f"LIKE {parent} INCLUDING DEFAULTS, CHECK (model_version = {version})"
         )
+        conn.exec_driver_sql(f"CREATE TABLE {table} ({definition})")
     else:
         columns = (predictions if parent == PREDICTIONS else segment_predictions).columns
-        Table(table, MetaData(), *(Column(c.name, c.type, nullable=c.nullable) for c in columns)).create(conn)
+        Table(
+            table,
+            MetaData(),
+            *(
+                Column(c.name, c.type, nullable=c.nullable, server_default=c.server_default and c.server_default.arg)
+                for c in columns
+            ),
+        ).create(conn)
     return table
 
 
@@ -325,7 +343,7 @@ class Published:
     rows: int
     changed: tuple[str, ...]  # scored, then changed or gone from the catalogue: not published, pending again
     elsewhere: tuple[str, ...]  # published meanwhile by another night of the version, left to it
-    partition: str | None = None  # the version's partition when this night became it whole
+    filled: str | None = None  # the table the night filled whole (a version's base or a night's layer)
 
 
 def publish(
@@ -356,20 +374,23 @@ def publish(
         changed += stale
         left_out[part] = stale
     segments = segment_writes.Publishing(conn, run_id, model_version, present)
-    attached = _first_night(conn, model_version, replace_any)
-    if attached:
-        _attach_as_partition(conn, model_version, list(tables.values()))
-        elsewhere: list[str] = []
+    elsewhere: list[str] = []
+    filled = None  # the table this night filled whole, on PostgreSQL: the version's base or the night's layer
+    if _first_night(conn, model_version, replace_any):
+        _attach_as_base(conn, model_version, list(tables.values()))
+        filled = base_name(model_version)
         for part in tables:  # the version had no rows: none of its segments to replace
             segments.publish_part(part, left_out[part], published=None)
     else:
         ensure_partition(conn, model_version)
-        elsewhere = []
+        into = _night_layer(conn, model_version, run_id)
         for part, table in tables.items():
-            theirs = _insert_part(conn, run_id, model_version, part, table, k, replace_any)
+            theirs = _insert_part(conn, run_id, model_version, part, table, k, replace_any, into)
             segments.publish_part(part, left_out[part] + theirs, published=table)
             elsewhere += theirs
             conn.exec_driver_sql(f"DROP TABLE {table}")
+        if into is not None and into.new:
+            filled = _attach_night_layer(conn, model_version, run_id)
     label_counts.publish_parts(conn, run_id, model_version, list(tables))
     conn.execute(
         delete(inference_label_counts).where(
@@ -389,8 +410,7 @@ def publish(
     ):
         if ids:
             log.info("run %d: %d videos %s, not published by this night: %s", run_id, len(ids), what, _few(ids))
-    partition = partition_name(model_version) if attached else None
-    return Published(int(done[0]), int(done[1]), tuple(changed), tuple(elsewhere), partition)
+    return Published(int(done[0]), int(done[1]), tuple(changed), tuple(elsewhere), filled)
 
 
 def _changed_since(conn, table: str, level: str, started) -> list[str]:
@@ -445,30 +465,62 @@ def _first_night(conn, model_version: int, replace_any: bool) -> bool:
     return stray is None
 
 
-def _attach_as_partition(conn, model_version: int, tables: list[str]) -> None:
-    """The night's part tables become the version's partition: one renamed, or several gathered into one
-    (a single sequential write), then indexed (sorted builds, faster than inserting into indexes) and
-    attached."""
-    partition, version = partition_name(model_version), int(model_version)
+def _attach_as_base(conn, model_version: int, tables: list[str]) -> None:
+    """The night's part tables become the version's partition: its base, one part table renamed or several
+    gathered into one (a single sequential write), then indexed (sorted builds, faster than inserting into
+    indexes) and attached."""
+    base, version = base_name(model_version), int(model_version)
     if len(tables) == 1:
-        conn.exec_driver_sql(f"ALTER TABLE {tables[0]} RENAME TO {partition}")
+        conn.exec_driver_sql(f"ALTER TABLE {tables[0]} RENAME TO {base}")
     else:
-        conn.exec_driver_sql(
-            f"CREATE TABLE {partition} (LIKE predictions INCLUDING DEFAULTS, CHECK (model_version = {version}))"
-        )
+        conn.exec_driver_sql(f"CREATE TABLE {base} ({layer_definition(version)})")
+        columns = ", ".join(COLUMNS)
         for table in tables:
-            conn.exec_driver_sql(f"INSERT INTO {partition} SELECT * FROM {table}")
+            conn.exec_driver_sql(f"INSERT INTO {base} ({columns}) SELECT {columns} FROM {table}")
             conn.exec_driver_sql(f"DROP TABLE {table}")
-    index_as_partition(conn, partition)
-    conn.exec_driver_sql(f"ALTER TABLE predictions ATTACH PARTITION {partition} FOR VALUES IN ({version})")
-    log.info("model version %d: its first night's rows are now its partition %s", version, partition)
+    index_as_layer(conn, base)
+    attach_version(conn, version)
+    log.info("model version %d: its first night's rows are now its partition's base %s", version, base)
 
 
-def _insert_part(conn, run_id: int, model_version: int, part: int, table: str, k: int, replace_any: bool) -> list[str]:
-    """A part's rows into `predictions`, in place of the rows they replace; returns the videos left to the
-    night that published them meanwhile (they leave the part's counts and its table first, so that the
-    insert itself is a plain one: one probe per video beforehand instead of an anti-join and a conflict
-    check per row, which the publish lock makes safe: no other insert into predictions runs meanwhile)."""
+@dataclass(frozen=True)
+class Layer:
+    table: str
+    run_id: int
+    new: bool  # created by this publish, attached at its end; else attached by an earlier publish of the run
+
+
+def _night_layer(conn, model_version: int, run_id: int) -> Layer | None:
+    """Where a later night's rows go on PostgreSQL: its own layer of the version's predictions, new (filled
+    unindexed, then indexed and attached) or left by an earlier publish of the same run; None on SQLite."""
+    if conn.dialect.name != "postgresql":
+        return None
+    table = layer_name(model_version, run_id)
+    if table_exists(conn, table):
+        return Layer(table, int(run_id), new=False)
+    return Layer(create_layer(conn, model_version, run_id), int(run_id), new=True)
+
+
+def _attach_night_layer(conn, model_version: int, run_id: int) -> str | None:
+    """Index the night's new layer and attach it; an empty one (every video left out) is dropped instead."""
+    table = layer_name(model_version, run_id)
+    if conn.exec_driver_sql(f"SELECT 1 FROM {table} LIMIT 1").first() is None:
+        conn.exec_driver_sql(f"DROP TABLE {table}")
+        return None
+    index_as_layer(conn, table)
+    attach_layer(conn, model_version, run_id)
+    log.info("run %d: its rows are now the layer %s of model version %d", run_id, table, model_version)
+    return table
+
+
+def _insert_part(
+    conn, run_id: int, model_version: int, part: int, table: str, k: int, replace_any: bool, into: Layer | None
+) -> list[str]:
+    """A part's rows into the night's layer (`into`; SQLite: `predictions`), in place of the rows they replace
+    in any layer; returns the videos left to the night that published them meanwhile (they leave the part's
+    counts and its table first, so that the insert itself is a plain one: one probe per video beforehand
+    instead of an anti-join and a conflict check per row, which the publish lock makes safe: no other insert
+    into predictions runs meanwhile)."""
     rows, stored = _rows_of(table), predictions.c
     replaced = stored.video_id.in_(select(rows.c.video_id).where(rows.c.rank == 1))
     if not replace_any:
@@ -486,9 +538,11 @@ def _insert_part(conn, run_id: int, model_version: int, part: int, table: str, k
     elsewhere = list(held_elsewhere(conn, run_id, model_version, held, k)) if held else []
     _leave_part(conn, run_id, part, table, elsewhere, drop_rows=True)
     columns = ", ".join(COLUMNS)
-    # In the order of the primary key: its pages are filled one after another, not at random.
+    # In the order of the primary key: a video's rows side by side, and an attached layer's pages filled one
+    # after another, not at random.
+    target, layer = ("predictions", "0") if into is None else (into.table, str(into.run_id))
     inserted = conn.exec_driver_sql(
-        f"INSERT INTO predictions ({columns}) SELECT {columns} FROM {table} ORDER BY video_id, rank"
+        f"INSERT INTO {target} ({columns}, layer) SELECT {columns}, {layer} FROM {table} ORDER BY video_id, rank"
     ).rowcount
     # The part's counters, checked against its committed chunks before publishing and kept in step by
     # _leave_part: no second scan of the part's table.
