@@ -528,19 +528,93 @@ _BULK_WAYS = [
     ("layer", "layer, 2nd"),
     ("load", "load"),
 ]
+_WEEK = 7  # the default VTAG_NIGHT_LAYERS: the most layers a lookup meets
 
 
-def _lookups_ms(conn, ids: list[str]) -> list[float]:
-    """A video's rows of the production model, one query each, in milliseconds."""
+def _lookups_ms(db_url: str, ids: list[str]) -> dict[str, float]:
+    """A video's rows of the production model, one query each after a warm-up: median and p95 in ms."""
+    import numpy as np
+
+    from storage.database.db import engine_for
+
     times = []
-    for video in ids:
-        started = time.perf_counter()
-        conn.exec_driver_sql(
-            "SELECT rank, label_id, score FROM predictions WHERE model_version = 1 AND video_id = %s ORDER BY rank",
-            (video,),
-        ).all()
-        times.append((time.perf_counter() - started) * 1000)
-    return times
+    with engine_for(db_url).connect() as conn:
+        for i, video in enumerate(ids[:100] + ids):
+            started = time.perf_counter()
+            conn.exec_driver_sql(
+                "SELECT rank, label_id, score FROM predictions WHERE model_version = 1 AND video_id = %s ORDER BY rank",
+                (video,),
+            ).all()
+            if i >= 100:
+                times.append((time.perf_counter() - started) * 1000)
+    return {"median ms": float(np.median(times)), "p95 ms": float(np.percentile(times, 95))}
+
+
+def _bulk_night(db_url: str, mode: str, day: int, ids: list[str], labels, scores) -> dict:
+    """One night of `ids` written by the bulk path into its part's table, then published `mode`'s way."""
+    from storage.database import partitions, prediction_writes, runs
+    from storage.database.db import engine_for
+
+    with engine_for(db_url).begin() as conn:
+        version = 1 if mode != "load" else _register(conn, 3)
+        run = runs.start_run(conn, NIGHT + timedelta(days=day), version, K, None)
+        part = {"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}
+        runs.record_parts(conn, run, [part])
+        attempt = runs.start_part(conn, run, 0)["attempt"]
+        target = prediction_writes.create_part_table(conn, version, run, 0)
+    started = time.perf_counter()
+    writer = prediction_writes.ChunkWriter(
+        engine_for(db_url), prediction_writes.PartTable(run, version, 0, target, attempt)
+    )
+    for start in range(0, len(ids), 2000):
+        chunk = ids[start : start + 2000]
+        writer.submit(chunk, labels[: len(chunk)], scores[: len(chunk)])
+    rows = writer.close()
+    seconds = time.perf_counter() - started
+    with engine_for(db_url).begin() as conn:
+        runs.finish_part(conn, run, 0, rows_per_video=K)
+        if mode == "base":
+            columns = ", ".join(prediction_writes.COLUMNS)
+            _, publishing = _timed(
+                conn.exec_driver_sql,
+                f"INSERT INTO {partitions.base_name(1)} ({columns}) SELECT {columns} FROM {target} "
+                "ORDER BY video_id, rank",
+            )
+            conn.exec_driver_sql(f"DROP TABLE {target}")
+        else:
+            published, publishing = _timed(
+                prediction_writes.publish, conn, run, version, "frame", [0], K, replace_any=False
+            )
+            assert published.rows == rows, (published, rows)
+        runs.finish_run(conn, run)
+    if mode != "base":
+        _, vacuum = _timed(partitions.vacuum_analyze, db_url, published.filled)  # as finish_night does
+        publishing += vacuum
+    return {"run": run, "version": version, "rows": rows, "copy": seconds, "publish": publishing}
+
+
+def _remove_nights(db_url: str, runs: list[int]) -> tuple[int, float]:
+    """Delete the production model's rows of these runs again: (rows, seconds)."""
+    from storage.database import label_counts
+    from storage.database.db import engine_for
+    from storage.database.schema import predictions
+
+    with engine_for(db_url).begin() as conn:
+        nights = (predictions.c.model_version == 1) & predictions.c.run_id.in_(runs)
+        label_counts.take_off(conn, nights)
+        deleted, seconds = _timed(conn.execute, predictions.delete().where(nights))
+    return deleted.rowcount, seconds
+
+
+def _merge(db_url: str) -> tuple[int, float, float]:
+    """The production model's layers merged into its base, as merge_night_layers does: (rows, s, VACUUM s)."""
+    from storage.database import partitions
+    from storage.database.db import engine_for
+
+    with engine_for(db_url).begin() as conn:
+        merged, merging = _timed(partitions.merge_layers, conn, 1)
+    _, vacuum = _timed(partitions.vacuum_analyze, db_url, partitions.base_name(1))
+    return merged, merging, vacuum
 
 
 def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
@@ -549,21 +623,21 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
     (or the first `limit` of the catalogue), three ways:
     - layer: a normal night of the production model (121 M rows at 100%), published by
       prediction_writes.publish as a layer of its own: a probe per video, one sorted INSERT ... SELECT into
-      the night's table, its indexes built, attached (the pipeline's way);
+      the night's table, its indexes built, attached, vacuumed (the pipeline's way); then single-video
+      lookups with the layer in place, the layer merged into the base (partitions.merge_layers and the
+      base's VACUUM, off the night's path), lookups again;
     - into the base: the same rows in one sorted INSERT ... SELECT into the version's base, through its
       indexes (the candidate: the pipeline's way before, less its probes);
     - load: a new version's first night: its part table indexed and attached as the version's partition.
     The first two run twice, alternating (base, layer, base, layer), so that neither has the cache to itself.
-    With both layers in place, single-video lookups of old and new videos; then the layers merged into the
-    base (partitions.merge_layers, and the base's VACUUM), lookups again, and every night's rows deleted
-    again, the new version retired."""
+    Then a week: tonight's videos as 7 nights of a seventh each, 7 layers, looked up, merged at once. Every
+    night's rows are deleted again after, the new version retired."""
     import random
 
     import numpy as np
 
-    from storage.database import label_counts, partitions, prediction_writes, runs
+    from storage.database import partitions
     from storage.database.db import engine_for
-    from storage.database.schema import predictions
 
     with engine_for(db_url).begin() as conn:
         before = conn.exec_driver_sql("SELECT COUNT(*) FROM predictions").scalar()
@@ -574,98 +648,62 @@ def stage_bulk_write(db_url: str, size: Size, limit: int | None) -> dict:
                 (limit is not None, BEFORE, limit or size.total_videos),
             )
         ]
-        old = [r[0] for r in conn.exec_driver_sql("SELECT video_id FROM videos TABLESAMPLE SYSTEM (1) LIMIT 2000")]
+        old = [
+            r[0]
+            for r in conn.exec_driver_sql(
+                "SELECT video_id FROM videos TABLESAMPLE SYSTEM (1) WHERE ingested_at <= %s LIMIT 500", (BEFORE,)
+            )
+        ]
     rng = np.random.default_rng(0)
     labels = np.floor(NUM_CLASSES * rng.random((2000, K)) ** 3).astype(np.int32)
     scores = np.sort(rng.random((2000, K)), axis=1)[:, ::-1]
+    sample = random.Random(0).sample(ids, min(500, len(ids))) + old  # tonight's (in the layers) and older
     figures = {"rows already in the table": before, "videos written each way": len(ids)}
-    layer_runs = []
     for day, (mode, label) in enumerate(_BULK_WAYS, start=30):
-        with engine_for(db_url).begin() as conn:
-            version = 1 if mode != "load" else _register(conn, 3)
-            run = runs.start_run(conn, NIGHT + timedelta(days=day), version, K, None)
-            part = {"part": 0, "first_uri": "", "last_uri": "~", "files": 0, "videos": len(ids)}
-            runs.record_parts(conn, run, [part])
-            attempt = runs.start_part(conn, run, 0)["attempt"]
-            target = prediction_writes.create_part_table(conn, version, run, 0)
-        started = time.perf_counter()
-        into = prediction_writes.PartTable(run, version, 0, target, attempt)
-        writer = prediction_writes.ChunkWriter(engine_for(db_url), into)
-        for start in range(0, len(ids), 2000):
-            chunk = ids[start : start + 2000]
-            writer.submit(chunk, labels[: len(chunk)], scores[: len(chunk)])
-        rows = writer.close()
-        seconds = time.perf_counter() - started
-        with engine_for(db_url).begin() as conn:
-            runs.finish_part(conn, run, 0, rows_per_video=K)
-            if mode == "base":
-                columns = ", ".join(prediction_writes.COLUMNS)
-                _, publishing = _timed(
-                    conn.exec_driver_sql,
-                    f"INSERT INTO {partitions.base_name(1)} ({columns}) SELECT {columns} FROM {target} "
-                    "ORDER BY video_id, rank",
-                )
-                conn.exec_driver_sql(f"DROP TABLE {target}")
-            else:
-                published, publishing = _timed(
-                    prediction_writes.publish, conn, run, version, "frame", [0], K, replace_any=False
-                )
-            runs.finish_run(conn, run)
-        if mode != "base":
-            _, vacuum = _timed(partitions.vacuum_analyze, db_url, published.filled)  # as finish_night does
-            publishing += vacuum
-        with engine_for(db_url).begin() as conn:
-            if mode == "load":
-                dropped, removing = _timed(partitions.retire, conn, version)
-            elif mode == "layer":  # kept until the merge below
-                layer_runs.append(run)
-                dropped, removing = rows, None
-            else:
-                night = (predictions.c.model_version == 1) & (predictions.c.run_id == run)
-                label_counts.take_off(conn, night)
-                deleted, removing = _timed(conn.execute, predictions.delete().where(night))
-                dropped = deleted.rowcount
-        assert rows == dropped == len(ids) * K
+        night = _bulk_night(db_url, mode, day, ids, labels, scores)
+        rows = night["rows"]
         figures.update(
             {
-                f"{label}: COPY into the part's table, rows/s": rows / seconds,
-                f"{label}: publish (s)": publishing,
-                f"{label}: rows/s, publish included": rows / (seconds + publishing),
+                f"{label}: COPY into the part's table, rows/s": rows / night["copy"],
+                f"{label}: publish (s)": night["publish"],
+                f"{label}: rows/s, publish included": rows / (night["copy"] + night["publish"]),
             }
         )
-        if removing is not None:
-            figures[f"{label}: remove the rows again (s)"] = removing
-    sample = random.Random(0).sample(ids, min(1000, len(ids))) + old[:1000]
+        if mode == "layer":
+            figures.update({f"{label}: lookups with the layer, {k}": v for k, v in _lookups_ms(db_url, sample).items()})
+            merged, merging, vacuum = _merge(db_url)
+            assert merged == rows
+            figures.update(
+                {
+                    f"{label}: merged into the base, off the night's path (s)": merging,
+                    f"{label}: the base's VACUUM after the merge (s)": vacuum,
+                    **{f"{label}: lookups after the merge, {k}": v for k, v in _lookups_ms(db_url, sample).items()},
+                }
+            )
+        if mode == "load":
+            with engine_for(db_url).begin() as conn:
+                dropped, removing = _timed(partitions.retire, conn, night["version"])
+        else:
+            dropped, removing = _remove_nights(db_url, [night["run"]])
+        assert rows == dropped == len(ids) * K
+        figures[f"{label}: remove the rows again (s)"] = removing
+    week = [_bulk_night(db_url, "layer", 40 + n, ids[n::_WEEK], labels, scores)["run"] for n in range(_WEEK)]  # noqa: E501
     with engine_for(db_url).connect() as conn:
-        assert partitions.layers(conn, 1) == layer_runs
-        _lookups_ms(conn, sample[:100])  # warm the connection and the plan
-        with_layers = _lookups_ms(conn, sample)
-    with engine_for(db_url).begin() as conn:
-        merged, merging = _timed(partitions.merge_layers, conn, 1)
-    _, vacuum = _timed(partitions.vacuum_analyze, db_url, partitions.base_name(1))
-    with engine_for(db_url).connect() as conn:
-        merged_lookups = _lookups_ms(conn, sample)
-    with engine_for(db_url).begin() as conn:
-        nights = (predictions.c.model_version == 1) & predictions.c.run_id.in_(layer_runs)
-        label_counts.take_off(conn, nights)
-        deleted, removing = _timed(conn.execute, predictions.delete().where(nights))
-    assert merged == deleted.rowcount == len(layer_runs) * rows
+        assert partitions.layers(conn, 1) == week
+    figures.update({f"a week, {_WEEK} layers: lookups, {k}": v for k, v in _lookups_ms(db_url, sample).items()})
+    merged, merging, vacuum = _merge(db_url)
+    assert merged == len(ids) * K and _remove_nights(db_url, week)[0] == merged
     figures.update(
         {
-            "lookups with 2 layers: median ms": float(np.median(with_layers)),
-            "lookups with 2 layers: p95 ms": float(np.percentile(with_layers, 95)),
-            "merge of the 2 layers into the base (s)": merging,
-            "merge: rows/s": merged / merging,
-            "VACUUM (ANALYZE) of the base after the merge (s)": vacuum,
-            "lookups after the merge: median ms": float(np.median(merged_lookups)),
-            "lookups after the merge: p95 ms": float(np.percentile(merged_lookups, 95)),
-            "the 2 layers' rows removed again from the base (s)": removing,
+            f"a week, {_WEEK} layers: merged at once (s)": merging,
+            f"a week, {_WEEK} layers: merge, rows/s": merged / merging,
+            f"a week, {_WEEK} layers: the base's VACUUM after (s)": vacuum,
         }
     )
     return {
-        "items": rows,
-        "seconds": rows / figures["layer, 2nd: rows/s, publish included"],
-        "figures": {"rows written each way": rows, **figures},
+        "items": len(ids) * K,
+        "seconds": len(ids) * K / figures["layer, 2nd: rows/s, publish included"],
+        "figures": {"rows written each way": len(ids) * K, **figures},
     }
 
 
