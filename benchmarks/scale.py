@@ -276,7 +276,7 @@ def _fill_production(conn, size: Size) -> None:
         (BEFORE,),
     )
     index_as_layer(conn, table)
-    attach_version(conn, 1)
+    attach_version(conn, 1, layer=0)
     conn.exec_driver_sql(
         "UPDATE inference_runs SET videos_total = n, videos_done = n, rows_written = n * 20 "
         "FROM (SELECT COUNT(*) AS n FROM videos WHERE ingested_at <= %s) c WHERE run_id = 1",

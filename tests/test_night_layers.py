@@ -30,8 +30,9 @@ def _per_video(db_url: str, version: int) -> dict[str, int]:
 
 
 def _three_nights(world) -> tuple[int, int, list[str]]:
-    """A first night (the train videos, ingested two days ago), a later whole night (the validate videos)
-    and a targeted rescoring across both; returns the later two runs and the rescored videos."""
+    """A first night (the validate videos, ingested two days ago), a later whole night in two parts (the train
+    videos: its parts' rows inserted into its layer) and a targeted rescoring across both (its one part's
+    table renamed to its layer); returns the later two runs and the rescored videos."""
     db_url, version = world["db"], world["version"]
     from sqlalchemy import text
 
@@ -39,10 +40,11 @@ def _three_nights(world) -> tuple[int, int, list[str]]:
 
     ago = datetime.now(UTC) - timedelta(days=2)
     with engine_for(db_url).begin() as conn:
-        conn.execute(text("UPDATE videos SET ingested_at = :t WHERE parquet_uri LIKE '%/train/%'"), {"t": ago})
+        conn.execute(text("UPDATE videos SET ingested_at = :t WHERE parquet_uri LIKE '%/validate/%'"), {"t": ago})
     first = run_inference(db_url, ago + timedelta(hours=1), top_k=K, exports_uri=world["exports"] + "/1")
-    later = run_inference(db_url, NIGHT, top_k=K, exports_uri=world["exports"] + "/2")
-    assert (first.videos, later.videos) == (VIDEOS - 10, 10)  # 40 train videos, then 10 validate ones
+    later = run_inference(db_url, NIGHT, top_k=K, part_videos=1, exports_uri=world["exports"] + "/2")
+    assert (first.videos, later.videos) == (10, VIDEOS - 10)  # 10 validate videos, then 40 train ones
+    assert count(db_url, "SELECT COUNT(*) FROM inference_parts WHERE run_id = :r", r=later.run_id) == 2
     validate = [v for (v,) in rows(db_url, "SELECT video_id FROM videos WHERE parquet_uri LIKE '%/validate/%'")]
     train = [v for (v,) in rows(db_url, "SELECT video_id FROM videos WHERE parquet_uri LIKE '%/train/%'")]
     some = sorted(train[:3] + validate[:2])
@@ -61,12 +63,12 @@ def test_later_nights_are_layers_until_merged_and_every_video_keeps_its_rows_onc
     by_run = dict(
         rows(db_url, "SELECT run_id, COUNT(*) FROM predictions WHERE model_version = :v GROUP BY run_id", v=version)
     )
-    assert by_run[later] == (10 - 2) * K and by_run[rescored] == 5 * K  # the rescoring replaced its videos' rows
+    assert by_run[later] == (VIDEOS - 10 - 3) * K and by_run[rescored] == 5 * K  # the rescoring replaced theirs
     if postgresql:
         assert in_layers(db_url, version) == [later, rescored]
         layer = partitions.layer_name(version, later)
-        assert count(db_url, f"SELECT COUNT(*) FROM {layer}") == (10 - 2) * K
-        assert count(db_url, f"SELECT COUNT(*) FROM {partitions.base_name(version)}") == (VIDEOS - 10 - 3) * K
+        assert count(db_url, f"SELECT COUNT(*) FROM {layer}") == (VIDEOS - 10 - 3) * K
+        assert count(db_url, f"SELECT COUNT(*) FROM {partitions.base_name(version)}") == (10 - 2) * K
         assert count(db_url, "SELECT COUNT(*) FROM pg_indexes WHERE tablename = :t", t=layer) == 4  # attached whole
         assert count(db_url, "SELECT relallvisible FROM pg_class WHERE relname = :t", t=layer) > 0  # vacuumed
     # Served from whichever layer: the view people query finds a rescored video's rows, K of them.
@@ -74,12 +76,13 @@ def test_later_nights_are_layers_until_merged_and_every_video_keeps_its_rows_onc
 
     assert merge_night_layers(db_url, at_most=2) == {}  # two layers: not due
     merged = merge_night_layers(db_url, at_most=1)
-    assert merged == ({version: (10 - 2 + 5) * K} if postgresql else {})
+    assert merged == ({version: (VIDEOS - 10 - 3 + 5) * K} if postgresql else {})
     if postgresql:
         assert in_layers(db_url, version) == []
         assert count(db_url, f"SELECT COUNT(*) FROM {partitions.base_name(version)}") == VIDEOS * K
         assert count(db_url, "SELECT to_regclass(:t)::text", t=partitions.layer_name(version, later)) is None
-    assert rows(db_url, "SELECT DISTINCT layer FROM predictions") == [(0,)]
+    base = rows(db_url, "SELECT MIN(run_id) FROM predictions")[0][0] if postgresql else 0  # the first night's
+    assert rows(db_url, "SELECT DISTINCT layer FROM predictions") == [(base,)]
     assert set(_per_video(db_url, version).values()) == {K} and len(_per_video(db_url, version)) == VIDEOS
     after = dict(
         rows(db_url, "SELECT run_id, COUNT(*) FROM predictions WHERE model_version = :v GROUP BY run_id", v=version)

@@ -4,11 +4,14 @@ publishes them (storage/database/prediction_writes.py, `publish`), and retiremen
 version's predictions at once.
 
 A version's partition of `predictions` is itself partitioned by `layer` (migration 0017): its base
-(`predictions_v<N>_base`, layer 0) holds what its first night wrote and every night merged since; each
-later night publishes its rows as a layer of its own (`predictions_v<N>_night<run>`, layer = the run),
-indexed apart with sorted builds and attached, instead of inserting them at random places of the base's
-indexes (at YouTube-8M's size 12 GB of them: 52,000-73,000 rows/s that way). A lookup probes the base and
-each layer not merged yet; `merge_layers`, off the night's path, moves the layers into the base.
+(`predictions_v<N>_base`) holds what its first night wrote and every night merged since; each later night
+publishes its rows as a layer of its own (`predictions_v<N>_night<run>`), indexed apart with sorted builds
+and attached, instead of inserting them at random places of the base's indexes (at YouTube-8M's size
+12 GB of them: 52,000-73,000 rows/s that way). A row's `layer` is the run whose night's table holds it: a
+part writes its run's id, so that its table can become the night's layer (or a first night's base) as it
+is; rows merged into the base take the base's (its first night's run, 0 for a base made empty). A lookup
+probes the base and each layer not merged yet; `merge_layers`, off the night's path, moves the layers into
+the base.
 
 Table names are built only here, from constant prefixes and ints, so that they are safe to format
 into DDL.
@@ -44,7 +47,7 @@ def partition_name(model_version: int, table: str = PREDICTIONS) -> str:
 
 
 def base_name(model_version: int) -> str:
-    """The layer of a version's predictions that its first night and the merged nights fill (layer 0)."""
+    """The layer of a version's predictions that its first night and the merged nights fill."""
     return f"{PREDICTIONS}_v{int(model_version)}_base"
 
 
@@ -136,7 +139,7 @@ def ensure_partition(conn, model_version: int, parent: str = PREDICTIONS) -> Non
     conn.exec_driver_sql(f"DELETE FROM {parent}_default WHERE model_version = %s", (version,))
     if parent == PREDICTIONS:
         index_as_layer(conn, table)
-        attach_version(conn, version)
+        attach_version(conn, version, layer=0)
     else:
         conn.exec_driver_sql(f"ALTER TABLE {parent} ATTACH PARTITION {table} FOR VALUES IN ({version})")
 
@@ -166,14 +169,23 @@ def attach_layer(conn, model_version: int, run_id: int) -> None:
     )
 
 
-def attach_version(conn, model_version: int) -> None:
-    """The version's partition of predictions, partitioned by layer, made of its indexed base: created apart
-    and attached (ATTACH, unlike CREATE ... PARTITION OF, lets reads of predictions go on meanwhile)."""
+def attach_version(conn, model_version: int, layer: int) -> None:
+    """The version's partition of predictions, partitioned by layer, made of its indexed base (whose rows'
+    `layer` is `layer`): created apart and attached (ATTACH, unlike CREATE ... PARTITION OF, lets reads of
+    predictions go on meanwhile)."""
     version, partition = int(model_version), partition_name(model_version)
     # No CHECK of its own (its partitions would need one of the same name): the base's proves the attach
     conn.exec_driver_sql(f"CREATE TABLE {partition} (LIKE predictions INCLUDING DEFAULTS) PARTITION BY LIST (layer)")
-    conn.exec_driver_sql(f"ALTER TABLE {partition} ATTACH PARTITION {base_name(version)} FOR VALUES IN (0)")
+    conn.exec_driver_sql(f"ALTER TABLE {partition} ATTACH PARTITION {base_name(version)} FOR VALUES IN ({int(layer)})")
     conn.exec_driver_sql(f"ALTER TABLE predictions ATTACH PARTITION {partition} FOR VALUES IN ({version})")
+
+
+def base_layer(conn, model_version: int) -> int:
+    """The `layer` of the version's base rows: the value its partition bound lists."""
+    bound = conn.exec_driver_sql(
+        "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE oid = to_regclass(%s)", (base_name(model_version),)
+    ).scalar()
+    return int(re.fullmatch(r"FOR VALUES IN \((\d+)\)", bound).group(1))
 
 
 def layers(conn, model_version: int) -> list[int]:
@@ -195,10 +207,10 @@ def merge_layers(conn, model_version: int) -> int:
     runs = layers(conn, model_version)
     if not runs:
         return 0
-    version = int(model_version)
+    version, base = int(model_version), base_layer(conn, model_version)
     columns = ", ".join(c.name for c in predictions.columns if c.name != "layer")
     moved = conn.exec_driver_sql(
-        f"INSERT INTO {base_name(version)} ({columns}, layer) SELECT {columns}, 0 FROM {partition_name(version)} "
+        f"INSERT INTO {base_name(version)} ({columns}, layer) SELECT {columns}, {base} FROM {partition_name(version)} "
         f"WHERE layer IN ({', '.join(map(str, runs))}) ORDER BY video_id, rank"
     ).rowcount
     for run in runs:

@@ -251,9 +251,9 @@ predictions = Table(
     Column("score", Float, nullable=False),
     Column("run_id", Integer, nullable=False),
     Column("hit", Boolean),  # the label among the video's ground truth when scored; NULL: it had none
-    # 0: the version's base; a run's id: that night's rows, published as a layer of their own and not yet
-    # merged into the base (storage/database/partitions.py, migration 0017). Always 0 on SQLite, whose
-    # primary key is the three columns above.
+    # The run whose night's table holds the row on PostgreSQL: a later night's own until it is merged into
+    # the version's base, then the base's (storage/database/partitions.py, migration 0017). 0 on SQLite,
+    # whose primary key is the three columns above.
     Column("layer", Integer, primary_key=True, server_default="0"),
     # A run's rows are appended together: a BRIN index finds them at almost no cost to the bulk write.
     Index("ix_predictions_run", "run_id", postgresql_using="brin"),

@@ -1,7 +1,8 @@
 """A later night's predictions published as a layer of their own.
 
-`predictions.layer`: 0 for a version's base (its first night and every night merged since), a run's id for
-a later night's rows published as a table of their own and not merged yet. Inserting a normal night's
+`predictions.layer`: the run whose night's table holds the row: a later night's rows are published as a
+table of their own (its layer) until they are merged into the version's base, whose rows carry its first
+night's run (0 here, for the rows of before). Inserting a normal night's
 1.2 M rows at random places of a version's 12 GB of indexes ran at 52,000-73,000 rows/s at YouTube-8M's
 size; a night's rows indexed apart (sorted builds) and attached run several times faster. On PostgreSQL:
 
@@ -14,9 +15,9 @@ size; a night's rows indexed apart (sorted builds) and attached run several time
 
 Cost on an existing database: the primary key rebuilt on every partition (a sorted build: about 3 minutes
 for 120 M rows) and one scan of each version's rows to prove `layer = 0`. Run between nights: a part table
-of a night in flight is given the column but publishes as before.
+of a night in flight is given the column, its rows its run's layer.
 
-SQLite gets the column (always 0) and keeps its primary key: it has no partitions.
+SQLite gets the column (0 there) and keeps its primary key: it has no partitions.
 
 Revision ID: 0017
 Revises: 0016
@@ -48,7 +49,8 @@ def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     for table in _relations(r"predictions_v\d+_run\d+(_part\d+)?"):  # a night in flight: LIKE predictions before
-        op.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS layer integer NOT NULL DEFAULT 0")
+        run = int(re.fullmatch(r"predictions_v\d+_run(\d+)(_part\d+)?", table).group(1))
+        op.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS layer integer NOT NULL DEFAULT {run}")
     op.execute("ALTER TABLE predictions DROP CONSTRAINT predictions_pkey")
     op.execute("ALTER TABLE predictions ADD PRIMARY KEY (video_id, model_version, rank, layer)")
     for partition in _relations(r"predictions_v\d+"):
