@@ -145,8 +145,8 @@ def ensure_partition(conn, model_version: int, parent: str = PREDICTIONS) -> Non
 
 
 def layer_definition(model_version: int, layer: int = 0) -> str:
-    """The columns of a table about to become a layer of a version's predictions (a base when `layer` is 0),
-    CHECKed to its version and layer so that ATTACH takes it without scanning it."""
+    """The columns of a table about to become a layer (or the base) of a version's predictions, whose rows'
+    `layer` is `layer`, CHECKed to its version and layer so that ATTACH takes it without scanning it."""
     return (
         f"LIKE predictions INCLUDING DEFAULTS, CHECK (model_version = {int(model_version)}), "
         f"CHECK (layer = {int(layer)})"
