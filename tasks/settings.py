@@ -63,20 +63,34 @@ def default_exports_uri() -> str:
 LOCK_TIMEOUT_S = 600.0  # a night's parts take minutes; a try still holding the lock after 10 is likely hung
 
 
+def _number(raw, name: str, variable: str, default, convert, valid, wanted: str):
+    """`raw` (a flag's or a param's value, checked as `name`), else $`variable`, else `default`: converted,
+    and refused naming where it came from unless `valid`."""
+    if raw is None:
+        raw, name = os.environ.get(variable), variable
+        if not raw:
+            return default
+    try:
+        value = convert(raw)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or isinstance(raw, bool) or not valid(value):
+        raise UsageError(f"{name} must be {wanted}, not {raw!r}")
+    return value
+
+
 def lock_timeout_s(raw: str | float | None = None, name: str = "") -> float:
     """How long a run waits for the lock of a night another run holds, in seconds: `raw` (a flag's or a
     param's value, checked as `name`), else $VTAG_LOCK_TIMEOUT_S, else 600. A finite number, 0 or more."""
-    if raw is None:
-        raw, name = os.environ.get("VTAG_LOCK_TIMEOUT_S"), "VTAG_LOCK_TIMEOUT_S"
-        if not raw:
-            return LOCK_TIMEOUT_S
-    try:
-        seconds = float(raw)
-    except (TypeError, ValueError):
-        seconds = float("nan")
-    if not math.isfinite(seconds) or seconds < 0 or isinstance(raw, bool):
-        raise UsageError(f"{name} must be a number of seconds (0 or more), not {raw!r}")
-    return seconds
+    return _number(
+        raw,
+        name,
+        "VTAG_LOCK_TIMEOUT_S",
+        LOCK_TIMEOUT_S,
+        float,
+        lambda seconds: math.isfinite(seconds) and seconds >= 0,
+        "a number of seconds (0 or more)",
+    )
 
 
 NIGHT_LAYERS = 7  # a week of later nights: a lookup probes at most 8 indexes of a version before they merge
@@ -86,17 +100,9 @@ def night_layers(raw: str | int | None = None, name: str = "") -> int:
     """How many later nights of a version may stay layers of their own before they are merged into its
     base (storage/database/partitions.py): `raw` (a flag's value, checked as `name`), else
     $VTAG_NIGHT_LAYERS, else 7. 0 merges every night's layer right after it."""
-    if raw is None:
-        raw, name = os.environ.get("VTAG_NIGHT_LAYERS"), "VTAG_NIGHT_LAYERS"
-        if not raw:
-            return NIGHT_LAYERS
-    try:
-        layers = int(raw)
-    except (TypeError, ValueError):
-        layers = -1
-    if layers < 0 or isinstance(raw, bool):
-        raise UsageError(f"{name} must be a whole number of nights (0 or more), not {raw!r}")
-    return layers
+    return _number(
+        raw, name, "VTAG_NIGHT_LAYERS", NIGHT_LAYERS, int, lambda n: n >= 0, "a whole number of nights (0 or more)"
+    )
 
 
 # Airflow's schedule presets, besides cron expressions.

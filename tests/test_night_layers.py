@@ -209,3 +209,18 @@ def test_migration_0017_makes_each_versions_rows_its_base_and_back(empty_pg_url)
     engine_for(url).dispose()
     assert count(url, kind, t="predictions_v1") == "r" and count(url, kind, t="predictions_v1_base") is None
     assert count(url, "SELECT COUNT(*) FROM predictions WHERE model_version = 1") == 95
+
+
+@pytest.mark.parametrize("raw", ["-1", "seven", "2.5"])
+def test_a_bad_night_layers_setting_is_refused_naming_it(monkeypatch, raw):
+    from tasks.settings import night_layers
+
+    monkeypatch.setenv("VTAG_NIGHT_LAYERS", raw)
+    with pytest.raises(
+        ValueError, match=f"VTAG_NIGHT_LAYERS must be a whole number of nights \\(0 or more\\), not '{raw}'"
+    ):
+        night_layers()
+    monkeypatch.setenv("VTAG_NIGHT_LAYERS", "")
+    assert night_layers() == 7 and night_layers(0, "at_most") == 0
+    with pytest.raises(ValueError, match="at_most must be"):
+        night_layers(-2, "at_most")
