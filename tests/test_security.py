@@ -413,7 +413,7 @@ SQL_IDENTIFIERS = {
     # parent: family(), one of the two tables nights write; marks: "?" per column; segment_writes' columns:
     # segment_rows.COLUMNS joined; partitions' columns: the schema's column names; base_name(), layer_name(),
     # layer_definition(): constant text and ints; runs: the ints layers() parsed; base, layer: base_name(),
-    # layer_name() or an int; definition: layer_definition() or a constant and an int
+    # layer_name() or an int; definition: layer_definition() or a constant and an int; values: ints joined
     "storage/database/partitions.py": {
         "table",
         "version",
@@ -429,22 +429,22 @@ SQL_IDENTIFIERS = {
         "layer_name(version, run)",
         "layer_definition(model_version, run_id)",
         "layer_definition(version)",
+        "values",
     },
     "storage/database/segment_writes.py": {"table", "columns"},
     "storage/database/prediction_writes.py": {
-        "', '.join(COLUMNS)",
         "columns",
         "marks",
         "parent",
         "table",
         "tables[0]",
-        "partition",
         "target",
         "version",
         "base",
-        "layer",
-        "definition",
-        "layer_definition(version)",
+        "int(run_id)",
+        "layer.table",
+        "'predictions' if layer is None else layer.table",
+        "layer_definition(version, run_id)",
     },
     "sql/migrations/versions/0003_predictions.py": {"ANALYST_ROLE", "', '.join(READABLE)"},
     "sql/migrations/versions/0004_analyst_reads_predictions_only.py": {"ANALYST_ROLE", "', '.join(INTERNAL)"},
@@ -455,7 +455,15 @@ SQL_IDENTIFIERS = {
         "int(version)",
     },
     # names of pg_class matched to a fixed pattern, an int parsed from one, and the column names
-    "sql/migrations/versions/0017_night_layers.py": {"COLUMNS", "base", "layer", "partition", "table", "version"},
+    "sql/migrations/versions/0017_night_layers.py": {
+        "COLUMNS",
+        "base",
+        "layer",
+        "partition",
+        "table",
+        "version",
+        "run",
+    },
 }
 SQL_TEXT = re.compile(
     r"\b(?:SELECT|INSERT\s+(?:OR\s+\w+\s+)?INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|CREATE\s+(?:TABLE|VIEW|INDEX|ROLE|"

@@ -9,7 +9,8 @@ publishes its rows as a layer of its own (`predictions_v<N>_night<run>`), indexe
 and attached, instead of inserting them at random places of the base's indexes (at YouTube-8M's size
 12 GB of them: 52,000-73,000 rows/s that way). A row's `layer` is the run whose night's table holds it: a
 part writes its run's id, so that its table can become the night's layer (or a first night's base) as it
-is; rows merged into the base take the base's (its first night's run, 0 for a base made empty). A lookup
+is; rows merged into the base, or written without a night, have 0 (the base takes 0 and its first night's
+run). A lookup
 probes the base and each layer not merged yet; `merge_layers`, off the night's path, moves the layers into
 the base.
 
@@ -146,10 +147,11 @@ def ensure_partition(conn, model_version: int, parent: str = PREDICTIONS) -> Non
 
 def layer_definition(model_version: int, layer: int = 0) -> str:
     """The columns of a table about to become a layer (or the base) of a version's predictions, whose rows'
-    `layer` is `layer`, CHECKed to its version and layer so that ATTACH takes it without scanning it."""
+    `layer` is `layer`, CHECKed to its version and layer so that ATTACH takes it without scanning it (the
+    layer's CHECK, `night_layer`, is dropped once attached: the partition bound holds from then on)."""
     return (
         f"LIKE predictions INCLUDING DEFAULTS, CHECK (model_version = {int(model_version)}), "
-        f"CHECK (layer = {int(layer)})"
+        f"CONSTRAINT night_layer CHECK (layer = {int(layer)})"
     )
 
 
@@ -163,29 +165,32 @@ def create_layer(conn, model_version: int, run_id: int) -> str:
 
 def attach_layer(conn, model_version: int, run_id: int) -> None:
     """The night's indexed layer becomes part of the version's predictions (a lock that lets reads go on)."""
+    table = layer_name(model_version, run_id)
     conn.exec_driver_sql(
-        f"ALTER TABLE {partition_name(model_version)} ATTACH PARTITION {layer_name(model_version, run_id)} "
-        f"FOR VALUES IN ({int(run_id)})"
+        f"ALTER TABLE {partition_name(model_version)} ATTACH PARTITION {table} FOR VALUES IN ({int(run_id)})"
     )
+    conn.exec_driver_sql(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS night_layer")
 
 
 def attach_version(conn, model_version: int, layer: int) -> None:
     """The version's partition of predictions, partitioned by layer, made of its indexed base (whose rows'
-    `layer` is `layer`): created apart and attached (ATTACH, unlike CREATE ... PARTITION OF, lets reads of
-    predictions go on meanwhile)."""
+    `layer` is `layer`; it takes 0 too: merged rows, rows written without a night): created apart and
+    attached (ATTACH, unlike CREATE ... PARTITION OF, lets reads of predictions go on meanwhile)."""
     version, partition = int(model_version), partition_name(model_version)
     # No CHECK of its own (its partitions would need one of the same name): the base's proves the attach
     conn.exec_driver_sql(f"CREATE TABLE {partition} (LIKE predictions INCLUDING DEFAULTS) PARTITION BY LIST (layer)")
-    conn.exec_driver_sql(f"ALTER TABLE {partition} ATTACH PARTITION {base_name(version)} FOR VALUES IN ({int(layer)})")
+    values = ", ".join(str(v) for v in sorted({0, int(layer)}))
+    conn.exec_driver_sql(f"ALTER TABLE {partition} ATTACH PARTITION {base_name(version)} FOR VALUES IN ({values})")
+    conn.exec_driver_sql(f"ALTER TABLE {base_name(version)} DROP CONSTRAINT IF EXISTS night_layer")
     conn.exec_driver_sql(f"ALTER TABLE predictions ATTACH PARTITION {partition} FOR VALUES IN ({version})")
 
 
-def base_layer(conn, model_version: int) -> int:
-    """The `layer` of the version's base rows: the value its partition bound lists."""
+def base_layers(conn, model_version: int) -> set[int]:
+    """The `layer` values the version's base takes: 0 and its first night's run (its partition bound)."""
     bound = conn.exec_driver_sql(
         "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE oid = to_regclass(%s)", (base_name(model_version),)
     ).scalar()
-    return int(re.fullmatch(r"FOR VALUES IN \((\d+)\)", bound).group(1))
+    return {int(v) for v in re.fullmatch(r"FOR VALUES IN \(([\d, ]+)\)", bound).group(1).split(",")}
 
 
 def layers(conn, model_version: int) -> list[int]:
@@ -207,10 +212,10 @@ def merge_layers(conn, model_version: int) -> int:
     runs = layers(conn, model_version)
     if not runs:
         return 0
-    version, base = int(model_version), base_layer(conn, model_version)
+    version = int(model_version)
     columns = ", ".join(c.name for c in predictions.columns if c.name != "layer")
     moved = conn.exec_driver_sql(
-        f"INSERT INTO {base_name(version)} ({columns}, layer) SELECT {columns}, {base} FROM {partition_name(version)} "
+        f"INSERT INTO {base_name(version)} ({columns}, layer) SELECT {columns}, 0 FROM {partition_name(version)} "
         f"WHERE layer IN ({', '.join(map(str, runs))}) ORDER BY video_id, rank"
     ).rowcount
     for run in runs:

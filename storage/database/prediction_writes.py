@@ -33,7 +33,7 @@ from storage.database.partitions import (
     PREDICTIONS,
     attach_layer,
     attach_version,
-    base_layer,
+    base_layers,
     base_name,
     create_layer,
     ensure_partition,
@@ -498,7 +498,7 @@ def _night_layer(conn, model_version: int, run_id: int, parts: int) -> Layer | N
     SQLite."""
     if conn.dialect.name != "postgresql":
         return None
-    if base_layer(conn, model_version) == run_id:  # the run is the version's first night, publishing again
+    if run_id in base_layers(conn, model_version):  # the run is the version's first night, publishing again
         return Layer(base_name(model_version), new=False, renamed=False)
     table = layer_name(model_version, run_id)
     if table_exists(conn, table):
@@ -540,15 +540,12 @@ def _make_room(conn, run_id: int, model_version: int, part: int, table: str, k: 
     if replace_any or _published_before(conn, run_id, model_version):
         label_counts.take_off(conn, (stored.model_version == model_version) & replaced)
         conn.execute(delete(predictions).where(stored.model_version == model_version, replaced))
-    # Held videos are whole (ranks 1..m, held_elsewhere checks): the rank-1 index, a twentieth of the primary
-    # key, answers the probe.
+    # Any rank: a stray row without its rank 1 must fail the night (held_elsewhere), not be served beside it.
     held = list(
         conn.execute(
             select(rows.c.video_id).where(
                 rows.c.rank == 1,
-                exists().where(
-                    stored.model_version == model_version, stored.video_id == rows.c.video_id, stored.rank == 1
-                ),
+                exists().where(stored.model_version == model_version, stored.video_id == rows.c.video_id),
             )
         ).scalars()
     )

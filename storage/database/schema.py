@@ -252,8 +252,8 @@ predictions = Table(
     Column("run_id", Integer, nullable=False),
     Column("hit", Boolean),  # the label among the video's ground truth when scored; NULL: it had none
     # The run whose night's table holds the row on PostgreSQL: a later night's own until it is merged into
-    # the version's base, then the base's (storage/database/partitions.py, migration 0017). 0 on SQLite,
-    # whose primary key is the three columns above.
+    # the version's base, the first night's in the base; 0 once merged, or written without a night
+    # (storage/database/partitions.py, migration 0017). 0 on SQLite, whose primary key is the three above.
     Column("layer", Integer, primary_key=True, server_default="0"),
     # A run's rows are appended together: a BRIN index finds them at almost no cost to the bulk write.
     Index("ix_predictions_run", "run_id", postgresql_using="brin"),

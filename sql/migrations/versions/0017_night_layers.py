@@ -1,8 +1,8 @@
 """A later night's predictions published as a layer of their own.
 
 `predictions.layer`: the run whose night's table holds the row: a later night's rows are published as a
-table of their own (its layer) until they are merged into the version's base, whose rows carry its first
-night's run (0 here, for the rows of before). Inserting a normal night's
+table of their own (its layer) until they are merged into the version's base, which holds its first night's
+rows (their run) and those merged or written without a night (0; here, the rows of before). Inserting a normal night's
 1.2 M rows at random places of a version's 12 GB of indexes ran at 52,000-73,000 rows/s at YouTube-8M's
 size; a night's rows indexed apart (sorted builds) and attached run several times faster. On PostgreSQL:
 
@@ -68,11 +68,8 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         for partition in _relations(r"predictions_v\d+", kind="p"):
             version, base = int(partition[len("predictions_v") :]), f"{partition}_base"
-            op.execute(
-                f"INSERT INTO {base} ({COLUMNS}) SELECT {COLUMNS} FROM {partition} WHERE layer <> 0 "
-                "ORDER BY video_id, rank"
-            )
             for layer in _relations(rf"{partition}_night\d+"):
+                op.execute(f"INSERT INTO {base} ({COLUMNS}) SELECT {COLUMNS} FROM {layer} ORDER BY video_id, rank")
                 op.execute(f"DROP TABLE {layer}")
             op.execute(f"ALTER TABLE {partition} DETACH PARTITION {base}")
             op.execute(f"DROP TABLE {partition}")
