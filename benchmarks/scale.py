@@ -256,7 +256,7 @@ def _fill_production(conn, size: Size) -> None:
     """Version 1 in production, with 20 rows for every video but tonight's, in its partition's base: filled
     apart, indexed, then attached (so the partition constraint is proven by a CHECK, not a scan)."""
     from storage.database import registry
-    from storage.database.partitions import attach_version, base_name, index_as_layer, layer_definition
+    from storage.database.partitions import attach_version, base_name, layer_definition
 
     assert [_register(conn, 1), _register(conn, 2)] == [1, 2]  # a fresh database: its first versions
     registry.make_production(conn, 1, None)
@@ -275,7 +275,6 @@ def _fill_production(conn, size: Size) -> None:
         FROM videos v, generate_series(1, {K}) r WHERE v.ingested_at <= %s""",
         (BEFORE,),
     )
-    index_as_layer(conn, table)
     attach_version(conn, 1, layer=0)
     conn.exec_driver_sql(
         "UPDATE inference_runs SET videos_total = n, videos_done = n, rows_written = n * 20 "

@@ -203,7 +203,6 @@ def test_migration_0017_makes_each_versions_rows_its_base_and_back(empty_pg_url)
             f"INSERT INTO {table} (video_id, model_version, rank, label_id, score, run_id, layer) "
             "SELECT 'w' || g, 1, 1, 7, 0.5, 3, 3 FROM generate_series(1, 5) g"
         )
-        partitions.index_as_layer(conn, table)
         partitions.attach_layer(conn, 1, 3)
         assert partitions.layers(conn, 1) == [3]
     engine_for(url).dispose()

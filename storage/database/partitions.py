@@ -139,7 +139,6 @@ def ensure_partition(conn, model_version: int, parent: str = PREDICTIONS) -> Non
     )
     conn.exec_driver_sql(f"DELETE FROM {parent}_default WHERE model_version = %s", (version,))
     if parent == PREDICTIONS:
-        index_as_layer(conn, table)
         attach_version(conn, version, layer=0)
     else:
         conn.exec_driver_sql(f"ALTER TABLE {parent} ATTACH PARTITION {table} FOR VALUES IN ({version})")
@@ -157,15 +156,17 @@ def layer_definition(model_version: int, layer: int = 0) -> str:
 
 def create_layer(conn, model_version: int, run_id: int) -> str:
     """An empty table for a later night's rows of the version (their `layer` = the run), to be filled,
-    indexed (`index_as_layer`) and attached (`attach_layer`)."""
+    then indexed and attached (`attach_layer`)."""
     table = layer_name(model_version, run_id)
     conn.exec_driver_sql(f"CREATE TABLE {table} ({layer_definition(model_version, run_id)})")
     return table
 
 
 def attach_layer(conn, model_version: int, run_id: int) -> None:
-    """The night's indexed layer becomes part of the version's predictions (a lock that lets reads go on)."""
+    """The night's filled layer, indexed, becomes part of the version's predictions (a lock that lets reads
+    go on)."""
     table = layer_name(model_version, run_id)
+    _index(conn, table)
     conn.exec_driver_sql(
         f"ALTER TABLE {partition_name(model_version)} ATTACH PARTITION {table} FOR VALUES IN ({int(run_id)})"
     )
@@ -173,10 +174,11 @@ def attach_layer(conn, model_version: int, run_id: int) -> None:
 
 
 def attach_version(conn, model_version: int, layer: int) -> None:
-    """The version's partition of predictions, partitioned by layer, made of its indexed base (whose rows'
-    `layer` is `layer`; it takes 0 too: merged rows, rows written without a night): created apart and
+    """The version's partition of predictions, partitioned by layer, made of its filled base, indexed (whose
+    rows' `layer` is `layer`; it takes 0 too: merged rows, rows written without a night): created apart and
     attached (ATTACH, unlike CREATE ... PARTITION OF, lets reads of predictions go on meanwhile)."""
     version, partition = int(model_version), partition_name(model_version)
+    _index(conn, base_name(version))
     # No CHECK of its own (its partitions would need one of the same name): the base's proves the attach
     conn.exec_driver_sql(f"CREATE TABLE {partition} (LIKE predictions INCLUDING DEFAULTS) PARTITION BY LIST (layer)")
     values = ", ".join(str(v) for v in sorted({0, int(layer)}))
@@ -238,7 +240,7 @@ _LAYER = re.compile(r"predictions_v\d+_night(\d+)")
 _VERSION_LAYER = re.compile(r"predictions_v\d+_(base|night\d+)")
 
 
-def index_as_layer(conn, table: str) -> None:
+def _index(conn, table: str) -> None:
     """Build predictions' indexes on a version's filled base or night layer before it is attached: sorted
     builds, much faster than inserting its rows into indexes one by one."""
     if not _VERSION_LAYER.fullmatch(table):

@@ -38,7 +38,6 @@ from storage.database.partitions import (
     create_layer,
     ensure_partition,
     family,
-    index_as_layer,
     layer_definition,
     layer_name,
     part_table_name,
@@ -392,7 +391,7 @@ def publish(
             elsewhere += theirs
             _move_rows(conn, run_id, part, table, layer)
         if layer is not None and layer.new:
-            filled = _attach_night_layer(conn, model_version, run_id)
+            filled = _attach_night_layer(conn, model_version, run_id, layer)
     label_counts.publish_parts(conn, run_id, model_version, list(tables))
     conn.execute(
         delete(inference_label_counts).where(
@@ -479,7 +478,6 @@ def _attach_as_base(conn, model_version: int, run_id: int, tables: list[str]) ->
         for table in tables:
             conn.exec_driver_sql(f"INSERT INTO {base} SELECT * FROM {table}")
             conn.exec_driver_sql(f"DROP TABLE {table}")
-    index_as_layer(conn, base)
     attach_version(conn, version, layer=run_id)
     log.info("model version %d: its first night's rows are now its partition's base %s", version, base)
 
@@ -508,16 +506,14 @@ def _night_layer(conn, model_version: int, run_id: int, parts: int) -> Layer | N
     return Layer(create_layer(conn, model_version, run_id), new=True, renamed=False)
 
 
-def _attach_night_layer(conn, model_version: int, run_id: int) -> str | None:
+def _attach_night_layer(conn, model_version: int, run_id: int, layer: Layer) -> str | None:
     """Index the night's new layer and attach it; an empty one (every video left out) is dropped instead."""
-    table = layer_name(model_version, run_id)
-    if conn.exec_driver_sql(f"SELECT 1 FROM {table} LIMIT 1").first() is None:
-        conn.exec_driver_sql(f"DROP TABLE {table}")
+    if conn.exec_driver_sql(f"SELECT 1 FROM {layer.table} LIMIT 1").first() is None:
+        conn.exec_driver_sql(f"DROP TABLE {layer.table}")
         return None
-    index_as_layer(conn, table)
     attach_layer(conn, model_version, run_id)
-    log.info("run %d: its rows are now the layer %s of model version %d", run_id, table, model_version)
-    return table
+    log.info("run %d: its rows are now the layer %s of model version %d", run_id, layer.table, model_version)
+    return layer.table
 
 
 def _published_before(conn, run_id: int, model_version: int) -> bool:

@@ -8,7 +8,7 @@ partial index over 1 row in 20, so a night's publish pays little for it.
 
 On PostgreSQL the index is created on every existing partition of `predictions` (a build per version's
 partition: about 10 s for 6 M videos); later partitions get it before they are attached
-(storage/database/partitions.py `index_as_layer`, since migration 0017).
+(storage/database/partitions.py `attach_version`, `attach_layer`, since migration 0017).
 
 Revision ID: 0014
 Revises: 0013
